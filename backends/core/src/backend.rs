@@ -1,0 +1,137 @@
+//! The two sides of a store: [`Publisher`] (the bridge writes) and [`Watcher`] (tools read).
+//!
+//! Both are record-level rather than raw key-value, because a store may do more than KV with a
+//! record: Consul also registers it in its catalog.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+
+use crate::error::BackendError;
+use crate::record::{NodeRecord, ServiceRecord};
+
+/// One key and its value, as read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// The publishing side, used by the bridge.
+///
+/// A publisher writes every record tied to a *session*: an etcd lease or a Consul session with
+/// a TTL. While the bridge renews it, the records live; when the bridge or its node dies, the
+/// store deletes them after the TTL. The bridge drives the session ([`open_session`],
+/// [`renew_session`]) so that the logic of "session lost: open a new one and write everything
+/// again" is written once, for every store.
+///
+/// [`open_session`]: Publisher::open_session
+/// [`renew_session`]: Publisher::renew_session
+pub trait Publisher: Send + Sync + 'static {
+    /// The store's name for logs and metrics (`"etcd"`, `"consul"`).
+    fn store_name(&self) -> &'static str;
+
+    /// Opens a new session with this TTL. Records written afterwards are tied to it. An earlier
+    /// session of this publisher is forgotten (left to expire).
+    fn open_session(&self, ttl: Duration) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Renews the session. [`BackendError::SessionLost`] means the store no longer knows it.
+    fn renew_session(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Ends the session. With `revoke`, the store deletes every record tied to it now; without,
+    /// they live until the TTL runs out (see docs/operations.md on graceful stops).
+    fn close_session(&self, revoke: bool) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Writes (creates or replaces) these records, tied to the session. Large batches are split
+    /// as the store requires; a batch is not atomic as a whole.
+    fn publish(
+        &self,
+        records: &[ServiceRecord],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Deletes these records (by service and id).
+    fn unpublish(
+        &self,
+        records: &[ServiceRecord],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Writes this bridge's node record, tied to the session.
+    fn publish_node(&self, node: &NodeRecord)
+        -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Reads every value under `<prefix>/services/`, decoded or not: the caller decides what
+    /// a foreign value means.
+    fn list_services(&self) -> impl Future<Output = Result<Vec<KvEntry>, BackendError>> + Send;
+}
+
+/// What a watch of a prefix yields, in the style of kube-runtime's watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The complete current contents of the prefix. The first event of every watch, and again
+    /// whenever the watcher had to re-list (a reconnect, a compacted history, an index that went
+    /// backwards): replace everything you knew with this.
+    Restarted(Vec<KvEntry>),
+    /// A key was created or changed.
+    Put(KvEntry),
+    /// A key was deleted (or its lease or session expired).
+    Deleted(String),
+}
+
+/// The watching side, used by tools that follow the records.
+pub trait Watcher: Send + Sync + 'static {
+    /// Follows every key under `prefix`. The stream never ends on its own: errors are yielded
+    /// (for logging) and the watcher reconnects with backoff, then yields
+    /// [`WatchEvent::Restarted`] again.
+    fn watch_prefix(&self, prefix: String) -> BoxStream<'static, Result<WatchEvent, BackendError>>;
+}
+
+/// Exponential backoff with jitter, as kube-runtime does it: starts at `initial`, doubles up to
+/// `max`, each delay randomised to between half and all of its nominal value.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay; `jitter` in `[0, 1)` picks where in `[d/2, d]` it falls.
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let nominal = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = jitter.clamp(0.0, 1.0);
+        nominal.mul_f64(0.5 + 0.5 * jitter)
+    }
+
+    /// Back to the initial delay, after a success.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(800), Duration::from_secs(30));
+        let full: Vec<_> = (0..8).map(|_| b.next_delay(1.0)).collect();
+        assert_eq!(full[0], Duration::from_millis(800));
+        assert_eq!(full[1], Duration::from_millis(1600));
+        assert_eq!(full[5], Duration::from_millis(25600));
+        assert_eq!(full[6], Duration::from_secs(30));
+        assert_eq!(full[7], Duration::from_secs(30));
+        b.reset();
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(400));
+    }
+}

@@ -1,0 +1,43 @@
+//! The error every backend returns.
+//!
+//! Store crates map their client library's errors onto these variants, so the bridge can decide
+//! what to do (retry, re-open the session, give up) without knowing which store it talks to.
+
+use std::time::Duration;
+
+/// An error from a key-value store.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The store could not be reached or did not answer in time. Retry with backoff.
+    #[error("cannot reach {store} at {endpoints}: {detail}")]
+    Unavailable {
+        store: &'static str,
+        endpoints: String,
+        detail: String,
+    },
+    /// The session (etcd lease, Consul session) that ties our records to this process is gone,
+    /// usually because the store was unreachable for longer than the TTL. Open a new session and
+    /// write every record again.
+    #[error("the {store} session is gone ({detail}); a new one must be opened and every record re-written")]
+    SessionLost { store: &'static str, detail: String },
+    /// A write was attempted before [`crate::Publisher::open_session`] succeeded.
+    #[error("no {store} session is open yet")]
+    NoSession { store: &'static str },
+    /// The store answered, but refused the request (permissions, a malformed request).
+    #[error("{store} refused the request: {detail}")]
+    Rejected { store: &'static str, detail: String },
+    /// The TTL asked for is outside what the store accepts.
+    #[error("a TTL of {ttl:?} is not accepted by {store}: {detail}")]
+    InvalidTtl {
+        store: &'static str,
+        ttl: Duration,
+        detail: String,
+    },
+}
+
+impl BackendError {
+    /// Whether waiting and retrying the same call can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackendError::Unavailable { .. })
+    }
+}

@@ -1,0 +1,24 @@
+//! The shared core of the swarm-registrator backends.
+//!
+//! Everything that is a public contract lives here, in one place:
+//!
+//! * [`record`]: the JSON records the bridge writes ([`ServiceRecord`], [`NodeRecord`]);
+//! * [`layout`]: where they go ([`KeyLayout`]);
+//! * [`uri`]: how a user names a store (`etcd://host:port/prefix`, `consul://...`);
+//! * [`backend`]: the two traits a store implements, [`Publisher`] for the bridge and
+//!   [`Watcher`] for tools such as the replica-set reconciler.
+//!
+//! The store crates (`backend-etcd`, `backend-consul`) depend on this crate and on nothing of
+//! each other, so a consumer only compiles the stores it uses.
+
+pub mod backend;
+pub mod error;
+pub mod layout;
+pub mod record;
+pub mod uri;
+
+pub use backend::{Backoff, KvEntry, Publisher, WatchEvent, Watcher};
+pub use error::BackendError;
+pub use layout::{KeyLayout, ServiceKey};
+pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
+pub use uri::{BackendUri, StoreKind, UriError};

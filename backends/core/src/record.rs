@@ -1,0 +1,243 @@
+//! The records the bridge writes: a public contract, documented in `docs/key-layout.md`.
+//!
+//! Field names are fixed. New optional fields may be added without changing
+//! [`SCHEMA_VERSION`]; a change that breaks readers (a renamed or re-typed field) bumps it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the record schema written in every record's `schema_version`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// Parses Docker's port suffix (`80/tcp`); anything unknown is `None`.
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "sctp" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Docker's health status of a container that has a healthcheck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn parse(s: &str) -> Option<Health> {
+        match s {
+            "starting" => Some(Health::Starting),
+            "healthy" => Some(Health::Healthy),
+            "unhealthy" => Some(Health::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
+/// One published instance: `<prefix>/services/<service>/<id>`.
+///
+/// For a swarm task, `id` is the task id (with `:<port>[:udp]` appended when the task publishes
+/// several ports) and the `task_*`, `service_id` and `stack` fields are set. For a plain
+/// container, `id` is Registrator's `<hostname>:<container-name>:<port>[:udp]` and they are
+/// absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub schema_version: u32,
+    pub service: String,
+    pub id: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `SERVICE_TAGS`, split on commas.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The container's labels, plus `SERVICE_<port>_*` / `SERVICE_*` attributes.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub container_id: String,
+    pub container_name: String,
+    /// The swarm node id of the bridge that wrote this record, or the engine's id when the
+    /// engine is not in a swarm. A bridge only ever deletes records carrying its own node id.
+    pub node_id: String,
+    /// The hostname of the node.
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_slot: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+    /// Present only when the container has a healthcheck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// Why a value in the store is not a record this crate understands.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON record of swarm-registrator: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("record schema_version {found} is newer than this program understands ({SCHEMA_VERSION}); upgrade it")]
+    NewerSchema { found: u32 },
+    #[error("record says service {service:?} id {id:?}, but its key says {key:?}")]
+    KeyMismatch {
+        key: String,
+        service: String,
+        id: String,
+    },
+}
+
+impl ServiceRecord {
+    /// The JSON written into the store.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings, numbers and maps with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a value read from the store, checking the schema version.
+    pub fn from_json(value: &[u8]) -> Result<ServiceRecord, DecodeError> {
+        let record: ServiceRecord = serde_json::from_slice(value)?;
+        if record.schema_version > SCHEMA_VERSION {
+            return Err(DecodeError::NewerSchema {
+                found: record.schema_version,
+            });
+        }
+        Ok(record)
+    }
+}
+
+/// One running bridge: `<prefix>/nodes/<node-id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub schema_version: u32,
+    pub node_id: String,
+    pub hostname: String,
+    /// The bridge's version.
+    pub version: String,
+    /// When this bridge process started, RFC 3339 in UTC.
+    pub started_at: String,
+    /// The Docker engine version it talks to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_version: Option<String>,
+}
+
+impl NodeRecord {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_record() -> ServiceRecord {
+        ServiceRecord {
+            schema_version: SCHEMA_VERSION,
+            service: "mongo".into(),
+            id: "x1y2".into(),
+            ip: "10.0.1.5".parse().expect("ip"),
+            port: 27017,
+            protocol: Protocol::Tcp,
+            tags: vec![],
+            labels: BTreeMap::from([("registrator.replset".into(), "rs0".into())]),
+            container_id: "c0ffee".into(),
+            container_name: "mongo.1.x1y2".into(),
+            node_id: "node1".into(),
+            hostname: "host1".into(),
+            task_id: Some("x1y2".into()),
+            task_slot: Some(1),
+            service_id: Some("svc".into()),
+            stack: None,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn json_uses_the_contract_field_names() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&task_record().to_json()).expect("valid json");
+        for field in [
+            "schema_version",
+            "service",
+            "id",
+            "ip",
+            "port",
+            "protocol",
+            "labels",
+            "container_id",
+            "node_id",
+            "hostname",
+            "task_id",
+            "task_slot",
+            "service_id",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(v["task_slot"], serde_json::json!(1));
+        assert_eq!(v["ip"], serde_json::json!("10.0.1.5"));
+        assert_eq!(v["protocol"], serde_json::json!("tcp"));
+        assert!(v.get("stack").is_none(), "absent optional fields are omitted");
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = task_record();
+        assert_eq!(ServiceRecord::from_json(&r.to_json()).expect("decodes"), r);
+    }
+
+    #[test]
+    fn ipv6_round_trips() {
+        let mut r = task_record();
+        r.ip = "fd00::5".parse().expect("ip");
+        let back = ServiceRecord::from_json(&r.to_json()).expect("decodes");
+        assert_eq!(back.ip, r.ip);
+    }
+
+    #[test]
+    fn foreign_values_are_rejected_with_a_reason() {
+        assert!(matches!(
+            ServiceRecord::from_json(b"10.0.0.1:27017"),
+            Err(DecodeError::Json(_))
+        ));
+        let mut v: serde_json::Value = serde_json::from_slice(&task_record().to_json()).expect("json");
+        v["schema_version"] = serde_json::json!(SCHEMA_VERSION + 1);
+        let err = ServiceRecord::from_json(&serde_json::to_vec(&v).expect("json"))
+            .expect_err("newer schema");
+        assert!(err.to_string().contains("upgrade"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! Backend URIs, in the shape Registrator's users know:
+//!
+//! ```text
+//! etcd://host:port[,host:port...]/<prefix>
+//! consul://host:port/<prefix>          consul+https://host:port/<prefix>
+//! ```
+//!
+//! A missing port gets the store's default (2379, 8500); a missing prefix gets
+//! [`crate::layout::DEFAULT_PREFIX`].
+
+use crate::layout::KeyLayout;
+
+/// Which store a URI names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Etcd,
+    Consul,
+}
+
+impl StoreKind {
+    pub fn default_port(self) -> u16 {
+        match self {
+            StoreKind::Etcd => 2379,
+            StoreKind::Consul => 8500,
+        }
+    }
+}
+
+/// A parsed backend URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUri {
+    pub kind: StoreKind,
+    /// `host:port` pairs, in the order given.
+    pub endpoints: Vec<String>,
+    /// Whether to speak TLS (`+https`).
+    pub tls: bool,
+    pub layout: KeyLayout,
+}
+
+/// A URI that cannot be used, with what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("backend URI {uri:?} has no scheme; write it like etcd://127.0.0.1:2379/registrator or consul://127.0.0.1:8500/registrator")]
+    NoScheme { uri: String },
+    #[error("backend URI scheme {scheme:?} is not supported; use etcd://, consul:// or consul+https://")]
+    UnknownScheme { scheme: String },
+    #[error("backend URI {uri:?} names no host; write it like {example}")]
+    NoHost { uri: String, example: &'static str },
+    #[error("backend URI endpoint {endpoint:?} has an invalid port; the port must be a number from 1 to 65535")]
+    BadPort { endpoint: String },
+    #[error("backend URI prefix {prefix:?} is invalid: {reason}")]
+    BadPrefix { prefix: String, reason: &'static str },
+    #[error("backend URI {uri:?}: {reason}")]
+    Unsupported { uri: String, reason: &'static str },
+}
+
+impl BackendUri {
+    pub fn parse(uri: &str) -> Result<BackendUri, UriError> {
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| UriError::NoScheme {
+            uri: uri.to_string(),
+        })?;
+        let (kind, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "etcd" => (StoreKind::Etcd, false),
+            "consul" => (StoreKind::Consul, false),
+            "consul+https" | "consuls" => (StoreKind::Consul, true),
+            "etcd+https" => {
+                return Err(UriError::Unsupported {
+                    uri: uri.to_string(),
+                    reason: "TLS to etcd is not supported yet; use etcd:// on a trusted network",
+                })
+            }
+            other => {
+                return Err(UriError::UnknownScheme {
+                    scheme: other.to_string(),
+                })
+            }
+        };
+        let example = match kind {
+            StoreKind::Etcd => "etcd://127.0.0.1:2379/registrator",
+            StoreKind::Consul => "consul://127.0.0.1:8500/registrator",
+        };
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if prefix.contains('?') || prefix.contains('#') {
+            return Err(UriError::BadPrefix {
+                prefix: prefix.to_string(),
+                reason: "query strings and fragments are not allowed",
+            });
+        }
+        if prefix.split('/').any(|s| s == "." || s == "..") {
+            return Err(UriError::BadPrefix {
+                prefix: prefix.to_string(),
+                reason: "'.' and '..' segments are not allowed",
+            });
+        }
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            if host.is_empty() {
+                return Err(UriError::NoHost {
+                    uri: uri.to_string(),
+                    example,
+                });
+            }
+            endpoints.push(with_port(host, kind.default_port())?);
+        }
+        if kind == StoreKind::Consul && endpoints.len() > 1 {
+            return Err(UriError::Unsupported {
+                uri: uri.to_string(),
+                reason: "a Consul URI names one agent (the local one); run a Consul agent on every node",
+            });
+        }
+        Ok(BackendUri {
+            kind,
+            endpoints,
+            tls,
+            layout: KeyLayout::new(prefix),
+        })
+    }
+}
+
+/// Adds the default port to `host` unless it has one; checks a port that is there.
+fn with_port(host: &str, default_port: u16) -> Result<String, UriError> {
+    let bad = || UriError::BadPort {
+        endpoint: host.to_string(),
+    };
+    // [v6]:port, [v6], host:port, host
+    if let Some(rest) = host.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or_else(bad)?;
+        return match after.strip_prefix(':') {
+            Some(port) => parse_port(port).map(|p| format!("[{addr}]:{p}")).ok_or_else(bad),
+            None if after.is_empty() => Ok(format!("[{addr}]:{default_port}")),
+            None => Err(bad()),
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') => parse_port(port)
+            .map(|p| format!("{h}:{p}"))
+            .ok_or_else(bad),
+        Some(_) => Err(bad()), // a bare IPv6 address needs brackets
+        None => Ok(format!("{host}:{default_port}")),
+    }
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    s.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_with_several_endpoints_and_prefix() {
+        let u = BackendUri::parse("etcd://10.0.0.1:2379,10.0.0.2/prod/registrator").expect("valid");
+        assert_eq!(u.kind, StoreKind::Etcd);
+        assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(u.layout.prefix(), "prod/registrator");
+        assert!(!u.tls);
+    }
+
+    #[test]
+    fn defaults() {
+        let u = BackendUri::parse("consul://localhost").expect("valid");
+        assert_eq!(u.endpoints, vec!["localhost:8500"]);
+        assert_eq!(u.layout.prefix(), "registrator");
+        let u = BackendUri::parse("consul+https://[::1]/x").expect("valid");
+        assert!(u.tls);
+        assert_eq!(u.endpoints, vec!["[::1]:8500"]);
+    }
+
+    #[test]
+    fn errors_say_what_to_write() {
+        let e = BackendUri::parse("127.0.0.1:2379").expect_err("no scheme");
+        assert!(e.to_string().contains("etcd://"), "{e}");
+        assert!(matches!(
+            BackendUri::parse("zk://h/p"),
+            Err(UriError::UnknownScheme { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("etcd:///p"),
+            Err(UriError::NoHost { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("etcd://h:99999/p"),
+            Err(UriError::BadPort { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("etcd://h:0/p"),
+            Err(UriError::BadPort { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("etcd://::1/p"),
+            Err(UriError::BadPort { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("etcd://h/a/../b"),
+            Err(UriError::BadPrefix { .. })
+        ));
+        assert!(matches!(
+            BackendUri::parse("consul://a,b/p"),
+            Err(UriError::Unsupported { .. })
+        ));
+    }
+}
