@@ -1,1 +1,258 @@
-fn main() {}
+//! The `swarm-registrator` command.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backend_core::{BackendUri, Publisher, StoreKind};
+use backend_etcd::EtcdStore;
+use clap::{Parser, ValueEnum};
+use prometheus_client::registry::Registry;
+use swarm_registrator::bridge::{scan_engine, Bridge, BridgeConfig, Deregister};
+use swarm_registrator::engine::Engine;
+use swarm_registrator::metrics::{Health, Metrics};
+use swarm_registrator::records::BuildOptions;
+use tokio_util::sync::CancellationToken;
+
+/// Publishes Docker Swarm tasks and containers of this node into etcd or Consul.
+///
+/// Run it as a global service with the Docker socket mounted read-only. Every option can also
+/// be given as the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Where to publish: etcd://host:port[,host:port...]/<prefix> (consul:// comes with the
+    /// Consul backend).
+    #[arg(env = "REGISTRATOR_BACKEND", value_parser = BackendUri::parse)]
+    backend: BackendUri,
+
+    /// Publish plain containers with their own address and exposed ports instead of host ports.
+    #[arg(long, env = "REGISTRATOR_INTERNAL")]
+    internal: bool,
+
+    /// The address to publish for host ports (default: the swarm's advertised address).
+    #[arg(long, env = "REGISTRATOR_IP")]
+    ip: Option<IpAddr>,
+
+    /// The network whose address to publish; a container's registrator.network label beats it.
+    #[arg(long, env = "REGISTRATOR_NETWORK")]
+    network: Option<String>,
+
+    /// Lease TTL in seconds: how long records outlive a dead bridge or node.
+    #[arg(long, env = "REGISTRATOR_TTL", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(3..=3600))]
+    ttl: u64,
+
+    /// Seconds between full resyncs of engine and store (the safety net).
+    #[arg(long, env = "REGISTRATOR_RESYNC", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    resync: u64,
+
+    /// How many times to retry reaching the engine and the store at start; -1 for ever.
+    #[arg(long, env = "REGISTRATOR_RETRY_ATTEMPTS", default_value_t = -1,
+          value_parser = clap::value_parser!(i64).range(-1..=1_000_000), allow_hyphen_values = true)]
+    retry_attempts: i64,
+
+    /// First retry delay in milliseconds; it doubles, with jitter, up to 30 s.
+    #[arg(long, env = "REGISTRATOR_RETRY_INTERVAL", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    retry_interval: u64,
+
+    /// When an exited container's records are removed.
+    #[arg(long, env = "REGISTRATOR_DEREGISTER", value_enum, default_value_t = DeregisterArg::Always)]
+    deregister: DeregisterArg,
+
+    /// Only publish containers that set SERVICE_NAME.
+    #[arg(long, env = "REGISTRATOR_EXPLICIT")]
+    explicit: bool,
+
+    /// On a graceful stop, remove this node's records at once (revoke the lease) instead of
+    /// leaving them for the next bridge on this node.
+    #[arg(long, env = "REGISTRATOR_CLEANUP")]
+    cleanup: bool,
+
+    /// Print the records that would be written, as JSON lines, and exit.
+    #[arg(long, env = "REGISTRATOR_DRY_RUN")]
+    dry_run: bool,
+
+    /// Serve /metrics and /healthz on this address, e.g. 0.0.0.0:9100.
+    #[arg(long, env = "REGISTRATOR_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, env = "REGISTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DeregisterArg {
+    Always,
+    OnSuccess,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "swarm-registrator stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn build_options(cli: &Cli) -> BuildOptions {
+    BuildOptions {
+        internal: cli.internal,
+        host_ip: cli.ip,
+        network: cli.network.clone(),
+        explicit: cli.explicit,
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.dry_run {
+        return dry_run(&cli).await;
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    if let Some(addr) = cli.metrics_addr {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let listener = swarm_registrator::http::bind(addr).await?;
+        tracing::info!(%addr, "serving /metrics and /healthz");
+        tokio::spawn(swarm_registrator::http::serve(
+            listener,
+            Arc::new(registry),
+            health.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let config = BridgeConfig {
+        build: build_options(&cli),
+        ttl: Duration::from_secs(cli.ttl),
+        resync: Duration::from_secs(cli.resync),
+        retry_attempts: u32::try_from(cli.retry_attempts).ok(),
+        retry_interval: Duration::from_millis(cli.retry_interval),
+        deregister: match cli.deregister {
+            DeregisterArg::Always => Deregister::Always,
+            DeregisterArg::OnSuccess => Deregister::OnSuccess,
+        },
+        cleanup: cli.cleanup,
+    };
+    tracing::info!(
+        store = ?cli.backend.kind,
+        endpoints = %cli.backend.endpoints.join(","),
+        prefix = cli.backend.layout.prefix(),
+        ttl_secs = cli.ttl,
+        resync_secs = cli.resync,
+        internal = cli.internal,
+        network = cli.network.as_deref().unwrap_or(""),
+        "starting swarm-registrator {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    match cli.backend.kind {
+        StoreKind::Etcd => {
+            let store = EtcdStore::connect(&cli.backend.endpoints, cli.backend.layout.clone())
+                .await
+                .context("cannot set up the etcd client")?;
+            run_bridge(store, config, metrics, health, shutdown).await
+        }
+        StoreKind::Consul => anyhow::bail!(
+            "the Consul backend is not part of this build yet; use etcd://host:port/<prefix>"
+        ),
+    }
+}
+
+async fn run_bridge<P: Publisher>(
+    store: P,
+    config: BridgeConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(bridge) = Bridge::start(store, config, metrics, health, &shutdown).await? else {
+        tracing::info!("stopped before the bridge was up");
+        return Ok(());
+    };
+    bridge.run(shutdown).await?;
+    Ok(())
+}
+
+async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
+    let engine = Engine::connect().await?;
+    let (node, _) = engine.identity().await?;
+    let scanned = scan_engine(&engine, &build_options(cli), &node).await?;
+    let mut out = String::new();
+    for (c, records) in scanned {
+        match records {
+            Ok(records) => {
+                for r in records {
+                    let key = cli.backend.layout.service_key(&r.service, &r.id);
+                    let json = serde_json::to_string(&r)?;
+                    out.push_str(&format!("{key} {json}\n"));
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(container = %c.name, reason = %reason, "not publishing container")
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
+        }
+        shutdown.cancel();
+    });
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 
 use crate::error::BackendError;
+use crate::layout::{KeyLayout, ServiceKey};
 use crate::record::{NodeRecord, ServiceRecord};
 
 /// One key and its value, as read from the store.
@@ -32,6 +33,9 @@ pub trait Publisher: Send + Sync + 'static {
     /// The store's name for logs and metrics (`"etcd"`, `"consul"`).
     fn store_name(&self) -> &'static str;
 
+    /// The key layout the records are written under.
+    fn layout(&self) -> &KeyLayout;
+
     /// Opens a new session with this TTL. Records written afterwards are tied to it. An earlier
     /// session of this publisher is forgotten (left to expire).
     fn open_session(&self, ttl: Duration) -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -50,15 +54,17 @@ pub trait Publisher: Send + Sync + 'static {
         records: &[ServiceRecord],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Deletes these records (by service and id).
+    /// Deletes these records.
     fn unpublish(
         &self,
-        records: &[ServiceRecord],
+        keys: &[ServiceKey],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Writes this bridge's node record, tied to the session.
-    fn publish_node(&self, node: &NodeRecord)
-        -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn publish_node(
+        &self,
+        node: &NodeRecord,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Reads every value under `<prefix>/services/`, decoded or not: the caller decides what
     /// a foreign value means.

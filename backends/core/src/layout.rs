@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn keys_follow_the_documented_layout() {
         let l = KeyLayout::new("/registrator/");
-        assert_eq!(l.service_key("mongo", "abc"), "registrator/services/mongo/abc");
+        assert_eq!(
+            l.service_key("mongo", "abc"),
+            "registrator/services/mongo/abc"
+        );
         assert_eq!(l.node_key("n1"), "registrator/nodes/n1");
         assert_eq!(l.replset_uri_key("rs0"), "registrator/replsets/rs0/uri");
         assert_eq!(l.services_prefix(), "registrator/services/");

@@ -83,9 +83,14 @@ pub struct ServiceRecord {
     /// `SERVICE_TAGS`, split on commas.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// The container's labels, plus `SERVICE_<port>_*` / `SERVICE_*` attributes.
+    /// The container's labels, except Docker's own `com.docker.swarm.*` and
+    /// `com.docker.stack.*` (their content is in the fields below).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Registrator's attributes: every `SERVICE_<KEY>` / `SERVICE_<port>_<KEY>` of the
+    /// container other than NAME, ID, TAGS, IGNORE and PORT, with the key lower-cased.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attrs: BTreeMap<String, String>,
     pub container_id: String,
     pub container_name: String,
     /// The swarm node id of the bridge that wrote this record, or the engine's id when the
@@ -175,6 +180,7 @@ mod tests {
             protocol: Protocol::Tcp,
             tags: vec![],
             labels: BTreeMap::from([("registrator.replset".into(), "rs0".into())]),
+            attrs: BTreeMap::new(),
             container_id: "c0ffee".into(),
             container_name: "mongo.1.x1y2".into(),
             node_id: "node1".into(),
@@ -211,7 +217,10 @@ mod tests {
         assert_eq!(v["task_slot"], serde_json::json!(1));
         assert_eq!(v["ip"], serde_json::json!("10.0.1.5"));
         assert_eq!(v["protocol"], serde_json::json!("tcp"));
-        assert!(v.get("stack").is_none(), "absent optional fields are omitted");
+        assert!(
+            v.get("stack").is_none(),
+            "absent optional fields are omitted"
+        );
     }
 
     #[test]
@@ -234,7 +243,8 @@ mod tests {
             ServiceRecord::from_json(b"10.0.0.1:27017"),
             Err(DecodeError::Json(_))
         ));
-        let mut v: serde_json::Value = serde_json::from_slice(&task_record().to_json()).expect("json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&task_record().to_json()).expect("json");
         v["schema_version"] = serde_json::json!(SCHEMA_VERSION + 1);
         let err = ServiceRecord::from_json(&serde_json::to_vec(&v).expect("json"))
             .expect_err("newer schema");

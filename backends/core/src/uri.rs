@@ -42,14 +42,19 @@ pub struct BackendUri {
 pub enum UriError {
     #[error("backend URI {uri:?} has no scheme; write it like etcd://127.0.0.1:2379/registrator or consul://127.0.0.1:8500/registrator")]
     NoScheme { uri: String },
-    #[error("backend URI scheme {scheme:?} is not supported; use etcd://, consul:// or consul+https://")]
+    #[error(
+        "backend URI scheme {scheme:?} is not supported; use etcd://, consul:// or consul+https://"
+    )]
     UnknownScheme { scheme: String },
     #[error("backend URI {uri:?} names no host; write it like {example}")]
     NoHost { uri: String, example: &'static str },
     #[error("backend URI endpoint {endpoint:?} has an invalid port; the port must be a number from 1 to 65535")]
     BadPort { endpoint: String },
     #[error("backend URI prefix {prefix:?} is invalid: {reason}")]
-    BadPrefix { prefix: String, reason: &'static str },
+    BadPrefix {
+        prefix: String,
+        reason: &'static str,
+    },
     #[error("backend URI {uri:?}: {reason}")]
     Unsupported { uri: String, reason: &'static str },
 }
@@ -106,7 +111,8 @@ impl BackendUri {
         if kind == StoreKind::Consul && endpoints.len() > 1 {
             return Err(UriError::Unsupported {
                 uri: uri.to_string(),
-                reason: "a Consul URI names one agent (the local one); run a Consul agent on every node",
+                reason:
+                    "a Consul URI names one agent (the local one); run a Consul agent on every node",
             });
         }
         Ok(BackendUri {
@@ -127,15 +133,17 @@ fn with_port(host: &str, default_port: u16) -> Result<String, UriError> {
     if let Some(rest) = host.strip_prefix('[') {
         let (addr, after) = rest.split_once(']').ok_or_else(bad)?;
         return match after.strip_prefix(':') {
-            Some(port) => parse_port(port).map(|p| format!("[{addr}]:{p}")).ok_or_else(bad),
+            Some(port) => parse_port(port)
+                .map(|p| format!("[{addr}]:{p}"))
+                .ok_or_else(bad),
             None if after.is_empty() => Ok(format!("[{addr}]:{default_port}")),
             None => Err(bad()),
         };
     }
     match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') => parse_port(port)
-            .map(|p| format!("{h}:{p}"))
-            .ok_or_else(bad),
+        Some((h, port)) if !h.contains(':') => {
+            parse_port(port).map(|p| format!("{h}:{p}")).ok_or_else(bad)
+        }
         Some(_) => Err(bad()), // a bare IPv6 address needs brackets
         None => Ok(format!("{host}:{default_port}")),
     }

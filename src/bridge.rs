@@ -1,0 +1,714 @@
+//! The bridge: follows the local engine and keeps this node's records in the store equal to it.
+//!
+//! One task owns all state and reacts, in a `select!`, to:
+//!
+//! * a Docker event: inspect that one container and write the difference;
+//! * the renewal tick (TTL/3): renew the lease; if it is lost, open a new one and write every
+//!   record again;
+//! * the resync tick (`--resync`), and a repair after any failed write: list the engine and the
+//!   store and make the store equal to the engine, deleting this node's records that no
+//!   container backs;
+//! * the end of the event stream (dockerd restarted): reconnect with backoff and jitter,
+//!   re-list, repair;
+//! * shutdown.
+//!
+//! A graceful stop does not delete records by default: they stay until the lease's TTL runs
+//! out, and a bridge started on the same node in that time (a rolling update of the bridge
+//! itself) writes them again under its own lease, so consumers see no record disappear.
+//! `--cleanup` revokes the lease on stop instead, removing this node's records at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backend_core::{BackendError, Backoff, NodeRecord, Publisher, ServiceKey, ServiceRecord};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::container::ContainerInfo;
+use crate::engine::{Engine, EngineError, EngineEvent, EventKind};
+use crate::metrics::{ActionLabel, Health, Metrics, ResultLabel};
+use crate::records::{build_records, BuildOptions, NodeIdentity};
+use crate::sync::plan_sync;
+
+/// How many containers are inspected at once during a full sync.
+const INSPECT_CONCURRENCY: usize = 32;
+
+/// When to remove the records of a container that exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deregister {
+    /// Always (the default).
+    Always,
+    /// Only when it exited with code 0; a failed container keeps its records until it is
+    /// removed or restarted (Registrator's `-deregister on-success`).
+    OnSuccess,
+}
+
+/// The bridge's settings.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    pub build: BuildOptions,
+    pub ttl: Duration,
+    pub resync: Duration,
+    /// How many times to retry connecting at start; `None` retries for ever.
+    pub retry_attempts: Option<u32>,
+    /// The first retry delay; it doubles (with jitter) up to 30 s.
+    pub retry_interval: Duration,
+    pub deregister: Deregister,
+    pub cleanup: bool,
+}
+
+/// Errors that stop the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("gave up connecting to the Docker engine after {attempts} attempts: {last}")]
+    EngineUnreachable { attempts: u32, last: EngineError },
+    #[error("gave up opening a session with the store after {attempts} attempts: {last}")]
+    StoreUnreachable { attempts: u32, last: BackendError },
+    #[error("the store refused the bridge's session: {0}")]
+    Store(BackendError),
+}
+
+/// Retries `op` with backoff until it succeeds, `attempts` run out or `shutdown` fires
+/// (`Ok(None)`). Only errors for which `transient` holds are retried.
+async fn retry<T, E: std::fmt::Display, F, Fut>(
+    what: &'static str,
+    attempts: Option<u32>,
+    interval: Duration,
+    shutdown: &CancellationToken,
+    transient: impl Fn(&E) -> bool,
+    mut op: F,
+) -> Result<Option<T>, (u32, E)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(interval, Duration::from_secs(30));
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match op().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if !transient(&e) => return Err((tries, e)),
+            Err(e) if attempts.is_some_and(|max| tries > max) => return Err((tries, e)),
+            Err(e) => {
+                let delay = backoff.next_delay(rand::random::<f64>());
+                tracing::warn!(what, attempt = tries, retry_in_ms = delay.as_millis() as u64, error = %e, "not reachable yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// The running bridge.
+pub struct Bridge<P: Publisher> {
+    engine: Engine,
+    store: P,
+    config: BridgeConfig,
+    node: NodeIdentity,
+    node_record: NodeRecord,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// What this bridge has written, by container id.
+    published: HashMap<String, Vec<ServiceRecord>>,
+    /// Containers skipped for a reason already logged, so each is warned about once.
+    skipped: HashMap<String, String>,
+    /// Set when a write failed: the store may differ from `published`.
+    needs_repair: bool,
+}
+
+impl<P: Publisher> std::fmt::Debug for Bridge<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("node", &self.node)
+            .field("containers", &self.published.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lists and inspects every running container, building its records. Containers that cannot
+/// be published are returned with the reason.
+pub async fn scan_engine(
+    engine: &Engine,
+    build: &BuildOptions,
+    node: &NodeIdentity,
+) -> Result<
+    Vec<(
+        ContainerInfo,
+        Result<Vec<ServiceRecord>, crate::records::SkipReason>,
+    )>,
+    EngineError,
+> {
+    let ids = engine.running_container_ids().await?;
+    let inspected: Vec<Result<Option<ContainerInfo>, EngineError>> = futures::stream::iter(ids)
+        .map(|id| async move { engine.inspect(&id).await })
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(inspected.len());
+    for c in inspected {
+        // A container removed between list and inspect is simply gone.
+        let Some(c) = c? else { continue };
+        let records = build_records(&c, build, node);
+        out.push((c, records));
+    }
+    out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    Ok(out)
+}
+
+impl<P: Publisher> Bridge<P> {
+    /// Connects to the engine and opens a session with the store, retrying as configured.
+    /// `Ok(None)` when shutdown was requested meanwhile.
+    pub async fn start(
+        store: P,
+        config: BridgeConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, BridgeError> {
+        let engine = match retry(
+            "docker engine",
+            config.retry_attempts,
+            config.retry_interval,
+            shutdown,
+            |_| true,
+            Engine::connect,
+        )
+        .await
+        {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(None),
+            Err((attempts, last)) => return Err(BridgeError::EngineUnreachable { attempts, last }),
+        };
+        let (node, engine_version) = match retry(
+            "docker engine",
+            config.retry_attempts,
+            config.retry_interval,
+            shutdown,
+            |_| true,
+            || engine.identity(),
+        )
+        .await
+        {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(None),
+            Err((attempts, last)) => return Err(BridgeError::EngineUnreachable { attempts, last }),
+        };
+        tracing::info!(docker_host = engine.host(), node_id = %node.node_id, hostname = %node.hostname, engine_version = ?engine_version, "connected to the Docker engine");
+
+        match retry(
+            "store",
+            config.retry_attempts,
+            config.retry_interval,
+            shutdown,
+            BackendError::is_transient,
+            || store.open_session(config.ttl),
+        )
+        .await
+        {
+            Ok(Some(())) => {}
+            Ok(None) => return Ok(None),
+            Err((attempts, last)) if last.is_transient() => {
+                return Err(BridgeError::StoreUnreachable { attempts, last })
+            }
+            Err((_, last)) => return Err(BridgeError::Store(last)),
+        }
+        metrics.sessions_opened.inc();
+        health.set_session(true);
+
+        let node_record = NodeRecord {
+            schema_version: backend_core::SCHEMA_VERSION,
+            node_id: node.node_id.clone(),
+            hostname: node.hostname.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: rfc3339_now(),
+            engine_version,
+        };
+        Ok(Some(Bridge {
+            engine,
+            store,
+            config,
+            node,
+            node_record,
+            metrics,
+            health,
+            published: HashMap::new(),
+            skipped: HashMap::new(),
+            needs_repair: false,
+        }))
+    }
+
+    /// Follows the engine until `shutdown`, then ends the session as configured.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), BridgeError> {
+        let mut reconnect = Backoff::new(self.config.retry_interval, Duration::from_secs(30));
+        let mut events: Option<BoxStream<'static, Result<Option<EngineEvent>, EngineError>>> = None;
+        // The first connection happens at once.
+        let mut reconnect_at = tokio::time::Instant::now();
+        let mut renew = tokio::time::interval(self.config.ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.reset();
+        let mut resync = tokio::time::interval(self.config.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.reset();
+        let mut repair_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+        let mut repair_at: Option<tokio::time::Instant> = None;
+        // Whether the next sync must write every record (a new session).
+        let mut put_all = true;
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+
+                // (Re)connect the event stream, then sync.
+                _ = tokio::time::sleep_until(reconnect_at), if events.is_none() => {
+                    let since = unix_now();
+                    let stream = self.engine.events(Some(since)).boxed();
+                    match self.full_sync(put_all).await {
+                        Ok(()) => {
+                            put_all = false;
+                            events = Some(stream);
+                            self.health.set_engine(true);
+                            reconnect.reset();
+                        }
+                        Err(SyncError::Engine(e)) => {
+                            let delay = reconnect.next_delay(rand::random::<f64>());
+                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot list the Docker engine; will reconnect");
+                            reconnect_at = tokio::time::Instant::now() + delay;
+                        }
+                        Err(SyncError::Store(e)) => {
+                            // The engine answered: follow it, and repair the store later.
+                            tracing::warn!(error = %e, "store write failed during sync; will repair");
+                            events = Some(stream);
+                            self.health.set_engine(true);
+                            repair_at = Some(tokio::time::Instant::now() + repair_backoff.next_delay(rand::random::<f64>()));
+                        }
+                    }
+                }
+
+                item = next_event(&mut events), if events.is_some() => {
+                    match item {
+                        Some(Ok(Some(event))) => self.on_event(event).await,
+                        Some(Ok(None)) => {}
+                        end => {
+                            match end {
+                                Some(Err(e)) => tracing::warn!(error = %e, "Docker event stream failed; reconnecting"),
+                                _ => tracing::warn!("Docker event stream ended (engine restarted?); reconnecting"),
+                            }
+                            events = None;
+                            self.health.set_engine(false);
+                            self.metrics.docker_reconnects.inc();
+                            let delay = reconnect.next_delay(rand::random::<f64>());
+                            reconnect_at = tokio::time::Instant::now() + delay;
+                        }
+                    }
+                    if self.needs_repair && repair_at.is_none() {
+                        repair_at = Some(tokio::time::Instant::now() + repair_backoff.next_delay(rand::random::<f64>()));
+                    }
+                }
+
+                _ = renew.tick() => {
+                    match self.store.renew_session().await {
+                        Ok(()) => {
+                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "ok" }).inc();
+                            self.health.set_session(true);
+                        }
+                        Err(BackendError::SessionLost { .. } | BackendError::NoSession { .. }) => {
+                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "lost" }).inc();
+                            self.health.set_session(false);
+                            tracing::warn!(store = self.store.store_name(), "session lost; opening a new one and writing every record again");
+                            self.reopen_session(&mut put_all, &mut repair_at).await;
+                        }
+                        Err(e) => {
+                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "error" }).inc();
+                            self.metrics.backend_error("renew");
+                            tracing::warn!(store = self.store.store_name(), error = %e, "session renewal failed; retrying at the next tick");
+                        }
+                    }
+                }
+
+                _ = resync.tick(), if events.is_some() => {
+                    self.sync_or_schedule_repair(put_all, &mut put_all, &mut repair_at, &mut repair_backoff).await;
+                }
+
+                _ = sleep_until_opt(repair_at), if repair_at.is_some() && events.is_some() => {
+                    repair_at = None;
+                    tracing::info!("repairing the store after a failed write");
+                    self.sync_or_schedule_repair(put_all, &mut put_all, &mut repair_at, &mut repair_backoff).await;
+                }
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    async fn sync_or_schedule_repair(
+        &mut self,
+        put_all_now: bool,
+        put_all: &mut bool,
+        repair_at: &mut Option<tokio::time::Instant>,
+        repair_backoff: &mut Backoff,
+    ) {
+        match self.full_sync(put_all_now).await {
+            Ok(()) => {
+                *put_all = false;
+                *repair_at = None;
+                repair_backoff.reset();
+            }
+            Err(e) => {
+                let delay = repair_backoff.next_delay(rand::random::<f64>());
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync failed; will retry");
+                *repair_at = Some(tokio::time::Instant::now() + delay);
+            }
+        }
+    }
+
+    async fn reopen_session(
+        &mut self,
+        put_all: &mut bool,
+        repair_at: &mut Option<tokio::time::Instant>,
+    ) {
+        *put_all = true;
+        match self.store.open_session(self.config.ttl).await {
+            Ok(()) => {
+                self.metrics.sessions_opened.inc();
+                self.health.set_session(true);
+                // Everything must be written again under the new session, at once.
+                *repair_at = Some(tokio::time::Instant::now());
+            }
+            Err(e) => {
+                self.metrics.backend_error("open_session");
+                tracing::warn!(store = self.store.store_name(), error = %e, "cannot open a new session yet; retrying at the next tick");
+            }
+        }
+    }
+
+    /// Inspects the container of one event and writes the difference.
+    async fn on_event(&mut self, event: EngineEvent) {
+        self.metrics
+            .events
+            .get_or_create(&ActionLabel {
+                action: event
+                    .action
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .inc();
+        let desired = match event.kind {
+            EventKind::Removed => Vec::new(),
+            EventKind::Died => {
+                if self.config.deregister == Deregister::OnSuccess
+                    && event.exit_code.is_some_and(|c| c != 0)
+                {
+                    tracing::info!(container = %short(&event.container_id), exit_code = ?event.exit_code, "container failed; keeping its records (--deregister on-success)");
+                    return;
+                }
+                Vec::new()
+            }
+            EventKind::Refresh => match self.engine.inspect(&event.container_id).await {
+                Ok(Some(c)) => self.records_of(&c),
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    // The event stream will report a broken engine; resync catches up.
+                    tracing::warn!(container = %short(&event.container_id), error = %e, "inspect failed");
+                    self.needs_repair = true;
+                    return;
+                }
+            },
+        };
+        if self
+            .apply_container(&event.container_id, desired, &event.action)
+            .await
+        {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            if event.time_nano > 0 && now >= event.time_nano {
+                self.metrics
+                    .event_to_publish_seconds
+                    .observe((now - event.time_nano) as f64 / 1e9);
+            }
+        }
+    }
+
+    /// Builds a container's records, logging a skip once per container and reason.
+    fn records_of(&mut self, c: &ContainerInfo) -> Vec<ServiceRecord> {
+        match build_records(c, &self.config.build, &self.node) {
+            Ok(records) => {
+                self.skipped.remove(&c.id);
+                records
+            }
+            Err(reason) => {
+                let text = reason.to_string();
+                if self.skipped.get(&c.id) != Some(&text) {
+                    self.metrics.containers_skipped.inc();
+                    tracing::warn!(container = %c.name, reason = %text, "not publishing container");
+                    self.skipped.insert(c.id.clone(), text);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Makes the store hold `desired` for one container. Returns whether anything was written.
+    async fn apply_container(
+        &mut self,
+        container_id: &str,
+        desired: Vec<ServiceRecord>,
+        why: &str,
+    ) -> bool {
+        let current = self
+            .published
+            .get(container_id)
+            .cloned()
+            .unwrap_or_default();
+        let put: Vec<ServiceRecord> = desired
+            .iter()
+            .filter(|r| !current.contains(r))
+            .cloned()
+            .collect();
+        let delete: Vec<ServiceKey> = current
+            .iter()
+            .filter(|old| {
+                !desired
+                    .iter()
+                    .any(|r| r.service == old.service && r.id == old.id)
+            })
+            .map(key_of)
+            .collect();
+        if put.is_empty() && delete.is_empty() {
+            return false;
+        }
+        let mut ok = true;
+        if !put.is_empty() {
+            match self.store.publish(&put).await {
+                Ok(()) => {
+                    self.metrics.records_published.inc_by(put.len() as u64);
+                    for r in &put {
+                        tracing::info!(event = why, service = %r.service, id = %r.id, ip = %r.ip, port = r.port, "published");
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    self.write_failed("publish", &e);
+                }
+            }
+        }
+        if !delete.is_empty() {
+            match self.store.unpublish(&delete).await {
+                Ok(()) => {
+                    self.metrics.records_removed.inc_by(delete.len() as u64);
+                    for k in &delete {
+                        tracing::info!(event = why, service = %k.service, id = %k.id, "removed");
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    self.write_failed("unpublish", &e);
+                }
+            }
+        }
+        if ok {
+            if desired.is_empty() {
+                self.published.remove(container_id);
+            } else {
+                self.published.insert(container_id.to_string(), desired);
+            }
+            self.metrics
+                .records
+                .set(self.published.values().map(Vec::len).sum::<usize>() as i64);
+        }
+        ok
+    }
+
+    fn write_failed(&mut self, operation: &'static str, e: &BackendError) {
+        self.metrics.backend_error(operation);
+        self.needs_repair = true;
+        if matches!(e, BackendError::SessionLost { .. }) {
+            self.health.set_session(false);
+        }
+        tracing::warn!(store = self.store.store_name(), operation, error = %e, "store write failed; will repair");
+    }
+
+    /// Lists the engine and the store and makes this node's records equal to the engine.
+    async fn full_sync(&mut self, put_all: bool) -> Result<(), SyncError> {
+        let started = Instant::now();
+        self.metrics.syncs.inc();
+        let scanned = scan_engine(&self.engine, &self.config.build, &self.node)
+            .await
+            .map_err(SyncError::Engine)?;
+        let mut by_container: HashMap<String, Vec<ServiceRecord>> = HashMap::new();
+        let mut desired = Vec::new();
+        for (c, result) in scanned {
+            let records = match result {
+                Ok(r) => {
+                    self.skipped.remove(&c.id);
+                    r
+                }
+                Err(_) => self.records_of(&c),
+            };
+            if !records.is_empty() {
+                desired.extend(records.iter().cloned());
+                by_container.insert(c.id.clone(), records);
+            }
+        }
+        let stored = self.store.list_services().await.map_err(|e| {
+            self.metrics.backend_error("list");
+            SyncError::Store(e)
+        })?;
+        let plan = plan_sync(
+            self.store.layout(),
+            &self.node.node_id,
+            &desired,
+            &stored,
+            put_all,
+        );
+        for (key, why) in &plan.foreign {
+            tracing::debug!(%key, reason = %why, "leaving a value this bridge did not write alone");
+        }
+        if !plan.put.is_empty() {
+            self.store.publish(&plan.put).await.map_err(|e| {
+                self.metrics.backend_error("publish");
+                SyncError::Store(e)
+            })?;
+            self.metrics.records_published.inc_by(plan.put.len() as u64);
+        }
+        if !plan.delete.is_empty() {
+            self.store.unpublish(&plan.delete).await.map_err(|e| {
+                self.metrics.backend_error("unpublish");
+                SyncError::Store(e)
+            })?;
+            self.metrics
+                .records_removed
+                .inc_by(plan.delete.len() as u64);
+            for k in &plan.delete {
+                tracing::info!(service = %k.service, id = %k.id, "removed a record no container backs");
+            }
+        }
+        self.store
+            .publish_node(&self.node_record)
+            .await
+            .map_err(|e| {
+                self.metrics.backend_error("publish_node");
+                SyncError::Store(e)
+            })?;
+        self.published = by_container;
+        self.needs_repair = false;
+        self.metrics.records.set(desired.len() as i64);
+        tracing::info!(
+            containers = self.published.len(),
+            records = desired.len(),
+            written = plan.put.len(),
+            deleted = plan.delete.len(),
+            foreign = plan.foreign.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "synced engine and store"
+        );
+        Ok(())
+    }
+
+    async fn stop(self) {
+        self.health.set_engine(false);
+        let revoke = self.config.cleanup;
+        match self.store.close_session(revoke).await {
+            Ok(()) if revoke => {
+                tracing::info!("stopped; lease revoked, this node's records removed (--cleanup)")
+            }
+            Ok(()) => tracing::info!(
+                ttl_secs = self.config.ttl.as_secs(),
+                "stopped; records stay until the lease expires, or until the next bridge on this node takes them over"
+            ),
+            Err(e) => tracing::warn!(error = %e, "stopped; could not end the session cleanly"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Engine(EngineError),
+    #[error(transparent)]
+    Store(BackendError),
+}
+
+fn key_of(r: &ServiceRecord) -> ServiceKey {
+    ServiceKey {
+        service: r.service.clone(),
+        id: r.id.clone(),
+    }
+}
+
+async fn next_event(
+    events: &mut Option<BoxStream<'static, Result<Option<EngineEvent>, EngineError>>>,
+) -> Option<Result<Option<EngineEvent>, EngineError>> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The current time as RFC 3339 in UTC, without a date library.
+pub fn rfc3339_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_702_245), "2026-11-26T14:10:45Z");
+    }
+}

@@ -1,0 +1,171 @@
+//! Prometheus metrics of the bridge, and the state `/healthz` reports.
+//!
+//! Every place that decides something both logs one line and bumps one of these, so that the
+//! log and the metrics tell the same story.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// The bridge's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Docker events acted on, by action.
+    pub events: Family<ActionLabel, Counter>,
+    pub records_published: Counter,
+    pub records_removed: Counter,
+    /// Records this bridge currently holds in the store.
+    pub records: Gauge,
+    /// Containers skipped because of bad labels or no address; see the log for which.
+    pub containers_skipped: Counter,
+    /// Failed store operations, by operation.
+    pub backend_errors: Family<OperationLabel, Counter>,
+    /// Reconnections to the Docker event stream.
+    pub docker_reconnects: Counter,
+    /// Lease or session renewals, by result (ok, error, lost).
+    pub session_renewals: Family<ResultLabel, Counter>,
+    /// New leases or sessions opened (the first one, then one per loss).
+    pub sessions_opened: Counter,
+    /// Full syncs of the engine against the store.
+    pub syncs: Counter,
+    /// From the Docker event's timestamp to the store's acknowledgement of the write.
+    pub event_to_publish_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            events: Family::default(),
+            records_published: Counter::default(),
+            records_removed: Counter::default(),
+            records: Gauge::default(),
+            containers_skipped: Counter::default(),
+            backend_errors: Family::default(),
+            docker_reconnects: Counter::default(),
+            session_renewals: Family::default(),
+            sessions_opened: Counter::default(),
+            syncs: Counter::default(),
+            // 100 µs to about 3.3 s.
+            event_to_publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
+
+    /// Registers every metric under the `swarm_registrator_` prefix.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("swarm_registrator");
+        r.register("events", "Docker events acted on", self.events.clone());
+        r.register(
+            "records_published",
+            "Records written to the store",
+            self.records_published.clone(),
+        );
+        r.register(
+            "records_removed",
+            "Records deleted from the store",
+            self.records_removed.clone(),
+        );
+        r.register(
+            "records",
+            "Records this bridge currently holds in the store",
+            self.records.clone(),
+        );
+        r.register(
+            "containers_skipped",
+            "Containers not published because of malformed labels or no usable address",
+            self.containers_skipped.clone(),
+        );
+        r.register(
+            "backend_errors",
+            "Failed store operations",
+            self.backend_errors.clone(),
+        );
+        r.register(
+            "docker_reconnects",
+            "Reconnections to the Docker event stream",
+            self.docker_reconnects.clone(),
+        );
+        r.register(
+            "session_renewals",
+            "Lease or session renewals by result",
+            self.session_renewals.clone(),
+        );
+        r.register(
+            "sessions_opened",
+            "Leases or sessions opened",
+            self.sessions_opened.clone(),
+        );
+        r.register(
+            "syncs",
+            "Full syncs of engine and store",
+            self.syncs.clone(),
+        );
+        r.register(
+            "event_to_publish_seconds",
+            "Latency from a Docker event to the store's acknowledgement",
+            self.event_to_publish_seconds.clone(),
+        );
+    }
+
+    pub fn backend_error(&self, operation: &'static str) {
+        self.backend_errors
+            .get_or_create(&OperationLabel { operation })
+            .inc();
+    }
+}
+
+/// What `/healthz` reports: healthy while the event stream is connected and the store session
+/// is alive.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub engine_connected: AtomicBool,
+    pub session_alive: AtomicBool,
+}
+
+impl Health {
+    /// `Ok` when healthy, else what is wrong.
+    pub fn check(&self) -> Result<(), &'static str> {
+        match (
+            self.engine_connected.load(Ordering::Relaxed),
+            self.session_alive.load(Ordering::Relaxed),
+        ) {
+            (true, true) => Ok(()),
+            (false, _) => Err("not connected to the Docker event stream"),
+            (true, false) => Err("no live session with the store"),
+        }
+    }
+
+    pub fn set_engine(&self, up: bool) {
+        self.engine_connected.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_session(&self, up: bool) {
+        self.session_alive.store(up, Ordering::Relaxed);
+    }
+}
