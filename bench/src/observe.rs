@@ -1,0 +1,234 @@
+//! The two ends of every measurement, observed by the bench itself:
+//!
+//! * the `start` events of this run's containers, from the Docker events stream, with the
+//!   engine's `timeNano` and the moment the bench received each;
+//! * the records that appear on an etcd watch of a prefix, with the moment each watch response
+//!   arrived (wall clock, the same clock as dockerd's on this machine).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bollard::query_parameters::EventsOptions;
+use etcd_client::{EventType, WatchOptions};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::lab::Lab;
+use crate::now_ns;
+
+/// A container `start` event.
+#[derive(Debug, Clone)]
+pub struct StartSeen {
+    pub container_id: String,
+    /// The engine's timestamp of the event.
+    pub time_nano: i64,
+    /// When the bench received it.
+    pub recv_ns: i64,
+}
+
+/// A record put under the watched prefix.
+#[derive(Debug, Clone)]
+pub struct RecordSeen {
+    /// The record's `container_id` field ("" when it has none).
+    pub container_id: String,
+    /// When the watch response carrying it arrived.
+    pub arrival_ns: i64,
+}
+
+/// Follows this run's container `start` events.
+pub fn follow_starts(lab: &Lab) -> (mpsc::UnboundedReceiver<StartSeen>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let filters = HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        ("event".to_string(), vec!["start".to_string()]),
+        ("label".to_string(), vec![lab.run_label()]),
+    ]);
+    // `since` makes the engine replay what happened between now and the moment the stream is
+    // really open, so no start is missed.
+    let since = now_ns() as f64 / 1e9;
+    let options = EventsOptions {
+        since: Some(format!("{since:.9}")),
+        until: None,
+        filters: Some(filters),
+    };
+    let mut events = lab.docker.events(Some(options));
+    let task = tokio::spawn(async move {
+        while let Some(item) = events.next().await {
+            let recv_ns = now_ns();
+            let msg = match item {
+                Ok(msg) => msg,
+                Err(e) => {
+                    crate::log(&format!("warning: Docker event stream failed: {e}"));
+                    return;
+                }
+            };
+            let (Some(container_id), Some(time_nano)) =
+                (msg.actor.and_then(|a| a.id), msg.time_nano)
+            else {
+                continue;
+            };
+            let seen = StartSeen {
+                container_id,
+                time_nano,
+                recv_ns,
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Watches `prefix` (from now on) and reports every record put under it. Returns once etcd has
+/// confirmed the watch.
+pub async fn watch_records(
+    lab: &Lab,
+    prefix: &str,
+) -> Result<(mpsc::UnboundedReceiver<RecordSeen>, JoinHandle<()>)> {
+    let mut client = lab.etcd.clone();
+    let mut stream = client
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await
+        .with_context(|| format!("cannot watch {prefix}"))?;
+    let created = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .map_err(|_| anyhow!("etcd did not confirm the watch of {prefix} within 10 s"))?
+        .context("watch failed")?
+        .ok_or_else(|| anyhow!("watch of {prefix} ended at once"))?;
+    if !created.created() {
+        bail!("etcd answered the watch of {prefix} without creating it");
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => return,
+                Err(e) => {
+                    crate::log(&format!("warning: etcd watch failed: {e}"));
+                    return;
+                }
+            };
+            let arrival_ns = now_ns();
+            for ev in resp.events() {
+                if ev.event_type() != EventType::Put {
+                    continue;
+                }
+                let Some(kv) = ev.kv() else { continue };
+                let container_id = serde_json::from_slice::<serde_json::Value>(kv.value())
+                    .ok()
+                    .and_then(|v| {
+                        v.get("container_id")
+                            .and_then(|c| c.as_str())
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_default();
+                let seen = RecordSeen {
+                    container_id,
+                    arrival_ns,
+                };
+                if tx.send(seen).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok((rx, task))
+}
+
+/// Pairs start events with records, by container id.
+#[derive(Debug)]
+pub struct Tracker {
+    starts_rx: mpsc::UnboundedReceiver<StartSeen>,
+    records_rx: mpsc::UnboundedReceiver<RecordSeen>,
+    starts: HashMap<String, StartSeen>,
+    start_order: VecDeque<String>,
+    /// The first record seen of each container.
+    records: HashMap<String, RecordSeen>,
+}
+
+impl Tracker {
+    pub fn new(
+        starts_rx: mpsc::UnboundedReceiver<StartSeen>,
+        records_rx: mpsc::UnboundedReceiver<RecordSeen>,
+    ) -> Self {
+        Tracker {
+            starts_rx,
+            records_rx,
+            starts: HashMap::new(),
+            start_order: VecDeque::new(),
+            records: HashMap::new(),
+        }
+    }
+
+    /// Takes in one item from either stream; fails at the deadline or when both ended.
+    async fn pump(&mut self, deadline: Instant, what: &str) -> Result<()> {
+        tokio::select! {
+            s = self.starts_rx.recv() => match s {
+                Some(s) => {
+                    // A restarted container starts again: keep the latest start.
+                    if !self.starts.contains_key(&s.container_id) {
+                        self.start_order.push_back(s.container_id.clone());
+                    }
+                    self.starts.insert(s.container_id.clone(), s);
+                    Ok(())
+                }
+                None => bail!("the Docker event stream ended while waiting for {what}"),
+            },
+            r = self.records_rx.recv() => match r {
+                Some(r) => {
+                    self.records.entry(r.container_id.clone()).or_insert(r);
+                    Ok(())
+                }
+                None => bail!("the etcd watch ended while waiting for {what}"),
+            },
+            _ = tokio::time::sleep_until(deadline) => bail!("timed out waiting for {what}"),
+        }
+    }
+
+    /// The start event of one container.
+    pub async fn start_of(&mut self, id: &str, within: Duration) -> Result<StartSeen> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.starts.remove(id) {
+                self.start_order.retain(|x| x != id);
+                return Ok(s);
+            }
+            self.pump(deadline, &format!("the start event of {}", short(id)))
+                .await?;
+        }
+    }
+
+    /// The next start event not taken yet (for swarm tasks, whose ids the bench does not choose).
+    pub async fn next_start(&mut self, within: Duration) -> Result<StartSeen> {
+        let deadline = Instant::now() + within;
+        loop {
+            while let Some(id) = self.start_order.pop_front() {
+                if let Some(s) = self.starts.remove(&id) {
+                    return Ok(s);
+                }
+            }
+            self.pump(deadline, "the start event of a new task").await?;
+        }
+    }
+
+    /// The first record of one container.
+    pub async fn record_of(&mut self, container_id: &str, within: Duration) -> Result<RecordSeen> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(r) = self.records.get(container_id) {
+                return Ok(r.clone());
+            }
+            self.pump(deadline, &format!("the record of {}", short(container_id)))
+                .await?;
+        }
+    }
+}
+
+pub fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}

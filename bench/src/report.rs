@@ -1,0 +1,423 @@
+//! The figures and their Markdown summary.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::floor::FloorTiming;
+use crate::lab::Lab;
+
+/// The targets the figures are compared with.
+const TARGET_P50_MS: f64 = 2.0;
+const TARGET_P99_MS: f64 = 6.0;
+const TARGET_SYNC_S: f64 = 0.25;
+const TARGET_RSS_MB: f64 = 15.0;
+
+/// One measured start.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub container_id: String,
+    /// The engine's `timeNano` of the `start` event.
+    pub time_nano: i64,
+    /// When the bench's own event stream delivered that event.
+    pub recv_ns: i64,
+    /// When the record arrived on the bench's etcd watch.
+    pub arrival_ns: i64,
+    /// The floor agent's own timings of this start.
+    pub floor: Option<FloorTiming>,
+}
+
+impl Sample {
+    pub fn latency_ns(&self) -> i64 {
+        self.arrival_ns - self.time_nano
+    }
+}
+
+/// One latency part.
+#[derive(Debug, Clone)]
+pub struct LatencyRun {
+    pub name: String,
+    pub samples: Vec<Sample>,
+    /// The RSS (VmRSS, VmHWM) of the process at the end, with the part's containers published.
+    pub rss_kib: Option<(u64, u64)>,
+    /// The 1-minute load average before and after.
+    pub load: (f64, f64),
+}
+
+/// One initial sync.
+#[derive(Debug, Clone)]
+pub struct SyncRun {
+    /// From spawning the bridge to the arrival of the last record on the watch.
+    pub elapsed_ns: i64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Records under the prefix afterwards (this run's and any other container's).
+    pub total_records: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncSummary {
+    pub containers: usize,
+    pub idle_rss_kib: u64,
+    /// Containers running on the engine (anybody's) while the idle RSS was read.
+    pub idle_containers: usize,
+    pub runs: Vec<SyncRun>,
+    pub load: (f64, f64),
+}
+
+/// Everything measured, and the machine.
+#[derive(Debug)]
+pub struct Report {
+    machine: Vec<(String, String)>,
+    pub latency: Vec<LatencyRun>,
+    pub sync: Option<SyncSummary>,
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn read_field(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+impl Report {
+    pub async fn new(lab: &Lab, bridge: &Path) -> Report {
+        let mut machine = Vec::new();
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let model = read_field("/proc/cpuinfo", "model name").unwrap_or_else(|| "?".into());
+        machine.push(("CPUs (nproc)".into(), format!("{cpus} × {model}")));
+        let mem = read_field("/proc/meminfo", "MemTotal")
+            .and_then(|m| {
+                m.split_whitespace()
+                    .next()
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+            .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+            .unwrap_or_else(|| "?".into());
+        machine.push(("Memory".into(), mem));
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        machine.push(("Kernel".into(), kernel));
+        let docker = match lab.docker.version().await {
+            Ok(v) => format!(
+                "{} (API {})",
+                v.version.unwrap_or_default(),
+                v.api_version.unwrap_or_default()
+            ),
+            Err(e) => format!("? ({e})"),
+        };
+        machine.push(("Docker Engine".into(), docker));
+        let mut etcd = lab.etcd.clone();
+        let etcd = match etcd.status().await {
+            Ok(s) => s.version().to_string(),
+            Err(e) => format!("? ({e})"),
+        };
+        machine.push(("etcd".into(), etcd));
+        let bridge_meta = std::fs::metadata(bridge)
+            .map(|m| format!("{} ({:.1} MB)", bridge.display(), m.len() as f64 / 1e6))
+            .unwrap_or_else(|_| bridge.display().to_string());
+        machine.push(("Bridge binary".into(), bridge_meta));
+        Report {
+            machine,
+            latency: Vec::new(),
+            sync: None,
+        }
+    }
+
+    pub fn markdown(&self, command: &str) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "## registrator-bench results\n");
+        let _ = writeln!(out, "| Machine | |\n|---|---|");
+        for (k, v) in &self.machine {
+            let _ = writeln!(out, "| {k} | {v} |");
+        }
+        let _ = writeln!(out, "\nCommand: `{command}`\n");
+
+        if !self.latency.is_empty() {
+            let _ = writeln!(
+                out,
+                "### Event-to-store latency (start event `timeNano` → record on an etcd watch)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| Path | n | p50 ms | p90 ms | p99 ms | max ms | mean ms | event delivery p50 ms | RSS after (peak) | load 1m before/after |\n|---|---|---|---|---|---|---|---|---|---|"
+            );
+            for run in &self.latency {
+                let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
+                let delivery = Stats::of(run.samples.iter().map(|s| s.recv_ns - s.time_nano));
+                let rss = run
+                    .rss_kib
+                    .map(|(r, h)| format!("{} ({})", mib(r), mib(h)))
+                    .unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2}/{:.2} |",
+                    run.name,
+                    lat.n,
+                    ms(lat.p50),
+                    ms(lat.p90),
+                    ms(lat.p99),
+                    ms(lat.max),
+                    ms(lat.mean),
+                    ms(delivery.p50),
+                    rss,
+                    run.load.0,
+                    run.load.1
+                );
+            }
+            for run in &self.latency {
+                let floor: Vec<(&Sample, &FloorTiming)> = run
+                    .samples
+                    .iter()
+                    .filter_map(|s| s.floor.as_ref().map(|f| (s, f)))
+                    .collect();
+                if floor.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "\n#### Where the time goes: {} ({} starts)\n",
+                    run.name,
+                    floor.len()
+                );
+                let _ = writeln!(
+                    out,
+                    "| Step | p50 ms | p99 ms | max ms |\n|---|---|---|---|"
+                );
+                let rows: [(&str, Stats); 5] = [
+                    (
+                        "trigger event received (relative to the start's timeNano)",
+                        Stats::of(floor.iter().map(|(s, f)| f.recv_ns - s.time_nano)),
+                    ),
+                    (
+                        "inspect (GET /containers/{id}/json)",
+                        Stats::of(floor.iter().map(|(_, f)| f.inspect_ns)),
+                    ),
+                    (
+                        "etcd put (with lease)",
+                        Stats::of(floor.iter().map(|(_, f)| f.put_ns)),
+                    ),
+                    (
+                        "watch delivery (put acknowledged → watch response at the bench)",
+                        Stats::of(floor.iter().map(|(s, f)| s.arrival_ns - f.done_ns)),
+                    ),
+                    (
+                        "total",
+                        Stats::of(floor.iter().map(|(s, _)| s.latency_ns())),
+                    ),
+                ];
+                for (name, st) in rows {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {} | {} |",
+                        ms(st.p50),
+                        ms(st.p99),
+                        ms(st.max)
+                    );
+                }
+            }
+        }
+
+        if let Some(sync) = &self.sync {
+            let _ = writeln!(
+                out,
+                "\n### Initial sync of {} running containers (bridge spawned → last record on the watch)\n",
+                sync.containers
+            );
+            let _ = writeln!(
+                out,
+                "| Run | time ms | records under the prefix | RSS after | peak RSS |\n|---|---|---|---|---|"
+            );
+            for (i, r) in sync.runs.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} | {} | {} | {} |",
+                    i + 1,
+                    r.elapsed_ns as f64 / 1e6,
+                    r.total_records,
+                    mib(r.rss_kib),
+                    mib(r.hwm_kib)
+                );
+            }
+            let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
+            let _ = writeln!(
+                out,
+                "\nmin {} ms, median {} ms, max {} ms; load 1m {:.2} before, {:.2} after.",
+                ms(times.min),
+                ms(times.p50),
+                ms(times.max),
+                sync.load.0,
+                sync.load.1
+            );
+            let _ = writeln!(
+                out,
+                "\nBridge RSS idle: {} (with {} containers of anybody running on the engine).",
+                mib(sync.idle_rss_kib),
+                sync.idle_containers
+            );
+        }
+
+        let _ = writeln!(out, "\n### Against the targets\n");
+        let _ = writeln!(
+            out,
+            "| Metric | Target | Registrator v7.4.0 | Measured | |\n|---|---|---|---|---|"
+        );
+        if let Some(run) = self
+            .latency
+            .iter()
+            .find(|r| r.name.starts_with("bridge, plain"))
+        {
+            let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
+            verdict(
+                &mut out,
+                "latency p50 (plain)",
+                TARGET_P50_MS,
+                "3.8 ms",
+                lat.p50 / 1e6,
+                "ms",
+            );
+            verdict(
+                &mut out,
+                "latency p99 (plain)",
+                TARGET_P99_MS,
+                "9 ms",
+                lat.p99 / 1e6,
+                "ms",
+            );
+        }
+        if let Some(run) = self
+            .latency
+            .iter()
+            .find(|r| r.name.starts_with("bridge, swarm"))
+        {
+            let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
+            verdict(
+                &mut out,
+                "latency p50 (swarm)",
+                TARGET_P50_MS,
+                "-",
+                lat.p50 / 1e6,
+                "ms",
+            );
+            verdict(
+                &mut out,
+                "latency p99 (swarm)",
+                TARGET_P99_MS,
+                "-",
+                lat.p99 / 1e6,
+                "ms",
+            );
+        }
+        if let Some(sync) = &self.sync {
+            let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
+            let label = format!("{} containers synced (median)", sync.containers);
+            verdict(
+                &mut out,
+                &label,
+                TARGET_SYNC_S,
+                "0.42–0.64 s",
+                times.p50 / 1e9,
+                "s",
+            );
+            if let Some(worst) = sync.runs.iter().map(|r| r.rss_kib).max() {
+                let label = format!("RSS with {} containers", sync.containers);
+                verdict(
+                    &mut out,
+                    &label,
+                    TARGET_RSS_MB,
+                    "15 MB",
+                    worst as f64 / 1024.0,
+                    "MiB",
+                );
+            }
+        }
+        out
+    }
+}
+
+fn verdict(out: &mut String, metric: &str, target: f64, reference: &str, value: f64, unit: &str) {
+    let ok = if value < target { "met" } else { "**missed**" };
+    let _ = writeln!(
+        out,
+        "| {metric} | < {target} {unit} | {reference} | {value:.3} {unit} | {ok} |"
+    );
+}
+
+fn ms(ns: f64) -> String {
+    if ns.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.3}", ns / 1e6)
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Order statistics (nearest rank) of a set of nanosecond values.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub n: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Stats {
+    pub fn of(values: impl Iterator<Item = i64>) -> Stats {
+        let mut v: Vec<i64> = values.collect();
+        v.sort_unstable();
+        let n = v.len();
+        let rank = |q: f64| -> f64 {
+            if n == 0 {
+                return f64::NAN;
+            }
+            // Nearest rank: the smallest value with at least q of the values at or below it.
+            let r = ((q * n as f64).ceil() as usize).clamp(1, n);
+            v[r - 1] as f64
+        };
+        let mean = if n == 0 {
+            f64::NAN
+        } else {
+            v.iter().map(|x| *x as f64).sum::<f64>() / n as f64
+        };
+        Stats {
+            n,
+            min: rank(0.0),
+            p50: rank(0.5),
+            p90: rank(0.9),
+            p99: rank(0.99),
+            max: rank(1.0),
+            mean,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Stats::of(1..=200);
+        assert_eq!((s.min, s.p50, s.p99, s.max), (1.0, 100.0, 198.0, 200.0));
+        let s = Stats::of([5].into_iter());
+        assert_eq!((s.p50, s.p99), (5.0, 5.0));
+        assert!(Stats::of(std::iter::empty()).p50.is_nan());
+    }
+}

@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests of the workspace's crates: polling with a
+//! deadline, temporary directories, free ports, a private etcd that a test may stop and start,
+//! and a tiny HTTP GET.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+
+/// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
+/// and the last error it returned.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => {
+                if Instant::now() > deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "swarm-registrator-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private etcd on free ports, for tests that stop and start it.
+#[derive(Debug)]
+pub struct PrivateEtcd {
+    pub client_port: u16,
+    peer_port: u16,
+    dir: TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateEtcd {
+    pub async fn start() -> PrivateEtcd {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let mut etcd = PrivateEtcd {
+            client_port,
+            peer_port,
+            dir: TempDir::new("etcd"),
+            child: None,
+        };
+        etcd.resume().await;
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts (again) on the same ports and data.
+    pub async fn resume(&mut self) {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = tokio::process::Command::new(bin)
+            .args([
+                "--name",
+                "private",
+                "--data-dir",
+                &self.dir.path().join("data").to_string_lossy(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("private={peer}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcd starts");
+        self.child = Some(child);
+        let endpoint = self.endpoint();
+        wait_for(
+            "the private etcd to answer",
+            Duration::from_secs(30),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut c = Client::connect([format!("http://{endpoint}")], None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    c.get("health-probe", None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Kills it (SIGKILL): an outage.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Fetches `http://addr/path` and returns status and body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    stream
+        .read_to_string(&mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad response: {buf}"))?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
