@@ -119,6 +119,9 @@ pub struct Bridge<P: Publisher> {
     skipped: HashMap<String, String>,
     /// Set when a write failed: the store may differ from `published`.
     needs_repair: bool,
+    /// Containers that exited with a failure under `--deregister on-success`: their records
+    /// are kept until the container is removed or runs again.
+    retained: HashMap<String, Vec<ServiceRecord>>,
 }
 
 impl<P: Publisher> std::fmt::Debug for Bridge<P> {
@@ -239,6 +242,7 @@ impl<P: Publisher> Bridge<P> {
             published: HashMap::new(),
             skipped: HashMap::new(),
             needs_repair: false,
+            retained: HashMap::new(),
         }))
     }
 
@@ -400,19 +404,38 @@ impl<P: Publisher> Bridge<P> {
             })
             .inc();
         let desired = match event.kind {
-            EventKind::Removed => Vec::new(),
+            EventKind::Removed => {
+                if event.action != "pause" {
+                    self.retained.remove(&event.container_id);
+                }
+                Vec::new()
+            }
             EventKind::Died => {
                 if self.config.deregister == Deregister::OnSuccess
                     && event.exit_code.is_some_and(|c| c != 0)
                 {
+                    if let Some(records) = self.published.get(&event.container_id) {
+                        self.retained
+                            .insert(event.container_id.clone(), records.clone());
+                    }
                     tracing::info!(container = %short(&event.container_id), exit_code = ?event.exit_code, "container failed; keeping its records (--deregister on-success)");
                     return;
                 }
                 Vec::new()
             }
             EventKind::Refresh => match self.engine.inspect(&event.container_id).await {
-                Ok(Some(c)) => self.records_of(&c),
-                Ok(None) => Vec::new(),
+                Ok(Some(c)) if c.running => {
+                    self.retained.remove(&c.id);
+                    self.records_of(&c)
+                }
+                Ok(Some(c)) => match self.retained.get(&c.id) {
+                    Some(kept) => kept.clone(),
+                    None => Vec::new(),
+                },
+                Ok(None) => {
+                    self.retained.remove(&event.container_id);
+                    Vec::new()
+                }
                 Err(e) => {
                     // The event stream will report a broken engine; resync catches up.
                     tracing::warn!(container = %short(&event.container_id), error = %e, "inspect failed");
@@ -545,6 +568,22 @@ impl<P: Publisher> Bridge<P> {
             .map_err(SyncError::Engine)?;
         let mut by_container: HashMap<String, Vec<ServiceRecord>> = HashMap::new();
         let mut desired = Vec::new();
+        let running: std::collections::HashSet<String> =
+            scanned.iter().map(|(c, _)| c.id.clone()).collect();
+        // Forget kept records of containers removed meanwhile.
+        let kept: Vec<String> = self.retained.keys().cloned().collect();
+        for id in kept {
+            if !running.contains(&id) && matches!(self.engine.inspect(&id).await, Ok(None)) {
+                self.retained.remove(&id);
+            }
+        }
+        // Failed containers kept under --deregister on-success, unless they run again.
+        for (id, records) in &self.retained {
+            if !running.contains(id) {
+                desired.extend(records.iter().cloned());
+                by_container.insert(id.clone(), records.clone());
+            }
+        }
         for (c, result) in scanned {
             let records = match result {
                 Ok(r) => {

@@ -540,3 +540,167 @@ async fn dry_run_prints_the_records_and_writes_nothing() {
     let store = Store::connect().await;
     assert!(store.keys(&format!("{}/", names.prefix())).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docker_health_status_is_published_and_follows_the_healthcheck() {
+    let names = Names::new("health");
+    let mut cleanup = Cleanup::default();
+    cleanup.prefix(&names.prefix());
+    let name = names.name("web");
+    let svc = names.name("websvc");
+    let flag = format!("/tmp/{}-healthy", names.base);
+    let _bridge = BridgeProcess::start(&etcd_uri(&names), &["--internal"]).await;
+    cleanup.container(&name);
+    // Healthy while the flag file exists.
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--expose",
+        "8080",
+        "-e",
+        &format!("SERVICE_NAME={svc}"),
+        "--health-cmd",
+        &format!("test -f {flag}"),
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        "local/busybox",
+        "sh",
+        "-c",
+        &format!("touch {flag}; sleep 86400"),
+    ])
+    .await;
+    let store = Store::connect().await;
+    let layout = names.layout();
+    let health_is = |want: backend_core::Health| {
+        let store = &store;
+        let layout = &layout;
+        let svc = &svc;
+        async move {
+            let r = store.records(layout, svc).await?;
+            match r.values().next() {
+                Some(r) if r.health == Some(want) => Ok(r.clone()),
+                other => Err(format!("{:?}", other.map(|r| r.health))),
+            }
+        }
+    };
+    let r = wait_for("a healthy record", CONVERGE, || {
+        health_is(backend_core::Health::Healthy)
+    })
+    .await;
+    let ip = docker(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        &name,
+    ])
+    .await;
+    assert_eq!(
+        (r.ip.to_string(), r.port),
+        (ip, 8080),
+        "--internal uses the container's address"
+    );
+    docker(&["exec", &name, "rm", &flag]).await;
+    wait_for("an unhealthy record", CONVERGE, || {
+        health_is(backend_core::Health::Unhealthy)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed() {
+    let names = Names::new("onsuccess");
+    let mut cleanup = Cleanup::default();
+    cleanup.prefix(&names.prefix());
+    let failed = names.name("failed");
+    let clean = names.name("clean");
+    let svc_failed = names.name("svc-failed");
+    let svc_clean = names.name("svc-clean");
+    let bridge = BridgeProcess::start(
+        &etcd_uri(&names),
+        &["--internal", "--deregister", "on-success", "--resync", "1"],
+    )
+    .await;
+    let store = Store::connect().await;
+    let layout = names.layout();
+    // Each exits once the flag file is removed: the first with a failure, the second cleanly.
+    for (name, svc, code) in [(&failed, &svc_failed, 3), (&clean, &svc_clean, 0)] {
+        cleanup.container(name);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--expose",
+            "8080",
+            "-e",
+            &format!("SERVICE_NAME={svc}"),
+            "local/busybox",
+            "sh",
+            "-c",
+            &format!("touch /tmp/run; while [ -f /tmp/run ]; do sleep 0.1; done; exit {code}"),
+        ])
+        .await;
+    }
+    for svc in [&svc_failed, &svc_clean] {
+        wait_for("a record", CONVERGE, || async {
+            let n = store.records(&layout, svc).await?.len();
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        })
+        .await;
+    }
+    for name in [&failed, &clean] {
+        docker(&["exec", name, "rm", "/tmp/run"]).await;
+    }
+    wait_for("the clean exit's record to go", CONVERGE, || async {
+        let n = store.records(&layout, &svc_clean).await?.len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} records"))
+        }
+    })
+    .await;
+    let exit = docker(&["wait", &failed]).await;
+    assert_eq!(exit, "3");
+    // Kept across several resyncs.
+    let syncs = bridge.log_text().matches("synced engine and store").count();
+    wait_for("two more resyncs", CONVERGE, || async {
+        let n = bridge.log_text().matches("synced engine and store").count();
+        if n >= syncs + 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} syncs"))
+        }
+    })
+    .await;
+    assert_eq!(
+        store
+            .records(&layout, &svc_failed)
+            .await
+            .expect("records")
+            .len(),
+        1
+    );
+    docker(&["rm", &failed]).await;
+    wait_for(
+        "the failed container's record to go once it is removed",
+        CONVERGE,
+        || async {
+            let n = store.records(&layout, &svc_failed).await?.len();
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        },
+    )
+    .await;
+}
