@@ -423,7 +423,7 @@ impl<P: Publisher> Bridge<P> {
                 }
                 Vec::new()
             }
-            EventKind::Refresh => match self.engine.inspect(&event.container_id).await {
+            EventKind::Refresh => match self.timed_inspect(&event.container_id).await {
                 Ok(Some(c)) if c.running => {
                     self.retained.remove(&c.id);
                     self.records_of(&c)
@@ -458,6 +458,15 @@ impl<P: Publisher> Bridge<P> {
                     .observe((now - event.time_nano) as f64 / 1e9);
             }
         }
+    }
+
+    async fn timed_inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
+        let started = Instant::now();
+        let result = self.engine.inspect(id).await;
+        self.metrics
+            .inspect_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Builds a container's records, logging a skip once per container and reason.
@@ -509,6 +518,7 @@ impl<P: Publisher> Bridge<P> {
             return false;
         }
         let mut ok = true;
+        let started = Instant::now();
         if !put.is_empty() {
             match self.store.publish(&put).await {
                 Ok(()) => {
@@ -537,6 +547,9 @@ impl<P: Publisher> Bridge<P> {
                 }
             }
         }
+        self.metrics
+            .store_write_seconds
+            .observe(started.elapsed().as_secs_f64());
         if ok {
             if desired.is_empty() {
                 self.published.remove(container_id);

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub syncs: Counter,
     /// From the Docker event's timestamp to the store's acknowledgement of the write.
     pub event_to_publish_seconds: Histogram,
+    /// One `docker inspect` of a container, as the bridge sees it.
+    pub inspect_seconds: Histogram,
+    /// One write (publish or unpublish of one container's records) to the store.
+    pub store_write_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -74,6 +78,8 @@ impl Metrics {
             syncs: Counter::default(),
             // 100 µs to about 3.3 s.
             event_to_publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            inspect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            store_write_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         }
     }
 
@@ -130,6 +136,16 @@ impl Metrics {
             "event_to_publish_seconds",
             "Latency from a Docker event to the store's acknowledgement",
             self.event_to_publish_seconds.clone(),
+        );
+        r.register(
+            "inspect_seconds",
+            "Time of one docker inspect of a container after an event",
+            self.inspect_seconds.clone(),
+        );
+        r.register(
+            "store_write_seconds",
+            "Time of one write of a container's records to the store",
+            self.store_write_seconds.clone(),
         );
     }
 

@@ -223,7 +223,11 @@ fn cli_line(cli: &Cli) -> String {
 
 async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
     let timeout = Duration::from_secs(cli.timeout);
-    for part in &cli.parts {
+    for (i, part) in cli.parts.iter().enumerate() {
+        if i > 0 {
+            // Let the engine settle after the previous part's clean-up.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         let load_before = report::loadavg();
         match part {
             Part::Plain => {
