@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Where to publish: etcd://host:port[,host:port...]/<prefix> (consul:// comes with the
-    /// Consul backend).
+    /// Where to publish: etcd://host:port[,host:port...]/<prefix>, consul://host:port/<prefix>
+    /// or consul+https://host:port/<prefix>.
     #[arg(env = "REGISTRATOR_BACKEND", value_parser = BackendUri::parse)]
     backend: BackendUri,
 
@@ -40,7 +40,8 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_NETWORK")]
     network: Option<String>,
 
-    /// Lease TTL in seconds: how long records outlive a dead bridge or node.
+    /// Lease or session TTL in seconds: how long records outlive a dead bridge or node
+    /// (Consul: at least 10, and Consul may reap up to twice the TTL late).
     #[arg(long, env = "REGISTRATOR_TTL", default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(3..=3600))]
     ttl: u64,
@@ -81,6 +82,23 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
 
+    /// Consul: a file holding the ACL token (a Docker secret); beats CONSUL_HTTP_TOKEN.
+    #[arg(long, env = "REGISTRATOR_CONSUL_TOKEN_FILE")]
+    consul_token_file: Option<std::path::PathBuf>,
+
+    /// Consul: do not write records into KV (catalog only).
+    #[arg(long, env = "REGISTRATOR_NO_CONSUL_KV")]
+    no_consul_kv: bool,
+
+    /// Consul: do not register records in the catalog (KV only).
+    #[arg(long, env = "REGISTRATOR_NO_CONSUL_CATALOG")]
+    no_consul_catalog: bool,
+
+    /// Consul: seconds a catalog service may stay critical before Consul removes it (>= 60).
+    #[arg(long, env = "REGISTRATOR_CONSUL_DEREGISTER_AFTER", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    consul_deregister_after: u64,
+
     /// Log format.
     #[arg(long, env = "REGISTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -100,6 +118,9 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = check_combinations(&cli) {
+        e.exit();
+    }
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -119,6 +140,63 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks that depend on several flags; errors exit with status 2 like clap's own.
+fn check_combinations(cli: &Cli) -> Result<(), clap::Error> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    if cli.backend.kind == StoreKind::Consul {
+        if cli.ttl < backend_consul::MIN_TTL.as_secs() {
+            return Err(cmd.error(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--ttl {} is below Consul's session TTL floor of 10 s; use --ttl 10 or more",
+                    cli.ttl
+                ),
+            ));
+        }
+        if cli.no_consul_kv && cli.no_consul_catalog {
+            return Err(cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--no-consul-kv with --no-consul-catalog leaves nothing to publish",
+            ));
+        }
+    } else if cli.consul_token_file.is_some() || cli.no_consul_kv || cli.no_consul_catalog {
+        return Err(cmd.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--consul-* options need a consul:// backend URI",
+        ));
+    }
+    Ok(())
+}
+
+/// The Consul options from flags and Consul's usual environment variables.
+fn consul_options(cli: &Cli) -> anyhow::Result<backend_consul::ConsulOptions> {
+    let token = match &cli.consul_token_file {
+        Some(path) => {
+            let value = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --consul-token-file {}", path.display()))?;
+            Some(backend_consul::Token::new(
+                value,
+                format!("--consul-token-file {}", path.display()),
+            ))
+        }
+        None => std::env::var("CONSUL_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| backend_consul::Token::new(t, "CONSUL_HTTP_TOKEN")),
+    };
+    let path = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
+    Ok(backend_consul::ConsulOptions {
+        token,
+        ca_cert: path("CONSUL_CACERT"),
+        client_cert: path("CONSUL_CLIENT_CERT"),
+        client_key: path("CONSUL_CLIENT_KEY"),
+        kv: !cli.no_consul_kv,
+        catalog: !cli.no_consul_catalog,
+        deregister_critical_after: Duration::from_secs(cli.consul_deregister_after),
+    })
 }
 
 fn init_tracing(format: LogFormat) {
@@ -194,9 +272,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot set up the etcd client")?;
             run_bridge(store, config, metrics, health, shutdown).await
         }
-        StoreKind::Consul => anyhow::bail!(
-            "the Consul backend is not part of this build yet; use etcd://host:port/<prefix>"
-        ),
+        StoreKind::Consul => {
+            let endpoint = cli.backend.endpoints.first().cloned().unwrap_or_default();
+            let store = backend_consul::ConsulStore::new(
+                &endpoint,
+                cli.backend.tls,
+                cli.backend.layout.clone(),
+                consul_options(&cli)?,
+            )
+            .context("cannot set up the Consul client")?;
+            run_bridge(store, config, metrics, health, shutdown).await
+        }
     }
 }
 

@@ -12,11 +12,11 @@ use common::*;
 async fn the_bridge_reconnects_after_dockerd_restarts_and_repairs_the_store() {
     let names = Names::new("dockerd");
     let mut cleanup = Cleanup::default();
-    cleanup.prefix(&names.prefix());
+    cleanup.prefix(Backend::Etcd, &names.prefix());
     let net = names.name("net");
     let svc = names.name("db");
     overlay(&mut cleanup, &net).await;
-    let store = Store::connect().await;
+    let store = Backend::Etcd.store().await;
     let layout = names.layout();
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let metrics_addr = format!("127.0.0.1:{}", free_port());

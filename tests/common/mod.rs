@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-pub use test_support::{free_port, http_get, wait_for, PrivateEtcd, TempDir};
+pub use test_support::{free_port, http_get, wait_for, PrivateConsul, PrivateEtcd, TempDir};
+
+use backend_core::WatchEvent;
+use futures::StreamExt;
 
 use backend_core::{KeyLayout, ServiceRecord};
 use etcd_client::{Client, GetOptions};
@@ -84,7 +87,7 @@ pub struct Cleanup {
     services: Vec<String>,
     containers: Vec<String>,
     networks: Vec<String>,
-    prefixes: Vec<String>,
+    prefixes: Vec<(Backend, String)>,
 }
 
 impl Cleanup {
@@ -97,8 +100,9 @@ impl Cleanup {
     pub fn network(&mut self, name: &str) {
         self.networks.push(name.to_string());
     }
-    pub fn prefix(&mut self, prefix: &str) {
-        self.prefixes.push(prefix.to_string());
+    /// Deletes the keys under `prefix` in the shared store of `backend`.
+    pub fn prefix(&mut self, backend: Backend, prefix: &str) {
+        self.prefixes.push((backend, prefix.to_string()));
     }
 }
 
@@ -127,19 +131,31 @@ impl Drop for Cleanup {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
-        for p in &self.prefixes {
-            let _ = std::process::Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &etcd_endpoint(),
-                    "del",
-                    "--prefix",
-                    &format!("{p}/"),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        for (backend, p) in &self.prefixes {
+            let mut cmd = match backend {
+                Backend::Etcd => {
+                    let mut c = std::process::Command::new("etcdctl");
+                    c.env("ETCDCTL_API", "3").args([
+                        "--endpoints",
+                        &etcd_endpoint(),
+                        "del",
+                        "--prefix",
+                        &format!("{p}/"),
+                    ]);
+                    c
+                }
+                Backend::Consul => {
+                    let mut c = std::process::Command::new("curl");
+                    c.args([
+                        "-sf",
+                        "-X",
+                        "DELETE",
+                        &format!("http://{}/v1/kv/{p}/?recurse=true", consul_endpoint()),
+                    ]);
+                    c
+                }
+            };
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
 }
@@ -235,21 +251,203 @@ pub async fn task_containers(service: &str, network: &str) -> Vec<TaskContainer>
     out
 }
 
-/// An etcd client for reading what the bridge wrote.
-pub struct Store {
-    pub client: Client,
+/// The store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Etcd,
+    Consul,
+}
+
+/// The Consul agent of the test services.
+pub fn consul_endpoint() -> String {
+    std::env::var("CONSUL_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8500".into())
+}
+
+impl Backend {
+    /// The shared store of the test services.
+    pub fn endpoint(self) -> String {
+        match self {
+            Backend::Etcd => etcd_endpoint(),
+            Backend::Consul => consul_endpoint(),
+        }
+    }
+
+    /// The bridge's backend URI for a test's prefix on the shared store.
+    pub fn uri(self, names: &Names) -> String {
+        self.uri_at(&self.endpoint(), names)
+    }
+
+    pub fn uri_at(self, endpoint: &str, names: &Names) -> String {
+        let scheme = match self {
+            Backend::Etcd => "etcd",
+            Backend::Consul => "consul",
+        };
+        format!("{scheme}://{endpoint}/{}", names.prefix())
+    }
+
+    /// The shortest TTL the store accepts, as a flag value.
+    pub fn short_ttl(self) -> &'static str {
+        match self {
+            Backend::Etcd => "3",
+            Backend::Consul => "10",
+        }
+    }
+
+    /// How long records may outlive a killed bridge with [`Backend::short_ttl`]: etcd expires a
+    /// lease within about its TTL, Consul may take up to twice the TTL; plus a margin.
+    pub fn expiry_bound(self) -> Duration {
+        match self {
+            Backend::Etcd => Duration::from_secs(15),
+            Backend::Consul => Duration::from_secs(45),
+        }
+    }
+
+    pub async fn store(self) -> Store {
+        self.store_at(&self.endpoint()).await
+    }
+
+    pub async fn store_at(self, endpoint: &str) -> Store {
+        match self {
+            Backend::Etcd => Store::Etcd(Box::new(
+                Client::connect([format!("http://{endpoint}")], None)
+                    .await
+                    .expect("etcd client"),
+            )),
+            Backend::Consul => Store::Consul {
+                http: reqwest::Client::new(),
+                base: format!("http://{endpoint}"),
+            },
+        }
+    }
+
+    /// A private instance of the store that the test may stop and start.
+    pub async fn private(self) -> PrivateStore {
+        match self {
+            Backend::Etcd => PrivateStore::Etcd(PrivateEtcd::start().await),
+            Backend::Consul => PrivateStore::Consul(PrivateConsul::start().await),
+        }
+    }
+
+    /// The project's own watcher of a prefix on this store.
+    pub fn watch(
+        self,
+        endpoint: &str,
+        layout: &KeyLayout,
+        prefix: String,
+    ) -> futures::stream::BoxStream<'static, Result<WatchEvent, backend_core::BackendError>> {
+        use backend_core::Watcher;
+        match self {
+            Backend::Etcd => {
+                let endpoint = endpoint.to_string();
+                let layout = layout.clone();
+                Box::pin(
+                    futures::stream::once(async move {
+                        backend_etcd::EtcdStore::connect(&[endpoint], layout)
+                            .await
+                            .expect("etcd client")
+                            .watch_prefix(prefix)
+                    })
+                    .flatten(),
+                )
+            }
+            Backend::Consul => backend_consul::ConsulStore::new(
+                endpoint,
+                false,
+                layout.clone(),
+                backend_consul::ConsulOptions::default(),
+            )
+            .expect("consul client")
+            .watch_prefix(prefix),
+        }
+    }
+}
+
+/// A private etcd or Consul.
+#[derive(Debug)]
+pub enum PrivateStore {
+    Etcd(PrivateEtcd),
+    Consul(PrivateConsul),
+}
+
+impl PrivateStore {
+    pub fn endpoint(&self) -> String {
+        match self {
+            PrivateStore::Etcd(e) => e.endpoint(),
+            PrivateStore::Consul(c) => c.endpoint(),
+        }
+    }
+    pub async fn stop(&mut self) {
+        match self {
+            PrivateStore::Etcd(e) => e.stop().await,
+            PrivateStore::Consul(c) => c.stop().await,
+        }
+    }
+    pub async fn resume(&mut self) {
+        match self {
+            PrivateStore::Etcd(e) => e.resume().await,
+            PrivateStore::Consul(c) => c.resume().await,
+        }
+    }
+}
+
+/// A client for reading what the bridge wrote, in etcd or Consul KV.
+pub enum Store {
+    Etcd(Box<Client>),
+    Consul { http: reqwest::Client, base: String },
+}
+
+#[derive(serde::Deserialize)]
+struct ConsulKv {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Value")]
+    value: Option<String>,
 }
 
 impl Store {
-    pub async fn connect() -> Store {
-        Store::connect_to(&etcd_endpoint()).await
-    }
-
-    pub async fn connect_to(endpoint: &str) -> Store {
-        let client = Client::connect([format!("http://{endpoint}")], None)
-            .await
-            .expect("etcd client");
-        Store { client }
+    /// Every key and value under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+        match self {
+            Store::Etcd(client) => {
+                let mut client = (**client).clone();
+                let resp = client
+                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(|e| format!("etcd get: {e}"))?;
+                Ok(resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(kv.key()).to_string(),
+                            kv.value().to_vec(),
+                        )
+                    })
+                    .collect())
+            }
+            Store::Consul { http, base } => {
+                let resp = http
+                    .get(format!("{base}/v1/kv/{prefix}?recurse=true"))
+                    .send()
+                    .await
+                    .map_err(|e| format!("consul get: {e}"))?;
+                if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                    return Ok(Vec::new());
+                }
+                let pairs: Vec<ConsulKv> = resp.json().await.map_err(|e| e.to_string())?;
+                use base64::Engine as _;
+                Ok(pairs
+                    .into_iter()
+                    .map(|p| {
+                        let value = p
+                            .value
+                            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                            .unwrap_or_default();
+                        (p.key, value)
+                    })
+                    .collect())
+            }
+        }
     }
 
     /// Every record of `service` under `layout`, by instance id. A value that does not decode
@@ -259,18 +457,9 @@ impl Store {
         layout: &KeyLayout,
         service: &str,
     ) -> Result<BTreeMap<String, ServiceRecord>, String> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(
-                layout.service_prefix(service),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(|e| format!("etcd get: {e}"))?;
         let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
-            let record = ServiceRecord::from_json(kv.value())
-                .map_err(|e| format!("{}: {e}", String::from_utf8_lossy(kv.key())))?;
+        for (key, value) in self.list(&layout.service_prefix(service)).await? {
+            let record = ServiceRecord::from_json(&value).map_err(|e| format!("{key}: {e}"))?;
             out.insert(record.id.clone(), record);
         }
         Ok(out)
@@ -278,29 +467,72 @@ impl Store {
 
     /// Every key under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
+        self.list(prefix)
             .await
-            .expect("etcd get");
-        resp.kvs()
-            .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).to_string())
+            .expect("list")
+            .into_iter()
+            .map(|(k, _)| k)
             .collect()
     }
 
     pub async fn put(&self, key: &str, value: &str) {
-        let mut client = self.client.clone();
-        client.put(key, value, None).await.expect("etcd put");
+        match self {
+            Store::Etcd(client) => {
+                let mut client = (**client).clone();
+                client.put(key, value, None).await.expect("etcd put");
+            }
+            Store::Consul { http, base } => {
+                let resp = http
+                    .put(format!("{base}/v1/kv/{key}"))
+                    .body(value.to_string())
+                    .send()
+                    .await
+                    .expect("consul put");
+                assert!(resp.status().is_success(), "consul put: {}", resp.status());
+            }
+        }
     }
 
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let mut client = self.client.clone();
-        let resp = client.get(key, None).await.expect("etcd get");
-        resp.kvs().first().map(|kv| kv.value().to_vec())
+        self.list(key)
+            .await
+            .expect("get")
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Ends every lease or session of the store, as an operator (or an expiry) would.
+    pub async fn end_all_sessions(&self) {
+        match self {
+            Store::Etcd(client) => {
+                let mut client = (**client).clone();
+                for lease in client.leases().await.expect("leases").leases() {
+                    client.lease_revoke(lease.id()).await.expect("revoke");
+                }
+            }
+            Store::Consul { http, base } => {
+                #[derive(serde::Deserialize)]
+                struct S {
+                    #[serde(rename = "ID")]
+                    id: String,
+                }
+                let sessions: Vec<S> = http
+                    .get(format!("{base}/v1/session/list"))
+                    .send()
+                    .await
+                    .expect("session list")
+                    .json()
+                    .await
+                    .expect("sessions");
+                for s in sessions {
+                    http.put(format!("{base}/v1/session/destroy/{}", s.id))
+                        .send()
+                        .await
+                        .expect("destroy");
+                }
+            }
+        }
     }
 }
 

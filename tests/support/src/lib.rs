@@ -177,3 +177,94 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     Ok((status, body))
 }
+
+/// A private Consul dev agent on free ports, for tests that stop and restart it. A dev agent
+/// keeps everything in memory: a restart starts it empty, like a lost agent.
+#[derive(Debug)]
+pub struct PrivateConsul {
+    pub http_port: u16,
+    ports: [u16; 3],
+    dir: TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateConsul {
+    pub async fn start() -> PrivateConsul {
+        let mut consul = PrivateConsul {
+            http_port: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            dir: TempDir::new("consul"),
+            child: None,
+        };
+        consul.resume().await;
+        consul
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts (again) on the same ports.
+    pub async fn resume(&mut self) {
+        let bin = std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("consul.log"))
+            .expect("consul log");
+        let child = tokio::process::Command::new(bin)
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-node",
+                &format!("private-{}", self.http_port),
+                "-http-port",
+                &self.http_port.to_string(),
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+                "-serf-lan-port",
+                &self.ports[0].to_string(),
+                "-serf-wan-port",
+                &self.ports[1].to_string(),
+                "-server-port",
+                &self.ports[2].to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("consul starts (CONSUL_BIN from scripts/services env)");
+        self.child = Some(child);
+        let endpoint = self.endpoint();
+        wait_for(
+            "the private Consul to have a leader",
+            Duration::from_secs(30),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let (status, body) = http_get(&endpoint, "/v1/status/leader").await?;
+                    if status == 200 && body.trim().len() > 2 {
+                        Ok(())
+                    } else {
+                        Err(format!("{status} {body}"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Kills it (SIGKILL): an outage that also loses all its state.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
