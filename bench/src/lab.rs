@@ -1,8 +1,9 @@
 //! The engine and the store the benchmark runs on, and everything it creates there.
 //!
 //! Every container, service and network the bench makes carries the label
-//! `registrator-bench.run=<run id>`, and every etcd key lives under `rbench/<run id>`, so the
-//! final clean-up finds all of it by label and prefix, even after an error half-way.
+//! `registrator-bench.run=<run id>`, every etcd or Consul key lives under `rbench/<run id>`,
+//! and every Consul catalog service is named `rbench-<run id>-...`, so the final clean-up finds
+//! all of it by label, prefix and name, even after an error half-way.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,6 +23,8 @@ use etcd_client::{Client, DeleteOptions, GetOptions};
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use crate::consul::Consul;
+
 /// The label on everything the bench creates.
 pub const RUN_LABEL: &str = "registrator-bench.run";
 
@@ -34,6 +37,8 @@ pub struct Lab {
     pub docker: Docker,
     pub etcd: Client,
     pub etcd_endpoint: String,
+    /// Only when a Consul part runs.
+    pub consul: Option<Consul>,
     pub run_id: String,
     pub image: String,
 }
@@ -48,7 +53,11 @@ impl std::fmt::Debug for Lab {
 }
 
 impl Lab {
-    pub async fn connect(etcd_endpoint: &str, image: &str) -> Result<Lab> {
+    pub async fn connect(
+        etcd_endpoint: &str,
+        consul_endpoint: Option<&str>,
+        image: &str,
+    ) -> Result<Lab> {
         let docker = Docker::connect_with_defaults()
             .context("cannot reach the Docker engine (unix socket or DOCKER_HOST)")?
             .negotiate_version()
@@ -61,6 +70,10 @@ impl Lab {
         .await
         .map_err(|_| anyhow!("timed out connecting to etcd at {etcd_endpoint}"))?
         .with_context(|| format!("cannot connect to etcd at {etcd_endpoint}"))?;
+        let consul = match consul_endpoint {
+            Some(endpoint) => Some(Consul::connect(endpoint).await?),
+            None => None,
+        };
         let nanos = crate::now_ns();
         let run_id = format!(
             "{:08x}",
@@ -70,6 +83,7 @@ impl Lab {
             docker,
             etcd,
             etcd_endpoint: etcd_endpoint.to_string(),
+            consul,
             run_id,
             image: image.to_string(),
         })
@@ -78,6 +92,18 @@ impl Lab {
     /// `rbench/<run id>-<part>`: the etcd prefix of one bridge (or floor) run.
     pub fn prefix(&self, part: &str) -> String {
         format!("rbench/{}-{part}", self.run_id)
+    }
+
+    /// `rbench-<run id>-<part>`: the Consul catalog service name of one part's containers.
+    pub fn service_name(&self, part: &str) -> String {
+        format!("rbench-{}-{part}", self.run_id)
+    }
+
+    /// The Consul agent, when a Consul part was asked for.
+    pub fn consul(&self) -> Result<&Consul> {
+        self.consul
+            .as_ref()
+            .ok_or_else(|| anyhow!("no Consul connection (internal error)"))
     }
 
     pub fn run_label(&self) -> String {
@@ -92,13 +118,19 @@ impl Lab {
         labels
     }
 
-    /// Creates (does not start) `docker run -d --expose 8080 <image> sleep 3600`.
-    pub async fn create_plain(&self, name: &str) -> Result<String> {
+    /// Creates (does not start) `docker run -d --expose 8080 <image> sleep 3600`, with the
+    /// label `SERVICE_NAME=<service>` when a service name is given (the Consul parts: a catalog
+    /// service name of this run's own).
+    pub async fn create_plain(&self, name: &str, service: Option<&str>) -> Result<String> {
+        let labels = match service {
+            Some(s) => self.labels(&[("SERVICE_NAME", s)]),
+            None => self.labels(&[]),
+        };
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: Some(vec!["sleep".into(), "3600".into()]),
             exposed_ports: Some(vec!["8080/tcp".into()]),
-            labels: Some(self.labels(&[])),
+            labels: Some(labels),
             ..Default::default()
         };
         let options = CreateContainerOptions {
@@ -121,10 +153,15 @@ impl Lab {
     }
 
     /// Creates and starts `count` plain containers named `<base>-<i>`, a few at a time.
-    pub async fn run_many_plain(&self, base: &str, count: usize) -> Result<Vec<String>> {
+    pub async fn run_many_plain(
+        &self,
+        base: &str,
+        count: usize,
+        service: Option<&str>,
+    ) -> Result<Vec<String>> {
         let results: Vec<Result<String>> = futures::stream::iter(0..count)
             .map(|i| async move {
-                let id = self.create_plain(&format!("{base}-{i}")).await?;
+                let id = self.create_plain(&format!("{base}-{i}"), service).await?;
                 self.start(&id).await?;
                 Ok(id)
             })
@@ -297,8 +334,25 @@ impl Lab {
         Ok(resp.count())
     }
 
-    /// Removes everything this run made: services, containers, networks, etcd keys. Best
-    /// effort: it reports what it could not remove and goes on.
+    /// Removes this run's Consul keys (and the sessions holding them) and catalog services.
+    pub async fn clean_up_consul(&self) {
+        let Some(consul) = &self.consul else { return };
+        if let Err(e) = consul
+            .delete_prefix(&format!("rbench/{}-", self.run_id))
+            .await
+        {
+            crate::log(&format!("warning: {e:#}"));
+        }
+        if let Err(e) = consul
+            .deregister_services(&format!("rbench-{}-", self.run_id))
+            .await
+        {
+            crate::log(&format!("warning: {e:#}"));
+        }
+    }
+
+    /// Removes everything this run made: services, containers, networks, etcd and Consul keys,
+    /// Consul catalog services. Best effort: it reports what it could not remove and goes on.
     pub async fn clean_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         let label = HashMap::from([("label".to_string(), vec![self.run_label()])]);
@@ -373,5 +427,6 @@ impl Lab {
         {
             crate::log(&format!("warning: {e:#}"));
         }
+        self.clean_up_consul().await;
     }
 }

@@ -1,5 +1,5 @@
-//! `registrator-bench`: measures swarm-registrator on the real Docker engine and etcd of this
-//! machine, and prints a Markdown summary.
+//! `registrator-bench`: measures swarm-registrator on the real Docker engine, etcd and Consul of
+//! this machine, and prints a Markdown summary.
 //!
 //! Parts (all by default, `--parts` picks):
 //!
@@ -12,8 +12,22 @@
 //! * `sync`: the bridge's RSS idle, then with `--sync-containers` plain containers running, the
 //!   time from spawning the bridge until all their records are on the watch; repeated.
 //!
+//! The Consul parts (not in the default list; they need a Consul agent, `--consul`) run the
+//! bridge as `consul://<agent>/<prefix> --internal --explicit --cleanup` on containers labelled
+//! `SERVICE_NAME=rbench-<run>-<part>`, and see records through blocking queries (see
+//! [`consul`]):
+//!
+//! * `consul-kv`: like `plain`, the bridge with `--no-consul-catalog`, seen in KV.
+//! * `consul`: like `plain`, the bridge with KV and catalog (its default), each start timed
+//!   twice: seen in KV, seen in the catalog.
+//! * `consul-catalog`: like `plain`, the bridge with `--no-consul-kv`, seen in the catalog.
+//! * `consul-floor`: Consul's own share: the bench writes records itself (the bridge's KV
+//!   transaction; an agent service registration) and times its blocking queries.
+//! * `consul-sync`: like `sync`, each run twice: KV only, then KV + catalog.
+//!
 //! Progress goes to stderr, the summary to stdout.
 
+mod consul;
 mod floor;
 mod lab;
 mod observe;
@@ -31,10 +45,10 @@ use tokio::time::Instant;
 
 use crate::floor::FloorTiming;
 use crate::lab::Lab;
-use crate::observe::{follow_starts, short, watch_records, Tracker};
+use crate::observe::{follow_starts, short, watch_records, RecordSeen, Tracker, Via};
 use crate::report::{LatencyRun, Report, Sample, SyncRun, SyncSummary};
 
-/// Benchmarks swarm-registrator against the local Docker engine and etcd.
+/// Benchmarks swarm-registrator against the local Docker engine, etcd and Consul.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -48,6 +62,10 @@ struct Cli {
     /// etcd endpoint (host:port).
     #[arg(long, default_value = "127.0.0.1:2379")]
     etcd: String,
+
+    /// Consul agent (host:port), for the consul-* parts.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    consul: String,
 
     /// The image of every container the bench starts (must have `sleep`).
     #[arg(long, default_value = "local/busybox")]
@@ -73,7 +91,8 @@ struct Cli {
     #[arg(long, default_value_t = 5)]
     sync_runs: usize,
 
-    /// Which parts to run.
+    /// Which parts to run (consul-floor, consul-kv, consul, consul-catalog and consul-sync
+    /// need a Consul agent).
     #[arg(
         long,
         value_enum,
@@ -114,6 +133,68 @@ enum Part {
     /// The floor, also acting on `network connect` (the bridge's trigger).
     FloorConnect,
     Sync,
+    /// The bench's own Consul writes, seen by its blocking queries.
+    ConsulFloor,
+    /// The bridge with --no-consul-catalog, seen in Consul KV.
+    ConsulKv,
+    /// The bridge with KV and catalog, seen in both.
+    Consul,
+    /// The bridge with --no-consul-kv, seen in the catalog.
+    ConsulCatalog,
+    /// Initial sync into Consul: KV only, then KV + catalog.
+    ConsulSync,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Plain => "plain",
+            Part::Swarm => "swarm",
+            Part::Floor => "floor",
+            Part::FloorConnect => "floor-connect",
+            Part::Sync => "sync",
+            Part::ConsulFloor => "consul-floor",
+            Part::ConsulKv => "consul-kv",
+            Part::Consul => "consul",
+            Part::ConsulCatalog => "consul-catalog",
+            Part::ConsulSync => "consul-sync",
+        }
+    }
+
+    fn uses_consul(self) -> bool {
+        matches!(
+            self,
+            Part::ConsulFloor
+                | Part::ConsulKv
+                | Part::Consul
+                | Part::ConsulCatalog
+                | Part::ConsulSync
+        )
+    }
+
+    fn runs_bridge(self) -> bool {
+        !matches!(self, Part::Floor | Part::FloorConnect | Part::ConsulFloor)
+    }
+}
+
+/// What a Consul bridge publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsulMode {
+    /// `--no-consul-catalog`
+    Kv,
+    /// `--no-consul-kv`
+    Catalog,
+    /// The default: both.
+    Both,
+}
+
+impl ConsulMode {
+    fn kv(self) -> bool {
+        self != ConsulMode::Catalog
+    }
+    fn catalog(self) -> bool {
+        self != ConsulMode::Kv
+    }
 }
 
 /// Wall-clock nanoseconds since the epoch (dockerd's `timeNano` clock).
@@ -165,17 +246,23 @@ fn main() -> ExitCode {
 }
 
 async fn bench(cli: Cli) -> Result<()> {
-    if cli.parts.iter().any(|p| *p != Part::Floor) && !cli.bridge.is_file() {
+    if cli.parts.iter().any(|p| p.runs_bridge()) && !cli.bridge.is_file() {
         bail!(
             "no bridge binary at {}; build it with `cargo build --release -p swarm-registrator` or pass --bridge",
             cli.bridge.display()
         );
     }
-    let lab = Lab::connect(&cli.etcd, &cli.image).await?;
+    let consul = cli
+        .parts
+        .iter()
+        .any(|p| p.uses_consul())
+        .then_some(cli.consul.as_str());
+    let lab = Lab::connect(&cli.etcd, consul, &cli.image).await?;
     log(&format!(
-        "run {}: containers labelled {}, etcd keys under rbench/{}-*",
+        "run {}: containers labelled {}, etcd/Consul keys under rbench/{}-*, Consul services rbench-{}-*",
         lab.run_id,
         lab.run_label(),
+        lab.run_id,
         lab.run_id
     ));
     let mut report = Report::new(&lab, &cli.bridge).await;
@@ -198,19 +285,14 @@ async fn bench(cli: Cli) -> Result<()> {
 }
 
 fn cli_line(cli: &Cli) -> String {
-    let parts: Vec<&str> = cli
-        .parts
-        .iter()
-        .map(|p| match p {
-            Part::Plain => "plain",
-            Part::Swarm => "swarm",
-            Part::Floor => "floor",
-            Part::FloorConnect => "floor-connect",
-            Part::Sync => "sync",
-        })
-        .collect();
+    let parts: Vec<&str> = cli.parts.iter().map(|p| p.name()).collect();
+    let consul = if cli.parts.iter().any(|p| p.uses_consul()) {
+        format!(" --consul {}", cli.consul)
+    } else {
+        String::new()
+    };
     format!(
-        "target/release/registrator-bench --bridge {} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
+        "target/release/registrator-bench --bridge {}{consul} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
         cli.bridge.display(),
         cli.count,
         cli.swarm_count.unwrap_or(cli.count),
@@ -271,7 +353,61 @@ async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
                 ));
                 let mut sync = initial_sync(cli, lab, timeout).await?;
                 sync.load = (load_before, report::loadavg());
-                report.sync = Some(sync);
+                report.sync.push(sync);
+            }
+            Part::ConsulFloor => {
+                log(&format!(
+                    "Consul store-only floor: {} KV writes, {} catalog registrations",
+                    cli.count, cli.count
+                ));
+                let mut floor = consul::floor(
+                    lab.consul()?,
+                    &lab.prefix("cfloor"),
+                    &lab.service_name("cfloor"),
+                    cli.count,
+                    cli.warmup,
+                    timeout,
+                )
+                .await;
+                if let Some(c) = &lab.consul {
+                    c.delete_prefix(&lab.prefix("cfloor")).await.ok();
+                    c.deregister_services(&lab.service_name("cfloor"))
+                        .await
+                        .ok();
+                }
+                if let Ok(f) = &mut floor {
+                    f.load = (load_before, report::loadavg());
+                }
+                report.consul_floor = Some(floor?);
+            }
+            Part::ConsulKv | Part::Consul | Part::ConsulCatalog => {
+                let mode = match part {
+                    Part::ConsulKv => ConsulMode::Kv,
+                    Part::ConsulCatalog => ConsulMode::Catalog,
+                    _ => ConsulMode::Both,
+                };
+                log(&format!(
+                    "plain containers through the bridge into Consul ({mode:?}): {} starts",
+                    cli.count
+                ));
+                let runs = latency_consul(cli, lab, mode, timeout).await?;
+                let load = (load_before, report::loadavg());
+                for mut run in runs {
+                    run.load = load;
+                    report.latency.push(run);
+                }
+            }
+            Part::ConsulSync => {
+                log(&format!(
+                    "initial sync into Consul of {} containers, {} runs of each mode",
+                    cli.sync_containers, cli.sync_runs
+                ));
+                let syncs = consul_sync(cli, lab, timeout).await?;
+                let load = (load_before, report::loadavg());
+                for mut sync in syncs {
+                    sync.load = load;
+                    report.sync.push(sync);
+                }
             }
         }
     }
@@ -302,6 +438,28 @@ impl Proc {
         cmd.arg(&uri).args(["--resync", "3600"]);
         if internal {
             cmd.arg("--internal");
+        }
+        Proc::spawn(cmd, &cli.log_dir, &format!("{prefix}.bridge"), false)
+    }
+
+    /// A bridge publishing into Consul under `prefix`. `--explicit` keeps it to the bench's
+    /// containers (they set SERVICE_NAME), so it never registers other people's containers in
+    /// the shared agent; `--cleanup` makes a graceful stop remove its KV keys and catalog
+    /// services.
+    fn bridge_consul(cli: &Cli, lab: &Lab, prefix: &str, mode: ConsulMode) -> Result<Proc> {
+        let consul = lab.consul()?;
+        let uri = format!("consul://{}/{prefix}", consul.endpoint);
+        let mut cmd = Command::new(&cli.bridge);
+        cmd.arg(&uri)
+            .args(["--resync", "3600", "--internal", "--explicit", "--cleanup"]);
+        match mode {
+            ConsulMode::Kv => {
+                cmd.arg("--no-consul-catalog");
+            }
+            ConsulMode::Catalog => {
+                cmd.arg("--no-consul-kv");
+            }
+            ConsulMode::Both => {}
         }
         Proc::spawn(cmd, &cli.log_dir, &format!("{prefix}.bridge"), false)
     }
@@ -371,6 +529,45 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until a bridge logs its first sync (whatever its store; without Consul KV there is
+    /// no node record to look for).
+    async fn wait_log_ready(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_alive()?;
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains("synced engine and store") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the bridge logged no first sync within {} s (see {})",
+                    within.as_secs(),
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, so a `--cleanup` bridge removes what it published; SIGKILL after 15 s.
+    async fn stop_gracefully(mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        if matches!(term, Ok(s) if s.success()) {
+            match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+                Ok(_) => return,
+                Err(_) => log(&format!(
+                    "warning: bridge {} still running 15 s after SIGTERM; killing it",
+                    self.pid
+                )),
+            }
+        }
+        self.stop().await;
     }
 
     /// VmRSS and VmHWM in KiB.
@@ -462,10 +659,10 @@ async fn latency_plain(
     let mut samples = Vec::with_capacity(cli.count);
     for i in 0..cli.warmup + cli.count {
         let name = format!("rbench-{}-{part}-{i}", lab.run_id);
-        let id = lab.create_plain(&name).await?;
+        let id = lab.create_plain(&name, None).await?;
         lab.start(&id).await?;
         let start = tracker.start_of(&id, timeout).await?;
-        let record = match tracker.record_of(&id, timeout).await {
+        let record = match tracker.record_of(&id, Via::Etcd, timeout).await {
             Ok(r) => r,
             Err(e) => {
                 proc.check_alive()?;
@@ -543,7 +740,10 @@ async fn latency_swarm(cli: &Cli, lab: &Lab, n: usize, timeout: Duration) -> Res
     for i in 0..cli.warmup + n {
         lab.scale_service(&service, (i + 1) as i64).await?;
         let start = tracker.next_start(task_timeout).await?;
-        let record = match tracker.record_of(&start.container_id, timeout).await {
+        let record = match tracker
+            .record_of(&start.container_id, Via::Etcd, timeout)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 proc.check_alive()?;
@@ -594,7 +794,7 @@ async fn initial_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<SyncSum
     log(&format!("  starting {m} containers"));
     let started = Instant::now();
     let ids = lab
-        .run_many_plain(&format!("rbench-{}-sync", lab.run_id), m)
+        .run_many_plain(&format!("rbench-{}-sync", lab.run_id), m, None)
         .await?;
     log(&format!(
         "  {m} containers running after {:.1} s",
@@ -653,10 +853,275 @@ async fn initial_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<SyncSum
     }
     lab.remove_containers(&ids).await;
     Ok(SyncSummary {
+        name: report::SYNC_ETCD.into(),
         containers: m,
         idle_rss_kib: idle_rss.0,
         idle_containers,
         runs,
         load: Default::default(),
     })
+}
+
+/// The Consul observers a bridge of `mode` needs, all sending to one channel.
+async fn consul_watches(
+    lab: &Lab,
+    prefix: &str,
+    service: &str,
+    mode: ConsulMode,
+) -> Result<(
+    tokio::sync::mpsc::UnboundedReceiver<RecordSeen>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
+    let consul = lab.consul()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watches = Vec::new();
+    if mode.kv() {
+        watches.push(consul::watch_kv(consul, &format!("{prefix}/services/"), tx.clone()).await?);
+    }
+    if mode.catalog() {
+        watches.push(consul::watch_catalog(consul, service, tx).await?);
+    }
+    Ok((rx, watches))
+}
+
+/// Waits until the catalog has no instance of `service` (an agent deregistration reaches the
+/// catalog through the agent's sync).
+async fn wait_catalog_empty(lab: &Lab, service: &str, within: Duration) -> Result<()> {
+    let consul = lab.consul()?;
+    let deadline = Instant::now() + within;
+    loop {
+        consul.deregister_services(service).await?;
+        let left = consul.catalog_count(service).await?;
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{left} instances of {service} still in the catalog after {} s",
+                within.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Latency of plain containers through a Consul bridge: one row per observer (KV, catalog).
+async fn latency_consul(
+    cli: &Cli,
+    lab: &Lab,
+    mode: ConsulMode,
+    timeout: Duration,
+) -> Result<Vec<LatencyRun>> {
+    let part = match mode {
+        ConsulMode::Kv => "ckv",
+        ConsulMode::Catalog => "ccat",
+        ConsulMode::Both => "cboth",
+    };
+    let prefix = lab.prefix(part);
+    let service = lab.service_name(part);
+    let (records_rx, watches) = consul_watches(lab, &prefix, &service, mode).await?;
+    let (starts_rx, _events) = follow_starts(lab);
+    let mut tracker = Tracker::new(starts_rx, records_rx);
+    let mut proc = Proc::bridge_consul(cli, lab, &prefix, mode)?;
+    let outcome: Result<(Vec<Sample>, Vec<Sample>)> = async {
+        proc.wait_log_ready(timeout).await?;
+        let mut kv = Vec::with_capacity(cli.count);
+        let mut catalog = Vec::with_capacity(cli.count);
+        for i in 0..cli.warmup + cli.count {
+            let name = format!("rbench-{}-{part}-{i}", lab.run_id);
+            let id = lab.create_plain(&name, Some(&service)).await?;
+            lab.start(&id).await?;
+            let start = tracker.start_of(&id, timeout).await?;
+            let mut seen = Vec::new();
+            if mode.kv() {
+                seen.push(tracker.record_of(&id, Via::Kv, timeout).await);
+            }
+            if mode.catalog() {
+                seen.push(tracker.record_of(&id, Via::Catalog, timeout).await);
+            }
+            for record in seen {
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        proc.check_alive()?;
+                        return Err(e);
+                    }
+                };
+                if i < cli.warmup {
+                    continue;
+                }
+                let sample = Sample {
+                    container_id: id.clone(),
+                    time_nano: start.time_nano,
+                    recv_ns: start.recv_ns,
+                    arrival_ns: record.arrival_ns,
+                    floor: None,
+                };
+                match record.via {
+                    Via::Catalog => catalog.push(sample),
+                    _ => kv.push(sample),
+                }
+            }
+            if (i + 1) % 50 == 0 {
+                log(&format!("  {part}: {} starts", i + 1));
+            }
+        }
+        Ok((kv, catalog))
+    }
+    .await;
+    let rss = proc.rss_kib().ok();
+    proc.stop_gracefully().await;
+    for w in watches {
+        w.abort();
+    }
+    let ids = lab.own_containers().await?;
+    lab.remove_containers(&ids).await;
+    let consul = lab.consul()?;
+    consul.delete_prefix(&prefix).await?;
+    consul.deregister_services(&service).await?;
+    let (kv, catalog) = outcome?;
+    let mut runs = Vec::new();
+    let (kv_name, catalog_name) = match mode {
+        ConsulMode::Kv => (report::CONSUL_KV_ONLY, ""),
+        ConsulMode::Catalog => ("", report::CONSUL_CATALOG_ONLY),
+        ConsulMode::Both => (report::CONSUL_BOTH_KV, report::CONSUL_BOTH_CATALOG),
+    };
+    for (name, samples) in [(kv_name, kv), (catalog_name, catalog)] {
+        if samples.is_empty() {
+            continue;
+        }
+        runs.push(LatencyRun {
+            name: name.into(),
+            samples,
+            rss_kib: rss,
+            load: Default::default(),
+        });
+    }
+    Ok(runs)
+}
+
+/// Initial sync into Consul: each run once KV only, once KV + catalog (the bridge's default).
+async fn consul_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<Vec<SyncSummary>> {
+    let consul = lab.consul()?;
+    let service = lab.service_name("csync");
+
+    // Idle: a bridge (KV + catalog) with none of this run's containers.
+    let idle_containers = lab.running_containers().await?;
+    let prefix = lab.prefix("cidle");
+    let mut proc = Proc::bridge_consul(cli, lab, &prefix, ConsulMode::Both)?;
+    proc.wait_log_ready(timeout).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = proc.rss_kib()?;
+    proc.stop_gracefully().await;
+    consul.delete_prefix(&prefix).await?;
+
+    let m = cli.sync_containers;
+    log(&format!("  starting {m} containers"));
+    let started = Instant::now();
+    let ids = lab
+        .run_many_plain(&format!("rbench-{}-csync", lab.run_id), m, Some(&service))
+        .await?;
+    log(&format!(
+        "  {m} containers running after {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    let ours: std::collections::HashSet<String> = ids.iter().cloned().collect();
+
+    let summary = |name: &str| SyncSummary {
+        name: name.into(),
+        containers: m,
+        idle_rss_kib: idle_rss.0,
+        idle_containers,
+        runs: Vec::new(),
+        load: Default::default(),
+    };
+    let mut kv_only = summary(report::SYNC_CONSUL_KV_ONLY);
+    let mut both_kv = summary(report::SYNC_CONSUL_BOTH_KV);
+    let mut both_catalog = summary(report::SYNC_CONSUL_BOTH_CATALOG);
+
+    let outcome: Result<()> = async {
+        for r in 0..cli.sync_runs {
+            for mode in [ConsulMode::Kv, ConsulMode::Both] {
+                let tag = if mode == ConsulMode::Kv { "kv" } else { "both" };
+                let prefix = lab.prefix(&format!("csync{r}{tag}"));
+                wait_catalog_empty(lab, &service, timeout).await?;
+                let (mut rx, watches) = consul_watches(lab, &prefix, &service, mode).await?;
+                let mut proc = Proc::bridge_consul(cli, lab, &prefix, mode)?;
+                let deadline = Instant::now() + timeout * 2;
+                let mut seen_kv = std::collections::HashSet::new();
+                let mut seen_catalog = std::collections::HashSet::new();
+                let (mut kv_done, mut catalog_done) = (None, None);
+                while (mode.kv() && kv_done.is_none()) || (mode.catalog() && catalog_done.is_none())
+                {
+                    tokio::select! {
+                        rec = rx.recv() => match rec {
+                            Some(rec) if ours.contains(&rec.container_id) => {
+                                let (set, done) = match rec.via {
+                                    Via::Catalog => (&mut seen_catalog, &mut catalog_done),
+                                    _ => (&mut seen_kv, &mut kv_done),
+                                };
+                                set.insert(rec.container_id);
+                                if set.len() == m && done.is_none() {
+                                    *done = Some(rec.arrival_ns);
+                                }
+                            }
+                            Some(_) => {}
+                            None => bail!("the Consul blocking queries ended during the sync"),
+                        },
+                        _ = tokio::time::sleep_until(deadline) => {
+                            proc.check_alive()?;
+                            bail!(
+                                "{tag} sync: {} of {m} records in KV, {} in the catalog after {} s",
+                                seen_kv.len(),
+                                seen_catalog.len(),
+                                (timeout * 2).as_secs()
+                            );
+                        }
+                    }
+                }
+                let spawned_ns = proc.spawned_ns;
+                let services = format!("{prefix}/services/");
+                let kv_records = consul.count_keys(&services).await? as i64;
+                let catalog_records = consul.catalog_count(&service).await? as i64;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (rss, hwm) = proc.rss_kib()?;
+                proc.stop_gracefully().await;
+                for w in watches {
+                    w.abort();
+                }
+                consul.delete_prefix(&prefix).await?;
+                let run = |done: Option<i64>, total_records| SyncRun {
+                    elapsed_ns: done.map(|d| d - spawned_ns).unwrap_or_default(),
+                    rss_kib: rss,
+                    hwm_kib: hwm,
+                    total_records,
+                };
+                let ms = |done: Option<i64>| {
+                    done.map(|d| format!("{:.1} ms", (d - spawned_ns) as f64 / 1e6))
+                        .unwrap_or_else(|| "-".into())
+                };
+                log(&format!(
+                    "  run {} {tag}: {m} records in KV after {}, in the catalog after {}, RSS {} KiB (peak {} KiB)",
+                    r + 1,
+                    ms(kv_done),
+                    ms(catalog_done),
+                    rss,
+                    hwm
+                ));
+                match mode {
+                    ConsulMode::Kv => kv_only.runs.push(run(kv_done, kv_records)),
+                    _ => {
+                        both_kv.runs.push(run(kv_done, kv_records));
+                        both_catalog.runs.push(run(catalog_done, catalog_records));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    lab.remove_containers(&ids).await;
+    wait_catalog_empty(lab, &service, timeout).await.ok();
+    outcome?;
+    Ok(vec![kv_only, both_kv, both_catalog])
 }

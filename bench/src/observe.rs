@@ -3,7 +3,8 @@
 //! * the `start` events of this run's containers, from the Docker events stream, with the
 //!   engine's `timeNano` and the moment the bench received each;
 //! * the records that appear on an etcd watch of a prefix, with the moment each watch response
-//!   arrived (wall clock, the same clock as dockerd's on this machine).
+//!   arrived (wall clock, the same clock as dockerd's on this machine); the Consul equivalents
+//!   (KV and catalog blocking queries) are in [`crate::consul`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -29,6 +30,17 @@ pub struct StartSeen {
     pub recv_ns: i64,
 }
 
+/// Where a record was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// An etcd watch.
+    Etcd,
+    /// A Consul KV blocking query.
+    Kv,
+    /// A Consul catalog blocking query.
+    Catalog,
+}
+
 /// A record put under the watched prefix.
 #[derive(Debug, Clone)]
 pub struct RecordSeen {
@@ -36,6 +48,7 @@ pub struct RecordSeen {
     pub container_id: String,
     /// When the watch response carrying it arrived.
     pub arrival_ns: i64,
+    pub via: Via,
 }
 
 /// Follows this run's container `start` events.
@@ -130,6 +143,7 @@ pub async fn watch_records(
                 let seen = RecordSeen {
                     container_id,
                     arrival_ns,
+                    via: Via::Etcd,
                 };
                 if tx.send(seen).is_err() {
                     return;
@@ -147,8 +161,8 @@ pub struct Tracker {
     records_rx: mpsc::UnboundedReceiver<RecordSeen>,
     starts: HashMap<String, StartSeen>,
     start_order: VecDeque<String>,
-    /// The first record seen of each container.
-    records: HashMap<String, RecordSeen>,
+    /// The first record seen of each container, per observer.
+    records: HashMap<(Via, String), RecordSeen>,
 }
 
 impl Tracker {
@@ -181,10 +195,10 @@ impl Tracker {
             },
             r = self.records_rx.recv() => match r {
                 Some(r) => {
-                    self.records.entry(r.container_id.clone()).or_insert(r);
+                    self.records.entry((r.via, r.container_id.clone())).or_insert(r);
                     Ok(())
                 }
-                None => bail!("the etcd watch ended while waiting for {what}"),
+                None => bail!("the store watch ended while waiting for {what}"),
             },
             _ = tokio::time::sleep_until(deadline) => bail!("timed out waiting for {what}"),
         }
@@ -216,15 +230,24 @@ impl Tracker {
         }
     }
 
-    /// The first record of one container.
-    pub async fn record_of(&mut self, container_id: &str, within: Duration) -> Result<RecordSeen> {
+    /// The first record of one container seen `via` one observer.
+    pub async fn record_of(
+        &mut self,
+        container_id: &str,
+        via: Via,
+        within: Duration,
+    ) -> Result<RecordSeen> {
         let deadline = Instant::now() + within;
+        let key = (via, container_id.to_string());
         loop {
-            if let Some(r) = self.records.get(container_id) {
+            if let Some(r) = self.records.get(&key) {
                 return Ok(r.clone());
             }
-            self.pump(deadline, &format!("the record of {}", short(container_id)))
-                .await?;
+            self.pump(
+                deadline,
+                &format!("the record of {} ({via:?})", short(container_id)),
+            )
+            .await?;
         }
     }
 }

@@ -11,6 +11,18 @@ const TARGET_P50_MS: f64 = 2.0;
 const TARGET_P99_MS: f64 = 6.0;
 const TARGET_SYNC_S: f64 = 0.25;
 const TARGET_RSS_MB: f64 = 15.0;
+const TARGET_CATALOG_P50_MS: f64 = 3.0;
+const TARGET_CATALOG_SYNC_S: f64 = 0.7;
+
+/// The names of the Consul rows, which the verdicts look up.
+pub const CONSUL_KV_ONLY: &str = "Consul KV: bridge --no-consul-catalog, plain containers";
+pub const CONSUL_BOTH_KV: &str = "Consul KV: bridge with KV + catalog, plain containers";
+pub const CONSUL_BOTH_CATALOG: &str = "Consul catalog: bridge with KV + catalog, plain containers";
+pub const CONSUL_CATALOG_ONLY: &str = "Consul catalog: bridge --no-consul-kv, plain containers";
+pub const SYNC_ETCD: &str = "etcd";
+pub const SYNC_CONSUL_KV_ONLY: &str = "Consul KV, bridge --no-consul-catalog: last record in KV";
+pub const SYNC_CONSUL_BOTH_KV: &str = "Consul KV + catalog: last record in KV";
+pub const SYNC_CONSUL_BOTH_CATALOG: &str = "Consul KV + catalog: last instance in the catalog";
 
 /// One measured start.
 #[derive(Debug, Clone)]
@@ -20,7 +32,7 @@ pub struct Sample {
     pub time_nano: i64,
     /// When the bench's own event stream delivered that event.
     pub recv_ns: i64,
-    /// When the record arrived on the bench's etcd watch.
+    /// When the record arrived on the bench's etcd watch or Consul blocking query.
     pub arrival_ns: i64,
     /// The floor agent's own timings of this start.
     pub floor: Option<FloorTiming>,
@@ -56,6 +68,8 @@ pub struct SyncRun {
 
 #[derive(Debug, Clone)]
 pub struct SyncSummary {
+    /// Which store and which end: [`SYNC_ETCD`], [`SYNC_CONSUL_KV_ONLY`], ...
+    pub name: String,
     pub containers: usize,
     pub idle_rss_kib: u64,
     /// Containers running on the engine (anybody's) while the idle RSS was read.
@@ -64,12 +78,30 @@ pub struct SyncSummary {
     pub load: (f64, f64),
 }
 
+/// One write of the Consul store-only floor.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorStep {
+    /// Request sent → acknowledged.
+    pub ack_ns: i64,
+    /// Request sent → the blocking query's answer carrying the record arrived.
+    pub seen_ns: i64,
+}
+
+/// The Consul store-only floor (see [`crate::consul::floor`]).
+#[derive(Debug, Clone, Default)]
+pub struct ConsulFloor {
+    pub kv: Vec<FloorStep>,
+    pub catalog: Vec<FloorStep>,
+    pub load: (f64, f64),
+}
+
 /// Everything measured, and the machine.
 #[derive(Debug)]
 pub struct Report {
     machine: Vec<(String, String)>,
     pub latency: Vec<LatencyRun>,
-    pub sync: Option<SyncSummary>,
+    pub sync: Vec<SyncSummary>,
+    pub consul_floor: Option<ConsulFloor>,
 }
 
 /// The 1-minute load average.
@@ -124,6 +156,13 @@ impl Report {
             Err(e) => format!("? ({e})"),
         };
         machine.push(("etcd".into(), etcd));
+        if let Some(consul) = &lab.consul {
+            let v = match consul.version().await {
+                Ok(v) => format!("{v} (dev agent at {})", consul.endpoint),
+                Err(e) => format!("? ({e:#})"),
+            };
+            machine.push(("Consul".into(), v));
+        }
         let bridge_meta = std::fs::metadata(bridge)
             .map(|m| format!("{} ({:.1} MB)", bridge.display(), m.len() as f64 / 1e6))
             .unwrap_or_else(|_| bridge.display().to_string());
@@ -131,7 +170,8 @@ impl Report {
         Report {
             machine,
             latency: Vec::new(),
-            sync: None,
+            sync: Vec::new(),
+            consul_floor: None,
         }
     }
 
@@ -147,7 +187,7 @@ impl Report {
         if !self.latency.is_empty() {
             let _ = writeln!(
                 out,
-                "### Event-to-store latency (start event `timeNano` → record on an etcd watch)\n"
+                "### Event-to-store latency (start event `timeNano` → record seen on an etcd watch or a Consul blocking query)\n"
             );
             let _ = writeln!(
                 out,
@@ -229,11 +269,54 @@ impl Report {
             }
         }
 
-        if let Some(sync) = &self.sync {
+        if let Some(floor) = &self.consul_floor {
             let _ = writeln!(
                 out,
-                "\n### Initial sync of {} running containers (bridge spawned → last record on the watch)\n",
-                sync.containers
+                "\n### Consul store-only floor (the bench writes, its blocking query sees)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| Write | n | ack p50 ms | ack p99 ms | seen p50 ms | seen p90 ms | seen p99 ms | seen max ms | seen − ack p50 ms |\n|---|---|---|---|---|---|---|---|---|"
+            );
+            let rows = [
+                (
+                    "KV: `/v1/txn` delete + lock (session) → KV blocking query",
+                    &floor.kv,
+                ),
+                (
+                    "catalog: `/v1/agent/service/register` (TTL check) → catalog blocking query",
+                    &floor.catalog,
+                ),
+            ];
+            for (name, steps) in rows {
+                let ack = Stats::of(steps.iter().map(|s| s.ack_ns));
+                let seen = Stats::of(steps.iter().map(|s| s.seen_ns));
+                let gap = Stats::of(steps.iter().map(|s| s.seen_ns - s.ack_ns));
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    seen.n,
+                    ms(ack.p50),
+                    ms(ack.p99),
+                    ms(seen.p50),
+                    ms(seen.p90),
+                    ms(seen.p99),
+                    ms(seen.max),
+                    ms(gap.p50)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "\nload 1m {:.2} before, {:.2} after.",
+                floor.load.0, floor.load.1
+            );
+        }
+
+        for sync in &self.sync {
+            let _ = writeln!(
+                out,
+                "\n### Initial sync of {} running containers, {} (bridge spawned → last record seen)\n",
+                sync.containers, sync.name
             );
             let _ = writeln!(
                 out,
@@ -319,19 +402,74 @@ impl Report {
                 "ms",
             );
         }
-        if let Some(sync) = &self.sync {
-            let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
-            let label = format!("{} containers synced (median)", sync.containers);
+        let consul_rows: [(&str, &str, f64, &str, &str); 4] = [
+            (CONSUL_KV_ONLY, "KV", TARGET_P50_MS, "3.8 ms", "9 ms"),
+            (
+                CONSUL_BOTH_KV,
+                "KV (KV + catalog)",
+                TARGET_P50_MS,
+                "3.8 ms",
+                "9 ms",
+            ),
+            (
+                CONSUL_BOTH_CATALOG,
+                "catalog (KV + catalog)",
+                TARGET_CATALOG_P50_MS,
+                "5.4 ms",
+                "9.4 ms",
+            ),
+            (
+                CONSUL_CATALOG_ONLY,
+                "catalog (catalog only)",
+                TARGET_CATALOG_P50_MS,
+                "5.4 ms",
+                "9.4 ms",
+            ),
+        ];
+        for (name, label, p50_target, p50_ref, p99_ref) in consul_rows {
+            let Some(run) = self.latency.iter().find(|r| r.name == name) else {
+                continue;
+            };
+            let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
             verdict(
                 &mut out,
-                &label,
-                TARGET_SYNC_S,
-                "0.42–0.64 s",
-                times.p50 / 1e9,
-                "s",
+                &format!("Consul {label} latency p50"),
+                p50_target,
+                p50_ref,
+                lat.p50 / 1e6,
+                "ms",
             );
+            if p50_target == TARGET_P50_MS {
+                verdict(
+                    &mut out,
+                    &format!("Consul {label} latency p99"),
+                    TARGET_P99_MS,
+                    p99_ref,
+                    lat.p99 / 1e6,
+                    "ms",
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "| Consul {label} latency p99 | - | {p99_ref} | {:.3} ms | |",
+                    lat.p99 / 1e6
+                );
+            }
+        }
+        for sync in &self.sync {
+            let (target, reference) = match sync.name.as_str() {
+                SYNC_CONSUL_BOTH_CATALOG => (TARGET_CATALOG_SYNC_S, "1.45 s"),
+                SYNC_ETCD => (TARGET_SYNC_S, "0.42–0.64 s (Consul KV)"),
+                _ => (TARGET_SYNC_S, "0.42–0.64 s"),
+            };
+            let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
+            let label = format!(
+                "{} containers synced (median), {}",
+                sync.containers, sync.name
+            );
+            verdict(&mut out, &label, target, reference, times.p50 / 1e9, "s");
             if let Some(worst) = sync.runs.iter().map(|r| r.rss_kib).max() {
-                let label = format!("RSS with {} containers", sync.containers);
+                let label = format!("RSS with {} containers, {}", sync.containers, sync.name);
                 verdict(
                     &mut out,
                     &label,

@@ -592,6 +592,11 @@ pub struct BridgeProcess {
 impl BridgeProcess {
     /// Starts `swarm-registrator <uri> <args>`.
     pub async fn start(uri: &str, args: &[&str]) -> BridgeProcess {
+        BridgeProcess::start_with_env(uri, args, &[]).await
+    }
+
+    /// Starts `swarm-registrator <uri> <args>` with extra environment variables.
+    pub async fn start_with_env(uri: &str, args: &[&str], env: &[(&str, &str)]) -> BridgeProcess {
         let dir = TempDir::new("bridge");
         let log = dir.path().join("bridge.log");
         let file = std::fs::File::create(&log).expect("log file");
@@ -600,6 +605,7 @@ impl BridgeProcess {
             .args(args)
             .env("RUST_LOG", "info,swarm_registrator=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

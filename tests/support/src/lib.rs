@@ -183,6 +183,8 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
 #[derive(Debug)]
 pub struct PrivateConsul {
     pub http_port: u16,
+    /// With ACLs enabled (default deny), the management token.
+    acl_master: Option<String>,
     ports: [u16; 3],
     dir: TempDir,
     child: Option<tokio::process::Child>,
@@ -190,8 +192,18 @@ pub struct PrivateConsul {
 
 impl PrivateConsul {
     pub async fn start() -> PrivateConsul {
+        PrivateConsul::start_inner(None).await
+    }
+
+    /// A private agent with ACLs enabled, default policy deny, and this management token.
+    pub async fn start_with_acl(master_token: &str) -> PrivateConsul {
+        PrivateConsul::start_inner(Some(master_token.to_string())).await
+    }
+
+    async fn start_inner(acl_master: Option<String>) -> PrivateConsul {
         let mut consul = PrivateConsul {
             http_port: free_port(),
+            acl_master,
             ports: [free_port(), free_port(), free_port()],
             dir: TempDir::new("consul"),
             child: None,
@@ -212,6 +224,13 @@ impl PrivateConsul {
             .append(true)
             .open(self.dir.path().join("consul.log"))
             .expect("consul log");
+        let mut extra = Vec::new();
+        if let Some(master) = &self.acl_master {
+            extra.push("-hcl".to_string());
+            extra.push(format!(
+                "acl {{ enabled = true default_policy = \"deny\" tokens {{ master = \"{master}\" agent = \"{master}\" }} }}"
+            ));
+        }
         let child = tokio::process::Command::new(bin)
             .args([
                 "agent",
@@ -235,6 +254,7 @@ impl PrivateConsul {
                 "-server-port",
                 &self.ports[2].to_string(),
             ])
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
