@@ -75,7 +75,7 @@ async fn tasks_are_in_the_catalog_and_the_health_api_with_their_addresses() {
     for t in &tasks {
         let e = entries
             .iter()
-            .find(|e| e["Service"]["ID"] == Value::from(t.task_id.clone()))
+            .find(|e| e["Service"]["ID"].as_str() == Some(t.task_id.as_str()))
             .unwrap_or_else(|| panic!("no instance for task {}: {entries:?}", t.task_id));
         assert_eq!(e["Service"]["Address"], Value::from(t.ip.clone()));
         assert_eq!(e["Service"]["Port"], Value::from(8080));
@@ -234,7 +234,7 @@ async fn consul_watch_sees_records_appear_and_go() {
     for t in &tasks {
         assert!(
             seen.iter()
-                .any(|kv| kv["Key"] == Value::from(layout.service_key(&svc, &t.task_id))),
+                .any(|kv| kv["Key"].as_str() == Some(layout.service_key(&svc, &t.task_id).as_str())),
             "{seen:?}"
         );
     }
@@ -265,7 +265,9 @@ async fn a_wrong_acl_token_is_a_clear_error_naming_its_source() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "wrong-token-from-file\n").expect("token file");
 
-    let cases: Vec<(Vec<(&str, &str)>, Vec<String>, String)> = vec![
+    // (environment, arguments, the token source the error must name)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<String>, String);
+    let cases: Vec<Case> = vec![
         (
             vec![("CONSUL_HTTP_TOKEN", "wrong-token-from-env")],
             vec![],
