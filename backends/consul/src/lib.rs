@@ -493,8 +493,9 @@ fn check_status(health: Option<Health>) -> (&'static str, &'static str) {
 ///
 /// Labels become meta with every other character replaced by `_` (`registrator.port` is
 /// `registrator_port`), a `consul-` prefix written `x-consul-`, values cut at 512 bytes (on a
-/// character boundary). The record's own fields come first (`task_id`, `task_slot`, `node_id`,
-/// `container_id`, `stack`, `health`), then attributes, then labels, up to 64 keys.
+/// character boundary). The record's own fields come first (`node_id`, `container_id`,
+/// `task_id`, `task_slot`, `stack`), then attributes, then `registrator.*` labels, then the
+/// other labels, up to 64 keys.
 pub fn catalog_meta(r: &ServiceRecord) -> BTreeMap<String, String> {
     let mut meta = BTreeMap::new();
     let mut add = |k: &str, v: &str| {
@@ -536,7 +537,12 @@ pub fn catalog_meta(r: &ServiceRecord) -> BTreeMap<String, String> {
     for (k, v) in &r.attrs {
         add(k, v);
     }
-    for (k, v) in &r.labels {
+    // This project's own labels before the rest, should the 64 keys run out.
+    let (ours, others): (Vec<_>, Vec<_>) = r
+        .labels
+        .iter()
+        .partition(|(k, _)| k.starts_with("registrator."));
+    for (k, v) in ours.into_iter().chain(others) {
         add(k, v);
     }
     meta

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
+pub mod contract;
+
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
 /// and the last error it returned.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T

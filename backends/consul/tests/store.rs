@@ -1,0 +1,95 @@
+//! The Consul backend keeps the backend contract (test-support's `contract`) against a real
+//! Consul: the shared dev agent of the test services, and private ones for the tests that end
+//! every session or restart the agent.
+
+use std::time::Duration;
+
+use backend_consul::{ConsulOptions, ConsulStore};
+use backend_core::KeyLayout;
+use test_support::contract::{self, unique_layout};
+use test_support::{free_port, PrivateConsul};
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn shared_endpoint() -> String {
+    std::env::var("CONSUL_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8500".into())
+}
+
+/// A KV-only store: the contract is about records and watches; the catalog has its own tests.
+fn store(endpoint: &str, layout: KeyLayout) -> ConsulStore {
+    let options = ConsulOptions {
+        catalog: false,
+        ..ConsulOptions::default()
+    };
+    ConsulStore::new(endpoint, false, layout, options).expect("client")
+}
+
+/// Destroys every session of the agent.
+async fn destroy_all(endpoint: String) {
+    let http = reqwest::Client::new();
+    let sessions: Vec<serde_json::Value> = http
+        .get(format!("http://{endpoint}/v1/session/list"))
+        .send()
+        .await
+        .expect("list sessions")
+        .json()
+        .await
+        .expect("sessions");
+    for s in sessions {
+        let id = s["ID"].as_str().expect("a session id");
+        http.put(format!("http://{endpoint}/v1/session/destroy/{id}"))
+            .send()
+            .await
+            .expect("destroy");
+    }
+}
+
+#[tokio::test]
+async fn records_live_with_the_session_and_go_with_it() {
+    let s = store(&shared_endpoint(), unique_layout("consul-session"));
+    contract::records_live_with_the_session_and_go_with_it(&s, TTL).await;
+}
+
+#[tokio::test]
+async fn a_lost_session_is_reported_and_a_new_one_can_be_opened() {
+    let consul = PrivateConsul::start().await;
+    let s = store(&consul.endpoint(), unique_layout("consul-lost"));
+    contract::a_lost_session_is_reported_and_a_new_one_can_be_opened(
+        &s,
+        TTL,
+        destroy_all(consul.endpoint()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_a_transient_error() {
+    let s = store(
+        &format!("127.0.0.1:{}", free_port()),
+        unique_layout("consul-down"),
+    );
+    contract::an_unreachable_store_is_a_transient_error(&s, TTL).await;
+}
+
+#[tokio::test]
+async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage() {
+    let mut consul = PrivateConsul::start().await;
+    let endpoint = consul.endpoint();
+    let s = store(&endpoint, unique_layout("consul-watch"));
+    contract::a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage(
+        &s,
+        TTL,
+        &mut consul,
+        || destroy_all(endpoint.clone()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn ttls_below_consuls_floor_are_refused() {
+    let s = store(&shared_endpoint(), unique_layout("consul-ttl"));
+    let err = backend_core::Publisher::open_session(&s, Duration::from_secs(5))
+        .await
+        .expect_err("5 s is below the floor");
+    assert!(err.to_string().contains("10 s"), "{err}");
+}
