@@ -878,7 +878,7 @@ mod tests {
         labels.insert("consul-x".to_string(), "v".to_string());
         labels.insert("long".to_string(), "é".repeat(300));
         for i in 0..100 {
-            labels.insert(format!("l{i:03}"), "v".into());
+            labels.insert(format!("z{i:03}"), "v".into());
         }
         let r = ServiceRecord {
             schema_version: 1,
