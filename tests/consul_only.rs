@@ -320,3 +320,48 @@ async fn consul_ttls_below_its_floor_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--ttl 10"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_gets_its_catalog_and_kv_back_without_a_bridge_restart() {
+    let mut consul = PrivateConsul::start().await;
+    let names = Names::new("crestart");
+    let mut cleanup = Cleanup::default();
+    let net = names.name("net");
+    let svc = names.name("db");
+    overlay(&mut cleanup, &net).await;
+    service(&mut cleanup, &svc, &net, 2, &[]).await;
+    let _bridge = BridgeProcess::start(
+        &Backend::Consul.uri_at(&consul.endpoint(), &names),
+        &["--ttl", "10", "--resync", "600"],
+    )
+    .await;
+    let endpoint = consul.endpoint();
+    let catalog_has = |n: usize| {
+        let endpoint = endpoint.clone();
+        let svc = svc.clone();
+        async move {
+            let resp = reqwest::get(format!(
+                "http://{endpoint}/v1/health/service/{svc}?passing=true"
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+            let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+            match v.as_array() {
+                Some(a) if a.len() == n => Ok(()),
+                _ => Err(v.to_string()),
+            }
+        }
+    };
+    wait_for("2 passing instances", CONVERGE, || catalog_has(2)).await;
+
+    // A dev agent restarts empty: no KV, no session, no services.
+    consul.stop().await;
+    consul.resume().await;
+    let store = Backend::Consul.store_at(&consul.endpoint()).await;
+    let layout = names.layout();
+    wait_for("the KV records back", CONVERGE, || {
+        records_match_tasks(&store, &layout, &svc, &net, 2)
+    })
+    .await;
+    wait_for("the catalog back", CONVERGE, || catalog_has(2)).await;
+}
