@@ -1,0 +1,173 @@
+//! What the reconciler knows: the replica set as observed, and the members the records ask for.
+
+use std::collections::BTreeMap;
+
+/// MongoDB's limits (`repl_set_config.h`): at most 50 members, at most 7 voting.
+pub const MAX_MEMBERS: usize = 50;
+pub const MAX_VOTERS: usize = 7;
+
+/// One member of a replica-set config, as far as the reconciler manages it. Every other field
+/// of the real config document is kept as it is by the code that applies a change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberConfig {
+    pub id: i64,
+    pub host: String,
+    pub votes: u8,
+    pub priority: f64,
+    pub arbiter_only: bool,
+    pub hidden: bool,
+    /// Set by the primary on a voting member it just added until that member caught up
+    /// (MongoDB 5.0+); such a member does not count as a voter yet.
+    pub newly_added: bool,
+}
+
+impl MemberConfig {
+    /// A new member as the reconciler adds it: no vote, priority 0.
+    pub fn new_non_voter(id: i64, host: &str) -> MemberConfig {
+        MemberConfig {
+            id,
+            host: host.to_string(),
+            votes: 0,
+            priority: 0.0,
+            arbiter_only: false,
+            hidden: false,
+            newly_added: false,
+        }
+    }
+
+    /// Whether it votes (by its configured votes, as MongoDB's single-voter-change check
+    /// counts them).
+    pub fn is_voter(&self) -> bool {
+        self.votes > 0
+    }
+}
+
+/// The config read from the primary (`replSetGetConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigView {
+    pub set_name: String,
+    pub version: i64,
+    pub term: i64,
+    pub members: Vec<MemberConfig>,
+}
+
+impl ConfigView {
+    pub fn member(&self, id: i64) -> Option<&MemberConfig> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn voters(&self) -> impl Iterator<Item = &MemberConfig> {
+        self.members.iter().filter(|m| m.is_voter())
+    }
+
+    pub fn voter_count(&self) -> usize {
+        self.voters().count()
+    }
+}
+
+/// A member's state as `replSetGetStatus` reports it (`stateStr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    Primary,
+    Secondary,
+    Recovering,
+    Startup,
+    Startup2,
+    Arbiter,
+    Down,
+    Rollback,
+    Removed,
+    Unknown,
+}
+
+impl MemberState {
+    /// From `replSetGetStatus`'s numeric `state` (MongoDB's `MemberState`).
+    pub fn from_code(code: i32) -> MemberState {
+        match code {
+            0 => MemberState::Startup,
+            1 => MemberState::Primary,
+            2 => MemberState::Secondary,
+            3 => MemberState::Recovering,
+            5 => MemberState::Startup2,
+            7 => MemberState::Arbiter,
+            8 => MemberState::Down,
+            9 => MemberState::Rollback,
+            10 => MemberState::Removed,
+            _ => MemberState::Unknown,
+        }
+    }
+
+    /// A member that holds the data and can vote usefully: PRIMARY or SECONDARY.
+    pub fn is_data_bearing_and_caught_up(self) -> bool {
+        matches!(self, MemberState::Primary | MemberState::Secondary)
+    }
+}
+
+/// One member's health as seen by the member the reconciler asked (the primary when there is
+/// one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// `health: 1`: the member answers heartbeats.
+    pub healthy: bool,
+    pub state: MemberState,
+}
+
+/// What one observation of the set found.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// For each desired host that answered `hello`: the `setName` it reports, if any.
+    pub hello: BTreeMap<String, Option<String>>,
+    /// The config, read from the primary; `None` when no primary was found or the set is not
+    /// initiated.
+    pub config: Option<ConfigView>,
+    /// `replSetGetConfig {commitmentStatus: true}`: whether that config is committed.
+    pub committed: bool,
+    /// The `_id` of the primary, when there is one.
+    pub primary: Option<i64>,
+    /// Health by member `_id`, from `replSetGetStatus` (of the primary, or of any member when
+    /// there is no primary).
+    pub status: BTreeMap<i64, MemberStatus>,
+}
+
+/// The members the records ask for: `_id` (the task slot) to `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    pub members: BTreeMap<i64, String>,
+}
+
+/// How many voters a set of `members` members should have: every member up to 7, one fewer
+/// when that would be even (an even number of voters tolerates no more failures than one
+/// fewer), at least 1.
+pub fn target_voters(members: usize) -> usize {
+    let n = members.min(MAX_VOTERS);
+    if n == 0 {
+        0
+    } else if n % 2 == 0 {
+        n - 1
+    } else {
+        n
+    }
+}
+
+/// The majority of `voters`.
+pub fn majority(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voter_targets() {
+        let got: Vec<usize> = (0..=9).map(target_voters).collect();
+        assert_eq!(got, vec![0, 1, 1, 3, 3, 5, 5, 7, 7, 7]);
+    }
+
+    #[test]
+    fn majorities() {
+        assert_eq!(majority(1), 1);
+        assert_eq!(majority(2), 2);
+        assert_eq!(majority(7), 4);
+    }
+}

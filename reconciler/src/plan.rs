@@ -1,0 +1,424 @@
+//! The decision: from an observation of the set and the desired members, the one next step.
+//!
+//! Pure and deterministic, so it is tested without any server. The order of the checks is the
+//! order of the safety rules of `DESIGN.md`:
+//!
+//! 1. never more than 50 members; never initiate a set that any member says it belongs to;
+//! 2. only act on a config read from the primary, once it is committed;
+//! 3. one change per step, and at most one voter added or removed by it;
+//! 4. move a rescheduled member (same `_id`, new host) before anything else;
+//! 5. remove only members whose record has been gone for the grace period *and* that the set
+//!    sees down, never taking the voters below a majority;
+//! 6. add new members with no vote, and give a vote only to a SECONDARY;
+//! 7. keep at most 7 voters, an odd number where possible.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::model::{
+    majority, target_voters, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
+    Observation, MAX_MEMBERS,
+};
+
+/// What the planner needs besides the observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanContext {
+    /// The replica set's name (`--replSet`).
+    pub set_name: String,
+    /// The watch has delivered its snapshot and the store is reachable: the records can be
+    /// trusted to say which members are gone. While false, nothing is removed.
+    pub records_trusted: bool,
+    /// For members of the config without a record: how long their record has been gone.
+    pub record_gone_for: std::collections::BTreeMap<i64, Duration>,
+    pub removal_grace: Duration,
+}
+
+/// One change to the config, applied to the primary's current config by a reconfig.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A new member, with `votes: 0, priority: 0`.
+    Add {
+        id: i64,
+        host: String,
+    },
+    /// `votes: 1, priority: 1` for a SECONDARY.
+    GrantVote {
+        id: i64,
+    },
+    /// `votes: 0, priority: 0`.
+    RevokeVote {
+        id: i64,
+    },
+    /// The task of this slot was rescheduled: new host, same `_id`. A voter loses its vote in
+    /// the same change (it is a fresh mongod until it has synced) unless it is the only voter.
+    MoveHost {
+        id: i64,
+        from: String,
+        to: String,
+        revoke_vote: bool,
+    },
+    Remove {
+        id: i64,
+        host: String,
+    },
+}
+
+/// Why the planner waits; the loop observes again later.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wait {
+    /// The records name no member.
+    NoRecords,
+    /// No desired member answered `hello`.
+    Unreachable { hosts: Vec<String> },
+    /// No primary (an election is running, or the set was just initiated).
+    NoPrimary,
+    /// The current config is not committed yet (MongoDB would answer 308).
+    ConfigNotCommitted { version: i64 },
+    /// A member to remove is still within its grace period.
+    RemovalGrace { id: i64, remaining: Duration },
+    /// The store has not delivered its snapshot or is unreachable: members are not removed.
+    RecordsNotTrusted,
+    /// A desired host is still used by another member of the config.
+    HostInUse { id: i64, host: String, by: i64 },
+    /// Members without a vote that should get one are not SECONDARY yet.
+    CatchingUp { ids: Vec<i64> },
+}
+
+/// Why the planner cannot act without an operator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Blocked {
+    /// More than 50 members asked for.
+    TooManyMembers { desired: usize },
+    /// Fewer than a majority of the voters are healthy: no primary can be elected and no
+    /// reconfig can commit. Restore the members (scale the service back up).
+    LostMajority {
+        healthy_voters: usize,
+        voters: usize,
+    },
+    /// A member reports another replica set's name.
+    WrongSetName {
+        host: String,
+        found: String,
+        expected: String,
+    },
+    /// Removing a dead voter would not leave a majority of the current voters healthy.
+    RemovalWouldLoseMajority { id: i64 },
+}
+
+/// A finding that is logged and published in the status, without a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    /// A member is healthy but has no record: the store or a bridge is wrong, not the task.
+    /// It is kept.
+    HealthyWithoutRecord { id: i64, host: String },
+    /// A member has a record but the set sees it unhealthy. It is reported, not removed.
+    UnhealthyWithRecord { id: i64, host: String },
+}
+
+/// The next step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Converged,
+    /// `replSetInitiate` on `host`, with these members (version 1).
+    Initiate {
+        host: String,
+        members: Vec<MemberConfig>,
+    },
+    /// `replSetReconfig` on the primary with `config` (the current one with `change` applied and
+    /// the version raised).
+    Reconfig {
+        change: Change,
+        config: ConfigView,
+    },
+    Wait(Wait),
+    Blocked(Blocked),
+}
+
+/// The step and what was noticed on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub step: Step,
+    pub notes: Vec<Note>,
+}
+
+/// Decides the next step.
+pub fn plan_next_step(obs: &Observation, desired: &Desired, ctx: &PlanContext) -> Plan {
+    let mut notes = Vec::new();
+    let step = decide(obs, desired, ctx, &mut notes);
+    Plan { step, notes }
+}
+
+fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut Vec<Note>) -> Step {
+    if desired.members.len() > MAX_MEMBERS {
+        return Step::Blocked(Blocked::TooManyMembers {
+            desired: desired.members.len(),
+        });
+    }
+    for (host, name) in &obs.hello {
+        if let Some(found) = name {
+            if found != &ctx.set_name {
+                return Step::Blocked(Blocked::WrongSetName {
+                    host: host.clone(),
+                    found: found.clone(),
+                    expected: ctx.set_name.clone(),
+                });
+            }
+        }
+    }
+
+    let Some(config) = &obs.config else {
+        return initiate_or_wait(obs, desired);
+    };
+    let healthy = |id: i64| obs.status.get(&id).is_some_and(|s| s.healthy);
+    let state = |id: i64| obs.status.get(&id).map(|s| s.state);
+
+    // Findings about members whose record and health disagree.
+    for m in &config.members {
+        match (desired.members.contains_key(&m.id), healthy(m.id)) {
+            (false, true) => notes.push(Note::HealthyWithoutRecord {
+                id: m.id,
+                host: m.host.clone(),
+            }),
+            (true, false) => notes.push(Note::UnhealthyWithRecord {
+                id: m.id,
+                host: m.host.clone(),
+            }),
+            _ => {}
+        }
+    }
+
+    let Some(primary) = obs.primary else {
+        let voters = config.voter_count();
+        let healthy_voters = config.voters().filter(|m| healthy(m.id)).count();
+        if healthy_voters < majority(voters) {
+            return Step::Blocked(Blocked::LostMajority {
+                healthy_voters,
+                voters,
+            });
+        }
+        return Step::Wait(Wait::NoPrimary);
+    };
+    if !obs.committed {
+        return Step::Wait(Wait::ConfigNotCommitted {
+            version: config.version,
+        });
+    }
+
+    // Rescheduled tasks: same slot, new host. Only once the old mongod is seen down: a live
+    // member is never cut off (two tasks of one slot can overlap during an update).
+    for (&id, host) in &desired.members {
+        let Some(m) = config.member(id) else { continue };
+        if &m.host == host || id == primary || healthy(id) {
+            continue;
+        }
+        if let Some(other) = config.members.iter().find(|o| &o.host == host) {
+            return Step::Wait(Wait::HostInUse {
+                id,
+                host: host.clone(),
+                by: other.id,
+            });
+        }
+        let revoke_vote = m.is_voter() && config.voter_count() > 1 && id != primary;
+        return reconfig(
+            config,
+            Change::MoveHost {
+                id,
+                from: m.host.clone(),
+                to: host.clone(),
+                revoke_vote,
+            },
+        );
+    }
+
+    // Members whose record is gone.
+    let mut grace_wait: Option<Wait> = None;
+    for m in &config.members {
+        if desired.members.contains_key(&m.id) {
+            continue;
+        }
+        if !ctx.records_trusted {
+            return Step::Wait(Wait::RecordsNotTrusted);
+        }
+        if healthy(m.id) || m.id == primary {
+            continue; // kept, with a note
+        }
+        let gone = ctx.record_gone_for.get(&m.id).copied().unwrap_or_default();
+        if gone < ctx.removal_grace {
+            grace_wait.get_or_insert(Wait::RemovalGrace {
+                id: m.id,
+                remaining: ctx.removal_grace - gone,
+            });
+            continue;
+        }
+        if m.is_voter() {
+            let voters = config.voter_count();
+            let healthy_voters = config.voters().filter(|v| healthy(v.id)).count();
+            // The voters left must be a majority of the current voters, and the healthy ones a
+            // majority of the new config, or the reconfig could never commit.
+            if voters - 1 < majority(voters) || healthy_voters < majority(voters - 1) {
+                return Step::Blocked(Blocked::RemovalWouldLoseMajority { id: m.id });
+            }
+        }
+        return reconfig(
+            config,
+            Change::Remove {
+                id: m.id,
+                host: m.host.clone(),
+            },
+        );
+    }
+
+    // New members: no vote, priority 0.
+    for (&id, host) in &desired.members {
+        if config.member(id).is_some() {
+            continue;
+        }
+        if config.members.len() >= MAX_MEMBERS {
+            return Step::Blocked(Blocked::TooManyMembers {
+                desired: desired.members.len(),
+            });
+        }
+        if let Some(other) = config.members.iter().find(|o| &o.host == host) {
+            return Step::Wait(Wait::HostInUse {
+                id,
+                host: host.clone(),
+                by: other.id,
+            });
+        }
+        return reconfig(
+            config,
+            Change::Add {
+                id,
+                host: host.clone(),
+            },
+        );
+    }
+
+    // Votes: towards the target, one at a time. Who may vote: the voters, and the members
+    // with a record (a member kept only because it is healthy gets no new vote).
+    let voters = config.voter_count();
+    let candidates_for_vote = config
+        .members
+        .iter()
+        .filter(|m| !m.is_voter() && !m.arbiter_only && desired.members.contains_key(&m.id))
+        .count();
+    let target = target_voters(voters + candidates_for_vote);
+    if voters > target {
+        // Take the vote of a non-primary voter: a sick one first, then the highest _id.
+        let mut candidates: Vec<&MemberConfig> = config
+            .voters()
+            .filter(|m| m.id != primary && !m.arbiter_only)
+            .collect();
+        candidates.sort_by_key(|m| (healthy(m.id), std::cmp::Reverse(m.id)));
+        let healthy_voters = config.voters().filter(|m| healthy(m.id)).count();
+        if let Some(m) = candidates.first() {
+            let healthy_after = healthy_voters - usize::from(healthy(m.id));
+            if healthy_after >= majority(voters - 1) {
+                return reconfig(config, Change::RevokeVote { id: m.id });
+            }
+        }
+    } else if voters < target {
+        let waiting: Vec<i64> = config
+            .members
+            .iter()
+            .filter(|m| !m.is_voter() && !m.arbiter_only && desired.members.contains_key(&m.id))
+            .map(|m| m.id)
+            .collect();
+        let ready = waiting
+            .iter()
+            .copied()
+            .find(|&id| healthy(id) && state(id) == Some(MemberState::Secondary));
+        match ready {
+            Some(id) => return reconfig(config, Change::GrantVote { id }),
+            None if !waiting.is_empty() => return Step::Wait(Wait::CatchingUp { ids: waiting }),
+            None => {}
+        }
+    }
+
+    match grace_wait {
+        Some(w) => Step::Wait(w),
+        None => Step::Converged,
+    }
+}
+
+/// No config readable: initiate when nobody claims a set, else wait.
+fn initiate_or_wait(obs: &Observation, desired: &Desired) -> Step {
+    if desired.members.is_empty() {
+        return Step::Wait(Wait::NoRecords);
+    }
+    if obs.hello.values().any(Option::is_some) {
+        // Some member is in the set already (just initiated, or electing): never initiate.
+        return Step::Wait(Wait::NoPrimary);
+    }
+    // The lowest slot that answers starts the set alone; the others are added one by one.
+    let first = desired
+        .members
+        .iter()
+        .find(|(_, host)| obs.hello.contains_key(*host));
+    match first {
+        Some((&id, host)) => Step::Initiate {
+            host: host.clone(),
+            members: vec![MemberConfig {
+                votes: 1,
+                priority: 1.0,
+                ..MemberConfig::new_non_voter(id, host)
+            }],
+        },
+        None => Step::Wait(Wait::Unreachable {
+            hosts: desired.members.values().cloned().collect(),
+        }),
+    }
+}
+
+fn reconfig(config: &ConfigView, change: Change) -> Step {
+    let config = apply(config, &change);
+    Step::Reconfig { change, config }
+}
+
+/// The config with `change` applied and the version raised by one. Members keep their order;
+/// a new member goes last.
+pub fn apply(config: &ConfigView, change: &Change) -> ConfigView {
+    let mut next = config.clone();
+    next.version += 1;
+    match change {
+        Change::Add { id, host } => next.members.push(MemberConfig::new_non_voter(*id, host)),
+        Change::GrantVote { id } => {
+            if let Some(m) = next.members.iter_mut().find(|m| m.id == *id) {
+                m.votes = 1;
+                m.priority = 1.0;
+            }
+        }
+        Change::RevokeVote { id } => {
+            if let Some(m) = next.members.iter_mut().find(|m| m.id == *id) {
+                m.votes = 0;
+                m.priority = 0.0;
+            }
+        }
+        Change::MoveHost {
+            id,
+            to,
+            revoke_vote,
+            ..
+        } => {
+            if let Some(m) = next.members.iter_mut().find(|m| m.id == *id) {
+                m.host = to.clone();
+                if *revoke_vote {
+                    m.votes = 0;
+                    m.priority = 0.0;
+                }
+            }
+        }
+        Change::Remove { id, .. } => next.members.retain(|m| m.id != *id),
+    }
+    next
+}
+
+/// The voters' `_id`s of a config, for checking the one-voter rule.
+pub fn voter_ids(config: &ConfigView) -> BTreeSet<i64> {
+    config.voters().map(|m| m.id).collect()
+}
+
+/// Convenience for tests and the status: whether a member counts as healthy and caught up.
+pub fn caught_up(status: Option<&MemberStatus>) -> bool {
+    status.is_some_and(|s| s.healthy && s.state.is_data_bearing_and_caught_up())
+}
