@@ -21,12 +21,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use backend_core::{
-    BackendError, Backoff, Health, KeyLayout, KvEntry, NodeRecord, Publisher, ServiceKey,
-    ServiceRecord, WatchEvent, Watcher,
+    BackendError, Backoff, Coordinator, Health, KeyLayout, KvEntry, Leadership, NodeRecord,
+    Publisher, ServiceKey, ServiceRecord, WatchEvent, Watcher,
 };
 use base64::Engine as _;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -173,12 +173,24 @@ impl ConsulStore {
             .tcp_nodelay(true);
         if let Some(path) = &options.ca_cert {
             let pem = read("CONSUL_CACERT", path)?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| ConfigError::Pem {
-                what: "CONSUL_CACERT",
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            builder = builder.add_root_certificate(cert);
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::Pem {
+                    what: "CONSUL_CACERT",
+                    path: path.clone(),
+                    detail: error_chain(&e),
+                })?;
+            if certs.is_empty() {
+                return Err(ConfigError::Pem {
+                    what: "CONSUL_CACERT",
+                    path: path.clone(),
+                    detail: "it holds no certificate".into(),
+                });
+            }
+            // Like Consul's own clients: the given CA, and only it.
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         match (&options.client_cert, &options.client_key) {
             (Some(cert), Some(key)) => {
@@ -197,7 +209,7 @@ impl ConsulStore {
         }
         let http = builder
             .build()
-            .map_err(|e| ConfigError::Client(e.to_string()))?;
+            .map_err(|e| ConfigError::Client(error_chain(&e)))?;
         let scheme = if tls { "https" } else { "http" };
         Ok(ConsulStore {
             http,
@@ -371,10 +383,24 @@ async fn send(
     endpoint: &str,
     token: Option<&Token>,
 ) -> Result<reqwest::Response, BackendError> {
-    let resp = rb.send().await.map_err(|e| BackendError::Unavailable {
-        store: STORE,
-        endpoints: endpoint.to_string(),
-        detail: format!("{what}: {}", error_chain(&e)),
+    let resp = rb.send().await.map_err(|e| {
+        let chain = error_chain(&e);
+        if is_tls_failure(&chain) {
+            // Retrying cannot fix a certificate: say what to check, and stop.
+            BackendError::Rejected {
+                store: STORE,
+                detail: format!(
+                    "{what}: TLS handshake with {endpoint} failed: {chain}; check CONSUL_CACERT \
+                     (the CA of the agent's certificate) and CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY"
+                ),
+            }
+        } else {
+            BackendError::Unavailable {
+                store: STORE,
+                endpoints: endpoint.to_string(),
+                detail: format!("{what}: {chain}"),
+            }
+        }
     })?;
     match resp.status() {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
@@ -399,6 +425,18 @@ async fn send(
         }
         _ => Ok(resp),
     }
+}
+
+/// Whether a request failed in the TLS handshake (an unknown CA, a refused client
+/// certificate), as opposed to the network.
+fn is_tls_failure(chain: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "received fatal alert",
+        "certificate",
+    ]
+    .iter()
+    .any(|needle| chain.contains(needle))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -753,6 +791,234 @@ impl Publisher for ConsulStore {
     }
 }
 
+impl ConsulStore {
+    /// A copy that shares the HTTP client but no session or registrations.
+    fn sibling(&self) -> ConsulStore {
+        ConsulStore {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            endpoint: self.endpoint.clone(),
+            layout: self.layout.clone(),
+            options: self.options.clone(),
+            session: Mutex::new(None),
+            registered: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Creates a session for a lock: `Behavior: delete`, no lock delay.
+    async fn create_lock_session(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<String, BackendError> {
+        let body = json!({
+            "Name": format!("swarm-registrator leader {holder}"),
+            "TTL": format!("{}s", ttl.as_secs().max(MIN_TTL.as_secs())),
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        });
+        let resp = self
+            .send(
+                self.request(Method::PUT, "/v1/session/create").json(&body),
+                "create session",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "create session").await?;
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: "create session failed".into(),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let created: Created = resp.json().await.map_err(|e| BackendError::Rejected {
+            store: STORE,
+            detail: format!("create session: unreadable answer: {e}"),
+        })?;
+        Ok(created.id)
+    }
+
+    /// Tries to acquire `key` for `session`; `Ok(true)` when it holds the lock.
+    async fn try_acquire(
+        &self,
+        key: &str,
+        session: &str,
+        holder: &str,
+    ) -> Result<bool, BackendError> {
+        let path = format!("/v1/kv/{}?acquire={session}", encode_key(key));
+        let resp = self
+            .send(
+                self.request(Method::PUT, &path).body(holder.to_string()),
+                "acquire lock",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "acquire lock").await?;
+            return Ok(false);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Ok(text.trim() == "true")
+    }
+
+    /// Waits (blocking query) until `key` is free of any session, or `wait` passes.
+    async fn wait_for_free_lock(&self, key: &str, index: &mut u64) -> Result<(), BackendError> {
+        #[derive(Deserialize)]
+        struct Pair {
+            #[serde(rename = "Session")]
+            session: Option<String>,
+        }
+        let mut path = format!("/v1/kv/{}", encode_key(key));
+        if *index > 0 {
+            path.push_str(&format!("?index={index}&wait={}s", WATCH_WAIT.as_secs()));
+        }
+        let timeout = WATCH_WAIT + WATCH_WAIT / 16 + REQUEST_TIMEOUT;
+        let resp = self
+            .send(
+                self.request(Method::GET, &path).timeout(timeout),
+                "watch lock",
+            )
+            .await?;
+        let new_index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        // Consul's index rules: reset when it goes backwards, never below 1.
+        *index = if new_index < *index {
+            0
+        } else {
+            new_index.max(1)
+        };
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        let pairs: Vec<Pair> = resp.json().await.unwrap_or_default();
+        if pairs.first().and_then(|p| p.session.as_ref()).is_none() {
+            return Ok(());
+        }
+        // Held: the next call blocks on the new index.
+        Err(BackendError::Unavailable {
+            store: STORE,
+            endpoints: self.endpoint.clone(),
+            detail: "lock held".into(),
+        })
+    }
+}
+
+impl Coordinator for ConsulStore {
+    /// A session with a TTL and a lock on `key` (`?acquire=`), as `consul lock` does.
+    async fn campaign(
+        &self,
+        key: String,
+        holder: String,
+        ttl: Duration,
+    ) -> Result<Leadership, BackendError> {
+        let session = self.create_lock_session(&holder, ttl).await?;
+        let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
+        let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+        tokio::spawn(keep_session_alive(
+            self.sibling(),
+            session.clone(),
+            ttl.max(MIN_TTL),
+            lost_tx,
+            stop_rx,
+        ));
+        let mut index = 0u64;
+        loop {
+            if self.try_acquire(&key, &session, &holder).await? {
+                break;
+            }
+            // Held by someone else: block until it is free (errors other than "held" end the
+            // campaign; the caller retries with backoff).
+            loop {
+                match self.wait_for_free_lock(&key, &mut index).await {
+                    Ok(()) => break,
+                    Err(BackendError::Unavailable { detail, .. }) if detail == "lock held" => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        tracing::info!(store = STORE, %key, %holder, %session, "elected leader");
+        let this = self.sibling();
+        let resign = async move {
+            let _ = stop_tx.send(());
+            let release = format!("/v1/kv/{}?release={session}", encode_key(&key));
+            let _ = this
+                .send(this.request(Method::PUT, &release), "release lock")
+                .await;
+            let destroy = format!("/v1/session/destroy/{session}");
+            let _ = this
+                .send(this.request(Method::PUT, &destroy), "destroy session")
+                .await;
+        }
+        .boxed();
+        Ok(Leadership::new(lost_rx, resign))
+    }
+
+    async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let resp = self
+            .send(self.request(Method::PUT, &path).body(value), "KV write")
+            .await?;
+        expect_success(resp, "KV write").await
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let (entries, _) = list(
+            self,
+            self.request(
+                Method::GET,
+                &format!("/v1/kv/{}?recurse=true", encode_key(key)),
+            ),
+        )
+        .await?;
+        Ok(entries.into_iter().find(|e| e.key == key).map(|e| e.value))
+    }
+}
+
+/// Renews a lock session every TTL/3 until `stop` fires or is dropped; reports on `lost` when
+/// the session is gone or Consul was unreachable for longer than the TTL.
+async fn keep_session_alive(
+    store: ConsulStore,
+    session: String,
+    ttl: Duration,
+    lost: futures::channel::oneshot::Sender<String>,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let path = format!("/v1/session/renew/{session}");
+        match store
+            .send(store.request(Method::PUT, &path), "renew session")
+            .await
+        {
+            Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                let _ = lost.send(format!("session {session} was ended"));
+                return;
+            }
+            Ok(resp) if resp.status().is_success() => last_ok = tokio::time::Instant::now(),
+            _ => {
+                if last_ok.elapsed() > ttl {
+                    let _ = lost.send(format!(
+                        "Consul unreachable for longer than the {}s TTL",
+                        ttl.as_secs()
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// How long a blocking query waits for a change.
 const WATCH_WAIT: Duration = Duration::from_secs(60);
 /// The least time between two blocking queries, so a busy prefix cannot make us spin.
@@ -761,15 +1027,7 @@ const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 impl Watcher for ConsulStore {
     fn watch_prefix(&self, prefix: String) -> BoxStream<'static, Result<WatchEvent, BackendError>> {
         let (tx, rx) = mpsc::channel(256);
-        let watcher = ConsulStore {
-            http: self.http.clone(),
-            base: self.base.clone(),
-            endpoint: self.endpoint.clone(),
-            layout: self.layout.clone(),
-            options: self.options.clone(),
-            session: Mutex::new(None),
-            registered: Mutex::new(BTreeMap::new()),
-        };
+        let watcher = self.sibling();
         tokio::spawn(async move { run_watch(watcher, prefix, tx).await });
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))

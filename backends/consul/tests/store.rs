@@ -93,3 +93,51 @@ async fn ttls_below_consuls_floor_are_refused() {
         .expect_err("5 s is below the floor");
     assert!(err.to_string().contains("10 s"), "{err}");
 }
+
+#[tokio::test]
+async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
+    let layout = unique_layout("consul-elect");
+    let a = store(&shared_endpoint(), layout.clone());
+    let b = store(&shared_endpoint(), layout.clone());
+    let key = layout.replset_leader_key("rs0");
+    contract::one_leader_at_a_time_and_a_resign_hands_over(&a, &b, &key, Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test]
+async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
+    let layout = unique_layout("consul-dead");
+    let a = store(&shared_endpoint(), layout.clone());
+    let b = store(&shared_endpoint(), layout.clone());
+    let key = layout.replset_leader_key("rs0");
+    // Consul may reap a session up to twice its TTL late.
+    contract::a_dead_leader_is_replaced_after_its_ttl(
+        &a,
+        &b,
+        &key,
+        Duration::from_secs(10),
+        Duration::from_secs(40),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn coordinator_a_leader_learns_that_it_lost() {
+    let consul = PrivateConsul::start().await;
+    let layout = unique_layout("consul-lost-leader");
+    let a = store(&consul.endpoint(), layout.clone());
+    contract::a_leader_learns_that_it_lost(
+        &a,
+        &layout.replset_leader_key("rs0"),
+        Duration::from_secs(10),
+        destroy_all(consul.endpoint()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn coordinator_values_round_trip() {
+    let layout = unique_layout("consul-values");
+    let a = store(&shared_endpoint(), layout.clone());
+    contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
+}

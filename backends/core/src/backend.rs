@@ -92,6 +92,76 @@ pub trait Watcher: Send + Sync + 'static {
     fn watch_prefix(&self, prefix: String) -> BoxStream<'static, Result<WatchEvent, BackendError>>;
 }
 
+/// Leadership of one key, held while the store keeps this process's lease or session.
+///
+/// Dropping it without [`Leadership::resign`] leaves the key to expire with the TTL (what
+/// happens when the process dies).
+pub struct Leadership {
+    lost: futures::channel::oneshot::Receiver<String>,
+    resign: Option<futures::future::BoxFuture<'static, ()>>,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership").finish_non_exhaustive()
+    }
+}
+
+impl Leadership {
+    /// `lost` receives the reason when leadership is lost; `resign` gives it up.
+    pub fn new(
+        lost: futures::channel::oneshot::Receiver<String>,
+        resign: futures::future::BoxFuture<'static, ()>,
+    ) -> Leadership {
+        Leadership {
+            lost,
+            resign: Some(resign),
+        }
+    }
+
+    /// Resolves, with the reason, when leadership is lost (the lease or session expired or was
+    /// ended, or the store was unreachable for longer than the TTL).
+    pub async fn lost(&mut self) -> String {
+        (&mut self.lost)
+            .await
+            .unwrap_or_else(|_| "the leadership keeper stopped".to_string())
+    }
+
+    /// Gives leadership up at once, so another candidate takes over without waiting for a TTL.
+    pub async fn resign(mut self) {
+        if let Some(resign) = self.resign.take() {
+            resign.await;
+        }
+    }
+}
+
+/// What a leader-elected tool (the replica-set reconciler) needs of the store besides watching:
+/// an election, and plain values that outlive the process (a connection string, a status).
+pub trait Coordinator: Send + Sync + 'static {
+    /// Campaigns for `key`, announcing `holder` (for humans: a hostname, a task id). Resolves
+    /// once this process leads; the lease or session (with `ttl`) is kept alive meanwhile and
+    /// afterwards, until the [`Leadership`] is resigned, dropped, or lost.
+    fn campaign(
+        &self,
+        key: String,
+        holder: String,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Leadership, BackendError>> + Send;
+
+    /// Writes a plain value, tied to no session.
+    fn put_value(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Reads a plain value.
+    fn get_value(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send;
+}
+
 /// Exponential backoff with jitter, as kube-runtime does it: starts at `initial`, doubles up to
 /// `max`, each delay randomised to between half and all of its nominal value.
 #[derive(Debug, Clone)]

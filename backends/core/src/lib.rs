@@ -17,7 +17,7 @@ pub mod layout;
 pub mod record;
 pub mod uri;
 
-pub use backend::{Backoff, KvEntry, Publisher, WatchEvent, Watcher};
+pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
 pub use error::BackendError;
 pub use layout::{KeyLayout, ServiceKey};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};

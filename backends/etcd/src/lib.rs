@@ -12,14 +12,15 @@
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, Backoff, KeyLayout, KvEntry, NodeRecord, Publisher, ServiceKey, ServiceRecord,
-    WatchEvent, Watcher,
+    BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
+    ServiceKey, ServiceRecord, WatchEvent, Watcher,
 };
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
-    Txn, TxnOp, WatchOptions,
+    ResignOptions, Txn, TxnOp, WatchOptions,
 };
 use futures::stream::BoxStream;
+use futures::FutureExt;
 use tokio::sync::{mpsc, Mutex};
 
 const STORE: &str = "etcd";
@@ -36,6 +37,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// An etcd cluster, seen through one client.
 pub struct EtcdStore {
     client: Client,
+    /// A client without a request timeout, for calls that block by design (a campaign).
+    long_client: Client,
     endpoints: String,
     layout: KeyLayout,
     lease: Mutex<Option<Lease>>,
@@ -72,8 +75,16 @@ impl EtcdStore {
         let client = Client::connect(&urls, Some(options))
             .await
             .map_err(|e| map_error(&joined, e))?;
+        let long_options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let long_client = Client::connect(&urls, Some(long_options))
+            .await
+            .map_err(|e| map_error(&joined, e))?;
         Ok(EtcdStore {
             client,
+            long_client,
             endpoints: joined,
             layout,
             lease: Mutex::new(None),
@@ -467,6 +478,118 @@ async fn list_and_follow(
             };
             if tx.send(Ok(item)).await.is_err() {
                 return Ok(());
+            }
+        }
+    }
+}
+
+impl Coordinator for EtcdStore {
+    /// etcd's election API: a lease, kept alive by a task, and a campaign on `key` with it.
+    async fn campaign(
+        &self,
+        key: String,
+        holder: String,
+        ttl: Duration,
+    ) -> Result<Leadership, BackendError> {
+        let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let mut client = self.long_client.clone();
+        let lease = client
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| map_error(&self.endpoints, e))?
+            .id();
+        let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
+        let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+        tokio::spawn(keep_lease_alive(
+            self.client.clone(),
+            lease,
+            ttl,
+            lost_tx,
+            stop_rx,
+        ));
+        let resp = client
+            .campaign(key.clone(), holder.clone(), lease)
+            .await
+            .map_err(|e| map_error(&self.endpoints, e))?;
+        tracing::info!(store = STORE, %key, %holder, lease = format!("{lease:x}"), "elected leader");
+        let leader = resp.leader().cloned();
+        let resign = async move {
+            let _ = stop_tx.send(());
+            if let Some(leader) = leader {
+                let _ = client
+                    .resign(Some(ResignOptions::new().with_leader(leader)))
+                    .await;
+            }
+            let _ = client.lease_revoke(lease).await;
+        }
+        .boxed();
+        Ok(Leadership::new(lost_rx, resign))
+    }
+
+    async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
+        let mut client = self.client.clone();
+        client
+            .put(key, value, None)
+            .await
+            .map_err(|e| map_error(&self.endpoints, e))?;
+        Ok(())
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get(key, None)
+            .await
+            .map_err(|e| map_error(&self.endpoints, e))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+}
+
+/// Keeps a campaign's lease alive every TTL/3 until `stop` fires or is dropped; reports on
+/// `lost` when the lease expired or etcd was unreachable for longer than the TTL.
+async fn keep_lease_alive(
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    lost: futures::channel::oneshot::Sender<String>,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    let mut pair: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        if pair.is_none() {
+            let mut c = client.clone();
+            pair = c.lease_keep_alive(lease).await.ok();
+        }
+        let answer = match pair.as_mut() {
+            Some((keeper, stream)) => {
+                let exchange = async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.ok()
+            }
+            None => None,
+        };
+        match answer {
+            Some(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+            Some(Ok(Some(_))) => {
+                let _ = lost.send(format!("lease {lease:x} expired"));
+                return;
+            }
+            _ => {
+                pair = None;
+                if last_ok.elapsed() > ttl {
+                    let _ = lost.send(format!(
+                        "etcd unreachable for longer than the {}s TTL",
+                        ttl.as_secs()
+                    ));
+                    return;
+                }
             }
         }
     }

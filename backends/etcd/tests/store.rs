@@ -71,3 +71,50 @@ async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
+    let layout = unique_layout("etcd-elect");
+    let a = store(&shared_endpoint(), layout.clone()).await;
+    let b = store(&shared_endpoint(), layout.clone()).await;
+    let key = layout.replset_leader_key("rs0");
+    contract::one_leader_at_a_time_and_a_resign_hands_over(&a, &b, &key, Duration::from_secs(2))
+        .await;
+}
+
+#[tokio::test]
+async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
+    let layout = unique_layout("etcd-dead");
+    let a = store(&shared_endpoint(), layout.clone()).await;
+    let b = store(&shared_endpoint(), layout.clone()).await;
+    let key = layout.replset_leader_key("rs0");
+    contract::a_dead_leader_is_replaced_after_its_ttl(
+        &a,
+        &b,
+        &key,
+        Duration::from_secs(2),
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn coordinator_a_leader_learns_that_it_lost() {
+    let etcd = PrivateEtcd::start().await;
+    let layout = unique_layout("etcd-lost-leader");
+    let a = store(&etcd.endpoint(), layout.clone()).await;
+    contract::a_leader_learns_that_it_lost(
+        &a,
+        &layout.replset_leader_key("rs0"),
+        Duration::from_secs(2),
+        revoke_all(etcd.endpoint()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn coordinator_values_round_trip() {
+    let layout = unique_layout("etcd-values");
+    let a = store(&shared_endpoint(), layout.clone()).await;
+    contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
+}

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, KeyLayout, KvEntry, Protocol, Publisher, ServiceKey, ServiceRecord, WatchEvent,
-    Watcher, SCHEMA_VERSION,
+    BackendError, Coordinator, KeyLayout, KvEntry, Protocol, Publisher, ServiceKey, ServiceRecord,
+    WatchEvent, Watcher, SCHEMA_VERSION,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -208,8 +208,21 @@ pub async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage<S
     let now = s.list_services().await.expect("list");
     assert_eq!(keys(&relisted), keys(&now));
 
-    // A fresh session and record, then the session ends: the watch sees the deletions.
-    s.open_session(ttl).await.expect("session after the outage");
+    // A fresh session and record, then the session ends: the watch sees the deletions. A store
+    // just back may refuse for a moment (a Consul agent not yet registered in its own catalog
+    // answers 500 "Missing node registration"); callers retry transient errors, and so do we.
+    crate::wait_for(
+        "a session after the outage",
+        Duration::from_secs(30),
+        || async {
+            match s.open_session(ttl).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_transient() => Err(e.to_string()),
+                Err(e) => panic!("not transient: {e}"),
+            }
+        },
+    )
+    .await;
     s.publish(&[record("db", "d")]).await.expect("publish");
     loop {
         match next(&mut watch).await {
@@ -243,4 +256,90 @@ async fn next(watch: &mut BoxStream<'static, Result<WatchEvent, BackendError>>) 
         .expect("an event within 20 s")
         .expect("the watch never ends")
         .expect("no error")
+}
+
+// ---- Coordinator ----------------------------------------------------------------------------
+
+/// Two candidates for one key: the first leads, the second waits; when the first resigns, the
+/// second leads at once.
+pub async fn one_leader_at_a_time_and_a_resign_hands_over<C: Coordinator>(
+    a: &C,
+    b: &C,
+    key: &str,
+    ttl: Duration,
+) {
+    let first = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.campaign(key.into(), "a".into(), ttl),
+    )
+    .await
+    .expect("an uncontested campaign wins at once")
+    .expect("campaign");
+    let second = b.campaign(key.into(), "b".into(), ttl);
+    tokio::pin!(second);
+    // While `a` leads (its lease or session is renewed), `b` must not lead, well past the TTL.
+    let waited = tokio::time::timeout(ttl * 2 + Duration::from_secs(1), &mut second).await;
+    assert!(waited.is_err(), "a second leader while the first is alive");
+    let resigned_at = std::time::Instant::now();
+    first.resign().await;
+    let _second = tokio::time::timeout(Duration::from_secs(10), &mut second)
+        .await
+        .expect("the other candidate leads once the leader resigned")
+        .expect("campaign");
+    assert!(
+        resigned_at.elapsed() < ttl,
+        "took over by the resignation, not by the TTL: {:?}",
+        resigned_at.elapsed()
+    );
+}
+
+/// A leader that dies without resigning (the process is gone: nothing renews) is replaced
+/// once its TTL runs out.
+pub async fn a_dead_leader_is_replaced_after_its_ttl<C: Coordinator>(
+    a: &C,
+    b: &C,
+    key: &str,
+    ttl: Duration,
+    bound: Duration,
+) {
+    let first = a
+        .campaign(key.into(), "a".into(), ttl)
+        .await
+        .expect("campaign");
+    drop(first);
+    let died_at = std::time::Instant::now();
+    let _second = tokio::time::timeout(bound, b.campaign(key.into(), "b".into(), ttl))
+        .await
+        .expect("the other candidate leads after the TTL")
+        .expect("campaign");
+    assert!(
+        died_at.elapsed() >= ttl / 2,
+        "took over before the dead leader's TTL could run out: {:?}",
+        died_at.elapsed()
+    );
+}
+
+/// A leader learns that its lease or session was ended by someone else.
+pub async fn a_leader_learns_that_it_lost<C, F>(a: &C, key: &str, ttl: Duration, end_sessions: F)
+where
+    C: Coordinator,
+    F: Future<Output = ()>,
+{
+    let mut leadership = a
+        .campaign(key.into(), "a".into(), ttl)
+        .await
+        .expect("campaign");
+    end_sessions.await;
+    let reason = tokio::time::timeout(ttl * 2 + Duration::from_secs(5), leadership.lost())
+        .await
+        .expect("the loss is noticed within the TTL");
+    assert!(!reason.is_empty());
+}
+
+/// Plain values round-trip.
+pub async fn values_round_trip<C: Coordinator>(a: &C, key: &str) {
+    assert_eq!(a.get_value(key).await.expect("get"), None);
+    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
+    a.put_value(key, uri.clone()).await.expect("put");
+    assert_eq!(a.get_value(key).await.expect("get"), Some(uri));
 }
