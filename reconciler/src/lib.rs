@@ -7,6 +7,7 @@
 
 pub mod model;
 pub mod plan;
+pub mod records;
 
 pub use model::{ConfigView, Desired, MemberConfig, MemberState, MemberStatus, Observation};
 pub use plan::{plan_next_step, Blocked, Change, Note, Plan, PlanContext, Step, Wait};
