@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use crate::now_ns;
 use crate::observe::{RecordSeen, Via};
-use crate::report::{ConsulFloor, FloorStep};
+use crate::report::{BulkFloor, ConsulFloor, FloorStep};
+use futures::StreamExt;
 
 /// How long one blocking query waits for a change.
 const WAIT: &str = "30s";
@@ -445,6 +446,24 @@ async fn wait_for(
     }
 }
 
+/// An agent service registration like the bridge's (a TTL check, a `container_id` meta).
+fn registration(service: &str, i: usize) -> Value {
+    json!({
+        "ID": format!("{service}-{i}"),
+        "Name": service,
+        "Address": "127.0.0.1",
+        "Port": 8080,
+        "Meta": {"container_id": format!("floor-{i}")},
+        "Check": {
+            "CheckID": format!("{service}-{i}:ttl"),
+            "Name": "registrator-bench floor TTL",
+            "TTL": "300s",
+            "Status": "passing",
+            "DeregisterCriticalServiceAfter": "1m",
+        },
+    })
+}
+
 /// The store-only floor: the bench writes a record itself, the same way the bridge does, and
 /// times the write's acknowledgement and the blocking query's answer.
 ///
@@ -455,12 +474,17 @@ async fn wait_for(
 ///
 /// Writes are `pause` apart so the blocking query is waiting again before each one, as it is
 /// between two container starts.
+///
+/// Then, for the initial sync's share: `bulk` registrations at once, 16 at a time (the
+/// bridge's concurrency for agent calls), timed until all are acknowledged and until the
+/// catalog shows all of them.
 pub async fn floor(
     consul: &Consul,
     prefix: &str,
     service: &str,
     count: usize,
     warmup: usize,
+    bulk: usize,
     timeout: Duration,
 ) -> Result<ConsulFloor> {
     let pause = Duration::from_millis(30);
@@ -522,20 +546,7 @@ pub async fn floor(
     let result: Result<()> = async {
         for i in 0..warmup + count {
             let container_id = format!("floor-{i}");
-            let body = json!({
-                "ID": format!("{service}-{i}"),
-                "Name": service,
-                "Address": "127.0.0.1",
-                "Port": 8080,
-                "Meta": {"container_id": container_id},
-                "Check": {
-                    "CheckID": format!("{service}-{i}:ttl"),
-                    "Name": "registrator-bench floor TTL",
-                    "TTL": "300s",
-                    "Status": "passing",
-                    "DeregisterCriticalServiceAfter": "1m",
-                },
-            });
+            let body = registration(service, i);
             tokio::time::sleep(pause).await;
             let t0 = now_ns();
             consul.put_json("/v1/agent/service/register", &body).await?;
@@ -553,9 +564,53 @@ pub async fn floor(
     .await;
     watch.abort();
     result?;
+
+    // Bulk catalog registrations.
+    let bulk_service = format!("{service}-bulk");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let watch = watch_catalog(consul, &bulk_service, tx).await?;
+    let t0 = now_ns();
+    let results: Vec<Result<reqwest::Response>> = futures::stream::iter(0..bulk)
+        .map(|i| {
+            let body = registration(&bulk_service, i);
+            async move { consul.put_json("/v1/agent/service/register", &body).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let acked = now_ns();
+    let outcome: Result<i64> = async {
+        for r in results {
+            r?;
+        }
+        let deadline = Instant::now() + timeout * 2;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => {
+                        seen.insert(r.container_id);
+                        if seen.len() == bulk {
+                            return Ok(r.arrival_ns);
+                        }
+                    }
+                    None => bail!("the Consul blocking query ended"),
+                },
+                _ = tokio::time::sleep_until(deadline) => bail!("only {} of {bulk} bulk registrations in the catalog", seen.len()),
+            }
+        }
+    }
+    .await;
+    watch.abort();
+    let all_seen = outcome?;
     Ok(ConsulFloor {
         kv,
         catalog,
+        bulk: Some(BulkFloor {
+            count: bulk,
+            ack_ns: acked - t0,
+            seen_ns: all_seen - t0,
+        }),
         load: Default::default(),
     })
 }

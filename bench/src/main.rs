@@ -366,6 +366,7 @@ async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
                     &lab.service_name("cfloor"),
                     cli.count,
                     cli.warmup,
+                    cli.sync_containers,
                     timeout,
                 )
                 .await;

@@ -87,11 +87,22 @@ pub struct FloorStep {
     pub seen_ns: i64,
 }
 
+/// Many agent registrations at once (the catalog share of an initial sync).
+#[derive(Debug, Clone, Copy)]
+pub struct BulkFloor {
+    pub count: usize,
+    /// First request sent → last acknowledged.
+    pub ack_ns: i64,
+    /// First request sent → all seen by the catalog blocking query.
+    pub seen_ns: i64,
+}
+
 /// The Consul store-only floor (see [`crate::consul::floor`]).
 #[derive(Debug, Clone, Default)]
 pub struct ConsulFloor {
     pub kv: Vec<FloorStep>,
     pub catalog: Vec<FloorStep>,
+    pub bulk: Option<BulkFloor>,
     pub load: (f64, f64),
 }
 
@@ -303,6 +314,15 @@ impl Report {
                     ms(seen.p99),
                     ms(seen.max),
                     ms(gap.p50)
+                );
+            }
+            if let Some(b) = floor.bulk {
+                let _ = writeln!(
+                    out,
+                    "\n{} registrations at once (16 at a time, as the bridge): all acknowledged after {} ms, all in the catalog after {} ms.",
+                    b.count,
+                    ms(b.ack_ns as f64),
+                    ms(b.seen_ns as f64)
                 );
             }
             let _ = writeln!(

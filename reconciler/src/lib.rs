@@ -5,7 +5,10 @@
 //! MongoDB's rules (see `../shared/DESIGN.md`, "Safety rules for the reconciler"). Observing
 //! the set and applying a step are the loop's job; the decision is here, tested on its own.
 
+pub mod controller;
+pub mod duration;
 pub mod model;
+pub mod mongo;
 pub mod plan;
 pub mod records;
 

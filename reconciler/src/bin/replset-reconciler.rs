@@ -1,0 +1,277 @@
+//! The `replset-reconciler` command.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backend_core::{BackendUri, Coordinator, StoreKind, Watcher};
+use clap::{Parser, Subcommand};
+use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
+use replset_reconciler::duration::parse_duration;
+use replset_reconciler::mongo::{Credentials, Members};
+use replset_reconciler::plan::{plan_next_step, PlanContext};
+use replset_reconciler::records::{desired_sets, Selector};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Keeps MongoDB replica sets equal to the swarm tasks that swarm-registrator publishes.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The store: etcd://host:port[,host:port...]/<prefix> or consul://host:port/<prefix>.
+    #[arg(env = "RECONCILER_BACKEND", value_parser = BackendUri::parse, global = true)]
+    backend: Option<BackendUri>,
+
+    /// A swarm service whose tasks form a replica set (with --replset, repeatable, in order).
+    #[arg(long, env = "RECONCILER_SERVICE", value_delimiter = ',', global = true)]
+    service: Vec<String>,
+
+    /// The replica set of the --service at the same position.
+    #[arg(long, env = "RECONCILER_REPLSET", value_delimiter = ',', global = true)]
+    replset: Vec<String>,
+
+    /// The mongod port, if not the records' own.
+    #[arg(long, env = "RECONCILER_PORT", global = true)]
+    port: Option<u16>,
+
+    /// Also manage every set named by a registrator.replset=<set> label on the records.
+    #[arg(long, env = "RECONCILER_DISCOVER", global = true)]
+    discover: bool,
+
+    /// How long a record must be gone before its member may be removed.
+    #[arg(long, env = "RECONCILER_REMOVAL_GRACE", default_value = "30s", value_parser = parse_duration, global = true)]
+    removal_grace: Duration,
+
+    /// How long the records must be quiet before a reconcile.
+    #[arg(long, env = "RECONCILER_DEBOUNCE", default_value = "1s", value_parser = parse_duration, global = true)]
+    debounce: Duration,
+
+    /// The leader lease or session TTL (Consul: at least 10s).
+    #[arg(long, env = "RECONCILER_LEADER_TTL", default_value = "15s", value_parser = parse_duration, global = true)]
+    leader_ttl: Duration,
+
+    /// Decide and log, but change nothing.
+    #[arg(long, env = "RECONCILER_DRY_RUN", global = true)]
+    dry_run: bool,
+
+    /// MongoDB user (with --password-file).
+    #[arg(long, env = "RECONCILER_USERNAME", global = true)]
+    username: Option<String>,
+
+    /// A file holding the MongoDB password (a Docker secret).
+    #[arg(long, env = "RECONCILER_PASSWORD_FILE", global = true)]
+    password_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the next step for each replica set, and exit.
+    Plan,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "replset-reconciler stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(msg: &str) -> ! {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, msg)
+        .exit()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Some(backend) = cli.backend.clone() else {
+        usage_error("a backend URI is required, e.g. etcd://127.0.0.1:2379/registrator");
+    };
+    if cli.service.len() != cli.replset.len() {
+        usage_error("give one --replset for each --service, in the same order");
+    }
+    if cli.service.is_empty() && !cli.discover {
+        usage_error("nothing to manage: give --service <svc> --replset <set>, or --discover");
+    }
+    let mut selectors: Vec<Selector> = cli
+        .service
+        .iter()
+        .zip(&cli.replset)
+        .map(|(service, set)| Selector::Service {
+            service: service.clone(),
+            set: set.clone(),
+            port: cli.port,
+        })
+        .collect();
+    if cli.discover {
+        selectors.push(Selector::Label);
+    }
+    let credentials = match (&cli.username, &cli.password_file) {
+        (Some(username), Some(path)) => Some(Credentials {
+            username: username.clone(),
+            password: std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --password-file {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        }),
+        (None, None) => None,
+        _ => usage_error("--username and --password-file go together"),
+    };
+    let holder =
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    let config = ControllerConfig {
+        layout: backend.layout.clone(),
+        selectors,
+        removal_grace: cli.removal_grace,
+        debounce: cli.debounce,
+        resync: Duration::from_secs(15),
+        leader_ttl: cli.leader_ttl,
+        holder,
+        dry_run: cli.dry_run,
+    };
+    let members = Arc::new(Members::new(credentials));
+    match backend.kind {
+        StoreKind::Etcd => {
+            let store =
+                backend_etcd::EtcdStore::connect(&backend.endpoints, backend.layout.clone())
+                    .await
+                    .context("cannot set up the etcd client")?;
+            drive(Arc::new(store), members, config, cli.command).await
+        }
+        StoreKind::Consul => {
+            let endpoint = backend.endpoints.first().cloned().unwrap_or_default();
+            let store = backend_consul::ConsulStore::new(
+                &endpoint,
+                backend.tls,
+                backend.layout.clone(),
+                backend_consul::ConsulOptions {
+                    token: std::env::var("CONSUL_HTTP_TOKEN")
+                        .ok()
+                        .map(|t| backend_consul::Token::new(t, "CONSUL_HTTP_TOKEN")),
+                    ca_cert: std::env::var_os("CONSUL_CACERT").map(Into::into),
+                    client_cert: std::env::var_os("CONSUL_CLIENT_CERT").map(Into::into),
+                    client_key: std::env::var_os("CONSUL_CLIENT_KEY").map(Into::into),
+                    ..Default::default()
+                },
+            )
+            .context("cannot set up the Consul client")?;
+            drive(Arc::new(store), members, config, cli.command).await
+        }
+    }
+}
+
+async fn drive<S: Watcher + Coordinator>(
+    store: Arc<S>,
+    members: Arc<Members>,
+    config: ControllerConfig,
+    command: Option<Command>,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            tracing::info!("stopping");
+            shutdown.cancel();
+        });
+    }
+    let (tx, mut rx) = watch::channel(Records::default());
+    tokio::spawn(follow_records(
+        store.clone(),
+        config.layout.clone(),
+        tx,
+        shutdown.clone(),
+    ));
+    // The sets to manage: the configured ones now; discovered ones as they appear.
+    rx.wait_for(|r| r.trusted)
+        .await
+        .context("the records' watch ended before its first snapshot")?;
+
+    if let Some(Command::Plan) = command {
+        let records = rx.borrow().clone();
+        let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
+        for s in skipped {
+            println!("ignoring {}: {}", s.key, s.reason);
+        }
+        for (set, desired) in sets {
+            let hosts: Vec<String> = desired.members.values().cloned().collect();
+            let observed = members.observe(&set, &hosts, &hosts).await;
+            let ctx = PlanContext {
+                set_name: set.clone(),
+                records_trusted: true,
+                record_gone_for: Default::default(),
+                removal_grace: config.removal_grace,
+            };
+            let plan = plan_next_step(&observed.observation, &desired, &ctx);
+            println!("{set}: {:?}", plan.step);
+            for note in plan.notes {
+                println!("{set}: note: {note:?}");
+            }
+        }
+        return Ok(());
+    }
+
+    let mut running = std::collections::BTreeSet::new();
+    loop {
+        let sets: Vec<String> = {
+            let records = rx.borrow();
+            desired_sets(&records.entries, &config.layout, &config.selectors)
+                .0
+                .into_keys()
+                .collect()
+        };
+        for set in sets {
+            if running.insert(set.clone()) {
+                tracing::info!(set = %set, "managing replica set");
+                tokio::spawn(run_set(
+                    store.clone(),
+                    members.clone(),
+                    config.clone(),
+                    set,
+                    rx.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Give the set tasks a moment to resign.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}

@@ -1,0 +1,437 @@
+//! Talking to the members: observe the set, apply one step. The official `mongodb` driver,
+//! one direct connection per member, short timeouts.
+//!
+//! A reconfig is applied to the config document read from the primary, so every field the
+//! reconciler does not manage (settings, tags, write concern modes, ...) stays as it is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+use tokio::sync::Mutex;
+
+use crate::model::{ConfigView, MemberConfig, MemberState, MemberStatus, Observation};
+use crate::plan::{Change, Step};
+
+/// How long one command to a member may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An error from a member.
+#[derive(Debug, thiserror::Error)]
+pub enum MongoError {
+    /// The server refused the command: the code says why (e.g. 308, 103, 10107).
+    #[error("{host} refused {command}: {code_name} ({code}): {message}")]
+    Refused {
+        host: String,
+        command: &'static str,
+        code: i32,
+        code_name: String,
+        message: String,
+    },
+    /// No answer, or the connection broke: the outcome of a write is unknown.
+    #[error("{host} did not answer {command}: {detail}")]
+    NoAnswer {
+        host: String,
+        command: &'static str,
+        detail: String,
+    },
+}
+
+impl MongoError {
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            MongoError::Refused { code, .. } => Some(*code),
+            MongoError::NoAnswer { .. } => None,
+        }
+    }
+}
+
+/// Credentials for the members (`--username`, `--password-file`). Never printed.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+/// One client per member host, created on first use.
+#[derive(Debug, Default)]
+pub struct Members {
+    clients: Mutex<HashMap<String, Client>>,
+    credentials: Option<Credentials>,
+}
+
+/// What an observation read, beyond the [`Observation`]: the primary's raw config.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub observation: Observation,
+    pub primary_host: Option<String>,
+    pub raw_config: Option<Document>,
+}
+
+impl Members {
+    pub fn new(credentials: Option<Credentials>) -> Members {
+        Members {
+            clients: Mutex::new(HashMap::new()),
+            credentials,
+        }
+    }
+
+    async fn client(&self, host: &str) -> Result<Client, MongoError> {
+        if let Some(c) = self.clients.lock().await.get(host) {
+            return Ok(c.clone());
+        }
+        let no_answer = |detail: String| MongoError::NoAnswer {
+            host: host.to_string(),
+            command: "connect",
+            detail,
+        };
+        let mut options = ClientOptions::parse(format!("mongodb://{host}/"))
+            .await
+            .map_err(|e| no_answer(e.to_string()))?;
+        options.direct_connection = Some(true);
+        options.connect_timeout = Some(Duration::from_secs(2));
+        options.server_selection_timeout = Some(Duration::from_secs(2));
+        options.app_name = Some("replset-reconciler".into());
+        if let Some(c) = &self.credentials {
+            options.credential = Some(
+                mongodb::options::Credential::builder()
+                    .username(c.username.clone())
+                    .password(c.password.clone())
+                    .build(),
+            );
+        }
+        let client = Client::with_options(options).map_err(|e| no_answer(e.to_string()))?;
+        self.clients
+            .lock()
+            .await
+            .insert(host.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Runs an admin command on one member.
+    pub async fn command(
+        &self,
+        host: &str,
+        name: &'static str,
+        cmd: Document,
+    ) -> Result<Document, MongoError> {
+        let client = self.client(host).await?;
+        let admin = client.database("admin");
+        match tokio::time::timeout(COMMAND_TIMEOUT, admin.run_command(cmd)).await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(map_error(host, name, e)),
+            Err(_) => Err(MongoError::NoAnswer {
+                host: host.to_string(),
+                command: name,
+                detail: format!("no answer within {COMMAND_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// Observes the set through `hosts` (the desired hosts and the config's).
+    pub async fn observe(&self, set_name: &str, hosts: &[String], desired: &[String]) -> Observed {
+        let mut observed = Observed::default();
+        let mut hellos: Vec<(String, Document)> = Vec::new();
+        let answers = futures::future::join_all(hosts.iter().map(|h| async move {
+            (h.clone(), self.command(h, "hello", doc! {"hello": 1}).await)
+        }))
+        .await;
+        for (host, answer) in answers {
+            match answer {
+                Ok(hello) => {
+                    if desired.contains(&host) {
+                        observed.observation.hello.insert(
+                            host.clone(),
+                            hello.get_str("setName").ok().map(str::to_string),
+                        );
+                    }
+                    hellos.push((host, hello));
+                }
+                Err(e) => tracing::debug!(%host, error = %e, "member did not answer hello"),
+            }
+        }
+        let primary = hellos
+            .iter()
+            .filter(|(_, h)| {
+                h.get_bool("isWritablePrimary").unwrap_or(false)
+                    && h.get_str("setName").ok() == Some(set_name)
+            })
+            .max_by_key(|(_, h)| {
+                h.get_i64("setVersion")
+                    .or_else(|_| h.get_i32("setVersion").map(i64::from))
+                    .unwrap_or(0)
+            })
+            .map(|(host, _)| host.clone());
+
+        // The config: from the primary with its commitment status; else from any member, for
+        // diagnosis only.
+        let sources: Vec<String> = match &primary {
+            Some(p) => vec![p.clone()],
+            None => hellos
+                .iter()
+                .filter(|(_, h)| h.get_str("setName").ok() == Some(set_name))
+                .map(|(host, _)| host.clone())
+                .collect(),
+        };
+        for host in sources {
+            let cmd = if primary.is_some() {
+                doc! {"replSetGetConfig": 1, "commitmentStatus": true}
+            } else {
+                doc! {"replSetGetConfig": 1}
+            };
+            let Ok(answer) = self.command(&host, "replSetGetConfig", cmd).await else {
+                continue;
+            };
+            let Ok(raw) = answer.get_document("config") else {
+                continue;
+            };
+            observed.observation.committed =
+                primary.is_some() && answer.get_bool("commitmentStatus").unwrap_or(false);
+            observed.observation.config = Some(config_view(raw));
+            observed.raw_config = Some(raw.clone());
+            if let Ok(status) = self
+                .command(&host, "replSetGetStatus", doc! {"replSetGetStatus": 1})
+                .await
+            {
+                observed.observation.status = member_status(&status);
+                if primary.is_some() {
+                    observed.observation.primary = status
+                        .get_array("members")
+                        .ok()
+                        .and_then(|ms| {
+                            ms.iter().filter_map(Bson::as_document).find(|m| {
+                                m.get_i32("state")
+                                    .map(i64::from)
+                                    .or_else(|_| m.get_i64("state"))
+                                    .ok()
+                                    == Some(1)
+                                    && m.get_bool("self").unwrap_or(false)
+                            })
+                        })
+                        .and_then(|m| int(m, "_id"));
+                }
+            }
+            break;
+        }
+        observed.primary_host = primary;
+        observed
+    }
+
+    /// Applies a step. `Ok` means the server accepted it; for a reconfig, that the new config
+    /// reached a majority (`replSetReconfig` waits for that).
+    pub async fn apply(
+        &self,
+        set_name: &str,
+        step: &Step,
+        observed: &Observed,
+    ) -> Result<(), MongoError> {
+        match step {
+            Step::Initiate { host, members } => {
+                let members: Vec<Bson> = members
+                    .iter()
+                    .map(|m| Bson::Document(member_doc(m)))
+                    .collect();
+                let config = doc! {"_id": set_name, "version": 1, "members": members};
+                self.command(host, "replSetInitiate", doc! {"replSetInitiate": config})
+                    .await
+                    .map(|_| ())
+            }
+            Step::Reconfig { change, config } => {
+                let (Some(host), Some(raw)) = (&observed.primary_host, &observed.raw_config) else {
+                    return Err(MongoError::NoAnswer {
+                        host: String::new(),
+                        command: "replSetReconfig",
+                        detail: "no primary config to change".into(),
+                    });
+                };
+                let doc = apply_to_document(raw, change, config.version);
+                self.command(
+                    host,
+                    "replSetReconfig",
+                    doc! {"replSetReconfig": doc, "maxTimeMS": 10_000_i64},
+                )
+                .await
+                .map(|_| ())
+            }
+            Step::Converged | Step::Wait(_) | Step::Blocked(_) => Ok(()),
+        }
+    }
+}
+
+fn map_error(host: &str, command: &'static str, e: mongodb::error::Error) -> MongoError {
+    match *e.kind {
+        mongodb::error::ErrorKind::Command(c) => MongoError::Refused {
+            host: host.to_string(),
+            command,
+            code: c.code,
+            code_name: c.code_name,
+            message: c.message,
+        },
+        other => MongoError::NoAnswer {
+            host: host.to_string(),
+            command,
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn int(d: &Document, key: &str) -> Option<i64> {
+    match d.get(key)? {
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+fn float(d: &Document, key: &str) -> Option<f64> {
+    match d.get(key)? {
+        Bson::Int32(v) => Some(f64::from(*v)),
+        Bson::Int64(v) => Some(*v as f64),
+        Bson::Double(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// The part of a config document the planner reads.
+pub fn config_view(raw: &Document) -> ConfigView {
+    let members = raw
+        .get_array("members")
+        .map(|ms| {
+            ms.iter()
+                .filter_map(Bson::as_document)
+                .map(|m| MemberConfig {
+                    id: int(m, "_id").unwrap_or(-1),
+                    host: m.get_str("host").unwrap_or_default().to_string(),
+                    votes: int(m, "votes").unwrap_or(1).clamp(0, 1) as u8,
+                    priority: float(m, "priority").unwrap_or(1.0),
+                    arbiter_only: m.get_bool("arbiterOnly").unwrap_or(false),
+                    hidden: m.get_bool("hidden").unwrap_or(false),
+                    newly_added: m.get_bool("newlyAdded").unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ConfigView {
+        set_name: raw.get_str("_id").unwrap_or_default().to_string(),
+        version: int(raw, "version").unwrap_or(0),
+        term: int(raw, "term").unwrap_or(-1),
+        members,
+    }
+}
+
+fn member_status(status: &Document) -> BTreeMap<i64, MemberStatus> {
+    status
+        .get_array("members")
+        .map(|ms| {
+            ms.iter()
+                .filter_map(Bson::as_document)
+                .filter_map(|m| {
+                    let id = int(m, "_id")?;
+                    let healthy = float(m, "health").unwrap_or(0.0) > 0.0;
+                    let state = MemberState::from_code(int(m, "state").unwrap_or(-1) as i32);
+                    Some((id, MemberStatus { healthy, state }))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn member_doc(m: &MemberConfig) -> Document {
+    doc! {"_id": m.id as i32, "host": &m.host, "votes": i32::from(m.votes), "priority": m.priority}
+}
+
+/// The primary's config document with `change` applied and `version` set; every other field
+/// is kept. A member's `newlyAdded` is the server's to manage and is left as it is.
+pub fn apply_to_document(raw: &Document, change: &Change, version: i64) -> Document {
+    let mut doc = raw.clone();
+    doc.insert("version", Bson::Int32(version as i32));
+    // `term` is set by the server on a reconfig; sending it is not allowed for a non-force one.
+    doc.remove("term");
+    let mut members: Vec<Document> = raw
+        .get_array("members")
+        .map(|ms| ms.iter().filter_map(Bson::as_document).cloned().collect())
+        .unwrap_or_default();
+    let find = |members: &mut Vec<Document>, id: i64| -> Option<usize> {
+        members.iter().position(|m| int(m, "_id") == Some(id))
+    };
+    match change {
+        Change::Add { id, host } => {
+            members.push(member_doc(&MemberConfig::new_non_voter(*id, host)));
+        }
+        Change::GrantVote { id } => {
+            if let Some(i) = find(&mut members, *id) {
+                members[i].insert("votes", 1_i32);
+                members[i].insert("priority", 1.0_f64);
+            }
+        }
+        Change::RevokeVote { id } => {
+            if let Some(i) = find(&mut members, *id) {
+                members[i].insert("votes", 0_i32);
+                members[i].insert("priority", 0.0_f64);
+            }
+        }
+        Change::MoveHost {
+            id,
+            to,
+            revoke_vote,
+            ..
+        } => {
+            if let Some(i) = find(&mut members, *id) {
+                members[i].insert("host", to.as_str());
+                if *revoke_vote {
+                    members[i].insert("votes", 0_i32);
+                    members[i].insert("priority", 0.0_f64);
+                }
+            }
+        }
+        Change::Remove { id, .. } => members.retain(|m| int(m, "_id") != Some(*id)),
+    }
+    doc.insert(
+        "members",
+        Bson::Array(members.into_iter().map(Bson::Document).collect()),
+    );
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmanaged_fields_survive_a_change() {
+        let raw = doc! {
+            "_id": "rs0", "version": 4, "term": 2, "protocolVersion": 1_i64,
+            "settings": {"chainingAllowed": false, "heartbeatTimeoutSecs": 10},
+            "members": [
+                {"_id": 1, "host": "a:27017", "votes": 1, "priority": 1.0, "tags": {"dc": "eu"}},
+                {"_id": 2, "host": "b:27017", "votes": 0, "priority": 0.0},
+            ],
+        };
+        let out = apply_to_document(&raw, &Change::GrantVote { id: 2 }, 5);
+        assert_eq!(out.get_i32("version").ok(), Some(5));
+        assert!(out.get("term").is_none());
+        assert_eq!(
+            out.get_document("settings").ok(),
+            raw.get_document("settings").ok()
+        );
+        let members = out.get_array("members").expect("members");
+        let a = members[0].as_document().expect("doc");
+        assert_eq!(a.get_document("tags").ok(), Some(&doc! {"dc": "eu"}));
+        let b = members[1].as_document().expect("doc");
+        assert_eq!(
+            (b.get_i32("votes").ok(), b.get_f64("priority").ok()),
+            (Some(1), Some(1.0))
+        );
+        let view = config_view(&out);
+        assert_eq!(view.voter_count(), 2);
+    }
+}
