@@ -110,6 +110,8 @@ pub struct ConsulStore {
     session: Mutex<Option<Session>>,
     /// Catalog registrations of this bridge, by service id, for the TTL checks.
     registered: Mutex<BTreeMap<String, ServiceRecord>>,
+    /// The running round of TTL-check updates, so that rounds never overlap.
+    check_round: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +221,7 @@ impl ConsulStore {
             options,
             session: Mutex::new(None),
             registered: Mutex::new(BTreeMap::new()),
+            check_round: Mutex::new(None),
         })
     }
 
@@ -683,17 +686,34 @@ impl Publisher for ConsulStore {
             expect_success(resp, "renew session").await?;
         }
         if self.options.catalog {
-            let registered: Vec<ServiceRecord> =
-                self.registered.lock().await.values().cloned().collect();
-            let calls: Vec<_> = registered
-                .iter()
-                .map(|r| self.update_check(r, session.ttl))
-                .collect();
-            let results: Vec<Result<(), BackendError>> = futures::stream::iter(calls)
-                .buffer_unordered(AGENT_CONCURRENCY)
-                .collect()
-                .await;
-            results.into_iter().collect::<Result<Vec<()>, _>>()?;
+            // One agent call per registration: done in the background, so that a caller (the
+            // bridge's event loop) is not held up by hundreds of them. A round still running
+            // from the last renewal is not doubled.
+            let mut round = self.check_round.lock().await;
+            if round.as_ref().is_none_or(|h| h.is_finished()) {
+                let registered: Vec<ServiceRecord> =
+                    self.registered.lock().await.values().cloned().collect();
+                let store = self.sibling();
+                let ttl = session.ttl;
+                *round = Some(tokio::spawn(async move {
+                    let calls: Vec<_> = registered
+                        .iter()
+                        .map(|r| store.update_check(r, ttl))
+                        .collect();
+                    let failed = futures::stream::iter(calls)
+                        .buffer_unordered(AGENT_CONCURRENCY)
+                        .filter(|r| futures::future::ready(r.is_err()))
+                        .count()
+                        .await;
+                    if failed > 0 {
+                        tracing::warn!(
+                            store = STORE,
+                            failed,
+                            "some TTL checks could not be updated; retrying at the next renewal"
+                        );
+                    }
+                }));
+            }
         }
         Ok(())
     }
@@ -721,7 +741,11 @@ impl Publisher for ConsulStore {
     async fn publish(&self, records: &[ServiceRecord]) -> Result<(), BackendError> {
         let session = self.session_id().await?;
         let ttl = self.ttl().await?;
-        if self.options.kv {
+        // KV and catalog at the same time: neither waits for the other.
+        let kv = async {
+            if !self.options.kv {
+                return Ok(());
+            }
             let ops = records
                 .iter()
                 .map(|r| {
@@ -732,9 +756,12 @@ impl Publisher for ConsulStore {
                     )
                 })
                 .collect();
-            self.txn(ops).await?;
-        }
-        if self.options.catalog {
+            self.txn(ops).await
+        };
+        let catalog = async {
+            if !self.options.catalog {
+                return Ok(());
+            }
             let calls: Vec<_> = records.iter().map(|r| self.register(r, ttl)).collect();
             let results: Vec<Result<(), BackendError>> = futures::stream::iter(calls)
                 .buffer_unordered(AGENT_CONCURRENCY)
@@ -745,8 +772,10 @@ impl Publisher for ConsulStore {
             for r in records {
                 registered.insert(r.id.clone(), r.clone());
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        let (kv, catalog) = futures::join!(kv, catalog);
+        kv.and(catalog)
     }
 
     async fn unpublish(&self, keys: &[ServiceKey]) -> Result<(), BackendError> {
@@ -802,6 +831,7 @@ impl ConsulStore {
             options: self.options.clone(),
             session: Mutex::new(None),
             registered: Mutex::new(BTreeMap::new()),
+            check_round: Mutex::new(None),
         }
     }
 

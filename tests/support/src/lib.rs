@@ -156,13 +156,19 @@ pub fn free_port() -> u16 {
 
 /// Fetches `http://addr/path` and returns status and body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    http_get_with(addr, path, "").await
+}
+
+/// [`http_get`] with extra header lines (`"Name: value\r\n"` each).
+pub async fn http_get_with(addr: &str, path: &str, headers: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -265,17 +271,30 @@ impl PrivateConsul {
             .expect("consul starts (CONSUL_BIN from scripts/services env)");
         self.child = Some(child);
         let endpoint = self.endpoint();
+        // Ready once it has a leader and has registered its own node in the catalog (before
+        // that, creating a session fails with 500 "Missing node registration").
+        let node_path = format!("/v1/catalog/node/private-{}", self.http_port);
+        let headers = match &self.acl_master {
+            Some(t) => format!("X-Consul-Token: {t}\r\n"),
+            None => String::new(),
+        };
         wait_for(
-            "the private Consul to have a leader",
+            "the private Consul to have a leader and its node registered",
             Duration::from_secs(30),
             || {
                 let endpoint = endpoint.clone();
+                let node_path = node_path.clone();
+                let headers = headers.clone();
                 async move {
                     let (status, body) = http_get(&endpoint, "/v1/status/leader").await?;
-                    if status == 200 && body.trim().len() > 2 {
+                    if status != 200 || body.trim().len() <= 2 {
+                        return Err(format!("leader: {status} {body}"));
+                    }
+                    let (status, body) = http_get_with(&endpoint, &node_path, &headers).await?;
+                    if status == 200 && body.contains("\"Node\"") {
                         Ok(())
                     } else {
-                        Err(format!("{status} {body}"))
+                        Err(format!("node: {status} {body}"))
                     }
                 }
             },
