@@ -741,7 +741,8 @@ impl Publisher for ConsulStore {
     async fn publish(&self, records: &[ServiceRecord]) -> Result<(), BackendError> {
         let session = self.session_id().await?;
         let ttl = self.ttl().await?;
-        // KV and catalog at the same time: neither waits for the other.
+        // KV first: it is the contract other tools watch, and a catalog registration running at
+        // the same time on the same agent slows it (measured: docs/benchmarks.md).
         let kv = async {
             if !self.options.kv {
                 return Ok(());
@@ -774,8 +775,8 @@ impl Publisher for ConsulStore {
             }
             Ok(())
         };
-        let (kv, catalog) = futures::join!(kv, catalog);
-        kv.and(catalog)
+        kv.await?;
+        catalog.await
     }
 
     async fn unpublish(&self, keys: &[ServiceKey]) -> Result<(), BackendError> {
