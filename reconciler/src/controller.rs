@@ -345,6 +345,7 @@ async fn publish_outputs<C: Coordinator>(
                 "state": s.map(|s| format!("{:?}", s.state).to_uppercase()),
             })
         }).collect::<Vec<_>>(),
+        "converged": matches!(plan.step, Step::Converged),
         "next": format!("{:?}", plan.step).chars().take(300).collect::<String>(),
         "last_step": last_step,
         "last_error": last_error,

@@ -71,6 +71,16 @@ struct Cli {
 enum Command {
     /// Print the next step for each replica set, and exit.
     Plan,
+    /// Change a service's replica count one task at a time, waiting after each step until the
+    /// replica set has converged, so that quorum is never lost. Needs a manager's Docker API
+    /// (the local socket or DOCKER_HOST). Example: `scale mongo=5`.
+    Scale {
+        /// `<service>=<replicas>`.
+        target: String,
+        /// How long one step may take to converge.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        step_timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -220,6 +230,14 @@ async fn drive<S: Watcher + Coordinator>(
         .await
         .context("the records' watch ended before its first snapshot")?;
 
+    if let Some(Command::Scale {
+        target,
+        step_timeout,
+    }) = &command
+    {
+        return scale(&*store, &config, target, *step_timeout).await;
+    }
+
     if let Some(Command::Plan) = command {
         let records = rx.borrow().clone();
         let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
@@ -274,4 +292,112 @@ async fn drive<S: Watcher + Coordinator>(
     // Give the set tasks a moment to resign.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// `scale <service>=<n>`: one replica at a time, each step waited for in the set's status.
+async fn scale<S: Coordinator>(
+    store: &S,
+    config: &ControllerConfig,
+    target: &str,
+    step_timeout: Duration,
+) -> anyhow::Result<()> {
+    use bollard::models::{ServiceSpecMode, ServiceSpecModeReplicated};
+    use bollard::query_parameters::UpdateServiceOptions;
+
+    let Some((service, n)) = target.split_once('=') else {
+        usage_error("scale takes <service>=<replicas>, e.g. mongo=5");
+    };
+    let Ok(want) = n.parse::<i64>() else {
+        usage_error("scale takes <service>=<replicas> with a number, e.g. mongo=5");
+    };
+    let set = config
+        .selectors
+        .iter()
+        .find_map(|s| match s {
+            Selector::Service {
+                service: svc, set, ..
+            } if svc == service => Some(set.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| {
+            usage_error("scale: give --service <svc> --replset <set> for this service")
+        });
+    let docker = bollard::Docker::connect_with_defaults()
+        .context("cannot reach the Docker engine (a manager's socket or DOCKER_HOST)")?
+        .negotiate_version()
+        .await
+        .context("cannot reach the Docker engine (a manager's socket or DOCKER_HOST)")?;
+    loop {
+        let current = docker
+            .inspect_service(service, None)
+            .await
+            .with_context(|| format!("cannot inspect service {service}"))?;
+        let version = current.version.and_then(|v| v.index).unwrap_or(0);
+        let mut spec = current.spec.context("the service has no spec")?;
+        let replicas = spec
+            .mode
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref())
+            .and_then(|r| r.replicas)
+            .context("scale works on replicated services only")?;
+        if replicas == want {
+            println!("{service} has {want} replicas and {set} has converged");
+            return Ok(());
+        }
+        let next = if want > replicas {
+            replicas + 1
+        } else {
+            replicas - 1
+        };
+        println!("{service}: {replicas} -> {next} replicas");
+        spec.mode = Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(next),
+            }),
+            ..Default::default()
+        });
+        docker
+            .update_service(
+                service,
+                spec,
+                UpdateServiceOptions {
+                    version: i32::try_from(version).unwrap_or(i32::MAX),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .with_context(|| format!("cannot update service {service}"))?;
+        // Wait until the reconciler reports the set converged with `next` members.
+        let key = config.layout.replset_status_key(&set);
+        let deadline = tokio::time::Instant::now() + step_timeout;
+        loop {
+            let status: Option<serde_json::Value> = store
+                .get_value(&key)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice(&v).ok());
+            let members = status
+                .as_ref()
+                .and_then(|s| s["members"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            let converged = status
+                .as_ref()
+                .and_then(|s| s["converged"].as_bool())
+                .unwrap_or(false);
+            if converged && members as i64 == next {
+                println!("{set}: converged with {members} members");
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "{set} did not converge to {next} members within {step_timeout:?} (status: {}); \
+                     is a replset-reconciler running for it?",
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "none".into())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
