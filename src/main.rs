@@ -232,12 +232,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics_addr {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let listener = swarm_registrator::http::bind(addr).await?;
+        let listener = ops_http::bind(addr).await?;
         tracing::info!(%addr, "serving /metrics and /healthz");
-        tokio::spawn(swarm_registrator::http::serve(
+        let check = health.clone();
+        tokio::spawn(ops_http::serve(
             listener,
             Arc::new(registry),
-            health.clone(),
+            Arc::new(move || check.check()),
             shutdown.clone(),
         ));
     }

@@ -166,14 +166,14 @@ pub struct Health {
 
 impl Health {
     /// `Ok` when healthy, else what is wrong.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), String> {
         match (
             self.engine_connected.load(Ordering::Relaxed),
             self.session_alive.load(Ordering::Relaxed),
         ) {
             (true, true) => Ok(()),
-            (false, _) => Err("not connected to the Docker event stream"),
-            (true, false) => Err("no live session with the store"),
+            (false, _) => Err("not connected to the Docker event stream".into()),
+            (true, false) => Err("no live session with the store".into()),
         }
     }
 

@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Health, Metrics, RefusedLabels, StepLabels};
 use crate::model::Desired;
 use crate::mongo::{Members, MongoError, Observed};
 use crate::plan::{plan_next_step, Change, Plan, PlanContext, Step};
@@ -44,6 +45,7 @@ pub struct ControllerConfig {
     /// Who this process is, in the leader key.
     pub holder: String,
     pub dry_run: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Follows the records under `<prefix>/services/` and publishes them.
@@ -51,8 +53,10 @@ pub async fn follow_records<W: Watcher>(
     store: Arc<W>,
     layout: KeyLayout,
     tx: watch::Sender<Records>,
+    health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
+    use std::sync::atomic::Ordering;
     let mut stream = store.watch_prefix(layout.services_prefix());
     loop {
         let item = tokio::select! {
@@ -65,6 +69,7 @@ pub async fn follow_records<W: Watcher>(
                 Ok(WatchEvent::Restarted(entries)) => {
                     r.entries = entries.into_iter().map(|e| (e.key, e.value)).collect();
                     r.trusted = true;
+                    health.watch_connected.store(true, Ordering::Relaxed);
                 }
                 Ok(WatchEvent::Put(e)) => {
                     r.entries.insert(e.key, e.value);
@@ -76,6 +81,7 @@ pub async fn follow_records<W: Watcher>(
                     // Until the watch lists again, no absence of a record means anything.
                     tracing::warn!(error = %e, "the records' watch broke; removing nothing until it is back");
                     r.trusted = false;
+                    health.watch_connected.store(false, Ordering::Relaxed);
                 }
             }
             r.generation += 1;
@@ -161,6 +167,7 @@ async fn reconcile_while_leading<C: Coordinator>(
     let mut last_uri = String::new();
     let mut last_step = String::new();
     let mut last_error = String::new();
+    let mut converging_since: Option<Instant> = None;
     loop {
         // Debounce: wait until the records are quiet for `debounce`.
         loop {
@@ -214,7 +221,15 @@ async fn reconcile_while_leading<C: Coordinator>(
             tracing::warn!(set, ?note, "member and record disagree");
         }
         let requeue = match &plan.step {
-            Step::Converged => config.resync,
+            Step::Converged => {
+                if let Some(since) = converging_since.take() {
+                    config
+                        .metrics
+                        .converge_seconds
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                config.resync
+            }
             Step::Wait(wait) => {
                 tracing::info!(set, ?wait, "waiting");
                 Duration::from_secs(1)
@@ -230,21 +245,31 @@ async fn reconcile_while_leading<C: Coordinator>(
             }
             step => {
                 let describe = describe(step);
+                let kind = step_kind(step);
                 match members.apply(set, step, &observed).await {
                     Ok(()) => {
+                        config
+                            .metrics
+                            .steps_applied
+                            .get_or_create(&StepLabels {
+                                set: set.to_string(),
+                                step: kind,
+                            })
+                            .inc();
+                        converging_since.get_or_insert_with(Instant::now);
                         tracing::info!(set, step = %describe, "applied");
                         last_step = describe;
                         last_error.clear();
                         Duration::ZERO
                     }
-                    Err(e @ MongoError::NoAnswer { .. }) => {
-                        // Unknown outcome: observe again, never repeat blindly.
-                        tracing::warn!(set, step = %describe, error = %e, "outcome unknown; observing again");
-                        last_error = e.to_string();
-                        Duration::from_secs(1)
-                    }
                     Err(e) => {
-                        tracing::warn!(set, step = %describe, code = ?e.code(), error = %e, "the server refused the step");
+                        refused(config, set, kind, &e);
+                        if matches!(e, MongoError::NoAnswer { .. }) {
+                            // Unknown outcome: observe again, never repeat blindly.
+                            tracing::warn!(set, step = %describe, error = %e, "outcome unknown; observing again");
+                        } else {
+                            tracing::warn!(set, step = %describe, code = ?e.code(), error = %e, "the server refused the step");
+                        }
                         last_error = e.to_string();
                         Duration::from_secs(1)
                     }
@@ -274,6 +299,34 @@ async fn reconcile_while_leading<C: Coordinator>(
                 } => {}
             }
         }
+    }
+}
+
+fn refused(config: &ControllerConfig, set: &str, step: &'static str, e: &MongoError) {
+    config
+        .metrics
+        .steps_refused
+        .get_or_create(&RefusedLabels {
+            set: set.to_string(),
+            step,
+            code: e
+                .code()
+                .map_or_else(|| "none".to_string(), |c| c.to_string()),
+        })
+        .inc();
+}
+
+fn step_kind(step: &Step) -> &'static str {
+    match step {
+        Step::Initiate { .. } => "initiate",
+        Step::Reconfig { change, .. } => match change {
+            Change::Add { .. } => "add",
+            Change::GrantVote { .. } => "grant_vote",
+            Change::RevokeVote { .. } => "revoke_vote",
+            Change::MoveHost { .. } => "move_host",
+            Change::Remove { .. } => "remove",
+        },
+        _ => "none",
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod duration;
+pub mod metrics;
 pub mod model;
 pub mod mongo;
 pub mod plan;

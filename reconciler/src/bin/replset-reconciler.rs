@@ -58,6 +58,10 @@ struct Cli {
     #[arg(long, env = "RECONCILER_DRY_RUN", global = true)]
     dry_run: bool,
 
+    /// Serve /metrics and /healthz on this address, e.g. 0.0.0.0:9101.
+    #[arg(long, env = "RECONCILER_METRICS_ADDR", global = true)]
+    metrics_addr: Option<std::net::SocketAddr>,
+
     /// MongoDB user (with --password-file).
     #[arg(long, env = "RECONCILER_USERNAME", global = true)]
     username: Option<String>,
@@ -155,7 +159,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let holder =
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    let metrics = Arc::new(replset_reconciler::metrics::Metrics::default());
+    let health = Arc::new(replset_reconciler::metrics::Health::default());
+    if let Some(addr) = cli.metrics_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let listener = ops_http::bind(addr).await?;
+        let check = health.clone();
+        tokio::spawn(ops_http::serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(move || check.check()),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
     let config = ControllerConfig {
+        metrics,
         layout: backend.layout.clone(),
         selectors,
         removal_grace: cli.removal_grace,
@@ -172,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 backend_etcd::EtcdStore::connect(&backend.endpoints, backend.layout.clone())
                     .await
                     .context("cannot set up the etcd client")?;
-            drive(Arc::new(store), members, config, cli.command).await
+            drive(Arc::new(store), members, config, health, cli.command).await
         }
         StoreKind::Consul => {
             let endpoint = backend.endpoints.first().cloned().unwrap_or_default();
@@ -191,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .context("cannot set up the Consul client")?;
-            drive(Arc::new(store), members, config, cli.command).await
+            drive(Arc::new(store), members, config, health, cli.command).await
         }
     }
 }
@@ -200,6 +220,7 @@ async fn drive<S: Watcher + Coordinator>(
     store: Arc<S>,
     members: Arc<Members>,
     config: ControllerConfig,
+    health: Arc<replset_reconciler::metrics::Health>,
     command: Option<Command>,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
@@ -223,6 +244,7 @@ async fn drive<S: Watcher + Coordinator>(
         store.clone(),
         config.layout.clone(),
         tx,
+        health,
         shutdown.clone(),
     ));
     // The sets to manage: the configured ones now; discovered ones as they appear.

@@ -1,4 +1,5 @@
-//! `/metrics` and `/healthz` on `--metrics-addr`.
+//! `/metrics` (Prometheus text) and `/healthz` on `--metrics-addr`, for every program of the
+//! project. The program supplies its registry and a health check.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +12,6 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Health;
-
 /// Binds `addr`; the error says which address could not be bound.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -23,11 +22,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
+/// A health check: `Ok` when healthy, else what is wrong (served as 503 with that text).
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
-    health: Arc<Health>,
+    health: HealthCheck,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -58,7 +60,7 @@ pub async fn serve(
     }
 }
 
-fn route<B>(req: &Request<B>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, registry: &Registry, health: &HealthCheck) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -75,7 +77,7 @@ fn route<B>(req: &Request<B>, registry: &Registry, health: &Health) -> Response<
                 ),
             }
         }
-        "/healthz" => match health.check() {
+        "/healthz" => match health() {
             Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
