@@ -629,41 +629,9 @@ impl Publisher for ConsulStore {
                 detail: "Consul's session TTL is at least 10 s".into(),
             });
         }
-        let body = json!({
-            "Name": "swarm-registrator",
-            "TTL": format!("{}s", ttl.as_secs()),
-            "Behavior": "delete",
-            "LockDelay": "0s",
-        });
-        let resp = self
-            .send(
-                self.request(Method::PUT, "/v1/session/create").json(&body),
-                "create session",
-            )
-            .await?;
-        if !resp.status().is_success() {
-            return Err(expect_success(resp, "create session")
-                .await
-                .err()
-                .unwrap_or(BackendError::Rejected {
-                    store: STORE,
-                    detail: "create session failed".into(),
-                }));
-        }
-        #[derive(Deserialize)]
-        struct Created {
-            #[serde(rename = "ID")]
-            id: String,
-        }
-        let created: Created = resp.json().await.map_err(|e| BackendError::Rejected {
-            store: STORE,
-            detail: format!("create session: unreadable answer: {e}"),
-        })?;
-        tracing::info!(store = STORE, session = %created.id, ttl_secs = ttl.as_secs(), "created session");
-        *self.session.lock().await = Some(Session {
-            id: created.id,
-            ttl,
-        });
+        let id = self.create_session("swarm-registrator", ttl).await?;
+        tracing::info!(store = STORE, session = %id, ttl_secs = ttl.as_secs(), "created session");
+        *self.session.lock().await = Some(Session { id, ttl });
         Ok(())
     }
 
@@ -836,14 +804,10 @@ impl ConsulStore {
         }
     }
 
-    /// Creates a session for a lock: `Behavior: delete`, no lock delay.
-    async fn create_lock_session(
-        &self,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<String, BackendError> {
+    /// Creates a session: `Behavior: delete` (its keys go with it), no lock delay.
+    async fn create_session(&self, name: &str, ttl: Duration) -> Result<String, BackendError> {
         let body = json!({
-            "Name": format!("swarm-registrator leader {holder}"),
+            "Name": name,
             "TTL": format!("{}s", ttl.as_secs().max(MIN_TTL.as_secs())),
             "Behavior": "delete",
             "LockDelay": "0s",
@@ -949,7 +913,9 @@ impl Coordinator for ConsulStore {
         holder: String,
         ttl: Duration,
     ) -> Result<Leadership, BackendError> {
-        let session = self.create_lock_session(&holder, ttl).await?;
+        let session = self
+            .create_session(&format!("swarm-registrator leader {holder}"), ttl)
+            .await?;
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         tokio::spawn(keep_session_alive(

@@ -1,0 +1,600 @@
+//! The reconcile loop's scenarios against the replica-set simulator and a real store, run once
+//! per backend (`reconcile_etcd.rs`, `reconcile_consul.rs`) through [`suite`]. Records are
+//! written into the store as the bridge would write them, pointing at simulated members on
+//! loopback.
+
+/// Declares one `#[tokio::test]` per scenario for a backend.
+macro_rules! suite {
+    ($backend:expr) => {
+        $crate::scenarios::suite!(@tests $backend; a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time,
+            a_rescheduled_slot_keeps_its_id_with_a_new_host,
+            a_scale_down_removes_one_member_per_step_and_a_store_glitch_removes_nothing,
+            a_record_with_invalid_json_is_ignored,
+            two_reconcilers_one_leads_and_the_other_takes_over,
+            a_majority_write_survives_a_primary_killed_during_a_scale_up,
+            eight_members_have_seven_voters);
+    };
+    (@tests $backend:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::scenarios::$name($backend).await
+            }
+        )*
+    };
+}
+pub(crate) use suite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend_consul::{ConsulOptions, ConsulStore};
+use backend_core::{Coordinator, KeyLayout, Protocol, ServiceRecord, Watcher, SCHEMA_VERSION};
+use backend_etcd::EtcdStore;
+use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
+use replset_reconciler::mongo::Members;
+use replset_reconciler::records::Selector;
+use replset_sim::{Cluster, Event};
+use test_support::contract::unique_layout;
+use test_support::wait_for;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn etcd_endpoint() -> String {
+    std::env::var("ETCD_ENDPOINTS").unwrap_or_else(|_| "127.0.0.1:2379".into())
+}
+
+fn consul_endpoint() -> String {
+    std::env::var("CONSUL_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8500".into())
+}
+
+/// The store a scenario runs against (each test binary uses one of them).
+#[allow(dead_code)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Etcd,
+    Consul,
+}
+
+/// The project's client of that store.
+#[derive(Clone)]
+enum Store {
+    Etcd(Arc<EtcdStore>),
+    Consul(Arc<ConsulStore>),
+}
+
+impl Store {
+    async fn put_value(&self, key: &str, value: Vec<u8>) {
+        match self {
+            Store::Etcd(s) => s.put_value(key, value).await,
+            Store::Consul(s) => s.put_value(key, value).await,
+        }
+        .expect("put");
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Store::Etcd(s) => s.get_value(key).await,
+            Store::Consul(s) => s.get_value(key).await,
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    async fn delete(&self, key: &str) {
+        match self {
+            Store::Etcd(s) => {
+                s.client().delete(key, None).await.expect("delete");
+            }
+            Store::Consul(_) => {
+                let resp = reqwest::Client::new()
+                    .delete(format!("http://{}/v1/kv/{key}", consul_endpoint()))
+                    .send()
+                    .await
+                    .expect("delete");
+                assert!(resp.status().is_success());
+            }
+        }
+    }
+}
+
+/// The record the bridge would write for the task in `slot` whose mongod listens on `host`.
+fn record(slot: u64, host: &str) -> ServiceRecord {
+    let (ip, port) = host.rsplit_once(':').expect("host:port");
+    ServiceRecord {
+        schema_version: SCHEMA_VERSION,
+        service: "mongo".into(),
+        id: format!("task{slot}"),
+        ip: ip.parse().expect("ip"),
+        port: port.parse().expect("port"),
+        protocol: Protocol::Tcp,
+        tags: vec![],
+        labels: BTreeMap::new(),
+        attrs: BTreeMap::new(),
+        container_id: format!("c{slot}"),
+        container_name: format!("mongo.{slot}.task{slot}"),
+        node_id: "node1".into(),
+        hostname: "host1".into(),
+        task_id: Some(format!("task{slot}")),
+        task_slot: Some(slot),
+        service_id: Some("svc".into()),
+        stack: None,
+        health: None,
+    }
+}
+
+struct Harness {
+    store: Store,
+    layout: KeyLayout,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    async fn start(b: Backend, set: &str) -> Harness {
+        Harness::start_as(b, set, unique_layout("reconcile"), "test").await
+    }
+
+    /// A reconciler named `holder` for `set` under `layout`.
+    async fn start_as(b: Backend, set: &str, layout: KeyLayout, holder: &str) -> Harness {
+        let store = match b {
+            Backend::Etcd => Store::Etcd(Arc::new(
+                EtcdStore::connect(&[etcd_endpoint()], layout.clone())
+                    .await
+                    .expect("etcd"),
+            )),
+            Backend::Consul => Store::Consul(Arc::new(
+                ConsulStore::new(
+                    &consul_endpoint(),
+                    false,
+                    layout.clone(),
+                    ConsulOptions::default(),
+                )
+                .expect("consul"),
+            )),
+        };
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = watch::channel(Records::default());
+        let config = ControllerConfig {
+            layout: layout.clone(),
+            selectors: vec![Selector::Service {
+                service: "mongo".into(),
+                set: set.into(),
+                port: None,
+            }],
+            removal_grace: Duration::from_secs(2),
+            debounce: Duration::from_millis(200),
+            resync: Duration::from_secs(2),
+            // Consul's floor is 10 s.
+            leader_ttl: Duration::from_secs(10),
+            holder: holder.into(),
+            dry_run: false,
+            metrics: Arc::new(replset_reconciler::metrics::Metrics::default()),
+        };
+        let members = Arc::new(Members::new(None));
+        match &store {
+            Store::Etcd(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
+            Store::Consul(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
+        }
+        Harness {
+            store,
+            layout,
+            shutdown,
+        }
+    }
+
+    async fn unpublish(&self, slot: u64) {
+        self.store
+            .delete(&self.layout.service_key("mongo", &format!("task{slot}")))
+            .await;
+    }
+
+    async fn publish(&self, slot: u64, host: &str) {
+        let r = record(slot, host);
+        self.store
+            .put_value(&self.layout.service_key(&r.service, &r.id), r.to_json())
+            .await;
+    }
+}
+
+/// The reconciler's two tasks: following the records, and the set's loop.
+fn spawn_loop<S: Watcher + Coordinator>(
+    store: Arc<S>,
+    members: Arc<Members>,
+    config: ControllerConfig,
+    set: &str,
+    tx: watch::Sender<Records>,
+    rx: watch::Receiver<Records>,
+    shutdown: &CancellationToken,
+) {
+    let layout = config.layout.clone();
+    tokio::spawn(follow_records(
+        store.clone(),
+        layout,
+        tx,
+        Arc::new(Default::default()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(run_set(
+        store,
+        members,
+        config,
+        set.into(),
+        rx,
+        shutdown.clone(),
+    ));
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The voters (`_id`) and members of the latest config a primary installed.
+fn latest(cluster: &Cluster) -> Option<(i64, Vec<i64>, usize)> {
+    cluster
+        .history()
+        .configs()
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::ConfigInstalled {
+                version,
+                voters,
+                config,
+                ..
+            } => Some((
+                version,
+                voters,
+                config.get_array("members").map(Vec::len).unwrap_or(0),
+            )),
+            _ => None,
+        })
+}
+
+/// Every config differs from the one before by at most one voter.
+fn assert_one_voter_at_a_time(cluster: &Cluster) {
+    let mut previous: Option<Vec<i64>> = None;
+    for e in cluster.history().configs() {
+        if let Event::ConfigInstalled {
+            voters, version, ..
+        } = e
+        {
+            if let Some(p) = &previous {
+                let added = voters.iter().filter(|v| !p.contains(v)).count();
+                let removed = p.iter().filter(|v| !voters.contains(v)).count();
+                assert!(
+                    added + removed <= 1,
+                    "config {version} changed {} voters: {p:?} -> {voters:?}\n{}",
+                    added + removed,
+                    cluster.history().render()
+                );
+            }
+            previous = Some(voters);
+        }
+    }
+}
+
+pub async fn a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    for (i, host) in cluster.hosts().iter().enumerate() {
+        h.publish(i as u64 + 1, host).await;
+    }
+    wait_for("an initiated set of 3 voters", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    cluster.wait_for_primary(CONVERGE).await.expect("a primary");
+
+    // 3 to 5.
+    for _ in 0..2 {
+        let i = cluster.add_member().await.expect("a member");
+        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+            .await;
+    }
+    wait_for("5 voters", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 5)) if voters.len() == 5 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_one_voter_at_a_time(&cluster);
+
+    // The connection string lists every member.
+    let uri_key = h.layout.replset_uri_key(cluster.set_name());
+    let uri = wait_for("the connection string", CONVERGE, || async {
+        let v = h
+            .store
+            .get_value(&uri_key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let uri = String::from_utf8(v.unwrap_or_default()).map_err(|e| e.to_string())?;
+        if cluster
+            .hosts()
+            .iter()
+            .all(|host| uri.contains(host.as_str()))
+        {
+            Ok(uri)
+        } else {
+            Err(uri)
+        }
+    })
+    .await;
+    assert!(
+        uri.ends_with(&format!("/?replicaSet={}", cluster.set_name())),
+        "{uri}"
+    );
+}
+
+/// The members (`_id` to host) of the latest config.
+fn latest_members(cluster: &Cluster) -> BTreeMap<i64, String> {
+    cluster
+        .history()
+        .configs()
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::ConfigInstalled { config, .. } => Some(config),
+            _ => None,
+        })
+        .and_then(|c| c.get_array("members").ok().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.as_document())
+        .filter_map(|m| {
+            let id = m
+                .get_i32("_id")
+                .map(i64::from)
+                .or_else(|_| m.get_i64("_id"))
+                .ok()?;
+            Some((id, m.get_str("host").ok()?.to_string()))
+        })
+        .collect()
+}
+
+async fn set_of_three(cluster: &Cluster, h: &Harness) {
+    for (i, host) in cluster.hosts().iter().enumerate() {
+        h.publish(i as u64 + 1, host).await;
+    }
+    wait_for("an initiated set of 3 voters", CONVERGE, || async {
+        match latest(cluster) {
+            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+pub async fn a_rescheduled_slot_keeps_its_id_with_a_new_host(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    set_of_three(&cluster, &h).await;
+    // Slot 2's task is rescheduled: its mongod is gone, a new one runs elsewhere.
+    cluster.kill(1).expect("kill");
+    let new = cluster.add_member().await.expect("a member");
+    let new_host = cluster.host(new).expect("host").to_string();
+    h.publish(2, &new_host).await;
+    wait_for(
+        "member 2 at its new host, voting again",
+        CONVERGE,
+        || async {
+            let members = latest_members(&cluster);
+            match latest(&cluster) {
+                Some((_, voters, 3)) if voters.len() == 3 && members.get(&2) == Some(&new_host) => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?} {members:?}")),
+            }
+        },
+    )
+    .await;
+    assert_one_voter_at_a_time(&cluster);
+}
+
+pub async fn a_scale_down_removes_one_member_per_step_and_a_store_glitch_removes_nothing(
+    b: Backend,
+) {
+    let mut cluster = Cluster::start(5).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    for (i, host) in cluster.hosts().iter().enumerate() {
+        h.publish(i as u64 + 1, host).await;
+    }
+    wait_for("5 voters", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 5)) if voters.len() == 5 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Swarm stops two tasks: their records go and their mongods stop.
+    for slot in [4u64, 5] {
+        h.unpublish(slot).await;
+        cluster.kill(slot as usize - 1).expect("kill");
+    }
+    wait_for("3 members, 3 voters", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_one_voter_at_a_time(&cluster);
+    let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
+    assert!(primary < 3);
+
+    // Every record vanishes while the members keep running: nothing may be removed.
+    let before = latest(&cluster);
+    for slot in 1..=3u64 {
+        h.unpublish(slot).await;
+    }
+    // Longer than the removal grace (2 s) and several reconciles.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        latest(&cluster),
+        before,
+        "a member was removed for a missing record"
+    );
+}
+
+pub async fn a_record_with_invalid_json_is_ignored(b: Backend) {
+    let cluster = Cluster::start(1).await.expect("simulated member");
+    let h = Harness::start(b, cluster.set_name()).await;
+    h.store
+        .put_value(
+            &h.layout.service_key("mongo", "garbage"),
+            b"{not json".to_vec(),
+        )
+        .await;
+    h.publish(1, cluster.host(0).expect("host")).await;
+    wait_for("an initiated set of 1", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 1)) if voters.len() == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// The holder of the set's leader key: etcd's election API, or the Consul lock's value.
+async fn leader_of(h: &Harness, set: &str) -> Result<String, String> {
+    let key = h.layout.replset_leader_key(set);
+    match &h.store {
+        Store::Etcd(s) => {
+            let resp = s.client().leader(key).await.map_err(|e| e.to_string())?;
+            resp.kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+                .ok_or_else(|| "no leader".to_string())
+        }
+        Store::Consul(_) => {
+            let v = h.store.get_value(&key).await?.ok_or("no leader")?;
+            Ok(String::from_utf8_lossy(&v).to_string())
+        }
+    }
+}
+
+pub async fn two_reconcilers_one_leads_and_the_other_takes_over(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let layout = unique_layout("two-reconcilers");
+    let a = Harness::start_as(b, &set, layout.clone(), "reconciler-a").await;
+    let first = wait_for("a leader", CONVERGE, || leader_of(&a, &set)).await;
+    let b = Harness::start_as(b, &set, layout.clone(), "reconciler-b").await;
+    set_of_three(&cluster, &a).await;
+    assert_eq!(
+        leader_of(&b, &set).await.as_deref(),
+        Ok(first.as_str()),
+        "still one leader"
+    );
+
+    // The leader stops (it resigns): the other takes over and goes on reconciling.
+    let (leader, other) = if first == "reconciler-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader.shutdown.cancel();
+    let second = wait_for("the other reconciler to lead", CONVERGE, || async {
+        match leader_of(&other, &set).await {
+            Ok(l) if l != first => Ok(l),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_ne!(second, first);
+    let i = cluster.add_member().await.expect("a member");
+    other
+        .publish(i as u64 + 1, cluster.host(i).expect("host"))
+        .await;
+    wait_for(
+        "the new leader to add the fourth member",
+        CONVERGE,
+        || async {
+            match latest(&cluster) {
+                Some((_, _, 4)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    drop(leader);
+}
+
+pub async fn a_majority_write_survives_a_primary_killed_during_a_scale_up(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    set_of_three(&cluster, &h).await;
+    let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
+
+    // A w: "majority" write through the replica-set URI, as an application makes it.
+    let client = mongodb::Client::with_uri_str(cluster.uri())
+        .await
+        .expect("client");
+    let coll = client
+        .database("app")
+        .collection::<bson::Document>("orders");
+    let majority = mongodb::options::WriteConcern::builder()
+        .w(mongodb::options::Acknowledgment::Majority)
+        .build();
+    coll.insert_one(bson::doc! {"_id": 1, "item": "first"})
+        .with_options(
+            mongodb::options::InsertOneOptions::builder()
+                .write_concern(majority)
+                .build(),
+        )
+        .await
+        .expect("majority write");
+
+    // Scale 3 to 5, and kill the primary in the middle.
+    let i = cluster.add_member().await.expect("a member");
+    h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+        .await;
+    cluster.kill(primary).expect("kill");
+    let j = cluster.add_member().await.expect("a member");
+    h.publish(j as u64 + 1, cluster.host(j).expect("host"))
+        .await;
+
+    // The set elects a new primary and converges to 5 members; the killed member keeps its
+    // record (its task would be restarted by swarm), so it stays in the config.
+    wait_for("5 members after the election", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, _, 5)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_one_voter_at_a_time(&cluster);
+    let found = coll
+        .find_one(bson::doc! {"_id": 1})
+        .await
+        .expect("read")
+        .expect("the majority write is still there");
+    assert_eq!(found.get_str("item").ok(), Some("first"));
+}
+
+pub async fn eight_members_have_seven_voters(b: Backend) {
+    let mut cluster = Cluster::start(5).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    for (i, host) in cluster.hosts().iter().enumerate() {
+        h.publish(i as u64 + 1, host).await;
+    }
+    for _ in 0..3 {
+        let i = cluster.add_member().await.expect("a member");
+        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+            .await;
+    }
+    wait_for("8 members, 7 of them voting", CONVERGE, || async {
+        match latest(&cluster) {
+            Some((_, voters, 8)) if voters.len() == 7 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_one_voter_at_a_time(&cluster);
+}

@@ -1,0 +1,109 @@
+//! `replset-sim`: one simulated mongod per process, with mongod's own flag names, so that it
+//! can stand in for `mongod` in a container image.
+//!
+//!     replset-sim --port 27017 --replSet rs0 [--bind_ip ADDR | --bind_ip_all]
+//!
+//! Without a bind flag it listens on 127.0.0.1 only, as mongod does.
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use replset_sim::{DurableState, History, Network, Node, NodeOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "replset-sim",
+    version,
+    about = "A MongoDB 7.0 replica-set member simulator on the real wire protocol (not a database)"
+)]
+struct Args {
+    /// TCP port to listen on.
+    #[arg(long, default_value_t = 27017)]
+    port: u16,
+    /// Replica set name; without it the member is a standalone.
+    #[arg(long = "replSet")]
+    repl_set: Option<String>,
+    /// Address to listen on (the first of a comma-separated list is used).
+    #[arg(long = "bind_ip", conflicts_with = "bind_ip_all")]
+    bind_ip: Option<String>,
+    /// Listen on every IPv4 address (0.0.0.0); `--ipv6` makes it `::`.
+    #[arg(long = "bind_ip_all")]
+    bind_ip_all: bool,
+    #[arg(long)]
+    ipv6: bool,
+    /// Accepted for compatibility with mongod command lines; the simulator keeps data in
+    /// memory only.
+    #[arg(long)]
+    dbpath: Option<String>,
+    /// The `host:port` this member calls itself (default: the bind address, or the
+    /// hostname with --bind_ip_all). Not a mongod flag.
+    #[arg(long = "sim-advertise", env = "REPLSET_SIM_ADVERTISE")]
+    advertise: Option<String>,
+    /// Default heartbeat interval filled into new configs. Not a mongod flag.
+    #[arg(long = "sim-heartbeat-ms", default_value_t = 500)]
+    heartbeat_ms: u64,
+    /// Default election timeout filled into new configs. Not a mongod flag.
+    #[arg(long = "sim-election-timeout-ms", default_value_t = 2000)]
+    election_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let bind_ip: IpAddr = if args.bind_ip_all {
+        if args.ipv6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        }
+    } else {
+        match &args.bind_ip {
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Some(list) => {
+                let first = list.split(',').next().unwrap_or("127.0.0.1").trim();
+                if first == "localhost" {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    first
+                        .parse()
+                        .with_context(|| format!("--bind_ip {first} is not an IP address"))?
+                }
+            }
+        }
+    };
+    let opts = NodeOptions {
+        set_name: args.repl_set.clone(),
+        bind_ip,
+        port: args.port,
+        advertised_host: args.advertise.clone(),
+        host_aliases: Vec::new(),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        election_timeout: Duration::from_millis(args.election_timeout_ms),
+    };
+    let node = Node::start(
+        opts,
+        DurableState::default(),
+        Network::default(),
+        History::default(),
+    )
+    .await
+    .context("starting the member")?;
+    tracing::info!(me = node.host(), set = ?args.repl_set, "replset-sim ready (a simulator, not mongod)");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    node.kill();
+    tracing::info!("shut down");
+    Ok(())
+}

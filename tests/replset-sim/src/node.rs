@@ -1,0 +1,780 @@
+//! One simulated mongod: its state, its TCP server, and the helpers that change its
+//! replication state. Commands are in `commands.rs`; heartbeats, elections and oplog
+//! fetching in `repl.rs`.
+
+use bson::{oid::ObjectId, DateTime, Document};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Defaults, ReplSetConfig};
+use crate::history::{ConfigSource, Event, History};
+use crate::oplog::{next_timestamp, OpTime, OplogEntry, Store};
+use crate::peer::{Network, PeerClient};
+use crate::wire::{self, Request, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// How to run one member.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// `--replSet`; without it the node is a standalone that refuses replication commands.
+    pub set_name: Option<String>,
+    pub bind_ip: IpAddr,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// The `host:port` this member calls itself (`me`); defaults to `bind_ip:port`.
+    pub advertised_host: Option<String>,
+    /// Other names that mean this member (besides `advertised_host`, `localhost` and the
+    /// bind address, all with this port).
+    pub host_aliases: Vec<String>,
+    /// Filled into a new config's `settings.heartbeatIntervalMillis`.
+    pub heartbeat_interval: Duration,
+    /// Filled into a new config's `settings.electionTimeoutMillis`.
+    pub election_timeout: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            set_name: Some("rs0".to_string()),
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 0,
+            advertised_host: None,
+            host_aliases: Vec::new(),
+            heartbeat_interval: Duration::from_millis(500),
+            election_timeout: Duration::from_millis(2000),
+        }
+    }
+}
+
+/// What survives a restart that keeps the data: the oplog and collections, the config, the
+/// term and the last vote (all of which MongoDB keeps on disk).
+#[derive(Debug, Clone, Default)]
+pub struct DurableState {
+    pub store: Store,
+    pub config: Option<ReplSetConfig>,
+    pub term: i64,
+    /// `(term, candidate member _id)`.
+    pub last_vote: Option<(i64, i64)>,
+}
+
+/// `MemberState`, with the server's numbers and names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    Startup,
+    Primary,
+    Secondary,
+    Recovering,
+    Startup2,
+    Unknown,
+    Arbiter,
+    Down,
+    Rollback,
+    Removed,
+}
+
+impl MemberState {
+    pub fn code(self) -> i32 {
+        match self {
+            MemberState::Startup => 0,
+            MemberState::Primary => 1,
+            MemberState::Secondary => 2,
+            MemberState::Recovering => 3,
+            MemberState::Startup2 => 5,
+            MemberState::Unknown => 6,
+            MemberState::Arbiter => 7,
+            MemberState::Down => 8,
+            MemberState::Rollback => 9,
+            MemberState::Removed => 10,
+        }
+    }
+
+    pub fn from_code(c: i64) -> MemberState {
+        match c {
+            0 => MemberState::Startup,
+            1 => MemberState::Primary,
+            2 => MemberState::Secondary,
+            3 => MemberState::Recovering,
+            5 => MemberState::Startup2,
+            7 => MemberState::Arbiter,
+            8 => MemberState::Down,
+            9 => MemberState::Rollback,
+            10 => MemberState::Removed,
+            _ => MemberState::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Startup => "STARTUP",
+            MemberState::Primary => "PRIMARY",
+            MemberState::Secondary => "SECONDARY",
+            MemberState::Recovering => "RECOVERING",
+            MemberState::Startup2 => "STARTUP2",
+            MemberState::Unknown => "UNKNOWN",
+            MemberState::Arbiter => "ARBITER",
+            MemberState::Down => "DOWN",
+            MemberState::Rollback => "ROLLBACK",
+            MemberState::Removed => "REMOVED",
+        }
+    }
+}
+
+/// What this member knows of another, from heartbeats and position updates.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerView {
+    pub healthy: bool,
+    pub state: MemberState,
+    pub term: i64,
+    pub config_version: i64,
+    pub config_term: i64,
+    pub applied: OpTime,
+    pub last_ok: Option<Instant>,
+    pub last_heartbeat: Option<DateTime>,
+    pub message: String,
+    pub ping_ms: i64,
+    pub sync_source: String,
+    pub election_date: Option<DateTime>,
+}
+
+impl Default for PeerView {
+    fn default() -> Self {
+        PeerView {
+            healthy: false,
+            state: MemberState::Unknown,
+            term: -1,
+            config_version: -2,
+            config_term: -1,
+            applied: OpTime::NULL,
+            last_ok: None,
+            last_heartbeat: None,
+            message: String::new(),
+            ping_ms: 0,
+            sync_source: String::new(),
+            election_date: None,
+        }
+    }
+}
+
+pub(crate) struct NodeState {
+    pub durable: DurableState,
+    pub state: MemberState,
+    pub peers: HashMap<String, PeerView>,
+    pub commit_point: OpTime,
+    pub primary_host: Option<String>,
+    pub last_primary_contact: Instant,
+    pub election_offset: Duration,
+    pub election_id: Option<ObjectId>,
+    pub election_date: Option<DateTime>,
+    pub step_down_until: Option<Instant>,
+    /// The current config is committed once the commit point reaches this optime (all that
+    /// was written under the previous config is committed under this one).
+    pub config_barrier: OpTime,
+    pub topology_counter: i64,
+    pub sync_source: Option<String>,
+    pub started: Instant,
+    /// Since when this member has qualified for a priority takeover.
+    pub takeover_since: Option<Instant>,
+}
+
+impl NodeState {
+    pub fn config(&self) -> Option<&ReplSetConfig> {
+        self.durable.config.as_ref()
+    }
+    pub fn last_applied(&self) -> OpTime {
+        self.durable.store.last_optime()
+    }
+    pub fn term(&self) -> i64 {
+        self.durable.term
+    }
+}
+
+pub(crate) struct NodeInner {
+    pub opts: NodeOptions,
+    /// The `host:port` of this member: first its own guess, then the config's name for it
+    /// once it has found itself in a config (as mongod's isSelf does).
+    pub me: std::sync::RwLock<String>,
+    pub port: u16,
+    pub instance_id: ObjectId,
+    pub state: Mutex<NodeState>,
+    pub changed: tokio::sync::watch::Sender<()>,
+    pub heartbeat_now: tokio::sync::Notify,
+    pub peers: PeerClient,
+    pub history: History,
+    pub cancel: CancellationToken,
+    pub connections: AtomicI64,
+    /// Test control, like MongoDB's `stopReplProducer` fail point: stop fetching the oplog.
+    pub replication_stopped: std::sync::atomic::AtomicBool,
+    /// Test control, like MongoDB's `omitConfigQuorumCheck` fail point.
+    pub omit_config_quorum_check: std::sync::atomic::AtomicBool,
+}
+
+/// A running member. Cloning shares it.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("me", &self.me()).finish()
+    }
+}
+
+impl Node {
+    /// Binds the port and starts serving. `durable` is what a restart kept (default: a
+    /// fresh data directory).
+    pub async fn start(
+        opts: NodeOptions,
+        durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        let addr = SocketAddr::new(opts.bind_ip, opts.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| NodeError::Bind { addr, source })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| NodeError::Bind { addr, source })?
+            .port();
+        // Listening on every address: the hostname's addresses also mean this member (what
+        // mongod's isSelf fast path gets from the interface list; in a container the
+        // hostname resolves to the container's addresses).
+        let mut opts = opts;
+        if opts.bind_ip.is_unspecified() {
+            if let Ok(addrs) = tokio::net::lookup_host((hostname(), port)).await {
+                for a in addrs {
+                    opts.host_aliases.push(format!("{}:{port}", a.ip()));
+                }
+            }
+        }
+        let me = match &opts.advertised_host {
+            Some(h) => h.clone(),
+            None if opts.bind_ip.is_unspecified() => format!("{}:{port}", hostname()),
+            None => format!("{}:{port}", opts.bind_ip),
+        };
+        let mut state = MemberState::Startup;
+        if let Some(cfg) = &durable.config {
+            state = if cfg.member_by_host(&me).is_some() {
+                MemberState::Secondary
+            } else {
+                MemberState::Removed
+            };
+        }
+        let (changed, _) = tokio::sync::watch::channel(());
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                peers: PeerClient::new(me.clone(), net),
+                me: std::sync::RwLock::new(me.clone()),
+                port,
+                instance_id: ObjectId::new(),
+                state: Mutex::new(NodeState {
+                    durable,
+                    state,
+                    peers: HashMap::new(),
+                    commit_point: OpTime::NULL,
+                    primary_host: None,
+                    last_primary_contact: Instant::now(),
+                    election_offset: Duration::ZERO,
+                    election_id: None,
+                    election_date: None,
+                    step_down_until: None,
+                    config_barrier: OpTime::NULL,
+                    topology_counter: 0,
+                    sync_source: None,
+                    started: Instant::now(),
+                    takeover_since: None,
+                }),
+                changed,
+                heartbeat_now: tokio::sync::Notify::new(),
+                history,
+                cancel: CancellationToken::new(),
+                connections: AtomicI64::new(0),
+                replication_stopped: std::sync::atomic::AtomicBool::new(false),
+                omit_config_quorum_check: std::sync::atomic::AtomicBool::new(false),
+                opts,
+            }),
+        };
+        node.set_me_arbiter_state();
+        tracing::info!(me = %node.me(), "member listening");
+        let n = node.clone();
+        tokio::spawn(async move { n.accept_loop(listener).await });
+        node.spawn_replication();
+        Ok(node)
+    }
+
+    /// `host:port` of this member, as it calls itself.
+    pub fn host(&self) -> String {
+        self.me()
+    }
+
+    pub(crate) fn me(&self) -> String {
+        self.inner.me.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Takes the config's name for this member as its own.
+    pub(crate) fn set_me(&self, host: &str) {
+        if let Ok(mut m) = self.inner.me.write() {
+            if *m != host {
+                tracing::info!(old = %m, new = host, "this member is known by a new name");
+                *m = host.to_string();
+            }
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    /// Stops serving at once, like `kill -9`: the port closes, every connection drops, and
+    /// the durable state is returned for a restart.
+    pub fn kill(&self) -> DurableState {
+        self.inner.cancel.cancel();
+        self.lock().durable.clone()
+    }
+
+    /// Stops or resumes oplog fetching on this member (heartbeats go on), as MongoDB's
+    /// `stopReplProducer` fail point does in the server's own tests.
+    pub fn set_replication_stopped(&self, stopped: bool) {
+        self.inner
+            .replication_stopped
+            .store(stopped, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Skips the quorum check of `replSetReconfig`, as MongoDB's `omitConfigQuorumCheck` fail
+    /// point does in jstests/replsets/reconfig_waits_for_a_majority_to_replicate_config.js.
+    pub fn set_omit_config_quorum_check(&self, omit: bool) {
+        self.inner
+            .omit_config_quorum_check
+            .store(omit, Ordering::SeqCst);
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.inner.cancel.is_cancelled()
+    }
+
+    pub fn state(&self) -> MemberState {
+        self.lock().state
+    }
+
+    pub fn term(&self) -> i64 {
+        self.lock().term()
+    }
+
+    pub fn config(&self) -> Option<ReplSetConfig> {
+        self.lock().durable.config.clone()
+    }
+
+    /// The documents of `db.coll` on this member.
+    pub fn documents(&self, ns: &str) -> Vec<Document> {
+        self.lock()
+            .durable
+            .store
+            .collections
+            .get(ns)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn last_applied(&self) -> OpTime {
+        self.lock().last_applied()
+    }
+
+    /// `commitmentStatus` as `replSetGetConfig` reports it on a primary.
+    pub fn is_config_committed(&self) -> bool {
+        let st = self.lock();
+        self.config_committed(&st)
+    }
+
+    pub fn commit_point(&self) -> OpTime {
+        self.lock().commit_point
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, NodeState> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn notify(&self) {
+        self.inner.changed.send_replace(());
+    }
+
+    pub(crate) fn defaults(&self) -> Defaults {
+        Defaults {
+            heartbeat_interval_millis: self.inner.opts.heartbeat_interval.as_millis() as i64,
+            election_timeout_millis: self.inner.opts.election_timeout.as_millis() as i64,
+        }
+    }
+
+    /// Waits until `f` returns `Some`, re-checking whenever the member's state changes.
+    /// `None` when the deadline passes; once the member is killed it never returns (the task
+    /// that awaits it is dropped by its own cancellation).
+    pub(crate) async fn wait_until<T>(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        mut f: impl FnMut(&NodeState) -> Option<T>,
+    ) -> Option<T> {
+        let mut rx = self.inner.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if let Some(v) = f(&self.lock()) {
+                return Some(v);
+            }
+            let changed = async {
+                tokio::select! {
+                    r = rx.changed() => r.is_ok(),
+                    _ = self.inner.cancel.cancelled() => false,
+                }
+            };
+            let ok = match deadline {
+                Some(d) => tokio::time::timeout_at(d, changed).await.unwrap_or(false),
+                None => changed.await,
+            };
+            if !ok {
+                if self.inner.cancel.is_cancelled() {
+                    // A killed member answers nothing: wait here until the task that runs
+                    // this future is dropped by its own cancellation.
+                    std::future::pending::<()>().await;
+                }
+                return f(&self.lock());
+            }
+        }
+    }
+
+    /// Whether `host` names this member: the advertised name, an alias, or a loopback /
+    /// bind address with this member's port (MongoDB's isSelf fast path).
+    pub(crate) fn is_self_fast(&self, host: &str) -> bool {
+        if host == self.me() || self.inner.opts.host_aliases.iter().any(|a| a == host) {
+            return true;
+        }
+        let Some((h, p)) = host.rsplit_once(':') else {
+            return false;
+        };
+        if p.parse::<u16>().ok() != Some(self.inner.port) {
+            return false;
+        }
+        let bind = self.inner.opts.bind_ip.to_string();
+        h == "localhost" || h == "127.0.0.1" || h == bind || h == hostname()
+    }
+
+    // ---- state transitions (called with the lock held) ----
+
+    pub(crate) fn set_state(&self, st: &mut NodeState, new: MemberState) {
+        if st.state != new {
+            st.state = new;
+            st.topology_counter += 1;
+            self.inner.history.record(Event::StateChanged {
+                node: self.me(),
+                state: new.name(),
+            });
+        }
+    }
+
+    fn set_me_arbiter_state(&self) {
+        let mut st = self.lock();
+        let arbiter = st
+            .config()
+            .and_then(|c| c.member_by_host(&self.me()))
+            .is_some_and(|m| m.arbiter_only);
+        if arbiter {
+            self.set_state(&mut st, MemberState::Arbiter);
+        }
+    }
+
+    /// Adopts `cfg` (already validated) and records it.
+    pub(crate) fn install_config(
+        &self,
+        st: &mut NodeState,
+        cfg: ReplSetConfig,
+        source: ConfigSource,
+    ) {
+        let voters = cfg.voters().map(|m| m.id).collect();
+        self.inner.history.record(Event::ConfigInstalled {
+            node: self.me(),
+            version: cfg.version,
+            term: cfg.term,
+            voters,
+            source,
+            config: cfg.to_document(true),
+        });
+        let mine = cfg
+            .members
+            .iter()
+            .find(|m| self.is_self_fast(&m.host))
+            .cloned();
+        if let Some(m) = &mine {
+            self.set_me(&m.host);
+        }
+        st.peers.retain(|h, _| cfg.member_by_host(h).is_some());
+        st.durable.config = Some(cfg);
+        st.config_barrier = st.last_applied();
+        st.topology_counter += 1;
+        match mine {
+            None => {
+                if st.state == MemberState::Primary {
+                    self.step_down(st, "removed from the config");
+                }
+                self.set_state(st, MemberState::Removed);
+            }
+            Some(m) if m.arbiter_only => self.set_state(st, MemberState::Arbiter),
+            Some(m) => {
+                if st.state == MemberState::Primary && !m.is_electable() {
+                    self.step_down(st, "not electable under the new config");
+                }
+                if matches!(st.state, MemberState::Startup | MemberState::Removed) {
+                    let next = if st.durable.store.oplog.is_empty() {
+                        MemberState::Startup2
+                    } else {
+                        MemberState::Secondary
+                    };
+                    self.set_state(st, next);
+                }
+            }
+        }
+        self.inner.heartbeat_now.notify_one();
+        self.notify();
+    }
+
+    /// Raises the term; a primary that learns of a newer term steps down.
+    pub(crate) fn update_term(&self, st: &mut NodeState, term: i64) -> bool {
+        if term > st.durable.term {
+            st.durable.term = term;
+            if st.state == MemberState::Primary {
+                self.step_down(st, "saw a newer term");
+            }
+            if st.primary_host.as_deref() == Some(&self.me()) {
+                st.primary_host = None;
+            }
+            self.notify();
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn step_down(&self, st: &mut NodeState, reason: &str) {
+        if st.state != MemberState::Primary {
+            return;
+        }
+        self.inner.history.record(Event::SteppedDown {
+            node: self.me(),
+            term: st.durable.term,
+            reason: reason.to_string(),
+        });
+        tracing::info!(me = %self.me(), reason, "stepping down");
+        self.set_state(st, MemberState::Secondary);
+        st.election_id = None;
+        st.primary_host = None;
+        st.last_primary_contact = Instant::now();
+        self.notify();
+    }
+
+    pub(crate) fn become_primary(&self, st: &mut NodeState) {
+        let term = st.durable.term;
+        self.set_state(st, MemberState::Primary);
+        st.primary_host = Some(self.me());
+        st.election_id = Some(election_id(term));
+        st.election_date = Some(DateTime::now());
+        self.inner.history.record(Event::Elected {
+            node: self.me(),
+            term,
+        });
+        tracing::info!(me = %self.me(), term, "elected primary");
+        if let Some(cfg) = st.config().filter(|c| c.term != term).cloned() {
+            let mut cfg = cfg;
+            cfg.term = term;
+            self.install_config(st, cfg, ConfigSource::StepUp);
+        }
+        let e = self.append_noop(st, bson::doc! {"msg": "new primary"});
+        // Commitment of the current config now needs an entry of this term committed.
+        st.config_barrier = e;
+        self.recompute_commit_point(st);
+        self.notify();
+    }
+
+    /// Appends a no-op entry in the current term; returns its optime.
+    pub(crate) fn append_noop(&self, st: &mut NodeState, o: Document) -> OpTime {
+        self.append(st, "n", String::new(), o)
+    }
+
+    pub(crate) fn append(&self, st: &mut NodeState, op: &str, ns: String, o: Document) -> OpTime {
+        let ts = next_timestamp(st.last_applied().ts);
+        let optime = OpTime {
+            ts,
+            t: st.durable.term,
+        };
+        st.durable.store.apply(OplogEntry {
+            optime,
+            op: op.to_string(),
+            ns,
+            o,
+            wall: DateTime::now(),
+        });
+        optime
+    }
+
+    /// The primary's commit point: the newest optime that a majority of data-bearing voters
+    /// have applied, advanced only to an entry of the current term.
+    pub(crate) fn recompute_commit_point(&self, st: &mut NodeState) {
+        if st.state != MemberState::Primary {
+            return;
+        }
+        let Some(cfg) = st.config() else { return };
+        let need = cfg.write_majority();
+        let mut applied: Vec<OpTime> = cfg
+            .voters()
+            .filter(|m| !m.arbiter_only)
+            .map(|m| {
+                if m.host == self.me() {
+                    st.last_applied()
+                } else {
+                    st.peers
+                        .get(&m.host)
+                        .map(|p| p.applied)
+                        .unwrap_or(OpTime::NULL)
+                }
+            })
+            .collect();
+        if need == 0 || applied.len() < need {
+            return;
+        }
+        applied.sort_by(|a, b| b.cmp(a));
+        let candidate = applied[need - 1];
+        if candidate.t == st.durable.term && candidate > st.commit_point {
+            st.commit_point = candidate;
+            self.notify();
+        }
+    }
+
+    /// Whether the current config is committed: a majority of its voters have it, and the
+    /// commit point has reached everything written before it (`commitmentStatus`).
+    pub(crate) fn config_committed(&self, st: &NodeState) -> bool {
+        let Some(cfg) = st.config() else { return false };
+        if cfg.term == crate::config::UNINITIALIZED_TERM {
+            return true;
+        }
+        let have = cfg
+            .voters()
+            .filter(|m| {
+                m.host == self.me()
+                    || st.peers.get(&m.host).is_some_and(|p| {
+                        p.healthy && p.config_version == cfg.version && p.config_term == cfg.term
+                    })
+            })
+            .count();
+        have >= cfg.majority_vote_count() && st.commit_point >= st.config_barrier
+    }
+
+    // ---- serving ----
+
+    async fn accept_loop(self, listener: TcpListener) {
+        loop {
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        let n = self.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = n.inner.cancel.cancelled() => {}
+                                r = n.serve_connection(stream) => {
+                                    if let Err(e) = r {
+                                        tracing::debug!(me = %n.me(), error = %e, "connection ended");
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream) -> Result<(), WireError> {
+        let conn_id = self.inner.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut next_id = 1i32;
+        loop {
+            let req = match wire::read_request(&mut stream).await {
+                Ok(r) => r,
+                Err(WireError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            next_id = next_id.wrapping_add(1);
+            // A killed member neither executes nor answers what was already in flight.
+            if self.inner.cancel.is_cancelled() {
+                return Ok(());
+            }
+            match req {
+                Request::Msg {
+                    request_id,
+                    body,
+                    more_to_come,
+                } => {
+                    let reply = self.run_command(body, conn_id).await;
+                    if self.inner.cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    if !more_to_come {
+                        let msg = wire::encode_op_msg(next_id, request_id, &reply)?;
+                        wire::write_all(&mut stream, &msg).await?;
+                    }
+                }
+                Request::Query {
+                    request_id,
+                    collection,
+                    mut query,
+                } => {
+                    let db = collection
+                        .strip_suffix(".$cmd")
+                        .unwrap_or(&collection)
+                        .to_string();
+                    query.insert("$db", db);
+                    let reply = self.run_command(query, conn_id).await;
+                    if self.inner.cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    let msg = wire::encode_op_reply(next_id, request_id, &reply)?;
+                    wire::write_all(&mut stream, &msg).await?;
+                }
+            }
+        }
+    }
+}
+
+/// `OID::fromTerm`: 0x7fffffff then the term, big-endian.
+pub fn election_id(term: i64) -> ObjectId {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    b[4..].copy_from_slice(&term.to_be_bytes());
+    ObjectId::from_bytes(b)
+}
+
+pub(crate) fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}

@@ -1,0 +1,402 @@
+//! Wire-level checks and the server's config rules, codes and messages, run against live
+//! members (commands in-process through `Cluster::command`, or raw bytes over TCP).
+
+use bson::{doc, Bson, Document};
+use replset_sim::wire::{self, crc32c};
+use replset_sim::{Cluster, ConfigSource, Event, MemberState};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+const SETTLE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
+    let c = Cluster::start(1).await?;
+    let mut s = TcpStream::connect(c.host(0)?).await?;
+
+    // OP_QUERY {isMaster: 1} on admin.$cmd, answered with OP_REPLY.
+    let mut q = Vec::new();
+    q.extend_from_slice(&0i32.to_le_bytes());
+    q.extend_from_slice(&7i32.to_le_bytes());
+    q.extend_from_slice(&0i32.to_le_bytes());
+    q.extend_from_slice(&wire::OP_QUERY.to_le_bytes());
+    q.extend_from_slice(&0i32.to_le_bytes());
+    q.extend_from_slice(b"admin.$cmd\0");
+    q.extend_from_slice(&0i32.to_le_bytes());
+    q.extend_from_slice(&(-1i32).to_le_bytes());
+    doc! {"isMaster": 1, "helloOk": true}.to_writer(&mut q)?;
+    let len = q.len() as i32;
+    q[..4].copy_from_slice(&len.to_le_bytes());
+    s.write_all(&q).await?;
+    let mut header = [0u8; 16];
+    s.read_exact(&mut header).await?;
+    let total = i32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let response_to = i32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    let op = i32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    assert_eq!((response_to, op), (7, wire::OP_REPLY));
+    let mut rest = vec![0u8; total - 16];
+    s.read_exact(&mut rest).await?;
+    let reply = Document::from_reader(&rest[20..])?;
+    assert!(!reply.get_bool("ismaster")?);
+    assert!(reply.get_bool("isreplicaset")?);
+    assert_eq!(reply.get_i32("maxWireVersion")?, 21);
+    assert!(reply.get_bool("helloOk")?);
+
+    // OP_MSG with a checksum.
+    let mut m = Vec::new();
+    m.extend_from_slice(&0i32.to_le_bytes());
+    m.extend_from_slice(&8i32.to_le_bytes());
+    m.extend_from_slice(&0i32.to_le_bytes());
+    m.extend_from_slice(&wire::OP_MSG.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.push(0);
+    doc! {"ping": 1, "$db": "admin"}.to_writer(&mut m)?;
+    let len = (m.len() + 4) as i32;
+    m[..4].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c(&m);
+    m.extend_from_slice(&crc.to_le_bytes());
+    s.write_all(&m).await?;
+    let (to, body) = wire::read_reply(&mut s).await?;
+    assert_eq!(to, 8);
+    assert_eq!(body.get_f64("ok")?, 1.0);
+    Ok(())
+}
+
+fn code(r: &Document) -> Option<i32> {
+    r.get_i32("code").ok()
+}
+
+async fn config_of(
+    c: &Cluster,
+    i: usize,
+) -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
+    let r = c.command_ok(i, doc! {"replSetGetConfig": 1}).await?;
+    Ok(r.get_document("config")?.clone())
+}
+
+/// Polls `commitmentStatus` on member `i` until the current config is committed.
+async fn wait_committed(c: &Cluster, i: usize) -> TestResult {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let r = c
+            .command_ok(i, doc! {"replSetGetConfig": 1, "commitmentStatus": true})
+            .await?;
+        if r.get_bool("commitmentStatus")? {
+            return Ok(());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "config never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn next_version(cfg: &mut Document) -> TestResult {
+    let v = cfg.get_i32("version")?;
+    cfg.insert("version", v + 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfig_validation_codes_and_messages() -> TestResult {
+    let mut c = Cluster::start(3).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    let base = config_of(&c, p).await?;
+
+    // Eight voters: the count rule, wrapped as 103.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    let members = cfg.get_array_mut("members")?;
+    for i in 3..8 {
+        members.push(Bson::Document(
+            doc! {"_id": i, "host": format!("127.0.0.1:{}", 1000 + i), "votes": 1},
+        ));
+    }
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(103), "{r:?}");
+    assert!(
+        r.get_str("errmsg")?
+            .contains("voting members, but must be at least 1 and no more than 7"),
+        "{r:?}"
+    );
+
+    // Duplicate host.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    let host0 = c.host(0)?.to_string();
+    cfg.get_array_mut("members")?.push(Bson::Document(
+        doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
+    ));
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(103), "{r:?}");
+    assert!(
+        r.get_str("errmsg")?
+            .contains("Found two member configurations with same host field"),
+        "{r:?}"
+    );
+
+    // A non-voter with a priority: a parse failure, 93.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
+        m.insert("votes", 0);
+    }
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(93), "{r:?}");
+    assert_eq!(
+        r.get_str("errmsg")?,
+        "priority must be 0 when non-voting (votes:0)"
+    );
+
+    // arbiterOnly cannot be toggled in place.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
+        m.insert("arbiterOnly", true);
+    }
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(103), "{r:?}");
+    assert!(r.get_str("errmsg")?.contains("arbiterOnly field"), "{r:?}");
+
+    // The set name cannot change.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    cfg.insert("_id", "other");
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(93), "{r:?}");
+
+    // An unknown field is rejected, as the server's strict IDL parser does.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    cfg.insert("bogus", 1);
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(93), "{r:?}");
+
+    // A user may not set newlyAdded.
+    let mut cfg = base.clone();
+    next_version(&mut cfg)?;
+    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(1) {
+        m.insert("newlyAdded", true);
+    }
+    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    assert_eq!(code(&r), Some(93), "{r:?}");
+
+    // A force reconfig on a secondary works, jumps the version, and sets term -1.
+    c.kill(p)?;
+    let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    let mut cfg = config_of(&c, s).await?;
+    let v = cfg.get_i32("version")?;
+    cfg.insert("version", v + 1);
+    let keep: Vec<Bson> = cfg
+        .get_array("members")?
+        .iter()
+        .filter(|m| m.as_document().and_then(|d| d.get_str("host").ok()) == c.host(s).ok())
+        .cloned()
+        .collect();
+    cfg.insert("members", keep);
+    c.command_ok(s, doc! {"replSetReconfig": cfg, "force": true})
+        .await?;
+    let after = config_of(&c, s).await?;
+    assert!(after.get_i32("version")? >= v + 1 + 10_000, "{after:?}");
+    assert_eq!(after.get_i64("term")?, -1);
+    c.wait_for("the forced member to become primary", SETTLE, |c| {
+        (c.node(s).ok()?.state() == MemberState::Primary).then_some(())
+    })
+    .await?;
+    assert!(c.history().configs().iter().any(|e| matches!(
+        e,
+        Event::ConfigInstalled {
+            source: ConfigSource::ForceReconfig,
+            ..
+        }
+    )));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_down_hands_over_and_bumps_the_config_term() -> TestResult {
+    let c = Cluster::start(3).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    c.command_ok(
+        p,
+        doc! {"insert": "t", "documents": [{"_id": 1}], "$db": "app"},
+    )
+    .await?;
+    let term_before = config_of(&c, p).await?.get_i64("term")?;
+    let r = c
+        .command(
+            p,
+            doc! {"replSetStepDown": 60, "secondaryCatchUpPeriodSecs": 10},
+        )
+        .await?;
+    assert_eq!(r.get_f64("ok")?, 1.0, "{r:?}");
+    let new = c
+        .wait_for("another primary", SETTLE, |c| {
+            c.primary().filter(|&n| n != p)
+        })
+        .await?;
+    // The new primary rewrote the config with its term, version unchanged.
+    let after = config_of(&c, new).await?;
+    assert!(after.get_i64("term")? > term_before, "{after:?}");
+    // A secondary cannot step down.
+    let r = c.command(p, doc! {"replSetStepDown": 60}).await?;
+    assert_eq!(code(&r), Some(10107));
+    // Status reflects the new primary.
+    let st = c.command_ok(new, doc! {"replSetGetStatus": 1}).await?;
+    assert_eq!(st.get_i32("myState")?, 1);
+    assert_eq!(st.get_i32("votingMembersCount")?, 3);
+    assert_eq!(st.get_i32("majorityVoteCount")?, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
+    // As jstests/replsets/reconfig_waits_for_a_majority_to_replicate_config.js: a 2-member
+    // set with a long election timeout, the secondary cut off, the quorum check omitted.
+    let c = Cluster::start(2).await?;
+    let hosts = c.hosts();
+    let cfg = doc! {"_id": "rs0", "version": 1, "members": [
+        {"_id": 0, "host": hosts[0].clone()},
+        {"_id": 1, "host": hosts[1].clone()},
+    ], "settings": {"electionTimeoutMillis": 60000}};
+    c.command_ok(0, doc! {"replSetInitiate": cfg}).await?;
+    // With a 60 s election timeout, ask for the election (ReplSetTest does the same).
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let r = c.command(0, doc! {"replSetStepUp": 1}).await?;
+        if r.get_f64("ok")? == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no election: {r:?}");
+        // Member 1 may not have the config yet; it gets it on the next heartbeat.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.wait_for_stable(SETTLE).await?;
+    wait_committed(&c, 0).await?;
+    c.isolate(1)?;
+    c.node(0)?.set_omit_config_quorum_check(true);
+
+    let mut cfg = config_of(&c, 0).await?;
+    next_version(&mut cfg)?;
+    let r = c
+        .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
+        .await?;
+    assert_eq!(code(&r), Some(50), "{r:?}");
+    let r = c
+        .command_ok(0, doc! {"replSetGetConfig": 1, "commitmentStatus": true})
+        .await?;
+    assert!(!r.get_bool("commitmentStatus")?);
+
+    let mut cfg = config_of(&c, 0).await?;
+    next_version(&mut cfg)?;
+    let r = c
+        .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
+        .await?;
+    assert_eq!(code(&r), Some(308), "{r:?}");
+
+    c.heal();
+    let mut cfg = config_of(&c, 0).await?;
+    next_version(&mut cfg)?;
+    c.command_ok(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 15000})
+        .await?;
+    let r = c
+        .command_ok(0, doc! {"replSetGetConfig": 1, "commitmentStatus": true})
+        .await?;
+    assert!(r.get_bool("commitmentStatus")?);
+    c.node(0)?.set_omit_config_quorum_check(false);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_take_the_config_name_for_themselves() -> TestResult {
+    // Members call themselves 127.0.0.1:port; the config names them localhost:port. Each
+    // finds itself (isSelf) and answers to the config's name from then on.
+    let c = Cluster::start(2).await?;
+    let ports: Vec<u16> = (0..2)
+        .map(|i| c.node(i).map(|n| n.port()))
+        .collect::<Result<_, _>>()?;
+    let cfg = doc! {"_id": "rs0", "version": 1, "members": [
+        {"_id": 0, "host": format!("localhost:{}", ports[0])},
+        {"_id": 1, "host": format!("localhost:{}", ports[1])},
+    ]};
+    c.command_ok(0, doc! {"replSetInitiate": cfg}).await?;
+    c.wait_for("a primary and a secondary", SETTLE, |c| {
+        let states: Vec<MemberState> = (0..2)
+            .filter_map(|i| c.node(i).ok().map(|n| n.state()))
+            .collect();
+        (states.contains(&MemberState::Primary) && states.contains(&MemberState::Secondary))
+            .then_some(())
+    })
+    .await?;
+    for (i, port) in ports.iter().enumerate() {
+        assert_eq!(c.node(i)?.host(), format!("localhost:{port}"));
+        let hello = c.command_ok(i, doc! {"hello": 1}).await?;
+        assert_eq!(hello.get_str("me")?, format!("localhost:{port}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_restarted_without_data_resyncs_from_the_set() -> TestResult {
+    let mut c = Cluster::start(3).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    c.command_ok(
+        p,
+        doc! {"insert": "r", "documents": [{"_id": 1}, {"_id": 2}], "$db": "app", "writeConcern": {"w": 3, "wtimeout": 10000}},
+    )
+    .await?;
+    let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    c.restart(s, false).await?;
+    // Fresh data directory: uninitialised until a heartbeat brings the config, then
+    // STARTUP2 (initial sync) and SECONDARY with the data.
+    c.wait_for("the wiped member to resync", SETTLE, |c| {
+        let n = c.node(s).ok()?;
+        (n.state() == MemberState::Secondary && n.documents("app.r").len() == 2).then_some(())
+    })
+    .await?;
+    let states: Vec<&'static str> = c
+        .history()
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StateChanged { node, state } if node == c.host(s).unwrap_or_default() => {
+                Some(state)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(states.ends_with(&["STARTUP2", "SECONDARY"]), "{states:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_secondary_takes_over() -> TestResult {
+    let c = Cluster::start(3).await?;
+    c.initiate().await?;
+    c.wait_for_stable(SETTLE).await?;
+    let p = c.wait_config_committed(SETTLE).await?;
+    let q = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    let mut cfg = config_of(&c, p).await?;
+    next_version(&mut cfg)?;
+    let q_host = c.host(q)?.to_string();
+    for m in cfg.get_array_mut("members")? {
+        if let Bson::Document(m) = m {
+            if m.get_str("host") == Ok(q_host.as_str()) {
+                m.insert("priority", 2);
+            }
+        }
+    }
+    c.command_ok(p, doc! {"replSetReconfig": cfg, "maxTimeMS": 10000})
+        .await?;
+    c.wait_for("a priority takeover", SETTLE, |c| {
+        (c.primary() == Some(q)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
