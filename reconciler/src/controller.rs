@@ -235,8 +235,8 @@ async fn reconcile_while_leading<C: Coordinator>(
                 Duration::from_secs(1)
             }
             Step::Blocked(blocked) => {
-                tracing::error!(set, ?blocked, "cannot act without an operator");
-                last_error = format!("{blocked:?}");
+                tracing::error!(set, reason = %blocked, "cannot act without an operator");
+                last_error = format!("{blocked:?}: {blocked}");
                 Duration::from_secs(5)
             }
             step if config.dry_run => {

@@ -105,6 +105,41 @@ pub enum Blocked {
     RemovalWouldLoseMajority { id: i64 },
 }
 
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocked::TooManyMembers { desired } => write!(
+                f,
+                "{desired} members asked for, MongoDB allows at most 50; scale the service down"
+            ),
+            Blocked::LostMajority {
+                healthy_voters,
+                voters,
+            } => write!(
+                f,
+                "the set lost its majority: {healthy_voters} of {voters} voters are up, so no \
+                 primary can be elected and no reconfig can run; restore the stopped members \
+                 (scale the service back up), then scale down one task at a time with \
+                 `replset-reconciler scale`"
+            ),
+            Blocked::WrongSetName {
+                host,
+                found,
+                expected,
+            } => write!(
+                f,
+                "{host} belongs to replica set {found:?}, not {expected:?}; check --replset and \
+                 the service"
+            ),
+            Blocked::RemovalWouldLoseMajority { id } => write!(
+                f,
+                "removing member {id} would leave fewer healthy voters than a majority; bring \
+                 members back first"
+            ),
+        }
+    }
+}
+
 /// A finding that is logged and published in the status, without a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Note {

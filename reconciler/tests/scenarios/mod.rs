@@ -12,7 +12,8 @@ macro_rules! suite {
             a_record_with_invalid_json_is_ignored,
             two_reconcilers_one_leads_and_the_other_takes_over,
             a_majority_write_survives_a_primary_killed_during_a_scale_up,
-            eight_members_have_seven_voters);
+            eight_members_have_seven_voters,
+            a_set_that_lost_its_majority_says_so_and_recovers);
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
@@ -597,4 +598,52 @@ pub async fn eight_members_have_seven_voters(b: Backend) {
     })
     .await;
     assert_one_voter_at_a_time(&cluster);
+}
+
+pub async fn a_set_that_lost_its_majority_says_so_and_recovers(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let h = Harness::start(b, &set).await;
+    set_of_three(&cluster, &h).await;
+    let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
+    // Two of three voters stop at once (as `docker service scale mongo=1` would do).
+    let others: Vec<usize> = (0..3).filter(|&i| i != primary).collect();
+    cluster.kill(primary).expect("kill");
+    cluster.kill(others[0]).expect("kill");
+    let status_key = h.layout.replset_status_key(&set);
+    wait_for(
+        "the status to report the lost majority",
+        CONVERGE,
+        || async {
+            let v = h.store.get_value(&status_key).await?.unwrap_or_default();
+            let text = String::from_utf8_lossy(&v).to_string();
+            if text.contains("LostMajority") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .await;
+    let before = latest(&cluster);
+    // The way out: the members come back.
+    cluster.restart(primary, true).await.expect("restart");
+    cluster.restart(others[0], true).await.expect("restart");
+    cluster
+        .wait_for_primary(CONVERGE)
+        .await
+        .expect("a primary again");
+    wait_for("the status to clear", CONVERGE, || async {
+        let v = h.store.get_value(&status_key).await?.unwrap_or_default();
+        let status: serde_json::Value = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
+        if status["converged"] == serde_json::json!(true) {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    // Nothing was forced or removed while the majority was gone.
+    let (_, voters, members) = latest(&cluster).expect("a config");
+    assert_eq!((voters.len(), members), (3, 3), "before: {before:?}");
 }
