@@ -103,6 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         holder: "bench".into(),
         dry_run: false,
         metrics: Arc::new(Default::default()),
+        force_after: None,
     };
     tokio::spawn(run_set(
         store.clone(),

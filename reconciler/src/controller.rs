@@ -46,6 +46,8 @@ pub struct ControllerConfig {
     pub holder: String,
     pub dry_run: bool,
     pub metrics: Arc<Metrics>,
+    /// `--allow-force --force-after`: `None` never forces.
+    pub force_after: Option<Duration>,
 }
 
 /// Follows the records under `<prefix>/services/` and publishes them.
@@ -168,6 +170,7 @@ async fn reconcile_while_leading<C: Coordinator>(
     let mut last_step = String::new();
     let mut last_error = String::new();
     let mut converging_since: Option<Instant> = None;
+    let mut majority_lost_since: Option<Instant> = None;
     loop {
         // Debounce: wait until the records are quiet for `debounce`.
         loop {
@@ -215,8 +218,25 @@ async fn reconcile_while_leading<C: Coordinator>(
             records_trusted: snapshot.trusted,
             record_gone_for,
             removal_grace: config.removal_grace,
+            force_after: config.force_after,
+            majority_lost_for: majority_lost_since.map_or(Duration::ZERO, |t| t.elapsed()),
         };
         let plan = plan_next_step(&observed.observation, &desired, &ctx);
+        match &plan.step {
+            Step::Blocked(crate::plan::Blocked::LostMajority { .. })
+            | Step::ForceReconfig { .. } => {
+                majority_lost_since.get_or_insert_with(Instant::now);
+            }
+            _ => majority_lost_since = None,
+        }
+        if let Step::ForceReconfig { host, dropped, .. } = &plan.step {
+            tracing::error!(
+                set,
+                %host,
+                ?dropped,
+                "FORCING a reconfig (--allow-force): the majority has been lost for longer than --force-after; writes only the dropped members had will be rolled back when they return"
+            );
+        }
         for note in &plan.notes {
             tracing::warn!(set, ?note, "member and record disagree");
         }
@@ -319,6 +339,7 @@ fn refused(config: &ControllerConfig, set: &str, step: &'static str, e: &MongoEr
 fn step_kind(step: &Step) -> &'static str {
     match step {
         Step::Initiate { .. } => "initiate",
+        Step::ForceReconfig { .. } => "force_reconfig",
         Step::Reconfig { change, .. } => match change {
             Change::Add { .. } => "add",
             Change::GrantVote { .. } => "grant_vote",
@@ -333,6 +354,14 @@ fn step_kind(step: &Step) -> &'static str {
 fn describe(step: &Step) -> String {
     match step {
         Step::Initiate { host, .. } => format!("initiate on {host}"),
+        Step::ForceReconfig {
+            host,
+            config,
+            dropped,
+        } => format!(
+            "FORCE a config without members {dropped:?} on {host} (config version {})",
+            config.version
+        ),
         Step::Reconfig { change, config } => {
             let what = match change {
                 Change::Add { id, host } => format!("add member {id} ({host}) without a vote"),

@@ -261,6 +261,37 @@ impl Members {
                 .await
                 .map(|_| ())
             }
+            Step::ForceReconfig {
+                host,
+                config,
+                dropped,
+            } => {
+                let Some(raw) = &observed.raw_config else {
+                    return Err(MongoError::NoAnswer {
+                        host: host.clone(),
+                        command: "replSetReconfig",
+                        detail: "no config to change".into(),
+                    });
+                };
+                let mut doc = raw.clone();
+                for id in dropped {
+                    doc = apply_to_document(
+                        &doc,
+                        &Change::Remove {
+                            id: *id,
+                            host: String::new(),
+                        },
+                        config.version,
+                    );
+                }
+                self.command(
+                    host,
+                    "replSetReconfig",
+                    doc! {"replSetReconfig": doc, "force": true},
+                )
+                .await
+                .map(|_| ())
+            }
             Step::Converged | Step::Wait(_) | Step::Blocked(_) => Ok(()),
         }
     }

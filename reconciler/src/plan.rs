@@ -31,6 +31,11 @@ pub struct PlanContext {
     /// For members of the config without a record: how long their record has been gone.
     pub record_gone_for: std::collections::BTreeMap<i64, Duration>,
     pub removal_grace: Duration,
+    /// `--allow-force --force-after <d>`: once the set has been without a majority for `d`,
+    /// force a config of the members that are up. `None` (the default): never force.
+    pub force_after: Option<Duration>,
+    /// How long the set has been without a majority, as the loop observed it.
+    pub majority_lost_for: Duration,
 }
 
 /// One change to the config, applied to the primary's current config by a reconfig.
@@ -165,6 +170,14 @@ pub enum Step {
         change: Change,
         config: ConfigView,
     },
+    /// `replSetReconfig` with `force: true` on `host`, a member that is up: only the members
+    /// that are up stay. Writes that only the dropped members had are lost (rolled back when
+    /// they return). Only with `--allow-force`, after `--force-after` without a majority.
+    ForceReconfig {
+        host: String,
+        config: ConfigView,
+        dropped: Vec<i64>,
+    },
     Wait(Wait),
     Blocked(Blocked),
 }
@@ -226,6 +239,11 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
         let voters = config.voter_count();
         let healthy_voters = config.voters().filter(|m| healthy(m.id)).count();
         if healthy_voters < majority(voters) {
+            if let Some(after) = ctx.force_after {
+                if ctx.majority_lost_for >= after && healthy_voters > 0 {
+                    return force_to_the_members_up(config, &healthy);
+                }
+            }
             return Step::Blocked(Blocked::LostMajority {
                 healthy_voters,
                 voters,
@@ -373,6 +391,30 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     match grace_wait {
         Some(w) => Step::Wait(w),
         None => Step::Converged,
+    }
+}
+
+/// The forced config: the members that are up, with their votes; sent to the lowest-`_id`
+/// voter that is up.
+fn force_to_the_members_up(config: &ConfigView, healthy: &dyn Fn(i64) -> bool) -> Step {
+    let mut next = config.clone();
+    next.version += 1;
+    next.members.retain(|m| healthy(m.id));
+    let dropped = config
+        .members
+        .iter()
+        .filter(|m| !healthy(m.id))
+        .map(|m| m.id)
+        .collect();
+    let host = next
+        .voters()
+        .map(|m| m.host.clone())
+        .next()
+        .unwrap_or_default();
+    Step::ForceReconfig {
+        host,
+        config: next,
+        dropped,
     }
 }
 

@@ -34,6 +34,8 @@ fn ctx() -> PlanContext {
         records_trusted: true,
         record_gone_for: BTreeMap::new(),
         removal_grace: GRACE,
+        force_after: None,
+        majority_lost_for: Duration::ZERO,
     }
 }
 
@@ -359,6 +361,53 @@ fn a_set_that_lost_its_majority_is_reported() {
             voters: 7
         })
     );
+}
+
+#[test]
+fn force_only_with_the_flag_and_after_the_delay() {
+    let mut obs = observed(config((1..=3).map(voter).collect()));
+    down(&mut obs, 1);
+    down(&mut obs, 2);
+    obs.primary = None;
+    obs.status.insert(
+        3,
+        MemberStatus {
+            healthy: true,
+            state: MemberState::Secondary,
+        },
+    );
+    let mut c = ctx();
+    c.majority_lost_for = Duration::from_secs(3600);
+    assert!(
+        matches!(
+            plan_next_step(&obs, &desired(1..=3), &c).step,
+            Step::Blocked(Blocked::LostMajority { .. })
+        ),
+        "never without --allow-force"
+    );
+    c.force_after = Some(Duration::from_secs(300));
+    c.majority_lost_for = Duration::from_secs(299);
+    assert!(
+        matches!(
+            plan_next_step(&obs, &desired(1..=3), &c).step,
+            Step::Blocked(Blocked::LostMajority { .. })
+        ),
+        "not before --force-after"
+    );
+    c.majority_lost_for = Duration::from_secs(300);
+    match plan_next_step(&obs, &desired(1..=3), &c).step {
+        Step::ForceReconfig {
+            host: h,
+            config,
+            dropped,
+        } => {
+            assert_eq!(h, host(3));
+            assert_eq!(dropped, vec![1, 2]);
+            assert_eq!(config.members, vec![voter(3)]);
+            assert_eq!(config.version, 6);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

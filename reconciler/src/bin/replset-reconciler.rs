@@ -54,6 +54,15 @@ struct Cli {
     #[arg(long, env = "RECONCILER_LEADER_TTL", default_value = "15s", value_parser = parse_duration, global = true)]
     leader_ttl: Duration,
 
+    /// Allow a forced reconfig (to the members that are up) once a set has been without a
+    /// majority for --force-after. Writes that only the lost members had are then lost.
+    #[arg(long, env = "RECONCILER_ALLOW_FORCE", global = true)]
+    allow_force: bool,
+
+    /// With --allow-force: how long a set must be without a majority before it is forced.
+    #[arg(long, env = "RECONCILER_FORCE_AFTER", default_value = "5m", value_parser = parse_duration, global = true)]
+    force_after: Duration,
+
     /// Decide and log, but change nothing.
     #[arg(long, env = "RECONCILER_DRY_RUN", global = true)]
     dry_run: bool,
@@ -176,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = ControllerConfig {
         metrics,
+        force_after: cli.allow_force.then_some(cli.force_after),
         layout: backend.layout.clone(),
         selectors,
         removal_grace: cli.removal_grace,
@@ -274,6 +284,10 @@ async fn drive<S: Watcher + Coordinator>(
                 records_trusted: true,
                 record_gone_for: Default::default(),
                 removal_grace: config.removal_grace,
+                // `plan` shows what would be done if the loss lasts: a force with
+                // --allow-force.
+                force_after: config.force_after,
+                majority_lost_for: Duration::MAX,
             };
             let plan = plan_next_step(&observed.observation, &desired, &ctx);
             println!("{set}: {:?}", plan.step);

@@ -13,7 +13,8 @@ macro_rules! suite {
             two_reconcilers_one_leads_and_the_other_takes_over,
             a_majority_write_survives_a_primary_killed_during_a_scale_up,
             eight_members_have_seven_voters,
-            a_set_that_lost_its_majority_says_so_and_recovers);
+            a_set_that_lost_its_majority_says_so_and_recovers,
+            allow_force_reconfigures_to_the_members_that_are_up);
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
@@ -139,6 +140,17 @@ impl Harness {
 
     /// A reconciler named `holder` for `set` under `layout`.
     async fn start_as(b: Backend, set: &str, layout: KeyLayout, holder: &str) -> Harness {
+        Harness::start_with(b, set, layout, holder, None).await
+    }
+
+    /// The same, with `--allow-force --force-after <force_after>` when given.
+    async fn start_with(
+        b: Backend,
+        set: &str,
+        layout: KeyLayout,
+        holder: &str,
+        force_after: Option<Duration>,
+    ) -> Harness {
         let store = match b {
             Backend::Etcd => Store::Etcd(Arc::new(
                 EtcdStore::connect(&[etcd_endpoint()], layout.clone())
@@ -172,6 +184,7 @@ impl Harness {
             holder: holder.into(),
             dry_run: false,
             metrics: Arc::new(replset_reconciler::metrics::Metrics::default()),
+            force_after,
         };
         let members = Arc::new(Members::new(None));
         match &store {
@@ -646,4 +659,53 @@ pub async fn a_set_that_lost_its_majority_says_so_and_recovers(b: Backend) {
     // Nothing was forced or removed while the majority was gone.
     let (_, voters, members) = latest(&cluster).expect("a config");
     assert_eq!((voters.len(), members), (3, 3), "before: {before:?}");
+}
+
+pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let h = Harness::start_with(
+        b,
+        &set,
+        unique_layout("force"),
+        "test",
+        Some(Duration::from_secs(2)),
+    )
+    .await;
+    set_of_three(&cluster, &h).await;
+    let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
+    let survivor = (0..3).find(|&i| i != primary).expect("a survivor");
+    for i in (0..3).filter(|&i| i != survivor) {
+        cluster.kill(i).expect("kill");
+    }
+    // After --force-after without a majority: a forced config of the survivor alone.
+    wait_for(
+        "a forced config of the member that is up",
+        CONVERGE,
+        || async {
+            let forced = cluster
+                .history()
+                .configs()
+                .into_iter()
+                .rev()
+                .find_map(|e| match e {
+                    Event::ConfigInstalled {
+                        source: replset_sim::ConfigSource::ForceReconfig,
+                        config,
+                        ..
+                    } => Some(config.get_array("members").map(Vec::len).unwrap_or(0)),
+                    _ => None,
+                });
+            match forced {
+                Some(1) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let p = cluster
+        .wait_for_primary(CONVERGE)
+        .await
+        .expect("a primary again");
+    assert_eq!(p, survivor);
 }
