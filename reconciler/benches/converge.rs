@@ -7,45 +7,21 @@
 //! the simulator, polled every 2 ms). The member's catch-up (and so its vote) is not included:
 //! adding it without a vote does not wait for it. The debounce is reported separately.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backend_core::{Coordinator, KeyLayout, Protocol, ServiceRecord, SCHEMA_VERSION};
+use backend_core::{Coordinator, KeyLayout};
 use backend_etcd::EtcdStore;
 use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
 use replset_reconciler::mongo::Members;
 use replset_reconciler::records::Selector;
 use replset_sim::{Cluster, Event};
+use test_support::contract::mongo_task_record;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const RUNS: usize = 20;
 const DEBOUNCE: Duration = Duration::from_millis(200);
-
-fn record(slot: u64, host: &str) -> Option<ServiceRecord> {
-    let (ip, port) = host.rsplit_once(':')?;
-    Some(ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: "mongo".into(),
-        id: format!("task{slot}"),
-        ip: ip.parse().ok()?,
-        port: port.parse().ok()?,
-        protocol: Protocol::Tcp,
-        tags: vec![],
-        labels: BTreeMap::new(),
-        attrs: BTreeMap::new(),
-        container_id: format!("c{slot}"),
-        container_name: format!("mongo.{slot}.task{slot}"),
-        node_id: "node1".into(),
-        hostname: "host1".into(),
-        task_id: Some(format!("task{slot}")),
-        task_slot: Some(slot),
-        service_id: None,
-        stack: None,
-        health: None,
-    })
-}
 
 fn members_in_latest_config(cluster: &Cluster) -> usize {
     cluster
@@ -117,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let store = store.clone();
         let layout = layout.clone();
         async move {
-            let r = record(slot, &host).ok_or("bad host")?;
+            let r = mongo_task_record(slot, &host).ok_or("bad host")?;
             store
                 .put_value(&layout.service_key(&r.service, &r.id), r.to_json())
                 .await

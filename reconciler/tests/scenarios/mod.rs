@@ -32,13 +32,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend_consul::{ConsulOptions, ConsulStore};
-use backend_core::{Coordinator, KeyLayout, Protocol, ServiceRecord, Watcher, SCHEMA_VERSION};
+use backend_core::{Coordinator, KeyLayout, Watcher};
 use backend_etcd::EtcdStore;
 use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
 use replset_reconciler::mongo::Members;
 use replset_reconciler::records::Selector;
 use replset_sim::{Cluster, Event};
-use test_support::contract::unique_layout;
+use test_support::contract::{mongo_task_record, unique_layout};
 use test_support::wait_for;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -99,31 +99,6 @@ impl Store {
                 assert!(resp.status().is_success());
             }
         }
-    }
-}
-
-/// The record the bridge would write for the task in `slot` whose mongod listens on `host`.
-fn record(slot: u64, host: &str) -> ServiceRecord {
-    let (ip, port) = host.rsplit_once(':').expect("host:port");
-    ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: "mongo".into(),
-        id: format!("task{slot}"),
-        ip: ip.parse().expect("ip"),
-        port: port.parse().expect("port"),
-        protocol: Protocol::Tcp,
-        tags: vec![],
-        labels: BTreeMap::new(),
-        attrs: BTreeMap::new(),
-        container_id: format!("c{slot}"),
-        container_name: format!("mongo.{slot}.task{slot}"),
-        node_id: "node1".into(),
-        hostname: "host1".into(),
-        task_id: Some(format!("task{slot}")),
-        task_slot: Some(slot),
-        service_id: Some("svc".into()),
-        stack: None,
-        health: None,
     }
 }
 
@@ -205,7 +180,7 @@ impl Harness {
     }
 
     async fn publish(&self, slot: u64, host: &str) {
-        let r = record(slot, host);
+        let r = mongo_task_record(slot, host).expect("host:port");
         self.store
             .put_value(&self.layout.service_key(&r.service, &r.id), r.to_json())
             .await;

@@ -343,3 +343,29 @@ pub async fn values_round_trip<C: Coordinator>(a: &C, key: &str) {
     a.put_value(key, uri.clone()).await.expect("put");
     assert_eq!(a.get_value(key).await.expect("get"), Some(uri));
 }
+
+/// The record the bridge writes for the task of service `mongo` in `slot` whose mongod listens
+/// on `host` (`ip:port`); `None` when `host` is not `ip:port`.
+pub fn mongo_task_record(slot: u64, host: &str) -> Option<ServiceRecord> {
+    let (ip, port) = host.rsplit_once(':')?;
+    Some(ServiceRecord {
+        schema_version: SCHEMA_VERSION,
+        service: "mongo".into(),
+        id: format!("task{slot}"),
+        ip: ip.parse().ok()?,
+        port: port.parse().ok()?,
+        protocol: Protocol::Tcp,
+        tags: vec![],
+        labels: BTreeMap::new(),
+        attrs: BTreeMap::new(),
+        container_id: format!("c{slot}"),
+        container_name: format!("mongo.{slot}.task{slot}"),
+        node_id: "node1".into(),
+        hostname: "host1".into(),
+        task_id: Some(format!("task{slot}")),
+        task_slot: Some(slot),
+        service_id: Some("svc".into()),
+        stack: None,
+        health: None,
+    })
+}
