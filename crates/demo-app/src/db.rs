@@ -1,0 +1,114 @@
+//! The application's use of MongoDB: one client on the replica set's connection string, majority
+//! writes and majority reads of small documents `{_id, value, writer, at}`.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, ReadConcern, WriteConcern};
+use mongodb::{Client, Collection};
+
+/// How long the driver may look for a suitable member (a primary) before an operation fails.
+const SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failed database operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("the connection string {uri:?} is not valid: {source}")]
+    BadUri {
+        uri: String,
+        source: mongodb::error::Error,
+    },
+    #[error("a document with _id {id:?} already exists")]
+    Duplicate { id: String },
+    #[error("{op} failed: {source}")]
+    Mongo {
+        op: &'static str,
+        source: mongodb::error::Error,
+    },
+}
+
+/// The documents of the demo, in one collection.
+#[derive(Debug, Clone)]
+pub struct Db {
+    client: Client,
+    docs: Collection<Document>,
+}
+
+impl Db {
+    /// A client for `uri` (`mongodb://h1:p,h2:p/?replicaSet=rs0`). The driver finds the primary
+    /// and follows it through elections and reconfigs; nothing is contacted yet.
+    pub async fn connect(uri: &str, database: &str, collection: &str) -> Result<Db, DbError> {
+        let bad = |source| DbError::BadUri {
+            uri: uri.to_string(),
+            source,
+        };
+        let mut options = ClientOptions::parse(uri).await.map_err(bad)?;
+        options.app_name = Some("replset-demo-app".into());
+        options.server_selection_timeout = Some(SELECTION_TIMEOUT);
+        options.connect_timeout = Some(Duration::from_secs(5));
+        let client = Client::with_options(options).map_err(bad)?;
+        let docs = client.database(database).collection(collection);
+        Ok(Db { client, docs })
+    }
+
+    /// Inserts `{_id: id, value, writer, at}` and waits until a majority of the voting members
+    /// have it: a write acknowledged here survives the loss of any minority.
+    pub async fn write(&self, id: &str, value: &str, writer: &str) -> Result<(), DbError> {
+        let document = doc! {
+            "_id": id,
+            "value": value,
+            "writer": writer,
+            "at": bson::DateTime::now(),
+        };
+        self.docs
+            .insert_one(document)
+            .write_concern(WriteConcern::majority())
+            .await
+            .map(|_| ())
+            .map_err(|source| {
+                if is_duplicate(&source) {
+                    DbError::Duplicate { id: id.to_string() }
+                } else {
+                    DbError::Mongo {
+                        op: "insert (w: majority)",
+                        source,
+                    }
+                }
+            })
+    }
+
+    /// Reads the document `id` with read concern majority: only data that cannot be rolled back.
+    pub async fn read(&self, id: &str) -> Result<Option<Document>, DbError> {
+        self.docs
+            .find_one(doc! {"_id": id})
+            .read_concern(ReadConcern::majority())
+            .await
+            .map_err(|source| DbError::Mongo {
+                op: "find (read concern majority)",
+                source,
+            })
+    }
+
+    /// The primary as the primary itself reports it (`hello`), e.g. `10.0.1.5:27017`.
+    pub async fn primary(&self) -> Result<String, DbError> {
+        let reply = self
+            .client
+            .database("admin")
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(|source| DbError::Mongo {
+                op: "hello",
+                source,
+            })?;
+        Ok(reply
+            .get_str("primary")
+            .or_else(|_| reply.get_str("me"))
+            .unwrap_or("unknown")
+            .to_string())
+    }
+}
+
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+}

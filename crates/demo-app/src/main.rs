@@ -1,0 +1,292 @@
+//! `replset-demo-app`: the example application of the stack.
+//!
+//! It never names a MongoDB host. It reads the replica set's connection string from the store
+//! (`<prefix>/replsets/<set>/uri`, kept by replset-reconciler), hands it to the official driver,
+//! and lets the driver find the primary. `serve` writes and reads in a loop and logs one line per
+//! round; `write` and `read` are one-shots for checks (`docker exec <app> replset-demo-app read
+//! marker:...`).
+
+mod db;
+mod store;
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use backend_core::BackendUri;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::db::{Db, DbError};
+use crate::store::Store;
+
+/// Uses a MongoDB replica set through the connection string that replset-reconciler publishes.
+///
+/// Every option can also be given as the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// The store: etcd://host:port[,host:port...]/<prefix> or consul://host:port/<prefix>.
+    #[arg(env = "DEMO_BACKEND", value_parser = BackendUri::parse)]
+    backend: BackendUri,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The replica set whose connection string to use.
+    #[arg(long, env = "DEMO_REPLSET", default_value = "rs0", global = true)]
+    replset: String,
+
+    /// The database of the demo's documents.
+    #[arg(long, env = "DEMO_DATABASE", default_value = "demo", global = true)]
+    database: String,
+
+    /// The collection of the demo's documents.
+    #[arg(long, env = "DEMO_COLLECTION", default_value = "docs", global = true)]
+    collection: String,
+
+    /// How long to wait for the connection string to appear, in seconds
+    /// (default: for ever with serve, 60 for write and read).
+    #[arg(long, env = "DEMO_WAIT", global = true)]
+    wait: Option<u64>,
+
+    /// Seconds between the rounds of serve.
+    #[arg(long, env = "DEMO_INTERVAL", default_value_t = 5, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    interval: u64,
+
+    /// Log format.
+    #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a marker document once, then write and read back a document every few seconds,
+    /// logging one line per round (the default).
+    Serve,
+    /// Insert the document `<id>` with write concern majority; exit 1 if that fails.
+    Write {
+        id: String,
+        /// The document's `value` field.
+        #[arg(long, default_value = "")]
+        value: String,
+    },
+    /// Print the document `<id>` read with read concern majority; exit 1 if it is not there.
+    Read { id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&cli.backend).await?;
+    let key = cli.backend.layout.replset_uri_key(&cli.replset);
+    let one_shot_wait = Some(Duration::from_secs(cli.wait.unwrap_or(60)));
+    let writer = std::env::var("HOSTNAME").unwrap_or_else(|_| "replset-demo-app".into());
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let wait = cli.wait.map(Duration::from_secs);
+            let uri = store.wait_for_text(&key, wait).await?;
+            let app = App {
+                store,
+                key,
+                uri: String::new(),
+                db: None,
+                database: cli.database,
+                collection: cli.collection,
+                writer,
+            };
+            tokio::select! {
+                r = app.serve(uri, Duration::from_secs(cli.interval)) => r.map(|()| ExitCode::SUCCESS),
+                () = terminated() => {
+                    tracing::info!("stopping");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Write { id, value } => {
+            let uri = store.wait_for_text(&key, one_shot_wait).await?;
+            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            match db.write(&id, &value, &writer).await {
+                Ok(()) => {
+                    println!("wrote {id:?} with w: majority through {uri}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write {id:?} through {uri}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Read { id } => {
+            let uri = store.wait_for_text(&key, one_shot_wait).await?;
+            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            match db.read(&id).await {
+                Ok(Some(doc)) => {
+                    println!("{doc}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(None) => {
+                    eprintln!("error: no document {id:?} (read concern majority) through {uri}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("error: cannot read {id:?} through {uri}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// The serving application: its store, and a client on the current connection string.
+#[derive(Debug)]
+struct App {
+    store: Store,
+    key: String,
+    uri: String,
+    db: Option<Db>,
+    database: String,
+    collection: String,
+    writer: String,
+}
+
+impl App {
+    async fn serve(mut self, uri: String, interval: Duration) -> anyhow::Result<()> {
+        self.use_uri(uri).await?;
+        // The marker: written once per writer with w: majority; a restart finds it there.
+        let marker = format!("marker:{}", self.writer);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut marker_written = false;
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        for round in 1u64.. {
+            ticker.tick().await;
+            if !marker_written {
+                match self
+                    .db()?
+                    .write(&marker, "written once at start", &self.writer)
+                    .await
+                {
+                    Ok(()) | Err(DbError::Duplicate { .. }) => {
+                        tracing::info!(id = %marker, uri = %self.uri, "marker written with w: majority");
+                        marker_written = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot write the marker yet");
+                        self.refresh_uri().await;
+                        continue;
+                    }
+                }
+            }
+            let id = format!("round:{}:{started}:{round}", self.writer);
+            match self.round(&id).await {
+                Ok(primary) => tracing::info!(round, ok = true, %primary, %id, "round"),
+                Err(e) => {
+                    tracing::warn!(round, ok = false, error = %e, "round");
+                    self.refresh_uri().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One round: a majority write, a majority read of it, and who the primary is.
+    async fn round(&self, id: &str) -> anyhow::Result<String> {
+        let db = self.db()?;
+        let value = format!("round of {}", self.writer);
+        db.write(id, &value, &self.writer).await?;
+        let doc = db
+            .read(id)
+            .await?
+            .context("the document just written is not there")?;
+        if doc.get_str("value").ok() != Some(value.as_str()) {
+            anyhow::bail!("the document read back differs: {doc}");
+        }
+        Ok(db.primary().await?)
+    }
+
+    fn db(&self) -> anyhow::Result<&Db> {
+        self.db.as_ref().context("no database client")
+    }
+
+    async fn use_uri(&mut self, uri: String) -> anyhow::Result<()> {
+        let db = Db::connect(&uri, &self.database, &self.collection).await?;
+        tracing::info!(%uri, "using connection string");
+        self.db = Some(db);
+        self.uri = uri;
+        Ok(())
+    }
+
+    /// After a failure: if the reconciler has published another connection string (members
+    /// replaced), switch to it. The driver follows most changes by itself; this covers the case
+    /// where none of the hosts it knew is left.
+    async fn refresh_uri(&mut self) {
+        match self.store.get_text(&self.key).await {
+            Ok(Some(uri)) if uri != self.uri => {
+                if let Err(e) = self.use_uri(uri).await {
+                    tracing::warn!(error = %e, "cannot use the new connection string");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot re-read the connection string"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM (docker stop, a service update) or Ctrl-C. In a FROM scratch image the
+/// program is PID 1, which has no default signal handling: without this it would not stop.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
