@@ -233,67 +233,75 @@ impl Members {
         step: &Step,
         observed: &Observed,
     ) -> Result<(), MongoError> {
-        match step {
-            Step::Initiate { host, members } => {
-                let members: Vec<Bson> = members
-                    .iter()
-                    .map(|m| Bson::Document(member_doc(m)))
-                    .collect();
-                let config = doc! {"_id": set_name, "version": 1, "members": members};
-                self.command(host, "replSetInitiate", doc! {"replSetInitiate": config})
-                    .await
-                    .map(|_| ())
-            }
-            Step::Reconfig { change, config } => {
-                let (Some(host), Some(raw)) = (&observed.primary_host, &observed.raw_config) else {
+        let (host, command) = match step {
+            Step::Converged | Step::Wait(_) | Step::Blocked(_) => return Ok(()),
+            Step::Initiate { host, .. } => (host.as_str(), "replSetInitiate"),
+            Step::Reconfig { .. } => match &observed.primary_host {
+                Some(host) => (host.as_str(), "replSetReconfig"),
+                None => {
                     return Err(MongoError::NoAnswer {
                         host: String::new(),
                         command: "replSetReconfig",
                         detail: "no primary config to change".into(),
-                    });
-                };
-                let doc = apply_to_document(raw, change, config.version);
-                self.command(
-                    host,
-                    "replSetReconfig",
-                    doc! {"replSetReconfig": doc, "maxTimeMS": 10_000_i64},
-                )
-                .await
-                .map(|_| ())
-            }
-            Step::ForceReconfig {
-                host,
-                config,
-                dropped,
-            } => {
-                let Some(raw) = &observed.raw_config else {
-                    return Err(MongoError::NoAnswer {
-                        host: host.clone(),
-                        command: "replSetReconfig",
-                        detail: "no config to change".into(),
-                    });
-                };
-                let mut doc = raw.clone();
-                for id in dropped {
-                    doc = apply_to_document(
-                        &doc,
-                        &Change::Remove {
-                            id: *id,
-                            host: String::new(),
-                        },
-                        config.version,
-                    );
+                    })
                 }
-                self.command(
-                    host,
-                    "replSetReconfig",
-                    doc! {"replSetReconfig": doc, "force": true},
-                )
-                .await
-                .map(|_| ())
-            }
-            Step::Converged | Step::Wait(_) | Step::Blocked(_) => Ok(()),
+            },
+            Step::ForceReconfig { host, .. } => (host.as_str(), "replSetReconfig"),
+        };
+        let Some(config) = config_document(set_name, step, observed.raw_config.as_ref()) else {
+            return Err(MongoError::NoAnswer {
+                host: host.to_string(),
+                command,
+                detail: "no config to change".into(),
+            });
+        };
+        let cmd = match step {
+            Step::Initiate { .. } => doc! {"replSetInitiate": config},
+            Step::ForceReconfig { .. } => doc! {"replSetReconfig": config, "force": true},
+            _ => doc! {"replSetReconfig": config, "maxTimeMS": 10_000_i64},
+        };
+        self.command(host, command, cmd).await.map(|_| ())
+    }
+}
+
+/// The config document that applying `step` sends to the server: exactly what
+/// [`Members::apply`] passes to `replSetInitiate` or `replSetReconfig`.
+///
+/// - [`Step::Initiate`]: `{_id: set_name, version: 1, members}`, nothing else.
+/// - [`Step::Reconfig`]: `raw` (the primary's config as `replSetGetConfig` returned it) with
+///   the change applied and the planned version, by [`apply_to_document`].
+/// - [`Step::ForceReconfig`]: `raw` without the dropped members, with the planned version (the
+///   server raises the version of a forced config further on its own).
+///
+/// `None` for the steps that send nothing, and for a reconfig without a `raw` config to start
+/// from. Pure: it only builds the document.
+pub fn config_document(set_name: &str, step: &Step, raw: Option<&Document>) -> Option<Document> {
+    match step {
+        Step::Initiate { members, .. } => {
+            let members: Vec<Bson> = members
+                .iter()
+                .map(|m| Bson::Document(member_doc(m)))
+                .collect();
+            Some(doc! {"_id": set_name, "version": 1, "members": members})
         }
+        Step::Reconfig { change, config } => Some(apply_to_document(raw?, change, config.version)),
+        Step::ForceReconfig {
+            config, dropped, ..
+        } => {
+            let mut doc = raw?.clone();
+            for id in dropped {
+                doc = apply_to_document(
+                    &doc,
+                    &Change::Remove {
+                        id: *id,
+                        host: String::new(),
+                    },
+                    config.version,
+                );
+            }
+            Some(doc)
+        }
+        Step::Converged | Step::Wait(_) | Step::Blocked(_) => None,
     }
 }
 

@@ -1,20 +1,25 @@
-//! The planner against MongoDB's reconfig rules, by example and by property.
+//! The planner against MongoDB's rules, by example and by property.
 //!
-//! `check_successor` restates the server's checks on a new config (repl_set_config_checks.cpp,
-//! repl_set_config.cpp, member_config.cpp): version + 1, 1 to 50 members, at most 7 voters,
-//! unique `_id` and host, non-voters with priority 0, an electable member, and at most one
-//! voter added or removed (by member `_id`).
+//! The oracle is the replica-set simulator's own validation (`replset_sim::config`, which
+//! follows MongoDB 7.0's member_config.cpp, repl_set_config.cpp and
+//! repl_set_config_checks.cpp), run on the exact document the reconciler sends
+//! (`mongo::config_document`) after the preparation the server gives that document (see
+//! [`server_reconfig`] and [`server_initiate`]). On top of the server's rules, the reconciler's
+//! own policy: the version raised by exactly one, new members without a vote, the fields it
+//! does not manage kept, and the document it sends equal to the config it planned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use bson::{doc, oid::ObjectId, Bson, Document};
 use proptest::prelude::*;
-use replset_reconciler::model::{majority, target_voters};
-use replset_reconciler::plan::voter_ids;
+use replset_reconciler::model::target_voters;
+use replset_reconciler::mongo::{config_document, config_view};
 use replset_reconciler::{
     plan_next_step, Blocked, Change, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
     Observation, PlanContext, Step, Wait,
 };
+use replset_sim::config::{normalize_host, Defaults, ReplSetConfig as ServerConfig};
 
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -100,45 +105,199 @@ fn down(obs: &mut Observation, id: i64) {
     );
 }
 
-/// The server's checks on a successor config; `Err` names the broken rule.
-fn check_successor(old: &ConfigView, new: &ConfigView) -> Result<(), String> {
-    if new.version != old.version + 1 {
-        return Err(format!("version {} after {}", new.version, old.version));
-    }
-    if new.members.is_empty() || new.members.len() > 50 {
-        return Err(format!("{} members", new.members.len()));
-    }
-    if new.voter_count() > 7 {
-        return Err(format!("{} voters", new.voter_count()));
-    }
-    let ids: BTreeSet<i64> = new.members.iter().map(|m| m.id).collect();
-    let hosts: BTreeSet<&str> = new.members.iter().map(|m| m.host.as_str()).collect();
-    if ids.len() != new.members.len() || hosts.len() != new.members.len() {
-        return Err("duplicate _id or host".into());
-    }
-    if new
+// ---- the server, as the simulator has it ---------------------------------------------------
+
+/// MongoDB's own defaults; they do not take part in validation.
+const DEFAULTS: Defaults = Defaults {
+    heartbeat_interval_millis: 2000,
+    election_timeout_millis: 10_000,
+};
+
+/// The server's term while the tests' configs are current.
+const TERM: i64 = 1;
+
+/// The config a primary holds for `view`, with fields the reconciler does not manage (settings,
+/// a replica set id, tags) that must survive its changes.
+fn stored(view: &ConfigView) -> ServerConfig {
+    let members: Vec<Bson> = view
         .members
         .iter()
-        .any(|m| m.votes == 0 && m.priority != 0.0)
-    {
-        return Err("a non-voter with priority > 0".into());
-    }
-    if !new.members.iter().any(|m| m.votes > 0 && m.priority > 0.0) {
-        return Err("no electable member".into());
-    }
-    let old_voters = voter_ids(old);
-    let new_voters = voter_ids(new);
-    if old_voters.symmetric_difference(&new_voters).count() > 1 {
-        return Err("can only add or remove at most 1 voting member".into());
-    }
-    for m in &new.members {
-        if let Some(o) = old.members.iter().find(|o| o.host == m.host) {
-            if o.id != m.id {
-                return Err(format!("host {} changed _id", m.host));
+        .map(|m| {
+            let mut d = doc! {
+                "_id": m.id as i32, "host": &m.host, "votes": i32::from(m.votes),
+                "priority": m.priority, "tags": {"slot": m.id.to_string()},
+            };
+            if m.arbiter_only {
+                d.insert("arbiterOnly", true);
             }
+            Bson::Document(d)
+        })
+        .collect();
+    let d = doc! {
+        "_id": &view.set_name, "version": view.version as i32, "term": view.term,
+        "members": members,
+        "settings": {"chainingAllowed": false, "replicaSetId": ObjectId::new()},
+    };
+    ServerConfig::parse(&d, DEFAULTS).expect("a valid stored config")
+}
+
+/// What `replSetGetConfig` returns for a stored config (without `newlyAdded`, as the reconciler
+/// asks for it).
+fn raw(cfg: &ServerConfig) -> Document {
+    cfg.to_document(false)
+}
+
+/// `replSetReconfig` of `sent` on `receiver`, a member whose config is `old`: what the
+/// simulator's `cmd_reconfig` (MongoDB's `processReplSetReconfig`) does before installing it.
+/// The document is parsed and its hosts normalised; a safe reconfig may not name `newlyAdded`,
+/// gets the current term, and the `replicaSetId` of the old config when it has none;
+/// `validate_for_reconfig` compares old and new; the receiver must find itself in the new
+/// config (and be electable in it, unless forced); a safe reconfig needs a majority of the new
+/// config's voters to answer (the quorum check) and marks members added with a vote
+/// `newlyAdded`. `running` holds the hosts that answer.
+fn server_reconfig(
+    old: &ServerConfig,
+    sent: &Document,
+    force: bool,
+    receiver: &str,
+    running: &BTreeSet<String>,
+) -> Result<ServerConfig, String> {
+    let mut new = ServerConfig::parse(sent, DEFAULTS).map_err(|e| e.to_string())?;
+    for m in &mut new.members {
+        m.host = normalize_host(&m.host);
+    }
+    if new.set_name != old.set_name {
+        return Err(format!(
+            "set name {} sent to {}",
+            new.set_name, old.set_name
+        ));
+    }
+    if !force {
+        if let Some(m) = new.members.iter().find(|m| m.newly_added) {
+            return Err(format!("newlyAdded given for member {}", m.id));
+        }
+    }
+    if new.replica_set_id().is_none() {
+        if let Some(id) = old.replica_set_id() {
+            new.set_replica_set_id(id);
+        }
+    }
+    if force {
+        new.version += 10_000;
+        new.term = replset_sim::config::UNINITIALIZED_TERM;
+    } else {
+        new.term = TERM;
+    }
+    ServerConfig::validate_for_reconfig(old, &new, force).map_err(|e| e.to_string())?;
+    let me = new
+        .member_by_host(receiver)
+        .ok_or_else(|| format!("{receiver} is not in the new config"))?;
+    if force {
+        return Ok(new);
+    }
+    if !me.is_electable() {
+        return Err(format!("{receiver} is not electable in the new config"));
+    }
+    for m in &mut new.members {
+        m.newly_added = m.votes > 0
+            && old
+                .member_by_id(m.id)
+                .is_none_or(|before| before.newly_added);
+    }
+    let answering = new.voters().filter(|m| running.contains(&m.host)).count();
+    if answering < new.majority_vote_count() {
+        return Err(format!(
+            "quorum check: {answering} voters answer, {} needed",
+            new.majority_vote_count()
+        ));
+    }
+    Ok(new)
+}
+
+/// `replSetInitiate` of `sent` on `receiver`, as the simulator's `cmd_initiate` does it: parse,
+/// normalise, term 0, the set name of `--replSet`, `validate_for_initiate`, the receiver in
+/// the config and electable, and every member answering a heartbeat. `running` holds the hosts
+/// that answer.
+fn server_initiate(
+    sent: &Document,
+    receiver: &str,
+    running: &BTreeSet<String>,
+) -> Result<ServerConfig, String> {
+    let mut cfg = ServerConfig::parse(sent, DEFAULTS).map_err(|e| e.to_string())?;
+    for m in &mut cfg.members {
+        m.host = normalize_host(&m.host);
+    }
+    cfg.term = 0;
+    if cfg.set_name != "rs0" {
+        return Err(format!("set name {}", cfg.set_name));
+    }
+    cfg.validate_for_initiate().map_err(|e| e.to_string())?;
+    let me = cfg
+        .member_by_host(receiver)
+        .ok_or_else(|| format!("{receiver} is not in the config"))?;
+    if !me.is_electable() {
+        return Err(format!("{receiver} is not electable"));
+    }
+    if let Some(m) = cfg.members.iter().find(|m| !running.contains(&m.host)) {
+        return Err(format!("{} does not answer", m.host));
+    }
+    Ok(cfg)
+}
+
+/// The reconciler's own rules for a safe reconfig, besides the server's: the version raised
+/// by one, the document sent equal to the planned config, the fields it does not manage kept,
+/// and no member given a vote by being added.
+fn reconciler_policy(
+    old: &ServerConfig,
+    planned: &ConfigView,
+    sent: &Document,
+    accepted: &ServerConfig,
+) -> Result<(), String> {
+    if planned.version != old.version + 1 {
+        return Err(format!("version {} after {}", planned.version, old.version));
+    }
+    let view = config_view(sent);
+    if (view.version, &view.members) != (planned.version, &planned.members) {
+        return Err(format!("sent {view:?}, planned {planned:?}"));
+    }
+    if accepted.settings != old.settings {
+        return Err(format!(
+            "settings {:?} became {:?}",
+            old.settings, accepted.settings
+        ));
+    }
+    for m in &accepted.members {
+        if let Some(before) = old.member_by_id(m.id) {
+            if m.tags != before.tags {
+                return Err(format!("the tags of member {} were lost", m.id));
+            }
+        }
+        if m.newly_added {
+            return Err(format!("member {} was added with a vote", m.id));
         }
     }
     Ok(())
+}
+
+/// The server's verdict on a safe reconfig step planned for `old`, with the members of
+/// `running` up and the primary `primary`, and the reconciler's policy on it: the config the
+/// set then has.
+fn accept_reconfig(
+    old: &ServerConfig,
+    step: &Step,
+    primary: &str,
+    running: &BTreeSet<String>,
+) -> Result<ServerConfig, String> {
+    let Step::Reconfig {
+        config: planned, ..
+    } = step
+    else {
+        return Err(format!("not a reconfig: {step:?}"));
+    };
+    let sent = config_document("rs0", step, Some(&raw(old))).ok_or("no document")?;
+    let new = server_reconfig(old, &sent, false, primary, running)?;
+    reconciler_policy(old, planned, &sent, &new)?;
+    Ok(new)
 }
 
 fn reconfig_of(step: Step) -> (Change, ConfigView) {
@@ -276,7 +435,10 @@ fn a_rescheduled_slot_moves_its_host_once_the_old_one_is_down() {
         }
     );
     assert_eq!(next.members.len(), 3, "the same member, not a second one");
-    check_successor(obs.config.as_ref().expect("config"), &next).expect("valid");
+    let old = stored(obs.config.as_ref().expect("config"));
+    let running = [host(1), host(3)].into_iter().collect();
+    let step = plan_next_step(&obs, &want, &ctx()).step;
+    accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
 }
 
 #[test]
@@ -431,59 +593,171 @@ fn an_uncommitted_config_is_waited_for() {
 
 // ---- properties ----------------------------------------------------------------------------
 
-/// A generated world: the config, which members run (and are healthy), and the desired slots.
-#[derive(Debug, Clone)]
-struct World {
-    config: ConfigView,
-    running: BTreeSet<i64>,
-    desired: BTreeSet<i64>,
+/// Where the task of slot `id` runs after it was rescheduled.
+fn moved_host(id: i64) -> String {
+    format!("10.0.1.{id}:27017")
 }
 
-fn world() -> impl Strategy<Value = World> {
+/// A generated world: the set as the server holds it (`None`: never initiated), which mongods
+/// run, the desired members (slot to host, some rescheduled to a new host), and what running
+/// mongods of a set never initiated say in `hello`.
+#[derive(Debug, Clone)]
+struct World {
+    config: Option<ServerConfig>,
+    running: BTreeSet<String>,
+    desired: BTreeMap<i64, String>,
+    /// For a set never initiated: the `setName` some running mongods report anyway.
+    set_names: BTreeMap<String, String>,
+    /// `--allow-force --force-after` set, and the majority lost for longer than that.
+    force: bool,
+}
+
+/// Bit `i` of `seed` (any `i`).
+fn bit(seed: u64, i: i64) -> bool {
+    (seed >> (i.rem_euclid(64))) & 1 == 1
+}
+
+/// The desired members: these slots, the ones with their bit of `seed` set at a new host.
+fn desired_hosts(slots: &BTreeSet<i64>, seed: u64, moves: bool) -> BTreeMap<i64, String> {
+    slots
+        .iter()
+        .map(|&id| {
+            let at = if moves && bit(seed, id) && bit(seed, id + 20) {
+                moved_host(id)
+            } else {
+                host(id)
+            };
+            (id, at)
+        })
+        .collect()
+}
+
+/// An initiated set: `voters` voters (ids 1..), a few non-voters (8..), some mongods down;
+/// the desired slots either any, or some of the members' (so that votes move); some of them
+/// rescheduled to a new host.
+fn initiated() -> impl Strategy<Value = World> {
     (
         1usize..=9,
         proptest::collection::btree_set(1i64..=12, 0..=12),
         any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(voters, desired, seed)| {
-            // A config of `voters` voters (ids 1..) plus a few non-voters, some members down.
+        .prop_map(|(voters, slots, seed, moves, force, members_only)| {
             let mut members: Vec<MemberConfig> = (1..=voters.min(7) as i64).map(voter).collect();
             let extra = (seed % 4) as i64;
             for id in 8..8 + extra {
                 members.push(MemberConfig::new_non_voter(id, &host(id)));
             }
-            let running: BTreeSet<i64> = members
+            let slots: BTreeSet<i64> = if members_only {
+                members
+                    .iter()
+                    .map(|m| m.id)
+                    .filter(|id| !bit(seed, *id + 50))
+                    .collect()
+            } else {
+                slots
+            };
+            let desired = desired_hosts(&slots, moves, true);
+            let running: BTreeSet<String> = members
                 .iter()
-                .map(|m| m.id)
-                .filter(|id| (seed >> (id % 60)) & 1 == 0 || *id == 1)
+                .filter(|m| !bit(seed, m.id + 2) || m.id == 1)
+                .map(|m| m.host.clone())
+                .chain(
+                    desired
+                        .iter()
+                        .filter(|(id, _)| !bit(seed, *id + 40))
+                        .map(|(_, h)| h.clone()),
+                )
                 .collect();
             World {
-                config: config(members),
+                config: Some(stored(&config(members))),
                 running,
                 desired,
+                set_names: BTreeMap::new(),
+                force,
             }
         })
 }
 
-/// What the reconciler would observe of `world`: the lowest running voter is primary if a
-/// majority of voters runs.
-fn observe(world: &World) -> Observation {
-    let voters: Vec<i64> = world.config.voters().map(|m| m.id).collect();
-    let up = voters
+/// A set never initiated: desired slots, some of them running, a few claiming a set name.
+fn fresh() -> impl Strategy<Value = World> {
+    (
+        proptest::collection::btree_set(1i64..=12, 0..=12),
+        any::<u64>(),
+    )
+        .prop_map(|(slots, seed)| {
+            let desired = desired_hosts(&slots, seed, false);
+            let running: BTreeSet<String> = desired
+                .iter()
+                .filter(|(id, _)| !bit(seed, **id))
+                .map(|(_, h)| h.clone())
+                .collect();
+            let set_names = desired
+                .iter()
+                .filter(|(id, h)| {
+                    running.contains(*h) && bit(seed, **id + 16) && bit(seed, **id + 28)
+                })
+                .map(|(id, h)| {
+                    let name = if bit(seed, id + 44) { "other" } else { "rs0" };
+                    (h.clone(), name.to_string())
+                })
+                .collect();
+            World {
+                config: None,
+                running,
+                desired,
+                set_names,
+                force: false,
+            }
+        })
+}
+
+fn world() -> impl Strategy<Value = World> {
+    prop_oneof![3 => initiated(), 1 => fresh()]
+}
+
+/// The `_id` of the primary: the lowest running electable member, when a majority of the
+/// voters runs.
+fn primary_of(cfg: &ServerConfig, running: &BTreeSet<String>) -> Option<i64> {
+    let up = cfg.voters().filter(|m| running.contains(&m.host)).count();
+    if up < cfg.majority_vote_count() {
+        return None;
+    }
+    cfg.members
         .iter()
-        .filter(|id| world.running.contains(id))
-        .count();
-    let primary = if up >= majority(voters.len()) {
-        voters.iter().copied().find(|id| world.running.contains(id))
-    } else {
-        None
+        .find(|m| m.is_electable() && running.contains(&m.host))
+        .map(|m| m.id)
+}
+
+/// What the reconciler would observe of `world`: `hello` of the desired hosts that run, the
+/// config as `replSetGetConfig` returns it, the members' health.
+fn observe(world: &World) -> Observation {
+    let hello = world
+        .desired
+        .values()
+        .filter(|h| world.running.contains(*h))
+        .map(|h| {
+            let name = match &world.config {
+                Some(cfg) if cfg.member_by_host(h).is_some() => Some("rs0".to_string()),
+                _ => world.set_names.get(h).cloned(),
+            };
+            (h.clone(), name)
+        })
+        .collect();
+    let Some(cfg) = &world.config else {
+        return Observation {
+            hello,
+            ..Observation::default()
+        };
     };
-    let status = world
-        .config
+    let primary = primary_of(cfg, &world.running);
+    let status = cfg
         .members
         .iter()
         .map(|m| {
-            let running = world.running.contains(&m.id);
+            let running = world.running.contains(&m.host);
             let state = match (running, Some(m.id) == primary) {
                 (true, true) => MemberState::Primary,
                 (true, false) => MemberState::Secondary,
@@ -499,97 +773,177 @@ fn observe(world: &World) -> Observation {
         })
         .collect();
     Observation {
-        hello: world
-            .running
-            .iter()
-            .map(|id| (host(*id), Some("rs0".to_string())))
-            .collect(),
-        config: Some(world.config.clone()),
+        hello,
+        config: Some(config_view(&raw(cfg))),
         committed: true,
         primary,
         status,
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+/// The context the loop would plan with: every member without a record gone for the grace.
+fn context_of(world: &World) -> PlanContext {
+    let mut c = ctx();
+    if let Some(cfg) = &world.config {
+        c.record_gone_for = cfg
+            .members
+            .iter()
+            .filter(|m| !world.desired.contains_key(&m.id))
+            .map(|m| (m.id, GRACE))
+            .collect();
+    }
+    if world.force {
+        c.force_after = Some(Duration::from_secs(60));
+        c.majority_lost_for = Duration::from_secs(3600);
+    }
+    c
+}
 
-    /// Every reconfig the planner asks for passes the server's checks, never removes a healthy
-    /// member or one with a record, and never adds a voter directly.
+/// Sends `step` to the simulated server of `world`: `Ok(Some(config))` with the config the
+/// server accepted and the reconciler's policy allows, `Ok(None)` for a step that sends
+/// nothing, `Err` with the rule it breaks.
+fn send(world: &World, obs: &Observation, step: &Step) -> Result<Option<ServerConfig>, String> {
+    let runs = |id: &i64| {
+        world.config.as_ref().is_some_and(|c| {
+            c.member_by_id(*id)
+                .is_some_and(|m| world.running.contains(&m.host))
+        })
+    };
+    match (step, &world.config) {
+        (Step::Initiate { host: to, .. }, None) => {
+            if let Some((h, name)) = world.set_names.iter().next() {
+                return Err(format!("initiated although {h} is in set {name}"));
+            }
+            let sent = config_document("rs0", step, None).ok_or("no document")?;
+            server_initiate(&sent, to, &world.running).map(Some)
+        }
+        (Step::Reconfig { change, config }, Some(old)) => {
+            let primary = obs.primary.ok_or("a reconfig without a primary")?;
+            let at = old.member_by_id(primary).ok_or("no primary member")?;
+            let new = accept_reconfig(old, step, &at.host, &world.running)?;
+            match change {
+                Change::Remove { id, .. } if runs(id) => {
+                    Err(format!("removed member {id}, which runs"))
+                }
+                Change::Remove { id, .. } if world.desired.contains_key(id) => {
+                    Err(format!("removed member {id}, which has a record"))
+                }
+                Change::MoveHost { id, .. } if runs(id) => {
+                    Err(format!("moved member {id}, which runs at its old host"))
+                }
+                Change::Add { id, .. } if config.member(*id).map(|m| m.votes) != Some(0) => {
+                    Err(format!("added member {id} with a vote"))
+                }
+                Change::GrantVote { id } if !runs(id) => {
+                    Err(format!("a vote for member {id}, which is down"))
+                }
+                _ => Ok(Some(new)),
+            }
+        }
+        (Step::ForceReconfig { host: to, .. }, Some(old)) => {
+            if !world.force {
+                return Err("forced without --allow-force".into());
+            }
+            if obs.primary.is_some() {
+                return Err("forced with a primary".into());
+            }
+            if !world.running.contains(to) {
+                return Err(format!("forced on {to}, which is down"));
+            }
+            let sent = config_document("rs0", step, Some(&raw(old))).ok_or("no document")?;
+            server_reconfig(old, &sent, true, to, &world.running).map(Some)
+        }
+        (Step::Converged | Step::Wait(_) | Step::Blocked(_), _) => Ok(None),
+        (other, _) => Err(format!(
+            "{other:?} for a set with config {:?}",
+            world.config
+        )),
+    }
+}
+
+fn desired_of(world: &World) -> Desired {
+    Desired {
+        members: world.desired.clone(),
+    }
+}
+
+proptest! {
+    // The regressions live next to this file: tests/plan.proptest-regressions.
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    /// Every initiate and reconfig the planner asks for is accepted by the server's rules (the
+    /// simulator's validation of the exact document sent) and keeps the reconciler's own: never
+    /// removes a member that runs or has a record, never moves one that runs, never adds a
+    /// voter directly, never forces on its own.
     #[test]
     fn every_step_is_one_the_server_accepts(w in world()) {
-        let desired = desired(w.desired.iter().copied());
-        let mut c = ctx();
-        for m in &w.config.members {
-            if !w.desired.contains(&m.id) {
-                c.record_gone_for.insert(m.id, GRACE);
-            }
-        }
         let obs = observe(&w);
-        if let Step::Reconfig { change, config } = plan_next_step(&obs, &desired, &c).step {
-            prop_assert!(obs.primary.is_some(), "reconfig without a primary");
-            check_successor(&w.config, &config).map_err(TestCaseError::fail)?;
-            match change {
-                Change::Remove { id, .. } => {
-                    prop_assert!(!w.running.contains(&id), "removed a running member");
-                    prop_assert!(!w.desired.contains(&id), "removed a member with a record");
-                }
-                Change::Add { id, .. } => {
-                    prop_assert_eq!(config.member(id).map(|m| m.votes), Some(0));
-                }
-                Change::GrantVote { id } => {
-                    prop_assert!(w.running.contains(&id), "vote for a member that is down");
-                }
-                _ => {}
-            }
-        }
+        let step = plan_next_step(&obs, &desired_of(&w), &context_of(&w)).step;
+        send(&w, &obs, &step).map_err(|e| TestCaseError::fail(format!("{step:?}: {e}")))?;
     }
 
-    /// From any world where the desired members run, applying the planner's steps (members
-    /// that are running become SECONDARY) converges to exactly the desired members, with the
-    /// target number of voters, in a bounded number of steps.
+    /// From any world where the desired members run (a rescheduled slot's old mongod is gone),
+    /// the planner's steps, each accepted by the server and then in force (members that run
+    /// become SECONDARY), reach exactly the desired members with the target number of voters,
+    /// odd and at most 7, in a bounded number of steps.
     #[test]
     fn repeated_steps_converge(w in world()) {
         let mut w = w;
-        // The desired members run; slots above 12 are out of range of the generator.
-        w.running.extend(w.desired.iter().copied());
-        let want = desired(w.desired.iter().copied());
-        let mut c = ctx();
+        for (id, at) in &w.desired {
+            if at != &host(*id) {
+                w.running.remove(&host(*id));
+            }
+            w.running.insert(at.clone());
+        }
+        w.set_names.clear();
+        w.force = false;
+        let want = desired_of(&w);
         for step_no in 0..100 {
-            c.record_gone_for = w
-                .config
-                .members
-                .iter()
-                .filter(|m| !w.desired.contains(&m.id))
-                .map(|m| (m.id, GRACE))
-                .collect();
-            let plan = plan_next_step(&observe(&w), &want, &c);
-            match plan.step {
+            let obs = observe(&w);
+            let step = plan_next_step(&obs, &want, &context_of(&w)).step;
+            let accepted = send(&w, &obs, &step)
+                .map_err(|e| TestCaseError::fail(format!("step {step_no}: {step:?}: {e}")))?;
+            if let Some(mut cfg) = accepted {
+                // A new primary raises the config's term (and the initiated set elects one).
+                cfg.term = TERM;
+                w.config = Some(cfg);
+                continue;
+            }
+            match step {
                 Step::Converged => {
-                    let ids: BTreeSet<i64> = w.config.members.iter().map(|m| m.id).collect();
-                    let running_members: BTreeSet<i64> =
-                        ids.iter().copied().filter(|id| w.running.contains(id)).collect();
-                    // Every desired member is in; members left over are running ones without a
-                    // record (kept on purpose).
-                    prop_assert!(w.desired.is_subset(&ids));
-                    for id in ids.difference(&w.desired) {
-                        prop_assert!(w.running.contains(id), "dead member {} left in", id);
+                    let cfg = w.config.as_ref().expect("a converged set has a config");
+                    // Every desired member is in, at its host; members left over are running
+                    // ones without a record (kept on purpose).
+                    for (id, at) in &w.desired {
+                        prop_assert_eq!(cfg.member_by_id(*id).map(|m| &m.host), Some(at));
+                    }
+                    for m in &cfg.members {
+                        prop_assert!(
+                            w.desired.contains_key(&m.id) || w.running.contains(&m.host),
+                            "dead member {} left in", m.id
+                        );
                     }
                     // As many voters as can vote, at most 7, odd.
-                    let voters = w.config.voter_count();
-                    let could_vote = voters + w.config.members.iter()
-                        .filter(|m| !m.is_voter() && w.desired.contains(&m.id))
+                    let voters = cfg.voters().count();
+                    let could_vote = voters + cfg.members.iter()
+                        .filter(|m| !m.is_voter() && w.desired.contains_key(&m.id))
                         .count();
-                    prop_assert_eq!(voters, target_voters(could_vote), "voters of {:?}", w.config);
-                    prop_assert!(running_members.len() >= voters);
+                    prop_assert_eq!(voters, target_voters(could_vote), "voters of {:?}", cfg);
+                    prop_assert!(voters % 2 == 1 && voters <= 7, "voters of {:?}", cfg);
+                    let running = cfg.members.iter().filter(|m| w.running.contains(&m.host)).count();
+                    prop_assert!(running >= voters);
                     return Ok(());
                 }
-                Step::Reconfig { config, .. } => {
-                    check_successor(&w.config, &config).map_err(TestCaseError::fail)?;
-                    w.config = config;
-                }
+                Step::Wait(Wait::NoRecords) if w.desired.is_empty() => return Ok(()),
                 Step::Blocked(Blocked::LostMajority { .. } | Blocked::RemovalWouldLoseMajority { .. }) => {
-                    // Only a world that started without a majority may end here.
+                    // Only a world that started without a majority of its voters may end here.
+                    prop_assert_eq!(step_no, 0, "blocked after {} steps: {:?}", step_no, step);
                     return Ok(());
                 }
                 other => prop_assert!(false, "step {}: unexpected {:?}", step_no, other),

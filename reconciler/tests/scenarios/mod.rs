@@ -8,7 +8,8 @@ macro_rules! suite {
     ($backend:expr) => {
         $crate::scenarios::suite!(@tests $backend; a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time,
             a_rescheduled_slot_keeps_its_id_with_a_new_host,
-            a_scale_down_removes_one_member_per_step_and_a_store_glitch_removes_nothing,
+            eight_to_three_removes_one_member_per_step_with_a_primary_throughout,
+            a_store_glitch_removes_nothing,
             a_record_with_invalid_json_is_ignored,
             two_reconcilers_one_leads_and_the_other_takes_over,
             a_majority_write_survives_a_primary_killed_during_a_scale_up,
@@ -27,7 +28,7 @@ macro_rules! suite {
 }
 pub(crate) use suite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -387,37 +388,246 @@ pub async fn a_rescheduled_slot_keeps_its_id_with_a_new_host(b: Backend) {
     assert_one_voter_at_a_time(&cluster);
 }
 
-pub async fn a_scale_down_removes_one_member_per_step_and_a_store_glitch_removes_nothing(
-    b: Backend,
-) {
-    let mut cluster = Cluster::start(5).await.expect("simulated members");
-    let h = Harness::start(b, cluster.set_name()).await;
+/// How many times a primary stepped down.
+fn stepdowns(cluster: &Cluster) -> usize {
+    cluster
+        .history()
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::SteppedDown { .. }))
+        .count()
+}
+
+/// The version and members (`_id`s) of every config a primary installed, in order.
+fn config_history(cluster: &Cluster) -> Vec<(i64, BTreeSet<i64>)> {
+    cluster
+        .history()
+        .configs()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::ConfigInstalled {
+                version, config, ..
+            } => {
+                let members = config
+                    .get_array("members")
+                    .map(|ms| {
+                        ms.iter()
+                            .filter_map(|m| m.as_document())
+                            .filter_map(|m| {
+                                m.get_i32("_id")
+                                    .map(i64::from)
+                                    .or_else(|_| m.get_i64("_id"))
+                                    .ok()
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((version, members))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The status the reconciler published for `set`, once it says the set converged with these
+/// members, a primary and the config the set has now.
+async fn converged_status(
+    h: &Harness,
+    cluster: &Cluster,
+    set: &str,
+    members: &BTreeSet<i64>,
+) -> Result<serde_json::Value, String> {
+    let v = h
+        .store
+        .get_value(&h.layout.replset_status_key(set))
+        .await?
+        .ok_or("no status")?;
+    let status: serde_json::Value = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
+    let listed: BTreeSet<i64> = status["members"]
+        .as_array()
+        .map(|ms| ms.iter().filter_map(|m| m["_id"].as_i64()).collect())
+        .unwrap_or_default();
+    let installed = latest(cluster).map(|(version, _, _)| version);
+    if status["converged"] == serde_json::json!(true)
+        && &listed == members
+        && status["primary"].is_string()
+        && status["config_version"].as_i64() == installed
+    {
+        Ok(status)
+    } else {
+        Err(format!("{status} (installed config {installed:?})"))
+    }
+}
+
+/// `docker service scale mongo=3` of a set of 8, the way `replset-reconciler scale` does it:
+/// one task at a time, its record deleted and its mongod stopped, then wait until the set has
+/// converged (the member gone from the config, the status saying so) before the next.
+pub async fn eight_to_three_removes_one_member_per_step_with_a_primary_throughout(b: Backend) {
+    let mut cluster = Cluster::start(8).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    // 8 members as the reconciler leaves them: slots 1 to 7 voting, slot 8 without a vote.
+    let members: Vec<bson::Bson> = cluster
+        .hosts()
+        .iter()
+        .zip(1..)
+        .map(|(host, id): (&String, i32)| {
+            let m = if id == 8 {
+                bson::doc! {"_id": id, "host": host, "votes": 0, "priority": 0}
+            } else {
+                bson::doc! {"_id": id, "host": host, "votes": 1, "priority": 1}
+            };
+            bson::Bson::Document(m)
+        })
+        .collect();
+    cluster
+        .command_ok(
+            0,
+            bson::doc! {"replSetInitiate": {"_id": &set, "version": 1, "members": members}},
+        )
+        .await
+        .expect("initiate");
+    cluster
+        .wait_for_stable(CONVERGE)
+        .await
+        .expect("a primary and secondaries");
+    let h = Harness::start(b, &set).await;
     for (i, host) in cluster.hosts().iter().enumerate() {
         h.publish(i as u64 + 1, host).await;
     }
-    wait_for("5 voters", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 5)) if voters.len() == 5 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    let mut remaining: BTreeSet<i64> = (1..=8).collect();
+    wait_for(
+        "the reconciler to find 8 members converged",
+        CONVERGE,
+        || converged_status(&h, &cluster, &set, &remaining),
+    )
     .await;
-    // Swarm stops two tasks: their records go and their mongods stop.
-    for slot in [4u64, 5] {
-        h.unpublish(slot).await;
-        cluster.kill(slot as usize - 1).expect("kill");
-    }
-    wait_for("3 members, 3 voters", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    assert_one_voter_at_a_time(&cluster);
-    let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
-    assert!(primary < 3);
+    assert_eq!(
+        latest(&cluster).map(|(v, voters, n)| (v, voters.len(), n)),
+        Some((1, 7, 8)),
+        "the reconciler changed a converged set"
+    );
 
+    // A w: "majority" write through the replica-set URI, as an application makes it.
+    let client = mongodb::Client::with_uri_str(cluster.uri())
+        .await
+        .expect("client");
+    let coll = client
+        .database("app")
+        .collection::<bson::Document>("orders");
+    let majority = mongodb::options::WriteConcern::builder()
+        .w(mongodb::options::Acknowledgment::Majority)
+        .build();
+    coll.insert_one(bson::doc! {"_id": 1, "item": "before the scale-down"})
+        .with_options(
+            mongodb::options::InsertOneOptions::builder()
+                .write_concern(majority)
+                .build(),
+        )
+        .await
+        .expect("majority write");
+
+    let started = std::time::Instant::now();
+    let elections = cluster.history().elections();
+    let stepdowns_before = stepdowns(&cluster);
+    let mut configs_before = config_history(&cluster).len();
+    let polls = std::cell::Cell::new(0usize);
+    let without_primary = std::cell::Cell::new(0usize);
+    while remaining.len() > 3 {
+        // Swarm stops one task (the test picks one that is not the primary: losing the
+        // primary is a failover, another scenario). Its mongod stops, then the bridge deletes
+        // its record.
+        let primary = cluster.primary().expect("a primary") as i64 + 1;
+        let slot = *remaining
+            .iter()
+            .rev()
+            .find(|&&s| s != primary)
+            .expect("a member to stop");
+        remaining.remove(&slot);
+        cluster.kill(slot as usize - 1).expect("kill");
+        h.unpublish(slot as u64).await;
+        wait_for(
+            &format!("member {slot} removed and the set converged"),
+            CONVERGE,
+            || async {
+                polls.set(polls.get() + 1);
+                if cluster.primary().is_none() {
+                    without_primary.set(without_primary.get() + 1);
+                }
+                converged_status(&h, &cluster, &set, &remaining).await
+            },
+        )
+        .await;
+        // This step's configs: the stopped member removed, nothing else, no member added.
+        let configs = config_history(&cluster);
+        let step = &configs[configs_before - 1..];
+        let mut removed = BTreeSet::new();
+        for pair in step.windows(2) {
+            let (version, before, after) = (pair[1].0, &pair[0].1, &pair[1].1);
+            assert!(
+                after.is_subset(before) && before.len() - after.len() <= 1,
+                "config {version} changed members {before:?} -> {after:?}\n{}",
+                cluster.history().render()
+            );
+            removed.extend(before.difference(after).copied());
+        }
+        assert_eq!(
+            removed,
+            BTreeSet::from([slot]),
+            "stopping {slot}:\n{}",
+            cluster.history().render()
+        );
+        configs_before = configs.len();
+    }
+    let took = started.elapsed();
+
+    assert_one_voter_at_a_time(&cluster);
+    let (_, voters, members) = latest(&cluster).expect("a config");
+    assert_eq!(members, 3);
+    assert_eq!(
+        voters.into_iter().collect::<BTreeSet<i64>>(),
+        remaining,
+        "the 3 members left all vote"
+    );
+    assert_eq!(
+        latest_members(&cluster)
+            .keys()
+            .copied()
+            .collect::<BTreeSet<i64>>(),
+        remaining
+    );
+    // A primary throughout: every poll found one, and nobody was elected or stepped down.
+    assert!(polls.get() > 0);
+    assert_eq!(
+        without_primary.get(),
+        0,
+        "polls without a primary, of {}",
+        polls.get()
+    );
+    assert_eq!(
+        cluster.history().elections(),
+        elections,
+        "an election during the scale-down:\n{}",
+        cluster.history().render()
+    );
+    assert_eq!(
+        stepdowns(&cluster),
+        stepdowns_before,
+        "a stepdown during the scale-down:\n{}",
+        cluster.history().render()
+    );
+    let found = coll
+        .find_one(bson::doc! {"_id": 1})
+        .await
+        .expect("read")
+        .expect("the majority write is still there");
+    assert_eq!(found.get_str("item").ok(), Some("before the scale-down"));
+    eprintln!("8 -> 3 in {took:?}");
+}
+
+pub async fn a_store_glitch_removes_nothing(b: Backend) {
+    let cluster = Cluster::start(3).await.expect("simulated members");
+    let h = Harness::start(b, cluster.set_name()).await;
+    set_of_three(&cluster, &h).await;
     // Every record vanishes while the members keep running: nothing may be removed.
     let before = latest(&cluster);
     for slot in 1..=3u64 {
