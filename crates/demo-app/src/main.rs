@@ -71,7 +71,8 @@ enum Command {
         #[arg(long, default_value = "")]
         value: String,
     },
-    /// Print the document `<id>` read with read concern majority; exit 1 if it is not there.
+    /// Print the document `<id>` (read concern majority) as one line of JSON; exit 1 if it is
+    /// not there.
     Read { id: String },
 }
 
@@ -107,6 +108,7 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // NO_COLOR=1 (set in the images) turns the colours off.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -161,7 +163,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
             match db.read(&id).await {
                 Ok(Some(doc)) => {
-                    println!("{doc}");
+                    // One line of JSON (MongoDB's relaxed extended JSON), for scripts and tests.
+                    println!("{}", bson::Bson::Document(doc).into_relaxed_extjson());
                     Ok(ExitCode::SUCCESS)
                 }
                 Ok(None) => {
