@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # The stack's images, built from source: the ONLINE path, for people with a registry.
 #
 #   docker build -f docker/images.Dockerfile --target swarm-registrator  -t <you>/swarm-registrator .
@@ -13,8 +14,9 @@
 #
 # This file needs base images from a registry, so it cannot be built on machines that cannot
 # pull (this project's test machines): there, scripts/images builds the same images from
-# binaries compiled on the host. Keep the two in step. With BuildKit,
-# docker/images.Dockerfile.dockerignore keeps target/ and .git out of the context.
+# binaries compiled on the host. Keep the two in step. It needs BuildKit (the default from
+# Docker 23; DOCKER_BUILDKIT=1 before) for the cache mounts and for
+# docker/images.Dockerfile.dockerignore, which keeps target/ and .git out of the context.
 
 # ---------------------------------------------------------------- builder
 FROM rust:1-bookworm AS build
