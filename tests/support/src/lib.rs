@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests of the workspace's crates: polling with a
 //! deadline, temporary directories, free ports, a private etcd that a test may stop and start,
-//! and a tiny HTTP GET.
+//! a tiny HTTP GET, and a multi-node Docker Swarm of Docker-in-Docker nodes ([`dind`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 
 pub mod contract;
+pub mod dind;
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
 /// and the last error it returned.

@@ -1,0 +1,264 @@
+//! Smoke test of the multi-node swarm harness (`test_support::dind`, `scripts/swarm-nodes`):
+//! three Docker-in-Docker nodes form a swarm, an overlay network spans them, tasks on
+//! different nodes reach each other by overlay IP, and a killed worker is seen Down and its
+//! task rescheduled.
+//!
+//! Heavy (about 20 s waiting for the swarm to notice a lost node, plus a one-time node image
+//! build of about 90 s). Its binary and its test are named `dind`: run only it with
+//! `cargo test -p test-support --test dind`, leave it out with `cargo test -- --skip dind`.
+//! Needs root and `scripts/services up`.
+
+use std::time::{Duration, Instant};
+
+use test_support::dind::{Node, Swarm};
+use test_support::wait_for;
+
+const IMAGE: &str = "local/busybox";
+
+/// The containers of `service`'s tasks on `node`: (container id, IP on `net`).
+async fn tasks_on(node: &Node, service: &str, net: &str) -> Result<Vec<(String, String)>, String> {
+    let ids = node
+        .docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={service}"),
+        ])
+        .await?;
+    let mut out = Vec::new();
+    for id in ids.lines().filter(|l| !l.is_empty()) {
+        let ip = node
+            .docker(&[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+                id,
+            ])
+            .await?;
+        if ip.is_empty() {
+            return Err(format!("task container {id} has no IP on {net} yet"));
+        }
+        out.push((id.to_string(), ip));
+    }
+    Ok(out)
+}
+
+/// Running tasks of `service` as the manager sees them: (task name, node hostname).
+async fn running_tasks(swarm: &Swarm, service: &str) -> Result<Vec<(String, String)>, String> {
+    let out = swarm
+        .manager()
+        .docker(&[
+            "service",
+            "ps",
+            service,
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Name}} {{.Node}} {{.CurrentState}}",
+        ])
+        .await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && w[2] == "Running").then(|| (w[0].to_string(), w[1].to_string()))
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dind_three_nodes_overlay_and_a_lost_worker() {
+    let started = Instant::now();
+    let swarm = Swarm::up(3).await;
+    let up = started.elapsed();
+    let mgr = swarm.manager();
+
+    // 1 manager and 2 workers, all Ready
+    let states = swarm.node_states().await.expect("docker node ls");
+    let mut hostnames: Vec<&str> = states.iter().map(|(h, _, _)| h.as_str()).collect();
+    hostnames.sort();
+    assert_eq!(hostnames, ["dnode1", "dnode2", "dnode3"], "{states:?}");
+    assert!(states.iter().all(|(_, s, _)| s == "Ready"), "{states:?}");
+    let role = |i: usize| {
+        let node = swarm.node(i);
+        async move {
+            node.docker(&["info", "--format", "{{.Swarm.ControlAvailable}}"])
+                .await
+                .expect("docker info")
+        }
+    };
+    assert_eq!(role(1).await, "true", "dnode1 is the manager");
+    assert_eq!(role(2).await, "false", "dnode2 is a worker");
+    assert_eq!(role(3).await, "false", "dnode3 is a worker");
+
+    let t = Instant::now();
+    swarm.load_images(&[IMAGE]).await;
+    let load = t.elapsed();
+
+    // an overlay network and a service with one task on each node; each task serves its
+    // node's hostname over HTTP
+    let net = "smoke-net";
+    mgr.docker(&["network", "create", "-d", "overlay", "--attachable", net])
+        .await
+        .expect("overlay network");
+    mgr.docker(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "spread",
+        "--network",
+        net,
+        "--replicas",
+        "3",
+        "--replicas-max-per-node",
+        "1",
+        "--hostname",
+        "{{.Node.Hostname}}",
+        IMAGE,
+        "sh",
+        "-c",
+        "hostname > /var/www/index.html && exec httpd -f -p 8080 -h /var/www",
+    ])
+    .await
+    .expect("service create spread");
+    let t = Instant::now();
+    let spread = wait_for(
+        "3 tasks of spread running, one on each node",
+        Duration::from_secs(60),
+        || async {
+            let mut all = Vec::new();
+            for node in swarm.nodes() {
+                let tasks = tasks_on(&node, "spread", net).await?;
+                if tasks.len() != 1 {
+                    return Err(format!("{}: {} tasks", node.hostname(), tasks.len()));
+                }
+                all.push((node, tasks[0].clone()));
+            }
+            Ok(all)
+        },
+    )
+    .await;
+    let tasks_up = t.elapsed();
+
+    // a container on dnode1 reaches the tasks on dnode2 and dnode3 by their overlay IPs
+    let (from_node, (from_container, _)) = &spread[0];
+    for (node, (_, ip)) in &spread[1..] {
+        // (busybox-static's wget crashes on this machine, so a plain HTTP/1.0 GET with nc)
+        let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080");
+        let body = wait_for(
+            &format!(
+                "{} to reach {ip} on {}",
+                from_node.hostname(),
+                node.hostname()
+            ),
+            Duration::from_secs(30),
+            || async {
+                let reply = from_node
+                    .docker(&["exec", from_container, "sh", "-c", &get])
+                    .await?;
+                match reply.split_once("\r\n\r\n") {
+                    Some((head, body)) if head.starts_with("HTTP/1.") => {
+                        Ok(body.trim().to_string())
+                    }
+                    _ => Err(format!("not an HTTP reply: {reply:?}")),
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            body,
+            node.hostname(),
+            "the task at {ip} answers with its node"
+        );
+    }
+
+    // A service that has a free node to move to: 2 tasks, at most 1 per node.
+    mgr.docker(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "mover",
+        "--network",
+        net,
+        "--replicas",
+        "2",
+        "--replicas-max-per-node",
+        "1",
+        IMAGE,
+        "sleep",
+        "86400",
+    ])
+    .await
+    .expect("service create mover");
+    let before = wait_for(
+        "2 tasks of mover running",
+        Duration::from_secs(60),
+        || async {
+            let tasks = running_tasks(&swarm, "mover").await?;
+            if tasks.len() == 2 {
+                Ok(tasks)
+            } else {
+                Err(format!("{tasks:?}"))
+            }
+        },
+    )
+    .await;
+    // with 2 tasks on 3 nodes, at least one worker runs one: lose that worker
+    let victim = (2..=3)
+        .find(|&i| before.iter().any(|(_, n)| *n == format!("dnode{i}")))
+        .expect("a worker runs a task of mover");
+    let victim_host = format!("dnode{victim}");
+
+    let killed = Instant::now();
+    swarm.kill_node(victim).await;
+    wait_for(
+        &format!("the manager to see {victim_host} Down"),
+        Duration::from_secs(90),
+        || async {
+            let states = swarm.node_states().await?;
+            if states
+                .iter()
+                .any(|(h, s, _)| *h == victim_host && s == "Down")
+            {
+                Ok(())
+            } else {
+                Err(format!("{states:?}"))
+            }
+        },
+    )
+    .await;
+    let detected = killed.elapsed();
+    let after = wait_for(
+        "mover to run 2 tasks again, none on the lost node",
+        Duration::from_secs(90),
+        || async {
+            let tasks = running_tasks(&swarm, "mover").await?;
+            if tasks.len() == 2 && tasks.iter().all(|(_, n)| *n != victim_host) {
+                Ok(tasks)
+            } else {
+                Err(format!("{tasks:?}"))
+            }
+        },
+    )
+    .await;
+    let rescheduled = killed.elapsed();
+    // the moved task runs on the node that had none
+    let free = (1..=3)
+        .map(|i| format!("dnode{i}"))
+        .find(|h| *h != victim_host && !before.iter().any(|(_, n)| n == h))
+        .expect("a node without a mover task");
+    assert!(after.iter().any(|(_, n)| *n == free), "{after:?}");
+
+    eprintln!(
+        "[dind] timings: swarm up {:.1}s, images loaded {:.1}s, 3 tasks running {:.1}s, \
+         {victim_host} seen Down {:.1}s after docker kill, its task running elsewhere {:.1}s after",
+        up.as_secs_f64(),
+        load.as_secs_f64(),
+        tasks_up.as_secs_f64(),
+        detected.as_secs_f64(),
+        rescheduled.as_secs_f64(),
+    );
+    swarm.down().await;
+}
