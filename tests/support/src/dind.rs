@@ -26,7 +26,7 @@
 //!
 //! Needs root and the host's dockerd (`scripts/services up`). Measured on this project's
 //! 2-core test machines:
-//! - the node image `local/dind` is built once (debootstrap + import): about 86 s;
+//! - the node image `local/dind` is built once (debootstrap + import): 41 to 86 s;
 //! - `Swarm::up(3)`: the nodes' dockerd answer after about 1 s, all 3 Ready after 2.5 s;
 //! - `load_images`: busybox 0.6 s, a 100 MB image about 1.5 s (all nodes at once);
 //! - the nodes' storage driver is overlay2 (on their tmpfs); vfs works too
