@@ -299,7 +299,17 @@ impl Node {
     /// Runs the `docker` CLI against this node; its stdout (trimmed) on success, otherwise
     /// the command, exit status and stderr.
     pub async fn docker(&self, args: &[&str]) -> Result<String, String> {
-        docker_cli(Some(&self.docker_host), args).await
+        docker_cli(Some(&self.docker_host), &[], args).await
+    }
+
+    /// [`Node::docker`] with extra environment variables for the CLI (for example those a
+    /// stack file substitutes in `docker stack deploy`).
+    pub async fn docker_with_env(
+        &self,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<String, String> {
+        docker_cli(Some(&self.docker_host), env, args).await
     }
 
     /// The node's IP address on the swarm's bridge network (its swarm advertise address).
@@ -316,11 +326,16 @@ impl Node {
 
 /// Runs the `docker` CLI against the host engine (the default socket).
 pub async fn host_docker(args: &[&str]) -> Result<String, String> {
-    docker_cli(None, args).await
+    docker_cli(None, &[], args).await
 }
 
-async fn docker_cli(host: Option<&str>, args: &[&str]) -> Result<String, String> {
+async fn docker_cli(
+    host: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new("docker");
+    cmd.envs(env.iter().copied());
     match host {
         Some(h) => cmd.env("DOCKER_HOST", h),
         None => cmd.env_remove("DOCKER_HOST"),
