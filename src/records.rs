@@ -152,6 +152,10 @@ fn task_records(
 
     // Ports: the registrator.port label, else SERVICE_PORT, else the image's exposed ports.
     let unscoped = metadata(c, "");
+    // An ignored task (SERVICE_IGNORE) needs no port: it is not published at all.
+    if unscoped.ignored() {
+        return Ok(Vec::new());
+    }
     let ports = match (c.label(LABEL_PORT), unscoped.get("port")) {
         (Some(v), _) => parse_port_list(v).ok_or_else(|| SkipReason::BadPort {
             container: container(),
@@ -623,6 +627,18 @@ mod tests {
         c.env.push("SERVICE_IGNORE=1".into());
         assert!(build_records(&c, &BuildOptions::default(), &node())
             .expect("ok")
+            .is_empty());
+        // A swarm task that has no port but says it is ignored is skipped quietly, not refused.
+        let mut c = task(&[]);
+        c.labels.remove(LABEL_PORT);
+        c.exposed.clear();
+        assert!(matches!(
+            build_records(&c, &BuildOptions::default(), &node()),
+            Err(SkipReason::NoPort { .. })
+        ));
+        c.labels.insert("SERVICE_IGNORE".into(), "true".into());
+        assert!(build_records(&c, &BuildOptions::default(), &node())
+            .expect("ignored, not an error")
             .is_empty());
     }
 
