@@ -506,9 +506,25 @@ async fn the_stack_keeps_the_replica_set_equal_to_the_service_through_scaling_an
     assert_eq!(after, before, "the bridge flap changed the replica set");
     d.assert_start_doc_readable("bridge re-deployed").await;
 
-    // --- lose a worker node, preferably the one with the primary (and not the app)
+    // --- lose a worker node: the one with the primary where the primary is on a worker
+    // A probe on the manager (never lost) writes through the URI, as a new client would.
+    d.manager()
+        .docker(&[
+            "run",
+            "-d",
+            "--name",
+            "e2e-probe",
+            "--network",
+            NETWORK,
+            "local/replset-demo-app",
+            BACKEND,
+            "serve",
+            "--interval",
+            "3600",
+        ])
+        .await
+        .expect("start the probe container");
     let tasks = d.tasks(MONGO).await.expect("tasks");
-    let app_node = d.tasks("e2e_app").await.expect("app task")[0].node;
     let raw = d
         .etcd_get("registrator/replsets/rs0/status")
         .await
@@ -519,16 +535,13 @@ async fn the_stack_keeps_the_replica_set_equal_to_the_service_through_scaling_an
         .and_then(|h| h.rsplit_once(':'))
         .map(|(ip, _)| ip.to_string())
         .unwrap_or_default();
-    let candidates: Vec<&Task> = tasks
-        .iter()
-        .filter(|t| t.node != 1 && t.node != app_node)
-        .collect();
-    let lost = candidates
+    let on_workers: Vec<&Task> = tasks.iter().filter(|t| t.node != 1).collect();
+    let lost = on_workers
         .iter()
         .find(|t| t.ip == primary_ip)
-        .or_else(|| candidates.first())
-        .map(|t| t.node)
-        .unwrap_or_else(|| tasks.iter().find(|t| t.node != 1).expect("a worker").node);
+        .or_else(|| on_workers.first())
+        .expect("a mongo task on a worker")
+        .node;
     let lost_slots: BTreeSet<i64> = tasks
         .iter()
         .filter(|t| t.node == lost)
@@ -543,7 +556,6 @@ async fn the_stack_keeps_the_replica_set_equal_to_the_service_through_scaling_an
     let lost_at = Instant::now();
     eprintln!("[e2e] killed node dnode{lost} (slots {lost_slots:?}, primary there: {had_primary})");
 
-    // A majority write through the URI from the app (not on the lost node) shows a primary.
     let mut k = 0;
     let primary_back = wait_for(
         "a primary (a w: majority write through the URI)",
@@ -551,11 +563,18 @@ async fn the_stack_keeps_the_replica_set_equal_to_the_service_through_scaling_an
         || {
             k += 1;
             let id = format!("after-loss-{k}");
-            let d = &d;
+            let manager = d.manager();
             async move {
-                let cmd = ["replset-demo-app", "write", &id, "--wait", "5"];
-                let write = d.exec("e2e_app", &cmd);
-                match tokio::time::timeout(Duration::from_secs(10), write).await {
+                let cmd = [
+                    "exec",
+                    "e2e-probe",
+                    "replset-demo-app",
+                    "write",
+                    &id,
+                    "--wait",
+                    "5",
+                ];
+                match tokio::time::timeout(Duration::from_secs(15), manager.docker(&cmd)).await {
                     Ok(Ok(_)) => Ok(lost_at.elapsed()),
                     Ok(Err(e)) => Err(e),
                     Err(_) => Err("write timed out".into()),
@@ -593,6 +612,10 @@ async fn the_stack_keeps_the_replica_set_equal_to_the_service_through_scaling_an
         whole_after.as_secs_f64()
     );
     d.assert_start_doc_readable("node lost").await;
+    d.manager()
+        .docker(&["rm", "-f", "e2e-probe"])
+        .await
+        .expect("remove the probe container");
 
     d.swarm.down().await;
 }
