@@ -10,6 +10,7 @@ use etcd_client::Client;
 
 pub mod contract;
 pub mod dind;
+pub mod stack;
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
 /// and the last error it returned.

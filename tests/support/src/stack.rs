@@ -1,0 +1,475 @@
+//! The project's stack (`compose/stack.yml` or `compose/stack.consul.yml`) deployed on a
+//! [`Swarm`] of Docker-in-Docker nodes with the offline images of `scripts/images`, and the
+//! checks that end-to-end tests and benchmarks make on it: the running tasks of a service as
+//! the manager reports them, the store's keys (read inside the store's own container, which is
+//! only on the overlay network), "the replica set equals the tasks", and the example
+//! application's reads and writes through the published connection string.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use test_support::dind::Swarm;
+//! use test_support::stack::{Deployment, Store};
+//! let swarm = Swarm::up(3).await;
+//! let d = Deployment::deploy(swarm, Store::Etcd, "5s").await; // loads the images too
+//! let state = d.wait_converged(3, "deploy").await; // members = the 3 tasks, all voting
+//! d.scale(5).await; // replset-reconciler scale, as operators run it
+//! # let _ = state;
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::dind::{host_docker, Node, Swarm};
+use crate::wait_for;
+
+/// The stack's name; every [`Swarm`] is its own, so it need not be unique.
+pub const STACK: &str = "e2e";
+/// The replicated mongo service of the stack.
+pub const MONGO: &str = "e2e_mongo";
+/// The stack's overlay network.
+pub const NETWORK: &str = "e2e_replset";
+/// How long one step may take to converge; generous, as the machine is shared.
+pub const CONVERGE: Duration = Duration::from_secs(240);
+
+const STATUS_KEY: &str = "registrator/replsets/rs0/status";
+const URI_KEY: &str = "registrator/replsets/rs0/uri";
+
+/// Which store the stack runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Etcd,
+    Consul,
+}
+
+impl Store {
+    fn stack_file(self) -> &'static str {
+        match self {
+            Store::Etcd => "compose/stack.yml",
+            Store::Consul => "compose/stack.consul.yml",
+        }
+    }
+
+    /// The backend URI as the stack's services write it.
+    pub fn backend(self) -> &'static str {
+        match self {
+            Store::Etcd => "etcd://etcd:2379/registrator",
+            Store::Consul => "consul://consul:8500/registrator",
+        }
+    }
+
+    fn service(self) -> &'static str {
+        match self {
+            Store::Etcd => "e2e_etcd",
+            Store::Consul => "e2e_consul",
+        }
+    }
+
+    /// The offline images the stack needs with this store.
+    pub fn images(self) -> [&'static str; 5] {
+        [
+            "local/swarm-registrator",
+            "local/replset-reconciler",
+            "local/replset-demo-app",
+            "local/mongo-sim",
+            match self {
+                Store::Etcd => "local/etcd",
+                Store::Consul => "local/consul",
+            },
+        ]
+    }
+}
+
+/// One running task of a service, as the manager reports it.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: String,
+    pub slot: i64,
+    /// The node's index in the [`Swarm`] (1 = manager).
+    pub node: usize,
+    pub container: String,
+    /// The task's address on the stack's overlay network.
+    pub ip: String,
+}
+
+/// The replica set as the reconciler leader reported it last, once it equals the tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetState {
+    /// member `_id` (= slot) to host
+    pub members: BTreeMap<i64, String>,
+    pub config_version: i64,
+    pub primary: String,
+}
+
+/// The stack, deployed on a swarm.
+#[derive(Debug)]
+pub struct Deployment {
+    pub swarm: Swarm,
+    pub store: Store,
+    removal_grace: String,
+    /// Node id (as the swarm knows it) to node index (1 = manager).
+    node_index: BTreeMap<String, usize>,
+}
+
+impl Deployment {
+    /// Checks that the images exist on the host engine, loads them into every node and deploys
+    /// the stack with the reconciler's removal grace `removal_grace` (e.g. "5s").
+    pub async fn deploy(swarm: Swarm, store: Store, removal_grace: &str) -> Deployment {
+        for image in store.images() {
+            if host_docker(&["image", "inspect", image]).await.is_err() {
+                panic!("image {image} is missing on the host engine: run scripts/images first");
+            }
+        }
+        swarm.load_images(&store.images()).await;
+        let mut d = Deployment {
+            swarm,
+            store,
+            removal_grace: removal_grace.to_string(),
+            node_index: BTreeMap::new(),
+        };
+        let nodes = d
+            .manager()
+            .docker(&["node", "ls", "--format", "{{.ID}} {{.Hostname}}"])
+            .await
+            .expect("docker node ls");
+        for line in nodes.lines() {
+            let (id, host) = line.split_once(' ').expect("node ls line");
+            let index = host
+                .trim_start_matches("dnode")
+                .parse()
+                .expect("node hostnames are dnode<i>");
+            d.node_index.insert(id.to_string(), index);
+        }
+        d.stack_deploy().await;
+        d
+    }
+
+    pub fn manager(&self) -> Node {
+        self.swarm.manager()
+    }
+
+    /// `docker stack deploy` of the stack file with the offline images (also re-deploys).
+    pub async fn stack_deploy(&self) {
+        let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(self.store.stack_file());
+        let file = file.to_str().expect("utf-8 path");
+        let env = [
+            ("STACK", STACK),
+            ("REGISTRATOR_IMAGE", "local/swarm-registrator"),
+            ("RECONCILER_IMAGE", "local/replset-reconciler"),
+            ("DEMO_APP_IMAGE", "local/replset-demo-app"),
+            ("MONGO_IMAGE", "local/mongo-sim"),
+            ("ETCD_IMAGE", "local/etcd"),
+            ("CONSUL_IMAGE", "local/consul"),
+            ("REMOVAL_GRACE", self.removal_grace.as_str()),
+        ];
+        self.manager()
+            .docker_with_env(
+                &env,
+                &[
+                    "stack",
+                    "deploy",
+                    "--resolve-image",
+                    "never",
+                    "-c",
+                    file,
+                    STACK,
+                ],
+            )
+            .await
+            .expect("docker stack deploy");
+    }
+
+    /// The running tasks of `service` (desired and actual state running).
+    pub async fn tasks(&self, service: &str) -> Result<Vec<Task>, String> {
+        let ids = self
+            .manager()
+            .docker(&[
+                "service",
+                "ps",
+                service,
+                "--filter",
+                "desired-state=running",
+                "--no-trunc",
+                "-q",
+            ])
+            .await?;
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["inspect"];
+        args.extend(&ids);
+        let out = self.manager().docker(&args).await?;
+        let tasks: Vec<Value> =
+            serde_json::from_str(&out).map_err(|e| format!("docker inspect of tasks: {e}"))?;
+        let mut running = Vec::new();
+        for t in tasks {
+            if t["Status"]["State"] != "running" {
+                continue;
+            }
+            let node = t["NodeID"].as_str().unwrap_or_default();
+            let ip = t["NetworksAttachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["Network"]["Spec"]["Name"] == NETWORK)
+                .and_then(|a| a["Addresses"][0].as_str())
+                .and_then(|cidr| cidr.split('/').next())
+                .unwrap_or_default()
+                .to_string();
+            running.push(Task {
+                id: t["ID"].as_str().unwrap_or_default().to_string(),
+                slot: t["Slot"].as_i64().unwrap_or(0),
+                node: *self
+                    .node_index
+                    .get(node)
+                    .ok_or_else(|| format!("task on unknown node {node}"))?,
+                container: t["Status"]["ContainerStatus"]["ContainerID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                ip,
+            });
+        }
+        Ok(running)
+    }
+
+    /// Runs a command in the container of a running task of `service`, on that task's node.
+    pub async fn exec(&self, service: &str, cmd: &[&str]) -> Result<String, String> {
+        let tasks = self.tasks(service).await?;
+        let task = tasks
+            .iter()
+            .find(|t| !t.container.is_empty())
+            .ok_or_else(|| format!("no running task of {service}"))?;
+        let mut args = vec!["exec", task.container.as_str()];
+        args.extend(cmd);
+        self.swarm.node(task.node).docker(&args).await
+    }
+
+    /// A key's value, read inside the store's container.
+    pub async fn store_get(&self, key: &str) -> Result<String, String> {
+        match self.store {
+            Store::Etcd => {
+                self.exec(
+                    self.store.service(),
+                    &["etcdctl", "get", key, "--print-value-only"],
+                )
+                .await
+            }
+            Store::Consul => {
+                self.exec(self.store.service(), &["consul", "kv", "get", key])
+                    .await
+            }
+        }
+    }
+
+    /// How many records of the mongo service the store holds.
+    pub async fn mongo_record_count(&self) -> Result<usize, String> {
+        let prefix = format!("registrator/services/{MONGO}/");
+        let keys = match self.store {
+            Store::Etcd => {
+                self.exec(
+                    self.store.service(),
+                    &["etcdctl", "get", "--prefix", "--keys-only", &prefix],
+                )
+                .await?
+            }
+            Store::Consul => {
+                self.exec(
+                    self.store.service(),
+                    &["consul", "kv", "get", "-keys", &prefix],
+                )
+                .await?
+            }
+        };
+        Ok(keys.lines().filter(|l| !l.trim().is_empty()).count())
+    }
+
+    /// The holder of the reconciler's leadership of rs0: the etcd election's oldest key, or the
+    /// value of the Consul lock.
+    pub async fn leader(&self) -> Result<String, String> {
+        let v = match self.store {
+            Store::Etcd => {
+                self.exec(
+                    self.store.service(),
+                    &[
+                        "etcdctl",
+                        "get",
+                        "--prefix",
+                        "--sort-by=CREATE",
+                        "--order=ASCEND",
+                        "--limit=1",
+                        "--print-value-only",
+                        "registrator/replsets/rs0/leader/",
+                    ],
+                )
+                .await?
+            }
+            Store::Consul => {
+                // -detailed shows the session that holds the lock: no session, no leader
+                let out = self
+                    .exec(
+                        self.store.service(),
+                        &[
+                            "consul",
+                            "kv",
+                            "get",
+                            "-detailed",
+                            "registrator/replsets/rs0/leader",
+                        ],
+                    )
+                    .await?;
+                let field = |name: &str| {
+                    out.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_default()
+                };
+                if field("Session").is_empty() || field("Session") == "-" {
+                    return Err(format!("the lock is not held: {out}"));
+                }
+                field("Value")
+            }
+        };
+        let v = v.trim().to_string();
+        if v.is_empty() {
+            Err("no leader".into())
+        } else {
+            Ok(v)
+        }
+    }
+
+    /// The leader's status document.
+    pub async fn status(&self) -> Result<Value, String> {
+        let raw = self.store_get(STATUS_KEY).await?;
+        serde_json::from_str(&raw).map_err(|e| format!("status {raw:?}: {e}"))
+    }
+
+    /// One check of "the replica set equals the service's tasks": `n` running tasks; the
+    /// leader's status says converged, with a primary, every member healthy and voting, and
+    /// exactly the tasks' slots and addresses as members; the URI lists exactly them.
+    pub async fn check_converged(&self, n: usize) -> Result<SetState, String> {
+        let tasks = self.tasks(MONGO).await?;
+        if tasks.len() != n || tasks.iter().any(|t| t.ip.is_empty()) {
+            return Err(format!("{} running tasks: {tasks:?}", tasks.len()));
+        }
+        let want: BTreeMap<i64, String> = tasks
+            .iter()
+            .map(|t| (t.slot, format!("{}:27017", t.ip)))
+            .collect();
+        let status = self.status().await?;
+        let members: BTreeMap<i64, String> = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["_id"].as_i64().unwrap_or(-1),
+                    m["host"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let all_healthy_voters = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|m| m["healthy"] == true && m["votes"] == 1);
+        if status["converged"] != true
+            || status["primary"].is_null()
+            || members != want
+            || !all_healthy_voters
+        {
+            return Err(format!("tasks {want:?}; status {status}"));
+        }
+        let uri = self.store_get(URI_KEY).await?;
+        let hosts: BTreeSet<&str> = uri
+            .trim()
+            .strip_prefix("mongodb://")
+            .and_then(|rest| rest.split('/').next())
+            .map(|h| h.split(',').collect())
+            .unwrap_or_default();
+        let want_hosts: BTreeSet<&str> = want.values().map(String::as_str).collect();
+        if hosts != want_hosts || !uri.contains("replicaSet=rs0") {
+            return Err(format!("uri {uri:?}, tasks {want:?}"));
+        }
+        Ok(SetState {
+            members,
+            config_version: status["config_version"].as_i64().unwrap_or(-1),
+            primary: status["primary"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Waits (up to [`CONVERGE`]) until [`Deployment::check_converged`] holds; logs how long.
+    pub async fn wait_converged(&self, n: usize, after: &str) -> SetState {
+        let started = Instant::now();
+        let state = wait_for(
+            &format!("the replica set to equal the {n} tasks ({after})"),
+            CONVERGE,
+            || self.check_converged(n),
+        )
+        .await;
+        eprintln!(
+            "[stack] {after}: converged with {n} members in {:.1}s (config version {})",
+            started.elapsed().as_secs_f64(),
+            state.config_version
+        );
+        state
+    }
+
+    /// Writes `{_id: id, value}` with `w: "majority"` through the URI, from the example
+    /// application's container.
+    pub async fn app_write(&self, id: &str, value: &str) -> Result<String, String> {
+        self.exec(
+            "e2e_app",
+            &["replset-demo-app", "write", id, "--value", value],
+        )
+        .await
+    }
+
+    /// Reads `id` (read concern majority) through the URI from the application's container.
+    pub async fn app_read(&self, id: &str) -> Result<Value, String> {
+        let out = self
+            .exec("e2e_app", &["replset-demo-app", "read", id, "--wait", "30"])
+            .await?;
+        serde_json::from_str(&out).map_err(|e| format!("read printed {out:?}: {e}"))
+    }
+
+    /// `replset-reconciler scale` as operators run it: a one-off container on the manager, on
+    /// the stack's network, with the manager's Docker API. Returns how long it took.
+    pub async fn scale(&self, n: usize) -> Duration {
+        let started = Instant::now();
+        let to = format!("{MONGO}={n}");
+        self.manager()
+            .docker(&[
+                "run",
+                "--rm",
+                "--user",
+                "0",
+                "--network",
+                NETWORK,
+                "-v",
+                "/var/run/docker.sock:/var/run/docker.sock",
+                "local/replset-reconciler",
+                self.store.backend(),
+                "--service",
+                MONGO,
+                "--replset",
+                "rs0",
+                "scale",
+                &to,
+            ])
+            .await
+            .unwrap_or_else(|e| panic!("replset-reconciler scale {to}: {e}"));
+        let took = started.elapsed();
+        eprintln!(
+            "[stack] replset-reconciler scale {to}: {:.1}s",
+            took.as_secs_f64()
+        );
+        took
+    }
+}
