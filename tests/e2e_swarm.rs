@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use test_support::dind::Swarm;
-use test_support::stack::{Deployment, Store, Task, CONVERGE, MONGO, NETWORK};
+use test_support::stack::{Deployment, Store, CONVERGE, MONGO};
 use test_support::wait_for;
 
 /// The reconciler's removal grace in this stack: short, so that scaling down is quick.
@@ -176,43 +176,14 @@ async fn walk_through(store: Store) {
 
     // --- lose a worker node: the one with the primary where the primary is on a worker
     // A probe on the manager (never lost) writes through the URI, as a new client would.
-    d.manager()
-        .docker(&[
-            "run",
-            "-d",
-            "--name",
-            "e2e-probe",
-            "--network",
-            NETWORK,
-            "--env",
-            &format!("DEMO_BACKEND={}", store.backend()),
-            "local/replset-demo-app",
-            "serve",
-            "--interval",
-            "3600",
-        ])
-        .await
-        .expect("start the probe container");
+    d.start_probe().await;
     let tasks = d.tasks(MONGO).await.expect("tasks");
-    let status = d.status().await.expect("status");
-    let primary_ip = status["primary"]
-        .as_str()
-        .and_then(|h| h.rsplit_once(':'))
-        .map(|(ip, _)| ip.to_string())
-        .unwrap_or_default();
-    let on_workers: Vec<&Task> = tasks.iter().filter(|t| t.node != 1).collect();
-    let lost = on_workers
-        .iter()
-        .find(|t| t.ip == primary_ip)
-        .or_else(|| on_workers.first())
-        .expect("a mongo task on a worker")
-        .node;
+    let (lost, had_primary) = d.worker_to_lose().await.expect("a worker to lose");
     let lost_slots: BTreeSet<i64> = tasks
         .iter()
         .filter(|t| t.node == lost)
         .map(|t| t.slot)
         .collect();
-    let had_primary = tasks.iter().any(|t| t.node == lost && t.ip == primary_ip);
     let before_loss = d
         .check_converged(3)
         .await
@@ -228,23 +199,8 @@ async fn walk_through(store: Store) {
         || {
             k += 1;
             let id = format!("after-loss-{k}");
-            let manager = d.manager();
-            async move {
-                let cmd = [
-                    "exec",
-                    "e2e-probe",
-                    "replset-demo-app",
-                    "write",
-                    &id,
-                    "--wait",
-                    "5",
-                ];
-                match tokio::time::timeout(Duration::from_secs(15), manager.docker(&cmd)).await {
-                    Ok(Ok(_)) => Ok(lost_at.elapsed()),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err("write timed out".into()),
-                }
-            }
+            let d = &d;
+            async move { d.probe_write(&id).await.map(|()| lost_at.elapsed()) }
         },
     )
     .await;

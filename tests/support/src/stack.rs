@@ -35,6 +35,8 @@ pub const NETWORK: &str = "e2e_replset";
 /// How long one step may take to converge; generous, as the machine is shared.
 pub const CONVERGE: Duration = Duration::from_secs(240);
 
+/// The probe container of [`Deployment::start_probe`].
+const PROBE: &str = "e2e-probe";
 const STATUS_KEY: &str = "registrator/replsets/rs0/status";
 const URI_KEY: &str = "registrator/replsets/rs0/uri";
 
@@ -471,5 +473,66 @@ impl Deployment {
             took.as_secs_f64()
         );
         took
+    }
+    /// Starts a probe client, the example application's image as a plain container on the
+    /// manager (which tests never lose), for [`Deployment::probe_write`].
+    pub async fn start_probe(&self) {
+        self.manager()
+            .docker(&[
+                "run",
+                "-d",
+                "--name",
+                PROBE,
+                "--network",
+                NETWORK,
+                "--env",
+                &format!("DEMO_BACKEND={}", self.store.backend()),
+                "local/replset-demo-app",
+                "serve",
+                "--interval",
+                "3600",
+            ])
+            .await
+            .expect("start the probe container");
+    }
+
+    /// One `w: "majority"` write through the URI by a new client process in the probe
+    /// container: reads the URI, finds the primary (waiting up to the driver's selection
+    /// timeout), writes. Gives up after 15 s.
+    pub async fn probe_write(&self, id: &str) -> Result<(), String> {
+        let cmd = [
+            "exec",
+            PROBE,
+            "replset-demo-app",
+            "write",
+            id,
+            "--wait",
+            "5",
+        ];
+        match tokio::time::timeout(Duration::from_secs(15), self.manager().docker(&cmd)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the write timed out".into()),
+        }
+    }
+
+    /// The worker node to lose in a node-loss test: the primary's, where the primary runs on a
+    /// worker, otherwise one with a mongo task. Returns the node's index and whether the
+    /// primary is there.
+    pub async fn worker_to_lose(&self) -> Result<(usize, bool), String> {
+        let state = self.check_converged(self.tasks(MONGO).await?.len()).await?;
+        let primary_ip = state
+            .primary
+            .rsplit_once(':')
+            .map(|(ip, _)| ip.to_string())
+            .unwrap_or_default();
+        let tasks = self.tasks(MONGO).await?;
+        let on_workers: Vec<&Task> = tasks.iter().filter(|t| t.node != 1).collect();
+        let victim = on_workers
+            .iter()
+            .find(|t| t.ip == primary_ip)
+            .or_else(|| on_workers.first())
+            .ok_or("no mongo task on a worker")?;
+        Ok((victim.node, victim.ip == primary_ip))
     }
 }
