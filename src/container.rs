@@ -75,6 +75,8 @@ pub struct ContainerInfo {
     pub network_mode: String,
     /// `None` when the container has no healthcheck.
     pub health: Option<Health>,
+    /// Docker's `State.StartedAt`; `None` when the engine did not say.
+    pub started_at: Option<String>,
 }
 
 impl ContainerInfo {
@@ -140,6 +142,10 @@ impl ContainerInfo {
             .collect();
         networks.sort_by(|a, b| a.name.cmp(&b.name));
 
+        let started_at = state
+            .started_at
+            .clone()
+            .filter(|t| !t.is_empty() && !t.starts_with("0001-"));
         let health = state.health.and_then(|h| h.status).and_then(|s| match s {
             HealthStatusEnum::STARTING => Some(Health::Starting),
             HealthStatusEnum::HEALTHY => Some(Health::Healthy),
@@ -164,6 +170,7 @@ impl ContainerInfo {
             networks,
             network_mode: host_config.network_mode.unwrap_or_default(),
             health,
+            started_at,
         }
     }
 
@@ -202,7 +209,8 @@ mod tests {
         let json = serde_json::json!({
             "Id": "abc",
             "Name": "/web-1",
-            "State": {"Running": true, "Paused": false, "Health": {"Status": "healthy"}},
+            "State": {"Running": true, "Paused": false, "Health": {"Status": "healthy"},
+                      "StartedAt": "2026-11-26T19:04:30.757991713Z"},
             "Config": {
                 "Image": "nginx:1.25",
                 "Labels": {"SERVICE_NAME": "web"},
@@ -223,6 +231,10 @@ mod tests {
         assert_eq!(c.name, "web-1");
         assert!(c.running);
         assert_eq!(c.health, Some(Health::Healthy));
+        assert_eq!(
+            c.started_at.as_deref(),
+            Some("2026-11-26T19:04:30.757991713Z")
+        );
         assert_eq!(c.exposed.len(), 2);
         assert_eq!(c.published.len(), 2);
         assert!(c

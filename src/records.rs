@@ -138,6 +138,7 @@ fn base_record(c: &ContainerInfo, node: &NodeIdentity) -> ServiceRecord {
         service_id: None,
         stack: None,
         health: c.health,
+        started_at: c.started_at.clone(),
     }
 }
 

@@ -96,6 +96,7 @@ mod tests {
             service_id: None,
             stack: None,
             health: None,
+            started_at: None,
         }
     }
 

@@ -43,7 +43,8 @@ pub fn desired_sets<'a>(
 ) -> (BTreeMap<String, Desired>, Vec<Skipped>) {
     let mut sets: BTreeMap<String, Desired> = BTreeMap::new();
     // Which key gave each (set, _id), to report duplicates.
-    let mut origin: BTreeMap<(String, i64), String> = BTreeMap::new();
+    // which record gave each member: its start-time rank and key
+    let mut origin: BTreeMap<(String, i64), (StartedRank, String)> = BTreeMap::new();
     let mut skipped = Vec::new();
     for selector in selectors {
         if let Selector::Service { set, .. } = selector {
@@ -100,30 +101,55 @@ pub fn desired_sets<'a>(
                 std::net::IpAddr::V6(ip) => format!("[{ip}]:{port}"),
             };
             let desired = sets.entry(set.clone()).or_default();
+            // Two records for one slot (a task rescheduled while the old record lives on
+            // until its lease ends, or a rolling update with start-first): the task that
+            // started last wins (ties and records without a start time: the later key), and
+            // the planner moves the member once the old mongod is down.
+            let rank = (started_rank(record.started_at.as_deref()), key.clone());
             match origin.get(&(set.clone(), id)) {
-                // Two records for one slot (a rolling update with start-first): the later key
-                // wins, deterministically; the planner moves the member once the old mongod
-                // is down.
-                Some(previous) if previous.as_str() > key.as_str() => {
+                Some(previous) if previous > &rank => {
                     skipped.push(Skipped {
                         key: key.clone(),
-                        reason: format!("member _id {id} of {set} is also claimed by {previous}"),
+                        reason: format!(
+                            "member _id {id} of {set} is also claimed by {}, a newer task",
+                            previous.1
+                        ),
                     });
                 }
                 previous => {
                     if let Some(previous) = previous {
                         skipped.push(Skipped {
-                            key: previous.clone(),
-                            reason: format!("member _id {id} of {set} is also claimed by {key}"),
+                            key: previous.1.clone(),
+                            reason: format!(
+                                "member _id {id} of {set} is also claimed by {key}, a newer task"
+                            ),
                         });
                     }
                     desired.members.insert(id, host);
-                    origin.insert((set.clone(), id), key.clone());
+                    origin.insert((set.clone(), id), rank);
                 }
             }
         }
     }
     (sets, skipped)
+}
+
+/// A task's start time as an order: seconds as text, then nanoseconds.
+type StartedRank = Option<(String, u32)>;
+
+/// Orders Docker's `StartedAt` times (RFC 3339 in UTC, with up to nine digits of fraction,
+/// trailing zeros dropped): the seconds part as text, then the fraction as nanoseconds. A
+/// record without a time (written by an older bridge) ranks first.
+fn started_rank(started_at: Option<&str>) -> StartedRank {
+    let t = started_at?.trim_end_matches('Z');
+    let (secs, frac) = t.split_once('.').unwrap_or((t, ""));
+    let digits: String = frac
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .take(9)
+        .collect();
+    let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
+    Some((secs.to_string(), nanos))
 }
 
 /// The member `_id` of a record: its swarm slot, else a stable hash of its node id (a global
@@ -174,6 +200,7 @@ mod tests {
             service_id: None,
             stack: None,
             health: None,
+            started_at: None,
         }
     }
 
@@ -248,6 +275,34 @@ mod tests {
         let (sets, skipped) = desired_sets(&entries, &l, &selectors);
         assert_eq!(sets["rs0"].members.len(), 1);
         assert_eq!(skipped.len(), 1);
+
+        // With start times, the task that started last wins, whatever the keys' order.
+        for (old_id, new_id) in [("a-old", "z-new"), ("z-old", "a-new")] {
+            let mut old = record("mongo", old_id, Some(2), "10.0.0.2");
+            old.started_at = Some("2026-11-26T19:04:30.75799Z".into());
+            let mut new = record("mongo", new_id, Some(2), "10.0.0.7");
+            new.started_at = Some("2026-11-26T19:04:30.757991713Z".into());
+            let (sets, skipped) = desired_sets(&store(&[old, new], &l), &l, &selectors);
+            assert_eq!(
+                sets["rs0"].members[&2], "10.0.0.7:27017",
+                "{old_id} / {new_id}"
+            );
+            assert!(skipped[0].key.ends_with(old_id), "{skipped:?}");
+        }
+    }
+
+    #[test]
+    fn start_times_order_by_their_value_not_their_text() {
+        // Docker drops trailing zeros of the fraction: "30.7579917Z" is after "30.757991Z".
+        assert!(
+            started_rank(Some("2026-11-26T19:04:30.7579917Z"))
+                > started_rank(Some("2026-11-26T19:04:30.757991Z"))
+        );
+        assert!(
+            started_rank(Some("2026-11-26T19:04:31Z"))
+                > started_rank(Some("2026-11-26T19:04:30.999999999Z"))
+        );
+        assert!(started_rank(Some("2026-11-26T19:04:30Z")) > started_rank(None));
     }
 
     #[test]

@@ -1154,6 +1154,7 @@ mod tests {
             service_id: None,
             stack: None,
             health: None,
+            started_at: None,
         };
         let meta = catalog_meta(&r);
         assert_eq!(meta.len(), 64);

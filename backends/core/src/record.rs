@@ -109,6 +109,10 @@ pub struct ServiceRecord {
     /// Present only when the container has a healthcheck.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// When the container started, as Docker reports it (RFC 3339, UTC, e.g.
+    /// `2026-11-26T19:04:30.757991713Z`). Tells the newer of two tasks that claim one slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
 }
 
 /// Why a value in the store is not a record this crate understands.
@@ -190,6 +194,7 @@ mod tests {
             service_id: Some("svc".into()),
             stack: None,
             health: None,
+            started_at: None,
         }
     }
 

@@ -62,6 +62,7 @@ pub fn record(service: &str, id: &str) -> ServiceRecord {
         service_id: None,
         stack: None,
         health: None,
+        started_at: None,
     }
 }
 
@@ -367,5 +368,6 @@ pub fn mongo_task_record(slot: u64, host: &str) -> Option<ServiceRecord> {
         service_id: Some("svc".into()),
         stack: None,
         health: None,
+        started_at: None,
     })
 }
