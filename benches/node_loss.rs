@@ -60,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
 
 struct Run {
     primary_lost: bool,
+    leader_lost: bool,
     write: Duration,
     down: Duration,
     whole: Duration,
@@ -77,10 +78,18 @@ async fn one_run(store: Store) -> Run {
     .await;
     let (lost, primary_lost) = d.worker_to_lose().await.expect("a worker to lose");
     let hostname = d.swarm.node(lost).hostname();
+    // Whether the reconciler that leads runs there too (the other must take over first).
+    let holder = d.leader().await.expect("a reconciler leader");
+    let leader_lost = d
+        .tasks("e2e_reconciler")
+        .await
+        .expect("reconciler tasks")
+        .iter()
+        .any(|t| t.node == lost && t.container.starts_with(&holder));
 
     d.swarm.kill_node(lost).await;
     let t0 = Instant::now();
-    eprintln!("[node-loss] killed {hostname} (primary there: {primary_lost})");
+    eprintln!("[node-loss] killed {hostname} (primary there: {primary_lost}, reconciler leader there: {leader_lost})");
 
     let mut k = 0;
     let write = wait_for("a majority write after the loss", CONVERGE, || {
@@ -113,6 +122,7 @@ async fn one_run(store: Store) -> Run {
     d.swarm.down().await;
     Run {
         primary_lost,
+        leader_lost,
         write,
         down,
         whole,
@@ -142,13 +152,14 @@ async fn main() {
         args.store,
         runs.len()
     );
-    println!("| run | primary on the lost node | majority write after | node Down after | set whole after |");
-    println!("|---|---|---|---|---|");
+    println!("| run | primary on the lost node | reconciler leader on the lost node | majority write after | node Down after | set whole after |");
+    println!("|---|---|---|---|---|---|");
     for (i, r) in runs.iter().enumerate() {
         println!(
-            "| {} | {} | {} s | {} s | {} s |",
+            "| {} | {} | {} | {} s | {} s | {} s |",
             i + 1,
             if r.primary_lost { "yes" } else { "no" },
+            if r.leader_lost { "yes" } else { "no" },
             secs(r.write),
             secs(r.down),
             secs(r.whole)

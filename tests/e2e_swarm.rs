@@ -141,7 +141,8 @@ async fn walk_through(store: Store) {
 
     // --- remove and re-deploy the bridge service: the records expire, but every member is still
     // up, so nothing is removed and no reconfig happens at all
-    let before = d.wait_converged(3, "before the bridge flap").await;
+    let before = d.wait_converged(3, "reconciler leader killed").await;
+    assert_start_doc_readable(&d, "reconciler leader killed").await;
     d.manager()
         .docker(&["service", "rm", "e2e_registrator"])
         .await
