@@ -393,6 +393,18 @@ impl ReplSetConfig {
             .max(1) as u64
     }
 
+    /// `settings.heartbeatTimeoutSecs` (MongoDB's default: 10 s): how long a failed heartbeat
+    /// is retried before its member is marked DOWN.
+    pub fn heartbeat_timeout(&self) -> std::time::Duration {
+        let secs = self
+            .settings
+            .get("heartbeatTimeoutSecs")
+            .and_then(number)
+            .unwrap_or(10)
+            .max(1);
+        std::time::Duration::from_secs(secs as u64)
+    }
+
     pub fn heartbeat_interval_millis(&self) -> u64 {
         self.settings
             .get("heartbeatIntervalMillis")

@@ -13,6 +13,10 @@ use crate::node::{MemberState, Node, NodeState};
 use crate::oplog::{OpTime, OplogEntry};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// MongoDB's `kMaxHeartbeatRetries` (topology_coordinator.h).
+const MAX_HEARTBEAT_RETRIES: u32 = 2;
+/// `heartbeatTimeoutSecs` before a config is known.
+const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
     pub(crate) fn spawn_replication(&self) {
@@ -111,8 +115,30 @@ impl Node {
         let Some(req) = self.heartbeat_request() else {
             return;
         };
+        // As MongoDB's topology coordinator: a failed heartbeat is retried at once, at most
+        // kMaxHeartbeatRetries (2) times, while heartbeatTimeoutSecs since its start have not
+        // passed; only then is the member marked DOWN. A refused port fails three times at
+        // once; a host that does not answer at all is DOWN after the timeout.
+        let budget = self
+            .lock()
+            .config()
+            .map(|c| c.heartbeat_timeout())
+            .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT);
         let started = Instant::now();
-        let r = self.inner.peers.run(host, &req, PEER_TIMEOUT).await;
+        let mut retries = 0;
+        let r = loop {
+            let remaining = budget.saturating_sub(started.elapsed());
+            let r = self
+                .inner
+                .peers
+                .run(host, &req, remaining.max(Duration::from_millis(1)))
+                .await;
+            if r.is_err() && retries < MAX_HEARTBEAT_RETRIES && started.elapsed() < budget {
+                retries += 1;
+                continue;
+            }
+            break r;
+        };
         let mut st = self.lock();
         let ping = started.elapsed().as_millis() as i64;
         match r {

@@ -34,6 +34,8 @@ pub const MONGO: &str = "e2e_mongo";
 pub const NETWORK: &str = "e2e_replset";
 /// How long one step may take to converge; generous, as the machine is shared.
 pub const CONVERGE: Duration = Duration::from_secs(240);
+/// How long `replset-reconciler scale` may take (each step waits for the set to converge).
+const SCALE: Duration = Duration::from_secs(600);
 
 /// The probe container of [`Deployment::start_probe`].
 const PROBE: &str = "e2e-probe";
@@ -446,10 +448,16 @@ impl Deployment {
     pub async fn scale(&self, n: usize) -> Duration {
         let started = Instant::now();
         let to = format!("{MONGO}={n}");
-        self.manager()
+        let name = format!("e2e-scale-{n}");
+        let manager = self.manager();
+        // Detached, so that a slow scale (one step per member, each waiting for the set to
+        // converge) is not cut by the CLI's own timeout; its exit code and log tell the result.
+        manager
             .docker(&[
                 "run",
-                "--rm",
+                "-d",
+                "--name",
+                &name,
                 "--user",
                 "0",
                 "--network",
@@ -467,6 +475,28 @@ impl Deployment {
             ])
             .await
             .unwrap_or_else(|e| panic!("replset-reconciler scale {to}: {e}"));
+        let code = wait_for(
+            &format!("replset-reconciler scale {to} to finish"),
+            SCALE,
+            || async {
+                let state = manager
+                    .docker(&[
+                        "inspect",
+                        "-f",
+                        "{{.State.Status}} {{.State.ExitCode}}",
+                        &name,
+                    ])
+                    .await?;
+                match state.split_once(' ') {
+                    Some(("exited", code)) => Ok(code.to_string()),
+                    _ => Err(state),
+                }
+            },
+        )
+        .await;
+        let log = manager.docker(&["logs", &name]).await.unwrap_or_else(|e| e);
+        let _ = manager.docker(&["rm", "-f", &name]).await;
+        assert_eq!(code, "0", "replset-reconciler scale {to} failed:\n{log}");
         let took = started.elapsed();
         eprintln!(
             "[stack] replset-reconciler scale {to}: {:.1}s",
@@ -474,6 +504,7 @@ impl Deployment {
         );
         took
     }
+
     /// Starts a probe client, the example application's image as a plain container on the
     /// manager (which tests never lose), for [`Deployment::probe_write`].
     pub async fn start_probe(&self) {
