@@ -234,10 +234,6 @@ async fn walk_through(store: Store) {
         whole_after.as_secs_f64()
     );
     assert_start_doc_readable(&d, "node lost").await;
-    d.manager()
-        .docker(&["rm", "-f", "e2e-probe"])
-        .await
-        .expect("remove the probe container");
 
     d.swarm.down().await;
 }

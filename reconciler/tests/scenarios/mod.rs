@@ -508,23 +508,7 @@ pub async fn eight_to_three_removes_one_member_per_step_with_a_primary_throughou
     );
 
     // A w: "majority" write through the replica-set URI, as an application makes it.
-    let client = mongodb::Client::with_uri_str(cluster.uri())
-        .await
-        .expect("client");
-    let coll = client
-        .database("app")
-        .collection::<bson::Document>("orders");
-    let majority = mongodb::options::WriteConcern::builder()
-        .w(mongodb::options::Acknowledgment::Majority)
-        .build();
-    coll.insert_one(bson::doc! {"_id": 1, "item": "before the scale-down"})
-        .with_options(
-            mongodb::options::InsertOneOptions::builder()
-                .write_concern(majority)
-                .build(),
-        )
-        .await
-        .expect("majority write");
+    let coll = majority_write(&cluster, "before the scale-down").await;
 
     let started = std::time::Instant::now();
     let elections = cluster.history().elections();
@@ -732,23 +716,7 @@ pub async fn a_majority_write_survives_a_primary_killed_during_a_scale_up(b: Bac
     let primary = cluster.wait_for_primary(CONVERGE).await.expect("a primary");
 
     // A w: "majority" write through the replica-set URI, as an application makes it.
-    let client = mongodb::Client::with_uri_str(cluster.uri())
-        .await
-        .expect("client");
-    let coll = client
-        .database("app")
-        .collection::<bson::Document>("orders");
-    let majority = mongodb::options::WriteConcern::builder()
-        .w(mongodb::options::Acknowledgment::Majority)
-        .build();
-    coll.insert_one(bson::doc! {"_id": 1, "item": "first"})
-        .with_options(
-            mongodb::options::InsertOneOptions::builder()
-                .write_concern(majority)
-                .build(),
-        )
-        .await
-        .expect("majority write");
+    let coll = majority_write(&cluster, "first").await;
 
     // Scale 3 to 5, and kill the primary in the middle.
     let i = cluster.add_member().await.expect("a member");
@@ -893,4 +861,27 @@ pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
         .await
         .expect("a primary again");
     assert_eq!(p, survivor);
+}
+
+/// Inserts `{_id: 1, item}` into `app.orders` with `w: "majority"` through the set's URI and
+/// returns the collection, to read the document back at the end.
+async fn majority_write(cluster: &Cluster, item: &str) -> mongodb::Collection<bson::Document> {
+    let client = mongodb::Client::with_uri_str(cluster.uri())
+        .await
+        .expect("client");
+    let coll = client
+        .database("app")
+        .collection::<bson::Document>("orders");
+    let majority = mongodb::options::WriteConcern::builder()
+        .w(mongodb::options::Acknowledgment::Majority)
+        .build();
+    coll.insert_one(bson::doc! {"_id": 1, "item": item})
+        .with_options(
+            mongodb::options::InsertOneOptions::builder()
+                .write_concern(majority)
+                .build(),
+        )
+        .await
+        .expect("majority write");
+    coll
 }
