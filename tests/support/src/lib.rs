@@ -273,15 +273,16 @@ impl PrivateConsul {
             .expect("consul starts (CONSUL_BIN from scripts/services env)");
         self.child = Some(child);
         let endpoint = self.endpoint();
-        // Ready once it has a leader and has registered its own node in the catalog (before
-        // that, creating a session fails with 500 "Missing node registration").
-        let node_path = format!("/v1/catalog/node/private-{}", self.http_port);
+        // Ready once it has a leader and has registered its own node and the node's serfHealth
+        // check, which sessions are tied to by default (before that, creating a session fails
+        // with 500 "Missing node registration" or "Missing check 'serfHealth' registration").
+        let node_path = format!("/v1/health/node/private-{}", self.http_port);
         let headers = match &self.acl_master {
             Some(t) => format!("X-Consul-Token: {t}\r\n"),
             None => String::new(),
         };
         wait_for(
-            "the private Consul to have a leader and its node registered",
+            "the private Consul to have a leader and its node and serfHealth registered",
             Duration::from_secs(30),
             || {
                 let endpoint = endpoint.clone();
@@ -293,7 +294,7 @@ impl PrivateConsul {
                         return Err(format!("leader: {status} {body}"));
                     }
                     let (status, body) = http_get_with(&endpoint, &node_path, &headers).await?;
-                    if status == 200 && body.contains("\"Node\"") {
+                    if status == 200 && body.contains("\"serfHealth\"") {
                         Ok(())
                     } else {
                         Err(format!("node: {status} {body}"))
