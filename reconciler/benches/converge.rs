@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 
 use backend_core::{Coordinator, KeyLayout};
 use backend_etcd::EtcdStore;
-use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
+use replset_reconciler::controller::{Controller, ControllerConfig};
 use replset_reconciler::mongo::Members;
 use replset_reconciler::records::Selector;
 use replset_sim::{Cluster, Event};
 use test_support::contract::mongo_task_record;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const RUNS: usize = 20;
@@ -57,14 +56,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cluster = Cluster::start(3).await?;
     let set = cluster.set_name().to_string();
     let shutdown = CancellationToken::new();
-    let (tx, rx) = watch::channel(Records::default());
-    tokio::spawn(follow_records(
-        store.clone(),
-        layout.clone(),
-        tx,
-        Arc::new(Default::default()),
-        shutdown.clone(),
-    ));
     let config = ControllerConfig {
         layout: layout.clone(),
         selectors: vec![Selector::Service {
@@ -81,14 +72,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         metrics: Arc::new(Default::default()),
         force_after: None,
     };
-    tokio::spawn(run_set(
+    // The library's loop, as the binary runs it.
+    let controller = Controller::start(
         store.clone(),
         Arc::new(Members::new(None)),
         config,
-        set.clone(),
-        rx,
         shutdown.clone(),
-    ));
+    );
+    let running = tokio::spawn(controller.run());
     let publish = |slot: u64, host: String| {
         let store = store.clone();
         let layout = layout.clone();
@@ -133,6 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (p50.saturating_sub(DEBOUNCE)).as_secs_f64() * 1e3
     );
     shutdown.cancel();
+    running.await?;
     let mut client = store.client();
     let _ = client
         .delete(

@@ -1,25 +1,36 @@
-//! The reconcile loop, kube-style: watch the records, debounce, then for each replica set
-//! observe, plan one step, apply it, and requeue until converged.
+//! The controller, kube-runtime style: one task follows the store's records and publishes the
+//! latest [`Records`] on a `tokio::sync::watch` channel; one task per replica set campaigns for
+//! the set's leader key and, while it leads, runs the set's loop: debounce, [`reconcile`],
+//! requeue after the returned [`Action`] (or at the next change of the records). When it loses
+//! leadership it stops acting and campaigns again.
 //!
-//! One task follows the store's records and publishes the latest [`Records`] on a
-//! `tokio::sync::watch` channel. One task per replica set campaigns for the set's leader key;
-//! while it leads, it reconciles; when it loses leadership it stops acting and campaigns again.
+//! [`Controller`] owns these tasks in one `TaskTracker`: at shutdown (its `CancellationToken`)
+//! every task, the ops HTTP server included, stops, the leaders resign, and
+//! [`Controller::run`] returns once all of them have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backend_core::{Backoff, Coordinator, KeyLayout, WatchEvent, Watcher};
 use futures::StreamExt;
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::metrics::{Health, Metrics, RefusedLabels, StepLabels};
-use crate::model::Desired;
-use crate::mongo::{Members, MongoError, Observed};
-use crate::plan::{plan_next_step, Change, Plan, PlanContext, Step};
+use crate::events::{
+    CampaignFailed, InternalEvent, LeadershipGained, LeadershipLost, RecordsListed, WatchBroken,
+};
+use crate::metrics::{Health, Metrics};
+use crate::mongo::ReplSetClient;
+use crate::reconcile::{error_policy, reconcile, Action, Context, SetState};
 use crate::records::{desired_sets, Selector};
+
+/// The first delay after a failed campaign, doubling up to [`CAMPAIGN_BACKOFF_MAX`].
+pub const CAMPAIGN_BACKOFF_INITIAL: Duration = Duration::from_millis(800);
+pub const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// What the loop knows of the store.
 #[derive(Debug, Clone, Default)]
@@ -50,15 +61,154 @@ pub struct ControllerConfig {
     pub force_after: Option<Duration>,
 }
 
+/// The controller's tasks are gone before it saw the records.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("the records' watch ended before its first snapshot")]
+    WatchEnded,
+    #[error("cannot serve /metrics and /healthz on {addr}: {source}")]
+    Ops {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running controller: the records' watch, one loop per managed set, the ops server.
+#[derive(Debug)]
+pub struct Controller<S, M> {
+    ctx: Arc<Context<S, M>>,
+    health: Arc<Health>,
+    records: watch::Receiver<Records>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl<S: Watcher + Coordinator, M: ReplSetClient> Controller<S, M> {
+    /// Starts following the records. Nothing acts until [`Controller::run`] (or
+    /// [`Controller::manage`]).
+    pub fn start(
+        store: Arc<S>,
+        members: Arc<M>,
+        config: ControllerConfig,
+        shutdown: CancellationToken,
+    ) -> Controller<S, M> {
+        let health = Arc::new(Health::default());
+        let (tx, records) = watch::channel(Records::default());
+        let tracker = TaskTracker::new();
+        tracker.spawn(follow_records(
+            store.clone(),
+            config.layout.clone(),
+            tx,
+            health.clone(),
+            config.metrics.clone(),
+            shutdown.clone(),
+        ));
+        Controller {
+            ctx: Arc::new(Context {
+                store,
+                members,
+                config,
+            }),
+            health,
+            records,
+            tracker,
+            shutdown,
+        }
+    }
+
+    /// The records as the watch delivers them.
+    pub fn records(&self) -> watch::Receiver<Records> {
+        self.records.clone()
+    }
+
+    /// The shared context (the store, the members' client, the settings).
+    pub fn context(&self) -> &Context<S, M> {
+        &self.ctx
+    }
+
+    /// Waits for the watch's first complete snapshot.
+    pub async fn first_snapshot(&mut self) -> Result<Records, ControllerError> {
+        self.records
+            .wait_for(|r| r.trusted)
+            .await
+            .map(|r| r.clone())
+            .map_err(|_| ControllerError::WatchEnded)
+    }
+
+    /// Serves `/metrics` and `/healthz` (healthy while the watch is connected) on `addr`
+    /// until shutdown; returns the bound address.
+    pub async fn serve_ops(&self, addr: SocketAddr) -> Result<SocketAddr, ControllerError> {
+        let listener = ops_http::bind(addr)
+            .await
+            .map_err(|source| ControllerError::Ops { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ControllerError::Ops { addr, source })?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.ctx.config.metrics.register(&mut registry);
+        let health = self.health.clone();
+        self.tracker.spawn(ops_http::serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(move || health.check()),
+            self.shutdown.clone(),
+        ));
+        tracing::info!(addr = %bound, "serving /metrics and /healthz");
+        Ok(bound)
+    }
+
+    /// Starts the loop of `set` (campaign, reconcile while leading) until shutdown.
+    pub fn manage(&self, set: String) {
+        tracing::info!(set = %set, "managing replica set");
+        self.tracker.spawn(run_set(
+            self.ctx.clone(),
+            set,
+            self.records.clone(),
+            self.shutdown.clone(),
+        ));
+    }
+
+    /// Manages every selected set (the configured ones at once, discovered ones as their
+    /// records appear) until shutdown, then waits until every task it started has stopped
+    /// (the leaders resigned, the ops server closed).
+    pub async fn run(self) {
+        let mut records = self.records.clone();
+        let mut running = BTreeSet::new();
+        loop {
+            let sets: Vec<String> = {
+                let r = records.borrow();
+                let config = &self.ctx.config;
+                desired_sets(&r.entries, &config.layout, &config.selectors)
+                    .0
+                    .into_keys()
+                    .collect()
+            };
+            for set in sets {
+                if running.insert(set.clone()) {
+                    self.manage(set);
+                }
+            }
+            tokio::select! {
+                changed = records.changed() => if changed.is_err() { break },
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
 /// Follows the records under `<prefix>/services/` and publishes them.
-pub async fn follow_records<W: Watcher>(
+async fn follow_records<W: Watcher>(
     store: Arc<W>,
     layout: KeyLayout,
     tx: watch::Sender<Records>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    use std::sync::atomic::Ordering;
     let mut stream = store.watch_prefix(layout.services_prefix());
     loop {
         let item = tokio::select! {
@@ -69,6 +219,10 @@ pub async fn follow_records<W: Watcher>(
         tx.send_modify(|r| {
             match item {
                 Ok(WatchEvent::Restarted(entries)) => {
+                    RecordsListed {
+                        entries: entries.len(),
+                    }
+                    .emit(&metrics);
                     r.entries = entries.into_iter().map(|e| (e.key, e.value)).collect();
                     r.trusted = true;
                     health.watch_connected.store(true, Ordering::Relaxed);
@@ -79,9 +233,9 @@ pub async fn follow_records<W: Watcher>(
                 Ok(WatchEvent::Deleted(k)) => {
                     r.entries.remove(&k);
                 }
-                Err(e) => {
+                Err(error) => {
                     // Until the watch lists again, no absence of a record means anything.
-                    tracing::warn!(error = %e, "the records' watch broke; removing nothing until it is back");
+                    WatchBroken { error: &error }.emit(&metrics);
                     r.trusted = false;
                     health.watch_connected.store(false, Ordering::Relaxed);
                 }
@@ -91,36 +245,20 @@ pub async fn follow_records<W: Watcher>(
     }
 }
 
-/// The desired members of one set now, with the skipped values logged once per key and reason.
-fn desired_of(
-    records: &Records,
-    config: &ControllerConfig,
-    set: &str,
-    warned: &mut BTreeMap<String, String>,
-) -> Desired {
-    let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
-    for s in skipped {
-        if warned.get(&s.key) != Some(&s.reason) {
-            tracing::warn!(key = %s.key, reason = %s.reason, "ignoring a value in the store");
-            warned.insert(s.key, s.reason);
-        }
-    }
-    sets.get(set).cloned().unwrap_or_default()
-}
-
-/// Campaigns for `set` and reconciles it while leading, until shutdown.
-pub async fn run_set<C: Coordinator>(
-    store: Arc<C>,
-    members: Arc<Members>,
-    config: ControllerConfig,
+/// Campaigns for `set` and reconciles it while leading, until shutdown; then resigns.
+async fn run_set<S: Coordinator, M: ReplSetClient>(
+    ctx: Arc<Context<S, M>>,
     set: String,
     mut records: watch::Receiver<Records>,
     shutdown: CancellationToken,
 ) {
+    let config = &ctx.config;
     let key = config.layout.replset_leader_key(&set);
-    let mut backoff = Backoff::new(Duration::from_millis(800), Duration::from_secs(30));
+    let mut backoff = Backoff::new(CAMPAIGN_BACKOFF_INITIAL, CAMPAIGN_BACKOFF_MAX);
     loop {
-        let campaign = store.campaign(key.clone(), config.holder.clone(), config.leader_ttl);
+        let campaign = ctx
+            .store
+            .campaign(key.clone(), config.holder.clone(), config.leader_ttl);
         let leadership = tokio::select! {
             l = campaign => l,
             _ = shutdown.cancelled() => return,
@@ -130,319 +268,88 @@ pub async fn run_set<C: Coordinator>(
                 backoff.reset();
                 l
             }
-            Err(e) => {
-                let delay = backoff.next_delay(rand::random::<f64>());
-                tracing::warn!(set = %set, error = %e, retry_in_ms = delay.as_millis() as u64, "campaign failed");
+            Err(error) => {
+                let retry_in = backoff.next_delay(rand::random::<f64>());
+                CampaignFailed {
+                    set: &set,
+                    error: &error,
+                    retry_in,
+                }
+                .emit(&config.metrics);
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
+                    _ = tokio::time::sleep(retry_in) => continue,
                     _ = shutdown.cancelled() => return,
                 }
             }
         };
-        tracing::info!(set = %set, holder = %config.holder, "leading; reconciling");
+        LeadershipGained {
+            set: &set,
+            holder: &config.holder,
+        }
+        .emit(&config.metrics);
         let lost = tokio::select! {
             reason = leadership.lost() => Some(reason),
-            _ = reconcile_while_leading(&*store, &members, &config, &set, &mut records) => None,
+            _ = reconcile_while_leading(&ctx, &set, &mut records) => None,
             _ = shutdown.cancelled() => None,
         };
         match lost {
-            Some(reason) => tracing::warn!(set = %set, %reason, "lost leadership; stopped acting"),
+            Some(reason) => LeadershipLost {
+                set: &set,
+                reason: &reason,
+            }
+            .emit(&config.metrics),
             None => {
                 leadership.resign().await;
+                tracing::info!(set = %set, "resigned");
                 return;
             }
         }
     }
 }
 
-/// The loop of one set while this process leads. Never returns on its own.
-async fn reconcile_while_leading<C: Coordinator>(
-    store: &C,
-    members: &Members,
-    config: &ControllerConfig,
+/// The loop of one set while this process leads: debounce, reconcile, requeue. Never returns
+/// on its own.
+async fn reconcile_while_leading<S: Coordinator, M: ReplSetClient>(
+    ctx: &Context<S, M>,
     set: &str,
     records: &mut watch::Receiver<Records>,
 ) {
-    let mut warned = BTreeMap::new();
-    let mut gone_since: BTreeMap<i64, Instant> = BTreeMap::new();
-    let mut last_status = String::new();
-    let mut last_uri = String::new();
-    let mut last_step = String::new();
-    let mut last_error = String::new();
-    let mut converging_since: Option<Instant> = None;
-    let mut majority_lost_since: Option<Instant> = None;
+    let mut state = SetState::new(set);
     loop {
-        // Debounce: wait until the records are quiet for `debounce`.
-        loop {
-            let seen = records.borrow().generation;
-            tokio::time::sleep(config.debounce).await;
-            if records.borrow().generation == seen {
-                break;
-            }
-        }
+        debounce(records, ctx.config.debounce).await;
         let snapshot = records.borrow().clone();
-        let desired = desired_of(&snapshot, config, set, &mut warned);
-        let hosts: Vec<String> = desired.members.values().cloned().collect();
-        let mut all_hosts = hosts.clone();
+        let action = match reconcile(&mut state, &snapshot, ctx).await {
+            Ok(action) => action,
+            Err(error) => error_policy(&state, &error, ctx),
+        };
+        requeue(action, records).await;
+    }
+}
 
-        // A first look, to learn the config's hosts, then the observation proper.
-        let first = members.observe(set, &all_hosts, &hosts).await;
-        if let Some(c) = &first.observation.config {
-            for m in &c.members {
-                if !all_hosts.contains(&m.host) {
-                    all_hosts.push(m.host.clone());
-                }
-            }
-        }
-        let observed = if all_hosts.len() > hosts.len() {
-            members.observe(set, &all_hosts, &hosts).await
-        } else {
-            first
-        };
-
-        // How long each config member's record has been gone.
-        let now = Instant::now();
-        let mut record_gone_for = BTreeMap::new();
-        if let Some(c) = &observed.observation.config {
-            for m in &c.members {
-                if desired.members.contains_key(&m.id) {
-                    gone_since.remove(&m.id);
-                } else {
-                    let since = *gone_since.entry(m.id).or_insert(now);
-                    record_gone_for.insert(m.id, now - since);
-                }
-            }
-        }
-        let ctx = PlanContext {
-            set_name: set.to_string(),
-            records_trusted: snapshot.trusted,
-            record_gone_for,
-            removal_grace: config.removal_grace,
-            force_after: config.force_after,
-            majority_lost_for: majority_lost_since.map_or(Duration::ZERO, |t| t.elapsed()),
-        };
-        let plan = plan_next_step(&observed.observation, &desired, &ctx);
-        match &plan.step {
-            Step::Blocked(crate::plan::Blocked::LostMajority { .. })
-            | Step::ForceReconfig { .. } => {
-                majority_lost_since.get_or_insert_with(Instant::now);
-            }
-            _ => majority_lost_since = None,
-        }
-        if let Step::ForceReconfig { host, dropped, .. } = &plan.step {
-            tracing::error!(
-                set,
-                %host,
-                ?dropped,
-                "FORCING a reconfig (--allow-force): the majority has been lost for longer than --force-after; writes only the dropped members had will be rolled back when they return"
-            );
-        }
-        for note in &plan.notes {
-            tracing::warn!(set, ?note, "member and record disagree");
-        }
-        let requeue = match &plan.step {
-            Step::Converged => {
-                if let Some(since) = converging_since.take() {
-                    config
-                        .metrics
-                        .converge_seconds
-                        .observe(since.elapsed().as_secs_f64());
-                }
-                config.resync
-            }
-            Step::Wait(wait) => {
-                tracing::info!(set, ?wait, "waiting");
-                Duration::from_secs(1)
-            }
-            Step::Blocked(blocked) => {
-                tracing::error!(set, reason = %blocked, "cannot act without an operator");
-                last_error = format!("{blocked:?}: {blocked}");
-                Duration::from_secs(5)
-            }
-            step if config.dry_run => {
-                tracing::info!(set, ?step, "would apply (dry run)");
-                config.resync
-            }
-            step => {
-                let describe = describe(step);
-                let kind = step_kind(step);
-                match members.apply(set, step, &observed).await {
-                    Ok(()) => {
-                        config
-                            .metrics
-                            .steps_applied
-                            .get_or_create(&StepLabels {
-                                set: set.to_string(),
-                                step: kind,
-                            })
-                            .inc();
-                        converging_since.get_or_insert_with(Instant::now);
-                        tracing::info!(set, step = %describe, "applied");
-                        last_step = describe;
-                        last_error.clear();
-                        Duration::ZERO
-                    }
-                    Err(e) => {
-                        refused(config, set, kind, &e);
-                        if matches!(e, MongoError::NoAnswer { .. }) {
-                            // Unknown outcome: observe again, never repeat blindly.
-                            tracing::warn!(set, step = %describe, error = %e, "outcome unknown; observing again");
-                        } else {
-                            tracing::warn!(set, step = %describe, code = ?e.code(), error = %e, "the server refused the step");
-                        }
-                        last_error = e.to_string();
-                        Duration::from_secs(1)
-                    }
-                }
-            }
-        };
-        publish_outputs(
-            store,
-            config,
-            set,
-            &observed,
-            &plan,
-            &last_step,
-            &last_error,
-            &mut last_uri,
-            &mut last_status,
-        )
-        .await;
-        if requeue > Duration::ZERO {
-            let seen = records.borrow().generation;
-            tokio::select! {
-                _ = tokio::time::sleep(requeue) => {}
-                _ = async {
-                    while records.changed().await.is_ok() {
-                        if records.borrow().generation != seen { break; }
-                    }
-                } => {}
-            }
+/// Waits until the records have been quiet for `quiet`.
+async fn debounce(records: &watch::Receiver<Records>, quiet: Duration) {
+    loop {
+        let seen = records.borrow().generation;
+        tokio::time::sleep(quiet).await;
+        if records.borrow().generation == seen {
+            return;
         }
     }
 }
 
-fn refused(config: &ControllerConfig, set: &str, step: &'static str, e: &MongoError) {
-    config
-        .metrics
-        .steps_refused
-        .get_or_create(&RefusedLabels {
-            set: set.to_string(),
-            step,
-            code: e
-                .code()
-                .map_or_else(|| "none".to_string(), |c| c.to_string()),
-        })
-        .inc();
-}
-
-fn step_kind(step: &Step) -> &'static str {
-    match step {
-        Step::Initiate { .. } => "initiate",
-        Step::ForceReconfig { .. } => "force_reconfig",
-        Step::Reconfig { change, .. } => match change {
-            Change::Add { .. } => "add",
-            Change::GrantVote { .. } => "grant_vote",
-            Change::RevokeVote { .. } => "revoke_vote",
-            Change::MoveHost { .. } => "move_host",
-            Change::Remove { .. } => "remove",
-        },
-        _ => "none",
-    }
-}
-
-fn describe(step: &Step) -> String {
-    match step {
-        Step::Initiate { host, .. } => format!("initiate on {host}"),
-        Step::ForceReconfig {
-            host,
-            config,
-            dropped,
-        } => format!(
-            "FORCE a config without members {dropped:?} on {host} (config version {})",
-            config.version
-        ),
-        Step::Reconfig { change, config } => {
-            let what = match change {
-                Change::Add { id, host } => format!("add member {id} ({host}) without a vote"),
-                Change::GrantVote { id } => format!("give member {id} a vote"),
-                Change::RevokeVote { id } => format!("take the vote of member {id}"),
-                Change::MoveHost { id, from, to, .. } => {
-                    format!("move member {id} from {from} to {to}")
-                }
-                Change::Remove { id, host } => format!("remove member {id} ({host})"),
-            };
-            format!("{what} (config version {})", config.version)
-        }
-        other => format!("{other:?}"),
-    }
-}
-
-/// `<prefix>/replsets/<set>/uri` and `/status`, written when they change.
-#[allow(clippy::too_many_arguments)]
-async fn publish_outputs<C: Coordinator>(
-    store: &C,
-    config: &ControllerConfig,
-    set: &str,
-    observed: &Observed,
-    plan: &Plan,
-    last_step: &str,
-    last_error: &str,
-    last_uri: &mut String,
-    last_status: &mut String,
-) {
-    let Some(cfg) = &observed.observation.config else {
+/// Waits as the action says, or until the records change.
+async fn requeue(action: Action, records: &mut watch::Receiver<Records>) {
+    let after = action.requeue_after();
+    if after.is_zero() {
         return;
-    };
-    let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
-    let uri = format!("mongodb://{}/?replicaSet={set}", hosts.join(","));
-    if &uri != last_uri {
-        match store
-            .put_value(
-                &config.layout.replset_uri_key(set),
-                uri.clone().into_bytes(),
-            )
-            .await
-        {
-            Ok(()) => {
-                tracing::info!(set, %uri, "published the connection string");
-                *last_uri = uri;
-            }
-            Err(e) => tracing::warn!(set, error = %e, "cannot publish the connection string"),
-        }
     }
-    let primary = observed.primary_host.clone();
-    let status = json!({
-        "set": set,
-        "config_version": cfg.version,
-        "primary": primary,
-        "members": cfg.members.iter().map(|m| {
-            let s = observed.observation.status.get(&m.id);
-            json!({
-                "_id": m.id,
-                "host": m.host,
-                "votes": m.votes,
-                "priority": m.priority,
-                "healthy": s.map(|s| s.healthy),
-                "state": s.map(|s| format!("{:?}", s.state).to_uppercase()),
-            })
-        }).collect::<Vec<_>>(),
-        "converged": matches!(plan.step, Step::Converged),
-        "next": format!("{:?}", plan.step).chars().take(300).collect::<String>(),
-        "last_step": last_step,
-        "last_error": last_error,
-    })
-    .to_string();
-    if &status != last_status {
-        match store
-            .put_value(
-                &config.layout.replset_status_key(set),
-                status.clone().into_bytes(),
-            )
-            .await
-        {
-            Ok(()) => *last_status = status,
-            Err(e) => tracing::warn!(set, error = %e, "cannot publish the status"),
-        }
+    let seen = records.borrow().generation;
+    tokio::select! {
+        _ = tokio::time::sleep(after) => {}
+        _ = async {
+            while records.changed().await.is_ok() {
+                if records.borrow().generation != seen { break; }
+            }
+        } => {}
     }
 }

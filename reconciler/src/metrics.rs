@@ -1,4 +1,7 @@
 //! The reconciler's metrics and health, served by `ops-http` on `--metrics-addr`.
+//!
+//! Every counter here is incremented by exactly one internal event of [`crate::events`], which
+//! also writes the decision's log line: what is logged is counted, and the other way round.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,16 +26,50 @@ pub struct RefusedLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetLabels {
+    pub set: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub set: String,
+    /// `no_primary`, `lost_majority`, `healthy_without_record`, `uri`, ...
+    pub reason: &'static str,
+}
+
 /// What the reconciler counts.
 #[derive(Debug)]
 pub struct Metrics {
     /// Steps the server accepted, by kind (initiate, add, grant_vote, revoke_vote, move_host,
-    /// remove).
+    /// remove, force_reconfig).
     pub steps_applied: Family<StepLabels, Counter>,
     /// Steps refused by the server (by code) or left without an answer.
     pub steps_refused: Family<RefusedLabels, Counter>,
     /// From the first step after a converged state to converged again.
     pub converge_seconds: Histogram,
+    /// Reconciles that waited, by reason (`no_primary`, `catching_up`, `removal_grace`,
+    /// `records_not_trusted`, ...).
+    pub waits: Family<ReasonLabels, Counter>,
+    /// Reconciles that could not act without an operator, by reason (`lost_majority`, ...).
+    pub blocked: Family<ReasonLabels, Counter>,
+    /// Members and records that disagree, by kind of disagreement.
+    pub disagreements: Family<ReasonLabels, Counter>,
+    /// Times this process became the leader of a set.
+    pub leadership_gained: Family<SetLabels, Counter>,
+    /// Times this process lost the leadership of a set (not counting resigning at shutdown).
+    pub leadership_lost: Family<SetLabels, Counter>,
+    /// Campaigns that failed (the store refused or did not answer).
+    pub campaign_failures: Family<SetLabels, Counter>,
+    /// Writes of the status or the connection string that failed (`reason`: `uri`, `status`).
+    pub publish_failures: Family<ReasonLabels, Counter>,
+    /// Times the watch of the records broke (until it lists again, nothing is removed).
+    pub watch_broken: Counter,
+    /// Complete listings of the records (the first, and one after every broken watch).
+    pub records_listed: Counter,
+    /// Values under `<prefix>/services/` that were not followed (invalid JSON, a bad slot,
+    /// port or address); each key counts once per reason.
+    pub records_ignored: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +79,16 @@ impl Default for Metrics {
             steps_refused: Family::default(),
             // 100 ms to about 30 min.
             converge_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 15)),
+            waits: Family::default(),
+            blocked: Family::default(),
+            disagreements: Family::default(),
+            leadership_gained: Family::default(),
+            leadership_lost: Family::default(),
+            campaign_failures: Family::default(),
+            publish_failures: Family::default(),
+            watch_broken: Counter::default(),
+            records_listed: Counter::default(),
+            records_ignored: Counter::default(),
         }
     }
 }
@@ -63,6 +110,56 @@ impl Metrics {
             "converge_seconds",
             "Time from the first step after convergence to convergence",
             self.converge_seconds.clone(),
+        );
+        r.register(
+            "waits",
+            "Reconciles that waited, by reason",
+            self.waits.clone(),
+        );
+        r.register(
+            "blocked",
+            "Reconciles that could not act without an operator, by reason",
+            self.blocked.clone(),
+        );
+        r.register(
+            "disagreements",
+            "Members and records that disagree, by kind",
+            self.disagreements.clone(),
+        );
+        r.register(
+            "leadership_gained",
+            "Times this process became a set's leader",
+            self.leadership_gained.clone(),
+        );
+        r.register(
+            "leadership_lost",
+            "Times this process lost a set's leadership",
+            self.leadership_lost.clone(),
+        );
+        r.register(
+            "campaign_failures",
+            "Campaigns for a set's leadership that failed",
+            self.campaign_failures.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Failed writes of a set's status or connection string",
+            self.publish_failures.clone(),
+        );
+        r.register(
+            "watch_broken",
+            "Times the watch of the records broke",
+            self.watch_broken.clone(),
+        );
+        r.register(
+            "records_listed",
+            "Complete listings of the records",
+            self.records_listed.clone(),
+        );
+        r.register(
+            "records_ignored",
+            "Values in the store that were not followed",
+            self.records_ignored.clone(),
         );
     }
 }

@@ -264,6 +264,43 @@ impl Members {
     }
 }
 
+/// The reconciler's side of the replica set: observe it, apply one step. [`Members`] does it
+/// with the `mongodb` driver; unit tests use a small fake, so that the controller's timing
+/// (grace periods, debounce, leadership) is tested with paused time.
+pub trait ReplSetClient: Send + Sync + 'static {
+    /// Observes the set through `hosts` (the desired hosts and the config's); `desired` are the
+    /// hosts whose `hello` the planner checks.
+    fn observe(
+        &self,
+        set_name: &str,
+        hosts: &[String],
+        desired: &[String],
+    ) -> impl std::future::Future<Output = Observed> + Send;
+
+    /// Applies a step; `Ok` means the server accepted it.
+    fn apply(
+        &self,
+        set_name: &str,
+        step: &Step,
+        observed: &Observed,
+    ) -> impl std::future::Future<Output = Result<(), MongoError>> + Send;
+}
+
+impl ReplSetClient for Members {
+    async fn observe(&self, set_name: &str, hosts: &[String], desired: &[String]) -> Observed {
+        Members::observe(self, set_name, hosts, desired).await
+    }
+
+    async fn apply(
+        &self,
+        set_name: &str,
+        step: &Step,
+        observed: &Observed,
+    ) -> Result<(), MongoError> {
+        Members::apply(self, set_name, step, observed).await
+    }
+}
+
 /// The config document that applying `step` sends to the server: exactly what
 /// [`Members::apply`] passes to `replSetInitiate` or `replSetReconfig`.
 ///

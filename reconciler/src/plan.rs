@@ -499,3 +499,124 @@ pub fn voter_ids(config: &ConfigView) -> BTreeSet<i64> {
 pub fn caught_up(status: Option<&MemberStatus>) -> bool {
     status.is_some_and(|s| s.healthy && s.state.is_data_bearing_and_caught_up())
 }
+
+impl Wait {
+    /// Its name in the status document and in metrics labels (`no_primary`, `catching_up`, ...).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Wait::NoRecords => "no_records",
+            Wait::Unreachable { .. } => "unreachable",
+            Wait::NoPrimary => "no_primary",
+            Wait::ConfigNotCommitted { .. } => "config_not_committed",
+            Wait::RemovalGrace { .. } => "removal_grace",
+            Wait::RecordsNotTrusted => "records_not_trusted",
+            Wait::HostInUse { .. } => "host_in_use",
+            Wait::CatchingUp { .. } => "catching_up",
+        }
+    }
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::NoRecords => write!(f, "the store holds no record of the service's tasks"),
+            Wait::Unreachable { hosts } => {
+                write!(f, "no task answers: {}", hosts.join(", "))
+            }
+            Wait::NoPrimary => write!(f, "no primary (an election, or a set just initiated)"),
+            Wait::ConfigNotCommitted { version } => {
+                write!(f, "config version {version} is not committed yet")
+            }
+            Wait::RemovalGrace { id, remaining } => write!(
+                f,
+                "member {id} has had no record for less than the removal grace ({}s left)",
+                remaining.as_secs()
+            ),
+            Wait::RecordsNotTrusted => write!(
+                f,
+                "the store's records are not trusted (no snapshot yet, or the watch broke): \
+                 nothing is removed"
+            ),
+            Wait::HostInUse { id, host, by } => {
+                write!(f, "member {id} wants {host}, which member {by} still has")
+            }
+            Wait::CatchingUp { ids } => {
+                write!(
+                    f,
+                    "members {ids:?} are not SECONDARY yet, so they get no vote"
+                )
+            }
+        }
+    }
+}
+
+impl Blocked {
+    /// Its name in the status document and in metrics labels (`lost_majority`, ...).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Blocked::TooManyMembers { .. } => "too_many_members",
+            Blocked::LostMajority { .. } => "lost_majority",
+            Blocked::WrongSetName { .. } => "wrong_set_name",
+            Blocked::RemovalWouldLoseMajority { .. } => "removal_would_lose_majority",
+        }
+    }
+}
+
+impl Note {
+    /// Its name in metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Note::HealthyWithoutRecord { .. } => "healthy_without_record",
+            Note::UnhealthyWithRecord { .. } => "unhealthy_with_record",
+        }
+    }
+}
+
+impl Step {
+    /// Its name in metrics labels and in the status: `initiate`, `force_reconfig`, the change
+    /// of a reconfig (`add`, `grant_vote`, `revoke_vote`, `move_host`, `remove`), or `none`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Initiate { .. } => "initiate",
+            Step::ForceReconfig { .. } => "force_reconfig",
+            Step::Reconfig { change, .. } => match change {
+                Change::Add { .. } => "add",
+                Change::GrantVote { .. } => "grant_vote",
+                Change::RevokeVote { .. } => "revoke_vote",
+                Change::MoveHost { .. } => "move_host",
+                Change::Remove { .. } => "remove",
+            },
+            _ => "none",
+        }
+    }
+
+    /// What the step does, for people (logs, the status's `last_step`).
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Converged => "nothing to do".to_string(),
+            Step::Initiate { host, .. } => format!("initiate on {host}"),
+            Step::ForceReconfig {
+                host,
+                config,
+                dropped,
+            } => format!(
+                "FORCE a config without members {dropped:?} on {host} (config version {})",
+                config.version
+            ),
+            Step::Reconfig { change, config } => {
+                let what = match change {
+                    Change::Add { id, host } => format!("add member {id} ({host}) without a vote"),
+                    Change::GrantVote { id } => format!("give member {id} a vote"),
+                    Change::RevokeVote { id } => format!("take the vote of member {id}"),
+                    Change::MoveHost { id, from, to, .. } => {
+                        format!("move member {id} from {from} to {to}")
+                    }
+                    Change::Remove { id, host } => format!("remove member {id} ({host})"),
+                };
+                format!("{what} (config version {})", config.version)
+            }
+            Step::Wait(wait) => format!("waiting: {wait}"),
+            Step::Blocked(blocked) => format!("blocked: {blocked}"),
+        }
+    }
+}

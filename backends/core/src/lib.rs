@@ -5,6 +5,7 @@
 //! * [`record`]: the JSON records the bridge writes ([`ServiceRecord`], [`NodeRecord`]);
 //! * [`layout`]: where they go ([`KeyLayout`]);
 //! * [`uri`]: how a user names a store (`etcd://host:port/prefix`, `consul://...`);
+//! * [`status`]: the replica set's status document the reconciler writes ([`ReplSetStatus`]);
 //! * [`backend`]: the two traits a store implements, [`Publisher`] for the bridge and
 //!   [`Watcher`] for tools such as the replica-set reconciler.
 //!
@@ -15,10 +16,14 @@ pub mod backend;
 pub mod error;
 pub mod layout;
 pub mod record;
+pub mod status;
 pub mod uri;
 
 pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
 pub use error::BackendError;
 pub use layout::{KeyLayout, ServiceKey};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
+pub use status::{
+    NextKind, NextStep, ReplSetStatus, StatusDecodeError, StatusMember, STATUS_SCHEMA_VERSION,
+};
 pub use uri::{BackendUri, StoreKind, UriError};

@@ -7,12 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use backend_core::{BackendUri, Coordinator, StoreKind, Watcher};
 use clap::{Parser, Subcommand};
-use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
+use replset_reconciler::commands::{self, StatusFormat};
+use replset_reconciler::controller::{Controller, ControllerConfig};
 use replset_reconciler::duration::parse_duration;
 use replset_reconciler::mongo::{Credentials, Members};
-use replset_reconciler::plan::{plan_next_step, PlanContext};
-use replset_reconciler::records::{desired_sets, Selector};
-use tokio::sync::watch;
+use replset_reconciler::records::Selector;
 use tokio_util::sync::CancellationToken;
 
 /// Keeps MongoDB replica sets equal to the swarm tasks that swarm-registrator publishes.
@@ -84,6 +83,20 @@ struct Cli {
 enum Command {
     /// Print the next step for each replica set, and exit.
     Plan,
+    /// Print the status the leader published for each --replset (exit 1 if one has none).
+    /// With --wait-converged N, first wait until each has converged with N members: the
+    /// planner has nothing to do, there is a primary, and all N members are healthy.
+    Status {
+        /// Wait until each set has converged with this many members (exit 1 on --timeout).
+        #[arg(long, value_name = "N")]
+        wait_converged: Option<usize>,
+        /// With --wait-converged: how long to wait (0s: check once).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print the status documents as JSON, one line per set.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a service's replica count one task at a time, waiting after each step until the
     /// replica set has converged, so that quorum is never lost. Needs a manager's Docker API
     /// (the local socket or DOCKER_HOST). Example: `scale mongo=5`.
@@ -117,7 +130,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "replset-reconciler stopped");
             ExitCode::FAILURE
@@ -132,12 +145,16 @@ fn usage_error(msg: &str) -> ! {
         .exit()
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(backend) = cli.backend.clone() else {
         usage_error("a backend URI is required, e.g. etcd://127.0.0.1:2379/registrator");
     };
     if cli.service.len() != cli.replset.len() {
         usage_error("give one --replset for each --service, in the same order");
+    }
+    let status_only = matches!(cli.command, Some(Command::Status { .. }));
+    if status_only && cli.replset.is_empty() {
+        usage_error("status: give --service <svc> --replset <set> (or RECONCILER_REPLSET)");
     }
     if cli.service.is_empty() && !cli.discover {
         usage_error("nothing to manage: give --service <svc> --replset <set>, or --discover");
@@ -168,23 +185,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let holder =
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
-    let metrics = Arc::new(replset_reconciler::metrics::Metrics::default());
-    let health = Arc::new(replset_reconciler::metrics::Health::default());
-    if let Some(addr) = cli.metrics_addr {
-        let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry);
-        let listener = ops_http::bind(addr).await?;
-        let check = health.clone();
-        tokio::spawn(ops_http::serve(
-            listener,
-            Arc::new(registry),
-            Arc::new(move || check.check()),
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        tracing::info!(%addr, "serving /metrics and /healthz");
-    }
     let config = ControllerConfig {
-        metrics,
+        metrics: Arc::new(replset_reconciler::metrics::Metrics::default()),
         force_after: cli.allow_force.then_some(cli.force_after),
         layout: backend.layout.clone(),
         selectors,
@@ -196,13 +198,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         dry_run: cli.dry_run,
     };
     let members = Arc::new(Members::new(credentials));
+    let command = Invocation {
+        command: cli.command,
+        replsets: cli.replset,
+        metrics_addr: cli.metrics_addr,
+    };
     match backend.kind {
         StoreKind::Etcd => {
             let store =
                 backend_etcd::EtcdStore::connect(&backend.endpoints, backend.layout.clone())
                     .await
                     .context("cannot set up the etcd client")?;
-            drive(Arc::new(store), members, config, health, cli.command).await
+            drive(Arc::new(store), members, config, command).await
         }
         StoreKind::Consul => {
             let endpoint = backend.endpoints.first().cloned().unwrap_or_default();
@@ -221,219 +228,112 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .context("cannot set up the Consul client")?;
-            drive(Arc::new(store), members, config, health, cli.command).await
+            drive(Arc::new(store), members, config, command).await
         }
     }
+}
+
+/// What to do once the store is set up.
+struct Invocation {
+    command: Option<Command>,
+    replsets: Vec<String>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 async fn drive<S: Watcher + Coordinator>(
     store: Arc<S>,
     members: Arc<Members>,
     config: ControllerConfig,
-    health: Arc<replset_reconciler::metrics::Health>,
-    command: Option<Command>,
-) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            tracing::info!("stopping");
-            shutdown.cancel();
-        });
-    }
-    let (tx, mut rx) = watch::channel(Records::default());
-    tokio::spawn(follow_records(
-        store.clone(),
-        config.layout.clone(),
-        tx,
-        health,
-        shutdown.clone(),
-    ));
-    // The sets to manage: the configured ones now; discovered ones as they appear.
-    rx.wait_for(|r| r.trusted)
-        .await
-        .context("the records' watch ended before its first snapshot")?;
-
-    if let Some(Command::Scale {
-        target,
-        step_timeout,
-    }) = &command
-    {
-        return scale(&*store, &config, target, *step_timeout).await;
-    }
-
-    if let Some(Command::Plan) = command {
-        let records = rx.borrow().clone();
-        let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
-        for s in skipped {
-            println!("ignoring {}: {}", s.key, s.reason);
-        }
-        for (set, desired) in sets {
-            let hosts: Vec<String> = desired.members.values().cloned().collect();
-            let observed = members.observe(&set, &hosts, &hosts).await;
-            let ctx = PlanContext {
-                set_name: set.clone(),
-                records_trusted: true,
-                record_gone_for: Default::default(),
-                removal_grace: config.removal_grace,
-                // `plan` shows what would be done if the loss lasts: a force with
-                // --allow-force.
-                force_after: config.force_after,
-                majority_lost_for: Duration::MAX,
+    invocation: Invocation,
+) -> anyhow::Result<ExitCode> {
+    match invocation.command {
+        Some(Command::Status {
+            wait_converged,
+            timeout,
+            json,
+        }) => {
+            let format = if json {
+                StatusFormat::Json
+            } else {
+                StatusFormat::Text
             };
-            let plan = plan_next_step(&observed.observation, &desired, &ctx);
-            println!("{set}: {:?}", plan.step);
-            for note in plan.notes {
-                println!("{set}: note: {note:?}");
-            }
+            let all = commands::status(
+                &*store,
+                &config.layout,
+                &invocation.replsets,
+                wait_converged,
+                timeout,
+                format,
+            )
+            .await?;
+            return Ok(if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
-        return Ok(());
+        Some(Command::Scale {
+            target,
+            step_timeout,
+        }) => {
+            let (service, want) = scale_target(&target);
+            let set = config
+                .selectors
+                .iter()
+                .find_map(|s| match s {
+                    Selector::Service {
+                        service: svc, set, ..
+                    } if svc == service => Some(set.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| {
+                    usage_error("scale: give --service <svc> --replset <set> for this service")
+                });
+            commands::scale(&*store, &config.layout, service, &set, want, step_timeout).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Plan) | None => {}
     }
-
-    let mut running = std::collections::BTreeSet::new();
-    loop {
-        let sets: Vec<String> = {
-            let records = rx.borrow();
-            desired_sets(&records.entries, &config.layout, &config.selectors)
-                .0
-                .into_keys()
-                .collect()
-        };
-        for set in sets {
-            if running.insert(set.clone()) {
-                tracing::info!(set = %set, "managing replica set");
-                tokio::spawn(run_set(
-                    store.clone(),
-                    members.clone(),
-                    config.clone(),
-                    set,
-                    rx.clone(),
-                    shutdown.clone(),
-                ));
-            }
-        }
-        tokio::select! {
-            changed = rx.changed() => if changed.is_err() { break },
-            _ = shutdown.cancelled() => break,
-        }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let plan_only = matches!(invocation.command, Some(Command::Plan));
+    let mut controller = Controller::start(store, members.clone(), config, shutdown.clone());
+    let records = controller.first_snapshot().await?;
+    if plan_only {
+        commands::plan(&records, &controller.context().config, &*members).await;
+        shutdown.cancel();
+        controller.run().await;
+        return Ok(ExitCode::SUCCESS);
     }
-    // Give the set tasks a moment to resign.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(())
+    if let Some(addr) = invocation.metrics_addr {
+        controller.serve_ops(addr).await?;
+    }
+    controller.run().await;
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `scale <service>=<n>`: one replica at a time, each step waited for in the set's status.
-async fn scale<S: Coordinator>(
-    store: &S,
-    config: &ControllerConfig,
-    target: &str,
-    step_timeout: Duration,
-) -> anyhow::Result<()> {
-    use bollard::models::{ServiceSpecMode, ServiceSpecModeReplicated};
-    use bollard::query_parameters::UpdateServiceOptions;
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        tracing::info!("stopping");
+        shutdown.cancel();
+    });
+}
 
+/// `<service>=<replicas>`.
+fn scale_target(target: &str) -> (&str, i64) {
     let Some((service, n)) = target.split_once('=') else {
         usage_error("scale takes <service>=<replicas>, e.g. mongo=5");
     };
     let Ok(want) = n.parse::<i64>() else {
         usage_error("scale takes <service>=<replicas> with a number, e.g. mongo=5");
     };
-    let set = config
-        .selectors
-        .iter()
-        .find_map(|s| match s {
-            Selector::Service {
-                service: svc, set, ..
-            } if svc == service => Some(set.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| {
-            usage_error("scale: give --service <svc> --replset <set> for this service")
-        });
-    let docker = bollard::Docker::connect_with_defaults()
-        .context("cannot reach the Docker engine (a manager's socket or DOCKER_HOST)")?
-        .negotiate_version()
-        .await
-        .context("cannot reach the Docker engine (a manager's socket or DOCKER_HOST)")?;
-    loop {
-        let current = docker
-            .inspect_service(service, None)
-            .await
-            .with_context(|| format!("cannot inspect service {service}"))?;
-        let version = current.version.and_then(|v| v.index).unwrap_or(0);
-        let mut spec = current.spec.context("the service has no spec")?;
-        let replicas = spec
-            .mode
-            .as_ref()
-            .and_then(|m| m.replicated.as_ref())
-            .and_then(|r| r.replicas)
-            .context("scale works on replicated services only")?;
-        if replicas == want {
-            println!("{service} has {want} replicas and {set} has converged");
-            return Ok(());
-        }
-        let next = if want > replicas {
-            replicas + 1
-        } else {
-            replicas - 1
-        };
-        println!("{service}: {replicas} -> {next} replicas");
-        spec.mode = Some(ServiceSpecMode {
-            replicated: Some(ServiceSpecModeReplicated {
-                replicas: Some(next),
-            }),
-            ..Default::default()
-        });
-        docker
-            .update_service(
-                service,
-                spec,
-                UpdateServiceOptions {
-                    version: i32::try_from(version).unwrap_or(i32::MAX),
-                    ..Default::default()
-                },
-                None,
-            )
-            .await
-            .with_context(|| format!("cannot update service {service}"))?;
-        // Wait until the reconciler reports the set converged with `next` members.
-        let key = config.layout.replset_status_key(&set);
-        let deadline = tokio::time::Instant::now() + step_timeout;
-        loop {
-            let status: Option<serde_json::Value> = store
-                .get_value(&key)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|v| serde_json::from_slice(&v).ok());
-            let members = status
-                .as_ref()
-                .and_then(|s| s["members"].as_array().map(Vec::len))
-                .unwrap_or(0);
-            let converged = status
-                .as_ref()
-                .and_then(|s| s["converged"].as_bool())
-                .unwrap_or(false);
-            if converged && members as i64 == next {
-                println!("{set}: converged with {members} members");
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "{set} did not converge to {next} members within {step_timeout:?} (status: {}); \
-                     is a replset-reconciler running for it?",
-                    status.map(|s| s.to_string()).unwrap_or_else(|| "none".into())
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    (service, want)
 }

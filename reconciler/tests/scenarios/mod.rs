@@ -34,14 +34,14 @@ use std::time::Duration;
 
 use backend_consul::{ConsulOptions, ConsulStore};
 use backend_core::{Coordinator, KeyLayout, Watcher};
+use backend_core::{NextKind, ReplSetStatus};
 use backend_etcd::EtcdStore;
-use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
+use replset_reconciler::controller::{Controller, ControllerConfig};
 use replset_reconciler::mongo::Members;
 use replset_reconciler::records::Selector;
 use replset_sim::{Cluster, Event};
 use test_support::contract::{mongo_task_record, unique_layout};
 use test_support::wait_for;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -144,7 +144,6 @@ impl Harness {
             )),
         };
         let shutdown = CancellationToken::new();
-        let (tx, rx) = watch::channel(Records::default());
         let config = ControllerConfig {
             layout: layout.clone(),
             selectors: vec![Selector::Service {
@@ -162,10 +161,9 @@ impl Harness {
             metrics: Arc::new(replset_reconciler::metrics::Metrics::default()),
             force_after,
         };
-        let members = Arc::new(Members::new(None));
         match &store {
-            Store::Etcd(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
-            Store::Consul(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
+            Store::Etcd(s) => spawn_loop(s.clone(), config, &shutdown),
+            Store::Consul(s) => spawn_loop(s.clone(), config, &shutdown),
         }
         Harness {
             store,
@@ -188,32 +186,20 @@ impl Harness {
     }
 }
 
-/// The reconciler's two tasks: following the records, and the set's loop.
+/// The reconciler's loop, as the binary runs it: the library's [`Controller`], until the
+/// harness's shutdown.
 fn spawn_loop<S: Watcher + Coordinator>(
     store: Arc<S>,
-    members: Arc<Members>,
     config: ControllerConfig,
-    set: &str,
-    tx: watch::Sender<Records>,
-    rx: watch::Receiver<Records>,
     shutdown: &CancellationToken,
 ) {
-    let layout = config.layout.clone();
-    tokio::spawn(follow_records(
-        store.clone(),
-        layout,
-        tx,
-        Arc::new(Default::default()),
-        shutdown.clone(),
-    ));
-    tokio::spawn(run_set(
+    let controller = Controller::start(
         store,
-        members,
+        Arc::new(Members::new(None)),
         config,
-        set.into(),
-        rx,
         shutdown.clone(),
-    ));
+    );
+    tokio::spawn(controller.run());
 }
 
 impl Drop for Harness {
@@ -430,33 +416,35 @@ fn config_history(cluster: &Cluster) -> Vec<(i64, BTreeSet<i64>)> {
 }
 
 /// The status the reconciler published for `set`, once it says the set converged with these
-/// members, a primary and the config the set has now.
+/// members ([`ReplSetStatus::converged_with`]: a primary, every member healthy) and the config
+/// the set has now.
 async fn converged_status(
     h: &Harness,
     cluster: &Cluster,
     set: &str,
     members: &BTreeSet<i64>,
-) -> Result<serde_json::Value, String> {
+) -> Result<ReplSetStatus, String> {
+    let status = read_status(h, set).await?;
+    let listed: BTreeSet<i64> = status.members.iter().map(|m| m.id).collect();
+    let installed = latest(cluster).map(|(version, _, _)| version);
+    if status.converged_with(members.len())
+        && &listed == members
+        && Some(status.config_version) == installed
+    {
+        Ok(status)
+    } else {
+        Err(format!("{status:?} (installed config {installed:?})"))
+    }
+}
+
+/// The status the reconciler published for `set`.
+async fn read_status(h: &Harness, set: &str) -> Result<ReplSetStatus, String> {
     let v = h
         .store
         .get_value(&h.layout.replset_status_key(set))
         .await?
         .ok_or("no status")?;
-    let status: serde_json::Value = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
-    let listed: BTreeSet<i64> = status["members"]
-        .as_array()
-        .map(|ms| ms.iter().filter_map(|m| m["_id"].as_i64()).collect())
-        .unwrap_or_default();
-    let installed = latest(cluster).map(|(version, _, _)| version);
-    if status["converged"] == serde_json::json!(true)
-        && &listed == members
-        && status["primary"].is_string()
-        && status["config_version"].as_i64() == installed
-    {
-        Ok(status)
-    } else {
-        Err(format!("{status} (installed config {installed:?})"))
-    }
+    ReplSetStatus::from_json(&v).map_err(|e| e.to_string())
 }
 
 /// `docker service scale mongo=3` of a set of 8, the way `replset-reconciler scale` does it:
@@ -776,17 +764,15 @@ pub async fn a_set_that_lost_its_majority_says_so_and_recovers(b: Backend) {
     let others: Vec<usize> = (0..3).filter(|&i| i != primary).collect();
     cluster.kill(primary).expect("kill");
     cluster.kill(others[0]).expect("kill");
-    let status_key = h.layout.replset_status_key(&set);
     wait_for(
         "the status to report the lost majority",
         CONVERGE,
         || async {
-            let v = h.store.get_value(&status_key).await?.unwrap_or_default();
-            let text = String::from_utf8_lossy(&v).to_string();
-            if text.contains("LostMajority") {
+            let status = read_status(&h, &set).await?;
+            if status.next.kind == NextKind::Blocked && status.next.reason == "lost_majority" {
                 Ok(())
             } else {
-                Err(text)
+                Err(format!("{status:?}"))
             }
         },
     )
@@ -800,12 +786,11 @@ pub async fn a_set_that_lost_its_majority_says_so_and_recovers(b: Backend) {
         .await
         .expect("a primary again");
     wait_for("the status to clear", CONVERGE, || async {
-        let v = h.store.get_value(&status_key).await?.unwrap_or_default();
-        let status: serde_json::Value = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
-        if status["converged"] == serde_json::json!(true) {
+        let status = read_status(&h, &set).await?;
+        if status.converged {
             Ok(())
         } else {
-            Err(status.to_string())
+            Err(format!("{status:?}"))
         }
     })
     .await;

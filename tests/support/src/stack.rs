@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use backend_core::ReplSetStatus;
 use serde_json::Value;
 
 use crate::dind::{host_docker, Node, Swarm};
@@ -349,14 +350,15 @@ impl Deployment {
     }
 
     /// The leader's status document.
-    pub async fn status(&self) -> Result<Value, String> {
+    pub async fn status(&self) -> Result<ReplSetStatus, String> {
         let raw = self.store_get(STATUS_KEY).await?;
-        serde_json::from_str(&raw).map_err(|e| format!("status {raw:?}: {e}"))
+        ReplSetStatus::from_json(raw.as_bytes()).map_err(|e| format!("status {raw:?}: {e}"))
     }
 
     /// One check of "the replica set equals the service's tasks": `n` running tasks; the
-    /// leader's status says converged, with a primary, every member healthy and voting, and
-    /// exactly the tasks' slots and addresses as members; the URI lists exactly them.
+    /// leader's status says converged with `n` members ([`ReplSetStatus::converged_with`]: a
+    /// primary, every member healthy), every member voting, and exactly the tasks' slots and
+    /// addresses as members; the URI lists exactly them.
     pub async fn check_converged(&self, n: usize) -> Result<SetState, String> {
         let tasks = self.tasks(MONGO).await?;
         if tasks.len() != n || tasks.iter().any(|t| t.ip.is_empty()) {
@@ -367,28 +369,14 @@ impl Deployment {
             .map(|t| (t.slot, format!("{}:27017", t.ip)))
             .collect();
         let status = self.status().await?;
-        let members: BTreeMap<i64, String> = status["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["_id"].as_i64().unwrap_or(-1),
-                    m["host"].as_str().unwrap_or_default().to_string(),
-                )
-            })
+        let members: BTreeMap<i64, String> = status
+            .members
+            .iter()
+            .map(|m| (m.id, m.host.clone()))
             .collect();
-        let all_healthy_voters = status["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|m| m["healthy"] == true && m["votes"] == 1);
-        if status["converged"] != true
-            || status["primary"].is_null()
-            || members != want
-            || !all_healthy_voters
-        {
-            return Err(format!("tasks {want:?}; status {status}"));
+        let all_voting = status.members.iter().all(|m| m.votes == 1);
+        if !status.converged_with(n) || members != want || !all_voting {
+            return Err(format!("tasks {want:?}; status {status:?}"));
         }
         let uri = self.store_get(URI_KEY).await?;
         let hosts: BTreeSet<&str> = uri
@@ -403,8 +391,8 @@ impl Deployment {
         }
         Ok(SetState {
             members,
-            config_version: status["config_version"].as_i64().unwrap_or(-1),
-            primary: status["primary"].as_str().unwrap_or_default().to_string(),
+            config_version: status.config_version,
+            primary: status.primary.unwrap_or_default(),
         })
     }
 

@@ -1,0 +1,179 @@
+//! The one-shot commands of `replset-reconciler`: `plan`, `status` and `scale`. The binary
+//! parses their arguments; what they do is here.
+
+use std::time::Duration;
+
+use backend_core::{Coordinator, KeyLayout};
+
+use crate::controller::{ControllerConfig, Records};
+use crate::mongo::ReplSetClient;
+use crate::plan::{plan_next_step, PlanContext};
+use crate::records::desired_sets;
+use crate::status::{self, StatusError};
+
+/// `plan`: prints the next step of each selected set, as the leader would plan it now.
+pub async fn plan<M: ReplSetClient>(records: &Records, config: &ControllerConfig, members: &M) {
+    let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
+    for s in skipped {
+        println!("ignoring {}: {}", s.key, s.reason);
+    }
+    for (set, desired) in sets {
+        let hosts: Vec<String> = desired.members.values().cloned().collect();
+        let observed = members.observe(&set, &hosts, &hosts).await;
+        let ctx = PlanContext {
+            set_name: set.clone(),
+            records_trusted: true,
+            record_gone_for: Default::default(),
+            removal_grace: config.removal_grace,
+            // `plan` shows what would be done if the loss lasts: a force with --allow-force.
+            force_after: config.force_after,
+            majority_lost_for: Duration::MAX,
+        };
+        let plan = plan_next_step(&observed.observation, &desired, &ctx);
+        println!("{set}: {}", plan.step.describe());
+        for note in plan.notes {
+            println!("{set}: note: {note:?}");
+        }
+    }
+}
+
+/// How `status` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFormat {
+    /// A summary line and one line per member.
+    Text,
+    /// The status document as the store holds it (one line of JSON per set).
+    Json,
+}
+
+/// `status [--wait-converged N]`: prints the status of each set; with `wait_converged`, first
+/// waits (up to `timeout`) until each has converged with that many members. `Ok(false)` when a
+/// set has no status yet.
+pub async fn status<S: Coordinator>(
+    store: &S,
+    layout: &KeyLayout,
+    sets: &[String],
+    wait_converged: Option<usize>,
+    timeout: Duration,
+    format: StatusFormat,
+) -> Result<bool, StatusError> {
+    let mut all = true;
+    for set in sets {
+        let found = match wait_converged {
+            Some(n) => Some(status::wait_converged(store, layout, set, n, timeout).await?),
+            None => status::read(store, layout, set).await?,
+        };
+        match (found, format) {
+            (Some(s), StatusFormat::Json) => {
+                println!("{}", String::from_utf8_lossy(&s.to_json()))
+            }
+            (Some(s), StatusFormat::Text) => println!("{}", status::render(&s)),
+            (None, _) => {
+                all = false;
+                eprintln!(
+                    "{set}: no status yet ({}); the reconciler's leader writes it once it has read the set's config",
+                    layout.replset_status_key(set)
+                );
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Why `scale` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error("cannot reach the Docker engine (a manager's socket or DOCKER_HOST): {0}")]
+    Engine(#[source] bollard::errors::Error),
+    #[error("cannot inspect service {service}: {source}")]
+    Inspect {
+        service: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("cannot update service {service}: {source}")]
+    Update {
+        service: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("service {0} is not a replicated service (scale works on replicated services only)")]
+    NotReplicated(String),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+}
+
+/// `scale <service>=<want>`: one replica at a time, each step waited for until the set's
+/// status says converged with that many members ([`backend_core::ReplSetStatus::converged_with`]).
+pub async fn scale<S: Coordinator>(
+    store: &S,
+    layout: &KeyLayout,
+    service: &str,
+    set: &str,
+    want: i64,
+    step_timeout: Duration,
+) -> Result<(), ScaleError> {
+    use bollard::models::{ServiceSpecMode, ServiceSpecModeReplicated};
+    use bollard::query_parameters::UpdateServiceOptions;
+
+    let docker = bollard::Docker::connect_with_defaults()
+        .map_err(ScaleError::Engine)?
+        .negotiate_version()
+        .await
+        .map_err(ScaleError::Engine)?;
+    loop {
+        let current = docker
+            .inspect_service(service, None)
+            .await
+            .map_err(|source| ScaleError::Inspect {
+                service: service.to_string(),
+                source,
+            })?;
+        let version = current.version.and_then(|v| v.index).unwrap_or(0);
+        let Some(mut spec) = current.spec else {
+            return Err(ScaleError::NotReplicated(service.to_string()));
+        };
+        let Some(replicas) = spec
+            .mode
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref())
+            .and_then(|r| r.replicas)
+        else {
+            return Err(ScaleError::NotReplicated(service.to_string()));
+        };
+        if replicas == want {
+            println!("{service} has {want} replicas and {set} has converged");
+            return Ok(());
+        }
+        let next = if want > replicas {
+            replicas + 1
+        } else {
+            replicas - 1
+        };
+        println!("{service}: {replicas} -> {next} replicas");
+        spec.mode = Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(next),
+            }),
+            ..Default::default()
+        });
+        docker
+            .update_service(
+                service,
+                spec,
+                UpdateServiceOptions {
+                    version: i32::try_from(version).unwrap_or(i32::MAX),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .map_err(|source| ScaleError::Update {
+                service: service.to_string(),
+                source,
+            })?;
+        let members = usize::try_from(next).unwrap_or(0);
+        let s = status::wait_converged(store, layout, set, members, step_timeout).await?;
+        println!("{set}: converged with {} members", s.members.len());
+    }
+}

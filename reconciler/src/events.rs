@@ -1,0 +1,309 @@
+//! The reconciler's decisions as internal events, in the way of vector's `internal_events`: one
+//! type per decision, whose [`InternalEvent::emit`] writes its one structured log line and
+//! increments its counter in [`Metrics`], in one place. Code that decides emits an event; it
+//! never logs or counts on its own. Tests assert on the counters, never on log text.
+
+use std::time::Duration;
+
+use backend_core::BackendError;
+
+use crate::metrics::{Metrics, ReasonLabels, RefusedLabels, SetLabels, StepLabels};
+use crate::mongo::MongoError;
+use crate::plan::{Blocked, Note, Step, Wait};
+
+/// A decision: logs and counts.
+pub trait InternalEvent {
+    fn emit(self, metrics: &Metrics);
+}
+
+fn set_labels(set: &str) -> SetLabels {
+    SetLabels {
+        set: set.to_string(),
+    }
+}
+
+fn reason_labels(set: &str, reason: &'static str) -> ReasonLabels {
+    ReasonLabels {
+        set: set.to_string(),
+        reason,
+    }
+}
+
+/// The watch delivered the complete records (its first snapshot, or a re-list).
+#[derive(Debug)]
+pub struct RecordsListed {
+    pub entries: usize,
+}
+
+impl InternalEvent for RecordsListed {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(
+            entries = self.entries,
+            "listed the records; removals follow them again"
+        );
+        metrics.records_listed.inc();
+    }
+}
+
+/// The watch of the records broke: until it lists again, no absence means anything.
+#[derive(Debug)]
+pub struct WatchBroken<'a> {
+    pub error: &'a BackendError,
+}
+
+impl InternalEvent for WatchBroken<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(error = %self.error, "the records' watch broke; removing nothing until it is back");
+        metrics.watch_broken.inc();
+    }
+}
+
+/// A value in the store is not followed (rule 13: only records a bridge could have written).
+#[derive(Debug)]
+pub struct RecordIgnored<'a> {
+    pub key: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for RecordIgnored<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(key = %self.key, reason = %self.reason, "ignoring a value in the store");
+        metrics.records_ignored.inc();
+    }
+}
+
+/// A set's leader key was won.
+#[derive(Debug)]
+pub struct LeadershipGained<'a> {
+    pub set: &'a str,
+    pub holder: &'a str,
+}
+
+impl InternalEvent for LeadershipGained<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(set = %self.set, holder = %self.holder, "leading; reconciling");
+        metrics
+            .leadership_gained
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
+/// A set's leadership was lost (the lease or session expired or was ended): acting stopped.
+#[derive(Debug)]
+pub struct LeadershipLost<'a> {
+    pub set: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for LeadershipLost<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, reason = %self.reason, "lost leadership; stopped acting");
+        metrics
+            .leadership_lost
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
+/// A campaign failed; it is tried again after `retry_in`.
+#[derive(Debug)]
+pub struct CampaignFailed<'a> {
+    pub set: &'a str,
+    pub error: &'a BackendError,
+    pub retry_in: Duration,
+}
+
+impl InternalEvent for CampaignFailed<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "campaign failed");
+        metrics
+            .campaign_failures
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
+/// The server accepted a step.
+#[derive(Debug)]
+pub struct StepApplied<'a> {
+    pub set: &'a str,
+    pub step: &'a Step,
+}
+
+impl InternalEvent for StepApplied<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(set = %self.set, step = %self.step.describe(), kind = self.step.kind(), "applied");
+        metrics
+            .steps_applied
+            .get_or_create(&StepLabels {
+                set: self.set.to_string(),
+                step: self.step.kind(),
+            })
+            .inc();
+    }
+}
+
+/// The server refused a step, or did not answer (an unknown outcome: observe again, never
+/// repeat blindly, rule 9).
+#[derive(Debug)]
+pub struct StepRefused<'a> {
+    pub set: &'a str,
+    pub step: &'a Step,
+    pub error: &'a MongoError,
+}
+
+impl InternalEvent for StepRefused<'_> {
+    fn emit(self, metrics: &Metrics) {
+        let describe = self.step.describe();
+        match self.error.code() {
+            None => {
+                tracing::warn!(set = %self.set, step = %describe, error = %self.error, "outcome unknown; observing again")
+            }
+            Some(code) => {
+                tracing::warn!(set = %self.set, step = %describe, code, error = %self.error, "the server refused the step")
+            }
+        }
+        metrics
+            .steps_refused
+            .get_or_create(&RefusedLabels {
+                set: self.set.to_string(),
+                step: self.step.kind(),
+                code: self
+                    .error
+                    .code()
+                    .map_or_else(|| "none".to_string(), |c| c.to_string()),
+            })
+            .inc();
+    }
+}
+
+/// `--dry-run`: the step that would be applied.
+#[derive(Debug)]
+pub struct WouldApply<'a> {
+    pub set: &'a str,
+    pub step: &'a Step,
+}
+
+impl InternalEvent for WouldApply<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::info!(set = %self.set, step = %self.step.describe(), "would apply (dry run)");
+    }
+}
+
+/// The planner waits for the set or the store.
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    pub set: &'a str,
+    pub wait: &'a Wait,
+}
+
+impl InternalEvent for Waiting<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(set = %self.set, reason = self.wait.reason(), detail = %self.wait, "waiting");
+        metrics
+            .waits
+            .get_or_create(&reason_labels(self.set, self.wait.reason()))
+            .inc();
+    }
+}
+
+/// The planner cannot act without an operator.
+#[derive(Debug)]
+pub struct BlockedOnOperator<'a> {
+    pub set: &'a str,
+    pub blocked: &'a Blocked,
+}
+
+impl InternalEvent for BlockedOnOperator<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::error!(set = %self.set, reason = %self.blocked, "cannot act without an operator");
+        metrics
+            .blocked
+            .get_or_create(&reason_labels(self.set, self.blocked.reason()))
+            .inc();
+    }
+}
+
+/// About to force a reconfig (`--allow-force`, after `--force-after` without a majority).
+/// Counted as `steps_applied{step="force_reconfig"}` once the server accepts it.
+#[derive(Debug)]
+pub struct Forcing<'a> {
+    pub set: &'a str,
+    pub host: &'a str,
+    pub dropped: &'a [i64],
+}
+
+impl InternalEvent for Forcing<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::error!(
+            set = %self.set,
+            host = %self.host,
+            dropped = ?self.dropped,
+            "FORCING a reconfig (--allow-force): the majority has been lost for longer than --force-after; writes only the dropped members had will be rolled back when they return"
+        );
+    }
+}
+
+/// A member and its record disagree (kept and reported, rule 6).
+#[derive(Debug)]
+pub struct MemberRecordDisagree<'a> {
+    pub set: &'a str,
+    pub note: &'a Note,
+}
+
+impl InternalEvent for MemberRecordDisagree<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, note = ?self.note, "member and record disagree");
+        metrics
+            .disagreements
+            .get_or_create(&reason_labels(self.set, self.note.reason()))
+            .inc();
+    }
+}
+
+/// The set converged after steps taken since `took` ago.
+#[derive(Debug)]
+pub struct SetConverged<'a> {
+    pub set: &'a str,
+    pub took: Duration,
+}
+
+impl InternalEvent for SetConverged<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(set = %self.set, took_ms = self.took.as_millis() as u64, "converged");
+        metrics.converge_seconds.observe(self.took.as_secs_f64());
+    }
+}
+
+/// The connection string was written.
+#[derive(Debug)]
+pub struct UriPublished<'a> {
+    pub set: &'a str,
+    pub uri: &'a str,
+}
+
+impl InternalEvent for UriPublished<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::info!(set = %self.set, uri = %self.uri, "published the connection string");
+    }
+}
+
+/// Writing the connection string (`what = "uri"`) or the status (`"status"`) failed; it is
+/// written again at the next reconcile.
+#[derive(Debug)]
+pub struct PublishFailed<'a> {
+    pub set: &'a str,
+    pub what: &'static str,
+    pub error: &'a BackendError,
+}
+
+impl InternalEvent for PublishFailed<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, what = self.what, error = %self.error, "cannot publish");
+        metrics
+            .publish_failures
+            .get_or_create(&reason_labels(self.set, self.what))
+            .inc();
+    }
+}

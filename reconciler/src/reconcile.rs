@@ -1,0 +1,360 @@
+//! One reconcile of one replica set, kube-runtime style: [`reconcile`] observes the set, plans
+//! the one next safe step, applies it and publishes the outputs, and returns the [`Action`]
+//! (when to look again); [`error_policy`] decides what a failed step means. What a set's loop
+//! remembers between reconciles is in [`SetState`]; what every reconcile shares is the
+//! [`Context`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend_core::{Coordinator, ReplSetStatus};
+use tokio::time::Instant;
+
+use crate::controller::{ControllerConfig, Records};
+use crate::events::{
+    BlockedOnOperator, Forcing, InternalEvent, MemberRecordDisagree, PublishFailed, RecordIgnored,
+    SetConverged, StepApplied, StepRefused, UriPublished, Waiting, WouldApply,
+};
+use crate::model::Desired;
+use crate::mongo::{MongoError, Observed, ReplSetClient};
+use crate::plan::{plan_next_step, Blocked, Plan, PlanContext, Step};
+use crate::records::desired_sets;
+
+/// The requeue delays: how long a set's loop waits before it looks again (it looks sooner when
+/// the records change). A converged set is looked at again after
+/// [`ControllerConfig::resync`].
+pub mod requeue {
+    use std::time::Duration;
+
+    /// After a step the server accepted: at once, to take the next one.
+    pub const AFTER_STEP: Duration = Duration::ZERO;
+    /// While the planner waits for the set (an election, a member catching up, a grace
+    /// period).
+    pub const WHILE_WAITING: Duration = Duration::from_secs(1);
+    /// While the planner cannot act without an operator.
+    pub const WHILE_BLOCKED: Duration = Duration::from_secs(5);
+    /// After a step the server refused or did not answer: observe again soon.
+    pub const AFTER_ERROR: Duration = Duration::from_secs(1);
+}
+
+/// What to do after a reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action {
+    requeue_after: Duration,
+}
+
+impl Action {
+    /// Look again after `after`, or sooner when the records change.
+    pub fn requeue(after: Duration) -> Action {
+        Action {
+            requeue_after: after,
+        }
+    }
+
+    pub fn requeue_after(&self) -> Duration {
+        self.requeue_after
+    }
+}
+
+/// A step that did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The server refused the step (its code says why), or did not answer (an unknown
+    /// outcome: observe again, never repeat blindly).
+    #[error("{step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: MongoError,
+    },
+}
+
+/// What every reconcile of every set shares.
+#[derive(Debug)]
+pub struct Context<S, M> {
+    pub store: Arc<S>,
+    pub members: Arc<M>,
+    pub config: ControllerConfig,
+}
+
+/// What one set's loop remembers between reconciles, for as long as this process leads it.
+#[derive(Debug)]
+pub struct SetState {
+    set: String,
+    /// The skipped values already reported, with the reason (reported again when it changes).
+    warned: BTreeMap<String, String>,
+    /// Since when each config member has had no record.
+    gone_since: BTreeMap<i64, Instant>,
+    /// Since the first step after the set was last converged.
+    converging_since: Option<Instant>,
+    /// Since the planner first found the majority lost.
+    majority_lost_since: Option<Instant>,
+    last_step: String,
+    last_error: String,
+    /// What was last written, so that unchanged outputs are not written again.
+    published_uri: Option<String>,
+    published_status: Option<ReplSetStatus>,
+}
+
+impl SetState {
+    pub fn new(set: &str) -> SetState {
+        SetState {
+            set: set.to_string(),
+            warned: BTreeMap::new(),
+            gone_since: BTreeMap::new(),
+            converging_since: None,
+            majority_lost_since: None,
+            last_step: String::new(),
+            last_error: String::new(),
+            published_uri: None,
+            published_status: None,
+        }
+    }
+
+    pub fn set(&self) -> &str {
+        &self.set
+    }
+
+    /// The desired members of this set now; skipped values are reported once per key and
+    /// reason.
+    fn desired(&mut self, records: &Records, config: &ControllerConfig) -> Desired {
+        let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
+        for s in skipped {
+            if self.warned.get(&s.key) != Some(&s.reason) {
+                RecordIgnored {
+                    key: &s.key,
+                    reason: &s.reason,
+                }
+                .emit(&config.metrics);
+                self.warned.insert(s.key, s.reason);
+            }
+        }
+        sets.get(&self.set).cloned().unwrap_or_default()
+    }
+
+    /// How long each config member's record has been gone, by `_id`.
+    fn record_gone_for(
+        &mut self,
+        observed: &Observed,
+        desired: &Desired,
+    ) -> BTreeMap<i64, Duration> {
+        let now = Instant::now();
+        let mut gone_for = BTreeMap::new();
+        if let Some(c) = &observed.observation.config {
+            for m in &c.members {
+                if desired.members.contains_key(&m.id) {
+                    self.gone_since.remove(&m.id);
+                } else {
+                    let since = *self.gone_since.entry(m.id).or_insert(now);
+                    gone_for.insert(m.id, now - since);
+                }
+            }
+        }
+        gone_for
+    }
+}
+
+/// Observes `set` twice if needed (a first look learns the config's hosts), through the hosts
+/// the records name and the config's.
+async fn observe<M: ReplSetClient>(members: &M, set: &str, desired: &Desired) -> Observed {
+    let hosts: Vec<String> = desired.members.values().cloned().collect();
+    let mut all_hosts = hosts.clone();
+    let first = members.observe(set, &all_hosts, &hosts).await;
+    if let Some(c) = &first.observation.config {
+        for m in &c.members {
+            if !all_hosts.contains(&m.host) {
+                all_hosts.push(m.host.clone());
+            }
+        }
+    }
+    if all_hosts.len() > hosts.len() {
+        members.observe(set, &all_hosts, &hosts).await
+    } else {
+        first
+    }
+}
+
+/// One reconcile of `set` against the `records` of now: observe, plan one step, apply it,
+/// publish the connection string and the status. The decision is [`plan_next_step`]'s.
+pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
+    set: &mut SetState,
+    records: &Records,
+    ctx: &Context<S, M>,
+) -> Result<Action, ReconcileError> {
+    let config = &ctx.config;
+    let metrics = &config.metrics;
+    let desired = set.desired(records, config);
+    let observed = observe(&*ctx.members, &set.set, &desired).await;
+    let plan_ctx = PlanContext {
+        set_name: set.set.clone(),
+        records_trusted: records.trusted,
+        record_gone_for: set.record_gone_for(&observed, &desired),
+        removal_grace: config.removal_grace,
+        force_after: config.force_after,
+        majority_lost_for: set
+            .majority_lost_since
+            .map_or(Duration::ZERO, |t| t.elapsed()),
+    };
+    let plan = plan_next_step(&observed.observation, &desired, &plan_ctx);
+    match &plan.step {
+        Step::Blocked(Blocked::LostMajority { .. }) | Step::ForceReconfig { .. } => {
+            set.majority_lost_since.get_or_insert_with(Instant::now);
+        }
+        _ => set.majority_lost_since = None,
+    }
+    for note in &plan.notes {
+        MemberRecordDisagree {
+            set: &set.set,
+            note,
+        }
+        .emit(metrics);
+    }
+    let outcome = match &plan.step {
+        Step::Converged => {
+            if let Some(since) = set.converging_since.take() {
+                SetConverged {
+                    set: &set.set,
+                    took: since.elapsed(),
+                }
+                .emit(metrics);
+            }
+            Ok(Action::requeue(config.resync))
+        }
+        Step::Wait(wait) => {
+            Waiting {
+                set: &set.set,
+                wait,
+            }
+            .emit(metrics);
+            Ok(Action::requeue(requeue::WHILE_WAITING))
+        }
+        Step::Blocked(blocked) => {
+            BlockedOnOperator {
+                set: &set.set,
+                blocked,
+            }
+            .emit(metrics);
+            set.last_error = format!("{}: {blocked}", blocked.reason());
+            Ok(Action::requeue(requeue::WHILE_BLOCKED))
+        }
+        step if config.dry_run => {
+            WouldApply {
+                set: &set.set,
+                step,
+            }
+            .emit(metrics);
+            Ok(Action::requeue(config.resync))
+        }
+        step => {
+            if let Step::ForceReconfig { host, dropped, .. } = step {
+                Forcing {
+                    set: &set.set,
+                    host,
+                    dropped,
+                }
+                .emit(metrics);
+            }
+            match ctx.members.apply(&set.set, step, &observed).await {
+                Ok(()) => {
+                    StepApplied {
+                        set: &set.set,
+                        step,
+                    }
+                    .emit(metrics);
+                    set.converging_since.get_or_insert_with(Instant::now);
+                    set.last_step = step.describe();
+                    set.last_error.clear();
+                    Ok(Action::requeue(requeue::AFTER_STEP))
+                }
+                Err(error) => {
+                    StepRefused {
+                        set: &set.set,
+                        step,
+                        error: &error,
+                    }
+                    .emit(metrics);
+                    set.last_error = error.to_string();
+                    Err(ReconcileError::Step {
+                        step: step.describe(),
+                        source: error,
+                    })
+                }
+            }
+        }
+    };
+    publish_outputs(set, ctx, &observed, &plan).await;
+    outcome
+}
+
+/// What a failed reconcile means: observe again after [`requeue::AFTER_ERROR`]. (A refused
+/// step is planned afresh from a new observation; an unanswered one too, since its outcome is
+/// unknown.) The failure was already reported by the reconcile's event.
+pub fn error_policy<S, M>(_set: &SetState, error: &ReconcileError, _ctx: &Context<S, M>) -> Action {
+    match error {
+        ReconcileError::Step { .. } => Action::requeue(requeue::AFTER_ERROR),
+    }
+}
+
+/// `<prefix>/replsets/<set>/uri` and `/status`, written when they change.
+async fn publish_outputs<S: Coordinator, M>(
+    set: &mut SetState,
+    ctx: &Context<S, M>,
+    observed: &Observed,
+    plan: &Plan,
+) {
+    let config = &ctx.config;
+    let Some(cfg) = &observed.observation.config else {
+        return;
+    };
+    let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
+    let uri = format!("mongodb://{}/?replicaSet={}", hosts.join(","), set.set);
+    if set.published_uri.as_ref() != Some(&uri) {
+        match ctx
+            .store
+            .put_value(
+                &config.layout.replset_uri_key(&set.set),
+                uri.clone().into_bytes(),
+            )
+            .await
+        {
+            Ok(()) => {
+                UriPublished {
+                    set: &set.set,
+                    uri: &uri,
+                }
+                .emit(&config.metrics);
+                set.published_uri = Some(uri);
+            }
+            Err(error) => PublishFailed {
+                set: &set.set,
+                what: "uri",
+                error: &error,
+            }
+            .emit(&config.metrics),
+        }
+    }
+    let Some(status) =
+        crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error)
+    else {
+        return;
+    };
+    if set.published_status.as_ref() != Some(&status) {
+        match ctx
+            .store
+            .put_value(
+                &config.layout.replset_status_key(&set.set),
+                status.to_json(),
+            )
+            .await
+        {
+            Ok(()) => set.published_status = Some(status),
+            Err(error) => PublishFailed {
+                set: &set.set,
+                what: "status",
+                error: &error,
+            }
+            .emit(&config.metrics),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The replica set's status document ([`ReplSetStatus`], defined in backend-core): built by the
+//! reconciler's leader from what it observed and planned, read by `replset-reconciler status`
+//! and `scale`.
+
+use std::time::Duration;
+
+use backend_core::{
+    Coordinator, KeyLayout, NextKind, NextStep, ReplSetStatus, StatusMember, STATUS_SCHEMA_VERSION,
+};
+
+use crate::mongo::Observed;
+use crate::plan::{Plan, Step};
+
+/// The most of `next.detail` a status carries.
+const DETAIL_MAX: usize = 300;
+
+/// The `next` of a status: the kind of step, its machine-readable reason, and its description.
+pub fn next_step(step: &Step) -> NextStep {
+    let detail: String = step.describe().chars().take(DETAIL_MAX).collect();
+    match step {
+        Step::Converged => NextStep::new(NextKind::Converged, "", detail),
+        Step::Initiate { .. } => NextStep::new(NextKind::Initiate, "", detail),
+        Step::Reconfig { .. } => NextStep::new(NextKind::Reconfig, step.kind(), detail),
+        Step::ForceReconfig { .. } => NextStep::new(NextKind::ForceReconfig, "", detail),
+        Step::Wait(wait) => NextStep::new(NextKind::Wait, wait.reason(), detail),
+        Step::Blocked(blocked) => NextStep::new(NextKind::Blocked, blocked.reason(), detail),
+    }
+}
+
+/// The status of `set` after an observation and its plan; `None` while no config was read.
+pub fn build(
+    set: &str,
+    observed: &Observed,
+    plan: &Plan,
+    last_step: &str,
+    last_error: &str,
+) -> Option<ReplSetStatus> {
+    let cfg = observed.observation.config.as_ref()?;
+    Some(ReplSetStatus {
+        schema_version: STATUS_SCHEMA_VERSION,
+        set: set.to_string(),
+        config_version: cfg.version,
+        primary: observed.primary_host.clone(),
+        members: cfg
+            .members
+            .iter()
+            .map(|m| {
+                let s = observed.observation.status.get(&m.id);
+                StatusMember {
+                    id: m.id,
+                    host: m.host.clone(),
+                    votes: u32::from(m.votes),
+                    priority: m.priority,
+                    healthy: s.map(|s| s.healthy),
+                    state: s.map(|s| format!("{:?}", s.state).to_uppercase()),
+                }
+            })
+            .collect(),
+        converged: matches!(plan.step, Step::Converged),
+        next: next_step(&plan.step),
+        last_step: last_step.to_string(),
+        last_error: last_error.to_string(),
+    })
+}
+
+/// Why a status could not be read or did not converge.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot read {key} from the store: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: backend_core::BackendError,
+    },
+    #[error("{key} holds no valid status: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: backend_core::StatusDecodeError,
+    },
+    #[error("{set} did not converge with {members} members within {timeout:?} (status: {last}); is a replset-reconciler running for it?")]
+    NotConverged {
+        set: String,
+        members: usize,
+        timeout: Duration,
+        last: String,
+    },
+}
+
+/// The status of `set` as the store holds it now; `None` when there is none yet.
+pub async fn read<S: Coordinator>(
+    store: &S,
+    layout: &KeyLayout,
+    set: &str,
+) -> Result<Option<ReplSetStatus>, StatusError> {
+    let key = layout.replset_status_key(set);
+    let Some(raw) = store
+        .get_value(&key)
+        .await
+        .map_err(|source| StatusError::Store {
+            key: key.clone(),
+            source,
+        })?
+    else {
+        return Ok(None);
+    };
+    ReplSetStatus::from_json(&raw)
+        .map(Some)
+        .map_err(|source| StatusError::Decode { key, source })
+}
+
+/// How often [`wait_converged`] reads the status.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// Reads the status of `set` until it has converged with `members` members
+/// ([`ReplSetStatus::converged_with`]), for at most `timeout` (at least one read). Errors of
+/// the store and undecodable values count as "not yet" until the timeout.
+pub async fn wait_converged<S: Coordinator>(
+    store: &S,
+    layout: &KeyLayout,
+    set: &str,
+    members: usize,
+    timeout: Duration,
+) -> Result<ReplSetStatus, StatusError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match read(store, layout, set).await {
+            Ok(Some(s)) if s.converged_with(members) => return Ok(s),
+            Ok(Some(s)) => summary(&s),
+            Ok(None) => "none".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + POLL > deadline {
+            return Err(StatusError::NotConverged {
+                set: set.to_string(),
+                members,
+                timeout,
+                last,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// One line: `rs0: 3 members, 3 voting, primary 10.0.1.5:27017, config v5, converged | 1:PRIMARY
+/// 2:SECONDARY 3:STARTUP2(no vote)`.
+pub fn summary(s: &ReplSetStatus) -> String {
+    let state = if s.converged {
+        "converged".to_string()
+    } else {
+        format!("next: {}", s.next.detail)
+    };
+    let members: Vec<String> = s
+        .members
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{}{}",
+                m.id,
+                m.state.as_deref().unwrap_or("?"),
+                if m.votes == 0 { "(no vote)" } else { "" }
+            )
+        })
+        .collect();
+    format!(
+        "{}: {} members, {} voting, primary {}, config v{}, {state} | {}",
+        s.set,
+        s.members.len(),
+        s.voters(),
+        s.primary.as_deref().unwrap_or("none"),
+        s.config_version,
+        members.join(" ")
+    )
+}
+
+/// The summary line, then one line per member and the last step and error.
+pub fn render(s: &ReplSetStatus) -> String {
+    let mut out = summary(s);
+    out.push_str(&format!(
+        "\n  {:<4} {:<22} {:<10} {:<6} {:<9} healthy",
+        "_id", "host", "state", "votes", "priority"
+    ));
+    for m in &s.members {
+        out.push_str(&format!(
+            "\n  {:<4} {:<22} {:<10} {:<6} {:<9} {}",
+            m.id,
+            m.host,
+            m.state.as_deref().unwrap_or("?"),
+            m.votes,
+            m.priority,
+            m.healthy.map_or("?".to_string(), |h| h.to_string())
+        ));
+    }
+    if !s.last_step.is_empty() {
+        out.push_str(&format!("\n  last step: {}", s.last_step));
+    }
+    if !s.last_error.is_empty() {
+        out.push_str(&format!("\n  last error: {}", s.last_error));
+    }
+    out
+}
