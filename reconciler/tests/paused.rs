@@ -1,0 +1,489 @@
+//! The controller's timing, with paused time (`tokio::time::pause`): removal grace,
+//! `--force-after`, debounce and leadership loss. The store is backend-memory's in-memory store
+//! (sessions, watches and elections on tokio's clock); the MongoDB side is [`FakeSet`], a small
+//! fake of the reconciler's [`ReplSetClient`] that answers from a config and a set of members
+//! that are down and installs whatever step it is given. What the real server does with a step
+//! is the scenarios' business (tests/scenarios, against the simulator); here only *when* the
+//! controller acts is tested. Assertions are on the controller's metrics and on the steps the
+//! fake received, never on log lines.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backend_core::{KeyLayout, Publisher, ReplSetStatus, ServiceKey};
+use backend_memory::{MemoryCluster, MemoryStore};
+use replset_reconciler::metrics::{Metrics, ReasonLabels, SetLabels, StepLabels};
+use replset_reconciler::model::{majority, MemberState};
+use replset_reconciler::mongo::{MongoError, Observed, ReplSetClient};
+use replset_reconciler::records::Selector;
+use replset_reconciler::{
+    Change, ConfigView, Controller, ControllerConfig, MemberConfig, MemberStatus, Observation, Step,
+};
+use test_support::contract::mongo_task_record;
+use tokio_util::sync::CancellationToken;
+
+const SET: &str = "rs0";
+
+fn host(id: i64) -> String {
+    format!("10.0.0.{id}:27017")
+}
+
+/// A replica set as the reconciler sees it: a config, the members that are down, and the
+/// steps it was given.
+#[derive(Debug)]
+struct FakeSet {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug)]
+struct FakeState {
+    config: ConfigView,
+    down: BTreeSet<i64>,
+    applied: Vec<Step>,
+    observations: usize,
+}
+
+impl FakeSet {
+    /// An initiated set of `n` voting members, all up.
+    fn voting(n: i64) -> Arc<FakeSet> {
+        let members = (1..=n)
+            .map(|id| MemberConfig {
+                votes: 1,
+                priority: 1.0,
+                ..MemberConfig::new_non_voter(id, &host(id))
+            })
+            .collect();
+        Arc::new(FakeSet {
+            state: Mutex::new(FakeState {
+                config: ConfigView {
+                    set_name: SET.into(),
+                    version: 1,
+                    term: 1,
+                    members,
+                },
+                down: BTreeSet::new(),
+                applied: Vec::new(),
+                observations: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().expect("fake set")
+    }
+
+    fn stop(&self, id: i64) {
+        self.lock().down.insert(id);
+    }
+
+    fn applied(&self) -> Vec<Step> {
+        self.lock().applied.clone()
+    }
+
+    fn observations(&self) -> usize {
+        self.lock().observations
+    }
+}
+
+impl ReplSetClient for FakeSet {
+    async fn observe(&self, set_name: &str, _hosts: &[String], desired: &[String]) -> Observed {
+        let mut s = self.lock();
+        s.observations += 1;
+        let up = |id: i64| !s.down.contains(&id);
+        let voters: Vec<i64> = s.config.voters().map(|m| m.id).collect();
+        let healthy_voters = voters.iter().filter(|&&id| up(id)).count();
+        // The lowest voter that is up leads, while a majority of the voters is up.
+        let primary = (healthy_voters >= majority(voters.len()))
+            .then(|| voters.iter().copied().find(|&id| up(id)))
+            .flatten();
+        let mut observation = Observation {
+            committed: primary.is_some(),
+            primary,
+            config: Some(s.config.clone()),
+            ..Default::default()
+        };
+        for m in &s.config.members {
+            let state = if !up(m.id) {
+                MemberState::Down
+            } else if Some(m.id) == primary {
+                MemberState::Primary
+            } else {
+                MemberState::Secondary
+            };
+            observation.status.insert(
+                m.id,
+                MemberStatus {
+                    healthy: up(m.id),
+                    state,
+                },
+            );
+            if up(m.id) && desired.contains(&m.host) {
+                observation
+                    .hello
+                    .insert(m.host.clone(), Some(set_name.to_string()));
+            }
+        }
+        Observed {
+            primary_host: primary.map(host),
+            observation,
+            raw_config: None,
+        }
+    }
+
+    async fn apply(
+        &self,
+        _set_name: &str,
+        step: &Step,
+        _observed: &Observed,
+    ) -> Result<(), MongoError> {
+        let mut s = self.lock();
+        s.applied.push(step.clone());
+        if let Step::Reconfig { config, .. } | Step::ForceReconfig { config, .. } = step {
+            s.config = config.clone();
+        }
+        Ok(())
+    }
+}
+
+/// A reconciler (the library's controller) on the in-memory store, and a bridge publishing
+/// records there.
+struct Rig {
+    cluster: MemoryCluster,
+    bridge: MemoryStore,
+    layout: KeyLayout,
+    shutdown: CancellationToken,
+    stopped: tokio::task::JoinHandle<()>,
+}
+
+/// The settings of the reconciler under test: the binary's defaults.
+fn config(layout: &KeyLayout, holder: &str, force_after: Option<Duration>) -> ControllerConfig {
+    ControllerConfig {
+        layout: layout.clone(),
+        selectors: vec![Selector::Service {
+            service: "mongo".into(),
+            set: SET.into(),
+            port: None,
+        }],
+        removal_grace: Duration::from_secs(30),
+        debounce: Duration::from_secs(1),
+        resync: Duration::from_secs(15),
+        leader_ttl: Duration::from_secs(15),
+        holder: holder.into(),
+        dry_run: false,
+        metrics: Arc::new(Metrics::default()),
+        force_after,
+    }
+}
+
+fn start(
+    cluster: &MemoryCluster,
+    layout: &KeyLayout,
+    set: Arc<FakeSet>,
+    config: ControllerConfig,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let store = Arc::new(cluster.client(layout.clone()));
+    let controller = Controller::start(store, set, config, shutdown.clone());
+    (shutdown, tokio::spawn(controller.run()))
+}
+
+impl Rig {
+    /// A set of 3 voting members with their records, and one reconciler with `config`.
+    async fn new(set: Arc<FakeSet>, config: ControllerConfig) -> Rig {
+        let layout = config.layout.clone();
+        let cluster = MemoryCluster::new();
+        let bridge = cluster.client(layout.clone());
+        // Longer than any test: the bridge's renewals are not what is tested here.
+        bridge
+            .open_session(Duration::from_secs(24 * 3600))
+            .await
+            .expect("session");
+        let (shutdown, stopped) = start(&cluster, &layout, set, config);
+        let rig = Rig {
+            cluster,
+            bridge,
+            layout,
+            shutdown,
+            stopped,
+        };
+        for id in 1..=3 {
+            rig.publish(id).await;
+        }
+        rig
+    }
+
+    async fn publish(&self, id: i64) {
+        let record = mongo_task_record(id as u64, &host(id)).expect("record");
+        self.bridge.publish(&[record]).await.expect("publish");
+    }
+
+    async fn unpublish(&self, id: i64) {
+        let key = ServiceKey {
+            service: "mongo".into(),
+            id: format!("task{id}"),
+        };
+        self.bridge.unpublish(&[key]).await.expect("unpublish");
+    }
+
+    fn status(&self) -> Option<ReplSetStatus> {
+        self.cluster
+            .get(&self.layout.replset_status_key(SET))
+            .and_then(|v| ReplSetStatus::from_json(&v).ok())
+    }
+
+    /// Waits (on the paused clock) until the published status says converged with `n`.
+    async fn converged_with(&self, n: usize) {
+        for _ in 0..600 {
+            if self.status().is_some_and(|s| s.converged_with(n)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not converged with {n}: {:?}", self.status());
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.stopped.await.expect("the controller stopped");
+    }
+}
+
+fn applied(metrics: &Metrics, step: &'static str) -> u64 {
+    metrics
+        .steps_applied
+        .get_or_create(&StepLabels {
+            set: SET.into(),
+            step,
+        })
+        .get()
+}
+
+fn waits(metrics: &Metrics, reason: &'static str) -> u64 {
+    metrics
+        .waits
+        .get_or_create(&ReasonLabels {
+            set: SET.into(),
+            reason,
+        })
+        .get()
+}
+
+fn removals(set: &FakeSet) -> Vec<i64> {
+    set.applied()
+        .iter()
+        .filter_map(|s| match s {
+            Step::Reconfig {
+                change: Change::Remove { id, .. },
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_member_is_removed_only_after_its_record_has_been_gone_for_the_grace() {
+    let set = FakeSet::voting(3);
+    let config = config(&KeyLayout::new("paused"), "a", None);
+    let metrics = config.metrics.clone();
+    let rig = Rig::new(set.clone(), config).await;
+    rig.converged_with(3).await;
+    assert!(set.applied().is_empty(), "{:?}", set.applied());
+
+    // Member 3 stops and its record goes.
+    set.stop(3);
+    rig.unpublish(3).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        removals(&set),
+        Vec::<i64>::new(),
+        "removed within the grace"
+    );
+    assert_eq!(applied(&metrics, "remove"), 0);
+    assert!(waits(&metrics, "removal_grace") > 0);
+
+    // The grace (30 s, counted from the first reconcile after the record went) runs out.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(removals(&set), vec![3]);
+    assert_eq!(applied(&metrics, "remove"), 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_that_comes_back_within_the_grace_keeps_its_member() {
+    let set = FakeSet::voting(3);
+    let config = config(&KeyLayout::new("paused"), "a", None);
+    let metrics = config.metrics.clone();
+    let rig = Rig::new(set.clone(), config).await;
+    rig.converged_with(3).await;
+    set.stop(3);
+    rig.unpublish(3).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    rig.publish(3).await;
+    // Long past the grace: the clock started again when the record came back.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(removals(&set), Vec::<i64>::new());
+    assert_eq!(applied(&metrics, "remove"), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_majority_is_forced_only_with_allow_force_and_after_force_after() {
+    for force_after in [Some(Duration::from_secs(120)), None] {
+        let set = FakeSet::voting(3);
+        let config = config(&KeyLayout::new("paused"), "a", force_after);
+        let metrics = config.metrics.clone();
+        let rig = Rig::new(set.clone(), config).await;
+        rig.converged_with(3).await;
+        // Two of three voters stop; their records stay (swarm would restart them). Nothing
+        // changes in the store, so the loss is noticed at the next resync (15 s) at the latest.
+        set.stop(2);
+        set.stop(3);
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let blocked = metrics
+            .blocked
+            .get_or_create(&ReasonLabels {
+                set: SET.into(),
+                reason: "lost_majority",
+            })
+            .get();
+        assert!(blocked > 0, "{force_after:?}");
+        assert_eq!(applied(&metrics, "force_reconfig"), 0, "{force_after:?}");
+        assert!(rig
+            .status()
+            .is_some_and(|s| s.next.reason == "lost_majority"));
+
+        // 120 s after it was noticed.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let forced: Vec<Vec<i64>> = set
+            .applied()
+            .iter()
+            .filter_map(|s| match s {
+                Step::ForceReconfig { dropped, .. } => Some(dropped.clone()),
+                _ => None,
+            })
+            .collect();
+        match force_after {
+            Some(_) => {
+                assert_eq!(forced, vec![vec![2, 3]]);
+                assert_eq!(applied(&metrics, "force_reconfig"), 1);
+            }
+            None => {
+                // Without --allow-force, never, however long the loss lasts.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                assert!(set.applied().is_empty(), "{:?}", set.applied());
+            }
+        }
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_are_followed_only_once_they_have_been_quiet_for_the_debounce() {
+    let set = FakeSet::voting(3);
+    let config = config(&KeyLayout::new("paused"), "a", None);
+    let metrics = config.metrics.clone();
+    let rig = Rig::new(set.clone(), config).await;
+    rig.converged_with(3).await;
+    let observed = set.observations();
+    // A burst of writes, 500 ms apart for 5 s (a bridge's resync rewriting its records).
+    for _ in 0..10 {
+        rig.publish(4).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(set.observations(), observed, "observed during the burst");
+    assert_eq!(applied(&metrics, "add"), 0);
+    // Quiet for a whole debounce period (1 s; the first one that starts after the last write
+    // ends by 2 s after it): the new member is added, once.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(applied(&metrics, "add"), 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_loses_its_lease_stops_acting_and_the_other_takes_over() {
+    let set = FakeSet::voting(3);
+    let layout = KeyLayout::new("paused");
+    let config_a = config(&layout, "a", None);
+    let metrics_a = config_a.metrics.clone();
+    let rig = Rig::new(set.clone(), config_a).await;
+    rig.converged_with(3).await;
+    let config_b = config(&layout, "b", None);
+    let metrics_b = config_b.metrics.clone();
+    let (shutdown_b, stopped_b) = start(&rig.cluster, &layout, set.clone(), config_b);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let leads = |m: &Metrics| {
+        m.leadership_gained
+            .get_or_create(&SetLabels { set: SET.into() })
+            .get()
+    };
+    let lost = |m: &Metrics| {
+        m.leadership_lost
+            .get_or_create(&SetLabels { set: SET.into() })
+            .get()
+    };
+    assert_eq!((leads(&metrics_a), leads(&metrics_b)), (1, 0));
+
+    // The store ends a's session (its lease expired): a stops, b leads.
+    let key = layout.replset_leader_key(SET);
+    let session = rig.cluster.holder_of(&key).expect("a holds the leader key");
+    rig.cluster.expire_session(session);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lost(&metrics_a), 1);
+    assert_eq!(leads(&metrics_b), 1);
+
+    // A new member: only the leader, b, adds it.
+    rig.publish(4).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(applied(&metrics_b, "add"), 1);
+    assert_eq!(applied(&metrics_a, "add"), 0);
+    assert_eq!(leads(&metrics_a), 1, "a campaigns again but must wait");
+
+    shutdown_b.cancel();
+    stopped_b.await.expect("b stopped");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_resigns_and_stops_everything_the_controller_started() {
+    let set = FakeSet::voting(3);
+    let layout = KeyLayout::new("paused");
+    let cluster = MemoryCluster::new();
+    let bridge = cluster.client(layout.clone());
+    bridge
+        .open_session(Duration::from_secs(24 * 3600))
+        .await
+        .expect("session");
+    for id in 1..=3 {
+        let record = mongo_task_record(id as u64, &host(id)).expect("record");
+        bridge.publish(&[record]).await.expect("publish");
+    }
+    let shutdown = CancellationToken::new();
+    let controller = Controller::start(
+        Arc::new(cluster.client(layout.clone())),
+        set,
+        config(&layout, "a", None),
+        shutdown.clone(),
+    );
+    let ops = controller
+        .serve_ops("127.0.0.1:0".parse().expect("address"))
+        .await
+        .expect("ops server");
+    let stopped = tokio::spawn(controller.run());
+    let key = layout.replset_leader_key(SET);
+    for _ in 0..100 {
+        if cluster.holder_of(&key).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster.holder_of(&key).is_some(), "a leader");
+    assert!(tokio::net::TcpStream::connect(ops).await.is_ok());
+
+    shutdown.cancel();
+    stopped.await.expect("run returns once everything stopped");
+    // Resigned at once (not left to the TTL), and the ops server is closed.
+    assert_eq!(cluster.holder_of(&key), None);
+    assert!(tokio::net::TcpStream::connect(ops).await.is_err());
+}
