@@ -9,6 +9,8 @@ use anyhow::Context;
 use backend_core::{BackendUri, Publisher, StoreKind};
 use backend_etcd::EtcdStore;
 use clap::{Parser, ValueEnum};
+use daemon::duration::{self, seconds_or_duration};
+use daemon::LogFormat;
 use prometheus_client::registry::Registry;
 use swarm_registrator::bridge::{scan_engine, Bridge, BridgeConfig, Deregister};
 use swarm_registrator::engine::Engine;
@@ -40,26 +42,26 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_NETWORK")]
     network: Option<String>,
 
-    /// Lease or session TTL in seconds: how long records outlive a dead bridge or node
-    /// (Consul: at least 10, and Consul may reap up to twice the TTL late).
-    #[arg(long, env = "REGISTRATOR_TTL", default_value_t = 15,
-          value_parser = clap::value_parser!(u64).range(3..=3600))]
-    ttl: u64,
+    /// Lease or session TTL (`15s`, `1m`; a bare number is seconds): how long records outlive
+    /// a dead bridge or node (Consul: at least 10s, and Consul may reap up to twice the TTL
+    /// late). Whole seconds, 3s to 1h.
+    #[arg(long, env = "REGISTRATOR_TTL", default_value = "15s", value_parser = parse_ttl)]
+    ttl: Duration,
 
-    /// Seconds between full resyncs of engine and store (the safety net).
-    #[arg(long, env = "REGISTRATOR_RESYNC", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    resync: u64,
+    /// Time between full resyncs of engine and store, the safety net (`60s`, `5m`; a bare
+    /// number is seconds).
+    #[arg(long, env = "REGISTRATOR_RESYNC", default_value = "60s", value_parser = parse_resync)]
+    resync: Duration,
 
     /// How many times to retry reaching the engine and the store at start; -1 for ever.
     #[arg(long, env = "REGISTRATOR_RETRY_ATTEMPTS", default_value_t = -1,
           value_parser = clap::value_parser!(i64).range(-1..=1_000_000), allow_hyphen_values = true)]
     retry_attempts: i64,
 
-    /// First retry delay in milliseconds; it doubles, with jitter, up to 30 s.
-    #[arg(long, env = "REGISTRATOR_RETRY_INTERVAL", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(10..=60_000))]
-    retry_interval: u64,
+    /// First retry delay (`500ms`, `1s`; a bare number is milliseconds), 10ms to 1m; it
+    /// doubles, with jitter, up to 30 s.
+    #[arg(long, env = "REGISTRATOR_RETRY_INTERVAL", default_value = "1s", value_parser = parse_retry_interval)]
+    retry_interval: Duration,
 
     /// When an exited container's records are removed.
     #[arg(long, env = "REGISTRATOR_DEREGISTER", value_enum, default_value_t = DeregisterArg::Always)]
@@ -94,10 +96,10 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_NO_CONSUL_CATALOG")]
     no_consul_catalog: bool,
 
-    /// Consul: seconds a catalog service may stay critical before Consul removes it (>= 60).
-    #[arg(long, env = "REGISTRATOR_CONSUL_DEREGISTER_AFTER", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(60..))]
-    consul_deregister_after: u64,
+    /// Consul: how long a catalog service may stay critical before Consul removes it (`60s`,
+    /// `5m`; a bare number is seconds; at least 1m).
+    #[arg(long, env = "REGISTRATOR_CONSUL_DEREGISTER_AFTER", default_value = "60s", value_parser = parse_deregister_after)]
+    consul_deregister_after: Duration,
 
     /// Log format.
     #[arg(long, env = "REGISTRATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -110,10 +112,27 @@ enum DeregisterArg {
     OnSuccess,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = seconds_or_duration(s).map_err(|e| e.to_string())?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{} is not whole seconds", duration::show(d)));
+    }
+    duration::within(d, Duration::from_secs(3), Duration::from_secs(3600))
+}
+
+fn parse_resync(s: &str) -> Result<Duration, String> {
+    let d = seconds_or_duration(s).map_err(|e| e.to_string())?;
+    duration::within(d, Duration::from_secs(1), Duration::MAX)
+}
+
+fn parse_retry_interval(s: &str) -> Result<Duration, String> {
+    let d = duration::millis_or_duration(s).map_err(|e| e.to_string())?;
+    duration::within(d, Duration::from_millis(10), Duration::from_secs(60))
+}
+
+fn parse_deregister_after(s: &str) -> Result<Duration, String> {
+    let d = seconds_or_duration(s).map_err(|e| e.to_string())?;
+    duration::within(d, Duration::from_secs(60), Duration::MAX)
 }
 
 fn main() -> ExitCode {
@@ -121,25 +140,9 @@ fn main() -> ExitCode {
     if let Err(e) = check_combinations(&cli) {
         e.exit();
     }
-    init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "swarm-registrator stopped");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run("swarm-registrator", cli.log_format, async {
+        run(cli).await.map(|()| ExitCode::SUCCESS)
+    })
 }
 
 /// Checks that depend on several flags; errors exit with status 2 like clap's own.
@@ -147,12 +150,12 @@ fn check_combinations(cli: &Cli) -> Result<(), clap::Error> {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     if cli.backend.kind == StoreKind::Consul {
-        if cli.ttl < backend_consul::MIN_TTL.as_secs() {
+        if cli.ttl < backend_consul::MIN_TTL {
             return Err(cmd.error(
                 clap::error::ErrorKind::ValueValidation,
                 format!(
-                    "--ttl {} is below Consul's session TTL floor of 10 s; use --ttl 10 or more",
-                    cli.ttl
+                    "--ttl {} is below Consul's session TTL floor of 10 s; use --ttl 10s or more",
+                    duration::show(cli.ttl)
                 ),
             ));
         }
@@ -195,20 +198,8 @@ fn consul_options(cli: &Cli) -> anyhow::Result<backend_consul::ConsulOptions> {
         client_key: path("CONSUL_CLIENT_KEY"),
         kv: !cli.no_consul_kv,
         catalog: !cli.no_consul_catalog,
-        deregister_critical_after: Duration::from_secs(cli.consul_deregister_after),
+        deregister_critical_after: cli.consul_deregister_after,
     })
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 fn build_options(cli: &Cli) -> BuildOptions {
@@ -224,8 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.dry_run {
         return dry_run(&cli).await;
     }
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let shutdown = daemon::shutdown_on_signals();
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -245,10 +235,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let config = BridgeConfig {
         build: build_options(&cli),
-        ttl: Duration::from_secs(cli.ttl),
-        resync: Duration::from_secs(cli.resync),
+        ttl: cli.ttl,
+        resync: cli.resync,
         retry_attempts: u32::try_from(cli.retry_attempts).ok(),
-        retry_interval: Duration::from_millis(cli.retry_interval),
+        retry_interval: cli.retry_interval,
         deregister: match cli.deregister {
             DeregisterArg::Always => Deregister::Always,
             DeregisterArg::OnSuccess => Deregister::OnSuccess,
@@ -259,8 +249,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         store = ?cli.backend.kind,
         endpoints = %cli.backend.endpoints.join(","),
         prefix = cli.backend.layout.prefix(),
-        ttl_secs = cli.ttl,
-        resync_secs = cli.resync,
+        ttl_secs = cli.ttl.as_secs(),
+        resync_secs = cli.resync.as_secs(),
         internal = cli.internal,
         network = cli.network.as_deref().unwrap_or(""),
         "starting swarm-registrator {}",
@@ -323,23 +313,4 @@ async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
     }
     print!("{out}");
     Ok(())
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-fn spawn_signal_handler(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
-        }
-        shutdown.cancel();
-    });
 }

@@ -13,6 +13,13 @@ async fn bad_flags_exit_2_with_a_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["etcd://127.0.0.1:2379/x", "--ttl", "abc"], "--ttl"),
         (&["etcd://127.0.0.1:2379/x", "--ttl", "1"], "--ttl"),
+        (&["etcd://127.0.0.1:2379/x", "--ttl", "1500ms"], "--ttl"),
+        (&["etcd://127.0.0.1:2379/x", "--ttl", "15 s"], "--ttl"),
+        (
+            &["etcd://127.0.0.1:2379/x", "--retry-interval", "5"],
+            "--retry-interval",
+        ),
+        (&["etcd://127.0.0.1:2379/x", "--resync", "0s"], "--resync"),
         (
             &["etcd://127.0.0.1:2379/x", "--deregister", "never"],
             "--deregister",

@@ -10,7 +10,6 @@
 
 pub mod commands;
 pub mod controller;
-pub mod duration;
 pub mod events;
 pub mod metrics;
 pub mod model;

@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use backend_core::BackendUri;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use daemon::duration::{self, seconds_or_duration};
+use daemon::LogFormat;
 
 use crate::db::{Db, DbError};
 use crate::store::Store;
@@ -44,15 +46,14 @@ struct Cli {
     #[arg(long, env = "DEMO_COLLECTION", default_value = "docs", global = true)]
     collection: String,
 
-    /// How long to wait for the connection string to appear, in seconds
-    /// (default: for ever with serve, 60 for write and read).
-    #[arg(long, env = "DEMO_WAIT", global = true)]
-    wait: Option<u64>,
+    /// How long to wait for the connection string to appear (`30s`, `2m`; a bare number is
+    /// seconds; default: for ever with serve, 60s for write and read).
+    #[arg(long, env = "DEMO_WAIT", global = true, value_parser = seconds_or_duration)]
+    wait: Option<Duration>,
 
-    /// Seconds between the rounds of serve.
-    #[arg(long, env = "DEMO_INTERVAL", default_value_t = 5, global = true,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    interval: u64,
+    /// Time between the rounds of serve (`5s`; a bare number is seconds), 1s to 1h.
+    #[arg(long, env = "DEMO_INTERVAL", default_value = "5s", global = true, value_parser = parse_interval)]
+    interval: Duration,
 
     /// Log format.
     #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -76,72 +77,43 @@ enum Command {
     Read { id: String },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = seconds_or_duration(s).map_err(|e| e.to_string())?;
+    duration::within(d, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // NO_COLOR=1 (set in the images) turns the colours off.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    daemon::run("replset-demo-app", cli.log_format, run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let store = Store::open(&cli.backend).await?;
     let key = cli.backend.layout.replset_uri_key(&cli.replset);
-    let one_shot_wait = Some(Duration::from_secs(cli.wait.unwrap_or(60)));
+    let one_shot_wait = Some(cli.wait.unwrap_or(Duration::from_secs(60)));
     let writer = std::env::var("HOSTNAME").unwrap_or_else(|_| "replset-demo-app".into());
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let wait = cli.wait.map(Duration::from_secs);
-            let uri = store.wait_for_text(&key, wait).await?;
-            let app = App {
-                store,
-                key,
-                uri: String::new(),
-                db: None,
-                database: cli.database,
-                collection: cli.collection,
-                writer,
+            // SIGTERM (docker stop, a service update) or Ctrl-C. In a FROM scratch image the
+            // program is PID 1, which has no default signal handling: without this it would
+            // not stop.
+            let shutdown = daemon::shutdown_on_signals();
+            let serve = async {
+                let uri = store.wait_for_text(&key, cli.wait).await?;
+                let app = App {
+                    store,
+                    key,
+                    uri: String::new(),
+                    db: None,
+                    database: cli.database,
+                    collection: cli.collection,
+                    writer,
+                };
+                app.serve(uri, cli.interval).await
             };
             tokio::select! {
-                r = app.serve(uri, Duration::from_secs(cli.interval)) => r.map(|()| ExitCode::SUCCESS),
-                () = terminated() => {
-                    tracing::info!("stopping");
-                    Ok(ExitCode::SUCCESS)
-                }
+                r = serve => r.map(|()| ExitCode::SUCCESS),
+                () = shutdown.cancelled() => Ok(ExitCode::SUCCESS),
             }
         }
         Command::Write { id, value } => {
@@ -274,22 +246,6 @@ impl App {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot re-read the connection string"),
-        }
-    }
-}
-
-/// Resolves on SIGTERM (docker stop, a service update) or Ctrl-C. In a FROM scratch image the
-/// program is PID 1, which has no default signal handling: without this it would not stop.
-async fn terminated() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use backend_core::{BackendUri, Coordinator, StoreKind, Watcher};
 use clap::{Parser, Subcommand};
+use daemon::duration::parse_duration;
+use daemon::LogFormat;
 use replset_reconciler::commands::{self, StatusFormat};
 use replset_reconciler::controller::{Controller, ControllerConfig};
-use replset_reconciler::duration::parse_duration;
 use replset_reconciler::mongo::{Credentials, Members};
 use replset_reconciler::records::Selector;
-use tokio_util::sync::CancellationToken;
 
 /// Keeps MongoDB replica sets equal to the swarm tasks that swarm-registrator publishes.
 #[derive(Debug, Parser)]
@@ -77,6 +77,10 @@ struct Cli {
     /// A file holding the MongoDB password (a Docker secret).
     #[arg(long, env = "RECONCILER_PASSWORD_FILE", global = true)]
     password_file: Option<std::path::PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "RECONCILER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,31 +115,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "replset-reconciler stopped");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run("replset-reconciler", cli.log_format, run(cli))
 }
 
 fn usage_error(msg: &str) -> ! {
@@ -294,8 +274,7 @@ async fn drive<S: Watcher + Coordinator>(
         }
         Some(Command::Plan) | None => {}
     }
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let shutdown = daemon::shutdown_on_signals();
     let plan_only = matches!(invocation.command, Some(Command::Plan));
     let mut controller = Controller::start(store, members.clone(), config, shutdown.clone());
     let records = controller.first_snapshot().await?;
@@ -310,21 +289,6 @@ async fn drive<S: Watcher + Coordinator>(
     }
     controller.run().await;
     Ok(ExitCode::SUCCESS)
-}
-
-fn spawn_signal_handler(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        tracing::info!("stopping");
-        shutdown.cancel();
-    });
 }
 
 /// `<service>=<replicas>`.
