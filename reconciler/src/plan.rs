@@ -1,7 +1,7 @@
 //! The decision: from an observation of the set and the desired members, the one next step.
 //!
 //! Pure and deterministic, so it is tested without any server. The order of the checks is the
-//! order of the safety rules of `DESIGN.md`:
+//! order of the safety rules of `docs/reconciler.md` ("Safety rules"):
 //!
 //! 1. never more than 50 members; never initiate a set that any member says it belongs to;
 //! 2. only act on a config read from the primary, once it is committed;

@@ -1,5 +1,6 @@
 //! A multi-node Docker Swarm on one machine for end-to-end tests: Docker-in-Docker nodes made
-//! by `scripts/swarm-nodes` (the recipe is in that script and in DESIGN's test environment).
+//! by `scripts/swarm-nodes` (the recipe is in that script and in docs/architecture.md, "The
+//! test environment").
 //!
 //! ```no_run
 //! # async fn example() {
