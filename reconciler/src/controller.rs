@@ -184,6 +184,9 @@ impl<S: Watcher + Coordinator, M: ReplSetClient> Controller<S, M> {
                     .into_keys()
                     .collect()
             };
+            if self.shutdown.is_cancelled() {
+                break;
+            }
             for set in sets {
                 if running.insert(set.clone()) {
                     self.manage(set);
@@ -194,6 +197,11 @@ impl<S: Watcher + Coordinator, M: ReplSetClient> Controller<S, M> {
                 _ = self.shutdown.cancelled() => break,
             }
         }
+        self.stop().await;
+    }
+
+    /// Stops everything this controller started and waits until it has stopped.
+    pub async fn stop(self) {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;

@@ -39,7 +39,7 @@ fn status(converged: bool, healthy: &[bool]) -> ReplSetStatus {
 async fn run(prefix: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_replset-reconciler"))
         .arg(format!("etcd://{}/{prefix}", etcd_endpoint()))
-        .args(["--service", "mongo", "--replset", "rs0", "status"])
+        .args(["--replset", "rs0", "status"])
         .args(args)
         .output()
         .await

@@ -129,14 +129,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(backend) = cli.backend.clone() else {
         usage_error("a backend URI is required, e.g. etcd://127.0.0.1:2379/registrator");
     };
-    if cli.service.len() != cli.replset.len() {
-        usage_error("give one --replset for each --service, in the same order");
-    }
+    // `status` reads the sets' status documents only: it needs their names, no service.
     let status_only = matches!(cli.command, Some(Command::Status { .. }));
     if status_only && cli.replset.is_empty() {
-        usage_error("status: give --service <svc> --replset <set> (or RECONCILER_REPLSET)");
+        usage_error("status: give --replset <set> (or RECONCILER_REPLSET)");
     }
-    if cli.service.is_empty() && !cli.discover {
+    if !status_only && cli.service.len() != cli.replset.len() {
+        usage_error("give one --replset for each --service, in the same order");
+    }
+    if !status_only && cli.service.is_empty() && !cli.discover {
         usage_error("nothing to manage: give --service <svc> --replset <set>, or --discover");
     }
     let mut selectors: Vec<Selector> = cli
@@ -280,8 +281,7 @@ async fn drive<S: Watcher + Coordinator>(
     let records = controller.first_snapshot().await?;
     if plan_only {
         commands::plan(&records, &controller.context().config, &*members).await;
-        shutdown.cancel();
-        controller.run().await;
+        controller.stop().await;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(addr) = invocation.metrics_addr {
