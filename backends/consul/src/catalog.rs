@@ -4,24 +4,68 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backend_core::{BackendError, Health, ServiceRecord};
+use backend_core::{BackendError, Health, Protocol, ServiceRecord, SCHEMA_VERSION};
 use reqwest::{Method, StatusCode};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::client::{expect_success, Client};
 use crate::kv::encode_key;
 use crate::STORE;
 
+/// The meta key of a registration that holds the key prefix of the bridge that made it: a
+/// catalog-only resync lists only the registrations of its own prefix.
+pub const PREFIX_META: &str = "registrator_prefix";
+
 /// How many agent calls (catalog registrations, check updates) run at once.
 pub(crate) const AGENT_CONCURRENCY: usize = 16;
 
+/// One service of the agent, as `/v1/agent/services` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentService {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "Service")]
+    pub service: String,
+    #[serde(rename = "Address", default)]
+    pub address: String,
+    #[serde(rename = "Port", default)]
+    pub port: u16,
+    #[serde(rename = "Tags", default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    pub meta: Option<BTreeMap<String, String>>,
+}
+
 impl Client {
+    /// Every service registered with this agent.
+    pub async fn agent_services(&self) -> Result<Vec<AgentService>, BackendError> {
+        let resp = self
+            .send(
+                self.request(Method::GET, "/v1/agent/services"),
+                "list agent services",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "list agent services").await?;
+            return Ok(Vec::new());
+        }
+        let services: BTreeMap<String, AgentService> =
+            resp.json().await.map_err(|e| BackendError::Unavailable {
+                store: STORE,
+                endpoints: self.endpoint.clone(),
+                detail: format!("list agent services: unreadable answer: {e}"),
+            })?;
+        Ok(services.into_values().collect())
+    }
+
     /// Registers one record as an agent service with a TTL check.
     pub(crate) async fn register(
         &self,
         r: &ServiceRecord,
         ttl: Duration,
         deregister_after: Duration,
+        prefix: &str,
     ) -> Result<(), BackendError> {
         let (status, output) = check_status(r.health);
         let body = json!({
@@ -30,7 +74,7 @@ impl Client {
             "Address": r.ip.to_string(),
             "Port": r.port,
             "Tags": r.tags,
-            "Meta": catalog_meta(r),
+            "Meta": catalog_meta(r, prefix),
             "Check": {
                 "CheckID": check_id(&r.id),
                 "Name": "swarm-registrator TTL",
@@ -58,6 +102,7 @@ impl Client {
         r: &ServiceRecord,
         ttl: Duration,
         deregister_after: Duration,
+        prefix: &str,
     ) -> Result<(), BackendError> {
         let (status, output) = check_status(r.health);
         let path = format!("/v1/agent/check/update/{}", encode_key(&check_id(&r.id)));
@@ -72,7 +117,7 @@ impl Client {
             return Ok(());
         }
         tracing::info!(store = STORE, id = %r.id, status = %resp.status(), "the agent lost a registration; registering it again");
-        self.register(r, ttl, deregister_after).await
+        self.register(r, ttl, deregister_after, prefix).await
     }
 
     pub(crate) async fn deregister(&self, id: &str) -> Result<(), BackendError> {
@@ -109,9 +154,9 @@ fn check_status(health: Option<Health>) -> (&'static str, &'static str) {
 /// Labels become meta with every other character replaced by `_` (`registrator.port` is
 /// `registrator_port`), a `consul-` prefix written `x-consul-`, values cut at 512 bytes (on a
 /// character boundary). The record's own fields come first (`node_id`, `container_id`,
-/// `task_id`, `task_slot`, `stack`), then attributes, then `registrator.*` labels, then the
+/// `registrator_prefix`, `task_id`, `task_slot`, `stack`), then attributes, then `registrator.*` labels, then the
 /// other labels, up to 64 keys.
-pub fn catalog_meta(r: &ServiceRecord) -> BTreeMap<String, String> {
+pub fn catalog_meta(r: &ServiceRecord, prefix: &str) -> BTreeMap<String, String> {
     let mut meta = BTreeMap::new();
     let mut add = |k: &str, v: &str| {
         if meta.len() >= 64 {
@@ -140,6 +185,7 @@ pub fn catalog_meta(r: &ServiceRecord) -> BTreeMap<String, String> {
     };
     add("node_id", &r.node_id);
     add("container_id", &r.container_id);
+    add(PREFIX_META, prefix);
     if let Some(t) = &r.task_id {
         add("task_id", t);
     }
@@ -171,4 +217,39 @@ fn truncate(s: &mut String, max: usize) {
         }
         s.truncate(end);
     }
+}
+
+/// The record a registration of this program under `prefix` stands for, as far as the catalog
+/// keeps it: the fields of its meta ([`catalog_meta`] writes `node_id` and `container_id` first, always), its
+/// address, port and tags; `None` for a service this program did not register. The labels are
+/// not all in the meta, so the record may differ from the one first published: a caller that
+/// compares it with the record it wants writes that one again.
+pub fn record_from_agent(s: &AgentService, prefix: &str) -> Option<ServiceRecord> {
+    let meta = s.meta.as_ref()?;
+    if meta.get(PREFIX_META).map(String::as_str) != Some(prefix) {
+        return None;
+    }
+    let node_id = meta.get("node_id")?.clone();
+    let container_id = meta.get("container_id")?.clone();
+    Some(ServiceRecord {
+        schema_version: SCHEMA_VERSION,
+        service: s.service.clone(),
+        id: s.id.clone(),
+        ip: s.address.parse().ok()?,
+        port: s.port,
+        protocol: Protocol::Tcp,
+        tags: s.tags.clone().unwrap_or_default(),
+        labels: BTreeMap::new(),
+        attrs: BTreeMap::new(),
+        container_id,
+        container_name: String::new(),
+        node_id,
+        hostname: String::new(),
+        task_id: meta.get("task_id").cloned(),
+        task_slot: meta.get("task_slot").and_then(|v| v.parse().ok()),
+        service_id: None,
+        stack: meta.get("stack").cloned(),
+        health: None,
+        started_at: None,
+    })
 }

@@ -38,7 +38,7 @@ pub mod kv;
 pub mod session;
 pub mod watch;
 
-pub use catalog::catalog_meta;
+pub use catalog::{catalog_meta, record_from_agent, AgentService};
 pub use client::{Client, ConfigError, ConsulOptions, Token};
 pub use kv::{encode_key, lock_ops, next_index, txn_batches, MAX_TXN_OPS};
 pub use session::MIN_TTL;
@@ -98,6 +98,29 @@ impl ConsulStore {
     /// The HTTP client, for callers that need more of Consul than the traits offer.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Without KV, the catalog is the store: this agent's registrations of this program, as
+    /// records under their KV keys, so that a resync finds (and removes) the ones whose
+    /// container is gone, registered by an earlier bridge of the node. A registration this
+    /// publisher made itself is listed as the record it registered.
+    async fn list_catalog(&self) -> Result<Vec<KvEntry>, BackendError> {
+        let services = self.client.agent_services().await?;
+        let registered = self.registered.lock().await;
+        Ok(services
+            .iter()
+            .filter_map(|s| {
+                let record = registered
+                    .get(&s.id)
+                    .filter(|r| r.service == s.service)
+                    .cloned()
+                    .or_else(|| catalog::record_from_agent(s, self.layout.prefix()))?;
+                Some(KvEntry {
+                    key: self.layout.service_key(&record.service, &record.id),
+                    value: record.to_json(),
+                })
+            })
+            .collect())
     }
 
     /// Reads every key under `prefix` (`recurse`), with the index of the answer.
@@ -176,11 +199,12 @@ impl Publisher for ConsulStore {
                     self.registered.lock().await.values().cloned().collect();
                 let store = self.client.clone();
                 let after = self.options.deregister_critical_after;
+                let prefix = self.layout.prefix().to_string();
                 let ttl = session.ttl;
                 *round = Some(tokio::spawn(async move {
                     let calls: Vec<_> = registered
                         .iter()
-                        .map(|r| store.update_check(r, ttl, after))
+                        .map(|r| store.update_check(r, ttl, after, &prefix))
                         .collect();
                     let failed = futures::stream::iter(calls)
                         .buffer_unordered(AGENT_CONCURRENCY)
@@ -249,8 +273,12 @@ impl Publisher for ConsulStore {
             let calls: Vec<_> = records
                 .iter()
                 .map(|r| {
-                    self.client
-                        .register(r, ttl, self.options.deregister_critical_after)
+                    self.client.register(
+                        r,
+                        ttl,
+                        self.options.deregister_critical_after,
+                        self.layout.prefix(),
+                    )
                 })
                 .collect();
             let results: Vec<Result<(), BackendError>> = futures::stream::iter(calls)
@@ -303,8 +331,7 @@ impl Publisher for ConsulStore {
 
     async fn list_services(&self) -> Result<Vec<KvEntry>, BackendError> {
         if !self.options.kv {
-            // Without KV, the catalog is the store: list this agent's services as records.
-            return Ok(Vec::new());
+            return self.list_catalog().await;
         }
         Ok(self
             .client
@@ -350,9 +377,13 @@ mod tests {
             health: None,
             started_at: None,
         };
-        let meta = catalog_meta(&r);
+        let meta = catalog_meta(&r, "prod/registrator");
         assert_eq!(meta.len(), 64);
         assert_eq!(meta.get("task_slot").map(String::as_str), Some("2"));
+        assert_eq!(
+            meta.get("registrator_prefix").map(String::as_str),
+            Some("prod/registrator")
+        );
         assert_eq!(
             meta.get("registrator_port").map(String::as_str),
             Some("27017")
