@@ -55,6 +55,7 @@ impl Client {
                 store: STORE,
                 endpoints: self.endpoint.clone(),
                 detail: format!("list agent services: unreadable answer: {e}"),
+                source: Some(Box::new(e)),
             })?;
         Ok(services.into_values().collect())
     }

@@ -190,12 +190,14 @@ async fn send(
                     "{what}: TLS handshake with {endpoint} failed: {chain}; check CONSUL_CACERT \
                      (the CA of the agent's certificate) and CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY"
                 ),
+                source: Some(Box::new(e)),
             }
         } else {
             BackendError::Unavailable {
                 store: STORE,
                 endpoints: endpoint.to_string(),
                 detail: format!("{what}: {chain}"),
+                source: Some(Box::new(e)),
             }
         }
     })?;
@@ -210,6 +212,7 @@ async fn send(
             Err(BackendError::Rejected {
                 store: STORE,
                 detail: format!("{what}: permission denied with {source}: {}", body.trim()),
+                source: None,
             })
         }
         s if s.is_server_error() => {
@@ -218,6 +221,7 @@ async fn send(
                 store: STORE,
                 endpoints: endpoint.to_string(),
                 detail: format!("{what}: {s}: {}", body.trim()),
+                source: None,
             })
         }
         _ => Ok(resp),
@@ -269,5 +273,6 @@ pub(crate) async fn expect_success(
     Err(BackendError::Rejected {
         store: STORE,
         detail: format!("{what}: {status}: {}", body.trim()),
+        source: None,
     })
 }

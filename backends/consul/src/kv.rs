@@ -55,6 +55,7 @@ impl Client {
         Err(BackendError::Rejected {
             store: STORE,
             detail: format!("transaction failed: {body}"),
+            source: None,
         })
     }
 
@@ -94,12 +95,14 @@ pub(crate) async fn list(
         return Err(BackendError::Rejected {
             store: STORE,
             detail: format!("KV read: {status}: {}", body.trim()),
+            source: None,
         });
     }
     let pairs: Vec<KvPair> = resp.json().await.map_err(|e| BackendError::Unavailable {
         store: STORE,
         endpoints: store.endpoint.clone(),
         detail: format!("KV read: unreadable answer: {e}"),
+        source: Some(Box::new(e)),
     })?;
     let entries = pairs
         .into_iter()

@@ -38,6 +38,7 @@ impl Client {
             return Err(BackendError::Rejected {
                 store: STORE,
                 detail: "create session failed".into(),
+                source: None,
             });
         }
         #[derive(Deserialize)]
@@ -48,6 +49,7 @@ impl Client {
         let created: Created = resp.json().await.map_err(|e| BackendError::Rejected {
             store: STORE,
             detail: format!("create session: unreadable answer: {e}"),
+            source: Some(Box::new(e)),
         })?;
         Ok(created.id)
     }
@@ -73,6 +75,7 @@ impl Client {
                 store: STORE,
                 endpoints: self.endpoint.clone(),
                 detail: format!("session info: unreadable answer: {e}"),
+                source: Some(Box::new(e)),
             })?;
         Ok(sessions.is_some_and(|s| !s.is_empty()))
     }

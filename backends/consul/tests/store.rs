@@ -230,3 +230,19 @@ async fn catalog_only_lists_the_registrations_of_its_prefix_for_a_resync() {
         .collect();
     assert_eq!(left, vec![layout.service_key("db", "kept-b")]);
 }
+
+#[tokio::test]
+async fn an_unreachable_store_keeps_the_http_error_as_the_cause() {
+    let s = store(
+        &format!("127.0.0.1:{}", free_port()),
+        unique_layout("consul-cause"),
+    );
+    let err = backend_core::Publisher::open_session(&s, TTL)
+        .await
+        .expect_err("nothing listens");
+    let cause = std::error::Error::source(&err).expect("a cause");
+    assert!(
+        cause.downcast_ref::<reqwest::Error>().is_some(),
+        "{cause:?}"
+    );
+}
