@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+/// The cause of an error, kept as the error it was (a client library's, an I/O error) so that
+/// a caller can look at it (`source()`, `downcast_ref`) instead of parsing a message.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// An error from a key-value store.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -13,7 +17,11 @@ pub enum BackendError {
     Unavailable {
         store: &'static str,
         endpoints: String,
+        /// What failed, for humans (it repeats the cause's message, so that a log line of this
+        /// error alone says everything).
         detail: String,
+        #[source]
+        source: Option<Cause>,
     },
     /// The session (etcd lease, Consul session) that ties our records to this process is gone,
     /// usually because the store was unreachable for longer than the TTL. Open a new session and
@@ -25,7 +33,12 @@ pub enum BackendError {
     NoSession { store: &'static str },
     /// The store answered, but refused the request (permissions, a malformed request).
     #[error("{store} refused the request: {detail}")]
-    Rejected { store: &'static str, detail: String },
+    Rejected {
+        store: &'static str,
+        detail: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The TTL asked for is outside what the store accepts.
     #[error("a TTL of {ttl:?} is not accepted by {store}: {detail}")]
     InvalidTtl {

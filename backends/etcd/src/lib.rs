@@ -203,10 +203,21 @@ fn map_lease_error(endpoints: &str, lease: i64, err: etcd_client::Error) -> Back
     }
 }
 
-/// Maps the client's error onto what the caller can act on.
+/// Maps the client's error onto what the caller can act on, keeping it as the cause.
 fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
     use etcd_client::Error as E;
-    match err {
+    let unavailable = |detail: String, err: E| BackendError::Unavailable {
+        store: STORE,
+        endpoints: endpoints.to_string(),
+        detail,
+        source: Some(Box::new(err)),
+    };
+    let rejected = |detail: String, err: E| BackendError::Rejected {
+        store: STORE,
+        detail,
+        source: Some(Box::new(err)),
+    };
+    match &err {
         E::GRpcStatus(status) => {
             use tonic::Code;
             let detail = status.message().to_string();
@@ -217,30 +228,13 @@ fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
                 | Code::Unknown
                 | Code::Aborted
                 | Code::ResourceExhausted
-                | Code::Internal => BackendError::Unavailable {
-                    store: STORE,
-                    endpoints: endpoints.to_string(),
-                    detail,
-                },
-                _ => BackendError::Rejected {
-                    store: STORE,
-                    detail,
-                },
+                | Code::Internal => unavailable(detail, err),
+                _ => rejected(detail, err),
             }
         }
-        E::InvalidArgs(detail) | E::EndpointError(detail) => BackendError::Rejected {
-            store: STORE,
-            detail,
-        },
-        E::InvalidUri(e) => BackendError::Rejected {
-            store: STORE,
-            detail: format!("invalid endpoint {endpoints:?}: {e}"),
-        },
-        other => BackendError::Unavailable {
-            store: STORE,
-            endpoints: endpoints.to_string(),
-            detail: other.to_string(),
-        },
+        E::InvalidArgs(detail) | E::EndpointError(detail) => rejected(detail.clone(), err),
+        E::InvalidUri(e) => rejected(format!("invalid endpoint {endpoints:?}: {e}"), err),
+        _ => unavailable(err.to_string(), err),
     }
 }
 
@@ -271,6 +265,7 @@ impl Publisher for EtcdStore {
             return Err(BackendError::Rejected {
                 store: STORE,
                 detail: resp.error().to_string(),
+                source: None,
             });
         }
         tracing::info!(
@@ -315,12 +310,14 @@ impl Publisher for EtcdStore {
                         store: STORE,
                         endpoints: self.endpoints.clone(),
                         detail: "the lease keep-alive stream ended".into(),
+                        source: None,
                     }),
                     Ok(Err(e)) => Err(map_lease_error(&self.endpoints, lease.id, e)),
                     Err(_) => Err(BackendError::Unavailable {
                         store: STORE,
                         endpoints: self.endpoints.clone(),
                         detail: format!("no keep-alive answer within {REQUEST_TIMEOUT:?}"),
+                        source: None,
                     }),
                 }
             }
@@ -456,6 +453,7 @@ async fn list_and_follow(
                     store: STORE,
                     endpoints: endpoints.to_string(),
                     detail: "the watch stream ended".into(),
+                    source: None,
                 })
             }
             Err(e) => return Err(map_error(endpoints, e)),
@@ -473,6 +471,7 @@ async fn list_and_follow(
                 store: STORE,
                 endpoints: endpoints.to_string(),
                 detail,
+                source: None,
             });
         }
         backoff.reset();

@@ -118,3 +118,20 @@ async fn coordinator_values_round_trip() {
     let a = store(&shared_endpoint(), layout.clone()).await;
     contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
 }
+
+#[tokio::test]
+async fn an_unreachable_store_keeps_the_client_error_as_the_cause() {
+    let s = store(
+        &format!("127.0.0.1:{}", free_port()),
+        unique_layout("etcd-cause"),
+    )
+    .await;
+    let err = backend_core::Publisher::open_session(&s, TTL)
+        .await
+        .expect_err("nothing listens");
+    let cause = std::error::Error::source(&err).expect("a cause");
+    assert!(
+        cause.downcast_ref::<etcd_client::Error>().is_some(),
+        "{cause:?}"
+    );
+}

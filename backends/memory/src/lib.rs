@@ -402,6 +402,7 @@ async fn run_watch(shared: Weak<Mutex<State>>, prefix: String, tx: WatchSender) 
                                 store: STORE,
                                 endpoints: name(&shared),
                                 detail: format!("watch of {prefix} broken: {why}"),
+                                source: None,
                             }
                         }
                         None => return, // the store is gone
@@ -486,6 +487,7 @@ impl Coordinator for MemoryStore {
                     store: STORE,
                     endpoints: STORE.into(),
                     detail: "the store was dropped".into(),
+                    source: None,
                 });
             }
         }

@@ -77,6 +77,7 @@ impl State {
             store: STORE,
             endpoints: self.name.clone(),
             detail: detail.to_string(),
+            source: None,
         }
     }
 
