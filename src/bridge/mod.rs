@@ -17,23 +17,23 @@
 //! itself) writes them again under its own lease, so consumers see no record disappear.
 //! `--cleanup` revokes the lease on stop instead, removing this node's records at once.
 
+mod apply;
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use backend_core::{BackendError, Backoff, NodeRecord, Publisher, ServiceKey, ServiceRecord};
-use futures::stream::BoxStream;
+use backend_core::{BackendError, Backoff, NodeRecord, Publisher, ServiceRecord};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::container::ContainerInfo;
-use crate::engine::{Engine, EngineError, EngineEvent, EventKind};
-use crate::metrics::{ActionLabel, Health, Metrics, ResultLabel};
-use crate::records::{build_records, BuildOptions, NodeIdentity};
-use crate::sync::plan_sync;
-
-/// How many containers are inspected at once during a full sync.
-const INSPECT_CONCURRENCY: usize = 32;
+pub use self::apply::scan_engine;
+use self::apply::SyncError;
+use crate::engine::{DockerEngine, Engine, EngineError, EventStream};
+use crate::metrics::{Health, Metrics, ResultLabel};
+use crate::records::{BuildOptions, NodeIdentity};
 
 /// When to remove the records of a container that exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,9 +104,10 @@ where
     }
 }
 
-/// The running bridge.
-pub struct Bridge<P: Publisher> {
-    engine: Engine,
+/// The running bridge, over a store `P` and an engine `E` (Docker unless a test says
+/// otherwise).
+pub struct Bridge<P: Publisher, E: Engine = DockerEngine> {
+    engine: E,
     store: P,
     config: BridgeConfig,
     node: NodeIdentity,
@@ -124,7 +125,7 @@ pub struct Bridge<P: Publisher> {
     retained: HashMap<String, Vec<ServiceRecord>>,
 }
 
-impl<P: Publisher> std::fmt::Debug for Bridge<P> {
+impl<P: Publisher, E: Engine> std::fmt::Debug for Bridge<P, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bridge")
             .field("node", &self.node)
@@ -133,39 +134,10 @@ impl<P: Publisher> std::fmt::Debug for Bridge<P> {
     }
 }
 
-/// Lists and inspects every running container, building its records. Containers that cannot
-/// be published are returned with the reason.
-pub async fn scan_engine(
-    engine: &Engine,
-    build: &BuildOptions,
-    node: &NodeIdentity,
-) -> Result<
-    Vec<(
-        ContainerInfo,
-        Result<Vec<ServiceRecord>, crate::records::SkipReason>,
-    )>,
-    EngineError,
-> {
-    let ids = engine.running_container_ids().await?;
-    let inspected: Vec<Result<Option<ContainerInfo>, EngineError>> = futures::stream::iter(ids)
-        .map(|id| async move { engine.inspect(&id).await })
-        .buffer_unordered(INSPECT_CONCURRENCY)
-        .collect()
-        .await;
-    let mut out = Vec::with_capacity(inspected.len());
-    for c in inspected {
-        // A container removed between list and inspect is simply gone.
-        let Some(c) = c? else { continue };
-        let records = build_records(&c, build, node);
-        out.push((c, records));
-    }
-    out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-    Ok(out)
-}
 
-impl<P: Publisher> Bridge<P> {
-    /// Connects to the engine and opens a session with the store, retrying as configured.
-    /// `Ok(None)` when shutdown was requested meanwhile.
+impl<P: Publisher> Bridge<P, DockerEngine> {
+    /// Connects to the local Docker engine and opens a session with the store, retrying as
+    /// configured. `Ok(None)` when shutdown was requested meanwhile.
     pub async fn start(
         store: P,
         config: BridgeConfig,
@@ -179,7 +151,7 @@ impl<P: Publisher> Bridge<P> {
             config.retry_interval,
             shutdown,
             |_| true,
-            Engine::connect,
+            DockerEngine::connect,
         )
         .await
         {
@@ -187,6 +159,21 @@ impl<P: Publisher> Bridge<P> {
             Ok(None) => return Ok(None),
             Err((attempts, last)) => return Err(BridgeError::EngineUnreachable { attempts, last }),
         };
+        Bridge::start_with(engine, store, config, metrics, health, shutdown).await
+    }
+}
+
+impl<P: Publisher, E: Engine> Bridge<P, E> {
+    /// Asks `engine` who this node is and opens a session with the store, retrying as
+    /// configured. `Ok(None)` when shutdown was requested meanwhile.
+    pub async fn start_with(
+        engine: E,
+        store: P,
+        config: BridgeConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, BridgeError> {
         let (node, engine_version) = match retry(
             "docker engine",
             config.retry_attempts,
@@ -249,7 +236,7 @@ impl<P: Publisher> Bridge<P> {
     /// Follows the engine until `shutdown`, then ends the session as configured.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), BridgeError> {
         let mut reconnect = Backoff::new(self.config.retry_interval, Duration::from_secs(30));
-        let mut events: Option<BoxStream<'static, Result<Option<EngineEvent>, EngineError>>> = None;
+        let mut events: Option<EventStream> = None;
         // The first connection happens at once.
         let mut reconnect_at = tokio::time::Instant::now();
         let mut renew = tokio::time::interval(self.config.ttl / 3);
@@ -270,7 +257,7 @@ impl<P: Publisher> Bridge<P> {
                 // (Re)connect the event stream, then sync.
                 _ = tokio::time::sleep_until(reconnect_at), if events.is_none() => {
                     let since = unix_now();
-                    let stream = self.engine.events(Some(since)).boxed();
+                    let stream = self.engine.events(Some(since));
                     match self.full_sync(put_all).await {
                         Ok(()) => {
                             put_all = false;
@@ -390,280 +377,6 @@ impl<P: Publisher> Bridge<P> {
         }
     }
 
-    /// Inspects the container of one event and writes the difference.
-    async fn on_event(&mut self, event: EngineEvent) {
-        self.metrics
-            .events
-            .get_or_create(&ActionLabel {
-                action: event
-                    .action
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-            })
-            .inc();
-        let desired = match event.kind {
-            EventKind::Removed => {
-                if event.action != "pause" {
-                    self.retained.remove(&event.container_id);
-                }
-                Vec::new()
-            }
-            EventKind::Died => {
-                if self.config.deregister == Deregister::OnSuccess
-                    && event.exit_code.is_some_and(|c| c != 0)
-                {
-                    if let Some(records) = self.published.get(&event.container_id) {
-                        self.retained
-                            .insert(event.container_id.clone(), records.clone());
-                    }
-                    tracing::info!(container = %short(&event.container_id), exit_code = ?event.exit_code, "container failed; keeping its records (--deregister on-success)");
-                    return;
-                }
-                Vec::new()
-            }
-            EventKind::Refresh => match self.timed_inspect(&event.container_id).await {
-                Ok(Some(c)) if c.running => {
-                    self.retained.remove(&c.id);
-                    self.records_of(&c)
-                }
-                Ok(Some(c)) => match self.retained.get(&c.id) {
-                    Some(kept) => kept.clone(),
-                    None => Vec::new(),
-                },
-                Ok(None) => {
-                    self.retained.remove(&event.container_id);
-                    Vec::new()
-                }
-                Err(e) => {
-                    // The event stream will report a broken engine; resync catches up.
-                    tracing::warn!(container = %short(&event.container_id), error = %e, "inspect failed");
-                    self.needs_repair = true;
-                    return;
-                }
-            },
-        };
-        if self
-            .apply_container(&event.container_id, desired, &event.action)
-            .await
-        {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
-                .unwrap_or(0);
-            if event.time_nano > 0 && now >= event.time_nano {
-                self.metrics
-                    .event_to_publish_seconds
-                    .observe((now - event.time_nano) as f64 / 1e9);
-            }
-        }
-    }
-
-    async fn timed_inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
-        let started = Instant::now();
-        let result = self.engine.inspect(id).await;
-        self.metrics
-            .inspect_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-
-    /// Builds a container's records, logging a skip once per container and reason.
-    fn records_of(&mut self, c: &ContainerInfo) -> Vec<ServiceRecord> {
-        match build_records(c, &self.config.build, &self.node) {
-            Ok(records) => {
-                self.skipped.remove(&c.id);
-                records
-            }
-            Err(reason) => {
-                let text = reason.to_string();
-                if self.skipped.get(&c.id) != Some(&text) {
-                    self.metrics.containers_skipped.inc();
-                    tracing::warn!(container = %c.name, reason = %text, "not publishing container");
-                    self.skipped.insert(c.id.clone(), text);
-                }
-                Vec::new()
-            }
-        }
-    }
-
-    /// Makes the store hold `desired` for one container. Returns whether anything was written.
-    async fn apply_container(
-        &mut self,
-        container_id: &str,
-        desired: Vec<ServiceRecord>,
-        why: &str,
-    ) -> bool {
-        let current = self
-            .published
-            .get(container_id)
-            .cloned()
-            .unwrap_or_default();
-        let put: Vec<ServiceRecord> = desired
-            .iter()
-            .filter(|r| !current.contains(r))
-            .cloned()
-            .collect();
-        let delete: Vec<ServiceKey> = current
-            .iter()
-            .filter(|old| {
-                !desired
-                    .iter()
-                    .any(|r| r.service == old.service && r.id == old.id)
-            })
-            .map(key_of)
-            .collect();
-        if put.is_empty() && delete.is_empty() {
-            return false;
-        }
-        let mut ok = true;
-        let started = Instant::now();
-        if !put.is_empty() {
-            match self.store.publish(&put).await {
-                Ok(()) => {
-                    self.metrics.records_published.inc_by(put.len() as u64);
-                    for r in &put {
-                        tracing::info!(event = why, service = %r.service, id = %r.id, ip = %r.ip, port = r.port, "published");
-                    }
-                }
-                Err(e) => {
-                    ok = false;
-                    self.write_failed("publish", &e);
-                }
-            }
-        }
-        if !delete.is_empty() {
-            match self.store.unpublish(&delete).await {
-                Ok(()) => {
-                    self.metrics.records_removed.inc_by(delete.len() as u64);
-                    for k in &delete {
-                        tracing::info!(event = why, service = %k.service, id = %k.id, "removed");
-                    }
-                }
-                Err(e) => {
-                    ok = false;
-                    self.write_failed("unpublish", &e);
-                }
-            }
-        }
-        self.metrics
-            .store_write_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if ok {
-            if desired.is_empty() {
-                self.published.remove(container_id);
-            } else {
-                self.published.insert(container_id.to_string(), desired);
-            }
-            self.metrics
-                .records
-                .set(self.published.values().map(Vec::len).sum::<usize>() as i64);
-        }
-        ok
-    }
-
-    fn write_failed(&mut self, operation: &'static str, e: &BackendError) {
-        self.metrics.backend_error(operation);
-        self.needs_repair = true;
-        if matches!(e, BackendError::SessionLost { .. }) {
-            self.health.set_session(false);
-        }
-        tracing::warn!(store = self.store.store_name(), operation, error = %e, "store write failed; will repair");
-    }
-
-    /// Lists the engine and the store and makes this node's records equal to the engine.
-    async fn full_sync(&mut self, put_all: bool) -> Result<(), SyncError> {
-        let started = Instant::now();
-        self.metrics.syncs.inc();
-        let scanned = scan_engine(&self.engine, &self.config.build, &self.node)
-            .await
-            .map_err(SyncError::Engine)?;
-        let mut by_container: HashMap<String, Vec<ServiceRecord>> = HashMap::new();
-        let mut desired = Vec::new();
-        let running: std::collections::HashSet<String> =
-            scanned.iter().map(|(c, _)| c.id.clone()).collect();
-        // Forget kept records of containers removed meanwhile.
-        let kept: Vec<String> = self.retained.keys().cloned().collect();
-        for id in kept {
-            if !running.contains(&id) && matches!(self.engine.inspect(&id).await, Ok(None)) {
-                self.retained.remove(&id);
-            }
-        }
-        // Failed containers kept under --deregister on-success, unless they run again.
-        for (id, records) in &self.retained {
-            if !running.contains(id) {
-                desired.extend(records.iter().cloned());
-                by_container.insert(id.clone(), records.clone());
-            }
-        }
-        for (c, result) in scanned {
-            let records = match result {
-                Ok(r) => {
-                    self.skipped.remove(&c.id);
-                    r
-                }
-                Err(_) => self.records_of(&c),
-            };
-            if !records.is_empty() {
-                desired.extend(records.iter().cloned());
-                by_container.insert(c.id.clone(), records);
-            }
-        }
-        let stored = self.store.list_services().await.map_err(|e| {
-            self.metrics.backend_error("list");
-            SyncError::Store(e)
-        })?;
-        let plan = plan_sync(
-            self.store.layout(),
-            &self.node.node_id,
-            &desired,
-            &stored,
-            put_all,
-        );
-        for (key, why) in &plan.foreign {
-            tracing::debug!(%key, reason = %why, "leaving a value this bridge did not write alone");
-        }
-        if !plan.put.is_empty() {
-            self.store.publish(&plan.put).await.map_err(|e| {
-                self.metrics.backend_error("publish");
-                SyncError::Store(e)
-            })?;
-            self.metrics.records_published.inc_by(plan.put.len() as u64);
-        }
-        if !plan.delete.is_empty() {
-            self.store.unpublish(&plan.delete).await.map_err(|e| {
-                self.metrics.backend_error("unpublish");
-                SyncError::Store(e)
-            })?;
-            self.metrics
-                .records_removed
-                .inc_by(plan.delete.len() as u64);
-            for k in &plan.delete {
-                tracing::info!(service = %k.service, id = %k.id, "removed a record no container backs");
-            }
-        }
-        self.store
-            .publish_node(&self.node_record)
-            .await
-            .map_err(|e| {
-                self.metrics.backend_error("publish_node");
-                SyncError::Store(e)
-            })?;
-        self.published = by_container;
-        self.needs_repair = false;
-        self.metrics.records.set(desired.len() as i64);
-        tracing::info!(
-            containers = self.published.len(),
-            records = desired.len(),
-            written = plan.put.len(),
-            deleted = plan.delete.len(),
-            foreign = plan.foreign.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "synced engine and store"
-        );
-        Ok(())
-    }
 
     async fn stop(self) {
         self.health.set_engine(false);
@@ -681,24 +394,10 @@ impl<P: Publisher> Bridge<P> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SyncError {
-    #[error(transparent)]
-    Engine(EngineError),
-    #[error(transparent)]
-    Store(BackendError),
-}
-
-fn key_of(r: &ServiceRecord) -> ServiceKey {
-    ServiceKey {
-        service: r.service.clone(),
-        id: r.id.clone(),
-    }
-}
 
 async fn next_event(
-    events: &mut Option<BoxStream<'static, Result<Option<EngineEvent>, EngineError>>>,
-) -> Option<Result<Option<EngineEvent>, EngineError>> {
+    events: &mut Option<EventStream>,
+) -> Option<Result<Option<crate::engine::EngineEvent>, EngineError>> {
     match events {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -751,16 +450,4 @@ fn rfc3339(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_702_245), "2026-11-26T14:10:45Z");
-    }
 }
