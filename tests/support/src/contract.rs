@@ -281,7 +281,7 @@ pub async fn one_leader_at_a_time_and_a_resign_hands_over<C: Coordinator>(
     // While `a` leads (its lease or session is renewed), `b` must not lead, well past the TTL.
     let waited = tokio::time::timeout(ttl * 2 + Duration::from_secs(1), &mut second).await;
     assert!(waited.is_err(), "a second leader while the first is alive");
-    let resigned_at = std::time::Instant::now();
+    let resigned_at = tokio::time::Instant::now();
     first.resign().await;
     let _second = tokio::time::timeout(Duration::from_secs(10), &mut second)
         .await
@@ -308,7 +308,7 @@ pub async fn a_dead_leader_is_replaced_after_its_ttl<C: Coordinator>(
         .await
         .expect("campaign");
     drop(first);
-    let died_at = std::time::Instant::now();
+    let died_at = tokio::time::Instant::now();
     let _second = tokio::time::timeout(bound, b.campaign(key.into(), "b".into(), ttl))
         .await
         .expect("the other candidate leads after the TTL")

@@ -4,16 +4,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::Client;
+use tokio::time::Instant;
 
 pub mod contract;
 pub mod dind;
 pub mod stack;
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
-/// and the last error it returned.
+/// and the last error it returned. Time is tokio's, so a test with paused time polls on the
+/// paused clock.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
