@@ -134,7 +134,6 @@ impl<P: Publisher, E: Engine> std::fmt::Debug for Bridge<P, E> {
     }
 }
 
-
 impl<P: Publisher> Bridge<P, DockerEngine> {
     /// Connects to the local Docker engine and opens a session with the store, retrying as
     /// configured. `Ok(None)` when shutdown was requested meanwhile.
@@ -377,7 +376,6 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         }
     }
 
-
     async fn stop(self) {
         self.health.set_engine(false);
         let revoke = self.config.cleanup;
@@ -393,7 +391,6 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         }
     }
 }
-
 
 async fn next_event(
     events: &mut Option<EventStream>,
