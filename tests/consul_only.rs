@@ -304,7 +304,7 @@ async fn a_wrong_acl_token_is_a_clear_error_naming_its_source() {
     let mut ok =
         BridgeProcess::start_with_env(&uri, &[], &[("CONSUL_HTTP_TOKEN", "root-token-for-tests")])
             .await;
-    ok.wait_for_log("synced engine and store", CONVERGE).await;
+    ok.wait_synced(1, CONVERGE).await;
     ok.signal("TERM").await;
     assert_eq!(ok.wait(Duration::from_secs(10)).await, Some(0));
 }

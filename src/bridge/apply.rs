@@ -1,15 +1,18 @@
 //! The bridge's writes: one container after an event, and the full sync of engine and store.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backend_core::{BackendError, Publisher, ServiceKey, ServiceRecord};
 use futures::StreamExt;
 
-use super::{short, Bridge, Deregister};
+use super::{Bridge, Deregister};
 use crate::container::ContainerInfo;
 use crate::engine::{Engine, EngineError, EngineEvent, EventKind};
-use crate::metrics::ActionLabel;
+use crate::internal_events::{
+    ContainerSkipped, DockerEventReceived, FailedContainerKept, InspectFailed, InternalEvent,
+    RecordsPublished, RecordsRemoved, StoreWriteFailed, SyncFailed, Synced,
+};
 use crate::records::{build_records, BuildOptions, NodeIdentity};
 use crate::sync::plan_sync;
 
@@ -49,17 +52,10 @@ pub async fn scan_engine<E: Engine>(
 impl<P: Publisher, E: Engine> Bridge<P, E> {
     /// Inspects the container of one event and writes the difference.
     pub(super) async fn on_event(&mut self, event: EngineEvent) {
-        self.metrics
-            .events
-            .get_or_create(&ActionLabel {
-                action: event
-                    .action
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-            })
-            .inc();
+        DockerEventReceived {
+            action: &event.action,
+        }
+        .emit(&self.metrics);
         let desired = match event.kind {
             EventKind::Removed => {
                 if event.action != "pause" {
@@ -75,7 +71,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                         self.retained
                             .insert(event.container_id.clone(), records.clone());
                     }
-                    tracing::info!(container = %short(&event.container_id), exit_code = ?event.exit_code, "container failed; keeping its records (--deregister on-success)");
+                    FailedContainerKept {
+                        container_id: &event.container_id,
+                        exit_code: event.exit_code,
+                    }
+                    .emit(&self.metrics);
                     return;
                 }
                 Vec::new()
@@ -95,7 +95,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 }
                 Err(e) => {
                     // The event stream will report a broken engine; resync catches up.
-                    tracing::warn!(container = %short(&event.container_id), error = %e, "inspect failed");
+                    InspectFailed {
+                        container_id: &event.container_id,
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
                     self.needs_repair = true;
                     return;
                 }
@@ -136,8 +140,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             Err(reason) => {
                 let text = reason.to_string();
                 if self.skipped.get(&c.id) != Some(&text) {
-                    self.metrics.containers_skipped.inc();
-                    tracing::warn!(container = %c.name, reason = %text, "not publishing container");
+                    ContainerSkipped {
+                        container: &c.name,
+                        reason: &text,
+                    }
+                    .emit(&self.metrics);
                     self.skipped.insert(c.id.clone(), text);
                 }
                 Vec::new()
@@ -178,12 +185,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         let started = Instant::now();
         if !put.is_empty() {
             match self.store.publish(&put).await {
-                Ok(()) => {
-                    self.metrics.records_published.inc_by(put.len() as u64);
-                    for r in &put {
-                        tracing::info!(event = why, service = %r.service, id = %r.id, ip = %r.ip, port = r.port, "published");
-                    }
+                Ok(()) => RecordsPublished {
+                    why: Some(why),
+                    records: &put,
                 }
+                .emit(&self.metrics),
                 Err(e) => {
                     ok = false;
                     self.write_failed("publish", &e);
@@ -192,12 +198,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         }
         if !delete.is_empty() {
             match self.store.unpublish(&delete).await {
-                Ok(()) => {
-                    self.metrics.records_removed.inc_by(delete.len() as u64);
-                    for k in &delete {
-                        tracing::info!(event = why, service = %k.service, id = %k.id, "removed");
-                    }
+                Ok(()) => RecordsRemoved {
+                    why: Some(why),
+                    keys: &delete,
                 }
+                .emit(&self.metrics),
                 Err(e) => {
                     ok = false;
                     self.write_failed("unpublish", &e);
@@ -221,18 +226,21 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
     }
 
     fn write_failed(&mut self, operation: &'static str, e: &BackendError) {
-        self.metrics.backend_error(operation);
         self.needs_repair = true;
         if matches!(e, BackendError::SessionLost { .. }) {
             self.health.set_session(false);
         }
-        tracing::warn!(store = self.store.store_name(), operation, error = %e, "store write failed; will repair");
+        StoreWriteFailed {
+            store: self.store.store_name(),
+            operation,
+            error: e,
+        }
+        .emit(&self.metrics);
     }
 
     /// Lists the engine and the store and makes this node's records equal to the engine.
     pub(super) async fn full_sync(&mut self, put_all: bool) -> Result<(), SyncError> {
         let started = Instant::now();
-        self.metrics.syncs.inc();
         let scanned = scan_engine(&self.engine, &self.config.build, &self.node)
             .await
             .map_err(SyncError::Engine)?;
@@ -267,10 +275,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 by_container.insert(c.id.clone(), records);
             }
         }
-        let stored = self.store.list_services().await.map_err(|e| {
-            self.metrics.backend_error("list");
-            SyncError::Store(e)
-        })?;
+        let stored = self
+            .store
+            .list_services()
+            .await
+            .map_err(SyncError::store("list"))?;
         let plan = plan_sync(
             self.store.layout(),
             &self.node.node_id,
@@ -282,53 +291,84 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             tracing::debug!(%key, reason = %why, "leaving a value this bridge did not write alone");
         }
         if !plan.put.is_empty() {
-            self.store.publish(&plan.put).await.map_err(|e| {
-                self.metrics.backend_error("publish");
-                SyncError::Store(e)
-            })?;
-            self.metrics.records_published.inc_by(plan.put.len() as u64);
+            self.store
+                .publish(&plan.put)
+                .await
+                .map_err(SyncError::store("publish"))?;
+            RecordsPublished {
+                why: None,
+                records: &plan.put,
+            }
+            .emit(&self.metrics);
         }
         if !plan.delete.is_empty() {
-            self.store.unpublish(&plan.delete).await.map_err(|e| {
-                self.metrics.backend_error("unpublish");
-                SyncError::Store(e)
-            })?;
-            self.metrics
-                .records_removed
-                .inc_by(plan.delete.len() as u64);
-            for k in &plan.delete {
-                tracing::info!(service = %k.service, id = %k.id, "removed a record no container backs");
+            self.store
+                .unpublish(&plan.delete)
+                .await
+                .map_err(SyncError::store("unpublish"))?;
+            RecordsRemoved {
+                why: None,
+                keys: &plan.delete,
             }
+            .emit(&self.metrics);
         }
         self.store
             .publish_node(&self.node_record)
             .await
-            .map_err(|e| {
-                self.metrics.backend_error("publish_node");
-                SyncError::Store(e)
-            })?;
+            .map_err(SyncError::store("publish_node"))?;
         self.published = by_container;
         self.needs_repair = false;
-        self.metrics.records.set(desired.len() as i64);
-        tracing::info!(
-            containers = self.published.len(),
-            records = desired.len(),
-            written = plan.put.len(),
-            deleted = plan.delete.len(),
-            foreign = plan.foreign.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "synced engine and store"
-        );
+        Synced {
+            containers: self.published.len(),
+            records: desired.len(),
+            written: plan.put.len(),
+            deleted: plan.delete.len(),
+            foreign: plan.foreign.len(),
+            elapsed: started.elapsed(),
+        }
+        .emit(&self.metrics);
         Ok(())
     }
 }
 
+/// Why a full sync failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SyncError {
-    #[error(transparent)]
-    Engine(EngineError),
-    #[error(transparent)]
-    Store(BackendError),
+    #[error("cannot list the Docker engine")]
+    Engine(#[source] EngineError),
+    #[error("store operation {operation} failed")]
+    Store {
+        operation: &'static str,
+        #[source]
+        source: BackendError,
+    },
+}
+
+impl SyncError {
+    fn store(operation: &'static str) -> impl FnOnce(BackendError) -> SyncError {
+        move |source| SyncError::Store { operation, source }
+    }
+
+    /// The event that reports this failure; `next` is what follows (`"reconnect"` of the
+    /// engine, `"repair"` of the store) after `retry_in`.
+    pub(super) fn event(&self, next: &'static str, retry_in: Duration) -> SyncFailed<'_> {
+        match self {
+            SyncError::Engine(e) => SyncFailed {
+                cause: "engine",
+                operation: None,
+                error: e,
+                next,
+                retry_in,
+            },
+            SyncError::Store { operation, source } => SyncFailed {
+                cause: "store",
+                operation: Some(operation),
+                error: source,
+                next,
+                retry_in,
+            },
+        }
+    }
 }
 
 fn key_of(r: &ServiceRecord) -> ServiceKey {

@@ -32,7 +32,11 @@ use tokio_util::sync::CancellationToken;
 pub use self::apply::scan_engine;
 use self::apply::SyncError;
 use crate::engine::{DockerEngine, Engine, EngineError, EventStream};
-use crate::metrics::{Health, Metrics, ResultLabel};
+use crate::internal_events::{
+    EventStreamBroken, InternalEvent, RepairStarted, SessionOpenFailed, SessionOpened,
+    SessionRenewal, StartupRetry,
+};
+use crate::metrics::{Health, Metrics};
 use crate::records::{BuildOptions, NodeIdentity};
 
 /// When to remove the records of a container that exited.
@@ -72,8 +76,9 @@ pub enum BridgeError {
 
 /// Retries `op` with backoff until it succeeds, `attempts` run out or `shutdown` fires
 /// (`Ok(None)`). Only errors for which `transient` holds are retried.
-async fn retry<T, E: std::fmt::Display, F, Fut>(
+async fn retry<T, E: std::error::Error, F, Fut>(
     what: &'static str,
+    metrics: &Metrics,
     attempts: Option<u32>,
     interval: Duration,
     shutdown: &CancellationToken,
@@ -94,7 +99,13 @@ where
             Err(e) if attempts.is_some_and(|max| tries > max) => return Err((tries, e)),
             Err(e) => {
                 let delay = backoff.next_delay(rand::random::<f64>());
-                tracing::warn!(what, attempt = tries, retry_in_ms = delay.as_millis() as u64, error = %e, "not reachable yet; retrying");
+                StartupRetry {
+                    what,
+                    attempt: tries,
+                    retry_in: delay,
+                    error: &e,
+                }
+                .emit(metrics);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(None),
@@ -146,6 +157,7 @@ impl<P: Publisher> Bridge<P, DockerEngine> {
     ) -> Result<Option<Self>, BridgeError> {
         let engine = match retry(
             "docker engine",
+            &metrics,
             config.retry_attempts,
             config.retry_interval,
             shutdown,
@@ -175,6 +187,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
     ) -> Result<Option<Self>, BridgeError> {
         let (node, engine_version) = match retry(
             "docker engine",
+            &metrics,
             config.retry_attempts,
             config.retry_interval,
             shutdown,
@@ -191,6 +204,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
 
         match retry(
             "store",
+            &metrics,
             config.retry_attempts,
             config.retry_interval,
             shutdown,
@@ -206,7 +220,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             }
             Err((_, last)) => return Err(BridgeError::Store(last)),
         }
-        metrics.sessions_opened.inc();
+        SessionOpened {
+            store: store.store_name(),
+            ttl: config.ttl,
+        }
+        .emit(&metrics);
         health.set_session(true);
 
         let node_record = NodeRecord {
@@ -264,17 +282,18 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                             self.health.set_engine(true);
                             reconnect.reset();
                         }
-                        Err(SyncError::Engine(e)) => {
+                        Err(e @ SyncError::Engine(_)) => {
                             let delay = reconnect.next_delay(rand::random::<f64>());
-                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot list the Docker engine; will reconnect");
+                            e.event("reconnect", delay).emit(&self.metrics);
                             reconnect_at = tokio::time::Instant::now() + delay;
                         }
-                        Err(SyncError::Store(e)) => {
+                        Err(e @ SyncError::Store { .. }) => {
                             // The engine answered: follow it, and repair the store later.
-                            tracing::warn!(error = %e, "store write failed during sync; will repair");
+                            let delay = repair_backoff.next_delay(rand::random::<f64>());
+                            e.event("repair", delay).emit(&self.metrics);
                             events = Some(stream);
                             self.health.set_engine(true);
-                            repair_at = Some(tokio::time::Instant::now() + repair_backoff.next_delay(rand::random::<f64>()));
+                            repair_at = Some(tokio::time::Instant::now() + delay);
                         }
                     }
                 }
@@ -284,14 +303,14 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                         Some(Ok(Some(event))) => self.on_event(event).await,
                         Some(Ok(None)) => {}
                         end => {
-                            match end {
-                                Some(Err(e)) => tracing::warn!(error = %e, "Docker event stream failed; reconnecting"),
-                                _ => tracing::warn!("Docker event stream ended (engine restarted?); reconnecting"),
-                            }
+                            let delay = reconnect.next_delay(rand::random::<f64>());
+                            let error = match &end {
+                                Some(Err(e)) => Some(e),
+                                _ => None,
+                            };
+                            EventStreamBroken { error, retry_in: delay }.emit(&self.metrics);
                             events = None;
                             self.health.set_engine(false);
-                            self.metrics.docker_reconnects.inc();
-                            let delay = reconnect.next_delay(rand::random::<f64>());
                             reconnect_at = tokio::time::Instant::now() + delay;
                         }
                     }
@@ -301,22 +320,18 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 }
 
                 _ = renew.tick() => {
+                    let store = self.store.store_name();
                     match self.store.renew_session().await {
                         Ok(()) => {
-                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "ok" }).inc();
+                            SessionRenewal::Renewed.emit(&self.metrics);
                             self.health.set_session(true);
                         }
                         Err(BackendError::SessionLost { .. } | BackendError::NoSession { .. }) => {
-                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "lost" }).inc();
+                            SessionRenewal::Lost { store }.emit(&self.metrics);
                             self.health.set_session(false);
-                            tracing::warn!(store = self.store.store_name(), "session lost; opening a new one and writing every record again");
                             self.reopen_session(&mut put_all, &mut repair_at).await;
                         }
-                        Err(e) => {
-                            self.metrics.session_renewals.get_or_create(&ResultLabel { result: "error" }).inc();
-                            self.metrics.backend_error("renew");
-                            tracing::warn!(store = self.store.store_name(), error = %e, "session renewal failed; retrying at the next tick");
-                        }
+                        Err(e) => SessionRenewal::Failed { store, error: &e }.emit(&self.metrics),
                     }
                 }
 
@@ -326,7 +341,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
 
                 _ = sleep_until_opt(repair_at), if repair_at.is_some() && events.is_some() => {
                     repair_at = None;
-                    tracing::info!("repairing the store after a failed write");
+                    RepairStarted.emit(&self.metrics);
                     self.sync_or_schedule_repair(put_all, &mut put_all, &mut repair_at, &mut repair_backoff).await;
                 }
             }
@@ -350,7 +365,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             }
             Err(e) => {
                 let delay = repair_backoff.next_delay(rand::random::<f64>());
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sync failed; will retry");
+                e.event("repair", delay).emit(&self.metrics);
                 *repair_at = Some(tokio::time::Instant::now() + delay);
             }
         }
@@ -364,15 +379,20 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         *put_all = true;
         match self.store.open_session(self.config.ttl).await {
             Ok(()) => {
-                self.metrics.sessions_opened.inc();
+                SessionOpened {
+                    store: self.store.store_name(),
+                    ttl: self.config.ttl,
+                }
+                .emit(&self.metrics);
                 self.health.set_session(true);
                 // Everything must be written again under the new session, at once.
                 *repair_at = Some(tokio::time::Instant::now());
             }
-            Err(e) => {
-                self.metrics.backend_error("open_session");
-                tracing::warn!(store = self.store.store_name(), error = %e, "cannot open a new session yet; retrying at the next tick");
+            Err(e) => SessionOpenFailed {
+                store: self.store.store_name(),
+                error: &e,
             }
+            .emit(&self.metrics),
         }
     }
 
@@ -406,10 +426,6 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
 }
 
 fn unix_now() -> f64 {

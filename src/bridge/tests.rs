@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::engine::fake::{web_container, FakeEngine};
-use crate::metrics::ResultLabel;
+use crate::metrics::{CauseLabel, ResultLabel};
 
 const TTL: Duration = Duration::from_secs(15);
 const RESYNC: Duration = Duration::from_secs(60);
@@ -102,6 +102,13 @@ impl Running {
 
     fn has_record(&self, id: &str) -> bool {
         !self.records_of(id).is_empty()
+    }
+
+    fn sync_failures(&self, cause: &'static str) -> u64 {
+        self.metrics
+            .sync_failures
+            .get_or_create(&CauseLabel { cause })
+            .get()
     }
 
     fn renewals(&self, result: &'static str) -> u64 {
@@ -226,6 +233,9 @@ async fn failed_writes_are_repaired_with_doubling_backoff() {
         })
         .sum();
     assert_eq!(failed, 3);
+    // Every failed sync is counted (and logged by the same event), and so is every repair.
+    assert_eq!(r.sync_failures("store"), 2);
+    assert_eq!(r.metrics.repairs.get(), 3);
     // A success resets the backoff: the next failure is repaired within the first delay.
     r.store.fail_next(1);
     r.engine.remove(&web.id);

@@ -582,10 +582,12 @@ pub async fn records_match_tasks(
     Ok(tasks)
 }
 
-/// A bridge process, killed when dropped. Its log goes to a file.
+/// A bridge process, killed when dropped. Its log goes to a file; it serves `/metrics` and
+/// `/healthz` on `metrics_addr` (a free port unless the test passes `--metrics-addr`).
 pub struct BridgeProcess {
     pub child: tokio::process::Child,
     pub log: PathBuf,
+    pub metrics_addr: String,
     _dir: TempDir,
 }
 
@@ -600,9 +602,20 @@ impl BridgeProcess {
         let dir = TempDir::new("bridge");
         let log = dir.path().join("bridge.log");
         let file = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-            .arg(uri)
-            .args(args)
+        let given = args
+            .iter()
+            .position(|a| *a == "--metrics-addr")
+            .and_then(|i| args.get(i + 1));
+        let metrics_addr = match given {
+            Some(addr) => addr.to_string(),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"));
+        command.arg(uri).args(args);
+        if given.is_none() {
+            command.args(["--metrics-addr", &metrics_addr]);
+        }
+        let child = command
             .env("RUST_LOG", "info,swarm_registrator=debug")
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
@@ -615,8 +628,51 @@ impl BridgeProcess {
         BridgeProcess {
             child,
             log,
+            metrics_addr,
             _dir: dir,
         }
+    }
+
+    /// The value of a metric, from `/metrics`; `name` includes the labels of a labelled one.
+    pub async fn metric(&self, name: &str) -> Result<f64, String> {
+        let (status, body) = http_get(&self.metrics_addr, "/metrics").await?;
+        if status != 200 {
+            return Err(format!("/metrics answered {status}"));
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .ok_or_else(|| format!("no {name} in /metrics"))
+    }
+
+    /// The full syncs of engine and store the bridge completed
+    /// (`swarm_registrator_syncs_total`); 0 while it does not answer yet.
+    pub async fn syncs(&self) -> u64 {
+        self.metric("swarm_registrator_syncs_total")
+            .await
+            .map(|n| n as u64)
+            .unwrap_or(0)
+    }
+
+    /// Waits until the bridge has completed at least `n` full syncs (the first one: it is up
+    /// and the store holds what the engine runs).
+    pub async fn wait_synced(&self, n: u64, timeout: Duration) {
+        self.wait_metric("swarm_registrator_syncs_total", n as f64, timeout)
+            .await
+    }
+
+    /// Waits until the metric `name` (with its labels, as in
+    /// `swarm_registrator_session_renewals_total{result="lost"}`) is at least `at_least`.
+    pub async fn wait_metric(&self, name: &str, at_least: f64, timeout: Duration) {
+        wait_for(&format!("{name} >= {at_least}"), timeout, || async {
+            match self.metric(name).await {
+                Ok(v) if v >= at_least => Ok(()),
+                other => Err(format!(
+                    "{other:?}; last log line: {}",
+                    self.log_text().lines().last().unwrap_or_default()
+                )),
+            }
+        })
+        .await
     }
 
     pub fn log_text(&self) -> String {

@@ -256,18 +256,7 @@ pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_reco
         "{warning}"
     );
     // Several resyncs later: still one warning for the container, not one per resync.
-    bridge
-        .wait_for_log("synced engine and store", CONVERGE)
-        .await;
-    wait_for("two more resyncs", CONVERGE, || async {
-        let n = bridge.log_text().matches("synced engine and store").count();
-        if n >= 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} syncs"))
-        }
-    })
-    .await;
+    bridge.wait_synced(3, CONVERGE).await;
     let warnings = bridge
         .log_text()
         .lines()
@@ -361,9 +350,7 @@ pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap
     first.signal("TERM").await;
     assert_eq!(first.wait(Duration::from_secs(10)).await, Some(0));
     let second = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
-    second
-        .wait_for_log("synced engine and store", CONVERGE)
-        .await;
+    second.wait_synced(1, CONVERGE).await;
     // Until the first bridge's session has surely expired (Consul: up to twice the TTL).
     let ttl: u64 = b.short_ttl().parse().expect("a number");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * ttl + 5);
@@ -440,7 +427,13 @@ pub async fn a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart(b:
         }
     })
     .await;
-    bridge.wait_for_log("store write failed", CONVERGE).await;
+    bridge
+        .wait_metric(
+            r#"swarm_registrator_backend_errors_total{operation="publish"}"#,
+            1.0,
+            CONVERGE,
+        )
+        .await;
     // The outage itself, not a condition: it must outlast the TTL.
     let ttl: u64 = b.short_ttl().parse().expect("a number");
     tokio::time::sleep(Duration::from_secs(ttl + 1)).await;
@@ -457,7 +450,13 @@ pub async fn a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart(b:
         records_match_tasks(&store, &layout, &svc, &net, 3)
     })
     .await;
-    bridge.wait_for_log("session lost", CONVERGE).await;
+    bridge
+        .wait_metric(
+            r#"swarm_registrator_session_renewals_total{result="lost"}"#,
+            1.0,
+            CONVERGE,
+        )
+        .await;
 }
 
 pub async fn an_unreachable_store_at_start_is_retried_then_reported(b: Backend) {
@@ -614,16 +613,8 @@ pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_
     let exit = docker(&["wait", &failed]).await;
     assert_eq!(exit, "3");
     // Kept across several resyncs.
-    let syncs = bridge.log_text().matches("synced engine and store").count();
-    wait_for("two more resyncs", CONVERGE, || async {
-        let n = bridge.log_text().matches("synced engine and store").count();
-        if n >= syncs + 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} syncs"))
-        }
-    })
-    .await;
+    let syncs = bridge.syncs().await;
+    bridge.wait_synced(syncs + 2, CONVERGE).await;
     assert_eq!(
         store
             .records(&layout, &svc_failed)
