@@ -1,6 +1,6 @@
 //! Consul, as seen by the bench: the HTTP client, the two blocking-query observers (KV and
-//! catalog), the store-only floor, and the clean-up of what the bench and its bridges leave
-//! there.
+//! catalog), the store-only floor (written through backend-consul, the bridge's own writer),
+//! and the clean-up of what the bench and its bridges leave there.
 //!
 //! Both observers follow Consul's blocking-query rules: every answer's `X-Consul-Index` is the
 //! `index` of the next query (reset to 0 when it goes backwards, never below 1), so each change
@@ -11,8 +11,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use backend_consul::{ConsulOptions, ConsulStore};
+use backend_core::{KeyLayout, Publisher, ServiceRecord};
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -20,7 +22,6 @@ use tokio::time::Instant;
 use crate::now_ns;
 use crate::observe::{RecordSeen, Via};
 use crate::report::{BulkFloor, ConsulFloor, FloorStep};
-use futures::StreamExt;
 
 /// How long one blocking query waits for a change.
 const WAIT: &str = "30s";
@@ -106,23 +107,6 @@ impl Consul {
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string())
-    }
-
-    async fn put_json(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("PUT {path}"))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            bail!("PUT {path}: {status}: {}", text.trim());
-        }
-        Ok(resp)
     }
 
     async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
@@ -446,38 +430,94 @@ async fn wait_for(
     }
 }
 
-/// An agent service registration like the bridge's (a TTL check, a `container_id` meta).
-fn registration(service: &str, i: usize) -> Value {
-    json!({
-        "ID": format!("{service}-{i}"),
-        "Name": service,
-        "Address": "127.0.0.1",
-        "Port": 8080,
-        "Meta": {"container_id": format!("floor-{i}")},
-        "Check": {
-            "CheckID": format!("{service}-{i}:ttl"),
-            "Name": "registrator-bench floor TTL",
-            "TTL": "300s",
-            "Status": "passing",
-            "DeregisterCriticalServiceAfter": "1m",
-        },
-    })
+/// A record for the floor: service `service`, id and container id `<service>-<i>`.
+fn floor_record(service: &str, i: usize) -> ServiceRecord {
+    let id = format!("{service}-{i}");
+    ServiceRecord {
+        schema_version: backend_core::SCHEMA_VERSION,
+        service: service.into(),
+        id: id.clone(),
+        ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        port: 8080,
+        protocol: backend_core::Protocol::Tcp,
+        tags: vec![],
+        labels: Default::default(),
+        attrs: Default::default(),
+        container_id: id.clone(),
+        container_name: id,
+        node_id: "registrator-bench".into(),
+        hostname: "registrator-bench".into(),
+        task_id: None,
+        task_slot: None,
+        service_id: None,
+        stack: None,
+        health: None,
+        started_at: None,
+    }
 }
 
-/// The store-only floor: the bench writes a record itself, the same way the bridge does, and
-/// times the write's acknowledgement and the blocking query's answer.
+/// A publisher of backend-consul, as the bridge's, writing into KV only or the catalog only,
+/// with a session of its own.
+async fn floor_store(consul: &Consul, prefix: &str, kv: bool) -> Result<ConsulStore> {
+    let options = ConsulOptions {
+        kv,
+        catalog: !kv,
+        ..ConsulOptions::default()
+    };
+    let store = ConsulStore::new(&consul.endpoint, false, KeyLayout::new(prefix), options)
+        .context("cannot set up backend-consul")?;
+    store
+        .open_session(Duration::from_secs(300))
+        .await
+        .context("cannot open a Consul session")?;
+    Ok(store)
+}
+
+/// Writes `warmup + count` records one at a time through `store`, `pause` apart, and times
+/// each write's acknowledgement and its arrival on `rx`.
+async fn floor_steps(
+    store: &ConsulStore,
+    service: &str,
+    rx: &mut mpsc::UnboundedReceiver<RecordSeen>,
+    count: usize,
+    warmup: usize,
+    timeout: Duration,
+) -> Result<Vec<FloorStep>> {
+    let pause = Duration::from_millis(30);
+    let mut steps = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let record = floor_record(service, i);
+        tokio::time::sleep(pause).await;
+        let t0 = now_ns();
+        store.publish(std::slice::from_ref(&record)).await?;
+        let ack = now_ns();
+        let seen = wait_for(rx, &record.container_id, timeout).await?;
+        if i >= warmup {
+            steps.push(FloorStep {
+                ack_ns: ack - t0,
+                seen_ns: seen.arrival_ns - t0,
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// The store-only floor: the bench publishes records itself through backend-consul's
+/// `ConsulStore` (the bridge's own writer, with a session), and times the write's
+/// acknowledgement and the blocking query's answer.
 ///
-/// * KV: one `/v1/txn` of `delete` + `lock` (with a session of the bench) per record, seen by a
+/// * KV (a store with `kv` only): one `/v1/txn` of `delete` + `lock` per record, seen by a
 ///   blocking query on `<prefix>/services/?recurse`.
-/// * Catalog: one `/v1/agent/service/register` (with a TTL check) per record, seen by a blocking
-///   query on `/v1/catalog/service/<service>`.
+/// * Catalog (a store with `catalog` only): one `/v1/agent/service/register` with a TTL check
+///   per record, seen by a blocking query on `/v1/catalog/service/<service>`.
 ///
-/// Writes are `pause` apart so the blocking query is waiting again before each one, as it is
+/// Writes are 30 ms apart so the blocking query is waiting again before each one, as it is
 /// between two container starts.
 ///
-/// Then, for the initial sync's share: `bulk` registrations at once, 16 at a time (the
-/// bridge's concurrency for agent calls), timed until all are acknowledged and until the
-/// catalog shows all of them.
+/// Then, for the initial sync's share: `bulk` records in one publish of a catalog store (the
+/// bridge's agent concurrency, 16 at a time), timed until it returns and until the catalog
+/// shows all of them. Each store's session is destroyed and its services deregistered at the
+/// end (`close_session` with revoke).
 pub async fn floor(
     consul: &Consul,
     prefix: &str,
@@ -487,102 +527,35 @@ pub async fn floor(
     bulk: usize,
     timeout: Duration,
 ) -> Result<ConsulFloor> {
-    let pause = Duration::from_millis(30);
-
     // KV.
-    let created: Value = consul
-        .put_json(
-            "/v1/session/create",
-            &json!({"Name": "registrator-bench floor", "TTL": "300s", "Behavior": "delete", "LockDelay": "0s"}),
-        )
-        .await?
-        .json()
-        .await
-        .context("unreadable session answer")?;
-    let session = created
-        .get("ID")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("Consul created a session without an ID"))?
-        .to_string();
+    let store = floor_store(consul, prefix, true).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_kv(consul, &format!("{prefix}/services/"), tx).await?;
-    let mut kv = Vec::with_capacity(count);
-    let result: Result<()> = async {
-        for i in 0..warmup + count {
-            let id = format!("floor-{i}");
-            let key = format!("{prefix}/services/floor/{id}");
-            let value = json!({"service": "floor", "id": id, "container_id": id}).to_string();
-            let value = base64::engine::general_purpose::STANDARD.encode(value);
-            let ops = json!([
-                {"KV": {"Verb": "delete", "Key": key}},
-                {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}},
-            ]);
-            tokio::time::sleep(pause).await;
-            let t0 = now_ns();
-            consul.put_json("/v1/txn", &ops).await?;
-            let ack = now_ns();
-            let seen = wait_for(&mut rx, &id, timeout).await?;
-            if i >= warmup {
-                kv.push(FloorStep {
-                    ack_ns: ack - t0,
-                    seen_ns: seen.arrival_ns - t0,
-                });
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let kv = floor_steps(&store, service, &mut rx, count, warmup, timeout).await;
     watch.abort();
-    consul
-        .put_empty(&format!("/v1/session/destroy/{session}"))
-        .await
-        .ok();
-    result?;
+    store.close_session(true).await.ok();
+    let kv = kv?;
 
     // Catalog.
+    let store = floor_store(consul, prefix, false).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_catalog(consul, service, tx).await?;
-    let mut catalog = Vec::with_capacity(count);
-    let result: Result<()> = async {
-        for i in 0..warmup + count {
-            let container_id = format!("floor-{i}");
-            let body = registration(service, i);
-            tokio::time::sleep(pause).await;
-            let t0 = now_ns();
-            consul.put_json("/v1/agent/service/register", &body).await?;
-            let ack = now_ns();
-            let seen = wait_for(&mut rx, &container_id, timeout).await?;
-            if i >= warmup {
-                catalog.push(FloorStep {
-                    ack_ns: ack - t0,
-                    seen_ns: seen.arrival_ns - t0,
-                });
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let catalog = floor_steps(&store, service, &mut rx, count, warmup, timeout).await;
     watch.abort();
-    result?;
+    store.close_session(true).await.ok();
+    let catalog = catalog?;
 
     // Bulk catalog registrations.
     let bulk_service = format!("{service}-bulk");
+    let store = floor_store(consul, prefix, false).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_catalog(consul, &bulk_service, tx).await?;
+    let records: Vec<ServiceRecord> = (0..bulk).map(|i| floor_record(&bulk_service, i)).collect();
     let t0 = now_ns();
-    let results: Vec<Result<reqwest::Response>> = futures::stream::iter(0..bulk)
-        .map(|i| {
-            let body = registration(&bulk_service, i);
-            async move { consul.put_json("/v1/agent/service/register", &body).await }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let published = store.publish(&records).await;
     let acked = now_ns();
     let outcome: Result<i64> = async {
-        for r in results {
-            r?;
-        }
+        published?;
         let deadline = Instant::now() + timeout * 2;
         let mut seen = std::collections::HashSet::new();
         loop {
@@ -602,6 +575,7 @@ pub async fn floor(
     }
     .await;
     watch.abort();
+    store.close_session(true).await.ok();
     let all_seen = outcome?;
     Ok(ConsulFloor {
         kv,
