@@ -115,6 +115,31 @@ where
     }
 }
 
+/// [`retry`] of an engine request, as configured; every error is retried.
+async fn retry_engine<T, F, Fut>(
+    config: &BridgeConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    op: F,
+) -> Result<Option<T>, BridgeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EngineError>>,
+{
+    let (attempts, interval) = (config.retry_attempts, config.retry_interval);
+    retry(
+        "docker engine",
+        metrics,
+        attempts,
+        interval,
+        shutdown,
+        |_| true,
+        op,
+    )
+    .await
+    .map_err(|(attempts, last)| BridgeError::EngineUnreachable { attempts, last })
+}
+
 /// The running bridge, over a store `P` and an engine `E` (Docker unless a test says
 /// otherwise).
 pub struct Bridge<P: Publisher, E: Engine = DockerEngine> {
@@ -155,20 +180,9 @@ impl<P: Publisher> Bridge<P, DockerEngine> {
         health: Arc<Health>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, BridgeError> {
-        let engine = match retry(
-            "docker engine",
-            &metrics,
-            config.retry_attempts,
-            config.retry_interval,
-            shutdown,
-            |_| true,
-            DockerEngine::connect,
-        )
-        .await
-        {
-            Ok(Some(e)) => e,
-            Ok(None) => return Ok(None),
-            Err((attempts, last)) => return Err(BridgeError::EngineUnreachable { attempts, last }),
+        let connect = retry_engine(&config, &metrics, shutdown, DockerEngine::connect);
+        let Some(engine) = connect.await? else {
+            return Ok(None);
         };
         Bridge::start_with(engine, store, config, metrics, health, shutdown).await
     }
@@ -185,20 +199,9 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         health: Arc<Health>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, BridgeError> {
-        let (node, engine_version) = match retry(
-            "docker engine",
-            &metrics,
-            config.retry_attempts,
-            config.retry_interval,
-            shutdown,
-            |_| true,
-            || engine.identity(),
-        )
-        .await
-        {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(None),
-            Err((attempts, last)) => return Err(BridgeError::EngineUnreachable { attempts, last }),
+        let identity = retry_engine(&config, &metrics, shutdown, || engine.identity());
+        let Some((node, engine_version)) = identity.await? else {
+            return Ok(None);
         };
         tracing::info!(docker_host = engine.host(), node_id = %node.node_id, hostname = %node.hostname, engine_version = ?engine_version, "connected to the Docker engine");
 
