@@ -273,48 +273,41 @@ pub async fn watch_catalog(
 /// One entry of an answer: a unique key, its version, and the record's `container_id`.
 type Entry = (String, u64, String);
 
-/// KV entries: key, ModifyIndex, `container_id` of the base64 JSON value.
-fn kv_entries(body: &[u8]) -> Vec<Entry> {
+/// The entries of a blocking query's answer: `id` names each entry's unique key, `container_id`
+/// reads the record's container id out of an entry.
+fn entries(body: &[u8], id: &str, container_id: impl Fn(&Value) -> Option<String>) -> Vec<Entry> {
     let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
         return Vec::new();
     };
     list.iter()
         .filter_map(|e| {
-            let key = e.get("Key")?.as_str()?.to_string();
+            let key = e.get(id)?.as_str()?.to_string();
             let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            let container_id = e
-                .get("Value")
-                .and_then(Value::as_str)
-                .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-                .and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
-                .and_then(|v| {
-                    v.get("container_id")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
-            Some((key, modify, container_id))
+            Some((key, modify, container_id(e).unwrap_or_default()))
         })
         .collect()
 }
 
+/// KV entries: key, ModifyIndex, `container_id` of the base64 JSON value.
+fn kv_entries(body: &[u8]) -> Vec<Entry> {
+    entries(body, "Key", |e| {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(e.get("Value")?.as_str()?)
+            .ok()?;
+        let v = serde_json::from_slice::<Value>(&raw).ok()?;
+        Some(v.get("container_id")?.as_str()?.to_string())
+    })
+}
+
 /// Catalog instances: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
 fn catalog_entries(body: &[u8]) -> Vec<Entry> {
-    let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|e| {
-            let id = e.get("ServiceID")?.as_str()?.to_string();
-            let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            let container_id = e
-                .pointer("/ServiceMeta/container_id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            Some((id, modify, container_id))
-        })
-        .collect()
+    entries(body, "ServiceID", |e| {
+        Some(
+            e.pointer("/ServiceMeta/container_id")?
+                .as_str()?
+                .to_string(),
+        )
+    })
 }
 
 /// Blocking queries on `url` in a loop; every entry not seen before (by key) is reported once.

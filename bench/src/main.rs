@@ -309,10 +309,9 @@ async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
         let mut latency = Vec::new();
         let mut sync = Vec::new();
         match part {
-            Part::Plain | Part::Floor | Part::FloorConnect => {
-                latency.push(latency_plain(cli, &h, *part).await?)
+            Part::Plain | Part::Floor | Part::FloorConnect | Part::Swarm => {
+                latency.push(latency_etcd(cli, &h, *part).await?)
             }
-            Part::Swarm => latency.push(latency_swarm(cli, &h).await?),
             Part::Sync => sync.push(sync_etcd(cli, &h).await?),
             Part::ConsulFloor => {
                 let c = lab.consul()?;
@@ -400,59 +399,59 @@ async fn remove_own_containers(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// Latency of plain containers, through the bridge (`--internal`) or the floor agent.
-async fn latency_plain(cli: &Cli, h: &Harness<'_>, part: Part) -> Result<LatencyRun> {
+/// Latency into etcd: plain containers through the bridge (`--internal`) or the floor agent,
+/// or swarm tasks of one service on an overlay network, scaled up one task at a time.
+async fn latency_etcd(cli: &Cli, h: &Harness<'_>, part: Part) -> Result<LatencyRun> {
+    let lab = h.lab;
     let (tag, name) = match part {
         Part::Floor => ("floor", "floor: start event → 1 inspect → 1 put"),
         Part::FloorConnect => (
             "floorc",
             "floor, early: connect or start event → 1 inspect → 1 put",
         ),
+        Part::Swarm => (
+            "swarm",
+            "bridge, swarm tasks (overlay network, registrator.port label)",
+        ),
         _ => (
             "plain",
             "bridge, plain containers (--internal, exposed port)",
         ),
     };
-    let prefix = h.lab.prefix(tag);
-    let subject = match part {
-        Part::Plain => etcd_bridge(h.lab, &prefix, true),
-        _ => Subject::Floor {
-            etcd: h.lab.etcd_endpoint.clone(),
-            early: part == Part::FloorConnect,
-        },
+    let prefix = lab.prefix(tag);
+    let service = format!("rbench-{}-svc", lab.run_id);
+    let (subject, starter, n) = match part {
+        Part::Plain => (
+            etcd_bridge(lab, &prefix, true),
+            Starter::Plain { service: None },
+            cli.count,
+        ),
+        Part::Swarm => {
+            let network = format!("rbench-{}-net", lab.run_id);
+            lab.create_overlay(&network).await?;
+            lab.create_service(&service, &network).await?;
+            let n = cli.swarm_count.unwrap_or(cli.count);
+            let starter = Starter::Task { service: &service };
+            (etcd_bridge(lab, &prefix, false), starter, n)
+        }
+        _ => {
+            let etcd = lab.etcd_endpoint.clone();
+            let early = part == Part::FloorConnect;
+            let starter = Starter::Plain { service: None };
+            (Subject::Floor { etcd, early }, starter, cli.count)
+        }
     };
-    let starter = Starter::Plain { service: None };
-    let outcome = h
-        .latency(&subject, &prefix, Seen::Etcd, starter, cli.count)
-        .await;
-    remove_own_containers(h.lab).await?;
-    h.lab.delete_prefix(&prefix).await?;
+    let outcome = h.latency(&subject, &prefix, Seen::Etcd, starter, n).await;
+    if part == Part::Swarm {
+        log("  removing the service and its tasks");
+        lab.clean_up().await;
+    } else {
+        remove_own_containers(lab).await?;
+        lab.delete_prefix(&prefix).await?;
+    }
     let mut m = outcome?;
     Ok(LatencyRun {
         name: name.into(),
-        samples: m.samples.remove(0),
-        rss_kib: m.rss_kib,
-        load: Default::default(),
-    })
-}
-
-/// Latency of swarm tasks: one service on an overlay network, scaled up one task at a time.
-async fn latency_swarm(cli: &Cli, h: &Harness<'_>) -> Result<LatencyRun> {
-    let lab = h.lab;
-    let prefix = lab.prefix("swarm");
-    let network = format!("rbench-{}-net", lab.run_id);
-    let service = format!("rbench-{}-svc", lab.run_id);
-    lab.create_overlay(&network).await?;
-    lab.create_service(&service, &network).await?;
-    let subject = etcd_bridge(lab, &prefix, false);
-    let starter = Starter::Task { service: &service };
-    let n = cli.swarm_count.unwrap_or(cli.count);
-    let outcome = h.latency(&subject, &prefix, Seen::Etcd, starter, n).await;
-    log("  removing the service and its tasks");
-    lab.clean_up().await;
-    let mut m = outcome?;
-    Ok(LatencyRun {
-        name: "bridge, swarm tasks (overlay network, registrator.port label)".into(),
         samples: m.samples.remove(0),
         rss_kib: m.rss_kib,
         load: Default::default(),
