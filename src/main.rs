@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use backend_core::{BackendUri, Publisher, StoreKind};
-use backend_etcd::EtcdStore;
+use backend_core::{BackendUri, StoreKind};
+use backend_store::{Store, StoreArgs};
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 use swarm_registrator::bridge::{scan_engine, Bridge, BridgeConfig, Deregister};
@@ -82,9 +81,9 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
 
-    /// Consul: a file holding the ACL token (a Docker secret); beats CONSUL_HTTP_TOKEN.
-    #[arg(long, env = "REGISTRATOR_CONSUL_TOKEN_FILE")]
-    consul_token_file: Option<std::path::PathBuf>,
+    /// How to reach the store: tokens and TLS files, the same flags in every program.
+    #[command(flatten)]
+    store: StoreArgs,
 
     /// Consul: do not write records into KV (catalog only).
     #[arg(long, env = "REGISTRATOR_NO_CONSUL_KV")]
@@ -146,12 +145,16 @@ fn main() -> ExitCode {
 fn check_combinations(cli: &Cli) -> Result<(), clap::Error> {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
-    if cli.backend.kind == StoreKind::Consul {
-        if cli.ttl < backend_consul::MIN_TTL.as_secs() {
+    if let Err(e) = cli.store.check(&cli.backend) {
+        return Err(cmd.error(clap::error::ErrorKind::ArgumentConflict, e));
+    }
+    if cli.backend.kind() == StoreKind::Consul {
+        let floor = StoreKind::Consul.min_session_ttl().as_secs();
+        if cli.ttl < floor {
             return Err(cmd.error(
                 clap::error::ErrorKind::ValueValidation,
                 format!(
-                    "--ttl {} is below Consul's session TTL floor of 10 s; use --ttl 10 or more",
+                    "--ttl {} is below Consul's session TTL floor of {floor} s; use --ttl {floor} or more",
                     cli.ttl
                 ),
             ));
@@ -162,7 +165,7 @@ fn check_combinations(cli: &Cli) -> Result<(), clap::Error> {
                 "--no-consul-kv with --no-consul-catalog leaves nothing to publish",
             ));
         }
-    } else if cli.consul_token_file.is_some() || cli.no_consul_kv || cli.no_consul_catalog {
+    } else if cli.no_consul_kv || cli.no_consul_catalog {
         return Err(cmd.error(
             clap::error::ErrorKind::ArgumentConflict,
             "--consul-* options need a consul:// backend URI",
@@ -171,32 +174,13 @@ fn check_combinations(cli: &Cli) -> Result<(), clap::Error> {
     Ok(())
 }
 
-/// The Consul options from flags and Consul's usual environment variables.
-fn consul_options(cli: &Cli) -> anyhow::Result<backend_consul::ConsulOptions> {
-    let token = match &cli.consul_token_file {
-        Some(path) => {
-            let value = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --consul-token-file {}", path.display()))?;
-            Some(backend_consul::Token::new(
-                value,
-                format!("--consul-token-file {}", path.display()),
-            ))
-        }
-        None => std::env::var("CONSUL_HTTP_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty())
-            .map(|t| backend_consul::Token::new(t, "CONSUL_HTTP_TOKEN")),
-    };
-    let path = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
-    Ok(backend_consul::ConsulOptions {
-        token,
-        ca_cert: path("CONSUL_CACERT"),
-        client_cert: path("CONSUL_CLIENT_CERT"),
-        client_key: path("CONSUL_CLIENT_KEY"),
-        kv: !cli.no_consul_kv,
-        catalog: !cli.no_consul_catalog,
-        deregister_critical_after: Duration::from_secs(cli.consul_deregister_after),
-    })
+/// The store options of every program, with the bridge's own Consul publishing flags.
+fn store_options(cli: &Cli) -> anyhow::Result<backend_store::StoreOptions> {
+    let mut options = cli.store.options(&cli.backend)?;
+    options.consul_kv = !cli.no_consul_kv;
+    options.consul_catalog = !cli.no_consul_catalog;
+    options.consul_deregister_critical_after = Duration::from_secs(cli.consul_deregister_after);
+    Ok(options)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -256,9 +240,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cleanup: cli.cleanup,
     };
     tracing::info!(
-        store = ?cli.backend.kind,
-        endpoints = %cli.backend.endpoints.join(","),
-        prefix = cli.backend.layout.prefix(),
+        store = cli.backend.kind().name(),
+        endpoints = %cli.backend.endpoints(),
+        prefix = cli.backend.layout().prefix(),
         ttl_secs = cli.ttl,
         resync_secs = cli.resync,
         internal = cli.internal,
@@ -266,29 +250,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "starting swarm-registrator {}",
         env!("CARGO_PKG_VERSION")
     );
-    match cli.backend.kind {
-        StoreKind::Etcd => {
-            let store = EtcdStore::connect(&cli.backend.endpoints, cli.backend.layout.clone())
-                .await
-                .context("cannot set up the etcd client")?;
-            run_bridge(store, config, metrics, health, shutdown).await
-        }
-        StoreKind::Consul => {
-            let endpoint = cli.backend.endpoints.first().cloned().unwrap_or_default();
-            let store = backend_consul::ConsulStore::new(
-                &endpoint,
-                cli.backend.tls,
-                cli.backend.layout.clone(),
-                consul_options(&cli)?,
-            )
-            .context("cannot set up the Consul client")?;
-            run_bridge(store, config, metrics, health, shutdown).await
-        }
-    }
+    let store = Store::open(&cli.backend, &store_options(&cli)?).await?;
+    run_bridge(store, config, metrics, health, shutdown).await
 }
 
-async fn run_bridge<P: Publisher>(
-    store: P,
+async fn run_bridge(
+    store: Store,
     config: BridgeConfig,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -311,7 +278,7 @@ async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
         match records {
             Ok(records) => {
                 for r in records {
-                    let key = cli.backend.layout.service_key(&r.service, &r.id);
+                    let key = cli.backend.layout().service_key(&r.service, &r.id);
                     let json = serde_json::to_string(&r)?;
                     out.push_str(&format!("{key} {json}\n"));
                 }

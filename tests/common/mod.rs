@@ -278,11 +278,14 @@ impl Backend {
     }
 
     pub fn uri_at(self, endpoint: &str, names: &Names) -> String {
-        let scheme = match self {
+        format!("{}://{endpoint}/{}", self.scheme(), names.prefix())
+    }
+
+    fn scheme(self) -> &'static str {
+        match self {
             Backend::Etcd => "etcd",
             Backend::Consul => "consul",
-        };
-        format!("{scheme}://{endpoint}/{}", names.prefix())
+        }
     }
 
     /// The shortest TTL the store accepts, as a flag value.
@@ -336,29 +339,21 @@ impl Backend {
         prefix: String,
     ) -> futures::stream::BoxStream<'static, Result<WatchEvent, backend_core::BackendError>> {
         use backend_core::Watcher;
-        match self {
-            Backend::Etcd => {
-                let endpoint = endpoint.to_string();
-                let layout = layout.clone();
-                Box::pin(
-                    futures::stream::once(async move {
-                        backend_etcd::EtcdStore::connect(&[endpoint], layout)
-                            .await
-                            .expect("etcd client")
-                            .watch_prefix(prefix)
-                    })
-                    .flatten(),
-                )
-            }
-            Backend::Consul => backend_consul::ConsulStore::new(
-                endpoint,
-                false,
-                layout.clone(),
-                backend_consul::ConsulOptions::default(),
-            )
-            .expect("consul client")
-            .watch_prefix(prefix),
-        }
+        let uri = backend_core::BackendUri::parse(&format!(
+            "{}://{endpoint}/{}",
+            self.scheme(),
+            layout.prefix()
+        ))
+        .expect("a valid URI");
+        Box::pin(
+            futures::stream::once(async move {
+                backend_store::Store::open(&uri, &backend_store::StoreOptions::default())
+                    .await
+                    .expect("a client")
+                    .watch_prefix(prefix)
+            })
+            .flatten(),
+        )
     }
 }
 

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, Mutex};
 const STORE: &str = "consul";
 
 /// Consul refuses session TTLs below 10 s.
-pub const MIN_TTL: Duration = Duration::from_secs(10);
+pub const MIN_TTL: Duration = backend_core::StoreKind::Consul.min_session_ttl();
 
 /// Consul's limit on the operations of one transaction.
 const MAX_TXN_OPS: usize = 64;
@@ -47,27 +47,7 @@ const AGENT_CONCURRENCY: usize = 16;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An ACL token and where it came from. Its value is never printed.
-#[derive(Clone)]
-pub struct Token {
-    value: String,
-    /// Where it came from, for error messages: `CONSUL_HTTP_TOKEN`, `--consul-token-file X`.
-    pub source: String,
-}
-
-impl Token {
-    pub fn new(value: impl Into<String>, source: impl Into<String>) -> Token {
-        Token {
-            value: value.into().trim().to_string(),
-            source: source.into(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Token(<redacted> from {})", self.source)
-    }
-}
+pub type Token = backend_core::Secret;
 
 /// How to reach Consul and what to publish there.
 #[derive(Debug, Clone)]
@@ -231,7 +211,7 @@ impl ConsulStore {
             .request(method, format!("{}{path}", self.base))
             .timeout(REQUEST_TIMEOUT);
         match &self.options.token {
-            Some(t) => rb.header("X-Consul-Token", &t.value),
+            Some(t) => rb.header("X-Consul-Token", t.expose()),
             None => rb,
         }
     }
@@ -409,7 +389,7 @@ async fn send(
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
             let body = resp.text().await.unwrap_or_default();
             let source = token
-                .map(|t| format!("the ACL token from {}", t.source))
+                .map(|t| format!("the ACL token from {}", t.source()))
                 .unwrap_or_else(|| {
                     "no ACL token (set CONSUL_HTTP_TOKEN or --consul-token-file)".to_string()
                 });

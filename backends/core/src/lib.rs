@@ -5,20 +5,24 @@
 //! * [`record`]: the JSON records the bridge writes ([`ServiceRecord`], [`NodeRecord`]);
 //! * [`layout`]: where they go ([`KeyLayout`]);
 //! * [`uri`]: how a user names a store (`etcd://host:port/prefix`, `consul://...`);
+//! * [`secret`]: a token or password that is never printed;
 //! * [`backend`]: the two traits a store implements, [`Publisher`] for the bridge and
 //!   [`Watcher`] for tools such as the replica-set reconciler.
 //!
-//! The store crates (`backend-etcd`, `backend-consul`) depend on this crate and on nothing of
-//! each other, so a consumer only compiles the stores it uses.
+//! The store crates (`backend-etcd`, `backend-consul`, and `backend-memory` for tests) depend on
+//! this crate and on nothing of each other. `backend-store` puts them behind one type, `Store`,
+//! with a Cargo feature per store, so a consumer compiles only the stores it enables.
 
 pub mod backend;
 pub mod error;
 pub mod layout;
 pub mod record;
+pub mod secret;
 pub mod uri;
 
 pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
 pub use error::BackendError;
 pub use layout::{KeyLayout, ServiceKey};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
-pub use uri::{BackendUri, StoreKind, UriError};
+pub use secret::Secret;
+pub use uri::{BackendUri, ConsulUri, EtcdUri, StoreKind, UriError};

@@ -24,15 +24,46 @@ impl StoreKind {
             StoreKind::Consul => 8500,
         }
     }
+
+    /// The shortest session TTL the store accepts: etcd grants leases in whole seconds, Consul
+    /// refuses session TTLs below 10 s.
+    pub const fn min_session_ttl(self) -> std::time::Duration {
+        match self {
+            StoreKind::Etcd => std::time::Duration::from_secs(1),
+            StoreKind::Consul => std::time::Duration::from_secs(10),
+        }
+    }
+
+    /// The store's name in logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Etcd => "etcd",
+            StoreKind::Consul => "consul",
+        }
+    }
 }
 
-/// A parsed backend URI.
+/// A parsed backend URI: one variant per store, each with what that store needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendUri {
-    pub kind: StoreKind,
+pub enum BackendUri {
+    Etcd(EtcdUri),
+    Consul(ConsulUri),
+}
+
+/// `etcd://host:port[,host:port...]/<prefix>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUri {
     /// `host:port` pairs, in the order given.
     pub endpoints: Vec<String>,
-    /// Whether to speak TLS (`+https`).
+    pub layout: KeyLayout,
+}
+
+/// `consul://host:port/<prefix>` or `consul+https://host:port/<prefix>`: one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulUri {
+    /// `host:port` of the agent.
+    pub endpoint: String,
+    /// Whether to speak TLS (`consul+https://`).
     pub tls: bool,
     pub layout: KeyLayout,
 }
@@ -108,19 +139,77 @@ impl BackendUri {
             }
             endpoints.push(with_port(host, kind.default_port())?);
         }
-        if kind == StoreKind::Consul && endpoints.len() > 1 {
-            return Err(UriError::Unsupported {
-                uri: uri.to_string(),
-                reason:
-                    "a Consul URI names one agent (the local one); run a Consul agent on every node",
-            });
+        let layout = KeyLayout::new(prefix);
+        match kind {
+            StoreKind::Etcd => Ok(BackendUri::Etcd(EtcdUri { endpoints, layout })),
+            StoreKind::Consul => match <[String; 1]>::try_from(endpoints) {
+                Ok([endpoint]) => Ok(BackendUri::Consul(ConsulUri {
+                    endpoint,
+                    tls,
+                    layout,
+                })),
+                Err(_) => Err(UriError::Unsupported {
+                    uri: uri.to_string(),
+                    reason: "a Consul URI names one agent (the local one); run a Consul agent on every node",
+                }),
+            },
         }
-        Ok(BackendUri {
-            kind,
-            endpoints,
-            tls,
-            layout: KeyLayout::new(prefix),
-        })
+    }
+
+    /// Which store the URI names.
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            BackendUri::Etcd(_) => StoreKind::Etcd,
+            BackendUri::Consul(_) => StoreKind::Consul,
+        }
+    }
+
+    /// The key layout (the prefix) the URI names.
+    pub fn layout(&self) -> &KeyLayout {
+        match self {
+            BackendUri::Etcd(u) => &u.layout,
+            BackendUri::Consul(u) => &u.layout,
+        }
+    }
+
+    /// The same store under another layout.
+    pub fn with_layout(mut self, layout: KeyLayout) -> BackendUri {
+        match &mut self {
+            BackendUri::Etcd(u) => u.layout = layout,
+            BackendUri::Consul(u) => u.layout = layout,
+        }
+        self
+    }
+
+    /// The endpoints, comma-separated, for logs and errors.
+    pub fn endpoints(&self) -> String {
+        match self {
+            BackendUri::Etcd(u) => u.endpoints.join(","),
+            BackendUri::Consul(u) => u.endpoint.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = match self {
+            BackendUri::Etcd(_) => "etcd",
+            BackendUri::Consul(ConsulUri { tls: false, .. }) => "consul",
+            BackendUri::Consul(ConsulUri { tls: true, .. }) => "consul+https",
+        };
+        write!(
+            f,
+            "{scheme}://{}/{}",
+            self.endpoints(),
+            self.layout().prefix()
+        )
+    }
+}
+
+impl std::str::FromStr for BackendUri {
+    type Err = UriError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BackendUri::parse(s)
     }
 }
 
@@ -160,20 +249,39 @@ mod tests {
     #[test]
     fn etcd_with_several_endpoints_and_prefix() {
         let u = BackendUri::parse("etcd://10.0.0.1:2379,10.0.0.2/prod/registrator").expect("valid");
-        assert_eq!(u.kind, StoreKind::Etcd);
-        assert_eq!(u.endpoints, vec!["10.0.0.1:2379", "10.0.0.2:2379"]);
-        assert_eq!(u.layout.prefix(), "prod/registrator");
-        assert!(!u.tls);
+        assert_eq!(u.kind(), StoreKind::Etcd);
+        let BackendUri::Etcd(etcd) = &u else {
+            panic!("an etcd URI: {u:?}")
+        };
+        assert_eq!(etcd.endpoints, vec!["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(u.layout().prefix(), "prod/registrator");
+        assert_eq!(
+            u.to_string(),
+            "etcd://10.0.0.1:2379,10.0.0.2:2379/prod/registrator"
+        );
     }
 
     #[test]
     fn defaults() {
         let u = BackendUri::parse("consul://localhost").expect("valid");
-        assert_eq!(u.endpoints, vec!["localhost:8500"]);
-        assert_eq!(u.layout.prefix(), "registrator");
+        assert_eq!(
+            u,
+            BackendUri::Consul(ConsulUri {
+                endpoint: "localhost:8500".into(),
+                tls: false,
+                layout: KeyLayout::new("registrator"),
+            })
+        );
         let u = BackendUri::parse("consul+https://[::1]/x").expect("valid");
-        assert!(u.tls);
-        assert_eq!(u.endpoints, vec!["[::1]:8500"]);
+        assert_eq!(
+            u,
+            BackendUri::Consul(ConsulUri {
+                endpoint: "[::1]:8500".into(),
+                tls: true,
+                layout: KeyLayout::new("x"),
+            })
+        );
+        assert_eq!(u.to_string(), "consul+https://[::1]:8500/x");
     }
 
     #[test]

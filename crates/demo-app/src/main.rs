@@ -29,6 +29,10 @@ struct Cli {
     #[arg(env = "DEMO_BACKEND", value_parser = BackendUri::parse)]
     backend: BackendUri,
 
+    /// How to reach the store: tokens and TLS files, the same flags in every program.
+    #[command(flatten)]
+    store: backend_store::StoreArgs,
+
     #[command(subcommand)]
     command: Option<Command>,
 
@@ -119,8 +123,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&cli.backend).await?;
-    let key = cli.backend.layout.replset_uri_key(&cli.replset);
+    let store = Store::open(&cli.backend, &cli.store.options(&cli.backend)?).await?;
+    let key = cli.backend.layout().replset_uri_key(&cli.replset);
     let one_shot_wait = Some(Duration::from_secs(cli.wait.unwrap_or(60)));
     let writer = std::env::var("HOSTNAME").unwrap_or_else(|_| "replset-demo-app".into());
     match cli.command.unwrap_or(Command::Serve) {

@@ -3,21 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-use backend_core::{BackendError, BackendUri, Backoff, Coordinator, StoreKind};
-use backend_etcd::EtcdStore;
+use backend_core::{BackendError, BackendUri, Backoff, Coordinator};
+use backend_store::StoreOptions;
 
 /// The key-value store named by the backend URI.
 #[derive(Debug)]
-pub enum Store {
-    Etcd(Box<EtcdStore>),
-    Consul(Box<backend_consul::ConsulStore>),
-}
+pub struct Store(backend_store::Store);
 
 /// Why no connection string could be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot set up the {store} client: {detail}")]
-    Setup { store: &'static str, detail: String },
+    #[error(transparent)]
+    Open(#[from] backend_store::OpenError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("{key} is not UTF-8 text")]
@@ -32,41 +29,13 @@ pub enum StoreError {
 
 impl Store {
     /// A client for the store; no connection is made until the first read.
-    pub async fn open(uri: &BackendUri) -> Result<Store, StoreError> {
-        match uri.kind {
-            StoreKind::Etcd => EtcdStore::connect(&uri.endpoints, uri.layout.clone())
-                .await
-                .map(|s| Store::Etcd(Box::new(s)))
-                .map_err(|e| StoreError::Setup {
-                    store: "etcd",
-                    detail: e.to_string(),
-                }),
-            StoreKind::Consul => {
-                let endpoint = uri.endpoints.first().cloned().unwrap_or_default();
-                let options = backend_consul::ConsulOptions {
-                    token: std::env::var("CONSUL_HTTP_TOKEN")
-                        .ok()
-                        .filter(|t| !t.trim().is_empty())
-                        .map(|t| backend_consul::Token::new(t, "CONSUL_HTTP_TOKEN")),
-                    ca_cert: std::env::var_os("CONSUL_CACERT").map(Into::into),
-                    ..Default::default()
-                };
-                backend_consul::ConsulStore::new(&endpoint, uri.tls, uri.layout.clone(), options)
-                    .map(|s| Store::Consul(Box::new(s)))
-                    .map_err(|e| StoreError::Setup {
-                        store: "Consul",
-                        detail: e.to_string(),
-                    })
-            }
-        }
+    pub async fn open(uri: &BackendUri, options: &StoreOptions) -> Result<Store, StoreError> {
+        Ok(Store(backend_store::Store::open(uri, options).await?))
     }
 
     /// The value at `key`, if there is one.
     pub async fn get_text(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let value = match self {
-            Store::Etcd(s) => s.get_value(key).await?,
-            Store::Consul(s) => s.get_value(key).await?,
-        };
+        let value = self.0.get_value(key).await?;
         value
             .map(|v| {
                 String::from_utf8(v).map_err(|_| StoreError::NotText {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backend_core::{BackendUri, Coordinator, StoreKind, Watcher};
+use backend_core::{BackendUri, Coordinator, Watcher};
+use backend_store::{Store, StoreArgs};
 use clap::{Parser, Subcommand};
 use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
 use replset_reconciler::duration::parse_duration;
@@ -25,6 +26,10 @@ struct Cli {
     /// The store: etcd://host:port[,host:port...]/<prefix> or consul://host:port/<prefix>.
     #[arg(env = "RECONCILER_BACKEND", value_parser = BackendUri::parse, global = true)]
     backend: Option<BackendUri>,
+
+    /// How to reach the store: tokens and TLS files, the same flags in every program.
+    #[command(flatten)]
+    store: StoreArgs,
 
     /// A swarm service whose tasks form a replica set (with --replset, repeatable, in order).
     #[arg(long, env = "RECONCILER_SERVICE", value_delimiter = ',', global = true)]
@@ -186,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = ControllerConfig {
         metrics,
         force_after: cli.allow_force.then_some(cli.force_after),
-        layout: backend.layout.clone(),
+        layout: backend.layout().clone(),
         selectors,
         removal_grace: cli.removal_grace,
         debounce: cli.debounce,
@@ -196,34 +201,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         dry_run: cli.dry_run,
     };
     let members = Arc::new(Members::new(credentials));
-    match backend.kind {
-        StoreKind::Etcd => {
-            let store =
-                backend_etcd::EtcdStore::connect(&backend.endpoints, backend.layout.clone())
-                    .await
-                    .context("cannot set up the etcd client")?;
-            drive(Arc::new(store), members, config, health, cli.command).await
-        }
-        StoreKind::Consul => {
-            let endpoint = backend.endpoints.first().cloned().unwrap_or_default();
-            let store = backend_consul::ConsulStore::new(
-                &endpoint,
-                backend.tls,
-                backend.layout.clone(),
-                backend_consul::ConsulOptions {
-                    token: std::env::var("CONSUL_HTTP_TOKEN")
-                        .ok()
-                        .map(|t| backend_consul::Token::new(t, "CONSUL_HTTP_TOKEN")),
-                    ca_cert: std::env::var_os("CONSUL_CACERT").map(Into::into),
-                    client_cert: std::env::var_os("CONSUL_CLIENT_CERT").map(Into::into),
-                    client_key: std::env::var_os("CONSUL_CLIENT_KEY").map(Into::into),
-                    ..Default::default()
-                },
-            )
-            .context("cannot set up the Consul client")?;
-            drive(Arc::new(store), members, config, health, cli.command).await
-        }
+    if let Err(e) = cli.store.check(&backend) {
+        usage_error(&e.to_string());
     }
+    let store = Store::open(&backend, &cli.store.options(&backend)?).await?;
+    drive(Arc::new(store), members, config, health, cli.command).await
 }
 
 async fn drive<S: Watcher + Coordinator>(

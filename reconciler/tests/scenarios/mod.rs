@@ -32,9 +32,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend_consul::{ConsulOptions, ConsulStore};
-use backend_core::{Coordinator, KeyLayout, Watcher};
-use backend_etcd::EtcdStore;
+use backend_core::{BackendUri, Coordinator, KeyLayout, Publisher, ServiceKey, Watcher};
+use backend_store::StoreOptions;
 use replset_reconciler::controller::{follow_records, run_set, ControllerConfig, Records};
 use replset_reconciler::mongo::Members;
 use replset_reconciler::records::Selector;
@@ -64,42 +63,35 @@ pub enum Backend {
 
 /// The project's client of that store.
 #[derive(Clone)]
-enum Store {
-    Etcd(Arc<EtcdStore>),
-    Consul(Arc<ConsulStore>),
-}
+struct Store(Arc<backend_store::Store>);
 
 impl Store {
+    async fn open(b: Backend, layout: &KeyLayout) -> Store {
+        let uri = match b {
+            Backend::Etcd => format!("etcd://{}/{}", etcd_endpoint(), layout.prefix()),
+            Backend::Consul => format!("consul://{}/{}", consul_endpoint(), layout.prefix()),
+        };
+        let options = StoreOptions {
+            // The records are written as plain values here; no catalog registrations.
+            consul_catalog: false,
+            ..StoreOptions::default()
+        };
+        let store = backend_store::Store::open(&BackendUri::parse(&uri).expect("a URI"), &options)
+            .await
+            .expect("a client");
+        Store(Arc::new(store))
+    }
+
     async fn put_value(&self, key: &str, value: Vec<u8>) {
-        match self {
-            Store::Etcd(s) => s.put_value(key, value).await,
-            Store::Consul(s) => s.put_value(key, value).await,
-        }
-        .expect("put");
+        self.0.put_value(key, value).await.expect("put");
     }
 
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        match self {
-            Store::Etcd(s) => s.get_value(key).await,
-            Store::Consul(s) => s.get_value(key).await,
-        }
-        .map_err(|e| e.to_string())
+        self.0.get_value(key).await.map_err(|e| e.to_string())
     }
 
-    async fn delete(&self, key: &str) {
-        match self {
-            Store::Etcd(s) => {
-                s.client().delete(key, None).await.expect("delete");
-            }
-            Store::Consul(_) => {
-                let resp = reqwest::Client::new()
-                    .delete(format!("http://{}/v1/kv/{key}", consul_endpoint()))
-                    .send()
-                    .await
-                    .expect("delete");
-                assert!(resp.status().is_success());
-            }
-        }
+    async fn unpublish(&self, key: ServiceKey) {
+        self.0.unpublish(&[key]).await.expect("delete");
     }
 }
 
@@ -127,22 +119,7 @@ impl Harness {
         holder: &str,
         force_after: Option<Duration>,
     ) -> Harness {
-        let store = match b {
-            Backend::Etcd => Store::Etcd(Arc::new(
-                EtcdStore::connect(&[etcd_endpoint()], layout.clone())
-                    .await
-                    .expect("etcd"),
-            )),
-            Backend::Consul => Store::Consul(Arc::new(
-                ConsulStore::new(
-                    &consul_endpoint(),
-                    false,
-                    layout.clone(),
-                    ConsulOptions::default(),
-                )
-                .expect("consul"),
-            )),
-        };
+        let store = Store::open(b, &layout).await;
         let shutdown = CancellationToken::new();
         let (tx, rx) = watch::channel(Records::default());
         let config = ControllerConfig {
@@ -163,10 +140,7 @@ impl Harness {
             force_after,
         };
         let members = Arc::new(Members::new(None));
-        match &store {
-            Store::Etcd(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
-            Store::Consul(s) => spawn_loop(s.clone(), members, config, set, tx, rx, &shutdown),
-        }
+        spawn_loop(store.0.clone(), members, config, set, tx, rx, &shutdown);
         Harness {
             store,
             layout,
@@ -176,7 +150,10 @@ impl Harness {
 
     async fn unpublish(&self, slot: u64) {
         self.store
-            .delete(&self.layout.service_key("mongo", &format!("task{slot}")))
+            .unpublish(ServiceKey {
+                service: "mongo".into(),
+                id: format!("task{slot}"),
+            })
             .await;
     }
 
@@ -648,14 +625,14 @@ pub async fn a_record_with_invalid_json_is_ignored(b: Backend) {
 /// The holder of the set's leader key: etcd's election API, or the Consul lock's value.
 async fn leader_of(h: &Harness, set: &str) -> Result<String, String> {
     let key = h.layout.replset_leader_key(set);
-    match &h.store {
-        Store::Etcd(s) => {
-            let resp = s.client().leader(key).await.map_err(|e| e.to_string())?;
+    match h.store.0.as_etcd() {
+        Some(etcd) => {
+            let resp = etcd.client().leader(key).await.map_err(|e| e.to_string())?;
             resp.kv()
                 .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
                 .ok_or_else(|| "no leader".to_string())
         }
-        Store::Consul(_) => {
+        None => {
             let v = h.store.get_value(&key).await?.ok_or("no leader")?;
             Ok(String::from_utf8_lossy(&v).to_string())
         }
