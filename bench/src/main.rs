@@ -280,7 +280,10 @@ fn cli_line(cli: &Cli) -> String {
         String::new()
     };
     format!(
-        "target/release/registrator-bench --bridge {}{consul} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
+        "{} --bridge {}{consul} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
+        std::env::args()
+            .next()
+            .unwrap_or_else(|| "registrator-bench".into()),
         cli.bridge.display(),
         cli.count,
         cli.swarm_count.unwrap_or(cli.count),
