@@ -335,3 +335,62 @@ impl InternalEvent for StartupRetry<'_> {
         tracing::warn!(what = self.what, attempt = self.attempt, retry_in_ms = millis(self.retry_in), error = %self.error, "not reachable yet; retrying");
     }
 }
+
+/// The bridge found its engine and knows which node it is on.
+#[derive(Debug)]
+pub struct EngineConnected<'a> {
+    pub host: &'a str,
+    pub node: &'a crate::records::NodeIdentity,
+    pub engine_version: Option<&'a str>,
+}
+
+impl InternalEvent for EngineConnected<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::info!(docker_host = self.host, node_id = %self.node.node_id, hostname = %self.node.hostname, engine_version = ?self.engine_version, "connected to the Docker engine");
+    }
+}
+
+/// A value under the services prefix that this bridge did not write (foreign, or not a record
+/// at all): left alone, at every sync.
+#[derive(Debug)]
+pub struct ForeignValueLeft<'a> {
+    pub key: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for ForeignValueLeft<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::debug!(
+            key = self.key,
+            reason = self.reason,
+            "leaving a value this bridge did not write alone"
+        );
+    }
+}
+
+/// The bridge stopped and ended its session: with `--cleanup` by revoking it (its records go
+/// now), else by leaving it to expire after `ttl` (or to the next bridge on this node).
+#[derive(Debug)]
+pub struct Stopped<'a> {
+    pub revoked: bool,
+    pub ttl: Duration,
+    pub error: Option<&'a dyn std::error::Error>,
+}
+
+impl InternalEvent for Stopped<'_> {
+    fn emit(self, metrics: &Metrics) {
+        match self.error {
+            Some(e) => {
+                metrics.backend_error("close_session");
+                tracing::warn!(error = %e, "stopped; could not end the session cleanly")
+            }
+            None if self.revoked => {
+                tracing::info!("stopped; lease revoked, this node's records removed (--cleanup)")
+            }
+            None => tracing::info!(
+                ttl_secs = self.ttl.as_secs(),
+                "stopped; records stay until the lease expires, or until the next bridge on this node takes them over"
+            ),
+        }
+    }
+}

@@ -10,8 +10,8 @@ use super::{Bridge, Deregister};
 use crate::container::ContainerInfo;
 use crate::engine::{Engine, EngineError, EngineEvent, EventKind};
 use crate::internal_events::{
-    ContainerSkipped, DockerEventReceived, FailedContainerKept, InspectFailed, InternalEvent,
-    RecordsPublished, RecordsRemoved, StoreWriteFailed, SyncFailed, Synced,
+    ContainerSkipped, DockerEventReceived, FailedContainerKept, ForeignValueLeft, InspectFailed,
+    InternalEvent, RecordsPublished, RecordsRemoved, StoreWriteFailed, SyncFailed, Synced,
 };
 use crate::records::{build_records, BuildOptions, NodeIdentity};
 use crate::sync::plan_sync;
@@ -288,7 +288,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             put_all,
         );
         for (key, why) in &plan.foreign {
-            tracing::debug!(%key, reason = %why, "leaving a value this bridge did not write alone");
+            ForeignValueLeft { key, reason: why }.emit(&self.metrics);
         }
         if !plan.put.is_empty() {
             self.store

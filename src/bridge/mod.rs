@@ -33,8 +33,8 @@ pub use self::apply::scan_engine;
 use self::apply::SyncError;
 use crate::engine::{DockerEngine, Engine, EngineError, EventStream};
 use crate::internal_events::{
-    EventStreamBroken, InternalEvent, RepairStarted, SessionOpenFailed, SessionOpened,
-    SessionRenewal, StartupRetry,
+    EngineConnected, EventStreamBroken, InternalEvent, RepairStarted, SessionOpenFailed,
+    SessionOpened, SessionRenewal, StartupRetry, Stopped,
 };
 use crate::metrics::{Health, Metrics};
 use crate::records::{BuildOptions, NodeIdentity};
@@ -203,7 +203,12 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         let Some((node, engine_version)) = identity.await? else {
             return Ok(None);
         };
-        tracing::info!(docker_host = engine.host(), node_id = %node.node_id, hostname = %node.hostname, engine_version = ?engine_version, "connected to the Docker engine");
+        EngineConnected {
+            host: engine.host(),
+            node: &node,
+            engine_version: engine_version.as_deref(),
+        }
+        .emit(&metrics);
 
         match retry(
             "store",
@@ -402,16 +407,13 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
     async fn stop(self) {
         self.health.set_engine(false);
         let revoke = self.config.cleanup;
-        match self.store.close_session(revoke).await {
-            Ok(()) if revoke => {
-                tracing::info!("stopped; lease revoked, this node's records removed (--cleanup)")
-            }
-            Ok(()) => tracing::info!(
-                ttl_secs = self.config.ttl.as_secs(),
-                "stopped; records stay until the lease expires, or until the next bridge on this node takes them over"
-            ),
-            Err(e) => tracing::warn!(error = %e, "stopped; could not end the session cleanly"),
+        let closed = self.store.close_session(revoke).await;
+        Stopped {
+            revoked: revoke,
+            ttl: self.config.ttl,
+            error: closed.as_ref().err().map(|e| e as &dyn std::error::Error),
         }
+        .emit(&self.metrics);
     }
 }
 

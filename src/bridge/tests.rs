@@ -368,3 +368,29 @@ async fn on_success_keeps_the_records_of_a_failed_container_until_it_is_removed(
     .await;
     r.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_leaves_the_records_to_the_ttl_unless_cleanup() {
+    for cleanup in [false, true] {
+        let engine = FakeEngine::default();
+        let web = web_container("web1", [172, 17, 0, 5]);
+        engine.add(web.clone());
+        let config = BridgeConfig {
+            cleanup,
+            ..config(Deregister::Always)
+        };
+        let r = Running::start(engine, config).await;
+        let (store, prefix) = (r.store.clone(), r.layout.services_prefix());
+        let held = || store.list(&prefix).len();
+        assert_eq!(held(), 1);
+        r.stop().await;
+        if cleanup {
+            assert_eq!(held(), 0, "--cleanup removes them at once");
+            assert!(store.sessions().is_empty(), "the session is revoked");
+        } else {
+            assert_eq!(held(), 1, "they stay for the next bridge on this node");
+            tokio::time::sleep(TTL + Duration::from_millis(1)).await;
+            assert_eq!(held(), 0, "and go with the TTL");
+        }
+    }
+}
