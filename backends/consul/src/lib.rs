@@ -38,7 +38,7 @@ const STORE: &str = "consul";
 pub const MIN_TTL: Duration = backend_core::StoreKind::Consul.min_session_ttl();
 
 /// Consul's limit on the operations of one transaction.
-const MAX_TXN_OPS: usize = 64;
+pub const MAX_TXN_OPS: usize = 64;
 
 /// How many agent calls (catalog registrations, check updates) run at once.
 const AGENT_CONCURRENCY: usize = 16;
@@ -236,22 +236,23 @@ impl ConsulStore {
     }
 
     /// Runs KV operations in transactions of at most [`MAX_TXN_OPS`], never splitting the
-    /// operations of one key.
-    async fn txn(&self, per_key: Vec<Vec<serde_json::Value>>) -> Result<(), BackendError> {
-        let mut batch: Vec<serde_json::Value> = Vec::new();
-        for ops in per_key {
-            if batch.len() + ops.len() > MAX_TXN_OPS {
-                self.run_txn(std::mem::take(&mut batch)).await?;
-            }
-            batch.extend(ops);
-        }
-        if !batch.is_empty() {
-            self.run_txn(batch).await?;
+    /// operations of one key. `session`: the session the operations lock with, if any.
+    async fn txn(
+        &self,
+        per_key: Vec<Vec<serde_json::Value>>,
+        session: Option<&str>,
+    ) -> Result<(), BackendError> {
+        for batch in txn_batches(per_key) {
+            self.run_txn(batch, session).await?;
         }
         Ok(())
     }
 
-    async fn run_txn(&self, ops: Vec<serde_json::Value>) -> Result<(), BackendError> {
+    async fn run_txn(
+        &self,
+        ops: Vec<serde_json::Value>,
+        session: Option<&str>,
+    ) -> Result<(), BackendError> {
         let resp = self
             .send(
                 self.request(Method::PUT, "/v1/txn").json(&ops),
@@ -262,12 +263,14 @@ impl ConsulStore {
             return Ok(());
         }
         let body = resp.text().await.unwrap_or_default();
-        // A lock refused because our session is gone.
-        if body.contains("invalid session") || body.contains("Session") {
-            return Err(BackendError::SessionLost {
-                store: STORE,
-                detail: body,
-            });
+        // A lock is refused when its session is gone: ask Consul whether it is.
+        if let Some(id) = session {
+            if !self.session_exists(id).await? {
+                return Err(BackendError::SessionLost {
+                    store: STORE,
+                    detail: format!("session {id} is gone: {}", body.trim()),
+                });
+            }
         }
         Err(BackendError::Rejected {
             store: STORE,
@@ -275,12 +278,29 @@ impl ConsulStore {
         })
     }
 
-    fn lock_ops(&self, key: String, value: &[u8], session: &str) -> Vec<serde_json::Value> {
-        let value = base64::engine::general_purpose::STANDARD.encode(value);
-        vec![
-            json!({"KV": {"Verb": "delete", "Key": key}}),
-            json!({"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}}),
-        ]
+    /// Whether Consul still knows the session (`/v1/session/info` answers `null` or `[]` for
+    /// one it does not).
+    async fn session_exists(&self, id: &str) -> Result<bool, BackendError> {
+        let resp = self
+            .send(
+                self.request(Method::GET, &format!("/v1/session/info/{id}")),
+                "session info",
+            )
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !resp.status().is_success() {
+            expect_success(resp, "session info").await?;
+            return Ok(false);
+        }
+        let sessions: Option<Vec<serde_json::Value>> =
+            resp.json().await.map_err(|e| BackendError::Unavailable {
+                store: STORE,
+                endpoints: self.endpoint.clone(),
+                detail: format!("session info: unreadable answer: {e}"),
+            })?;
+        Ok(sessions.is_some_and(|s| !s.is_empty()))
     }
 
     /// Reads every key under `prefix` (`recurse`), with the index of the answer.
@@ -368,7 +388,7 @@ async fn send(
 ) -> Result<reqwest::Response, BackendError> {
     let resp = rb.send().await.map_err(|e| {
         let chain = error_chain(&e);
-        if is_tls_failure(&chain) {
+        if is_tls_failure(&e) {
             // Retrying cannot fix a certificate: say what to check, and stop.
             BackendError::Rejected {
                 store: STORE,
@@ -411,15 +431,25 @@ async fn send(
 }
 
 /// Whether a request failed in the TLS handshake (an unknown CA, a refused client
-/// certificate), as opposed to the network.
-fn is_tls_failure(chain: &str) -> bool {
-    [
-        "invalid peer certificate",
-        "received fatal alert",
-        "certificate",
-    ]
-    .iter()
-    .any(|needle| chain.contains(needle))
+/// certificate), as opposed to the network: a rustls error somewhere in its causes, itself or
+/// inside an I/O error (as tokio-rustls reports it).
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        cause = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -579,8 +609,45 @@ fn truncate(s: &mut String, max: usize) {
     }
 }
 
+/// The index of the next blocking query after an answer with `X-Consul-Index: new`, by
+/// Consul's rules: reset to 0 (a full read) when it went backwards, never below 1.
+pub fn next_index(old: u64, new: u64) -> u64 {
+    if new < old {
+        0
+    } else {
+        new.max(1)
+    }
+}
+
+/// The operations of one `/v1/txn` that write `value` at `key` held by `session`: `delete`
+/// then `lock`, atomic for readers, and taking over a key still held by another session.
+pub fn lock_ops(key: &str, value: &[u8], session: &str) -> Vec<serde_json::Value> {
+    let value = base64::engine::general_purpose::STANDARD.encode(value);
+    vec![
+        json!({"KV": {"Verb": "delete", "Key": key}}),
+        json!({"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}}),
+    ]
+}
+
+/// Groups the operations of several keys into transactions of at most [`MAX_TXN_OPS`], never
+/// splitting the operations of one key.
+pub fn txn_batches(per_key: Vec<Vec<serde_json::Value>>) -> Vec<Vec<serde_json::Value>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<serde_json::Value> = Vec::new();
+    for ops in per_key {
+        if !batch.is_empty() && batch.len() + ops.len() > MAX_TXN_OPS {
+            batches.push(std::mem::take(&mut batch));
+        }
+        batch.extend(ops);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
 /// Percent-encodes a key for a URL path, keeping `/`.
-fn encode_key(key: &str) -> String {
+pub fn encode_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for b in key.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
@@ -698,14 +765,14 @@ impl Publisher for ConsulStore {
             let ops = records
                 .iter()
                 .map(|r| {
-                    self.lock_ops(
-                        self.layout.service_key(&r.service, &r.id),
+                    lock_ops(
+                        &self.layout.service_key(&r.service, &r.id),
                         &r.to_json(),
                         &session,
                     )
                 })
                 .collect();
-            self.txn(ops).await
+            self.txn(ops, Some(&session)).await
         };
         let catalog = async {
             if !self.options.catalog {
@@ -736,7 +803,7 @@ impl Publisher for ConsulStore {
                         "Key": self.layout.service_key(&k.service, &k.id)}})]
                 })
                 .collect();
-            self.txn(ops).await?;
+            self.txn(ops, None).await?;
         }
         if self.options.catalog {
             for k in keys {
@@ -752,12 +819,12 @@ impl Publisher for ConsulStore {
             return Ok(());
         }
         let session = self.session_id().await?;
-        let ops = vec![self.lock_ops(
-            self.layout.node_key(&node.node_id),
+        let ops = vec![lock_ops(
+            &self.layout.node_key(&node.node_id),
             &node.to_json(),
             &session,
         )];
-        self.txn(ops).await
+        self.txn(ops, Some(&session)).await
     }
 
     async fn list_services(&self) -> Result<Vec<KvEntry>, BackendError> {
@@ -839,8 +906,13 @@ impl ConsulStore {
         Ok(text.trim() == "true")
     }
 
-    /// Waits (blocking query) until `key` is free of any session, or `wait` passes.
-    async fn wait_for_free_lock(&self, key: &str, index: &mut u64) -> Result<(), BackendError> {
+    /// Waits (blocking query) until `key` changes or `wait` passes, and says whether it is
+    /// held by a session now.
+    async fn wait_for_free_lock(
+        &self,
+        key: &str,
+        index: &mut u64,
+    ) -> Result<LockState, BackendError> {
         #[derive(Deserialize)]
         struct Pair {
             #[serde(rename = "Session")]
@@ -863,26 +935,24 @@ impl ConsulStore {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        // Consul's index rules: reset when it goes backwards, never below 1.
-        *index = if new_index < *index {
-            0
-        } else {
-            new_index.max(1)
-        };
+        *index = next_index(*index, new_index);
         if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(());
+            return Ok(LockState::Free);
         }
         let pairs: Vec<Pair> = resp.json().await.unwrap_or_default();
         if pairs.first().and_then(|p| p.session.as_ref()).is_none() {
-            return Ok(());
+            return Ok(LockState::Free);
         }
         // Held: the next call blocks on the new index.
-        Err(BackendError::Unavailable {
-            store: STORE,
-            endpoints: self.endpoint.clone(),
-            detail: "lock held".into(),
-        })
+        Ok(LockState::Held)
     }
+}
+
+/// Whether a lock key is held by a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockState {
+    Free,
+    Held,
 }
 
 impl Coordinator for ConsulStore {
@@ -910,15 +980,9 @@ impl Coordinator for ConsulStore {
             if self.try_acquire(&key, &session, &holder).await? {
                 break;
             }
-            // Held by someone else: block until it is free (errors other than "held" end the
-            // campaign; the caller retries with backoff).
-            loop {
-                match self.wait_for_free_lock(&key, &mut index).await {
-                    Ok(()) => break,
-                    Err(BackendError::Unavailable { detail, .. }) if detail == "lock held" => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            // Held by someone else: block until it is free (an error ends the campaign; the
+            // caller retries with backoff).
+            while self.wait_for_free_lock(&key, &mut index).await? == LockState::Held {}
         }
         tracing::info!(store = STORE, %key, %holder, %session, "elected leader");
         let this = self.sibling();
@@ -1038,7 +1102,7 @@ async fn run_watch(store: ConsulStore, prefix: String, tx: WatchSender) {
                 let current: BTreeMap<String, Vec<u8>> =
                     entries.into_iter().map(|e| (e.key, e.value)).collect();
                 let went_back = new_index < index;
-                index = if went_back { 0 } else { new_index.max(1) };
+                index = next_index(index, new_index);
                 let events = match (&known, went_back) {
                     (Some(old), false) => diff(old, &current),
                     _ => vec![WatchEvent::Restarted(
@@ -1166,6 +1230,28 @@ mod tests {
         let events = diff(&old, &new);
         assert_eq!(events.len(), 3);
         assert!(events.contains(&WatchEvent::Deleted("b".into())));
+    }
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(next_index(0, 0), 1, "never below 1");
+        assert_eq!(next_index(5, 9), 9);
+        assert_eq!(next_index(9, 5), 0, "backwards: read everything again");
+    }
+
+    #[test]
+    fn transactions_never_split_a_key() {
+        let per_key: Vec<Vec<serde_json::Value>> = (0..40)
+            .map(|i| lock_ops(&format!("k{i}"), b"v", "s"))
+            .collect();
+        let batches = txn_batches(per_key);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![64, 16]
+        );
+        assert_eq!(batches[0][0]["KV"]["Verb"], "delete");
+        assert_eq!(batches[0][1]["KV"]["Verb"], "lock");
+        assert_eq!(batches[0][1]["KV"]["Value"], "dg==");
     }
 
     #[test]

@@ -141,3 +141,20 @@ async fn coordinator_values_round_trip() {
     let a = store(&shared_endpoint(), layout.clone());
     contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
 }
+
+#[tokio::test]
+async fn a_write_with_a_session_consul_ended_is_a_lost_session() {
+    let consul = PrivateConsul::start().await;
+    let s = store(&consul.endpoint(), unique_layout("consul-write-lost"));
+    backend_core::Publisher::open_session(&s, TTL)
+        .await
+        .expect("session");
+    destroy_all(consul.endpoint()).await;
+    let err = backend_core::Publisher::publish(&s, &[contract::record("db", "a")])
+        .await
+        .expect_err("the lock's session is gone");
+    assert!(
+        matches!(err, backend_core::BackendError::SessionLost { .. }),
+        "{err}"
+    );
+}

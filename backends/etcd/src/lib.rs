@@ -119,7 +119,7 @@ impl EtcdStore {
             client
                 .txn(Txn::new().and_then(ops))
                 .await
-                .map_err(|e| map_error(&self.endpoints, e))?;
+                .map_err(|e| map_lease_error(&self.endpoints, lease, e))?;
         }
         Ok(())
     }
@@ -189,6 +189,20 @@ pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Maps the error of a request made with `lease` (a put with it, a keep-alive, a
+/// revocation): etcd answers NotFound for such a request only when the lease is gone.
+fn map_lease_error(endpoints: &str, lease: i64, err: etcd_client::Error) -> BackendError {
+    match err {
+        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound => {
+            BackendError::SessionLost {
+                store: STORE,
+                detail: format!("lease {lease:x}: {}", status.message()),
+            }
+        }
+        other => map_error(endpoints, other),
+    }
+}
+
 /// Maps the client's error onto what the caller can act on.
 fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
     use etcd_client::Error as E;
@@ -197,10 +211,6 @@ fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
             use tonic::Code;
             let detail = status.message().to_string();
             match status.code() {
-                Code::NotFound if detail.contains("lease") => BackendError::SessionLost {
-                    store: STORE,
-                    detail,
-                },
                 Code::Unavailable
                 | Code::DeadlineExceeded
                 | Code::Cancelled
@@ -286,7 +296,7 @@ impl Publisher for EtcdStore {
             let pair = client
                 .lease_keep_alive(lease.id)
                 .await
-                .map_err(|e| map_error(&self.endpoints, e))?;
+                .map_err(|e| map_lease_error(&self.endpoints, lease.id, e))?;
             lease.keeper = Some(pair);
         }
         let result = match lease.keeper.as_mut() {
@@ -306,7 +316,7 @@ impl Publisher for EtcdStore {
                         endpoints: self.endpoints.clone(),
                         detail: "the lease keep-alive stream ended".into(),
                     }),
-                    Ok(Err(e)) => Err(map_error(&self.endpoints, e)),
+                    Ok(Err(e)) => Err(map_lease_error(&self.endpoints, lease.id, e)),
                     Err(_) => Err(BackendError::Unavailable {
                         store: STORE,
                         endpoints: self.endpoints.clone(),
@@ -335,7 +345,7 @@ impl Publisher for EtcdStore {
             client
                 .lease_revoke(lease.id)
                 .await
-                .map_err(|e| map_error(&self.endpoints, e))?;
+                .map_err(|e| map_lease_error(&self.endpoints, lease.id, e))?;
             tracing::info!(
                 store = STORE,
                 lease = format!("{:x}", lease.id),
