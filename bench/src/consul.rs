@@ -1,19 +1,18 @@
-//! Consul, as seen by the bench: the HTTP client, the two blocking-query observers (KV and
-//! catalog), the store-only floor (written through backend-consul, the bridge's own writer),
-//! and the clean-up of what the bench and its bridges leave there.
+//! Consul, as seen by the bench: the HTTP client, the two observers, the store-only floor
+//! (written through backend-consul, the bridge's own writer), and the clean-up of what the bench
+//! and its bridges leave there.
 //!
-//! Both observers follow Consul's blocking-query rules: every answer's `X-Consul-Index` is the
-//! `index` of the next query (reset to 0 when it goes backwards, never below 1), so each change
-//! wakes the query at once. A record counts as seen when the HTTP answer carrying it arrives
-//! (its headers; Consul writes the whole answer at once), before the bench parses the body.
+//! The KV observer is backend-consul's own watch. The catalog observer (backend-consul has no
+//! catalog watch) is a blocking query on `/v1/catalog/service/<service>` with backend-consul's
+//! key encoding and index rule ([`next_index`]), so each change wakes the query at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use backend_consul::{ConsulOptions, ConsulStore};
-use backend_core::{KeyLayout, Publisher, ServiceRecord};
-use base64::Engine as _;
+use backend_consul::{encode_key, next_index, ConsulOptions, ConsulStore};
+use backend_core::{KeyLayout, KvEntry, Publisher, ServiceRecord, WatchEvent, Watcher};
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -48,33 +47,11 @@ fn client() -> Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
-/// Percent-encodes a key for a URL path, keeping `/`.
-fn encode(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn consul_index(resp: &reqwest::Response) -> Option<u64> {
     resp.headers()
         .get("X-Consul-Index")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// The next blocking-query index after an answer with `new` (Consul's rules).
-fn next_index(old: u64, new: u64) -> u64 {
-    if new < old {
-        0
-    } else {
-        new.max(1)
-    }
 }
 
 impl Consul {
@@ -127,7 +104,7 @@ impl Consul {
             .get(format!(
                 "{}/v1/kv/{}?recurse=true",
                 self.base,
-                encode(prefix)
+                encode_key(prefix)
             ))
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -172,7 +149,7 @@ impl Consul {
             .delete(format!(
                 "{}/v1/kv/{}?recurse=true",
                 self.base,
-                encode(prefix)
+                encode_key(prefix)
             ))
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -213,7 +190,7 @@ impl Consul {
         let ids = self.agent_services(name_prefix).await?;
         for id in &ids {
             let status = self
-                .put_empty(&format!("/v1/agent/service/deregister/{}", encode(id)))
+                .put_empty(&format!("/v1/agent/service/deregister/{}", encode_key(id)))
                 .await?;
             if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
                 crate::log(&format!(
@@ -231,7 +208,7 @@ impl Consul {
             .get(format!(
                 "{}/v1/catalog/service/{}",
                 self.base,
-                encode(service)
+                encode_key(service)
             ))
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -246,16 +223,64 @@ impl Consul {
     }
 }
 
-/// Reports every record that appears under `prefix` (a KV blocking query on
-/// `/v1/kv/<prefix>?recurse`), as [`Via::Kv`]. Returns after the first answer.
+/// Reports every record that appears under `prefix`, as [`Via::Kv`], through backend-consul's
+/// own watch (the bridge's: a blocking query on `/v1/kv/<prefix>?recurse` diffed into events)
+/// and backend-core's record decoding. A record counts as seen when its event leaves the
+/// watch. Returns after the first answer.
 pub async fn watch_kv(
     consul: &Consul,
     prefix: &str,
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
-    let http = client()?;
-    let url = format!("{}/v1/kv/{}?recurse=true", consul.base, encode(prefix));
-    spawn_watch(http, url, Via::Kv, tx, kv_entries).await
+    let store = ConsulStore::new(
+        &consul.endpoint,
+        false,
+        KeyLayout::new(prefix),
+        ConsulOptions::default(),
+    )
+    .context("cannot set up backend-consul")?;
+    let mut events = store.watch_prefix(prefix.to_string());
+    let mut seen = HashSet::new();
+    let mut report = move |entries: Vec<KvEntry>| {
+        let arrival_ns = now_ns();
+        entries
+            .into_iter()
+            .filter(|e| seen.insert(e.key.clone()))
+            .all(|e| {
+                let container_id = ServiceRecord::from_json(&e.value)
+                    .map(|r| r.container_id)
+                    .unwrap_or_default();
+                tx.send(RecordSeen {
+                    container_id,
+                    arrival_ns,
+                    via: Via::Kv,
+                })
+                .is_ok()
+            })
+    };
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(WatchEvent::Restarted(entries)))) => {
+            report(entries);
+        }
+        Ok(Some(Err(e))) => return Err(e).context("the Consul KV watch failed"),
+        _ => bail!("Consul did not answer the first KV query within 10 s"),
+    }
+    Ok(tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let go_on = match event {
+                Ok(WatchEvent::Put(entry)) => report(vec![entry]),
+                Ok(WatchEvent::Restarted(entries)) => report(entries),
+                Ok(WatchEvent::Deleted(_)) => true,
+                Err(e) => {
+                    crate::log(&format!("warning: Consul KV watch: {e}"));
+                    true
+                }
+            };
+            if !go_on {
+                return;
+            }
+        }
+    }))
 }
 
 /// Reports every instance of `service` that appears in the catalog (a blocking query on
@@ -266,57 +291,34 @@ pub async fn watch_catalog(
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
     let http = client()?;
-    let url = format!("{}/v1/catalog/service/{}?", consul.base, encode(service));
-    spawn_watch(http, url, Via::Catalog, tx, catalog_entries).await
+    let url = format!("{}/v1/catalog/service/{}", consul.base, encode_key(service));
+    spawn_watch(http, url, tx).await
 }
 
-/// One entry of an answer: a unique key, its version, and the record's `container_id`.
-type Entry = (String, u64, String);
-
-/// The entries of a blocking query's answer: `id` names each entry's unique key, `container_id`
-/// reads the record's container id out of an entry.
-fn entries(body: &[u8], id: &str, container_id: impl Fn(&Value) -> Option<String>) -> Vec<Entry> {
+/// The instances of a catalog answer: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
+fn catalog_entries(body: &[u8]) -> Vec<(String, u64, String)> {
     let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
         return Vec::new();
     };
     list.iter()
         .filter_map(|e| {
-            let key = e.get(id)?.as_str()?.to_string();
+            let id = e.get("ServiceID")?.as_str()?.to_string();
             let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            Some((key, modify, container_id(e).unwrap_or_default()))
+            let container_id = e
+                .pointer("/ServiceMeta/container_id")
+                .and_then(Value::as_str);
+            Some((id, modify, container_id.unwrap_or_default().to_string()))
         })
         .collect()
 }
 
-/// KV entries: key, ModifyIndex, `container_id` of the base64 JSON value.
-fn kv_entries(body: &[u8]) -> Vec<Entry> {
-    entries(body, "Key", |e| {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(e.get("Value")?.as_str()?)
-            .ok()?;
-        let v = serde_json::from_slice::<Value>(&raw).ok()?;
-        Some(v.get("container_id")?.as_str()?.to_string())
-    })
-}
-
-/// Catalog instances: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
-fn catalog_entries(body: &[u8]) -> Vec<Entry> {
-    entries(body, "ServiceID", |e| {
-        Some(
-            e.pointer("/ServiceMeta/container_id")?
-                .as_str()?
-                .to_string(),
-        )
-    })
-}
-
-/// Blocking queries on `url` in a loop; every entry not seen before (by key) is reported once.
+/// Blocking queries on the catalog `url` in a loop (backend-consul's index rule); every
+/// instance not seen before (by ServiceID) is reported once, when the answer carrying it
+/// arrives (its headers; Consul writes the whole answer at once).
 async fn spawn_watch(
     http: reqwest::Client,
     url: String,
-    via: Via,
     tx: mpsc::UnboundedSender<RecordSeen>,
-    parse: fn(&[u8]) -> Vec<Entry>,
 ) -> Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -326,8 +328,7 @@ async fn spawn_watch(
         let mut failures = 0u32;
         loop {
             let full = if index > 0 {
-                let sep = if url.ends_with('?') { "" } else { "&" };
-                format!("{url}{sep}index={index}&wait={WAIT}")
+                format!("{url}?index={index}&wait={WAIT}")
             } else {
                 url.clone()
             };
@@ -355,9 +356,6 @@ async fn spawn_watch(
                         continue;
                     }
                 }
-            } else if status == reqwest::StatusCode::NOT_FOUND {
-                // KV: nothing under the prefix yet.
-                Vec::new()
             } else {
                 failures += 1;
                 crate::log(&format!("warning: Consul blocking query: {status}"));
@@ -369,7 +367,7 @@ async fn spawn_watch(
             };
             failures = 0;
             index = next_index(index, new_index);
-            for (key, modify, container_id) in parse(&body) {
+            for (key, modify, container_id) in catalog_entries(&body) {
                 if seen.get(&key) == Some(&modify) {
                     continue;
                 }
@@ -378,7 +376,7 @@ async fn spawn_watch(
                     let record = RecordSeen {
                         container_id,
                         arrival_ns,
-                        via,
+                        via: Via::Catalog,
                     };
                     if tx.send(record).is_err() {
                         return;
@@ -398,7 +396,7 @@ async fn spawn_watch(
         _ => {
             task.abort();
             Err(anyhow!(
-                "Consul did not answer the first query of {via:?} within 10 s"
+                "Consul did not answer the first catalog query within 10 s"
             ))
         }
     }
@@ -476,7 +474,7 @@ async fn floor_steps(
     warmup: usize,
     timeout: Duration,
 ) -> Result<Vec<FloorStep>> {
-    let pause = Duration::from_millis(30);
+    let pause = Duration::from_millis(60);
     let mut steps = Vec::with_capacity(count);
     for i in 0..warmup + count {
         let record = floor_record(service, i);
@@ -504,8 +502,9 @@ async fn floor_steps(
 /// * Catalog (a store with `catalog` only): one `/v1/agent/service/register` with a TTL check
 ///   per record, seen by a blocking query on `/v1/catalog/service/<service>`.
 ///
-/// Writes are 30 ms apart so the blocking query is waiting again before each one, as it is
-/// between two container starts.
+/// Writes are 60 ms apart so the blocking query is waiting again before each one, as it is
+/// between two container starts (backend-consul's watch starts its queries at least 50 ms
+/// apart).
 ///
 /// Then, for the initial sync's share: `bulk` records in one publish of a catalog store (the
 /// bridge's agent concurrency, 16 at a time), timed until it returns and until the catalog
@@ -587,31 +586,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn index_rules() {
-        assert_eq!(next_index(0, 0), 1);
-        assert_eq!(next_index(5, 9), 9);
-        assert_eq!(next_index(9, 5), 0);
-    }
-
-    #[test]
-    fn parses_answers() {
-        let value = base64::engine::general_purpose::STANDARD.encode(r#"{"container_id":"c1"}"#);
-        let kv = format!(
-            r#"[{{"Key":"p/services/s/1","ModifyIndex":7,"Value":"{value}"}},{{"Key":"p/x","Value":null}}]"#
-        );
-        assert_eq!(
-            kv_entries(kv.as_bytes()),
-            vec![
-                ("p/services/s/1".to_string(), 7, "c1".to_string()),
-                ("p/x".to_string(), 0, String::new())
-            ]
-        );
-        let cat = br#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}}]"#;
+    fn parses_catalog_answers() {
+        let cat = br#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}},{"ServiceID":"b"}]"#;
         assert_eq!(
             catalog_entries(cat),
-            vec![("a".to_string(), 3, "c2".to_string())]
+            vec![
+                ("a".to_string(), 3, "c2".to_string()),
+                ("b".to_string(), 0, String::new())
+            ]
         );
-        assert!(kv_entries(b"not json").is_empty());
-        assert_eq!(encode("a b:c/d"), "a%20b%3Ac/d");
+        assert!(catalog_entries(b"not json").is_empty());
     }
 }
