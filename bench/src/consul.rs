@@ -69,18 +69,37 @@ impl Consul {
         Ok(consul)
     }
 
-    /// The agent's version (`/v1/agent/self`).
-    pub async fn version(&self) -> Result<String> {
-        let v: Value = self
+    /// `GET <path>` read as JSON; `None` when Consul answers 404. `what` names it in errors.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<Option<T>> {
+        let resp = self
             .http
-            .get(format!("{}/v1/agent/self", self.base))
+            .get(format!("{}{path}", self.base))
             .timeout(REQUEST_TIMEOUT)
             .send()
-            .await?
-            .error_for_status()?
+            .await
+            .with_context(|| format!("cannot read {what}"))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = resp
+            .error_for_status()
+            .with_context(|| format!("cannot read {what}"))?;
+        let value = resp
             .json()
-            .await?;
-        Ok(v.pointer("/Config/Version")
+            .await
+            .with_context(|| format!("unreadable {what}"))?;
+        Ok(Some(value))
+    }
+
+    /// The agent's version (`/v1/agent/self`).
+    pub async fn version(&self) -> Result<String> {
+        let v: Option<Value> = self.get_json("/v1/agent/self", "the agent's self").await?;
+        Ok(v.as_ref()
+            .and_then(|v| v.pointer("/Config/Version"))
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string())
@@ -99,26 +118,9 @@ impl Consul {
 
     /// The keys under `prefix` and the sessions holding any of them.
     async fn keys_and_sessions(&self, prefix: &str) -> Result<(usize, Vec<String>)> {
-        let resp = self
-            .http
-            .get(format!(
-                "{}/v1/kv/{}?recurse=true",
-                self.base,
-                encode_key(prefix)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot list Consul keys under {prefix}"))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok((0, Vec::new()));
-        }
-        let entries: Vec<Value> = resp
-            .error_for_status()
-            .with_context(|| format!("cannot list Consul keys under {prefix}"))?
-            .json()
-            .await
-            .context("unreadable KV listing")?;
+        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        let what = format!("the Consul keys under {prefix}");
+        let entries: Vec<Value> = self.get_json(&path, &what).await?.unwrap_or_default();
         let mut sessions: Vec<String> = entries
             .iter()
             .filter_map(|e| e.get("Session").and_then(Value::as_str))
@@ -163,17 +165,9 @@ impl Consul {
     /// The ids of the agent's services whose name starts with `name_prefix`.
     pub async fn agent_services(&self, name_prefix: &str) -> Result<Vec<String>> {
         let services: HashMap<String, Value> = self
-            .http
-            .get(format!("{}/v1/agent/services", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .context("cannot list the agent's services")?
-            .error_for_status()
-            .context("cannot list the agent's services")?
-            .json()
-            .await
-            .context("unreadable agent service list")?;
+            .get_json("/v1/agent/services", "the agent's services")
+            .await?
+            .unwrap_or_default();
         Ok(services
             .into_iter()
             .filter(|(_, s)| {
@@ -203,22 +197,11 @@ impl Consul {
 
     /// How many instances of `service` the catalog has.
     pub async fn catalog_count(&self, service: &str) -> Result<usize> {
+        let path = format!("/v1/catalog/service/{}", encode_key(service));
         let list: Vec<Value> = self
-            .http
-            .get(format!(
-                "{}/v1/catalog/service/{}",
-                self.base,
-                encode_key(service)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .context("cannot read the catalog")?
-            .error_for_status()
-            .context("cannot read the catalog")?
-            .json()
-            .await
-            .context("unreadable catalog answer")?;
+            .get_json(&path, "the catalog")
+            .await?
+            .unwrap_or_default();
         Ok(list.len())
     }
 }
