@@ -252,21 +252,7 @@ fn tail(text: &str, n: usize) -> String {
 
 /// Starts a plain container that the bridge publishes with `--internal` as `service`.
 async fn container(cleanup: &mut Cleanup, name: &str, service: &str) -> String {
-    cleanup.container(name);
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--expose",
-        "8080",
-        "-e",
-        &format!("SERVICE_NAME={service}"),
-        "local/busybox",
-        "sleep",
-        "86400",
-    ])
-    .await
+    plain_container(cleanup, name, service, &[], &["sleep", "86400"]).await
 }
 
 /// Runs a bridge that is expected to give up; returns its exit code and log.

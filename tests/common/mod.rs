@@ -166,6 +166,62 @@ pub async fn overlay(cleanup: &mut Cleanup, name: &str) {
     cleanup.network(name);
 }
 
+/// What most tests of a swarm service start from: names under `tag`, a clean-up that also removes their key
+/// prefix, an overlay network (`net`), the name of a service (`db`, not created yet), and a
+/// client of the store with the layout of the prefix.
+pub async fn scene(b: Backend, tag: &str) -> (Names, Cleanup, String, String, Store, KeyLayout) {
+    let names = Names::new(tag);
+    let mut cleanup = Cleanup::default();
+    cleanup.prefix(b, &names.prefix());
+    let net = names.name("net");
+    let svc = names.name("db");
+    overlay(&mut cleanup, &net).await;
+    let store = b.store().await;
+    let layout = names.layout();
+    (names, cleanup, net, svc, store, layout)
+}
+
+/// Starts a plain container `name` of `local/busybox` that exposes port 8080 and sets
+/// `SERVICE_NAME=<service>`, with the `docker run` options `extra` and the command `cmd`.
+/// Returns its id; `cleanup` removes it.
+pub async fn plain_container(
+    cleanup: &mut Cleanup,
+    name: &str,
+    service: &str,
+    extra: &[&str],
+    cmd: &[&str],
+) -> String {
+    cleanup.container(name);
+    let service_name = format!("SERVICE_NAME={service}");
+    let mut args = vec!["run", "-d", "--name", name, "--expose", "8080"];
+    args.extend_from_slice(&["-e", &service_name]);
+    args.extend_from_slice(extra);
+    args.push("local/busybox");
+    args.extend_from_slice(cmd);
+    docker(&args).await
+}
+
+/// Starts a plain container (as [`plain_container`]) that creates the file `flag` and is
+/// healthy while it exists: checked every second, unhealthy after one failure.
+pub async fn healthchecked_container(
+    cleanup: &mut Cleanup,
+    name: &str,
+    service: &str,
+    flag: &str,
+) -> String {
+    let test = format!("test -f {flag}");
+    let cmd = format!("touch {flag}; sleep 86400");
+    let health = [
+        "--health-cmd",
+        &test,
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+    ];
+    plain_container(cleanup, name, service, &health, &["sh", "-c", &cmd]).await
+}
+
 /// Creates a replicated service of `local/busybox` that sleeps, publishing `port` through the
 /// `registrator.port` container label. Returns at once (`--detach`).
 pub async fn service(

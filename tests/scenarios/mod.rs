@@ -38,17 +38,10 @@ pub(crate) use suite;
 const CONVERGE: Duration = Duration::from_secs(60);
 
 pub async fn replicated_service_is_published_and_follows_scaling(b: Backend) {
-    let names = Names::new("scale");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "scale").await;
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _bridge = BridgeProcess::start(&b.uri(&names), &["--metrics-addr", &metrics_addr]).await;
-    let store = b.store().await;
-    let layout = names.layout();
 
     service(&mut cleanup, &svc, &net, 3, &[]).await;
     let tasks = wait_for("3 records equal to the 3 tasks", CONVERGE, || {
@@ -102,15 +95,8 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 pub async fn a_removed_task_container_is_replaced_in_the_same_slot(b: Backend) {
-    let names = Names::new("resched");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "resched").await;
     let _bridge = BridgeProcess::start(&b.uri(&names), &[]).await;
-    let store = b.store().await;
-    let layout = names.layout();
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let before = wait_for("2 records", CONVERGE, || {
         records_match_tasks(&store, &layout, &svc, &net, 2)
@@ -278,14 +264,7 @@ pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_reco
 pub async fn a_killed_bridge_loses_its_records_after_the_ttl_and_a_new_one_restores_them(
     b: Backend,
 ) {
-    let names = Names::new("sigkill");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "sigkill").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let mut bridge = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
     wait_for("2 records", CONVERGE, || {
@@ -326,14 +305,7 @@ pub async fn a_killed_bridge_loses_its_records_after_the_ttl_and_a_new_one_resto
 }
 
 pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap(b: Backend) {
-    let names = Names::new("handover");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "handover").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let mut first = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
     wait_for("2 records", CONVERGE, || {
@@ -376,14 +348,7 @@ pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap
 }
 
 pub async fn cleanup_removes_the_records_on_a_graceful_stop(b: Backend) {
-    let names = Names::new("cleanup");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "cleanup").await;
     service(&mut cleanup, &svc, &net, 1, &[]).await;
     let mut bridge = BridgeProcess::start(&b.uri(&names), &["--ttl", "60", "--cleanup"]).await;
     wait_for("1 record", CONVERGE, || {
@@ -491,29 +456,8 @@ pub async fn the_docker_health_status_is_published_and_follows_the_healthcheck(b
     let svc = names.name("websvc");
     let flag = format!("/tmp/{}-healthy", names.base);
     let _bridge = BridgeProcess::start(&b.uri(&names), &["--internal"]).await;
-    cleanup.container(&name);
     // Healthy while the flag file exists.
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--expose",
-        "8080",
-        "-e",
-        &format!("SERVICE_NAME={svc}"),
-        "--health-cmd",
-        &format!("test -f {flag}"),
-        "--health-interval",
-        "1s",
-        "--health-retries",
-        "1",
-        "local/busybox",
-        "sh",
-        "-c",
-        &format!("touch {flag}; sleep 86400"),
-    ])
-    .await;
+    healthchecked_container(&mut cleanup, &name, &svc, &flag).await;
     let store = b.store().await;
     let layout = names.layout();
     let health_is = |want: backend_core::Health| {
@@ -570,22 +514,8 @@ pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_
     let layout = names.layout();
     // Each exits once the flag file is removed: the first with a failure, the second cleanly.
     for (name, svc, code) in [(&failed, &svc_failed, 3), (&clean, &svc_clean, 0)] {
-        cleanup.container(name);
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--expose",
-            "8080",
-            "-e",
-            &format!("SERVICE_NAME={svc}"),
-            "local/busybox",
-            "sh",
-            "-c",
-            &format!("touch /tmp/run; while [ -f /tmp/run ]; do sleep 0.1; done; exit {code}"),
-        ])
-        .await;
+        let cmd = format!("touch /tmp/run; while [ -f /tmp/run ]; do sleep 0.1; done; exit {code}");
+        plain_container(&mut cleanup, name, svc, &[], &["sh", "-c", &cmd]).await;
     }
     for svc in [&svc_failed, &svc_clean] {
         wait_for("a record", CONVERGE, || async {
