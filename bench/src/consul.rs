@@ -6,20 +6,19 @@
 //! catalog watch) is a blocking query on `/v1/catalog/service/<service>` with backend-consul's
 //! key encoding and index rule ([`next_index`]), so each change wakes the query at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use backend_consul::{encode_key, next_index, ConsulOptions, ConsulStore};
-use backend_core::{KeyLayout, KvEntry, Publisher, ServiceRecord, WatchEvent, Watcher};
-use futures::StreamExt;
+use backend_core::{KeyLayout, Publisher, ServiceRecord};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::now_ns;
-use crate::observe::{RecordSeen, Via};
+use crate::observe::{watch_store, RecordSeen, Via};
 use crate::report::{BulkFloor, ConsulFloor, FloorStep};
 
 /// How long one blocking query waits for a change.
@@ -207,63 +206,16 @@ impl Consul {
 }
 
 /// Reports every record that appears under `prefix`, as [`Via::Kv`], through backend-consul's
-/// own watch (the bridge's: a blocking query on `/v1/kv/<prefix>?recurse` diffed into events)
-/// and backend-core's record decoding. A record counts as seen when its event leaves the
-/// watch. Returns after the first answer.
+/// own watch ([`watch_store`]). Returns after the first answer.
 pub async fn watch_kv(
     consul: &Consul,
     prefix: &str,
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
-    let store = ConsulStore::new(
-        &consul.endpoint,
-        false,
-        KeyLayout::new(prefix),
-        ConsulOptions::default(),
-    )
-    .context("cannot set up backend-consul")?;
-    let mut events = store.watch_prefix(prefix.to_string());
-    let mut seen = HashSet::new();
-    let mut report = move |entries: Vec<KvEntry>| {
-        let arrival_ns = now_ns();
-        entries
-            .into_iter()
-            .filter(|e| seen.insert(e.key.clone()))
-            .all(|e| {
-                let container_id = ServiceRecord::from_json(&e.value)
-                    .map(|r| r.container_id)
-                    .unwrap_or_default();
-                tx.send(RecordSeen {
-                    container_id,
-                    arrival_ns,
-                    via: Via::Kv,
-                })
-                .is_ok()
-            })
-    };
-    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
-        Ok(Some(Ok(WatchEvent::Restarted(entries)))) => {
-            report(entries);
-        }
-        Ok(Some(Err(e))) => return Err(e).context("the Consul KV watch failed"),
-        _ => bail!("Consul did not answer the first KV query within 10 s"),
-    }
-    Ok(tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            let go_on = match event {
-                Ok(WatchEvent::Put(entry)) => report(vec![entry]),
-                Ok(WatchEvent::Restarted(entries)) => report(entries),
-                Ok(WatchEvent::Deleted(_)) => true,
-                Err(e) => {
-                    crate::log(&format!("warning: Consul KV watch: {e}"));
-                    true
-                }
-            };
-            if !go_on {
-                return;
-            }
-        }
-    }))
+    let layout = KeyLayout::new(prefix);
+    let store = ConsulStore::new(&consul.endpoint, false, layout, ConsulOptions::default())
+        .context("cannot set up backend-consul")?;
+    watch_store(&store, prefix, Via::Kv, tx).await
 }
 
 /// Reports every instance of `service` that appears in the catalog (a blocking query on

@@ -12,6 +12,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use backend_core::KeyLayout;
+use backend_etcd::EtcdStore;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::floor::FloorTiming;
 use crate::lab::Lab;
-use crate::observe::{follow_starts, watch_records, RecordSeen, Tracker, Via};
+use crate::observe::{follow_starts, watch_store, RecordSeen, Tracker, Via};
 use crate::report::Sample;
 use crate::{consul, log, now_ns};
 
@@ -133,7 +135,13 @@ impl Harness<'_> {
         let services = format!("{prefix}/services/");
         match seen {
             Seen::Etcd => {
-                let (rx, task) = watch_records(self.lab, &services).await?;
+                let (tx, rx) = mpsc::unbounded_channel();
+                let layout = KeyLayout::new(prefix);
+                let endpoints = [self.lab.etcd_endpoint.clone()];
+                let store = EtcdStore::connect(&endpoints, layout)
+                    .await
+                    .context("cannot connect backend-etcd")?;
+                let task = watch_store(&store, &services, Via::Etcd, tx).await?;
                 Ok(Observers {
                     rx,
                     tasks: Tasks(vec![task]),
