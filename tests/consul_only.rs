@@ -106,9 +106,7 @@ async fn tasks_are_in_the_catalog_and_the_health_api_with_their_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_container_is_critical_in_consul() {
-    let names = Names::new("chealth");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(Backend::Consul, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(Backend::Consul, "chealth");
     let name = names.name("web");
     let svc = names.name("websvc");
     let flag = "/tmp/healthy";

@@ -166,13 +166,19 @@ pub async fn overlay(cleanup: &mut Cleanup, name: &str) {
     cleanup.network(name);
 }
 
+/// Names under `tag`, and a clean-up that also removes their key prefix from `b`'s store.
+pub fn names_and_cleanup(b: Backend, tag: &str) -> (Names, Cleanup) {
+    let names = Names::new(tag);
+    let mut cleanup = Cleanup::default();
+    cleanup.prefix(b, &names.prefix());
+    (names, cleanup)
+}
+
 /// What most tests of a swarm service start from: names under `tag`, a clean-up that also removes their key
 /// prefix, an overlay network (`net`), the name of a service (`db`, not created yet), and a
 /// client of the store with the layout of the prefix.
 pub async fn scene(b: Backend, tag: &str) -> (Names, Cleanup, String, String, Store, KeyLayout) {
-    let names = Names::new(tag);
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, tag);
     let net = names.name("net");
     let svc = names.name("db");
     overlay(&mut cleanup, &net).await;

@@ -131,9 +131,7 @@ pub async fn a_removed_task_container_is_replaced_in_the_same_slot(b: Backend) {
 }
 
 pub async fn a_plain_container_gets_a_registrator_compatible_record(b: Backend) {
-    let names = Names::new("plain");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "plain");
     let name = names.name("web");
     let svc = names.name("websvc");
     let _bridge = BridgeProcess::start(&b.uri(&names), &[]).await;
@@ -202,9 +200,7 @@ pub async fn a_plain_container_gets_a_registrator_compatible_record(b: Backend) 
 pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_records_stay(
     b: Backend,
 ) {
-    let names = Names::new("badlabel");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "badlabel");
     let net = names.name("net");
     let good = names.name("good");
     let bad = names.name("bad");
@@ -449,9 +445,7 @@ pub async fn an_unreachable_store_at_start_is_retried_then_reported(b: Backend) 
 }
 
 pub async fn the_docker_health_status_is_published_and_follows_the_healthcheck(b: Backend) {
-    let names = Names::new("health");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "health");
     let name = names.name("web");
     let svc = names.name("websvc");
     let flag = format!("/tmp/{}-healthy", names.base);
@@ -498,9 +492,7 @@ pub async fn the_docker_health_status_is_published_and_follows_the_healthcheck(b
 pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed(
     b: Backend,
 ) {
-    let names = Names::new("onsuccess");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "onsuccess");
     let failed = names.name("failed");
     let clean = names.name("clean");
     let svc_failed = names.name("svc-failed");
