@@ -41,15 +41,7 @@ async fn bad_flags_exit_2_with_a_message() {
 async fn dry_run_prints_the_records_and_writes_nothing() {
     let (names, mut cleanup, net, svc, store, _) = scene(Backend::Etcd, "dryrun").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
-    wait_for("2 running tasks", CONVERGE, || async {
-        let n = task_containers(&svc, &net).await.len();
-        if n == 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} tasks"))
-        }
-    })
-    .await;
+    wait_for_tasks(&svc, &net, 2, CONVERGE).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
         .args([&Backend::Etcd.uri(&names), "--dry-run"])
         .output()

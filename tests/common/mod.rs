@@ -269,6 +269,19 @@ pub struct TaskContainer {
     pub ip: String,
 }
 
+/// Waits up to `within` until `n` task containers of `service` run on `network`.
+pub async fn wait_for_tasks(service: &str, network: &str, n: usize, within: Duration) {
+    wait_for(&format!("{n} running tasks"), within, || async {
+        let running = task_containers(service, network).await.len();
+        if running == n {
+            Ok(())
+        } else {
+            Err(format!("{running} tasks"))
+        }
+    })
+    .await;
+}
+
 /// The running task containers of a service, with their address on `network`.
 pub async fn task_containers(service: &str, network: &str) -> Vec<TaskContainer> {
     let ids = docker(&[

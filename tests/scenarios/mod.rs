@@ -379,15 +379,7 @@ pub async fn a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart(b:
     // The store goes away for longer than the TTL, and the service changes meanwhile.
     private.stop().await;
     docker(&["service", "scale", "--detach", &format!("{svc}=3")]).await;
-    wait_for("the third task to run", CONVERGE, || async {
-        let n = task_containers(&svc, &net).await.len();
-        if n == 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} tasks"))
-        }
-    })
-    .await;
+    wait_for_tasks(&svc, &net, 3, CONVERGE).await;
     bridge
         .wait_metric(
             r#"swarm_registrator_backend_errors_total{operation="publish"}"#,
