@@ -158,3 +158,75 @@ async fn a_write_with_a_session_consul_ended_is_a_lost_session() {
         "{err}"
     );
 }
+
+/// Catalog only (`--no-consul-kv`): the catalog is the store, so a new publisher (a restarted
+/// bridge) lists the registrations an earlier one made under its prefix, as records it can
+/// compare and remove; registrations of another prefix are not listed.
+#[tokio::test]
+async fn catalog_only_lists_the_registrations_of_its_prefix_for_a_resync() {
+    let consul = PrivateConsul::start().await;
+    let catalog_only = |layout: KeyLayout| {
+        let options = ConsulOptions {
+            kv: false,
+            ..ConsulOptions::default()
+        };
+        ConsulStore::new(&consul.endpoint(), false, layout, options).expect("client")
+    };
+    use backend_core::Publisher;
+    let layout = unique_layout("consul-catalog");
+    let earlier = catalog_only(layout.clone());
+    earlier.open_session(TTL).await.expect("session");
+    let (a, b) = (
+        contract::record("db", "orphan-a"),
+        contract::record("db", "kept-b"),
+    );
+    earlier
+        .publish(&[a.clone(), b.clone()])
+        .await
+        .expect("publish");
+    let other = catalog_only(unique_layout("consul-catalog-other"));
+    other.open_session(TTL).await.expect("session");
+    other
+        .publish(&[contract::record("db", "other-c")])
+        .await
+        .expect("publish");
+    drop(earlier); // a bridge gone without cleaning up
+
+    let later = catalog_only(layout.clone());
+    let listed = later.list_services().await.expect("list");
+    let mut keys: Vec<&str> = listed.iter().map(|e| e.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            layout.service_key("db", "kept-b").as_str(),
+            layout.service_key("db", "orphan-a").as_str()
+        ],
+        "the registrations of this prefix, and only them"
+    );
+    let orphan = listed
+        .iter()
+        .find(|e| e.key == layout.service_key("db", "orphan-a"))
+        .map(|e| backend_core::ServiceRecord::from_json(&e.value).expect("a record"))
+        .expect("listed");
+    assert_eq!(
+        (orphan.node_id.as_str(), orphan.ip, orphan.port),
+        (a.node_id.as_str(), a.ip, a.port),
+        "the node that owns it, so a resync may remove it"
+    );
+    later
+        .unpublish(&[backend_core::ServiceKey {
+            service: "db".into(),
+            id: "orphan-a".into(),
+        }])
+        .await
+        .expect("remove the orphan");
+    let left: Vec<String> = later
+        .list_services()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(left, vec![layout.service_key("db", "kept-b")]);
+}

@@ -1,0 +1,255 @@
+//! The Consul catalog: each record as an agent service with a TTL check, and the rules of
+//! service meta.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backend_core::{BackendError, Health, Protocol, ServiceRecord, SCHEMA_VERSION};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::{expect_success, Client};
+use crate::kv::encode_key;
+use crate::STORE;
+
+/// The meta key of a registration that holds the key prefix of the bridge that made it: a
+/// catalog-only resync lists only the registrations of its own prefix.
+pub const PREFIX_META: &str = "registrator_prefix";
+
+/// How many agent calls (catalog registrations, check updates) run at once.
+pub(crate) const AGENT_CONCURRENCY: usize = 16;
+
+/// One service of the agent, as `/v1/agent/services` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentService {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "Service")]
+    pub service: String,
+    #[serde(rename = "Address", default)]
+    pub address: String,
+    #[serde(rename = "Port", default)]
+    pub port: u16,
+    #[serde(rename = "Tags", default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    pub meta: Option<BTreeMap<String, String>>,
+}
+
+impl Client {
+    /// Every service registered with this agent.
+    pub async fn agent_services(&self) -> Result<Vec<AgentService>, BackendError> {
+        let resp = self
+            .send(
+                self.request(Method::GET, "/v1/agent/services"),
+                "list agent services",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "list agent services").await?;
+            return Ok(Vec::new());
+        }
+        let services: BTreeMap<String, AgentService> =
+            resp.json().await.map_err(|e| BackendError::Unavailable {
+                store: STORE,
+                endpoints: self.endpoint.clone(),
+                detail: format!("list agent services: unreadable answer: {e}"),
+            })?;
+        Ok(services.into_values().collect())
+    }
+
+    /// Registers one record as an agent service with a TTL check.
+    pub(crate) async fn register(
+        &self,
+        r: &ServiceRecord,
+        ttl: Duration,
+        deregister_after: Duration,
+        prefix: &str,
+    ) -> Result<(), BackendError> {
+        let (status, output) = check_status(r.health);
+        let body = json!({
+            "ID": r.id,
+            "Name": r.service,
+            "Address": r.ip.to_string(),
+            "Port": r.port,
+            "Tags": r.tags,
+            "Meta": catalog_meta(r, prefix),
+            "Check": {
+                "CheckID": check_id(&r.id),
+                "Name": "swarm-registrator TTL",
+                "TTL": format!("{}s", ttl.as_secs()),
+                "Status": status,
+                "Notes": output,
+                "DeregisterCriticalServiceAfter":
+                    format!("{}s", deregister_after.as_secs()),
+            },
+        });
+        let resp = self
+            .send(
+                self.request(Method::PUT, "/v1/agent/service/register")
+                    .json(&body),
+                "register service",
+            )
+            .await?;
+        expect_success(resp, "register service").await
+    }
+
+    /// Sets one registration's TTL check; registers the service again when the agent no longer
+    /// knows it (an agent restart).
+    pub(crate) async fn update_check(
+        &self,
+        r: &ServiceRecord,
+        ttl: Duration,
+        deregister_after: Duration,
+        prefix: &str,
+    ) -> Result<(), BackendError> {
+        let (status, output) = check_status(r.health);
+        let path = format!("/v1/agent/check/update/{}", encode_key(&check_id(&r.id)));
+        let resp = self
+            .send(
+                self.request(Method::PUT, &path)
+                    .json(&json!({"Status": status, "Output": output})),
+                "update check",
+            )
+            .await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        tracing::info!(store = STORE, id = %r.id, status = %resp.status(), "the agent lost a registration; registering it again");
+        self.register(r, ttl, deregister_after, prefix).await
+    }
+
+    pub(crate) async fn deregister(&self, id: &str) -> Result<(), BackendError> {
+        let path = format!("/v1/agent/service/deregister/{}", encode_key(id));
+        let resp = self
+            .send(self.request(Method::PUT, &path), "deregister service")
+            .await?;
+        // Already gone is fine.
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        expect_success(resp, "deregister service").await
+    }
+}
+
+/// The TTL check of a registration.
+fn check_id(service_id: &str) -> String {
+    format!("service:{service_id}")
+}
+
+/// Docker's health as a Consul check status: unhealthy is critical, starting is warning.
+fn check_status(health: Option<Health>) -> (&'static str, &'static str) {
+    match health {
+        None => ("passing", "running (no Docker healthcheck)"),
+        Some(Health::Healthy) => ("passing", "Docker healthcheck: healthy"),
+        Some(Health::Starting) => ("warning", "Docker healthcheck: starting"),
+        Some(Health::Unhealthy) => ("critical", "Docker healthcheck: unhealthy"),
+    }
+}
+
+/// Consul's rules for service meta: at most 64 keys; keys of at most 128 characters from
+/// `[A-Za-z0-9_-]`, not starting with `consul-`; values of at most 512 characters.
+///
+/// Labels become meta with every other character replaced by `_` (`registrator.port` is
+/// `registrator_port`), a `consul-` prefix written `x-consul-`, values cut at 512 bytes (on a
+/// character boundary). The record's own fields come first (`node_id`, `container_id`,
+/// `registrator_prefix`, `task_id`, `task_slot`, `stack`), then attributes, then `registrator.*` labels, then the
+/// other labels, up to 64 keys.
+pub fn catalog_meta(r: &ServiceRecord, prefix: &str) -> BTreeMap<String, String> {
+    let mut meta = BTreeMap::new();
+    let mut add = |k: &str, v: &str| {
+        if meta.len() >= 64 {
+            return;
+        }
+        let mut key: String = k
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if key.starts_with("consul-") {
+            key = format!("x-{key}");
+        }
+        if key.is_empty() {
+            return;
+        }
+        truncate(&mut key, 128);
+        let mut value = v.to_string();
+        truncate(&mut value, 512);
+        meta.entry(key).or_insert(value);
+    };
+    add("node_id", &r.node_id);
+    add("container_id", &r.container_id);
+    add(PREFIX_META, prefix);
+    if let Some(t) = &r.task_id {
+        add("task_id", t);
+    }
+    if let Some(s) = r.task_slot {
+        add("task_slot", &s.to_string());
+    }
+    if let Some(s) = &r.stack {
+        add("stack", s);
+    }
+    for (k, v) in &r.attrs {
+        add(k, v);
+    }
+    // This project's own labels before the rest, should the 64 keys run out.
+    let (ours, others): (Vec<_>, Vec<_>) = r
+        .labels
+        .iter()
+        .partition(|(k, _)| k.starts_with("registrator."));
+    for (k, v) in ours.into_iter().chain(others) {
+        add(k, v);
+    }
+    meta
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// The record a registration of this program under `prefix` stands for, as far as the catalog
+/// keeps it: the fields of its meta ([`catalog_meta`] writes `node_id` and `container_id` first, always), its
+/// address, port and tags; `None` for a service this program did not register. The labels are
+/// not all in the meta, so the record may differ from the one first published: a caller that
+/// compares it with the record it wants writes that one again.
+pub fn record_from_agent(s: &AgentService, prefix: &str) -> Option<ServiceRecord> {
+    let meta = s.meta.as_ref()?;
+    if meta.get(PREFIX_META).map(String::as_str) != Some(prefix) {
+        return None;
+    }
+    let node_id = meta.get("node_id")?.clone();
+    let container_id = meta.get("container_id")?.clone();
+    Some(ServiceRecord {
+        schema_version: SCHEMA_VERSION,
+        service: s.service.clone(),
+        id: s.id.clone(),
+        ip: s.address.parse().ok()?,
+        port: s.port,
+        protocol: Protocol::Tcp,
+        tags: s.tags.clone().unwrap_or_default(),
+        labels: BTreeMap::new(),
+        attrs: BTreeMap::new(),
+        container_id,
+        container_name: String::new(),
+        node_id,
+        hostname: String::new(),
+        task_id: meta.get("task_id").cloned(),
+        task_slot: meta.get("task_slot").and_then(|v| v.parse().ok()),
+        service_id: None,
+        stack: meta.get("stack").cloned(),
+        health: None,
+        started_at: None,
+    })
+}

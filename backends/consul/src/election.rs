@@ -1,0 +1,159 @@
+//! Leader election on Consul: a session with a TTL and a lock on the key (`?acquire=`), as
+//! `consul lock` does; plain values beside it.
+
+use std::time::Duration;
+
+use backend_core::{BackendError, Coordinator, Leadership};
+use futures::FutureExt;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use crate::client::{expect_success, Client, REQUEST_TIMEOUT};
+use crate::kv::{encode_key, list, next_index};
+use crate::session::{keep_session_alive, MIN_TTL};
+use crate::watch::WATCH_WAIT;
+use crate::{ConsulStore, STORE};
+
+/// Whether a lock key is held by a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockState {
+    Free,
+    Held,
+}
+
+impl Client {
+    /// Tries to acquire `key` for `session`; `Ok(true)` when it holds the lock.
+    pub(crate) async fn try_acquire(
+        &self,
+        key: &str,
+        session: &str,
+        holder: &str,
+    ) -> Result<bool, BackendError> {
+        let path = format!("/v1/kv/{}?acquire={session}", encode_key(key));
+        let resp = self
+            .send(
+                self.request(Method::PUT, &path).body(holder.to_string()),
+                "acquire lock",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "acquire lock").await?;
+            return Ok(false);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Ok(text.trim() == "true")
+    }
+
+    /// Waits (blocking query) until `key` changes or `wait` passes, and says whether it is
+    /// held by a session now.
+    pub(crate) async fn wait_for_free_lock(
+        &self,
+        key: &str,
+        index: &mut u64,
+    ) -> Result<LockState, BackendError> {
+        #[derive(Deserialize)]
+        struct Pair {
+            #[serde(rename = "Session")]
+            session: Option<String>,
+        }
+        let mut path = format!("/v1/kv/{}", encode_key(key));
+        if *index > 0 {
+            path.push_str(&format!("?index={index}&wait={}s", WATCH_WAIT.as_secs()));
+        }
+        let timeout = WATCH_WAIT + WATCH_WAIT / 16 + REQUEST_TIMEOUT;
+        let resp = self
+            .send(
+                self.request(Method::GET, &path).timeout(timeout),
+                "watch lock",
+            )
+            .await?;
+        let new_index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        *index = next_index(*index, new_index);
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(LockState::Free);
+        }
+        let pairs: Vec<Pair> = resp.json().await.unwrap_or_default();
+        if pairs.first().and_then(|p| p.session.as_ref()).is_none() {
+            return Ok(LockState::Free);
+        }
+        // Held: the next call blocks on the new index.
+        Ok(LockState::Held)
+    }
+}
+
+impl Coordinator for ConsulStore {
+    /// A session with a TTL and a lock on `key` (`?acquire=`), as `consul lock` does.
+    async fn campaign(
+        &self,
+        key: String,
+        holder: String,
+        ttl: Duration,
+    ) -> Result<Leadership, BackendError> {
+        let session = self
+            .client
+            .create_session(&format!("swarm-registrator leader {holder}"), ttl)
+            .await?;
+        let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
+        let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+        tokio::spawn(keep_session_alive(
+            self.client.clone(),
+            session.clone(),
+            ttl.max(MIN_TTL),
+            lost_tx,
+            stop_rx,
+        ));
+        let mut index = 0u64;
+        loop {
+            if self.client.try_acquire(&key, &session, &holder).await? {
+                break;
+            }
+            // Held by someone else: block until it is free (an error ends the campaign; the
+            // caller retries with backoff).
+            while self.client.wait_for_free_lock(&key, &mut index).await? == LockState::Held {}
+        }
+        tracing::info!(store = STORE, %key, %holder, %session, "elected leader");
+        let this = self.client.clone();
+        let resign = async move {
+            let _ = stop_tx.send(());
+            let release = format!("/v1/kv/{}?release={session}", encode_key(&key));
+            let _ = this
+                .send(this.request(Method::PUT, &release), "release lock")
+                .await;
+            let destroy = format!("/v1/session/destroy/{session}");
+            let _ = this
+                .send(this.request(Method::PUT, &destroy), "destroy session")
+                .await;
+        }
+        .boxed();
+        Ok(Leadership::new(lost_rx, resign))
+    }
+
+    async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let resp = self
+            .client
+            .send(
+                self.client.request(Method::PUT, &path).body(value),
+                "KV write",
+            )
+            .await?;
+        expect_success(resp, "KV write").await
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let (entries, _) = list(
+            &self.client,
+            self.client.request(
+                Method::GET,
+                &format!("/v1/kv/{}?recurse=true", encode_key(key)),
+            ),
+        )
+        .await?;
+        Ok(entries.into_iter().find(|e| e.key == key).map(|e| e.value))
+    }
+}

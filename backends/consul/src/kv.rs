@@ -1,0 +1,165 @@
+//! Consul KV: reads (`recurse`, blocking or not), transactions, and the wire rules other code
+//! of the project reuses (key encoding, the blocking-query index, the `delete` + `lock`
+//! transaction).
+
+use backend_core::{BackendError, KvEntry};
+use base64::Engine as _;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::Client;
+use crate::STORE;
+
+/// Consul's limit on the operations of one transaction.
+pub const MAX_TXN_OPS: usize = 64;
+
+impl Client {
+    /// Runs KV operations in transactions of at most [`MAX_TXN_OPS`], never splitting the
+    /// operations of one key. `session`: the session the operations lock with, if any.
+    pub(crate) async fn txn(
+        &self,
+        per_key: Vec<Vec<serde_json::Value>>,
+        session: Option<&str>,
+    ) -> Result<(), BackendError> {
+        for batch in txn_batches(per_key) {
+            self.run_txn(batch, session).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_txn(
+        &self,
+        ops: Vec<serde_json::Value>,
+        session: Option<&str>,
+    ) -> Result<(), BackendError> {
+        let resp = self
+            .send(
+                self.request(Method::PUT, "/v1/txn").json(&ops),
+                "KV transaction",
+            )
+            .await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let body = resp.text().await.unwrap_or_default();
+        // A lock is refused when its session is gone: ask Consul whether it is.
+        if let Some(id) = session {
+            if !self.session_exists(id).await? {
+                return Err(BackendError::SessionLost {
+                    store: STORE,
+                    detail: format!("session {id} is gone: {}", body.trim()),
+                });
+            }
+        }
+        Err(BackendError::Rejected {
+            store: STORE,
+            detail: format!("transaction failed: {body}"),
+        })
+    }
+
+    /// Reads every key under `prefix` (`recurse`), with the index of the answer.
+    pub async fn list_prefix(&self, prefix: &str) -> Result<(Vec<KvEntry>, u64), BackendError> {
+        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        list(self, self.request(Method::GET, &path)).await
+    }
+}
+
+#[derive(Deserialize)]
+struct KvPair {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Value")]
+    value: Option<String>,
+}
+
+/// One `GET /v1/kv/...?recurse` (blocking or not): the entries and `X-Consul-Index`.
+pub(crate) async fn list(
+    store: &Client,
+    rb: reqwest::RequestBuilder,
+) -> Result<(Vec<KvEntry>, u64), BackendError> {
+    let resp = store.send(rb, "KV read").await?;
+    let index = resp
+        .headers()
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if resp.status() == StatusCode::NOT_FOUND {
+        return Ok((Vec::new(), index));
+    }
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(BackendError::Rejected {
+            store: STORE,
+            detail: format!("KV read: {status}: {}", body.trim()),
+        });
+    }
+    let pairs: Vec<KvPair> = resp.json().await.map_err(|e| BackendError::Unavailable {
+        store: STORE,
+        endpoints: store.endpoint.clone(),
+        detail: format!("KV read: unreadable answer: {e}"),
+    })?;
+    let entries = pairs
+        .into_iter()
+        .map(|p| KvEntry {
+            key: p.key,
+            value: p
+                .value
+                .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok((entries, index))
+}
+
+/// The index of the next blocking query after an answer with `X-Consul-Index: new`, by
+/// Consul's rules: reset to 0 (a full read) when it went backwards, never below 1.
+pub fn next_index(old: u64, new: u64) -> u64 {
+    if new < old {
+        0
+    } else {
+        new.max(1)
+    }
+}
+
+/// The operations of one `/v1/txn` that write `value` at `key` held by `session`: `delete`
+/// then `lock`, atomic for readers, and taking over a key still held by another session.
+pub fn lock_ops(key: &str, value: &[u8], session: &str) -> Vec<serde_json::Value> {
+    let value = base64::engine::general_purpose::STANDARD.encode(value);
+    vec![
+        json!({"KV": {"Verb": "delete", "Key": key}}),
+        json!({"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}}),
+    ]
+}
+
+/// Groups the operations of several keys into transactions of at most [`MAX_TXN_OPS`], never
+/// splitting the operations of one key.
+pub fn txn_batches(per_key: Vec<Vec<serde_json::Value>>) -> Vec<Vec<serde_json::Value>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<serde_json::Value> = Vec::new();
+    for ops in per_key {
+        if !batch.is_empty() && batch.len() + ops.len() > MAX_TXN_OPS {
+            batches.push(std::mem::take(&mut batch));
+        }
+        batch.extend(ops);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+/// Percent-encodes a key for a URL path, keeping `/`.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,117 @@
+//! Consul sessions: created with `Behavior: delete` (the keys a session holds go with it),
+//! asked after, and kept alive for a leader.
+
+use std::time::Duration;
+
+use backend_core::BackendError;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::{expect_success, Client};
+use crate::STORE;
+
+/// Consul refuses session TTLs below 10 s.
+pub const MIN_TTL: Duration = backend_core::StoreKind::Consul.min_session_ttl();
+
+impl Client {
+    /// Creates a session: `Behavior: delete` (its keys go with it), no lock delay.
+    pub(crate) async fn create_session(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<String, BackendError> {
+        let body = json!({
+            "Name": name,
+            "TTL": format!("{}s", ttl.as_secs().max(MIN_TTL.as_secs())),
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        });
+        let resp = self
+            .send(
+                self.request(Method::PUT, "/v1/session/create").json(&body),
+                "create session",
+            )
+            .await?;
+        if !resp.status().is_success() {
+            expect_success(resp, "create session").await?;
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: "create session failed".into(),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let created: Created = resp.json().await.map_err(|e| BackendError::Rejected {
+            store: STORE,
+            detail: format!("create session: unreadable answer: {e}"),
+        })?;
+        Ok(created.id)
+    }
+
+    /// Whether Consul still knows the session (`/v1/session/info` answers `null` or `[]` for
+    /// one it does not).
+    pub(crate) async fn session_exists(&self, id: &str) -> Result<bool, BackendError> {
+        let resp = self
+            .send(
+                self.request(Method::GET, &format!("/v1/session/info/{id}")),
+                "session info",
+            )
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !resp.status().is_success() {
+            expect_success(resp, "session info").await?;
+            return Ok(false);
+        }
+        let sessions: Option<Vec<serde_json::Value>> =
+            resp.json().await.map_err(|e| BackendError::Unavailable {
+                store: STORE,
+                endpoints: self.endpoint.clone(),
+                detail: format!("session info: unreadable answer: {e}"),
+            })?;
+        Ok(sessions.is_some_and(|s| !s.is_empty()))
+    }
+}
+
+/// Renews a lock session every TTL/3 until `stop` fires or is dropped; reports on `lost` when
+/// the session is gone or Consul was unreachable for longer than the TTL.
+pub(crate) async fn keep_session_alive(
+    store: Client,
+    session: String,
+    ttl: Duration,
+    lost: futures::channel::oneshot::Sender<String>,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let path = format!("/v1/session/renew/{session}");
+        match store
+            .send(store.request(Method::PUT, &path), "renew session")
+            .await
+        {
+            Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                let _ = lost.send(format!("session {session} was ended"));
+                return;
+            }
+            Ok(resp) if resp.status().is_success() => last_ok = tokio::time::Instant::now(),
+            _ => {
+                if last_ok.elapsed() > ttl {
+                    let _ = lost.send(format!(
+                        "Consul unreachable for longer than the {}s TTL",
+                        ttl.as_secs()
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+}
