@@ -32,6 +32,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Consul {
     http: reqwest::Client,
+    /// backend-consul's client of the agent, for what it reads already.
+    agent: backend_consul::Client,
     /// `http://host:port`
     base: String,
     /// `host:port`
@@ -56,8 +58,11 @@ fn consul_index(resp: &reqwest::Response) -> Option<u64> {
 impl Consul {
     /// Connects to the agent at `endpoint` (`host:port`) and checks that it answers.
     pub async fn connect(endpoint: &str) -> Result<Consul> {
+        let agent = backend_consul::Client::new(endpoint, false, &ConsulOptions::default())
+            .context("cannot set up backend-consul's client")?;
         let consul = Consul {
             http: client()?,
+            agent,
             base: format!("http://{endpoint}"),
             endpoint: endpoint.to_string(),
         };
@@ -163,18 +168,15 @@ impl Consul {
 
     /// The ids of the agent's services whose name starts with `name_prefix`.
     pub async fn agent_services(&self, name_prefix: &str) -> Result<Vec<String>> {
-        let services: HashMap<String, Value> = self
-            .get_json("/v1/agent/services", "the agent's services")
-            .await?
-            .unwrap_or_default();
+        let services = self
+            .agent
+            .agent_services()
+            .await
+            .context("cannot list the agent's services")?;
         Ok(services
             .into_iter()
-            .filter(|(_, s)| {
-                s.get("Service")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| n.starts_with(name_prefix))
-            })
-            .map(|(id, _)| id)
+            .filter(|s| s.service.starts_with(name_prefix))
+            .map(|s| s.id)
             .collect())
     }
 
