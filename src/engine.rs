@@ -1,18 +1,31 @@
-//! The local Docker engine, through bollard.
+//! The local container engine: what the bridge asks of it ([`Engine`]), and Docker through
+//! bollard behind it ([`DockerEngine`]).
 //!
-//! Only endpoints that work on swarm workers are used: `/info`, `/containers/json`,
+//! The bridge asks four things: who this node is (swarm node id, hostname, advertised
+//! address), which containers run, what one container looks like (its labels, ports and
+//! networks, from `docker inspect`), and the stream of container and network events. Only
+//! endpoints that work on swarm workers are used: `/info`, `/containers/json`,
 //! `/containers/{id}/json` and `/events`. The manager-only `/tasks` API is never called, so the
 //! bridge runs the same on every node of a global service.
+//!
+//! The trait exists so that the bridge's timing (renewals, repairs, resyncs, reconnects) can be
+//! unit-tested with paused time against an in-memory engine; the real-engine suites
+//! (`tests/bridge_*.rs`) show what only Docker can.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
-use futures::{Stream, StreamExt};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 
 use crate::container::ContainerInfo;
 use crate::records::NodeIdentity;
+
+#[cfg(test)]
+pub(crate) mod fake;
 
 /// An error talking to the engine.
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +68,48 @@ pub struct EngineEvent {
     pub exit_code: Option<i64>,
 }
 
-/// The local engine.
+/// The stream of events of an engine: `Ok(None)` for an event the bridge ignores. It ends when
+/// the engine goes away.
+pub type EventStream = BoxStream<'static, Result<Option<EngineEvent>, EngineError>>;
+
+/// What the bridge asks of the local container engine.
+pub trait Engine: Send + Sync + 'static {
+    /// Where the engine is, for logs (`unix:///var/run/docker.sock`).
+    fn host(&self) -> &str;
+
+    /// Who this node is: the swarm node id (or the engine id outside a swarm), the hostname,
+    /// the swarm's advertised address; and the engine version.
+    fn identity(
+        &self,
+    ) -> impl Future<Output = Result<(NodeIdentity, Option<String>), EngineError>> + Send;
+
+    /// The ids of the running containers.
+    fn running_container_ids(
+        &self,
+    ) -> impl Future<Output = Result<Vec<String>, EngineError>> + Send;
+
+    /// Inspects one container (labels, env, ports, networks, state); `None` when it no longer
+    /// exists.
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, EngineError>> + Send;
+
+    /// Container and network events from `since` (seconds since the epoch, fractional) on.
+    fn events(&self, since: Option<f64>) -> EventStream;
+}
+
+/// The local Docker engine, through bollard.
 #[derive(Debug, Clone)]
-pub struct Engine {
+pub struct DockerEngine {
     docker: Docker,
     host: String,
 }
 
-impl Engine {
+impl DockerEngine {
     /// Connects (unix socket or `DOCKER_HOST`) and negotiates the API version down to the
     /// engine's.
-    pub async fn connect() -> Result<Engine, EngineError> {
+    pub async fn connect() -> Result<DockerEngine, EngineError> {
         let host =
             std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
         let connect_err = |source| EngineError::Connect {
@@ -74,16 +118,16 @@ impl Engine {
         };
         let docker = Docker::connect_with_defaults().map_err(connect_err)?;
         let docker = docker.negotiate_version().await.map_err(connect_err)?;
-        Ok(Engine { docker, host })
+        Ok(DockerEngine { docker, host })
     }
+}
 
-    pub fn host(&self) -> &str {
+impl Engine for DockerEngine {
+    fn host(&self) -> &str {
         &self.host
     }
 
-    /// Who this node is: the swarm node id (or the engine id outside a swarm), the hostname,
-    /// the swarm's advertised address; and the engine version.
-    pub async fn identity(&self) -> Result<(NodeIdentity, Option<String>), EngineError> {
+    async fn identity(&self) -> Result<(NodeIdentity, Option<String>), EngineError> {
         let info = self
             .docker
             .info()
@@ -110,8 +154,7 @@ impl Engine {
         Ok((identity, info.server_version))
     }
 
-    /// The ids of the running containers.
-    pub async fn running_container_ids(&self) -> Result<Vec<String>, EngineError> {
+    async fn running_container_ids(&self) -> Result<Vec<String>, EngineError> {
         let containers = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -126,8 +169,7 @@ impl Engine {
         Ok(containers.into_iter().filter_map(|c| c.id).collect())
     }
 
-    /// Inspects one container; `None` when it no longer exists.
-    pub async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
+    async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
         match self.docker.inspect_container(id, None).await {
             Ok(c) => Ok(Some(ContainerInfo::from_inspect(c))),
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -140,12 +182,7 @@ impl Engine {
         }
     }
 
-    /// Container and network events from `since` (seconds since the epoch, fractional) on.
-    /// The stream ends when the engine goes away.
-    pub fn events(
-        &self,
-        since: Option<f64>,
-    ) -> impl Stream<Item = Result<Option<EngineEvent>, EngineError>> + Send + 'static {
+    fn events(&self, since: Option<f64>) -> EventStream {
         let filters = HashMap::from([(
             "type".to_string(),
             vec!["container".to_string(), "network".to_string()],
@@ -155,13 +192,16 @@ impl Engine {
             until: None,
             filters: Some(filters),
         };
-        self.docker.events(Some(options)).map(|item| {
-            item.map(classify_event)
-                .map_err(|source| EngineError::Request {
-                    request: "GET /events",
-                    source,
-                })
-        })
+        self.docker
+            .events(Some(options))
+            .map(|item| {
+                item.map(classify_event)
+                    .map_err(|source| EngineError::Request {
+                        request: "GET /events",
+                        source,
+                    })
+            })
+            .boxed()
     }
 }
 

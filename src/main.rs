@@ -12,7 +12,7 @@ use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 use prometheus_client::registry::Registry;
 use swarm_registrator::bridge::{scan_engine, Bridge, BridgeConfig, Deregister};
-use swarm_registrator::engine::Engine;
+use swarm_registrator::engine::{DockerEngine, Engine};
 use swarm_registrator::metrics::{Health, Metrics};
 use swarm_registrator::records::BuildOptions;
 use tokio_util::sync::CancellationToken;
@@ -262,7 +262,7 @@ async fn run_bridge(
 }
 
 async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
-    let engine = Engine::connect().await?;
+    let engine = DockerEngine::connect().await?;
     let (node, _) = engine.identity().await?;
     let scanned = scan_engine(&engine, &build_options(cli), &node).await?;
     let mut out = String::new();

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the bridge, and the state `/healthz` reports.
 //!
-//! Every place that decides something both logs one line and bumps one of these, so that the
-//! log and the metrics tell the same story.
+//! The bridge updates them only through [`crate::internal_events`]: every decision is one event
+//! that logs one line and bumps its metrics, so that the log and the metrics tell the same
+//! story.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,11 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
 /// The bridge's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -39,16 +45,28 @@ pub struct Metrics {
     pub records: Gauge,
     /// Containers skipped because of bad labels or no address; see the log for which.
     pub containers_skipped: Counter,
+    /// Failed containers whose records are kept (`--deregister on-success`).
+    pub containers_kept: Counter,
     /// Failed store operations, by operation.
     pub backend_errors: Family<OperationLabel, Counter>,
+    /// Failed engine requests (list, inspect), by operation.
+    pub engine_errors: Family<OperationLabel, Counter>,
+    /// Retries at start, by what was not reachable (docker engine, store).
+    pub startup_retries: Family<CauseLabel, Counter>,
     /// Reconnections to the Docker event stream.
     pub docker_reconnects: Counter,
     /// Lease or session renewals, by result (ok, error, lost).
     pub session_renewals: Family<ResultLabel, Counter>,
     /// New leases or sessions opened (the first one, then one per loss).
     pub sessions_opened: Counter,
-    /// Full syncs of the engine against the store.
+    /// Full syncs of the engine against the store that completed.
     pub syncs: Counter,
+    /// Full syncs that failed, by cause (engine, store).
+    pub sync_failures: Family<CauseLabel, Counter>,
+    /// Repairs (a full sync scheduled after a failed write) begun.
+    pub repairs: Counter,
+    /// One completed full sync.
+    pub sync_seconds: Histogram,
     /// From the Docker event's timestamp to the store's acknowledgement of the write.
     pub event_to_publish_seconds: Histogram,
     /// One `docker inspect` of a container, as the bridge sees it.
@@ -71,11 +89,18 @@ impl Metrics {
             records_removed: Counter::default(),
             records: Gauge::default(),
             containers_skipped: Counter::default(),
+            containers_kept: Counter::default(),
             backend_errors: Family::default(),
+            engine_errors: Family::default(),
+            startup_retries: Family::default(),
             docker_reconnects: Counter::default(),
             session_renewals: Family::default(),
             sessions_opened: Counter::default(),
             syncs: Counter::default(),
+            sync_failures: Family::default(),
+            repairs: Counter::default(),
+            // 1 ms to about 33 s.
+            sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             // 100 µs to about 3.3 s.
             event_to_publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             inspect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -108,9 +133,24 @@ impl Metrics {
             self.containers_skipped.clone(),
         );
         r.register(
+            "containers_kept",
+            "Failed containers whose records are kept (--deregister on-success)",
+            self.containers_kept.clone(),
+        );
+        r.register(
             "backend_errors",
             "Failed store operations",
             self.backend_errors.clone(),
+        );
+        r.register(
+            "engine_errors",
+            "Failed Docker engine requests",
+            self.engine_errors.clone(),
+        );
+        r.register(
+            "startup_retries",
+            "Retries at start while the engine or the store is not reachable",
+            self.startup_retries.clone(),
         );
         r.register(
             "docker_reconnects",
@@ -129,8 +169,23 @@ impl Metrics {
         );
         r.register(
             "syncs",
-            "Full syncs of engine and store",
+            "Full syncs of engine and store that completed",
             self.syncs.clone(),
+        );
+        r.register(
+            "sync_failures",
+            "Full syncs of engine and store that failed, by cause",
+            self.sync_failures.clone(),
+        );
+        r.register(
+            "repairs",
+            "Repairs of the store begun after a failed write",
+            self.repairs.clone(),
+        );
+        r.register(
+            "sync_seconds",
+            "Time of one completed full sync",
+            self.sync_seconds.clone(),
         );
         r.register(
             "event_to_publish_seconds",

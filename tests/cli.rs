@@ -46,22 +46,9 @@ async fn bad_flags_exit_2_with_a_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_prints_the_records_and_writes_nothing() {
-    let names = Names::new("dryrun");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(Backend::Etcd, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, _) = scene(Backend::Etcd, "dryrun").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
-    wait_for("2 running tasks", CONVERGE, || async {
-        let n = task_containers(&svc, &net).await.len();
-        if n == 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} tasks"))
-        }
-    })
-    .await;
+    wait_for_tasks(&svc, &net, 2, CONVERGE).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
         .args([&Backend::Etcd.uri(&names), "--dry-run"])
         .output()
@@ -84,6 +71,5 @@ async fn dry_run_prints_the_records_and_writes_nothing() {
         let record = backend_core::ServiceRecord::from_json(json.as_bytes()).expect("a record");
         assert_eq!(record.ip.to_string(), t.ip);
     }
-    let store = Backend::Etcd.store().await;
     assert!(store.keys(&format!("{}/", names.prefix())).await.is_empty());
 }

@@ -28,12 +28,7 @@ async fn consul_get(path: &str) -> Result<Value, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_are_in_the_catalog_and_the_health_api_with_their_addresses() {
-    let names = Names::new("catalog");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(Backend::Consul, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, layout) = scene(Backend::Consul, "catalog").await;
     let _bridge = BridgeProcess::start(&Backend::Consul.uri(&names), &["--cleanup"]).await;
     service(
         &mut cleanup,
@@ -48,8 +43,6 @@ async fn tasks_are_in_the_catalog_and_the_health_api_with_their_addresses() {
         ],
     )
     .await;
-    let store = Backend::Consul.store().await;
-    let layout = names.layout();
     let tasks = wait_for("2 KV records", CONVERGE, || {
         records_match_tasks(&store, &layout, &svc, &net, 2)
     })
@@ -113,36 +106,13 @@ async fn tasks_are_in_the_catalog_and_the_health_api_with_their_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_container_is_critical_in_consul() {
-    let names = Names::new("chealth");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(Backend::Consul, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(Backend::Consul, "chealth");
     let name = names.name("web");
     let svc = names.name("websvc");
     let flag = "/tmp/healthy";
     let _bridge =
         BridgeProcess::start(&Backend::Consul.uri(&names), &["--internal", "--cleanup"]).await;
-    cleanup.container(&name);
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--expose",
-        "8080",
-        "-e",
-        &format!("SERVICE_NAME={svc}"),
-        "--health-cmd",
-        &format!("test -f {flag}"),
-        "--health-interval",
-        "1s",
-        "--health-retries",
-        "1",
-        "local/busybox",
-        "sh",
-        "-c",
-        &format!("touch {flag}; sleep 86400"),
-    ])
-    .await;
+    healthchecked_container(&mut cleanup, &name, &svc, flag).await;
     let status_is = |want: &'static str| {
         let svc = svc.clone();
         async move {
@@ -180,13 +150,7 @@ async fn an_unhealthy_container_is_critical_in_consul() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_watch_sees_records_appear_and_go() {
-    let names = Names::new("cwatch");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(Backend::Consul, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, _, layout) = scene(Backend::Consul, "cwatch").await;
     let dir = TempDir::new("cwatch");
     let out_path = dir.path().join("watch.out");
     // The handler gets the key prefix's contents as JSON on stdin at every change.
@@ -304,7 +268,7 @@ async fn a_wrong_acl_token_is_a_clear_error_naming_its_source() {
     let mut ok =
         BridgeProcess::start_with_env(&uri, &[], &[("CONSUL_HTTP_TOKEN", "root-token-for-tests")])
             .await;
-    ok.wait_for_log("synced engine and store", CONVERGE).await;
+    ok.wait_synced(1, CONVERGE).await;
     ok.signal("TERM").await;
     assert_eq!(ok.wait(Duration::from_secs(10)).await, Some(0));
 }

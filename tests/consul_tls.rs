@@ -137,6 +137,16 @@ struct TlsConsul {
     _dir: TempDir,
 }
 
+/// A fresh PKI, a TLS agent on it, names under `tag`, and the bridge's `consul+https` URI of
+/// the agent with their prefix.
+async fn tls_agent(tag: &str) -> (Pki, TlsConsul, Names, String) {
+    let pki = Pki::generate();
+    let agent = TlsConsul::start(&pki).await;
+    let names = Names::new(tag);
+    let uri = format!("consul+https://{}/{}", agent.https_addr(), names.prefix());
+    (pki, agent, names, uri)
+}
+
 impl TlsConsul {
     async fn start(pki: &Pki) -> TlsConsul {
         let dir = TempDir::new("consul-tls-agent");
@@ -252,21 +262,7 @@ fn tail(text: &str, n: usize) -> String {
 
 /// Starts a plain container that the bridge publishes with `--internal` as `service`.
 async fn container(cleanup: &mut Cleanup, name: &str, service: &str) -> String {
-    cleanup.container(name);
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--expose",
-        "8080",
-        "-e",
-        &format!("SERVICE_NAME={service}"),
-        "local/busybox",
-        "sleep",
-        "86400",
-    ])
-    .await
+    plain_container(cleanup, name, service, &[], &["sleep", "86400"]).await
 }
 
 /// Runs a bridge that is expected to give up; returns its exit code and log.
@@ -289,9 +285,7 @@ async fn failing_bridge(uri: &str, env: &[(&str, &str)]) -> (Option<i32>, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
-    let pki = Pki::generate();
-    let agent = TlsConsul::start(&pki).await;
-    let names = Names::new("ctls");
+    let (pki, agent, names, uri) = tls_agent("ctls").await;
     let mut cleanup = Cleanup::default();
     let svc = names.name("web");
     let cname = names.name("c");
@@ -304,7 +298,6 @@ async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
     ])
     .await;
 
-    let uri = format!("consul+https://{}/{}", agent.https_addr(), names.prefix());
     let env = pki.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let bridge = BridgeProcess::start_with_env(&uri, &["--internal", "--cleanup"], &env).await;
@@ -393,10 +386,7 @@ async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_consul_cacert_the_bridge_stops_on_the_unknown_certificate() {
-    let pki = Pki::generate();
-    let agent = TlsConsul::start(&pki).await;
-    let names = Names::new("ctlsnoca");
-    let uri = format!("consul+https://{}/{}", agent.https_addr(), names.prefix());
+    let (pki, agent, names, uri) = tls_agent("ctlsnoca").await;
     let cert = pki.client_cert.to_string_lossy().into_owned();
     let key = pki.client_key.to_string_lossy().into_owned();
     // The client identity is given; only the CA is missing, so the agent's certificate cannot
@@ -430,10 +420,7 @@ async fn without_consul_cacert_the_bridge_stops_on_the_unknown_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_client_certificate_the_agent_refuses_the_bridge() {
-    let pki = Pki::generate();
-    let agent = TlsConsul::start(&pki).await;
-    let names = Names::new("ctlsnocert");
-    let uri = format!("consul+https://{}/{}", agent.https_addr(), names.prefix());
+    let (pki, _agent, _, uri) = tls_agent("ctlsnocert").await;
     let ca = pki.ca.to_string_lossy().into_owned();
     // The agent is trusted, but the bridge has no identity to show: `verify_incoming_https`
     // makes the agent end the handshake with a `bad_certificate` alert.
@@ -448,10 +435,7 @@ async fn without_a_client_certificate_the_agent_refuses_the_bridge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consul_cacert_that_is_not_pem_is_a_clear_error() {
-    let pki = Pki::generate();
-    let agent = TlsConsul::start(&pki).await;
-    let names = Names::new("ctlsbadca");
-    let uri = format!("consul+https://{}/{}", agent.https_addr(), names.prefix());
+    let (pki, _agent, _, uri) = tls_agent("ctlsbadca").await;
     let cert = pki.client_cert.to_string_lossy().into_owned();
     let key = pki.client_key.to_string_lossy().into_owned();
     let cases = [

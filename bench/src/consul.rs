@@ -1,26 +1,25 @@
-//! Consul, as seen by the bench: the HTTP client, the two blocking-query observers (KV and
-//! catalog), the store-only floor, and the clean-up of what the bench and its bridges leave
-//! there.
+//! Consul, as seen by the bench: the HTTP client, the two observers, the store-only floor
+//! (written through backend-consul, the bridge's own writer), and the clean-up of what the bench
+//! and its bridges leave there.
 //!
-//! Both observers follow Consul's blocking-query rules: every answer's `X-Consul-Index` is the
-//! `index` of the next query (reset to 0 when it goes backwards, never below 1), so each change
-//! wakes the query at once. A record counts as seen when the HTTP answer carrying it arrives
-//! (its headers; Consul writes the whole answer at once), before the bench parses the body.
+//! The KV observer is backend-consul's own watch. The catalog observer (backend-consul has no
+//! catalog watch) is a blocking query on `/v1/catalog/service/<service>` with backend-consul's
+//! key encoding and index rule ([`next_index`]), so each change wakes the query at once.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use base64::Engine as _;
-use serde_json::{json, Value};
+use backend_consul::{encode_key, next_index, ConsulOptions, ConsulStore};
+use backend_core::{KeyLayout, Publisher, ServiceRecord};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::now_ns;
-use crate::observe::{RecordSeen, Via};
+use crate::observe::{watch_store, RecordSeen, Via};
 use crate::report::{BulkFloor, ConsulFloor, FloorStep};
-use futures::StreamExt;
 
 /// How long one blocking query waits for a change.
 const WAIT: &str = "30s";
@@ -33,6 +32,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Consul {
     http: reqwest::Client,
+    /// backend-consul's client of the agent, for what it reads already.
+    agent: backend_consul::Client,
     /// `http://host:port`
     base: String,
     /// `host:port`
@@ -47,19 +48,6 @@ fn client() -> Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
-/// Percent-encodes a key for a URL path, keeping `/`.
-fn encode(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn consul_index(resp: &reqwest::Response) -> Option<u64> {
     resp.headers()
         .get("X-Consul-Index")
@@ -67,20 +55,14 @@ fn consul_index(resp: &reqwest::Response) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The next blocking-query index after an answer with `new` (Consul's rules).
-fn next_index(old: u64, new: u64) -> u64 {
-    if new < old {
-        0
-    } else {
-        new.max(1)
-    }
-}
-
 impl Consul {
     /// Connects to the agent at `endpoint` (`host:port`) and checks that it answers.
     pub async fn connect(endpoint: &str) -> Result<Consul> {
+        let agent = backend_consul::Client::new(endpoint, false, &ConsulOptions::default())
+            .context("cannot set up backend-consul's client")?;
         let consul = Consul {
             http: client()?,
+            agent,
             base: format!("http://{endpoint}"),
             endpoint: endpoint.to_string(),
         };
@@ -91,38 +73,40 @@ impl Consul {
         Ok(consul)
     }
 
-    /// The agent's version (`/v1/agent/self`).
-    pub async fn version(&self) -> Result<String> {
-        let v: Value = self
+    /// `GET <path>` read as JSON; `None` when Consul answers 404. `what` names it in errors.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<Option<T>> {
+        let resp = self
             .http
-            .get(format!("{}/v1/agent/self", self.base))
+            .get(format!("{}{path}", self.base))
             .timeout(REQUEST_TIMEOUT)
             .send()
-            .await?
-            .error_for_status()?
+            .await
+            .with_context(|| format!("cannot read {what}"))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = resp
+            .error_for_status()
+            .with_context(|| format!("cannot read {what}"))?;
+        let value = resp
             .json()
-            .await?;
-        Ok(v.pointer("/Config/Version")
+            .await
+            .with_context(|| format!("unreadable {what}"))?;
+        Ok(Some(value))
+    }
+
+    /// The agent's version (`/v1/agent/self`).
+    pub async fn version(&self) -> Result<String> {
+        let v: Option<Value> = self.get_json("/v1/agent/self", "the agent's self").await?;
+        Ok(v.as_ref()
+            .and_then(|v| v.pointer("/Config/Version"))
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string())
-    }
-
-    async fn put_json(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("PUT {path}"))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            bail!("PUT {path}: {status}: {}", text.trim());
-        }
-        Ok(resp)
     }
 
     async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
@@ -138,26 +122,9 @@ impl Consul {
 
     /// The keys under `prefix` and the sessions holding any of them.
     async fn keys_and_sessions(&self, prefix: &str) -> Result<(usize, Vec<String>)> {
-        let resp = self
-            .http
-            .get(format!(
-                "{}/v1/kv/{}?recurse=true",
-                self.base,
-                encode(prefix)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot list Consul keys under {prefix}"))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok((0, Vec::new()));
-        }
-        let entries: Vec<Value> = resp
-            .error_for_status()
-            .with_context(|| format!("cannot list Consul keys under {prefix}"))?
-            .json()
-            .await
-            .context("unreadable KV listing")?;
+        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        let what = format!("the Consul keys under {prefix}");
+        let entries: Vec<Value> = self.get_json(&path, &what).await?.unwrap_or_default();
         let mut sessions: Vec<String> = entries
             .iter()
             .filter_map(|e| e.get("Session").and_then(Value::as_str))
@@ -188,7 +155,7 @@ impl Consul {
             .delete(format!(
                 "{}/v1/kv/{}?recurse=true",
                 self.base,
-                encode(prefix)
+                encode_key(prefix)
             ))
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -201,26 +168,15 @@ impl Consul {
 
     /// The ids of the agent's services whose name starts with `name_prefix`.
     pub async fn agent_services(&self, name_prefix: &str) -> Result<Vec<String>> {
-        let services: HashMap<String, Value> = self
-            .http
-            .get(format!("{}/v1/agent/services", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
+        let services = self
+            .agent
+            .agent_services()
             .await
-            .context("cannot list the agent's services")?
-            .error_for_status()
-            .context("cannot list the agent's services")?
-            .json()
-            .await
-            .context("unreadable agent service list")?;
+            .context("cannot list the agent's services")?;
         Ok(services
             .into_iter()
-            .filter(|(_, s)| {
-                s.get("Service")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| n.starts_with(name_prefix))
-            })
-            .map(|(id, _)| id)
+            .filter(|s| s.service.starts_with(name_prefix))
+            .map(|s| s.id)
             .collect())
     }
 
@@ -229,7 +185,7 @@ impl Consul {
         let ids = self.agent_services(name_prefix).await?;
         for id in &ids {
             let status = self
-                .put_empty(&format!("/v1/agent/service/deregister/{}", encode(id)))
+                .put_empty(&format!("/v1/agent/service/deregister/{}", encode_key(id)))
                 .await?;
             if !status.is_success() && status != reqwest::StatusCode::NOT_FOUND {
                 crate::log(&format!(
@@ -242,36 +198,26 @@ impl Consul {
 
     /// How many instances of `service` the catalog has.
     pub async fn catalog_count(&self, service: &str) -> Result<usize> {
+        let path = format!("/v1/catalog/service/{}", encode_key(service));
         let list: Vec<Value> = self
-            .http
-            .get(format!(
-                "{}/v1/catalog/service/{}",
-                self.base,
-                encode(service)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .context("cannot read the catalog")?
-            .error_for_status()
-            .context("cannot read the catalog")?
-            .json()
-            .await
-            .context("unreadable catalog answer")?;
+            .get_json(&path, "the catalog")
+            .await?
+            .unwrap_or_default();
         Ok(list.len())
     }
 }
 
-/// Reports every record that appears under `prefix` (a KV blocking query on
-/// `/v1/kv/<prefix>?recurse`), as [`Via::Kv`]. Returns after the first answer.
+/// Reports every record that appears under `prefix`, as [`Via::Kv`], through backend-consul's
+/// own watch ([`watch_store`]). Returns after the first answer.
 pub async fn watch_kv(
     consul: &Consul,
     prefix: &str,
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
-    let http = client()?;
-    let url = format!("{}/v1/kv/{}?recurse=true", consul.base, encode(prefix));
-    spawn_watch(http, url, Via::Kv, tx, kv_entries).await
+    let layout = KeyLayout::new(prefix);
+    let store = ConsulStore::new(&consul.endpoint, false, layout, ConsulOptions::default())
+        .context("cannot set up backend-consul")?;
+    watch_store(&store, prefix, Via::Kv, tx).await
 }
 
 /// Reports every instance of `service` that appears in the catalog (a blocking query on
@@ -282,40 +228,12 @@ pub async fn watch_catalog(
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
     let http = client()?;
-    let url = format!("{}/v1/catalog/service/{}?", consul.base, encode(service));
-    spawn_watch(http, url, Via::Catalog, tx, catalog_entries).await
+    let url = format!("{}/v1/catalog/service/{}", consul.base, encode_key(service));
+    spawn_watch(http, url, tx).await
 }
 
-/// One entry of an answer: a unique key, its version, and the record's `container_id`.
-type Entry = (String, u64, String);
-
-/// KV entries: key, ModifyIndex, `container_id` of the base64 JSON value.
-fn kv_entries(body: &[u8]) -> Vec<Entry> {
-    let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|e| {
-            let key = e.get("Key")?.as_str()?.to_string();
-            let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            let container_id = e
-                .get("Value")
-                .and_then(Value::as_str)
-                .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-                .and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
-                .and_then(|v| {
-                    v.get("container_id")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
-            Some((key, modify, container_id))
-        })
-        .collect()
-}
-
-/// Catalog instances: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
-fn catalog_entries(body: &[u8]) -> Vec<Entry> {
+/// The instances of a catalog answer: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
+fn catalog_entries(body: &[u8]) -> Vec<(String, u64, String)> {
     let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
         return Vec::new();
     };
@@ -325,21 +243,19 @@ fn catalog_entries(body: &[u8]) -> Vec<Entry> {
             let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
             let container_id = e
                 .pointer("/ServiceMeta/container_id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            Some((id, modify, container_id))
+                .and_then(Value::as_str);
+            Some((id, modify, container_id.unwrap_or_default().to_string()))
         })
         .collect()
 }
 
-/// Blocking queries on `url` in a loop; every entry not seen before (by key) is reported once.
+/// Blocking queries on the catalog `url` in a loop (backend-consul's index rule); every
+/// instance not seen before (by ServiceID) is reported once, when the answer carrying it
+/// arrives (its headers; Consul writes the whole answer at once).
 async fn spawn_watch(
     http: reqwest::Client,
     url: String,
-    via: Via,
     tx: mpsc::UnboundedSender<RecordSeen>,
-    parse: fn(&[u8]) -> Vec<Entry>,
 ) -> Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -349,8 +265,7 @@ async fn spawn_watch(
         let mut failures = 0u32;
         loop {
             let full = if index > 0 {
-                let sep = if url.ends_with('?') { "" } else { "&" };
-                format!("{url}{sep}index={index}&wait={WAIT}")
+                format!("{url}?index={index}&wait={WAIT}")
             } else {
                 url.clone()
             };
@@ -378,9 +293,6 @@ async fn spawn_watch(
                         continue;
                     }
                 }
-            } else if status == reqwest::StatusCode::NOT_FOUND {
-                // KV: nothing under the prefix yet.
-                Vec::new()
             } else {
                 failures += 1;
                 crate::log(&format!("warning: Consul blocking query: {status}"));
@@ -392,7 +304,7 @@ async fn spawn_watch(
             };
             failures = 0;
             index = next_index(index, new_index);
-            for (key, modify, container_id) in parse(&body) {
+            for (key, modify, container_id) in catalog_entries(&body) {
                 if seen.get(&key) == Some(&modify) {
                     continue;
                 }
@@ -401,7 +313,7 @@ async fn spawn_watch(
                     let record = RecordSeen {
                         container_id,
                         arrival_ns,
-                        via,
+                        via: Via::Catalog,
                     };
                     if tx.send(record).is_err() {
                         return;
@@ -421,7 +333,7 @@ async fn spawn_watch(
         _ => {
             task.abort();
             Err(anyhow!(
-                "Consul did not answer the first query of {via:?} within 10 s"
+                "Consul did not answer the first catalog query within 10 s"
             ))
         }
     }
@@ -446,38 +358,95 @@ async fn wait_for(
     }
 }
 
-/// An agent service registration like the bridge's (a TTL check, a `container_id` meta).
-fn registration(service: &str, i: usize) -> Value {
-    json!({
-        "ID": format!("{service}-{i}"),
-        "Name": service,
-        "Address": "127.0.0.1",
-        "Port": 8080,
-        "Meta": {"container_id": format!("floor-{i}")},
-        "Check": {
-            "CheckID": format!("{service}-{i}:ttl"),
-            "Name": "registrator-bench floor TTL",
-            "TTL": "300s",
-            "Status": "passing",
-            "DeregisterCriticalServiceAfter": "1m",
-        },
-    })
+/// A record for the floor: service `service`, id and container id `<service>-<i>`.
+fn floor_record(service: &str, i: usize) -> ServiceRecord {
+    let id = format!("{service}-{i}");
+    ServiceRecord {
+        schema_version: backend_core::SCHEMA_VERSION,
+        service: service.into(),
+        id: id.clone(),
+        ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        port: 8080,
+        protocol: backend_core::Protocol::Tcp,
+        tags: vec![],
+        labels: Default::default(),
+        attrs: Default::default(),
+        container_id: id.clone(),
+        container_name: id,
+        node_id: "registrator-bench".into(),
+        hostname: "registrator-bench".into(),
+        task_id: None,
+        task_slot: None,
+        service_id: None,
+        stack: None,
+        health: None,
+        started_at: None,
+    }
 }
 
-/// The store-only floor: the bench writes a record itself, the same way the bridge does, and
-/// times the write's acknowledgement and the blocking query's answer.
+/// A publisher of backend-consul, as the bridge's, writing into KV only or the catalog only,
+/// with a session of its own.
+async fn floor_store(consul: &Consul, prefix: &str, kv: bool) -> Result<ConsulStore> {
+    let options = ConsulOptions {
+        kv,
+        catalog: !kv,
+        ..ConsulOptions::default()
+    };
+    let store = ConsulStore::new(&consul.endpoint, false, KeyLayout::new(prefix), options)
+        .context("cannot set up backend-consul")?;
+    store
+        .open_session(Duration::from_secs(300))
+        .await
+        .context("cannot open a Consul session")?;
+    Ok(store)
+}
+
+/// Writes `warmup + count` records one at a time through `store`, `pause` apart, and times
+/// each write's acknowledgement and its arrival on `rx`.
+async fn floor_steps(
+    store: &ConsulStore,
+    service: &str,
+    rx: &mut mpsc::UnboundedReceiver<RecordSeen>,
+    count: usize,
+    warmup: usize,
+    timeout: Duration,
+) -> Result<Vec<FloorStep>> {
+    let pause = Duration::from_millis(60);
+    let mut steps = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let record = floor_record(service, i);
+        tokio::time::sleep(pause).await;
+        let t0 = now_ns();
+        store.publish(std::slice::from_ref(&record)).await?;
+        let ack = now_ns();
+        let seen = wait_for(rx, &record.container_id, timeout).await?;
+        if i >= warmup {
+            steps.push(FloorStep {
+                ack_ns: ack - t0,
+                seen_ns: seen.arrival_ns - t0,
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// The store-only floor: the bench publishes records itself through backend-consul's
+/// `ConsulStore` (the bridge's own writer, with a session), and times the write's
+/// acknowledgement and the blocking query's answer.
 ///
-/// * KV: one `/v1/txn` of `delete` + `lock` (with a session of the bench) per record, seen by a
+/// * KV (a store with `kv` only): one `/v1/txn` of `delete` + `lock` per record, seen by a
 ///   blocking query on `<prefix>/services/?recurse`.
-/// * Catalog: one `/v1/agent/service/register` (with a TTL check) per record, seen by a blocking
-///   query on `/v1/catalog/service/<service>`.
+/// * Catalog (a store with `catalog` only): one `/v1/agent/service/register` with a TTL check
+///   per record, seen by a blocking query on `/v1/catalog/service/<service>`.
 ///
-/// Writes are `pause` apart so the blocking query is waiting again before each one, as it is
-/// between two container starts.
+/// Writes are 60 ms apart so the blocking query is waiting again before each one, as it is
+/// between two container starts (backend-consul's watch starts its queries at least 50 ms
+/// apart).
 ///
-/// Then, for the initial sync's share: `bulk` registrations at once, 16 at a time (the
-/// bridge's concurrency for agent calls), timed until all are acknowledged and until the
-/// catalog shows all of them.
+/// Then, for the initial sync's share: `bulk` records in one publish of a catalog store (the
+/// bridge's agent concurrency, 16 at a time), timed until it returns and until the catalog
+/// shows all of them. Each store's session is destroyed and its services deregistered at the
+/// end (`close_session` with revoke).
 pub async fn floor(
     consul: &Consul,
     prefix: &str,
@@ -487,102 +456,35 @@ pub async fn floor(
     bulk: usize,
     timeout: Duration,
 ) -> Result<ConsulFloor> {
-    let pause = Duration::from_millis(30);
-
     // KV.
-    let created: Value = consul
-        .put_json(
-            "/v1/session/create",
-            &json!({"Name": "registrator-bench floor", "TTL": "300s", "Behavior": "delete", "LockDelay": "0s"}),
-        )
-        .await?
-        .json()
-        .await
-        .context("unreadable session answer")?;
-    let session = created
-        .get("ID")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("Consul created a session without an ID"))?
-        .to_string();
+    let store = floor_store(consul, prefix, true).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_kv(consul, &format!("{prefix}/services/"), tx).await?;
-    let mut kv = Vec::with_capacity(count);
-    let result: Result<()> = async {
-        for i in 0..warmup + count {
-            let id = format!("floor-{i}");
-            let key = format!("{prefix}/services/floor/{id}");
-            let value = json!({"service": "floor", "id": id, "container_id": id}).to_string();
-            let value = base64::engine::general_purpose::STANDARD.encode(value);
-            let ops = json!([
-                {"KV": {"Verb": "delete", "Key": key}},
-                {"KV": {"Verb": "lock", "Key": key, "Value": value, "Session": session}},
-            ]);
-            tokio::time::sleep(pause).await;
-            let t0 = now_ns();
-            consul.put_json("/v1/txn", &ops).await?;
-            let ack = now_ns();
-            let seen = wait_for(&mut rx, &id, timeout).await?;
-            if i >= warmup {
-                kv.push(FloorStep {
-                    ack_ns: ack - t0,
-                    seen_ns: seen.arrival_ns - t0,
-                });
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let kv = floor_steps(&store, service, &mut rx, count, warmup, timeout).await;
     watch.abort();
-    consul
-        .put_empty(&format!("/v1/session/destroy/{session}"))
-        .await
-        .ok();
-    result?;
+    store.close_session(true).await.ok();
+    let kv = kv?;
 
     // Catalog.
+    let store = floor_store(consul, prefix, false).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_catalog(consul, service, tx).await?;
-    let mut catalog = Vec::with_capacity(count);
-    let result: Result<()> = async {
-        for i in 0..warmup + count {
-            let container_id = format!("floor-{i}");
-            let body = registration(service, i);
-            tokio::time::sleep(pause).await;
-            let t0 = now_ns();
-            consul.put_json("/v1/agent/service/register", &body).await?;
-            let ack = now_ns();
-            let seen = wait_for(&mut rx, &container_id, timeout).await?;
-            if i >= warmup {
-                catalog.push(FloorStep {
-                    ack_ns: ack - t0,
-                    seen_ns: seen.arrival_ns - t0,
-                });
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let catalog = floor_steps(&store, service, &mut rx, count, warmup, timeout).await;
     watch.abort();
-    result?;
+    store.close_session(true).await.ok();
+    let catalog = catalog?;
 
     // Bulk catalog registrations.
     let bulk_service = format!("{service}-bulk");
+    let store = floor_store(consul, prefix, false).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watch = watch_catalog(consul, &bulk_service, tx).await?;
+    let records: Vec<ServiceRecord> = (0..bulk).map(|i| floor_record(&bulk_service, i)).collect();
     let t0 = now_ns();
-    let results: Vec<Result<reqwest::Response>> = futures::stream::iter(0..bulk)
-        .map(|i| {
-            let body = registration(&bulk_service, i);
-            async move { consul.put_json("/v1/agent/service/register", &body).await }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let published = store.publish(&records).await;
     let acked = now_ns();
     let outcome: Result<i64> = async {
-        for r in results {
-            r?;
-        }
+        published?;
         let deadline = Instant::now() + timeout * 2;
         let mut seen = std::collections::HashSet::new();
         loop {
@@ -602,6 +504,7 @@ pub async fn floor(
     }
     .await;
     watch.abort();
+    store.close_session(true).await.ok();
     let all_seen = outcome?;
     Ok(ConsulFloor {
         kv,
@@ -620,31 +523,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn index_rules() {
-        assert_eq!(next_index(0, 0), 1);
-        assert_eq!(next_index(5, 9), 9);
-        assert_eq!(next_index(9, 5), 0);
-    }
-
-    #[test]
-    fn parses_answers() {
-        let value = base64::engine::general_purpose::STANDARD.encode(r#"{"container_id":"c1"}"#);
-        let kv = format!(
-            r#"[{{"Key":"p/services/s/1","ModifyIndex":7,"Value":"{value}"}},{{"Key":"p/x","Value":null}}]"#
-        );
-        assert_eq!(
-            kv_entries(kv.as_bytes()),
-            vec![
-                ("p/services/s/1".to_string(), 7, "c1".to_string()),
-                ("p/x".to_string(), 0, String::new())
-            ]
-        );
-        let cat = br#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}}]"#;
+    fn parses_catalog_answers() {
+        let cat = br#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}},{"ServiceID":"b"}]"#;
         assert_eq!(
             catalog_entries(cat),
-            vec![("a".to_string(), 3, "c2".to_string())]
+            vec![
+                ("a".to_string(), 3, "c2".to_string()),
+                ("b".to_string(), 0, String::new())
+            ]
         );
-        assert!(kv_entries(b"not json").is_empty());
-        assert_eq!(encode("a b:c/d"), "a%20b%3Ac/d");
+        assert!(catalog_entries(b"not json").is_empty());
     }
 }

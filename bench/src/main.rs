@@ -25,28 +25,31 @@
 //!   transaction; an agent service registration) and times its blocking queries.
 //! * `consul-sync`: like `sync`, each run twice: KV only, then KV + catalog.
 //!
+//! Every part runs on one harness ([`harness`]): observe, spawn, wait until ready (a bridge's
+//! `/metrics` shows a completed sync), drive the engine, pair starts with records, clean up.
+//!
 //! Progress goes to stderr, the summary to stdout.
 
 mod consul;
 mod floor;
+mod harness;
 mod lab;
 mod observe;
 mod report;
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::floor::FloorTiming;
+use crate::harness::{Harness, Seen, Starter, Subject};
 use crate::lab::Lab;
-use crate::observe::{follow_starts, short, watch_records, RecordSeen, Tracker, Via};
-use crate::report::{LatencyRun, Report, Sample, SyncRun, SyncSummary};
+use crate::observe::Via;
+use crate::report::{LatencyRun, Report, SyncRun, SyncSummary};
 
 /// Benchmarks swarm-registrator against the local Docker engine, etcd and Consul.
 #[derive(Debug, Parser)]
@@ -146,30 +149,15 @@ enum Part {
 }
 
 impl Part {
-    fn name(self) -> &'static str {
-        match self {
-            Part::Plain => "plain",
-            Part::Swarm => "swarm",
-            Part::Floor => "floor",
-            Part::FloorConnect => "floor-connect",
-            Part::Sync => "sync",
-            Part::ConsulFloor => "consul-floor",
-            Part::ConsulKv => "consul-kv",
-            Part::Consul => "consul",
-            Part::ConsulCatalog => "consul-catalog",
-            Part::ConsulSync => "consul-sync",
-        }
+    /// The name on the command line.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
     }
 
     fn uses_consul(self) -> bool {
-        matches!(
-            self,
-            Part::ConsulFloor
-                | Part::ConsulKv
-                | Part::Consul
-                | Part::ConsulCatalog
-                | Part::ConsulSync
-        )
+        self.name().starts_with("consul")
     }
 
     fn runs_bridge(self) -> bool {
@@ -285,14 +273,17 @@ async fn bench(cli: Cli) -> Result<()> {
 }
 
 fn cli_line(cli: &Cli) -> String {
-    let parts: Vec<&str> = cli.parts.iter().map(|p| p.name()).collect();
+    let parts: Vec<String> = cli.parts.iter().map(|p| p.name()).collect();
     let consul = if cli.parts.iter().any(|p| p.uses_consul()) {
         format!(" --consul {}", cli.consul)
     } else {
         String::new()
     };
     format!(
-        "target/release/registrator-bench --bridge {}{consul} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
+        "{} --bridge {}{consul} -n {} --swarm-count {} --warmup {} --sync-containers {} --sync-runs {} --parts {}",
+        std::env::args()
+            .next()
+            .unwrap_or_else(|| "registrator-bench".into()),
         cli.bridge.display(),
         cli.count,
         cli.swarm_count.unwrap_or(cli.count),
@@ -304,585 +295,287 @@ fn cli_line(cli: &Cli) -> String {
 }
 
 async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
-    let timeout = Duration::from_secs(cli.timeout);
+    let h = Harness {
+        lab,
+        bridge: &cli.bridge,
+        log_dir: &cli.log_dir,
+        timeout: Duration::from_secs(cli.timeout),
+        warmup: cli.warmup,
+    };
     for (i, part) in cli.parts.iter().enumerate() {
         if i > 0 {
             // Let the engine settle after the previous part's clean-up.
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
         let load_before = report::loadavg();
+        log(&format!("part {}", part.name()));
+        let mut latency = Vec::new();
+        let mut sync = Vec::new();
         match part {
-            Part::Plain => {
-                log(&format!(
-                    "plain containers through the bridge: {} starts",
-                    cli.count
-                ));
-                let mut run = latency_plain(cli, lab, Target::Bridge, timeout).await?;
-                run.load = (load_before, report::loadavg());
-                report.latency.push(run);
+            Part::Plain | Part::Floor | Part::FloorConnect | Part::Swarm => {
+                latency.push(latency_etcd(cli, &h, *part).await?)
             }
-            Part::Floor => {
-                log(&format!(
-                    "plain containers through the floor: {} starts",
-                    cli.count
-                ));
-                let mut run = latency_plain(cli, lab, Target::Floor, timeout).await?;
-                run.load = (load_before, report::loadavg());
-                report.latency.push(run);
-            }
-            Part::FloorConnect => {
-                log(&format!(
-                    "plain containers through the floor, acting on connect too: {} starts",
-                    cli.count
-                ));
-                let mut run = latency_plain(cli, lab, Target::FloorConnect, timeout).await?;
-                run.load = (load_before, report::loadavg());
-                report.latency.push(run);
-            }
-            Part::Swarm => {
-                let n = cli.swarm_count.unwrap_or(cli.count);
-                log(&format!("swarm tasks through the bridge: {n} starts"));
-                let mut run = latency_swarm(cli, lab, n, timeout).await?;
-                run.load = (load_before, report::loadavg());
-                report.latency.push(run);
-            }
-            Part::Sync => {
-                log(&format!(
-                    "initial sync of {} containers, {} runs",
-                    cli.sync_containers, cli.sync_runs
-                ));
-                let mut sync = initial_sync(cli, lab, timeout).await?;
-                sync.load = (load_before, report::loadavg());
-                report.sync.push(sync);
-            }
+            Part::Sync => sync.push(sync_etcd(cli, &h).await?),
             Part::ConsulFloor => {
-                log(&format!(
-                    "Consul store-only floor: {} KV writes, {} catalog registrations",
-                    cli.count, cli.count
-                ));
-                let mut floor = consul::floor(
-                    lab.consul()?,
-                    &lab.prefix("cfloor"),
-                    &lab.service_name("cfloor"),
+                let c = lab.consul()?;
+                let (prefix, service) = (lab.prefix("cfloor"), lab.service_name("cfloor"));
+                let floor = consul::floor(
+                    c,
+                    &prefix,
+                    &service,
                     cli.count,
                     cli.warmup,
                     cli.sync_containers,
-                    timeout,
+                    h.timeout,
                 )
                 .await;
-                if let Some(c) = &lab.consul {
-                    c.delete_prefix(&lab.prefix("cfloor")).await.ok();
-                    c.deregister_services(&lab.service_name("cfloor"))
-                        .await
-                        .ok();
-                }
-                if let Ok(f) = &mut floor {
-                    f.load = (load_before, report::loadavg());
-                }
-                report.consul_floor = Some(floor?);
+                c.delete_prefix(&prefix).await.ok();
+                c.deregister_services(&service).await.ok();
+                let mut floor = floor?;
+                floor.load = (load_before, report::loadavg());
+                report.consul_floor = Some(floor);
             }
-            Part::ConsulKv | Part::Consul | Part::ConsulCatalog => {
-                let mode = match part {
-                    Part::ConsulKv => ConsulMode::Kv,
-                    Part::ConsulCatalog => ConsulMode::Catalog,
-                    _ => ConsulMode::Both,
-                };
-                log(&format!(
-                    "plain containers through the bridge into Consul ({mode:?}): {} starts",
-                    cli.count
-                ));
-                let runs = latency_consul(cli, lab, mode, timeout).await?;
-                let load = (load_before, report::loadavg());
-                for mut run in runs {
-                    run.load = load;
-                    report.latency.push(run);
-                }
+            Part::ConsulKv => latency.extend(latency_consul(cli, &h, ConsulMode::Kv).await?),
+            Part::Consul => latency.extend(latency_consul(cli, &h, ConsulMode::Both).await?),
+            Part::ConsulCatalog => {
+                latency.extend(latency_consul(cli, &h, ConsulMode::Catalog).await?)
             }
-            Part::ConsulSync => {
-                log(&format!(
-                    "initial sync into Consul of {} containers, {} runs of each mode",
-                    cli.sync_containers, cli.sync_runs
-                ));
-                let syncs = consul_sync(cli, lab, timeout).await?;
-                let load = (load_before, report::loadavg());
-                for mut sync in syncs {
-                    sync.load = load;
-                    report.sync.push(sync);
-                }
-            }
+            Part::ConsulSync => sync.extend(sync_consul(cli, &h).await?),
+        }
+        let load = (load_before, report::loadavg());
+        for mut run in latency {
+            run.load = load;
+            report.latency.push(run);
+        }
+        for mut s in sync {
+            s.load = load;
+            report.sync.push(s);
         }
     }
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Bridge,
-    Floor,
-    FloorConnect,
-}
-
-/// A child process of the bench: a bridge or the floor agent.
-#[derive(Debug)]
-struct Proc {
-    child: Child,
-    pid: u32,
-    log: PathBuf,
-    /// When it was spawned (wall clock, ns).
-    spawned_ns: i64,
-}
-
-impl Proc {
-    fn bridge(cli: &Cli, lab: &Lab, prefix: &str, internal: bool) -> Result<Proc> {
-        let uri = format!("etcd://{}/{prefix}", lab.etcd_endpoint);
-        let mut cmd = Command::new(&cli.bridge);
-        cmd.arg(&uri).args(["--resync", "3600"]);
-        if internal {
-            cmd.arg("--internal");
-        }
-        Proc::spawn(cmd, &cli.log_dir, &format!("{prefix}.bridge"), false)
+/// A bridge into etcd under `prefix`.
+fn etcd_bridge(lab: &Lab, prefix: &str, internal: bool) -> Subject {
+    let mut args = vec!["--resync".to_string(), "3600".into()];
+    if internal {
+        args.push("--internal".into());
     }
-
-    /// A bridge publishing into Consul under `prefix`. `--explicit` keeps it to the bench's
-    /// containers (they set SERVICE_NAME), so it never registers other people's containers in
-    /// the shared agent; `--cleanup` makes a graceful stop remove its KV keys and catalog
-    /// services.
-    fn bridge_consul(cli: &Cli, lab: &Lab, prefix: &str, mode: ConsulMode) -> Result<Proc> {
-        let consul = lab.consul()?;
-        let uri = format!("consul://{}/{prefix}", consul.endpoint);
-        let mut cmd = Command::new(&cli.bridge);
-        cmd.arg(&uri)
-            .args(["--resync", "3600", "--internal", "--explicit", "--cleanup"]);
-        match mode {
-            ConsulMode::Kv => {
-                cmd.arg("--no-consul-catalog");
-            }
-            ConsulMode::Catalog => {
-                cmd.arg("--no-consul-kv");
-            }
-            ConsulMode::Both => {}
-        }
-        Proc::spawn(cmd, &cli.log_dir, &format!("{prefix}.bridge"), false)
-    }
-
-    fn floor(cli: &Cli, lab: &Lab, prefix: &str, early: bool) -> Result<Proc> {
-        let exe = std::env::current_exe().context("cannot find the bench's own binary")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["floor", "--etcd", &lab.etcd_endpoint, "--prefix", prefix]);
-        if early {
-            cmd.arg("--early");
-        }
-        Proc::spawn(cmd, &cli.log_dir, &format!("{prefix}.floor"), true)
-    }
-
-    fn spawn(mut cmd: Command, log_dir: &Path, name: &str, piped: bool) -> Result<Proc> {
-        let log = log_dir.join(format!("{}.log", name.replace('/', "_")));
-        let file = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stderr(file)
-            .stdout(if piped { Stdio::piped() } else { Stdio::null() })
-            .kill_on_drop(true);
-        crate::log(&format!("  {name}: log in {}", log.display()));
-        let spawned_ns = now_ns();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot spawn {name}"))?;
-        let pid = child.id().ok_or_else(|| anyhow!("{name} exited at once"))?;
-        Ok(Proc {
-            child,
-            pid,
-            log,
-            spawned_ns,
-        })
-    }
-
-    /// Fails if the process has exited, quoting the end of its log.
-    fn check_alive(&mut self) -> Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(10).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "process {} exited ({status}); end of {}:\n{}",
-                self.pid,
-                self.log.display(),
-                tail.join("\n")
-            );
-        }
-        Ok(())
-    }
-
-    /// Waits until a bridge has done its first sync (its node record is written).
-    async fn wait_bridge_ready(&mut self, lab: &Lab, prefix: &str, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        let nodes = format!("{prefix}/nodes/");
-        loop {
-            self.check_alive()?;
-            if lab.count_keys(&nodes).await? > 0 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the bridge wrote no node record within {} s",
-                    within.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until a bridge logs its first sync (whatever its store; without Consul KV there is
-    /// no node record to look for).
-    async fn wait_log_ready(&mut self, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            self.check_alive()?;
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if text.contains("synced engine and store") {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the bridge logged no first sync within {} s (see {})",
-                    within.as_secs(),
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, so a `--cleanup` bridge removes what it published; SIGKILL after 15 s.
-    async fn stop_gracefully(mut self) {
-        let term = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .await;
-        if matches!(term, Ok(s) if s.success()) {
-            match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-                Ok(_) => return,
-                Err(_) => log(&format!(
-                    "warning: bridge {} still running 15 s after SIGTERM; killing it",
-                    self.pid
-                )),
-            }
-        }
-        self.stop().await;
-    }
-
-    /// VmRSS and VmHWM in KiB.
-    fn rss_kib(&self) -> Result<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .with_context(|| format!("cannot read /proc/{}/status", self.pid))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|kb| kb.parse::<u64>().ok())
-                .ok_or_else(|| anyhow!("no {name} in /proc/{}/status", self.pid))
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
-    }
-
-    async fn stop(mut self) {
-        self.child.start_kill().ok();
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            log(&format!(
-                "warning: process {} did not exit after SIGKILL",
-                self.pid
-            ));
-        }
+    Subject::Bridge {
+        uri: format!("etcd://{}/{prefix}", lab.etcd_endpoint),
+        args,
+        graceful: false,
     }
 }
 
-/// Latency of plain containers, through the bridge (`--internal`) or the floor agent.
-async fn latency_plain(
-    cli: &Cli,
-    lab: &Lab,
-    target: Target,
-    timeout: Duration,
-) -> Result<LatencyRun> {
-    let part = match target {
-        Target::Bridge => "plain",
-        Target::Floor => "floor",
-        Target::FloorConnect => "floorc",
-    };
-    let prefix = lab.prefix(part);
-    let (records_rx, _watch) = watch_records(lab, &format!("{prefix}/services/")).await?;
-    let (starts_rx, _events) = follow_starts(lab);
-    let mut tracker = Tracker::new(starts_rx, records_rx);
+/// A bridge into Consul under `prefix`. `--explicit` keeps it to the bench's containers (they
+/// set SERVICE_NAME), so it never registers other people's containers in the shared agent;
+/// `--cleanup` makes its graceful stop remove its KV keys and catalog services.
+fn consul_bridge(lab: &Lab, prefix: &str, mode: ConsulMode) -> Result<Subject> {
+    let mut args: Vec<String> = ["--resync", "3600", "--internal", "--explicit", "--cleanup"]
+        .map(String::from)
+        .to_vec();
+    match mode {
+        ConsulMode::Kv => args.push("--no-consul-catalog".into()),
+        ConsulMode::Catalog => args.push("--no-consul-kv".into()),
+        ConsulMode::Both => {}
+    }
+    Ok(Subject::Bridge {
+        uri: format!("consul://{}/{prefix}", lab.consul()?.endpoint),
+        args,
+        graceful: true,
+    })
+}
 
-    let mut proc = match target {
-        Target::Bridge => {
-            let mut p = Proc::bridge(cli, lab, &prefix, true)?;
-            p.wait_bridge_ready(lab, &prefix, timeout).await?;
-            p
-        }
-        Target::Floor => Proc::floor(cli, lab, &prefix, false)?,
-        Target::FloorConnect => Proc::floor(cli, lab, &prefix, true)?,
-    };
-    // The floor agent reports the time of each step on stdout.
-    let floor_lines = match proc.child.stdout.take() {
-        Some(out) => {
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let reader = tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(out).lines();
-                let mut timings = Vec::new();
-                let mut ready = Some(ready_tx);
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.contains("\"ready\"") {
-                        if let Some(tx) = ready.take() {
-                            tx.send(()).ok();
-                        }
-                    } else if let Some(t) = FloorTiming::parse(&line) {
-                        timings.push(t);
-                    }
-                }
-                timings
-            });
-            if tokio::time::timeout(timeout, ready_rx).await.is_err() {
-                proc.check_alive()?;
-                bail!(
-                    "the floor agent was not ready within {} s",
-                    timeout.as_secs()
-                );
-            }
-            Some(reader)
-        }
-        None => None,
-    };
+fn consul_seen(mode: ConsulMode, service: &str) -> Seen<'_> {
+    Seen::Consul {
+        kv: mode.kv(),
+        catalog: mode.catalog(),
+        service,
+    }
+}
 
-    let mut samples = Vec::with_capacity(cli.count);
-    for i in 0..cli.warmup + cli.count {
-        let name = format!("rbench-{}-{part}-{i}", lab.run_id);
-        let id = lab.create_plain(&name, None).await?;
-        lab.start(&id).await?;
-        let start = tracker.start_of(&id, timeout).await?;
-        let record = match tracker.record_of(&id, Via::Etcd, timeout).await {
-            Ok(r) => r,
-            Err(e) => {
-                proc.check_alive()?;
-                return Err(e);
-            }
-        };
-        if i >= cli.warmup {
-            samples.push(Sample {
-                container_id: id.clone(),
-                time_nano: start.time_nano,
-                recv_ns: start.recv_ns,
-                arrival_ns: record.arrival_ns,
-                floor: None,
-            });
-        }
-        if (i + 1) % 50 == 0 {
-            log(&format!("  {part}: {} starts", i + 1));
-        }
-    }
-    let rss = proc.rss_kib().ok();
-    if floor_lines.is_some() {
-        // The agent prints a start's timings after its put returns, which can be after the
-        // record reached the bench's watch: give the last line time to come.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    proc.stop().await;
-    if let Some(reader) = floor_lines {
-        if let Ok(Ok(timings)) = tokio::time::timeout(Duration::from_secs(5), reader).await {
-            for t in timings {
-                if let Some(s) = samples
-                    .iter_mut()
-                    .find(|s| s.container_id == t.container_id)
-                {
-                    s.floor = Some(t);
-                }
-            }
-        }
-    }
-    // Remove this part's containers before the next part, so each starts from the same engine.
+/// Removes this run's containers, so each part starts from the same engine.
+async fn remove_own_containers(lab: &Lab) -> Result<()> {
     let ids = lab.own_containers().await?;
     lab.remove_containers(&ids).await;
-    lab.delete_prefix(&prefix).await?;
-    Ok(LatencyRun {
-        name: match target {
-            Target::Bridge => "bridge, plain containers (--internal, exposed port)".into(),
-            Target::Floor => "floor: start event → 1 inspect → 1 put".into(),
-            Target::FloorConnect => {
-                "floor, early: connect or start event → 1 inspect → 1 put".into()
-            }
-        },
-        samples,
-        rss_kib: rss,
-        load: Default::default(),
-    })
+    Ok(())
 }
 
-/// Latency of swarm tasks: one service, scaled up one task at a time.
-async fn latency_swarm(cli: &Cli, lab: &Lab, n: usize, timeout: Duration) -> Result<LatencyRun> {
-    let prefix = lab.prefix("swarm");
-    let network = format!("rbench-{}-net", lab.run_id);
+/// Latency into etcd: plain containers through the bridge (`--internal`) or the floor agent,
+/// or swarm tasks of one service on an overlay network, scaled up one task at a time.
+async fn latency_etcd(cli: &Cli, h: &Harness<'_>, part: Part) -> Result<LatencyRun> {
+    let lab = h.lab;
+    let (tag, name) = match part {
+        Part::Floor => ("floor", "floor: start event → 1 inspect → 1 put"),
+        Part::FloorConnect => (
+            "floorc",
+            "floor, early: connect or start event → 1 inspect → 1 put",
+        ),
+        Part::Swarm => (
+            "swarm",
+            "bridge, swarm tasks (overlay network, registrator.port label)",
+        ),
+        _ => (
+            "plain",
+            "bridge, plain containers (--internal, exposed port)",
+        ),
+    };
+    let prefix = lab.prefix(tag);
     let service = format!("rbench-{}-svc", lab.run_id);
-    lab.create_overlay(&network).await?;
-    lab.create_service(&service, &network).await?;
-
-    let (records_rx, _watch) = watch_records(lab, &format!("{prefix}/services/")).await?;
-    let (starts_rx, _events) = follow_starts(lab);
-    let mut tracker = Tracker::new(starts_rx, records_rx);
-    let mut proc = Proc::bridge(cli, lab, &prefix, false)?;
-    proc.wait_bridge_ready(lab, &prefix, timeout).await?;
-
-    // A task is scheduled, its network attached and its container created before it starts:
-    // give that more time than one record.
-    let task_timeout = timeout * 4;
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..cli.warmup + n {
-        lab.scale_service(&service, (i + 1) as i64).await?;
-        let start = tracker.next_start(task_timeout).await?;
-        let record = match tracker
-            .record_of(&start.container_id, Via::Etcd, timeout)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                proc.check_alive()?;
-                return Err(e.context(format!(
-                    "task container {} started but no record appeared",
-                    short(&start.container_id)
-                )));
-            }
-        };
-        if i >= cli.warmup {
-            samples.push(Sample {
-                container_id: start.container_id.clone(),
-                time_nano: start.time_nano,
-                recv_ns: start.recv_ns,
-                arrival_ns: record.arrival_ns,
-                floor: None,
-            });
+    let (subject, starter, n) = match part {
+        Part::Plain => (
+            etcd_bridge(lab, &prefix, true),
+            Starter::Plain { service: None },
+            cli.count,
+        ),
+        Part::Swarm => {
+            let network = format!("rbench-{}-net", lab.run_id);
+            lab.create_overlay(&network).await?;
+            lab.create_service(&service, &network).await?;
+            let n = cli.swarm_count.unwrap_or(cli.count);
+            let starter = Starter::Task { service: &service };
+            (etcd_bridge(lab, &prefix, false), starter, n)
         }
-        if (i + 1) % 50 == 0 {
-            log(&format!("  swarm: {} tasks", i + 1));
+        _ => {
+            let etcd = lab.etcd_endpoint.clone();
+            let early = part == Part::FloorConnect;
+            let starter = Starter::Plain { service: None };
+            (Subject::Floor { etcd, early }, starter, cli.count)
         }
+    };
+    let outcome = h.latency(&subject, &prefix, Seen::Etcd, starter, n).await;
+    if part == Part::Swarm {
+        log("  removing the service and its tasks");
+        lab.clean_up().await;
+    } else {
+        remove_own_containers(lab).await?;
+        lab.delete_prefix(&prefix).await?;
     }
-    let rss = proc.rss_kib().ok();
-    proc.stop().await;
-    log("  removing the service and its tasks");
-    lab.clean_up().await;
+    let mut m = outcome?;
     Ok(LatencyRun {
-        name: "bridge, swarm tasks (overlay network, registrator.port label)".into(),
-        samples,
-        rss_kib: rss,
+        name: name.into(),
+        samples: m.samples.remove(0),
+        rss_kib: m.rss_kib,
         load: Default::default(),
     })
 }
 
-/// Idle RSS, then the initial sync of `--sync-containers` running containers, repeated.
-async fn initial_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<SyncSummary> {
-    // Idle: a bridge on an engine without this run's containers.
-    let idle_containers = lab.running_containers().await?;
-    let prefix = lab.prefix("idle");
-    let mut proc = Proc::bridge(cli, lab, &prefix, true)?;
-    proc.wait_bridge_ready(lab, &prefix, timeout).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = proc.rss_kib()?;
-    proc.stop().await;
-    lab.delete_prefix(&prefix).await?;
+/// Latency of plain containers through a Consul bridge: one row per observer (KV, catalog).
+async fn latency_consul(cli: &Cli, h: &Harness<'_>, mode: ConsulMode) -> Result<Vec<LatencyRun>> {
+    let lab = h.lab;
+    let tag = match mode {
+        ConsulMode::Kv => "ckv",
+        ConsulMode::Catalog => "ccat",
+        ConsulMode::Both => "cboth",
+    };
+    let (prefix, service) = (lab.prefix(tag), lab.service_name(tag));
+    let subject = consul_bridge(lab, &prefix, mode)?;
+    let seen = consul_seen(mode, &service);
+    let starter = Starter::Plain {
+        service: Some(&service),
+    };
+    let outcome = h.latency(&subject, &prefix, seen, starter, cli.count).await;
+    remove_own_containers(lab).await?;
+    let consul = lab.consul()?;
+    consul.delete_prefix(&prefix).await?;
+    consul.deregister_services(&service).await?;
+    let m = outcome?;
+    let names = seen.vias().into_iter().map(|via| match (mode, via) {
+        (ConsulMode::Kv, _) => report::CONSUL_KV_ONLY,
+        (ConsulMode::Catalog, _) => report::CONSUL_CATALOG_ONLY,
+        (ConsulMode::Both, Via::Catalog) => report::CONSUL_BOTH_CATALOG,
+        (ConsulMode::Both, _) => report::CONSUL_BOTH_KV,
+    });
+    Ok(names
+        .zip(m.samples)
+        .map(|(name, samples)| LatencyRun {
+            name: name.into(),
+            samples,
+            rss_kib: m.rss_kib,
+            load: Default::default(),
+        })
+        .collect())
+}
 
+/// Starts `--sync-containers` plain containers for the sync parts.
+async fn start_sync_containers(
+    cli: &Cli,
+    lab: &Lab,
+    tag: &str,
+    service: Option<&str>,
+) -> Result<Vec<String>> {
     let m = cli.sync_containers;
     log(&format!("  starting {m} containers"));
     let started = Instant::now();
-    let ids = lab
-        .run_many_plain(&format!("rbench-{}-sync", lab.run_id), m, None)
-        .await?;
+    let base = format!("rbench-{}-{tag}", lab.run_id);
+    let ids = lab.run_many_plain(&base, m, service).await?;
     log(&format!(
         "  {m} containers running after {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    let ours: std::collections::HashSet<String> = ids.iter().cloned().collect();
-
-    let mut runs = Vec::new();
-    for r in 0..cli.sync_runs {
-        let prefix = lab.prefix(&format!("sync{r}"));
-        let services = format!("{prefix}/services/");
-        let (mut records_rx, watch) = watch_records(lab, &services).await?;
-        let mut proc = Proc::bridge(cli, lab, &prefix, true)?;
-        let deadline = Instant::now() + timeout * 2;
-        let mut seen = std::collections::HashSet::new();
-        let mut done_ns = None;
-        while done_ns.is_none() {
-            tokio::select! {
-                rec = records_rx.recv() => match rec {
-                    Some(rec) => {
-                        if ours.contains(&rec.container_id) {
-                            seen.insert(rec.container_id);
-                            if seen.len() == m {
-                                done_ns = Some(rec.arrival_ns);
-                            }
-                        }
-                    }
-                    None => bail!("the etcd watch ended during the sync"),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    proc.check_alive()?;
-                    bail!("only {} of {m} records after {} s", seen.len(), (timeout * 2).as_secs());
-                }
-            }
-        }
-        let elapsed_ns = done_ns.unwrap_or_default() - proc.spawned_ns;
-        let total_records = lab.count_keys(&services).await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (rss, hwm) = proc.rss_kib()?;
-        proc.stop().await;
-        watch.abort();
-        lab.delete_prefix(&prefix).await?;
-        log(&format!(
-            "  run {}: {m} records in {:.1} ms, RSS {} KiB (peak {} KiB)",
-            r + 1,
-            elapsed_ns as f64 / 1e6,
-            rss,
-            hwm
-        ));
-        runs.push(SyncRun {
-            elapsed_ns,
-            rss_kib: rss,
-            hwm_kib: hwm,
-            total_records,
-        });
-    }
-    lab.remove_containers(&ids).await;
-    Ok(SyncSummary {
-        name: report::SYNC_ETCD.into(),
-        containers: m,
-        idle_rss_kib: idle_rss.0,
-        idle_containers,
-        runs,
-        load: Default::default(),
-    })
+    Ok(ids)
 }
 
-/// The Consul observers a bridge of `mode` needs, all sending to one channel.
-async fn consul_watches(
-    lab: &Lab,
-    prefix: &str,
-    service: &str,
-    mode: ConsulMode,
-) -> Result<(
-    tokio::sync::mpsc::UnboundedReceiver<RecordSeen>,
-    Vec<tokio::task::JoinHandle<()>>,
-)> {
-    let consul = lab.consul()?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watches = Vec::new();
-    if mode.kv() {
-        watches.push(consul::watch_kv(consul, &format!("{prefix}/services/"), tx.clone()).await?);
+fn summary(name: &str, containers: usize, idle: (u64, usize)) -> SyncSummary {
+    SyncSummary {
+        name: name.into(),
+        containers,
+        idle_rss_kib: idle.0,
+        idle_containers: idle.1,
+        runs: Vec::new(),
+        load: Default::default(),
     }
-    if mode.catalog() {
-        watches.push(consul::watch_catalog(consul, service, tx).await?);
+}
+
+/// Idle RSS, then the initial sync into etcd of `--sync-containers` containers, repeated.
+async fn sync_etcd(cli: &Cli, h: &Harness<'_>) -> Result<SyncSummary> {
+    let lab = h.lab;
+    // Idle: a bridge on an engine without this run's containers.
+    let idle_containers = lab.running_containers().await?;
+    let prefix = lab.prefix("idle");
+    let idle_rss = h.idle_rss(&etcd_bridge(lab, &prefix, true), &prefix).await;
+    lab.delete_prefix(&prefix).await?;
+    let mut sync = summary(
+        report::SYNC_ETCD,
+        cli.sync_containers,
+        (idle_rss?.0, idle_containers),
+    );
+
+    let ids = start_sync_containers(cli, lab, "sync", None).await?;
+    let ours: HashSet<String> = ids.iter().cloned().collect();
+    let outcome: Result<()> = async {
+        for r in 0..cli.sync_runs {
+            let prefix = lab.prefix(&format!("sync{r}"));
+            let services = format!("{prefix}/services/");
+            let subject = etcd_bridge(lab, &prefix, true);
+            let (run, totals) = h
+                .initial_sync(&subject, &prefix, Seen::Etcd, &ours, |_| {
+                    lab.count_keys(&services)
+                })
+                .await?;
+            lab.delete_prefix(&prefix).await?;
+            log(&format!(
+                "  run {}: {} records in {:.1} ms, RSS {} KiB (peak {} KiB)",
+                r + 1,
+                ours.len(),
+                run.elapsed_ns[0] as f64 / 1e6,
+                run.rss_kib,
+                run.hwm_kib
+            ));
+            sync.runs.push(SyncRun {
+                elapsed_ns: run.elapsed_ns[0],
+                rss_kib: run.rss_kib,
+                hwm_kib: run.hwm_kib,
+                total_records: totals[0],
+            });
+        }
+        Ok(())
     }
-    Ok((rx, watches))
+    .await;
+    lab.remove_containers(&ids).await;
+    outcome?;
+    Ok(sync)
 }
 
 /// Waits until the catalog has no instance of `service` (an agent deregistration reaches the
@@ -906,215 +599,74 @@ async fn wait_catalog_empty(lab: &Lab, service: &str, within: Duration) -> Resul
     }
 }
 
-/// Latency of plain containers through a Consul bridge: one row per observer (KV, catalog).
-async fn latency_consul(
-    cli: &Cli,
-    lab: &Lab,
-    mode: ConsulMode,
-    timeout: Duration,
-) -> Result<Vec<LatencyRun>> {
-    let part = match mode {
-        ConsulMode::Kv => "ckv",
-        ConsulMode::Catalog => "ccat",
-        ConsulMode::Both => "cboth",
-    };
-    let prefix = lab.prefix(part);
-    let service = lab.service_name(part);
-    let (records_rx, watches) = consul_watches(lab, &prefix, &service, mode).await?;
-    let (starts_rx, _events) = follow_starts(lab);
-    let mut tracker = Tracker::new(starts_rx, records_rx);
-    let mut proc = Proc::bridge_consul(cli, lab, &prefix, mode)?;
-    let outcome: Result<(Vec<Sample>, Vec<Sample>)> = async {
-        proc.wait_log_ready(timeout).await?;
-        let mut kv = Vec::with_capacity(cli.count);
-        let mut catalog = Vec::with_capacity(cli.count);
-        for i in 0..cli.warmup + cli.count {
-            let name = format!("rbench-{}-{part}-{i}", lab.run_id);
-            let id = lab.create_plain(&name, Some(&service)).await?;
-            lab.start(&id).await?;
-            let start = tracker.start_of(&id, timeout).await?;
-            let mut seen = Vec::new();
-            if mode.kv() {
-                seen.push(tracker.record_of(&id, Via::Kv, timeout).await);
-            }
-            if mode.catalog() {
-                seen.push(tracker.record_of(&id, Via::Catalog, timeout).await);
-            }
-            for record in seen {
-                let record = match record {
-                    Ok(r) => r,
-                    Err(e) => {
-                        proc.check_alive()?;
-                        return Err(e);
-                    }
-                };
-                if i < cli.warmup {
-                    continue;
-                }
-                let sample = Sample {
-                    container_id: id.clone(),
-                    time_nano: start.time_nano,
-                    recv_ns: start.recv_ns,
-                    arrival_ns: record.arrival_ns,
-                    floor: None,
-                };
-                match record.via {
-                    Via::Catalog => catalog.push(sample),
-                    _ => kv.push(sample),
-                }
-            }
-            if (i + 1) % 50 == 0 {
-                log(&format!("  {part}: {} starts", i + 1));
-            }
-        }
-        Ok((kv, catalog))
-    }
-    .await;
-    let rss = proc.rss_kib().ok();
-    proc.stop_gracefully().await;
-    for w in watches {
-        w.abort();
-    }
-    let ids = lab.own_containers().await?;
-    lab.remove_containers(&ids).await;
-    let consul = lab.consul()?;
-    consul.delete_prefix(&prefix).await?;
-    consul.deregister_services(&service).await?;
-    let (kv, catalog) = outcome?;
-    let mut runs = Vec::new();
-    let (kv_name, catalog_name) = match mode {
-        ConsulMode::Kv => (report::CONSUL_KV_ONLY, ""),
-        ConsulMode::Catalog => ("", report::CONSUL_CATALOG_ONLY),
-        ConsulMode::Both => (report::CONSUL_BOTH_KV, report::CONSUL_BOTH_CATALOG),
-    };
-    for (name, samples) in [(kv_name, kv), (catalog_name, catalog)] {
-        if samples.is_empty() {
-            continue;
-        }
-        runs.push(LatencyRun {
-            name: name.into(),
-            samples,
-            rss_kib: rss,
-            load: Default::default(),
-        });
-    }
-    Ok(runs)
-}
-
 /// Initial sync into Consul: each run once KV only, once KV + catalog (the bridge's default).
-async fn consul_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<Vec<SyncSummary>> {
+async fn sync_consul(cli: &Cli, h: &Harness<'_>) -> Result<Vec<SyncSummary>> {
+    let lab = h.lab;
     let consul = lab.consul()?;
     let service = lab.service_name("csync");
 
     // Idle: a bridge (KV + catalog) with none of this run's containers.
     let idle_containers = lab.running_containers().await?;
     let prefix = lab.prefix("cidle");
-    let mut proc = Proc::bridge_consul(cli, lab, &prefix, ConsulMode::Both)?;
-    proc.wait_log_ready(timeout).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = proc.rss_kib()?;
-    proc.stop_gracefully().await;
+    let idle_rss = h
+        .idle_rss(&consul_bridge(lab, &prefix, ConsulMode::Both)?, &prefix)
+        .await;
     consul.delete_prefix(&prefix).await?;
-
+    let idle = (idle_rss?.0, idle_containers);
     let m = cli.sync_containers;
-    log(&format!("  starting {m} containers"));
-    let started = Instant::now();
-    let ids = lab
-        .run_many_plain(&format!("rbench-{}-csync", lab.run_id), m, Some(&service))
-        .await?;
-    log(&format!(
-        "  {m} containers running after {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    let ours: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    let mut kv_only = summary(report::SYNC_CONSUL_KV_ONLY, m, idle);
+    let mut both_kv = summary(report::SYNC_CONSUL_BOTH_KV, m, idle);
+    let mut both_catalog = summary(report::SYNC_CONSUL_BOTH_CATALOG, m, idle);
 
-    let summary = |name: &str| SyncSummary {
-        name: name.into(),
-        containers: m,
-        idle_rss_kib: idle_rss.0,
-        idle_containers,
-        runs: Vec::new(),
-        load: Default::default(),
-    };
-    let mut kv_only = summary(report::SYNC_CONSUL_KV_ONLY);
-    let mut both_kv = summary(report::SYNC_CONSUL_BOTH_KV);
-    let mut both_catalog = summary(report::SYNC_CONSUL_BOTH_CATALOG);
-
+    let ids = start_sync_containers(cli, lab, "csync", Some(&service)).await?;
+    let ours: HashSet<String> = ids.iter().cloned().collect();
     let outcome: Result<()> = async {
         for r in 0..cli.sync_runs {
             for mode in [ConsulMode::Kv, ConsulMode::Both] {
                 let tag = if mode == ConsulMode::Kv { "kv" } else { "both" };
                 let prefix = lab.prefix(&format!("csync{r}{tag}"));
-                wait_catalog_empty(lab, &service, timeout).await?;
-                let (mut rx, watches) = consul_watches(lab, &prefix, &service, mode).await?;
-                let mut proc = Proc::bridge_consul(cli, lab, &prefix, mode)?;
-                let deadline = Instant::now() + timeout * 2;
-                let mut seen_kv = std::collections::HashSet::new();
-                let mut seen_catalog = std::collections::HashSet::new();
-                let (mut kv_done, mut catalog_done) = (None, None);
-                while (mode.kv() && kv_done.is_none()) || (mode.catalog() && catalog_done.is_none())
-                {
-                    tokio::select! {
-                        rec = rx.recv() => match rec {
-                            Some(rec) if ours.contains(&rec.container_id) => {
-                                let (set, done) = match rec.via {
-                                    Via::Catalog => (&mut seen_catalog, &mut catalog_done),
-                                    _ => (&mut seen_kv, &mut kv_done),
-                                };
-                                set.insert(rec.container_id);
-                                if set.len() == m && done.is_none() {
-                                    *done = Some(rec.arrival_ns);
-                                }
-                            }
-                            Some(_) => {}
-                            None => bail!("the Consul blocking queries ended during the sync"),
-                        },
-                        _ = tokio::time::sleep_until(deadline) => {
-                            proc.check_alive()?;
-                            bail!(
-                                "{tag} sync: {} of {m} records in KV, {} in the catalog after {} s",
-                                seen_kv.len(),
-                                seen_catalog.len(),
-                                (timeout * 2).as_secs()
-                            );
-                        }
-                    }
-                }
-                let spawned_ns = proc.spawned_ns;
                 let services = format!("{prefix}/services/");
-                let kv_records = consul.count_keys(&services).await? as i64;
-                let catalog_records = consul.catalog_count(&service).await? as i64;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let (rss, hwm) = proc.rss_kib()?;
-                proc.stop_gracefully().await;
-                for w in watches {
-                    w.abort();
-                }
+                wait_catalog_empty(lab, &service, h.timeout).await?;
+                let subject = consul_bridge(lab, &prefix, mode)?;
+                let seen = consul_seen(mode, &service);
+                let (run, totals) = h
+                    .initial_sync(&subject, &prefix, seen, &ours, |via| {
+                        let services = services.clone();
+                        let service = service.clone();
+                        async move {
+                            Ok(match via {
+                                Via::Catalog => consul.catalog_count(&service).await?,
+                                _ => consul.count_keys(&services).await?,
+                            } as i64)
+                        }
+                    })
+                    .await?;
                 consul.delete_prefix(&prefix).await?;
-                let run = |done: Option<i64>, total_records| SyncRun {
-                    elapsed_ns: done.map(|d| d - spawned_ns).unwrap_or_default(),
-                    rss_kib: rss,
-                    hwm_kib: hwm,
-                    total_records,
-                };
-                let ms = |done: Option<i64>| {
-                    done.map(|d| format!("{:.1} ms", (d - spawned_ns) as f64 / 1e6))
-                        .unwrap_or_else(|| "-".into())
-                };
+                let ms: Vec<String> = run
+                    .elapsed_ns
+                    .iter()
+                    .map(|ns| format!("{:.1} ms", *ns as f64 / 1e6))
+                    .collect();
                 log(&format!(
-                    "  run {} {tag}: {m} records in KV after {}, in the catalog after {}, RSS {} KiB (peak {} KiB)",
+                    "  run {} {tag}: {m} records after {} (KV, then catalog), RSS {} KiB (peak {} KiB)",
                     r + 1,
-                    ms(kv_done),
-                    ms(catalog_done),
-                    rss,
-                    hwm
+                    ms.join(", "),
+                    run.rss_kib,
+                    run.hwm_kib
                 ));
-                match mode {
-                    ConsulMode::Kv => kv_only.runs.push(run(kv_done, kv_records)),
-                    _ => {
-                        both_kv.runs.push(run(kv_done, kv_records));
-                        both_catalog.runs.push(run(catalog_done, catalog_records));
-                    }
+                let targets = match mode {
+                    ConsulMode::Kv => vec![&mut kv_only],
+                    _ => vec![&mut both_kv, &mut both_catalog],
+                };
+                for ((target, elapsed_ns), total_records) in
+                    targets.into_iter().zip(&run.elapsed_ns).zip(&totals)
+                {
+                    target.runs.push(SyncRun {
+                        elapsed_ns: *elapsed_ns,
+                        rss_kib: run.rss_kib,
+                        hwm_kib: run.hwm_kib,
+                        total_records: *total_records,
+                    });
                 }
             }
         }
@@ -1122,7 +674,7 @@ async fn consul_sync(cli: &Cli, lab: &Lab, timeout: Duration) -> Result<Vec<Sync
     }
     .await;
     lab.remove_containers(&ids).await;
-    wait_catalog_empty(lab, &service, timeout).await.ok();
+    wait_catalog_empty(lab, &service, h.timeout).await.ok();
     outcome?;
     Ok(vec![kv_only, both_kv, both_catalog])
 }

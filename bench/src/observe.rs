@@ -2,16 +2,16 @@
 //!
 //! * the `start` events of this run's containers, from the Docker events stream, with the
 //!   engine's `timeNano` and the moment the bench received each;
-//! * the records that appear on an etcd watch of a prefix, with the moment each watch response
-//!   arrived (wall clock, the same clock as dockerd's on this machine); the Consul equivalents
-//!   (KV and catalog blocking queries) are in [`crate::consul`].
+//! * the records that appear under a prefix, through the store's own watch (etcd or Consul KV,
+//!   [`watch_store`]), with the moment each arrived (wall clock, the same clock as dockerd's on
+//!   this machine); the Consul catalog's blocking query is in [`crate::consul`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use backend_core::{KvEntry, ServiceRecord, WatchEvent, Watcher};
 use bollard::query_parameters::EventsOptions;
-use etcd_client::{EventType, WatchOptions};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -33,9 +33,9 @@ pub struct StartSeen {
 /// Where a record was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
-    /// An etcd watch.
+    /// backend-etcd's watch.
     Etcd,
-    /// A Consul KV blocking query.
+    /// backend-consul's KV watch.
     Kv,
     /// A Consul catalog blocking query.
     Catalog,
@@ -46,7 +46,7 @@ pub enum Via {
 pub struct RecordSeen {
     /// The record's `container_id` field ("" when it has none).
     pub container_id: String,
-    /// When the watch response carrying it arrived.
+    /// When the watch delivered it.
     pub arrival_ns: i64,
     pub via: Via,
 }
@@ -96,62 +96,58 @@ pub fn follow_starts(lab: &Lab) -> (mpsc::UnboundedReceiver<StartSeen>, JoinHand
     (rx, task)
 }
 
-/// Watches `prefix` (from now on) and reports every record put under it. Returns once etcd has
-/// confirmed the watch.
-pub async fn watch_records(
-    lab: &Lab,
+/// Reports every record that appears under `prefix`, once per key, as `via`, through the
+/// store's own watch (backend-etcd's or backend-consul's, the bridge's code) and backend-core's
+/// record decoding. A record counts as seen when its event leaves the watch. Returns once the
+/// watch has listed the prefix (from then on no put is missed).
+pub async fn watch_store(
+    store: &impl Watcher,
     prefix: &str,
-) -> Result<(mpsc::UnboundedReceiver<RecordSeen>, JoinHandle<()>)> {
-    let mut client = lab.etcd.clone();
-    let mut stream = client
-        .watch(prefix, Some(WatchOptions::new().with_prefix()))
-        .await
-        .with_context(|| format!("cannot watch {prefix}"))?;
-    let created = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .map_err(|_| anyhow!("etcd did not confirm the watch of {prefix} within 10 s"))?
-        .context("watch failed")?
-        .ok_or_else(|| anyhow!("watch of {prefix} ended at once"))?;
-    if !created.created() {
-        bail!("etcd answered the watch of {prefix} without creating it");
-    }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            let resp = match stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => return,
-                Err(e) => {
-                    crate::log(&format!("warning: etcd watch failed: {e}"));
-                    return;
-                }
-            };
-            let arrival_ns = now_ns();
-            for ev in resp.events() {
-                if ev.event_type() != EventType::Put {
-                    continue;
-                }
-                let Some(kv) = ev.kv() else { continue };
-                let container_id = serde_json::from_slice::<serde_json::Value>(kv.value())
-                    .ok()
-                    .and_then(|v| {
-                        v.get("container_id")
-                            .and_then(|c| c.as_str())
-                            .map(str::to_string)
-                    })
+    via: Via,
+    tx: mpsc::UnboundedSender<RecordSeen>,
+) -> Result<JoinHandle<()>> {
+    let mut events = store.watch_prefix(prefix.to_string());
+    let mut seen = HashSet::new();
+    let mut report = move |entries: Vec<KvEntry>| {
+        let arrival_ns = now_ns();
+        entries
+            .into_iter()
+            .filter(|e| seen.insert(e.key.clone()))
+            .all(|e| {
+                let container_id = ServiceRecord::from_json(&e.value)
+                    .map(|r| r.container_id)
                     .unwrap_or_default();
-                let seen = RecordSeen {
+                let record = RecordSeen {
                     container_id,
                     arrival_ns,
-                    via: Via::Etcd,
+                    via,
                 };
-                if tx.send(seen).is_err() {
-                    return;
+                tx.send(record).is_ok()
+            })
+    };
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(Ok(WatchEvent::Restarted(entries)))) => {
+            report(entries);
+        }
+        Ok(Some(Err(e))) => return Err(e).with_context(|| format!("cannot watch {prefix}")),
+        _ => bail!("the watch of {prefix} did not list it within 10 s"),
+    }
+    Ok(tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let go_on = match event {
+                Ok(WatchEvent::Put(entry)) => report(vec![entry]),
+                Ok(WatchEvent::Restarted(entries)) => report(entries),
+                Ok(WatchEvent::Deleted(_)) => true,
+                Err(e) => {
+                    crate::log(&format!("warning: the watch of the store failed: {e}"));
+                    true
                 }
+            };
+            if !go_on {
+                return;
             }
         }
-    });
-    Ok((rx, task))
+    }))
 }
 
 /// Pairs start events with records, by container id.

@@ -166,6 +166,68 @@ pub async fn overlay(cleanup: &mut Cleanup, name: &str) {
     cleanup.network(name);
 }
 
+/// Names under `tag`, and a clean-up that also removes their key prefix from `b`'s store.
+pub fn names_and_cleanup(b: Backend, tag: &str) -> (Names, Cleanup) {
+    let names = Names::new(tag);
+    let mut cleanup = Cleanup::default();
+    cleanup.prefix(b, &names.prefix());
+    (names, cleanup)
+}
+
+/// What most tests of a swarm service start from: names under `tag`, a clean-up that also removes their key
+/// prefix, an overlay network (`net`), the name of a service (`db`, not created yet), and a
+/// client of the store with the layout of the prefix.
+pub async fn scene(b: Backend, tag: &str) -> (Names, Cleanup, String, String, Store, KeyLayout) {
+    let (names, mut cleanup) = names_and_cleanup(b, tag);
+    let net = names.name("net");
+    let svc = names.name("db");
+    overlay(&mut cleanup, &net).await;
+    let store = b.store().await;
+    let layout = names.layout();
+    (names, cleanup, net, svc, store, layout)
+}
+
+/// Starts a plain container `name` of `local/busybox` that exposes port 8080 and sets
+/// `SERVICE_NAME=<service>`, with the `docker run` options `extra` and the command `cmd`.
+/// Returns its id; `cleanup` removes it.
+pub async fn plain_container(
+    cleanup: &mut Cleanup,
+    name: &str,
+    service: &str,
+    extra: &[&str],
+    cmd: &[&str],
+) -> String {
+    cleanup.container(name);
+    let service_name = format!("SERVICE_NAME={service}");
+    let mut args = vec!["run", "-d", "--name", name, "--expose", "8080"];
+    args.extend_from_slice(&["-e", &service_name]);
+    args.extend_from_slice(extra);
+    args.push("local/busybox");
+    args.extend_from_slice(cmd);
+    docker(&args).await
+}
+
+/// Starts a plain container (as [`plain_container`]) that creates the file `flag` and is
+/// healthy while it exists: checked every second, unhealthy after one failure.
+pub async fn healthchecked_container(
+    cleanup: &mut Cleanup,
+    name: &str,
+    service: &str,
+    flag: &str,
+) -> String {
+    let test = format!("test -f {flag}");
+    let cmd = format!("touch {flag}; sleep 86400");
+    let health = [
+        "--health-cmd",
+        &test,
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+    ];
+    plain_container(cleanup, name, service, &health, &["sh", "-c", &cmd]).await
+}
+
 /// Creates a replicated service of `local/busybox` that sleeps, publishing `port` through the
 /// `registrator.port` container label. Returns at once (`--detach`).
 pub async fn service(
@@ -205,6 +267,19 @@ pub struct TaskContainer {
     pub task_id: String,
     pub slot: u64,
     pub ip: String,
+}
+
+/// Waits up to `within` until `n` task containers of `service` run on `network`.
+pub async fn wait_for_tasks(service: &str, network: &str, n: usize, within: Duration) {
+    wait_for(&format!("{n} running tasks"), within, || async {
+        let running = task_containers(service, network).await.len();
+        if running == n {
+            Ok(())
+        } else {
+            Err(format!("{running} tasks"))
+        }
+    })
+    .await;
 }
 
 /// The running task containers of a service, with their address on `network`.
@@ -577,10 +652,12 @@ pub async fn records_match_tasks(
     Ok(tasks)
 }
 
-/// A bridge process, killed when dropped. Its log goes to a file.
+/// A bridge process, killed when dropped. Its log goes to a file; it serves `/metrics` and
+/// `/healthz` on `metrics_addr` (a free port unless the test passes `--metrics-addr`).
 pub struct BridgeProcess {
     pub child: tokio::process::Child,
     pub log: PathBuf,
+    pub metrics_addr: String,
     _dir: TempDir,
 }
 
@@ -595,9 +672,20 @@ impl BridgeProcess {
         let dir = TempDir::new("bridge");
         let log = dir.path().join("bridge.log");
         let file = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-            .arg(uri)
-            .args(args)
+        let given = args
+            .iter()
+            .position(|a| *a == "--metrics-addr")
+            .and_then(|i| args.get(i + 1));
+        let metrics_addr = match given {
+            Some(addr) => addr.to_string(),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"));
+        command.arg(uri).args(args);
+        if given.is_none() {
+            command.args(["--metrics-addr", &metrics_addr]);
+        }
+        let child = command
             .env("RUST_LOG", "info,swarm_registrator=debug")
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
@@ -610,8 +698,51 @@ impl BridgeProcess {
         BridgeProcess {
             child,
             log,
+            metrics_addr,
             _dir: dir,
         }
+    }
+
+    /// The value of a metric, from `/metrics`; `name` includes the labels of a labelled one.
+    pub async fn metric(&self, name: &str) -> Result<f64, String> {
+        let (status, body) = http_get(&self.metrics_addr, "/metrics").await?;
+        if status != 200 {
+            return Err(format!("/metrics answered {status}"));
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .ok_or_else(|| format!("no {name} in /metrics"))
+    }
+
+    /// The full syncs of engine and store the bridge completed
+    /// (`swarm_registrator_syncs_total`); 0 while it does not answer yet.
+    pub async fn syncs(&self) -> u64 {
+        self.metric("swarm_registrator_syncs_total")
+            .await
+            .map(|n| n as u64)
+            .unwrap_or(0)
+    }
+
+    /// Waits until the bridge has completed at least `n` full syncs (the first one: it is up
+    /// and the store holds what the engine runs).
+    pub async fn wait_synced(&self, n: u64, timeout: Duration) {
+        self.wait_metric("swarm_registrator_syncs_total", n as f64, timeout)
+            .await
+    }
+
+    /// Waits until the metric `name` (with its labels, as in
+    /// `swarm_registrator_session_renewals_total{result="lost"}`) is at least `at_least`.
+    pub async fn wait_metric(&self, name: &str, at_least: f64, timeout: Duration) {
+        wait_for(&format!("{name} >= {at_least}"), timeout, || async {
+            match self.metric(name).await {
+                Ok(v) if v >= at_least => Ok(()),
+                other => Err(format!(
+                    "{other:?}; last log line: {}",
+                    self.log_text().lines().last().unwrap_or_default()
+                )),
+            }
+        })
+        .await
     }
 
     pub fn log_text(&self) -> String {

@@ -38,17 +38,10 @@ pub(crate) use suite;
 const CONVERGE: Duration = Duration::from_secs(60);
 
 pub async fn replicated_service_is_published_and_follows_scaling(b: Backend) {
-    let names = Names::new("scale");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "scale").await;
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _bridge = BridgeProcess::start(&b.uri(&names), &["--metrics-addr", &metrics_addr]).await;
-    let store = b.store().await;
-    let layout = names.layout();
 
     service(&mut cleanup, &svc, &net, 3, &[]).await;
     let tasks = wait_for("3 records equal to the 3 tasks", CONVERGE, || {
@@ -102,15 +95,8 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 pub async fn a_removed_task_container_is_replaced_in_the_same_slot(b: Backend) {
-    let names = Names::new("resched");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "resched").await;
     let _bridge = BridgeProcess::start(&b.uri(&names), &[]).await;
-    let store = b.store().await;
-    let layout = names.layout();
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let before = wait_for("2 records", CONVERGE, || {
         records_match_tasks(&store, &layout, &svc, &net, 2)
@@ -145,9 +131,7 @@ pub async fn a_removed_task_container_is_replaced_in_the_same_slot(b: Backend) {
 }
 
 pub async fn a_plain_container_gets_a_registrator_compatible_record(b: Backend) {
-    let names = Names::new("plain");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "plain");
     let name = names.name("web");
     let svc = names.name("websvc");
     let _bridge = BridgeProcess::start(&b.uri(&names), &[]).await;
@@ -216,9 +200,7 @@ pub async fn a_plain_container_gets_a_registrator_compatible_record(b: Backend) 
 pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_records_stay(
     b: Backend,
 ) {
-    let names = Names::new("badlabel");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "badlabel");
     let net = names.name("net");
     let good = names.name("good");
     let bad = names.name("bad");
@@ -256,18 +238,7 @@ pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_reco
         "{warning}"
     );
     // Several resyncs later: still one warning for the container, not one per resync.
-    bridge
-        .wait_for_log("synced engine and store", CONVERGE)
-        .await;
-    wait_for("two more resyncs", CONVERGE, || async {
-        let n = bridge.log_text().matches("synced engine and store").count();
-        if n >= 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} syncs"))
-        }
-    })
-    .await;
+    bridge.wait_synced(3, CONVERGE).await;
     let warnings = bridge
         .log_text()
         .lines()
@@ -289,14 +260,7 @@ pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_reco
 pub async fn a_killed_bridge_loses_its_records_after_the_ttl_and_a_new_one_restores_them(
     b: Backend,
 ) {
-    let names = Names::new("sigkill");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "sigkill").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let mut bridge = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
     wait_for("2 records", CONVERGE, || {
@@ -337,14 +301,7 @@ pub async fn a_killed_bridge_loses_its_records_after_the_ttl_and_a_new_one_resto
 }
 
 pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap(b: Backend) {
-    let names = Names::new("handover");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "handover").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     let mut first = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
     wait_for("2 records", CONVERGE, || {
@@ -361,9 +318,7 @@ pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap
     first.signal("TERM").await;
     assert_eq!(first.wait(Duration::from_secs(10)).await, Some(0));
     let second = BridgeProcess::start(&b.uri(&names), &["--ttl", b.short_ttl()]).await;
-    second
-        .wait_for_log("synced engine and store", CONVERGE)
-        .await;
+    second.wait_synced(1, CONVERGE).await;
     // Until the first bridge's session has surely expired (Consul: up to twice the TTL).
     let ttl: u64 = b.short_ttl().parse().expect("a number");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * ttl + 5);
@@ -389,14 +344,7 @@ pub async fn a_graceful_stop_hands_records_over_to_the_next_bridge_without_a_gap
 }
 
 pub async fn cleanup_removes_the_records_on_a_graceful_stop(b: Backend) {
-    let names = Names::new("cleanup");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
-    let net = names.name("net");
-    let svc = names.name("db");
-    overlay(&mut cleanup, &net).await;
-    let store = b.store().await;
-    let layout = names.layout();
+    let (names, mut cleanup, net, svc, store, layout) = scene(b, "cleanup").await;
     service(&mut cleanup, &svc, &net, 1, &[]).await;
     let mut bridge = BridgeProcess::start(&b.uri(&names), &["--ttl", "60", "--cleanup"]).await;
     wait_for("1 record", CONVERGE, || {
@@ -431,16 +379,14 @@ pub async fn a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart(b:
     // The store goes away for longer than the TTL, and the service changes meanwhile.
     private.stop().await;
     docker(&["service", "scale", "--detach", &format!("{svc}=3")]).await;
-    wait_for("the third task to run", CONVERGE, || async {
-        let n = task_containers(&svc, &net).await.len();
-        if n == 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} tasks"))
-        }
-    })
-    .await;
-    bridge.wait_for_log("store write failed", CONVERGE).await;
+    wait_for_tasks(&svc, &net, 3, CONVERGE).await;
+    bridge
+        .wait_metric(
+            r#"swarm_registrator_backend_errors_total{operation="publish"}"#,
+            1.0,
+            CONVERGE,
+        )
+        .await;
     // The outage itself, not a condition: it must outlast the TTL.
     let ttl: u64 = b.short_ttl().parse().expect("a number");
     tokio::time::sleep(Duration::from_secs(ttl + 1)).await;
@@ -457,7 +403,13 @@ pub async fn a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart(b:
         records_match_tasks(&store, &layout, &svc, &net, 3)
     })
     .await;
-    bridge.wait_for_log("session lost", CONVERGE).await;
+    bridge
+        .wait_metric(
+            r#"swarm_registrator_session_renewals_total{result="lost"}"#,
+            1.0,
+            CONVERGE,
+        )
+        .await;
 }
 
 pub async fn an_unreachable_store_at_start_is_retried_then_reported(b: Backend) {
@@ -485,36 +437,13 @@ pub async fn an_unreachable_store_at_start_is_retried_then_reported(b: Backend) 
 }
 
 pub async fn the_docker_health_status_is_published_and_follows_the_healthcheck(b: Backend) {
-    let names = Names::new("health");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "health");
     let name = names.name("web");
     let svc = names.name("websvc");
     let flag = format!("/tmp/{}-healthy", names.base);
     let _bridge = BridgeProcess::start(&b.uri(&names), &["--internal"]).await;
-    cleanup.container(&name);
     // Healthy while the flag file exists.
-    docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--expose",
-        "8080",
-        "-e",
-        &format!("SERVICE_NAME={svc}"),
-        "--health-cmd",
-        &format!("test -f {flag}"),
-        "--health-interval",
-        "1s",
-        "--health-retries",
-        "1",
-        "local/busybox",
-        "sh",
-        "-c",
-        &format!("touch {flag}; sleep 86400"),
-    ])
-    .await;
+    healthchecked_container(&mut cleanup, &name, &svc, &flag).await;
     let store = b.store().await;
     let layout = names.layout();
     let health_is = |want: backend_core::Health| {
@@ -555,9 +484,7 @@ pub async fn the_docker_health_status_is_published_and_follows_the_healthcheck(b
 pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed(
     b: Backend,
 ) {
-    let names = Names::new("onsuccess");
-    let mut cleanup = Cleanup::default();
-    cleanup.prefix(b, &names.prefix());
+    let (names, mut cleanup) = names_and_cleanup(b, "onsuccess");
     let failed = names.name("failed");
     let clean = names.name("clean");
     let svc_failed = names.name("svc-failed");
@@ -571,22 +498,8 @@ pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_
     let layout = names.layout();
     // Each exits once the flag file is removed: the first with a failure, the second cleanly.
     for (name, svc, code) in [(&failed, &svc_failed, 3), (&clean, &svc_clean, 0)] {
-        cleanup.container(name);
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--expose",
-            "8080",
-            "-e",
-            &format!("SERVICE_NAME={svc}"),
-            "local/busybox",
-            "sh",
-            "-c",
-            &format!("touch /tmp/run; while [ -f /tmp/run ]; do sleep 0.1; done; exit {code}"),
-        ])
-        .await;
+        let cmd = format!("touch /tmp/run; while [ -f /tmp/run ]; do sleep 0.1; done; exit {code}");
+        plain_container(&mut cleanup, name, svc, &[], &["sh", "-c", &cmd]).await;
     }
     for svc in [&svc_failed, &svc_clean] {
         wait_for("a record", CONVERGE, || async {
@@ -614,16 +527,8 @@ pub async fn deregister_on_success_keeps_a_failed_containers_record_until_it_is_
     let exit = docker(&["wait", &failed]).await;
     assert_eq!(exit, "3");
     // Kept across several resyncs.
-    let syncs = bridge.log_text().matches("synced engine and store").count();
-    wait_for("two more resyncs", CONVERGE, || async {
-        let n = bridge.log_text().matches("synced engine and store").count();
-        if n >= syncs + 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} syncs"))
-        }
-    })
-    .await;
+    let syncs = bridge.syncs().await;
+    bridge.wait_synced(syncs + 2, CONVERGE).await;
     assert_eq!(
         store
             .records(&layout, &svc_failed)
