@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod config_change;
 pub mod error;
 pub mod history;
 pub mod node;
