@@ -150,7 +150,7 @@ impl Node {
                 d.insert("health", 1.0);
                 d.insert("state", st.state.code());
                 d.insert("stateStr", st.state.name());
-                d.insert("uptime", st.started.elapsed().as_secs() as i64);
+                d.insert("uptime", st.started.elapsed().as_secs() as i32);
                 d.insert("optime", applied.to_document());
                 d.insert("optimeDate", applied.date());
                 d.insert("lastAppliedWallTime", applied.date());
@@ -162,12 +162,15 @@ impl Node {
                     if let Some(id) = st.election_id {
                         d.insert("electionId", id);
                     }
+                    if let Some(ts) = st.election_time {
+                        d.insert("electionTime", ts);
+                    }
                     if let Some(date) = st.election_date {
                         d.insert("electionDate", date);
                     }
                 }
                 d.insert("configVersion", cfg.version as i32);
-                d.insert("configTerm", cfg.term);
+                d.insert("configTerm", cfg.term as i32);
                 d.insert("self", true);
                 d.insert("lastHeartbeatMessage", "");
             } else {
@@ -187,7 +190,12 @@ impl Node {
                         "(not reachable/healthy)"
                     },
                 );
-                d.insert("uptime", 0i64);
+                let uptime = p
+                    .up_since
+                    .filter(|_| p.healthy)
+                    .map(|t| t.elapsed().as_secs() as i32)
+                    .unwrap_or(0);
+                d.insert("uptime", uptime);
                 d.insert("optime", p.applied.to_document());
                 d.insert("optimeDurable", p.applied.to_document());
                 d.insert("optimeDate", p.applied.date());
@@ -198,20 +206,23 @@ impl Node {
                 );
                 d.insert(
                     "lastHeartbeatRecv",
-                    p.last_heartbeat.unwrap_or(DateTime::from_millis(0)),
+                    p.last_heartbeat_recv.unwrap_or(DateTime::from_millis(0)),
                 );
                 d.insert("pingMs", p.ping_ms);
                 d.insert("lastHeartbeatMessage", p.message.clone());
                 d.insert("syncSourceHost", p.sync_source.clone());
                 d.insert("syncSourceId", sync_id(cfg, Some(&p.sync_source)));
                 d.insert("infoMessage", "");
-                if p.state == MemberState::Primary {
+                if p.healthy && p.state == MemberState::Primary {
+                    if let Some(ts) = p.election_time {
+                        d.insert("electionTime", ts);
+                    }
                     if let Some(date) = p.election_date {
                         d.insert("electionDate", date);
                     }
                 }
                 d.insert("configVersion", p.config_version as i32);
-                d.insert("configTerm", p.config_term);
+                d.insert("configTerm", p.config_term as i32);
             }
             members.push(Bson::Document(d));
         }
@@ -454,6 +465,74 @@ impl Node {
         }
         self.step_down(&mut st, "replSetStepDown");
         st.step_down_until = Some(std::time::Instant::now() + Duration::from_secs(secs));
+        Ok(doc! {})
+    }
+
+    /// replSetFreeze (`TopologyCoordinator::prepareFreezeResponse`): a follower will not
+    /// stand for election for `secs` seconds; 0 unfreezes. A primary refuses with 95
+    /// NotSecondary. A restart unfreezes (the freeze is not durable).
+    pub(super) fn cmd_freeze(&self, body: &Document) -> Result<Document, ServerError> {
+        self.require_repl()?;
+        let secs = body.get("replSetFreeze").and_then(number).unwrap_or(0);
+        let mut st = self.lock();
+        if st.state == MemberState::Primary {
+            return Err(ServerError::not_secondary(
+                "Cannot freeze node when primary or running for election, state: Primary",
+            ));
+        }
+        let now = std::time::Instant::now();
+        let mut reply = doc! {};
+        if secs <= 0 {
+            st.step_down_until = Some(now);
+            reply.insert("info", "unfreezing");
+            tracing::info!(me = %self.me(), "unfreezing");
+        } else {
+            if secs == 1 {
+                reply.insert("warning", "you really want to freeze for only 1 second?");
+            }
+            let until = now + Duration::from_secs(secs as u64);
+            st.step_down_until = Some(st.step_down_until.map_or(until, |t| t.max(until)));
+            tracing::info!(me = %self.me(), secs, "freezing");
+        }
+        self.notify();
+        Ok(reply)
+    }
+
+    /// replSetMaintenance (`ReplicationCoordinatorImpl::setMaintenanceMode`): `true` puts a
+    /// secondary in RECOVERING (counted: each `true` needs its `false`), `false` undoes one.
+    /// A primary refuses with 95 NotSecondary; `false` with none active fails with 96
+    /// OperationFailed.
+    pub(super) fn cmd_maintenance(&self, body: &Document) -> Result<Document, ServerError> {
+        self.require_repl()?;
+        let activate = match body.get("replSetMaintenance") {
+            Some(Bson::Boolean(b)) => *b,
+            Some(b) => number(b).is_some_and(|n| n != 0),
+            None => false,
+        };
+        let mut st = self.lock();
+        if st.state == MemberState::Primary {
+            return Err(ServerError::not_secondary(
+                "primaries can't modify maintenance mode",
+            ));
+        }
+        if activate {
+            st.maintenance_calls += 1;
+            tracing::info!(me = %self.me(), other_tasks = st.maintenance_calls - 1, "going into maintenance mode");
+            if st.state == MemberState::Secondary {
+                self.set_state(&mut st, MemberState::Recovering);
+            }
+        } else if st.maintenance_calls > 0 {
+            st.maintenance_calls -= 1;
+            tracing::info!(me = %self.me(), other_tasks = st.maintenance_calls, "leaving maintenance mode");
+            if st.maintenance_calls == 0 && st.state == MemberState::Recovering {
+                self.set_state(&mut st, MemberState::Secondary);
+            }
+        } else {
+            return Err(ServerError::operation_failed(
+                "already out of maintenance mode",
+            ));
+        }
+        self.notify();
         Ok(doc! {})
     }
 }
