@@ -10,6 +10,7 @@
 //! and restart them (keeping or losing data), cut them off and heal them, and read back the
 //! [`History`] of configs and elections.
 
+pub mod auth;
 pub mod cluster;
 pub mod commands;
 pub mod config;
