@@ -11,6 +11,7 @@
 //! [`History`] of configs and elections.
 
 pub mod auth;
+pub mod catalog;
 pub mod cluster;
 pub mod commands;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod history;
 pub mod node;
 pub mod oplog;
 pub mod peer;
+pub mod query;
 mod repl;
 pub mod wire;
 

@@ -119,6 +119,27 @@ impl Security {
     }
 }
 
+/// mongod's start-up checks of the security options (src/mongo/db/mongod_options.cpp;
+/// jstests/replsets/auth_no_keyfile.js): `--auth` with `--replSet` needs a key file. Returns
+/// the `__system` credentials when there is a key file.
+pub fn check_startup(
+    security: &Security,
+    repl_set: bool,
+) -> Result<Option<SystemCredentials>, String> {
+    if security.authorization && repl_set && security.key_file.is_none() {
+        return Err(
+            "BadValue: security.keyFile is required when authorization is enabled with replica sets"
+                .to_string(),
+        );
+    }
+    match &security.key_file {
+        None => Ok(None),
+        Some(k) => SystemCredentials::new(k)
+            .map(Some)
+            .map_err(|e| format!("cannot use the key file: {e}")),
+    }
+}
+
 /// The server side of `__system`: its credentials, made from the key at start.
 #[derive(Debug, Clone)]
 pub struct SystemCredentials {
@@ -294,6 +315,30 @@ pub fn may_see_database(
                 &roles::Resource::Database(db.to_string()),
             )
         })
+}
+
+/// Whether the session's user holds `privilege` (for commands that show only what the client
+/// may see: usersInfo of other users needs viewUser on their database).
+pub fn holds(
+    security: &Security,
+    session: &ClientSession,
+    privilege: &roles::Privilege,
+    user_doc: impl Fn(&UserName) -> Option<Document>,
+) -> bool {
+    if !security.enabled() || session.internal {
+        return true;
+    }
+    let Some(user) = &session.user else {
+        return false;
+    };
+    if *user == UserName::system() {
+        return true;
+    }
+    user_doc(user)
+        .map(|d| user_roles(&d))
+        .unwrap_or_default()
+        .iter()
+        .any(|r| role_grants(&r.role, &r.db, privilege.action, &privilege.resource))
 }
 
 #[cfg(test)]

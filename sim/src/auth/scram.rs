@@ -221,7 +221,7 @@ fn encode_saslname(s: &str) -> String {
     s.replace('=', "=3D").replace(',', "=2C")
 }
 
-fn attr<'a>(part: &'a str, key: char) -> Result<&'a str, ScramError> {
+fn attr(part: &str, key: char) -> Result<&str, ScramError> {
     part.strip_prefix(key)
         .and_then(|r| r.strip_prefix('='))
         .ok_or_else(|| ScramError::Malformed(format!("expected the {key}= attribute")))

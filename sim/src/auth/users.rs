@@ -435,7 +435,7 @@ mod tests {
             "shop",
             |_| false,
         );
-        let e = role.err().expect("root exists only in admin");
+        let e = role.expect_err("root exists only in admin");
         assert_eq!(
             (e.code, e.message.as_str()),
             (31, "Could not find role: root@shop")
