@@ -10,6 +10,8 @@
 //! and restart them (keeping or losing data), cut them off and heal them, and read back the
 //! [`History`] of configs and elections.
 
+pub mod auth;
+pub mod catalog;
 pub mod cluster;
 pub mod commands;
 pub mod config;
@@ -19,6 +21,7 @@ pub mod history;
 pub mod node;
 pub mod oplog;
 pub mod peer;
+pub mod query;
 mod repl;
 pub mod wire;
 

@@ -24,6 +24,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Security(String),
 }
 
 /// How to run one member.
@@ -43,6 +45,8 @@ pub struct NodeOptions {
     pub heartbeat_interval: Duration,
     /// Filled into a new config's `settings.electionTimeoutMillis`.
     pub election_timeout: Duration,
+    /// `--auth` and `--keyFile`.
+    pub security: crate::auth::Security,
 }
 
 impl Default for NodeOptions {
@@ -55,6 +59,7 @@ impl Default for NodeOptions {
             host_aliases: Vec::new(),
             heartbeat_interval: Duration::from_millis(500),
             election_timeout: Duration::from_millis(2000),
+            security: crate::auth::Security::default(),
         }
     }
 }
@@ -229,6 +234,12 @@ pub(crate) struct NodeInner {
     pub history: History,
     pub cancel: CancellationToken,
     pub connections: AtomicI64,
+    /// Connections open now (serverStatus `connections.current`).
+    pub open_connections: Arc<AtomicI64>,
+    /// Open cursors of find and aggregate.
+    pub(crate) cursors: crate::commands::Cursors,
+    /// The `__system` credentials made from the key file (internal authentication).
+    pub system_credentials: Option<crate::auth::SystemCredentials>,
     /// Test control, like MongoDB's `stopReplProducer` fail point: stop fetching the oplog.
     pub replication_stopped: std::sync::atomic::AtomicBool,
     /// Test control, like MongoDB's `omitConfigQuorumCheck` fail point.
@@ -256,6 +267,9 @@ impl Node {
         net: Network,
         history: History,
     ) -> Result<Node, NodeError> {
+        let system_credentials =
+            crate::auth::check_startup(&opts.security, opts.set_name.is_some())
+                .map_err(NodeError::Security)?;
         let addr = SocketAddr::new(opts.bind_ip, opts.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -291,7 +305,7 @@ impl Node {
         let (changed, _) = tokio::sync::watch::channel(());
         let node = Node {
             inner: Arc::new(NodeInner {
-                peers: PeerClient::new(me.clone(), net),
+                peers: PeerClient::new(me.clone(), net).with_key(opts.security.key_file.clone()),
                 me: std::sync::RwLock::new(me.clone()),
                 port,
                 instance_id: ObjectId::new(),
@@ -319,6 +333,9 @@ impl Node {
                 history,
                 cancel: CancellationToken::new(),
                 connections: AtomicI64::new(0),
+                open_connections: Arc::new(AtomicI64::new(0)),
+                cursors: Default::default(),
+                system_credentials,
                 replication_stopped: std::sync::atomic::AtomicBool::new(false),
                 omit_config_quorum_check: std::sync::atomic::AtomicBool::new(false),
                 opts,
@@ -727,6 +744,9 @@ impl Node {
 
     async fn serve_connection(&self, mut stream: TcpStream) -> Result<(), WireError> {
         let conn_id = self.inner.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+        let mut session = crate::auth::ClientSession::new(conn_id, loopback);
+        let _open = OpenConnection::enter(&self.inner.open_connections);
         let mut next_id = 1i32;
         loop {
             let req = match wire::read_request(&mut stream).await {
@@ -745,7 +765,7 @@ impl Node {
                     body,
                     more_to_come,
                 } => {
-                    let reply = self.run_command(body, conn_id).await;
+                    let reply = self.run_command_in(body, &mut session).await;
                     if self.inner.cancel.is_cancelled() {
                         return Ok(());
                     }
@@ -764,7 +784,7 @@ impl Node {
                         .unwrap_or(&collection)
                         .to_string();
                     query.insert("$db", db);
-                    let reply = self.run_command(query, conn_id).await;
+                    let reply = self.run_command_in(query, &mut session).await;
                     if self.inner.cancel.is_cancelled() {
                         return Ok(());
                     }
@@ -773,6 +793,22 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<AtomicI64>);
+
+impl OpenConnection {
+    fn enter(count: &Arc<AtomicI64>) -> OpenConnection {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1,5 +1,9 @@
-//! The data plane: insert, find (including the oplog as a sync source reads it), count and
-//! the part of aggregate the drivers' countDocuments uses, and the write concern wait.
+//! The data plane's writes: insert, update, delete, findAndModify, each document change one
+//! oplog entry (see catalog.rs), unique indexes checked before the write, then the write
+//! concern wait; and the oplog as a sync source reads it. Reads are in reads.rs.
+//!
+//! Transactions are refused (IllegalOperation 20, the code mongod gives where it cannot run
+//! them): a write that is part of one is never applied outside it.
 
 use bson::{doc, Bson, Document};
 use std::time::Duration;
@@ -8,7 +12,11 @@ use tokio::time::Instant;
 use crate::config::number;
 use crate::error::ServerError;
 use crate::node::{MemberState, Node, NodeState};
-use crate::oplog::{matches, OpTime};
+use crate::oplog::OpTime;
+use crate::query::{parse_sort, validate_filter, with_id_first, Projection};
+
+pub(crate) use super::write_plan::Write;
+use super::write_plan::{namespace, refuse_options, write_error, UpdateSpec, WritePlan};
 
 impl Node {
     fn check_writable(&self, st: &NodeState) -> Result<(), ServerError> {
@@ -18,7 +26,11 @@ impl Node {
         Ok(())
     }
 
-    fn check_readable(&self, st: &NodeState, body: &Document) -> Result<(), ServerError> {
+    pub(super) fn check_readable(
+        &self,
+        st: &NodeState,
+        body: &Document,
+    ) -> Result<(), ServerError> {
         if self.inner.opts.set_name.is_none() || st.state == MemberState::Primary {
             return Ok(());
         }
@@ -36,12 +48,51 @@ impl Node {
         Ok(())
     }
 
+    /// Refuses a command that belongs to a transaction (`autocommit: false`); a retryable
+    /// write (`txnNumber` alone) runs as a plain write.
+    pub(super) fn refuse_transaction(&self, body: &Document) -> Result<(), ServerError> {
+        if body.get_bool("autocommit") == Ok(false) || body.get_bool("startTransaction") == Ok(true)
+        {
+            return Err(ServerError::illegal_operation(
+                "Transactions are not supported by the replica-set simulator (docs/replset-sim.md); the operation was not applied",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Plans writes under the lock with `plan` (which sees the member's data and returns the
+    /// entries to append, or refuses), appends them to the oplog, then waits for the write
+    /// concern. Returns what `plan` returned beside the entries and the reply fields
+    /// (`writeConcernError` when the wait failed).
+    pub(super) async fn write<T>(
+        &self,
+        body: &Document,
+        plan: impl FnOnce(&NodeState) -> Result<(Vec<Write>, T), ServerError>,
+    ) -> Result<(T, Document), ServerError>
+    where
+        T: Send,
+    {
+        self.refuse_transaction(body)?;
+        let (out, last, term) = {
+            let mut st = self.lock();
+            self.check_writable(&st)?;
+            let (writes, out) = plan(&st)?;
+            for w in writes {
+                self.append(&mut st, w.op, w.ns, w.o);
+            }
+            self.recompute_commit_point(&mut st);
+            self.notify();
+            (out, st.last_applied(), st.term())
+        };
+        let mut reply = Document::new();
+        if let Some(wce) = self.wait_for_write_concern(body, last, term).await {
+            reply.insert("writeConcernError", wce);
+        }
+        Ok((out, reply))
+    }
+
     pub(super) async fn cmd_insert(&self, body: &Document) -> Result<Document, ServerError> {
-        let db = body.get_str("$db").unwrap_or("test").to_string();
-        let coll = body
-            .get_str("insert")
-            .map_err(|_| ServerError::bad_value("collection name must be a string"))?;
-        let ns = format!("{db}.{coll}");
+        let ns = namespace(body, "insert")?;
         let docs = match body.get("documents") {
             Some(Bson::Array(a)) => a.clone(),
             _ => {
@@ -51,60 +102,206 @@ impl Node {
             }
         };
         let ordered = body.get_bool("ordered").unwrap_or(true);
-        let mut n = 0;
-        let mut write_errors = Vec::new();
-        let (last, term) = {
-            let mut st = self.lock();
-            self.check_writable(&st)?;
-            for (i, d) in docs.into_iter().enumerate() {
-                let Bson::Document(mut d) = d else {
-                    write_errors.push(Bson::Document(doc! {"index": i as i32, "code": 2, "errmsg": "document to insert must be an object"}));
-                    if ordered {
-                        break;
-                    } else {
-                        continue;
-                    }
-                };
-                if !d.contains_key("_id") {
-                    let mut with_id = doc! {"_id": bson::oid::ObjectId::new()};
-                    with_id.extend(d);
-                    d = with_id;
-                }
-                let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-                let dup = st
-                    .durable
-                    .store
-                    .collections
-                    .get(&ns)
-                    .is_some_and(|c| c.iter().any(|x| x.get("_id") == Some(&id)));
-                if dup {
-                    write_errors.push(Bson::Document(doc! {
-                        "index": i as i32,
-                        "code": 11000,
-                        "keyPattern": {"_id": 1},
-                        "keyValue": {"_id": id.clone()},
-                        "errmsg": format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}"),
-                    }));
-                    if ordered {
-                        break;
-                    } else {
-                        continue;
+        let ((n, write_errors), mut reply) = self
+            .write(body, |st| {
+                let mut view = WritePlan::new(st, &ns);
+                let mut n = 0;
+                let mut errors = Vec::new();
+                for (i, d) in docs.into_iter().enumerate() {
+                    let Bson::Document(d) = d else {
+                        errors.push(write_error(
+                            i,
+                            &ServerError::bad_value("document to insert must be an object"),
+                        ));
+                        if ordered {
+                            break;
+                        } else {
+                            continue;
+                        }
+                    };
+                    match view.insert(with_id_first(d)) {
+                        Ok(()) => n += 1,
+                        Err(e) => {
+                            errors.push(write_error(i, &e));
+                            if ordered {
+                                break;
+                            }
+                        }
                     }
                 }
-                self.append(&mut st, "i", ns.clone(), d);
-                n += 1;
-            }
-            self.recompute_commit_point(&mut st);
-            self.notify();
-            (st.last_applied(), st.term())
-        };
-        let mut reply = doc! {"n": n};
+                Ok((view.writes, (n, errors)))
+            })
+            .await?;
+        reply.insert("n", n);
         if !write_errors.is_empty() {
             reply.insert("writeErrors", write_errors);
         }
-        if let Some(wce) = self.wait_for_write_concern(body, last, term).await {
-            reply.insert("writeConcernError", wce);
+        Ok(reply)
+    }
+
+    pub(super) async fn cmd_update(&self, body: &Document) -> Result<Document, ServerError> {
+        let ns = namespace(body, "update")?;
+        let updates = body.get_array("updates").map_err(|_| {
+            ServerError::failed_to_parse(
+                "BSON field 'update.updates' is missing but a required field",
+            )
+        })?;
+        let ordered = body.get_bool("ordered").unwrap_or(true);
+        let mut specs = Vec::new();
+        for u in updates {
+            let Bson::Document(u) = u else {
+                return Err(ServerError::type_mismatch("each update must be an object"));
+            };
+            specs.push(UpdateSpec::parse(u)?);
         }
+        let ((n, modified, upserted, errors), mut reply) = self
+            .write(body, |st| {
+                let mut view = WritePlan::new(st, &ns);
+                let (mut n, mut modified) = (0i32, 0i32);
+                let mut upserted = Vec::new();
+                let mut errors = Vec::new();
+                for (i, spec) in specs.iter().enumerate() {
+                    match view.update(spec) {
+                        Ok(r) => {
+                            n += r.matched;
+                            modified += r.modified;
+                            if let Some(id) = r.upserted {
+                                n += 1;
+                                upserted.push(Bson::Document(doc! {"index": i as i32, "_id": id}));
+                            }
+                        }
+                        Err(e) => {
+                            errors.push(write_error(i, &e));
+                            if ordered {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok((view.writes, (n, modified, upserted, errors)))
+            })
+            .await?;
+        reply.insert("n", n);
+        reply.insert("nModified", modified);
+        if !upserted.is_empty() {
+            reply.insert("upserted", upserted);
+        }
+        if !errors.is_empty() {
+            reply.insert("writeErrors", errors);
+        }
+        Ok(reply)
+    }
+
+    pub(super) async fn cmd_delete(&self, body: &Document) -> Result<Document, ServerError> {
+        let ns = namespace(body, "delete")?;
+        let deletes = body.get_array("deletes").map_err(|_| {
+            ServerError::failed_to_parse(
+                "BSON field 'delete.deletes' is missing but a required field",
+            )
+        })?;
+        let mut specs = Vec::new();
+        for d in deletes {
+            let Bson::Document(d) = d else {
+                return Err(ServerError::type_mismatch("each delete must be an object"));
+            };
+            let q = d.get_document("q").cloned().map_err(|_| {
+                ServerError::failed_to_parse(
+                    "BSON field 'delete.deletes.q' is missing but a required field",
+                )
+            })?;
+            validate_filter(&q)?;
+            refuse_options(d, &["collation", "hint"])?;
+            let limit = d.get("limit").and_then(number).unwrap_or(0);
+            if limit != 0 && limit != 1 {
+                return Err(ServerError::failed_to_parse(format!(
+                    "The limit field in delete objects must be 0 or 1. Got {limit}"
+                )));
+            }
+            specs.push((q, limit == 1));
+        }
+        let (n, mut reply) = self
+            .write(body, |st| {
+                let mut view = WritePlan::new(st, &ns);
+                let mut n = 0i32;
+                for (q, one) in &specs {
+                    n += view.delete(q, None, *one)?.len() as i32;
+                }
+                Ok((view.writes, n))
+            })
+            .await?;
+        reply.insert("n", n);
+        Ok(reply)
+    }
+
+    pub(super) async fn cmd_find_and_modify(
+        &self,
+        body: &Document,
+    ) -> Result<Document, ServerError> {
+        let name = body.keys().next().cloned().unwrap_or_default();
+        let ns = namespace(body, &name)?;
+        let query = body.get_document("query").cloned().unwrap_or_default();
+        validate_filter(&query)?;
+        refuse_options(body, &["arrayFilters", "collation", "hint", "let"])?;
+        let sort_spec = match body.get_document("sort") {
+            Ok(s) => parse_sort(s)?,
+            Err(_) => Vec::new(),
+        };
+        let fields = match body.get_document("fields") {
+            Ok(f) => Projection::parse(f)?,
+            Err(_) => None,
+        };
+        let remove = body.get_bool("remove").unwrap_or(false);
+        let return_new = body.get_bool("new").unwrap_or(false);
+        let update = body.get("update").cloned();
+        let spec = match (&update, remove) {
+            (Some(_), true) => {
+                return Err(ServerError::failed_to_parse(
+                    "Cannot specify both an update and remove=true",
+                ))
+            }
+            (None, false) => {
+                return Err(ServerError::failed_to_parse(
+                    "Either an update or remove=true must be specified",
+                ))
+            }
+            (Some(u), false) => Some(UpdateSpec::parse(&doc! {
+                "q": query.clone(), "u": u.clone(), "upsert": body.get_bool("upsert").unwrap_or(false), "multi": false,
+            })?),
+            (None, true) => None,
+        };
+        let ((value, last_error), mut reply) = self
+            .write(body, |st| {
+                let mut view = WritePlan::new(st, &ns);
+                match &spec {
+                    None => {
+                        let gone = view.delete(&query, Some(&sort_spec), true)?;
+                        let value = gone.into_iter().next();
+                        let n = i32::from(value.is_some());
+                        Ok((view.writes, (value, doc! {"n": n})))
+                    }
+                    Some(spec) => {
+                        let before = view.first(&query, &sort_spec)?;
+                        let r = view.update_one(spec, before.clone())?;
+                        let value = if return_new { r.after.clone() } else { before };
+                        let mut le =
+                            doc! {"n": 1, "updatedExisting": r.upserted.is_none() && r.matched > 0};
+                        if let Some(id) = &r.upserted {
+                            le.insert("upserted", id.clone());
+                        }
+                        if r.matched == 0 && r.upserted.is_none() {
+                            le.insert("n", 0);
+                        }
+                        Ok((view.writes, (value, le)))
+                    }
+                }
+            })
+            .await?;
+        reply.insert("lastErrorObject", last_error);
+        let value = value.map(|d| match &fields {
+            Some(p) => p.apply(&d),
+            None => d,
+        });
+        reply.insert("value", value.map(Bson::Document).unwrap_or(Bson::Null));
         Ok(reply)
     }
 
@@ -209,46 +406,10 @@ impl Node {
         }
     }
 
-    pub(super) async fn cmd_find(&self, body: &Document) -> Result<Document, ServerError> {
-        let db = body.get_str("$db").unwrap_or("test").to_string();
-        let coll = body
-            .get_str("find")
-            .map_err(|_| ServerError::bad_value("collection name must be a string"))?;
-        let filter = body
-            .get_document("filter")
-            .ok()
-            .cloned()
-            .unwrap_or_default();
-        if db == "local" && coll == "oplog.rs" {
-            return self.find_oplog(body, &filter).await;
-        }
-        let ns = format!("{db}.{coll}");
-        let limit = body.get("limit").and_then(number).unwrap_or(0).max(0) as usize;
-        let skip = body.get("skip").and_then(number).unwrap_or(0).max(0) as usize;
-        let st = self.lock();
-        self.check_readable(&st, body)?;
-        let docs: Vec<Bson> = st
-            .durable
-            .store
-            .collections
-            .get(&ns)
-            .map(|c| {
-                c.iter()
-                    .filter(|d| matches(d, &filter))
-                    .skip(skip)
-                    .take(if limit == 0 { usize::MAX } else { limit })
-                    .cloned()
-                    .map(Bson::Document)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(doc! {"cursor": {"firstBatch": docs, "id": 0i64, "ns": ns}})
-    }
-
     /// The oplog as a sync source serves it: entries with `ts >= filter.ts.$gte`, waiting up
     /// to `maxAwaitTimeMS` for more when there is nothing new (a tailable awaitData cursor),
     /// with the `$replData` metadata that carries the commit point.
-    async fn find_oplog(
+    pub(super) async fn find_oplog(
         &self,
         body: &Document,
         filter: &Document,
@@ -305,89 +466,4 @@ impl Node {
             },
         })
     }
-
-    pub(super) fn cmd_count(&self, body: &Document) -> Result<Document, ServerError> {
-        let db = body.get_str("$db").unwrap_or("test").to_string();
-        let coll = body
-            .get_str("count")
-            .map_err(|_| ServerError::bad_value("collection name must be a string"))?;
-        let filter = body.get_document("query").ok().cloned().unwrap_or_default();
-        let st = self.lock();
-        self.check_readable(&st, body)?;
-        let n = st
-            .durable
-            .store
-            .collections
-            .get(&format!("{db}.{coll}"))
-            .map(|c| c.iter().filter(|d| matches(d, &filter)).count())
-            .unwrap_or(0);
-        Ok(doc! {"n": n as i32})
-    }
-
-    /// Just enough of `aggregate` for the drivers' `countDocuments`: `$match`, `$skip`,
-    /// `$limit`, and `$group` with `{$sum: 1}`.
-    pub(super) fn cmd_aggregate(&self, body: &Document) -> Result<Document, ServerError> {
-        let db = body.get_str("$db").unwrap_or("test").to_string();
-        let coll = body
-            .get_str("aggregate")
-            .map_err(|_| ServerError::bad_value("aggregate needs a collection name"))?;
-        let ns = format!("{db}.{coll}");
-        let pipeline = body.get_array("pipeline").map_err(|_| {
-            ServerError::type_mismatch("'pipeline' option must be specified as an array")
-        })?;
-        let st = self.lock();
-        self.check_readable(&st, body)?;
-        let mut docs: Vec<Document> = st
-            .durable
-            .store
-            .collections
-            .get(&ns)
-            .cloned()
-            .unwrap_or_default();
-        for stage in pipeline {
-            let Bson::Document(stage) = stage else {
-                return Err(ServerError::type_mismatch(
-                    "Each element of the 'pipeline' array must be an object",
-                ));
-            };
-            let Some((name, arg)) = stage.iter().next() else {
-                continue;
-            };
-            match (name.as_str(), arg) {
-                ("$match", Bson::Document(f)) => docs.retain(|d| matches(d, f)),
-                ("$skip", b) => {
-                    let n = number(b).unwrap_or(0).max(0) as usize;
-                    docs = docs.into_iter().skip(n).collect();
-                }
-                ("$limit", b) => docs.truncate(number(b).unwrap_or(0).max(0) as usize),
-                ("$group", Bson::Document(g)) => {
-                    let id = g.get("_id").cloned().unwrap_or(Bson::Null);
-                    let mut out = doc! {"_id": id};
-                    for (k, v) in g.iter().filter(|(k, _)| k.as_str() != "_id") {
-                        let per = v
-                            .as_document()
-                            .and_then(|d| d.get("$sum"))
-                            .and_then(number)
-                            .unwrap_or(0);
-                        out.insert(k, per * docs.len() as i64);
-                    }
-                    docs = if docs.is_empty() { vec![] } else { vec![out] };
-                }
-                (other, _) => {
-                    return Err(ServerError {
-                        code: 40324,
-                        code_name: "Location40324",
-                        message: format!("Unrecognized pipeline stage name: '{other}'"),
-                    })
-                }
-            }
-        }
-        let batch: Vec<Bson> = docs.into_iter().map(Bson::Document).collect();
-        Ok(doc! {"cursor": {"firstBatch": batch, "id": 0i64, "ns": ns}})
-    }
-}
-
-/// killCursors: every cursor is exhausted in its first batch, so there is none to kill.
-pub(super) fn kill_cursors() -> Document {
-    doc! {"cursorsKilled": [], "cursorsNotFound": [], "cursorsAlive": [], "cursorsUnknown": []}
 }

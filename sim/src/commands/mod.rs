@@ -12,6 +12,7 @@
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Document};
 
+use crate::auth::ClientSession;
 use crate::error::ServerError;
 use crate::node::Node;
 
@@ -19,17 +20,37 @@ mod admin;
 mod auth;
 mod crud;
 mod handshake;
+mod namespaces;
+mod reads;
 mod replication;
+mod write_plan;
+
+pub(crate) use reads::Cursors;
 
 /// `maxWireVersion` of MongoDB 7.0.
 pub const MAX_WIRE_VERSION: i32 = 21;
 pub const VERSION: &str = "7.0.14";
 
 impl Node {
-    /// Runs one command and returns its reply (errors become `ok: 0` replies).
+    /// Runs one command from inside the process (test control) as `__system`.
     pub(crate) async fn run_command(&self, body: Document, conn_id: i64) -> Document {
+        let mut session = ClientSession::internal();
+        session.conn_id = conn_id;
+        self.run_command_in(body, &mut session).await
+    }
+
+    /// Runs one command of a client connection and returns its reply (errors become `ok: 0`
+    /// replies). The client must be authorized for it first (see `auth::authorize`).
+    pub(crate) async fn run_command_in(
+        &self,
+        body: Document,
+        session: &mut ClientSession,
+    ) -> Document {
         let name = body.keys().next().cloned().unwrap_or_default();
-        let result = self.dispatch(&name, &body, conn_id).await;
+        let result = match self.authorize(session, &name, &body) {
+            Ok(()) => self.dispatch(&name, &body, session).await,
+            Err(e) => Err(e),
+        };
         let mut reply = match result {
             Ok(mut d) => {
                 if !d.contains_key("ok") {
@@ -77,14 +98,28 @@ impl Node {
         &self,
         name: &str,
         body: &Document,
-        conn_id: i64,
+        session: &mut ClientSession,
     ) -> Result<Document, ServerError> {
         match name {
-            "hello" | "isMaster" | "ismaster" => self.cmd_hello(name, body, conn_id).await,
+            "hello" | "isMaster" | "ismaster" => {
+                let mut d = self.cmd_hello(name, body, session.conn_id).await?;
+                self.hello_auth_fields(body, session, &mut d);
+                Ok(d)
+            }
+            "saslStart" => self.cmd_sasl_start(body, session),
+            "saslContinue" => self.cmd_sasl_continue(body, session),
+            "logout" => Ok(auth::logout(session)),
+            "connectionStatus" => Ok(self.cmd_connection_status(body, session)),
+            "createUser" => self.cmd_create_user(body).await,
+            "updateUser" => self.cmd_update_user(body).await,
+            "grantRolesToUser" => self.cmd_grant_roles_to_user(body).await,
+            "dropUser" => self.cmd_drop_user(body).await,
+            "usersInfo" => self.cmd_users_info(body, session),
             "ping" => Ok(doc! {}),
             "buildInfo" | "buildinfo" => Ok(handshake::build_info()),
             "endSessions" | "killSessions" | "refreshSessions" => Ok(admin::sessions()),
-            "killCursors" => Ok(crud::kill_cursors()),
+            "killCursors" => self.cmd_kill_cursors(body),
+            "getMore" => self.cmd_get_more(body),
             "getParameter" => Ok(admin::get_parameter()),
             "_isSelf" => Ok(self.cmd_is_self()),
             "replSetInitiate" => self.cmd_initiate(body).await,
@@ -99,9 +134,30 @@ impl Node {
             "replSetRequestVotes" => self.cmd_request_votes(body),
             "replSetUpdatePosition" => self.cmd_update_position(body),
             "insert" => self.cmd_insert(body).await,
+            "update" => self.cmd_update(body).await,
+            "delete" => self.cmd_delete(body).await,
+            "findAndModify" | "findandmodify" => self.cmd_find_and_modify(body).await,
             "find" => self.cmd_find(body).await,
             "count" => self.cmd_count(body),
+            "distinct" => self.cmd_distinct(body),
             "aggregate" => self.cmd_aggregate(body),
+            "create" => self.cmd_create(body).await,
+            "drop" => self.cmd_drop(body).await,
+            "dropDatabase" => self.cmd_drop_database(body).await,
+            "createIndexes" => self.cmd_create_indexes(body).await,
+            "dropIndexes" => self.cmd_drop_indexes(body).await,
+            "listIndexes" => self.cmd_list_indexes(body),
+            "listCollections" => self.cmd_list_collections(body),
+            "listDatabases" => self.cmd_list_databases(body, session),
+            "dbStats" | "dbstats" => self.cmd_db_stats(body),
+            "collStats" => self.cmd_coll_stats(body),
+            "serverStatus" => self.cmd_server_status().await,
+            "getCmdLineOpts" => Ok(self.cmd_get_cmd_line_opts()),
+            "getLog" => self.cmd_get_log(body),
+            "hostInfo" => Ok(self.cmd_host_info()),
+            "commitTransaction" | "abortTransaction" => Err(ServerError::illegal_operation(
+                "Transactions are not supported by the replica-set simulator (docs/replset-sim.md)",
+            )),
             other => Err(ServerError::command_not_found(format!(
                 "no such command: '{other}'"
             ))),
