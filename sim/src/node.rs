@@ -764,14 +764,33 @@ impl Node {
                     request_id,
                     body,
                     more_to_come,
+                    exhaust_allowed,
                 } => {
-                    let reply = self.run_command_in(body, &mut session).await;
-                    if self.inner.cancel.is_cancelled() {
-                        return Ok(());
-                    }
-                    if !more_to_come {
-                        let msg = wire::encode_op_msg(next_id, request_id, &reply)?;
+                    // One reply, or a stream of them (see `exhaust_next`): each streamed
+                    // reply answers the previous one's request id.
+                    let mut body = body;
+                    let mut response_to = request_id;
+                    loop {
+                        let reply = self.run_command_in(body.clone(), &mut session).await;
+                        if self.inner.cancel.is_cancelled() {
+                            return Ok(());
+                        }
+                        if more_to_come {
+                            break;
+                        }
+                        let next = crate::commands::exhaust_next(&body, exhaust_allowed, &reply);
+                        let flags = if next.is_some() {
+                            wire::FLAG_MORE_TO_COME
+                        } else {
+                            0
+                        };
+                        let msg =
+                            wire::encode_op_msg_with_flags(next_id, response_to, flags, &reply)?;
                         wire::write_all(&mut stream, &msg).await?;
+                        let Some(next) = next else { break };
+                        body = next;
+                        response_to = next_id;
+                        next_id = next_id.wrapping_add(1);
                     }
                 }
                 Request::Query {

@@ -27,6 +27,8 @@ mod write_plan;
 
 pub(crate) use reads::Cursors;
 
+pub(crate) use handshake::exhaust_next;
+
 /// `maxWireVersion` of MongoDB 7.0.
 pub const MAX_WIRE_VERSION: i32 = 21;
 pub const VERSION: &str = "7.0.14";
