@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Defaults, ReplSetConfig};
+use crate::disk::DataDir;
 use crate::history::{ConfigSource, Event, History};
 use crate::oplog::{next_timestamp, OpTime, OplogEntry, Store};
 use crate::peer::{Network, PeerClient};
@@ -244,6 +245,8 @@ pub(crate) struct NodeInner {
     pub replication_stopped: std::sync::atomic::AtomicBool,
     /// Test control, like MongoDB's `omitConfigQuorumCheck` fail point.
     pub omit_config_quorum_check: std::sync::atomic::AtomicBool,
+    /// `--dbpath`: the journal the durable state is synced to (`None`: in memory only).
+    pub disk: Option<Mutex<DataDir>>,
 }
 
 /// A running member. Cloning shares it.
@@ -264,6 +267,29 @@ impl Node {
     pub async fn start(
         opts: NodeOptions,
         durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, None, net, history).await
+    }
+
+    /// Starts a member on an opened data directory (`--dbpath`) with the state read from it;
+    /// from then on everything durable is written there before the member lets anyone see it
+    /// (see `disk.rs`).
+    pub async fn start_on_disk(
+        opts: NodeOptions,
+        dir: DataDir,
+        durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, Some(dir), net, history).await
+    }
+
+    async fn start_inner(
+        opts: NodeOptions,
+        durable: DurableState,
+        disk: Option<DataDir>,
         net: Network,
         history: History,
     ) -> Result<Node, NodeError> {
@@ -338,6 +364,7 @@ impl Node {
                 system_credentials,
                 replication_stopped: std::sync::atomic::AtomicBool::new(false),
                 omit_config_quorum_check: std::sync::atomic::AtomicBool::new(false),
+                disk: disk.map(Mutex::new),
                 opts,
             }),
         };
@@ -439,6 +466,20 @@ impl Node {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, NodeState> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs to the data directory what changed in the durable state: called before every
+    /// reply and every request to another member, so nothing leaves this member that its
+    /// disk does not have. A failed write stops the member, as mongod stops (fassert) when it
+    /// cannot write its journal.
+    pub(crate) fn flush(&self) {
+        let Some(disk) = &self.inner.disk else { return };
+        let st = self.lock();
+        let mut dir = disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = dir.persist(&st.durable) {
+            tracing::error!(me = %self.me(), error = %e, "cannot write the data directory; this member stops");
+            self.inner.cancel.cancel();
+        }
     }
 
     pub(crate) fn notify(&self) {

@@ -112,6 +112,7 @@ impl Node {
     }
 
     pub(crate) async fn heartbeat_once(&self, host: &str) {
+        self.flush();
         let Some(req) = self.heartbeat_request() else {
             return;
         };
@@ -569,6 +570,8 @@ impl Node {
 
     /// Asks every voter; true when a majority (counting this member) grants.
     async fn request_votes(&self, dry_run: bool) -> bool {
+        // The new term and the vote for ourselves are on disk before anyone hears of them.
+        self.flush();
         let (req, voters, need, term) = {
             let st = self.lock();
             let Some(cfg) = st.config() else { return false };
@@ -911,6 +914,8 @@ impl Node {
     }
 
     async fn update_position(&self, source: &str) -> bool {
+        // What we report as applied is on disk first (it counts toward a majority).
+        self.flush();
         let req = {
             let st = self.lock();
             let Some(cfg) = st.config() else { return false };

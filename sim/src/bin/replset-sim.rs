@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use replset_sim::auth::{KeyFile, Security};
+use replset_sim::disk::DataDir;
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
 #[derive(Debug, Parser)]
@@ -38,10 +39,12 @@ struct Args {
     bind_ip_all: bool,
     #[arg(long)]
     ipv6: bool,
-    /// Accepted for compatibility with mongod command lines; the simulator keeps data in
-    /// memory only.
+    /// The data directory: the config, the oplog (and the data it makes), the term and the
+    /// last vote are kept there, locked by mongod.lock, and come back after a restart (see
+    /// docs/replset-sim.md for the format). It must exist. Without it, unlike mongod, the
+    /// member keeps everything in memory only.
     #[arg(long)]
-    dbpath: Option<String>,
+    dbpath: Option<std::path::PathBuf>,
     /// Turn on authorization (`security.authorization: enabled`).
     #[arg(long)]
     auth: bool,
@@ -110,13 +113,25 @@ async fn main() -> anyhow::Result<()> {
         election_timeout: Duration::from_millis(args.election_timeout_ms),
         security,
     };
-    let node = Node::start(
-        opts,
-        DurableState::default(),
-        Network::default(),
-        History::default(),
-    )
-    .await
+    let node = match &args.dbpath {
+        Some(path) => {
+            let defaults = replset_sim::config::Defaults {
+                heartbeat_interval_millis: args.heartbeat_ms as i64,
+                election_timeout_millis: args.election_timeout_ms as i64,
+            };
+            let (dir, durable) = DataDir::open(path, defaults)?;
+            Node::start_on_disk(opts, dir, durable, Network::default(), History::default()).await
+        }
+        None => {
+            Node::start(
+                opts,
+                DurableState::default(),
+                Network::default(),
+                History::default(),
+            )
+            .await
+        }
+    }
     .context("starting the member")?;
     if let Some((user, password)) = root_user {
         node.bootstrap_root_user(&user, &password)

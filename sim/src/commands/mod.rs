@@ -66,6 +66,8 @@ impl Node {
             }
         };
         self.append_cluster_time(&mut reply);
+        // Nothing leaves this member before its disk has it (see `disk.rs`).
+        self.flush();
         reply
     }
 

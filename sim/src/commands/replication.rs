@@ -137,9 +137,25 @@ impl Node {
             ));
         };
         if st.state == MemberState::Removed {
-            return Err(ServerError::invalid_replica_set_config(
+            // TopologyCoordinator::prepareStatusResponse with no self in the config (REMOVED,
+            // e.g. restarted at a new address): this member's own fields, then code 93.
+            let applied = st.last_applied();
+            let e = ServerError::invalid_replica_set_config(
                 "Our replica set config is invalid or we are not a member of it",
-            ));
+            );
+            let mut d = doc! {
+                "state": st.state.code(),
+                "stateStr": st.state.name(),
+                "uptime": st.started.elapsed().as_secs() as i32,
+                "optime": applied.to_document(),
+                "optimeDate": applied.date(),
+                "lastHeartbeatMessage": "",
+                "syncSourceHost": "",
+                "syncSourceId": -1,
+                "infoMessage": "",
+            };
+            d.extend(e.to_reply());
+            return Ok(d);
         }
         let now = DateTime::now();
         let mut members = Vec::new();
