@@ -23,6 +23,7 @@ mod handshake;
 mod namespaces;
 mod reads;
 mod replication;
+mod write_concern;
 mod write_plan;
 
 pub(crate) use reads::Cursors;
@@ -131,6 +132,8 @@ impl Node {
             "replSetGetStatus" => self.cmd_get_status(),
             "replSetReconfig" => self.cmd_reconfig(body).await,
             "replSetStepDown" => self.cmd_step_down(body).await,
+            "setDefaultRWConcern" => self.cmd_set_default_rw_concern(body).await,
+            "getDefaultRWConcern" => self.cmd_get_default_rw_concern(),
             "replSetFreeze" => self.cmd_freeze(body),
             "replSetMaintenance" => self.cmd_maintenance(body),
             "replSetStepUp" => self.cmd_step_up(body).await,

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 
 use crate::config::{number, MemberConfig, ReplSetConfig};
 use crate::config_change::{
-    check_initiate_quorum, check_initiate_receiver, check_reconfig_quorum, complete_reconfig,
-    prepare_initiate, prepare_reconfig, QuorumAnswer, ReconfigKind,
+    check_implicit_default_write_concern, check_initiate_quorum, check_initiate_receiver,
+    check_reconfig_quorum, complete_reconfig, prepare_initiate, prepare_reconfig, QuorumAnswer,
+    ReconfigKind,
 };
 use crate::error::ServerError;
 use crate::history::ConfigSource;
@@ -333,6 +334,8 @@ impl Node {
             }
         };
         let mut cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
+        let cwwc = super::write_concern::cluster_wide_write_concern(&self.lock()).is_some();
+        check_implicit_default_write_concern(&old, &cfg, cwwc, kind)?;
         let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
         let me = self
             .find_self(&cfg)
