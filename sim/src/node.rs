@@ -48,6 +48,36 @@ pub struct NodeOptions {
     pub election_timeout: Duration,
     /// `--auth` and `--keyFile`.
     pub security: crate::auth::Security,
+    /// How long an initial sync takes (not a mongod setting): see [`InitialSyncPace`].
+    pub initial_sync: InitialSyncPace,
+}
+
+/// The time a new or emptied member spends copying its data in STARTUP2 before it becomes
+/// SECONDARY: `floor`, or `per_mb` for each MB of the oplog it copied when that is longer.
+/// A real initial sync clones every collection and then applies the oplog written meanwhile
+/// (the manual's "Initial Sync"); the simulator copies the oplog at once, and this pace lets a
+/// test see the member in STARTUP2 as long as a member with data would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitialSyncPace {
+    pub floor: Duration,
+    pub per_mb: Duration,
+}
+
+impl InitialSyncPace {
+    /// The time an initial sync of `bytes` of data takes.
+    pub fn duration(self, bytes: usize) -> Duration {
+        let copy = self.per_mb.mul_f64(bytes as f64 / (1024.0 * 1024.0));
+        copy.max(self.floor)
+    }
+}
+
+impl Default for InitialSyncPace {
+    fn default() -> Self {
+        InitialSyncPace {
+            floor: Duration::from_millis(100),
+            per_mb: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for NodeOptions {
@@ -61,6 +91,7 @@ impl Default for NodeOptions {
             heartbeat_interval: Duration::from_millis(500),
             election_timeout: Duration::from_millis(2000),
             security: crate::auth::Security::default(),
+            initial_sync: InitialSyncPace::default(),
         }
     }
 }
@@ -199,6 +230,8 @@ pub(crate) struct NodeState {
     pub step_down_until: Option<Instant>,
     /// replSetMaintenance: how many `true` calls are not yet undone; RECOVERING while > 0.
     pub maintenance_calls: u32,
+    /// While an initial sync is copying: when it is done (the member stays in STARTUP2).
+    pub initial_sync_until: Option<Instant>,
     /// The current config is committed once the commit point reaches this optime (all that
     /// was written under the previous config is committed under this one).
     pub config_barrier: OpTime,
@@ -348,6 +381,7 @@ impl Node {
                     election_time: None,
                     step_down_until: None,
                     maintenance_calls: 0,
+                    initial_sync_until: None,
                     config_barrier: OpTime::NULL,
                     topology_counter: 0,
                     sync_source: None,

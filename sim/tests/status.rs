@@ -249,3 +249,56 @@ async fn an_arbiter_needs_a_cluster_wide_write_concern_and_never_blocks_the_next
         .await?;
     Ok(())
 }
+
+/// A member restarted without its data spends the initial sync's time in STARTUP2 (the
+/// simulator's pace: a floor, or a time per MB copied), then is SECONDARY with the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_member_stays_in_startup2_while_it_copies() -> TestResult {
+    let floor = Duration::from_millis(1500);
+    let template = replset_sim::NodeOptions {
+        initial_sync: replset_sim::node::InitialSyncPace {
+            floor,
+            per_mb: Duration::from_secs(60),
+        },
+        ..replset_sim::NodeOptions::default()
+    };
+    // 60 s per MB: the floor decides for a few small documents, the size for 1 MB.
+    assert_eq!(template.initial_sync.duration(1024), floor);
+    assert_eq!(
+        template.initial_sync.duration(1024 * 1024),
+        Duration::from_secs(60)
+    );
+    let mut c = Cluster::start_with(3, template).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    for i in 0..20 {
+        c.command_ok(
+            p,
+            doc! {"insert": "t", "documents": [{"_id": i}], "$db": "test"},
+        )
+        .await?;
+    }
+    let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    c.restart(s, false).await?;
+    // Once it has copied data it is still in STARTUP2 ...
+    let copying_since = c
+        .wait_for("the emptied member copying", SETTLE, |c| {
+            let n = c.node(s).ok()?;
+            (n.state() == MemberState::Startup2 && n.documents("test.t").len() == 20)
+                .then(Instant::now)
+        })
+        .await?;
+    let status = c.command_ok(s, doc! {"replSetGetStatus": 1}).await?;
+    assert_eq!(status.get_i32("myState")?, 5, "{status}");
+    // ... until the floor has passed, then SECONDARY.
+    c.wait_for("the member SECONDARY", SETTLE, |c| {
+        (c.node(s).ok()?.state() == MemberState::Secondary).then_some(())
+    })
+    .await?;
+    let took = copying_since.elapsed();
+    assert!(
+        took >= floor - Duration::from_millis(200),
+        "SECONDARY after {took:?} of copying"
+    );
+    Ok(())
+}

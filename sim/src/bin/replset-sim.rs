@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::disk::DataDir;
+use replset_sim::node::InitialSyncPace;
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
 #[derive(Debug, Parser)]
@@ -58,6 +59,13 @@ struct Args {
     /// Default heartbeat interval filled into new configs. Not a mongod flag.
     #[arg(long = "sim-heartbeat-ms", default_value_t = 500)]
     heartbeat_ms: u64,
+    /// Initial sync pace: a new or emptied member stays in STARTUP2 this long at least while
+    /// it copies its data. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-floor-ms", default_value_t = 100)]
+    initial_sync_floor_ms: u64,
+    /// Initial sync pace: milliseconds per MB of data copied. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-ms-per-mb", default_value_t = 50)]
+    initial_sync_ms_per_mb: u64,
     /// Default election timeout filled into new configs. Not a mongod flag.
     #[arg(long = "sim-election-timeout-ms", default_value_t = 2000)]
     election_timeout_ms: u64,
@@ -112,6 +120,10 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         election_timeout: Duration::from_millis(args.election_timeout_ms),
         security,
+        initial_sync: InitialSyncPace {
+            floor: Duration::from_millis(args.initial_sync_floor_ms),
+            per_mb: Duration::from_millis(args.initial_sync_ms_per_mb),
+        },
     };
     let node = match &args.dbpath {
         Some(path) => {
