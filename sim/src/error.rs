@@ -41,6 +41,7 @@ codes! {
     invalid_replica_set_config => 93, "InvalidReplicaSetConfig";
     not_yet_initialized => 94, "NotYetInitialized";
     not_secondary => 95, "NotSecondary";
+    operation_failed => 96, "OperationFailed";
     new_replica_set_configuration_incompatible => 103, "NewReplicaSetConfigurationIncompatible";
     node_not_electable => 104, "NodeNotElectable";
     exceeded_time_limit => 262, "ExceededTimeLimit";

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod config_change;
 pub mod error;
 pub mod history;
 pub mod node;

@@ -152,6 +152,13 @@ pub(crate) struct PeerView {
     pub ping_ms: i64,
     pub sync_source: String,
     pub election_date: Option<DateTime>,
+    /// `electionTime` of a primary, from its heartbeat responses.
+    pub election_time: Option<bson::Timestamp>,
+    /// Since when heartbeats to this member have succeeded without a failure (`upSince`,
+    /// its `uptime` in replSetGetStatus).
+    pub up_since: Option<Instant>,
+    /// When this member last sent us a heartbeat (`lastHeartbeatRecv`).
+    pub last_heartbeat_recv: Option<DateTime>,
 }
 
 impl Default for PeerView {
@@ -169,6 +176,9 @@ impl Default for PeerView {
             ping_ms: 0,
             sync_source: String::new(),
             election_date: None,
+            election_time: None,
+            up_since: None,
+            last_heartbeat_recv: None,
         }
     }
 }
@@ -183,7 +193,11 @@ pub(crate) struct NodeState {
     pub election_offset: Duration,
     pub election_id: Option<ObjectId>,
     pub election_date: Option<DateTime>,
+    /// The timestamp of this primary's first entry of its term (`electionTime`).
+    pub election_time: Option<bson::Timestamp>,
     pub step_down_until: Option<Instant>,
+    /// replSetMaintenance: how many `true` calls are not yet undone; RECOVERING while > 0.
+    pub maintenance_calls: u32,
     /// The current config is committed once the commit point reaches this optime (all that
     /// was written under the previous config is committed under this one).
     pub config_barrier: OpTime,
@@ -305,7 +319,9 @@ impl Node {
                     election_offset: Duration::ZERO,
                     election_id: None,
                     election_date: None,
+                    election_time: None,
                     step_down_until: None,
+                    maintenance_calls: 0,
                     config_barrier: OpTime::NULL,
                     topology_counter: 0,
                     sync_source: None,
@@ -616,6 +632,7 @@ impl Node {
             self.install_config(st, cfg, ConfigSource::StepUp);
         }
         let e = self.append_noop(st, bson::doc! {"msg": "new primary"});
+        st.election_time = Some(e.ts);
         // Commitment of the current config now needs an entry of this term committed.
         st.config_barrier = e;
         self.recompute_commit_point(st);

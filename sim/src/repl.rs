@@ -148,6 +148,7 @@ impl Node {
             Ok(resp) => {
                 let p = st.peers.entry(host.to_string()).or_default();
                 p.healthy = false;
+                p.up_since = None;
                 p.message = resp.get_str("errmsg").unwrap_or("error").to_string();
                 self.notify();
             }
@@ -155,6 +156,7 @@ impl Node {
                 let p = st.peers.entry(host.to_string()).or_default();
                 let was = p.healthy;
                 p.healthy = false;
+                p.up_since = None;
                 p.state = MemberState::Down;
                 p.message = e.to_string();
                 p.last_heartbeat = Some(DateTime::now());
@@ -176,6 +178,9 @@ impl Node {
         self.update_term(st, term);
         {
             let p = st.peers.entry(host.to_string()).or_default();
+            if !p.healthy || p.up_since.is_none() {
+                p.up_since = Some(Instant::now());
+            }
             p.healthy = true;
             p.state = state;
             p.term = term;
@@ -192,6 +197,7 @@ impl Node {
             p.ping_ms = ping;
             p.sync_source = resp.get_str("syncingTo").unwrap_or("").to_string();
             p.election_date = resp.get_datetime("electionDate").ok().copied();
+            p.election_time = resp.get_timestamp("electionTime").ok();
         }
         if state == MemberState::Primary && term >= st.term() {
             if st.primary_host.as_deref() != Some(host) {
@@ -342,6 +348,16 @@ impl Node {
         if their_version > 0 {
             self.update_term(&mut st, their_term);
         }
+        // lastHeartbeatRecv: the sender's entry, when it is a member of our config.
+        if st
+            .config()
+            .is_some_and(|c| c.member_by_host(&from).is_some())
+        {
+            st.peers
+                .entry(from.clone())
+                .or_default()
+                .last_heartbeat_recv = Some(DateTime::now());
+        }
         let mut d = doc! {
             "set": my_set,
             "term": st.term(),
@@ -358,13 +374,9 @@ impl Node {
             .filter(|_| st.state == MemberState::Primary)
         {
             d.insert("electionDate", date);
-            d.insert(
-                "electionTime",
-                bson::Timestamp {
-                    time: (date.timestamp_millis() / 1000) as u32,
-                    increment: 1,
-                },
-            );
+            if let Some(ts) = st.election_time {
+                d.insert("electionTime", ts);
+            }
         }
         match st.config() {
             Some(cfg) => {
@@ -842,7 +854,12 @@ impl Node {
             st.state,
             MemberState::Startup2 | MemberState::Recovering | MemberState::Rollback
         ) {
-            self.set_state(&mut st, MemberState::Secondary);
+            let next = if st.maintenance_calls > 0 {
+                MemberState::Recovering
+            } else {
+                MemberState::Secondary
+            };
+            self.set_state(&mut st, next);
         }
         self.notify();
         false

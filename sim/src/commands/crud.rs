@@ -323,6 +323,11 @@ impl Node {
             .cloned()
             .unwrap_or(Bson::String("majority".into()));
         let wtimeout = wc.get("wtimeout").and_then(number).unwrap_or(0);
+        let provenance = if body.contains_key("writeConcern") {
+            "clientSupplied"
+        } else {
+            "implicitDefault"
+        };
         let max_time = body.get("maxTimeMS").and_then(number).unwrap_or(0);
         let deadline = [wtimeout, max_time]
             .into_iter()
@@ -346,6 +351,24 @@ impl Node {
                 }
             },
         };
+        // checkIfWriteConcernCanBeSatisfied (replication_coordinator_impl.cpp): a number
+        // greater than the data-bearing members fails at once with UnsatisfiableWriteConcern
+        // (100), "Not enough data-bearing nodes", instead of waiting.
+        if let Need::Nodes(n) = need {
+            let data_bearing = self
+                .lock()
+                .config()
+                .map(|c| c.members.iter().filter(|m| !m.arbiter_only).count())
+                .unwrap_or(1);
+            if n > data_bearing {
+                return Some(doc! {
+                    "code": 100,
+                    "codeName": "UnsatisfiableWriteConcern",
+                    "errmsg": "Not enough data-bearing nodes",
+                    "errInfo": {"writeConcern": {"w": w.clone(), "wtimeout": wtimeout, "provenance": provenance}},
+                });
+            }
+        }
         let r = self
             .wait_until(deadline, |st| {
                 if st.state != MemberState::Primary || st.term() != term {
@@ -378,7 +401,7 @@ impl Node {
                 "code": 64,
                 "codeName": "WriteConcernFailed",
                 "errmsg": "waiting for replication timed out",
-                "errInfo": {"wtimeout": true, "writeConcern": {"w": w, "wtimeout": wtimeout, "provenance": if body.contains_key("writeConcern") { "clientSupplied" } else { "implicitDefault" }}},
+                "errInfo": {"wtimeout": true, "writeConcern": {"w": w, "wtimeout": wtimeout, "provenance": provenance}},
             }),
         }
     }

@@ -9,7 +9,8 @@
 //! - `admin`: sessions, parameters and the other administrative commands.
 //! - `auth`: authentication and authorization.
 
-use bson::{doc, Document};
+use bson::spec::BinarySubtype;
+use bson::{doc, Binary, Document};
 
 use crate::auth::ClientSession;
 use crate::error::ServerError;
@@ -50,7 +51,7 @@ impl Node {
             Ok(()) => self.dispatch(&name, &body, session).await,
             Err(e) => Err(e),
         };
-        match result {
+        let mut reply = match result {
             Ok(mut d) => {
                 if !d.contains_key("ok") {
                     d.insert("ok", 1.0);
@@ -61,7 +62,36 @@ impl Node {
                 tracing::debug!(me = %self.me(), command = %name, error = %e, "command failed");
                 e.to_reply()
             }
-        }
+        };
+        self.append_cluster_time(&mut reply);
+        reply
+    }
+
+    /// `$clusterTime` and `operationTime`, which a replica-set member adds to every reply,
+    /// success or error (`appendClusterAndOperationTime` in service_entry_point_mongod.cpp;
+    /// the manual's "Causal Consistency"). The cluster time is this member's newest optime;
+    /// without a keyFile the signature is the placeholder mongod sends (an all-zero hash,
+    /// key id 0). The operation time is the newest optime too: the simulator has no
+    /// snapshot reads, so every operation sees, or wrote, the member's last applied entry.
+    fn append_cluster_time(&self, reply: &mut Document) {
+        let ts = {
+            let st = self.lock();
+            if st.config().is_none() {
+                return;
+            }
+            st.last_applied().ts
+        };
+        reply.insert(
+            "$clusterTime",
+            doc! {
+                "clusterTime": ts,
+                "signature": {
+                    "hash": Binary { subtype: BinarySubtype::Generic, bytes: vec![0u8; 20] },
+                    "keyId": 0i64,
+                },
+            },
+        );
+        reply.insert("operationTime", ts);
     }
 
     async fn dispatch(
@@ -97,6 +127,8 @@ impl Node {
             "replSetGetStatus" => self.cmd_get_status(),
             "replSetReconfig" => self.cmd_reconfig(body).await,
             "replSetStepDown" => self.cmd_step_down(body).await,
+            "replSetFreeze" => self.cmd_freeze(body),
+            "replSetMaintenance" => self.cmd_maintenance(body),
             "replSetStepUp" => self.cmd_step_up(body).await,
             "replSetHeartbeat" => self.cmd_heartbeat(body),
             "replSetRequestVotes" => self.cmd_request_votes(body),

@@ -4,10 +4,15 @@
 
 use bson::{doc, Bson, DateTime, Document};
 use rand::Rng;
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::config::{normalize_host, number, ReplSetConfig};
+use crate::config::{number, MemberConfig, ReplSetConfig};
+use crate::config_change::{
+    check_initiate_quorum, check_initiate_receiver, check_reconfig_quorum, complete_reconfig,
+    prepare_initiate, prepare_reconfig, QuorumAnswer, ReconfigKind,
+};
 use crate::error::ServerError;
 use crate::history::ConfigSource;
 use crate::node::{MemberState, Node};
@@ -18,73 +23,30 @@ impl Node {
         if self.lock().config().is_some() {
             return Err(ServerError::already_initialized("already initialized"));
         }
-        let raw = match body.get("replSetInitiate") {
-            Some(Bson::Document(d)) if !d.is_empty() => d.clone(),
-            _ => {
-                doc! {"_id": set_name.clone(), "version": 1, "members": [{"_id": 0, "host": self.me()}]}
-            }
-        };
+        let arg = body.get_document("replSetInitiate").ok();
+        let mut cfg = prepare_initiate(arg, &set_name, &self.me(), self.defaults())?;
         let invalid = || ServerError::invalid_replica_set_config("");
-        let mut cfg =
-            ReplSetConfig::parse(&raw, self.defaults()).map_err(|e| e.rewrap(invalid()))?;
-        for m in &mut cfg.members {
-            m.host = normalize_host(&m.host);
-        }
-        cfg.term = 0;
-        if cfg.set_name != set_name {
-            return Err(ServerError::invalid_replica_set_config(format!(
-                "Attempting to initiate a replica set with name {}, but command line reports {set_name}; rejecting",
-                cfg.set_name
-            )));
-        }
-        cfg.validate_for_initiate()
-            .map_err(|e| e.rewrap(invalid()))?;
         let me = self
             .find_self(&cfg)
             .await
             .map_err(|e| e.rewrap(invalid()))?;
-        if !cfg.members[me].is_electable() {
-            return Err(ServerError::invalid_replica_set_config(format!(
-                "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
-                cfg.members[me].host, cfg.members[me].id, cfg.version_and_term(), cfg.set_name
-            )));
-        }
+        check_initiate_receiver(&cfg, me)?;
         self.set_me(&cfg.members[me].host.clone());
         // checkQuorumForInitiate: every proposed member must answer a heartbeat.
-        let mut failures = Vec::new();
+        let mut answers = HashMap::new();
         for (i, m) in cfg.members.iter().enumerate() {
             if i == me {
                 continue;
             }
             let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": -2i64, "configTerm": -1i64, "hbv": 1, "from": self.me(), "fromId": cfg.members[me].id, "term": 0i64, "checkEmpty": true, "$db": "admin"};
-            match self
+            let r = self
                 .inner
                 .peers
                 .run(&m.host, &hb, Duration::from_secs(5))
-                .await
-            {
-                Ok(r) if r.get("ok").and_then(crate::config::float) == Some(1.0) => {
-                    if r.get("configVersion").and_then(number).unwrap_or(-2) > 0 {
-                        failures.push(format!(
-                            "{} failed with {} has data already, cannot initiate set.",
-                            m.host, m.host
-                        ));
-                    }
-                }
-                Ok(r) => failures.push(format!(
-                    "{} failed with {}",
-                    m.host,
-                    r.get_str("errmsg").unwrap_or("an error")
-                )),
-                Err(e) => failures.push(format!("{} failed with {e}", m.host)),
-            }
+                .await;
+            answers.insert(m.host.clone(), quorum_answer(r));
         }
-        if !failures.is_empty() {
-            return Err(ServerError::node_not_found(format!(
-                "replSetInitiate quorum check failed because not all proposed set members responded affirmatively: {}",
-                failures.join(", ")
-            )));
-        }
+        check_initiate_quorum(&cfg, me, |m| answer_of(&answers, m))?;
         cfg.set_replica_set_id(bson::oid::ObjectId::new());
         let mut st = self.lock();
         if st.config().is_some() {
@@ -188,7 +150,7 @@ impl Node {
                 d.insert("health", 1.0);
                 d.insert("state", st.state.code());
                 d.insert("stateStr", st.state.name());
-                d.insert("uptime", st.started.elapsed().as_secs() as i64);
+                d.insert("uptime", st.started.elapsed().as_secs() as i32);
                 d.insert("optime", applied.to_document());
                 d.insert("optimeDate", applied.date());
                 d.insert("lastAppliedWallTime", applied.date());
@@ -200,12 +162,15 @@ impl Node {
                     if let Some(id) = st.election_id {
                         d.insert("electionId", id);
                     }
+                    if let Some(ts) = st.election_time {
+                        d.insert("electionTime", ts);
+                    }
                     if let Some(date) = st.election_date {
                         d.insert("electionDate", date);
                     }
                 }
                 d.insert("configVersion", cfg.version as i32);
-                d.insert("configTerm", cfg.term);
+                d.insert("configTerm", cfg.term as i32);
                 d.insert("self", true);
                 d.insert("lastHeartbeatMessage", "");
             } else {
@@ -225,7 +190,12 @@ impl Node {
                         "(not reachable/healthy)"
                     },
                 );
-                d.insert("uptime", 0i64);
+                let uptime = p
+                    .up_since
+                    .filter(|_| p.healthy)
+                    .map(|t| t.elapsed().as_secs() as i32)
+                    .unwrap_or(0);
+                d.insert("uptime", uptime);
                 d.insert("optime", p.applied.to_document());
                 d.insert("optimeDurable", p.applied.to_document());
                 d.insert("optimeDate", p.applied.date());
@@ -236,20 +206,23 @@ impl Node {
                 );
                 d.insert(
                     "lastHeartbeatRecv",
-                    p.last_heartbeat.unwrap_or(DateTime::from_millis(0)),
+                    p.last_heartbeat_recv.unwrap_or(DateTime::from_millis(0)),
                 );
                 d.insert("pingMs", p.ping_ms);
                 d.insert("lastHeartbeatMessage", p.message.clone());
                 d.insert("syncSourceHost", p.sync_source.clone());
                 d.insert("syncSourceId", sync_id(cfg, Some(&p.sync_source)));
                 d.insert("infoMessage", "");
-                if p.state == MemberState::Primary {
+                if p.healthy && p.state == MemberState::Primary {
+                    if let Some(ts) = p.election_time {
+                        d.insert("electionTime", ts);
+                    }
                     if let Some(date) = p.election_date {
                         d.insert("electionDate", date);
                     }
                 }
                 d.insert("configVersion", p.config_version as i32);
-                d.insert("configTerm", p.config_term);
+                d.insert("configTerm", p.config_term as i32);
             }
             members.push(Bson::Document(d));
         }
@@ -334,69 +307,30 @@ impl Node {
         let old = self.lock().config().cloned().ok_or_else(|| {
             ServerError::not_yet_initialized("no replset config has been received")
         })?;
-        let invalid = || ServerError::invalid_replica_set_config("");
-        let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
-        let mut cfg =
-            ReplSetConfig::parse(&raw, self.defaults()).map_err(|e| e.rewrap(invalid()))?;
-        for m in &mut cfg.members {
-            m.host = normalize_host(&m.host);
-        }
-        if cfg.set_name != set_name {
-            return Err(ServerError::invalid_replica_set_config(format!(
-                "Attempting to reconfigure a replica set with name {}, but command line reports {set_name}; rejecting",
-                cfg.set_name
-            )));
-        }
-        if !force {
-            if let Some(m) = cfg.members.iter().find(|m| m.newly_added) {
-                return Err(ServerError::invalid_replica_set_config(format!(
-                    "Cannot provide newlyAdded field to member {} with _id {}: it is set by the server",
-                    m.host, m.id
-                )));
+        let kind = if force {
+            ReconfigKind::Force {
+                version_bump: 10_000 + rand::rng().random_range(0..100_000),
             }
-        }
-        if cfg.replica_set_id().is_none() {
-            if let Some(id) = old.replica_set_id() {
-                cfg.set_replica_set_id(id);
-            }
-        }
-        if force {
-            let bump = 10_000 + rand::rng().random_range(0..100_000);
-            cfg.version += bump;
-            cfg.term = crate::config::UNINITIALIZED_TERM;
         } else {
-            cfg.term = self.lock().term();
-        }
-        ReplSetConfig::validate_for_reconfig(&old, &cfg, force)
-            .map_err(|e| e.rewrap(incompatible()))?;
+            ReconfigKind::Safe {
+                term: self.lock().term(),
+            }
+        };
+        let mut cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
+        let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
         let me = self
             .find_self(&cfg)
             .await
             .map_err(|e| e.rewrap(incompatible()))?;
         self.set_me(&cfg.members[me].host.clone());
-        if !force && !cfg.members[me].is_electable() {
-            return Err(ServerError::new_replica_set_configuration_incompatible(format!(
-                "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
-                cfg.members[me].host, cfg.members[me].id, cfg.version_and_term(), cfg.set_name
-            )));
-        }
-        if !force {
-            // Brand-new voting members count as non-voters until they catch up.
-            for m in &mut cfg.members {
-                let before = old.member_by_id(m.id);
-                m.newly_added = m.votes > 0
-                    && match before {
-                        None => true,
-                        Some(b) => b.newly_added,
-                    };
-            }
-            if !self
+        complete_reconfig(&old, &mut cfg, me, kind)?;
+        if !force
+            && !self
                 .inner
                 .omit_config_quorum_check
                 .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                self.check_quorum_for_reconfig(&cfg).await?;
-            }
+        {
+            self.check_quorum_for_reconfig(&cfg).await?;
         }
         let target = cfg.version_and_term();
         {
@@ -462,45 +396,20 @@ impl Node {
                 cfg.member_by_host(&self.me()).map(|m| m.id).unwrap_or(-1),
             )
         };
-        let mut ok_voters = Vec::new();
-        let mut failed = Vec::new();
+        let mut answers = HashMap::new();
         for m in &cfg.members {
             if m.host == self.me() {
-                if m.is_voter() {
-                    ok_voters.push(m.host.clone());
-                }
                 continue;
             }
             let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": cfg.version, "configTerm": cfg.term, "hbv": 1, "from": self.me(), "fromId": my_id, "term": term, "$db": "admin"};
-            match self
+            let r = self
                 .inner
                 .peers
                 .run(&m.host, &hb, Duration::from_secs(2))
-                .await
-            {
-                Ok(r) if r.get("ok").and_then(crate::config::float) == Some(1.0) => {
-                    if m.is_voter() {
-                        ok_voters.push(m.host.clone());
-                    }
-                }
-                Ok(r) => failed.push(format!(
-                    "{} failed with {}",
-                    m.host,
-                    r.get_str("errmsg").unwrap_or("error")
-                )),
-                Err(e) => failed.push(format!("{} failed with {e}", m.host)),
-            }
+                .await;
+            answers.insert(m.host.clone(), quorum_answer(r));
         }
-        let need = cfg.majority_vote_count();
-        if ok_voters.len() < need {
-            return Err(ServerError::node_not_found(format!(
-                "Quorum check failed because not enough voting nodes responded; required {need} but only the following {} voting nodes responded: {}; the following nodes did not respond affirmatively: {}",
-                ok_voters.len(),
-                ok_voters.join(", "),
-                failed.join(", ")
-            )));
-        }
-        Ok(())
+        check_reconfig_quorum(cfg, &self.me(), |m| answer_of(&answers, m))
     }
 
     pub(super) async fn cmd_step_down(&self, body: &Document) -> Result<Document, ServerError> {
@@ -558,10 +467,96 @@ impl Node {
         st.step_down_until = Some(std::time::Instant::now() + Duration::from_secs(secs));
         Ok(doc! {})
     }
+
+    /// replSetFreeze (`TopologyCoordinator::prepareFreezeResponse`): a follower will not
+    /// stand for election for `secs` seconds; 0 unfreezes. A primary refuses with 95
+    /// NotSecondary. A restart unfreezes (the freeze is not durable).
+    pub(super) fn cmd_freeze(&self, body: &Document) -> Result<Document, ServerError> {
+        self.require_repl()?;
+        let secs = body.get("replSetFreeze").and_then(number).unwrap_or(0);
+        let mut st = self.lock();
+        if st.state == MemberState::Primary {
+            return Err(ServerError::not_secondary(
+                "Cannot freeze node when primary or running for election, state: Primary",
+            ));
+        }
+        let now = std::time::Instant::now();
+        let mut reply = doc! {};
+        if secs <= 0 {
+            st.step_down_until = Some(now);
+            reply.insert("info", "unfreezing");
+            tracing::info!(me = %self.me(), "unfreezing");
+        } else {
+            if secs == 1 {
+                reply.insert("warning", "you really want to freeze for only 1 second?");
+            }
+            let until = now + Duration::from_secs(secs as u64);
+            st.step_down_until = Some(st.step_down_until.map_or(until, |t| t.max(until)));
+            tracing::info!(me = %self.me(), secs, "freezing");
+        }
+        self.notify();
+        Ok(reply)
+    }
+
+    /// replSetMaintenance (`ReplicationCoordinatorImpl::setMaintenanceMode`): `true` puts a
+    /// secondary in RECOVERING (counted: each `true` needs its `false`), `false` undoes one.
+    /// A primary refuses with 95 NotSecondary; `false` with none active fails with 96
+    /// OperationFailed.
+    pub(super) fn cmd_maintenance(&self, body: &Document) -> Result<Document, ServerError> {
+        self.require_repl()?;
+        let activate = match body.get("replSetMaintenance") {
+            Some(Bson::Boolean(b)) => *b,
+            Some(b) => number(b).is_some_and(|n| n != 0),
+            None => false,
+        };
+        let mut st = self.lock();
+        if st.state == MemberState::Primary {
+            return Err(ServerError::not_secondary(
+                "primaries can't modify maintenance mode",
+            ));
+        }
+        if activate {
+            st.maintenance_calls += 1;
+            tracing::info!(me = %self.me(), other_tasks = st.maintenance_calls - 1, "going into maintenance mode");
+            if st.state == MemberState::Secondary {
+                self.set_state(&mut st, MemberState::Recovering);
+            }
+        } else if st.maintenance_calls > 0 {
+            st.maintenance_calls -= 1;
+            tracing::info!(me = %self.me(), other_tasks = st.maintenance_calls, "leaving maintenance mode");
+            if st.maintenance_calls == 0 && st.state == MemberState::Recovering {
+                self.set_state(&mut st, MemberState::Secondary);
+            }
+        } else {
+            return Err(ServerError::operation_failed(
+                "already out of maintenance mode",
+            ));
+        }
+        self.notify();
+        Ok(doc! {})
+    }
 }
 
 fn sync_id(cfg: &ReplSetConfig, host: Option<&str>) -> i32 {
     host.and_then(|h| cfg.member_by_host(h))
         .map(|m| m.id as i32)
         .unwrap_or(-1)
+}
+
+/// A heartbeat reply (or its failure) as the quorum check counts it.
+fn quorum_answer(r: Result<Document, crate::peer::PeerError>) -> QuorumAnswer {
+    match r {
+        Ok(r) if r.get("ok").and_then(crate::config::float) == Some(1.0) => QuorumAnswer::Ok {
+            config_version: r.get("configVersion").and_then(number).unwrap_or(-2),
+        },
+        Ok(r) => QuorumAnswer::Failed(r.get_str("errmsg").unwrap_or("an error").to_string()),
+        Err(e) => QuorumAnswer::Failed(e.to_string()),
+    }
+}
+
+fn answer_of(answers: &HashMap<String, QuorumAnswer>, m: &MemberConfig) -> QuorumAnswer {
+    answers
+        .get(&m.host)
+        .cloned()
+        .unwrap_or_else(|| QuorumAnswer::Failed("no answer".into()))
 }
