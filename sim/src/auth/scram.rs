@@ -399,7 +399,7 @@ impl ClientConversation {
             return Err(ScramError::Nonce);
         }
         let m = self.mechanism;
-        let salted = m.salted_password(self.normalized_password.as_bytes(), &salt, iterations);
+        let salted = cached_salted_password(m, &self.normalized_password, &salt, iterations);
         let client_key = m.hmac(&salted, b"Client Key");
         let stored_key = m.hash(&client_key);
         let without_proof = format!("c=biws,r={nonce}");
@@ -416,6 +416,27 @@ impl ClientConversation {
             server_signature: m.hmac(&server_key, auth_message.as_bytes()),
         })
     }
+}
+
+/// The salted password for a (password, salt, iterations), computed once per process, as
+/// the drivers cache it: a member's `__system` salt does not change while it runs, so a
+/// member reconnecting to a peer does not redo PBKDF2 each time.
+fn cached_salted_password(m: Mechanism, password: &str, salt: &[u8], iterations: u32) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (Mechanism, Vec<u8>, Vec<u8>, u32);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Vec<u8>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    // Keyed by a hash of the password, so the cache holds no password.
+    let key = (m, m.hash(password.as_bytes()), salt.to_vec(), iterations);
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return v;
+    }
+    let v = m.salted_password(password.as_bytes(), salt, iterations);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, v.clone());
+    }
+    v
 }
 
 impl ClientFinal {
