@@ -17,6 +17,7 @@ pub mod commands;
 pub mod config;
 pub mod config_change;
 pub mod disk;
+mod election;
 pub mod error;
 pub mod history;
 pub mod node;
@@ -24,6 +25,7 @@ pub mod oplog;
 pub mod peer;
 pub mod query;
 mod repl;
+mod sync;
 pub mod wire;
 
 pub use cluster::Cluster;
