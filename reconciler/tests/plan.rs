@@ -153,7 +153,8 @@ fn raw(cfg: &ServerConfig) -> Document {
 /// own preparation and checks (`replset_sim::config_change`, what the simulator's
 /// `replSetReconfig` runs): `prepare_reconfig` (parse, hosts normalised, `newlyAdded` refused,
 /// the old `replicaSetId`, the current term or a forced version and term, validation against
-/// `old`), the receiver finding itself in the new config (a test host is itself by name),
+/// `old`), the implicit default write concern left alone (no cluster-wide one is set), the
+/// receiver finding itself in the new config (a test host is itself by name),
 /// `complete_reconfig` (electable unless forced, `newlyAdded` marks) and, for a safe
 /// reconfig, the quorum check over the members of `running`, the hosts that answer.
 fn server_reconfig(
@@ -171,6 +172,9 @@ fn server_reconfig(
         ReconfigKind::Safe { term: TERM }
     };
     let mut new = config_change::prepare_reconfig(old, sent, &old.set_name, kind, DEFAULTS)
+        .map_err(|e| e.to_string())?;
+    // The reconciler sets no cluster-wide default write concern.
+    config_change::check_implicit_default_write_concern(old, &new, false, kind)
         .map_err(|e| e.to_string())?;
     let me = find_self(&new, receiver)?;
     config_change::complete_reconfig(old, &mut new, me, kind).map_err(|e| e.to_string())?;

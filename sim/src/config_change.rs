@@ -175,9 +175,9 @@ pub fn prepare_reconfig(
 }
 
 /// What the receiver (index `me` of the prepared `new`) checks and adds before the quorum
-/// check: unless forced it must be electable, and members that come with a vote and did not
-/// have one in `old` (or were still `newlyAdded` there) are marked `newlyAdded`, so they count
-/// as non-voters until they catch up.
+/// check: unless forced it must be electable, and members other than arbiters that come with
+/// a vote and were not in `old` (or were still `newlyAdded` there) are marked `newlyAdded`, so
+/// they count as non-voters until they catch up.
 pub fn complete_reconfig(
     old: &ReplSetConfig,
     new: &mut ReplSetConfig,
@@ -199,7 +199,10 @@ pub fn complete_reconfig(
     }
     for m in &mut new.members {
         let before = old.member_by_id(m.id);
-        m.newly_added = m.votes > 0 && before.is_none_or(|b| b.newly_added);
+        // Never an arbiter: it has no data to catch up, and would never become SECONDARY
+        // for the primary to clear the mark (`addNewlyAddedFieldForNewMemberIfNeeded` skips
+        // arbiters).
+        m.newly_added = m.votes > 0 && !m.arbiter_only && before.is_none_or(|b| b.newly_added);
     }
     Ok(())
 }
@@ -237,6 +240,41 @@ pub fn check_reconfig_quorum(
             ok_voters.join(", "),
             failed.join(", ")
         )));
+    }
+    Ok(())
+}
+
+/// `ReplSetConfig::isImplicitDefaultWriteConcernMajority` (repl_set_config.cpp): the implicit
+/// default write concern is `{w: "majority"}` unless voting arbiters would keep a primary
+/// elected while no majority write can be done, that is unless there are voting arbiters and
+/// the data-bearing voters are not more than a voting majority; then it is `{w: 1}`.
+pub fn is_implicit_default_write_concern_majority(cfg: &ReplSetConfig) -> bool {
+    let voters = cfg.voters().count();
+    let writable = cfg.voters().filter(|m| !m.arbiter_only).count();
+    voters == writable || writable > cfg.majority_vote_count()
+}
+
+/// The reconfig rule of MongoDB 5.0+ (`ReplicationCoordinatorImpl::_doReplSetReconfig`; the
+/// manual: "you must explicitly set the global default write concern before attempting to
+/// reconfigure a replica set with a configuration that would change the implicit default
+/// write concern"): without a cluster-wide default write concern, a safe reconfig may not
+/// change the implicit default (adding the arbiter of a PSA set, for example). A forced one
+/// may.
+pub fn check_implicit_default_write_concern(
+    old: &ReplSetConfig,
+    new: &ReplSetConfig,
+    cluster_wide_write_concern_set: bool,
+    kind: ReconfigKind,
+) -> Result<(), ServerError> {
+    if kind.is_force() || cluster_wide_write_concern_set {
+        return Ok(());
+    }
+    if is_implicit_default_write_concern_majority(old)
+        != is_implicit_default_write_concern_majority(new)
+    {
+        return Err(ServerError::new_replica_set_configuration_incompatible(
+            "Reconfig attempted to install a config that would change the implicit default write concern. Use the setDefaultRWConcern command to set a cluster-wide write concern and try the reconfig again.",
+        ));
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod config_change;
+pub mod disk;
 pub mod error;
 pub mod history;
 pub mod node;

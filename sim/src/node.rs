@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Defaults, ReplSetConfig};
+use crate::disk::DataDir;
 use crate::history::{ConfigSource, Event, History};
 use crate::oplog::{next_timestamp, OpTime, OplogEntry, Store};
 use crate::peer::{Network, PeerClient};
@@ -47,6 +48,36 @@ pub struct NodeOptions {
     pub election_timeout: Duration,
     /// `--auth` and `--keyFile`.
     pub security: crate::auth::Security,
+    /// How long an initial sync takes (not a mongod setting): see [`InitialSyncPace`].
+    pub initial_sync: InitialSyncPace,
+}
+
+/// The time a new or emptied member spends copying its data in STARTUP2 before it becomes
+/// SECONDARY: `floor`, or `per_mb` for each MB of the oplog it copied when that is longer.
+/// A real initial sync clones every collection and then applies the oplog written meanwhile
+/// (the manual's "Initial Sync"); the simulator copies the oplog at once, and this pace lets a
+/// test see the member in STARTUP2 as long as a member with data would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitialSyncPace {
+    pub floor: Duration,
+    pub per_mb: Duration,
+}
+
+impl InitialSyncPace {
+    /// The time an initial sync of `bytes` of data takes.
+    pub fn duration(self, bytes: usize) -> Duration {
+        let copy = self.per_mb.mul_f64(bytes as f64 / (1024.0 * 1024.0));
+        copy.max(self.floor)
+    }
+}
+
+impl Default for InitialSyncPace {
+    fn default() -> Self {
+        InitialSyncPace {
+            floor: Duration::from_millis(100),
+            per_mb: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for NodeOptions {
@@ -60,6 +91,7 @@ impl Default for NodeOptions {
             heartbeat_interval: Duration::from_millis(500),
             election_timeout: Duration::from_millis(2000),
             security: crate::auth::Security::default(),
+            initial_sync: InitialSyncPace::default(),
         }
     }
 }
@@ -198,6 +230,8 @@ pub(crate) struct NodeState {
     pub step_down_until: Option<Instant>,
     /// replSetMaintenance: how many `true` calls are not yet undone; RECOVERING while > 0.
     pub maintenance_calls: u32,
+    /// While an initial sync is copying: when it is done (the member stays in STARTUP2).
+    pub initial_sync_until: Option<Instant>,
     /// The current config is committed once the commit point reaches this optime (all that
     /// was written under the previous config is committed under this one).
     pub config_barrier: OpTime,
@@ -244,6 +278,8 @@ pub(crate) struct NodeInner {
     pub replication_stopped: std::sync::atomic::AtomicBool,
     /// Test control, like MongoDB's `omitConfigQuorumCheck` fail point.
     pub omit_config_quorum_check: std::sync::atomic::AtomicBool,
+    /// `--dbpath`: the journal the durable state is synced to (`None`: in memory only).
+    pub disk: Option<Mutex<DataDir>>,
 }
 
 /// A running member. Cloning shares it.
@@ -264,6 +300,29 @@ impl Node {
     pub async fn start(
         opts: NodeOptions,
         durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, None, net, history).await
+    }
+
+    /// Starts a member on an opened data directory (`--dbpath`) with the state read from it;
+    /// from then on everything durable is written there before the member lets anyone see it
+    /// (see `disk.rs`).
+    pub async fn start_on_disk(
+        opts: NodeOptions,
+        dir: DataDir,
+        durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, Some(dir), net, history).await
+    }
+
+    async fn start_inner(
+        opts: NodeOptions,
+        durable: DurableState,
+        disk: Option<DataDir>,
         net: Network,
         history: History,
     ) -> Result<Node, NodeError> {
@@ -322,6 +381,7 @@ impl Node {
                     election_time: None,
                     step_down_until: None,
                     maintenance_calls: 0,
+                    initial_sync_until: None,
                     config_barrier: OpTime::NULL,
                     topology_counter: 0,
                     sync_source: None,
@@ -338,6 +398,7 @@ impl Node {
                 system_credentials,
                 replication_stopped: std::sync::atomic::AtomicBool::new(false),
                 omit_config_quorum_check: std::sync::atomic::AtomicBool::new(false),
+                disk: disk.map(Mutex::new),
                 opts,
             }),
         };
@@ -439,6 +500,20 @@ impl Node {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, NodeState> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs to the data directory what changed in the durable state: called before every
+    /// reply and every request to another member, so nothing leaves this member that its
+    /// disk does not have. A failed write stops the member, as mongod stops (fassert) when it
+    /// cannot write its journal.
+    pub(crate) fn flush(&self) {
+        let Some(disk) = &self.inner.disk else { return };
+        let st = self.lock();
+        let mut dir = disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = dir.persist(&st.durable) {
+            tracing::error!(me = %self.me(), error = %e, "cannot write the data directory; this member stops");
+            self.inner.cancel.cancel();
+        }
     }
 
     pub(crate) fn notify(&self) {
@@ -764,14 +839,33 @@ impl Node {
                     request_id,
                     body,
                     more_to_come,
+                    exhaust_allowed,
                 } => {
-                    let reply = self.run_command_in(body, &mut session).await;
-                    if self.inner.cancel.is_cancelled() {
-                        return Ok(());
-                    }
-                    if !more_to_come {
-                        let msg = wire::encode_op_msg(next_id, request_id, &reply)?;
+                    // One reply, or a stream of them (see `exhaust_next`): each streamed
+                    // reply answers the previous one's request id.
+                    let mut body = body;
+                    let mut response_to = request_id;
+                    loop {
+                        let reply = self.run_command_in(body.clone(), &mut session).await;
+                        if self.inner.cancel.is_cancelled() {
+                            return Ok(());
+                        }
+                        if more_to_come {
+                            break;
+                        }
+                        let next = crate::commands::exhaust_next(&body, exhaust_allowed, &reply);
+                        let flags = if next.is_some() {
+                            wire::FLAG_MORE_TO_COME
+                        } else {
+                            0
+                        };
+                        let msg =
+                            wire::encode_op_msg_with_flags(next_id, response_to, flags, &reply)?;
                         wire::write_all(&mut stream, &msg).await?;
+                        let Some(next) = next else { break };
+                        body = next;
+                        response_to = next_id;
+                        next_id = next_id.wrapping_add(1);
                     }
                 }
                 Request::Query {

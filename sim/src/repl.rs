@@ -112,6 +112,7 @@ impl Node {
     }
 
     pub(crate) async fn heartbeat_once(&self, host: &str) {
+        self.flush();
         let Some(req) = self.heartbeat_request() else {
             return;
         };
@@ -569,6 +570,8 @@ impl Node {
 
     /// Asks every voter; true when a majority (counting this member) grants.
     async fn request_votes(&self, dry_run: bool) -> bool {
+        // The new term and the vote for ourselves are on disk before anyone hears of them.
+        self.flush();
         let (req, voters, need, term) = {
             let st = self.lock();
             let Some(cfg) = st.config() else { return false };
@@ -831,6 +834,9 @@ impl Node {
         ) {
             return false;
         }
+        // An initial sync: a member in STARTUP2 with no data copies the set's oplog, and stays
+        // in STARTUP2 for the time copying that much data takes (`InitialSyncPace`).
+        let initial_sync = st.state == MemberState::Startup2 && st.durable.store.oplog.is_empty();
         let mut new = entries;
         if let Some(last) = last {
             match entries.first() {
@@ -850,6 +856,21 @@ impl Node {
                 st.commit_point = cp;
             }
         }
+        if initial_sync {
+            let bytes: usize = new
+                .iter()
+                .map(|e| bson::to_vec(&e.to_document()).map(|b| b.len()).unwrap_or(0))
+                .sum();
+            let took = self.inner.opts.initial_sync.duration(bytes);
+            tracing::info!(me = %self.me(), bytes, ms = took.as_millis() as u64, "initial sync copying");
+            st.initial_sync_until = Some(Instant::now() + took);
+            self.finish_initial_sync_after(took);
+        }
+        let copying = st.initial_sync_until.is_some_and(|t| Instant::now() < t);
+        if copying {
+            self.notify();
+            return false;
+        }
         if matches!(
             st.state,
             MemberState::Startup2 | MemberState::Recovering | MemberState::Rollback
@@ -863,6 +884,31 @@ impl Node {
         }
         self.notify();
         false
+    }
+
+    /// Ends an initial sync `after` from now: STARTUP2 becomes SECONDARY (RECOVERING in
+    /// maintenance mode), as the end of the copy does.
+    fn finish_initial_sync_after(&self, after: Duration) {
+        let n = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = n.inner.cancel.cancelled() => {}
+                _ = tokio::time::sleep(after) => {
+                    let mut st = n.lock();
+                    st.initial_sync_until = None;
+                    if st.state == MemberState::Startup2 {
+                        let next = if st.maintenance_calls > 0 {
+                            MemberState::Recovering
+                        } else {
+                            MemberState::Secondary
+                        };
+                        tracing::info!(me = %n.me(), "initial sync done");
+                        n.set_state(&mut st, next);
+                        n.notify();
+                    }
+                }
+            }
+        });
     }
 
     /// Finds the newest entry we share with the sync source, undoes everything after it and
@@ -911,6 +957,8 @@ impl Node {
     }
 
     async fn update_position(&self, source: &str) -> bool {
+        // What we report as applied is on disk first (it counts toward a majority).
+        self.flush();
         let req = {
             let st = self.lock();
             let Some(cfg) = st.config() else { return false };

@@ -173,3 +173,132 @@ async fn freeze_and_maintenance_follow_the_server() -> TestResult {
     assert_eq!(r.get_i32("code")?, 96, "{r}");
     Ok(())
 }
+
+/// rs.addArb as mongod 5.0+ takes it: refused with 103 while it would change the implicit
+/// default write concern and no cluster-wide default is set; accepted once one is, even with
+/// the arbiter unreachable, and the set's next reconfig is not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arbiter_needs_a_cluster_wide_write_concern_and_never_blocks_the_next_reconfig(
+) -> TestResult {
+    let c = Cluster::start(3).await?;
+    c.initiate().await?;
+    let p = c.wait_config_committed(SETTLE).await?;
+    let unreachable = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    );
+    let with_arbiter =
+        |cfg: &Document| -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
+            let mut cfg = cfg.clone();
+            let mut members = cfg.get_array("members")?.clone();
+            members.push(Bson::Document(
+                doc! {"_id": 3, "host": unreachable.clone(), "arbiterOnly": true},
+            ));
+            cfg.insert("members", members);
+            cfg.insert("version", cfg.get_i32("version")? + 1);
+            Ok(cfg)
+        };
+    let cfg = c.command_ok(p, doc! {"replSetGetConfig": 1}).await?;
+    let cfg = cfg.get_document("config")?.clone();
+
+    let r = c
+        .command(p, doc! {"replSetReconfig": with_arbiter(&cfg)?})
+        .await?;
+    assert_eq!(r.get_i32("code")?, 103, "{r}");
+    assert!(
+        r.get_str("errmsg")?
+            .contains("would change the implicit default write concern"),
+        "{r}"
+    );
+
+    let d = c.command_ok(p, doc! {"getDefaultRWConcern": 1}).await?;
+    assert_eq!(d.get_str("defaultWriteConcernSource")?, "implicit");
+    c.command_ok(
+        p,
+        doc! {"setDefaultRWConcern": 1, "defaultWriteConcern": {"w": 1}},
+    )
+    .await?;
+    let d = c.command_ok(p, doc! {"getDefaultRWConcern": 1}).await?;
+    assert_eq!(d.get_str("defaultWriteConcernSource")?, "global");
+    assert_eq!(d.get_document("defaultWriteConcern")?.get_i32("w")?, 1);
+
+    c.command_ok(p, doc! {"replSetReconfig": with_arbiter(&cfg)?})
+        .await?;
+    // The arbiter votes at once (no newlyAdded), and the config commits without it.
+    let now = c
+        .command_ok(
+            p,
+            doc! {"replSetGetConfig": 1, "$_internalIncludeNewlyAdded": true},
+        )
+        .await?;
+    let now = now.get_document("config")?.clone();
+    let arb = now
+        .get_array("members")?
+        .iter()
+        .filter_map(|m| m.as_document())
+        .find(|m| m.get_i32("_id").ok() == Some(3))
+        .ok_or("no arbiter in the config")?;
+    assert!(!arb.contains_key("newlyAdded"), "{arb}");
+    let p = c.wait_config_committed(SETTLE).await?;
+    let mut next = now.clone();
+    next.remove("newlyAdded");
+    next.insert("version", now.get_i32("version")? + 1);
+    c.command_ok(p, doc! {"replSetReconfig": next, "maxTimeMS": 10_000})
+        .await?;
+    Ok(())
+}
+
+/// A member restarted without its data spends the initial sync's time in STARTUP2 (the
+/// simulator's pace: a floor, or a time per MB copied), then is SECONDARY with the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_member_stays_in_startup2_while_it_copies() -> TestResult {
+    let floor = Duration::from_millis(1500);
+    let template = replset_sim::NodeOptions {
+        initial_sync: replset_sim::node::InitialSyncPace {
+            floor,
+            per_mb: Duration::from_secs(60),
+        },
+        ..replset_sim::NodeOptions::default()
+    };
+    // 60 s per MB: the floor decides for a few small documents, the size for 1 MB.
+    assert_eq!(template.initial_sync.duration(1024), floor);
+    assert_eq!(
+        template.initial_sync.duration(1024 * 1024),
+        Duration::from_secs(60)
+    );
+    let mut c = Cluster::start_with(3, template).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    for i in 0..20 {
+        c.command_ok(
+            p,
+            doc! {"insert": "t", "documents": [{"_id": i}], "$db": "test"},
+        )
+        .await?;
+    }
+    let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    c.restart(s, false).await?;
+    // Once it has copied data it is still in STARTUP2 ...
+    let copying_since = c
+        .wait_for("the emptied member copying", SETTLE, |c| {
+            let n = c.node(s).ok()?;
+            (n.state() == MemberState::Startup2 && n.documents("test.t").len() == 20)
+                .then(Instant::now)
+        })
+        .await?;
+    let status = c.command_ok(s, doc! {"replSetGetStatus": 1}).await?;
+    assert_eq!(status.get_i32("myState")?, 5, "{status}");
+    // ... until the floor has passed, then SECONDARY.
+    c.wait_for("the member SECONDARY", SETTLE, |c| {
+        (c.node(s).ok()?.state() == MemberState::Secondary).then_some(())
+    })
+    .await?;
+    let took = copying_since.elapsed();
+    assert!(
+        took >= floor - Duration::from_millis(200),
+        "SECONDARY after {took:?} of copying"
+    );
+    Ok(())
+}

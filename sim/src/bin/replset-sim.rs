@@ -15,6 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use replset_sim::auth::{KeyFile, Security};
+use replset_sim::disk::DataDir;
+use replset_sim::node::InitialSyncPace;
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
 #[derive(Debug, Parser)]
@@ -38,10 +40,12 @@ struct Args {
     bind_ip_all: bool,
     #[arg(long)]
     ipv6: bool,
-    /// Accepted for compatibility with mongod command lines; the simulator keeps data in
-    /// memory only.
+    /// The data directory: the config, the oplog (and the data it makes), the term and the
+    /// last vote are kept there, locked by mongod.lock, and come back after a restart (see
+    /// docs/replset-sim.md for the format). It must exist. Without it, unlike mongod, the
+    /// member keeps everything in memory only.
     #[arg(long)]
-    dbpath: Option<String>,
+    dbpath: Option<std::path::PathBuf>,
     /// Turn on authorization (`security.authorization: enabled`).
     #[arg(long)]
     auth: bool,
@@ -55,6 +59,13 @@ struct Args {
     /// Default heartbeat interval filled into new configs. Not a mongod flag.
     #[arg(long = "sim-heartbeat-ms", default_value_t = 500)]
     heartbeat_ms: u64,
+    /// Initial sync pace: a new or emptied member stays in STARTUP2 this long at least while
+    /// it copies its data. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-floor-ms", default_value_t = 100)]
+    initial_sync_floor_ms: u64,
+    /// Initial sync pace: milliseconds per MB of data copied. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-ms-per-mb", default_value_t = 50)]
+    initial_sync_ms_per_mb: u64,
     /// Default election timeout filled into new configs. Not a mongod flag.
     #[arg(long = "sim-election-timeout-ms", default_value_t = 2000)]
     election_timeout_ms: u64,
@@ -109,14 +120,30 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         election_timeout: Duration::from_millis(args.election_timeout_ms),
         security,
+        initial_sync: InitialSyncPace {
+            floor: Duration::from_millis(args.initial_sync_floor_ms),
+            per_mb: Duration::from_millis(args.initial_sync_ms_per_mb),
+        },
     };
-    let node = Node::start(
-        opts,
-        DurableState::default(),
-        Network::default(),
-        History::default(),
-    )
-    .await
+    let node = match &args.dbpath {
+        Some(path) => {
+            let defaults = replset_sim::config::Defaults {
+                heartbeat_interval_millis: args.heartbeat_ms as i64,
+                election_timeout_millis: args.election_timeout_ms as i64,
+            };
+            let (dir, durable) = DataDir::open(path, defaults)?;
+            Node::start_on_disk(opts, dir, durable, Network::default(), History::default()).await
+        }
+        None => {
+            Node::start(
+                opts,
+                DurableState::default(),
+                Network::default(),
+                History::default(),
+            )
+            .await
+        }
+    }
     .context("starting the member")?;
     if let Some((user, password)) = root_user {
         node.bootstrap_root_user(&user, &password)

@@ -305,29 +305,39 @@ impl Node {
         Ok(reply)
     }
 
-    /// Waits for the write concern of `body` (default `{w: "majority"}`, MongoDB 5.0+'s
-    /// implicit default); returns a `writeConcernError` on failure.
-    async fn wait_for_write_concern(
+    /// Waits for the write concern of `body` (without one, the default write concern);
+    /// returns a `writeConcernError` on failure.
+    pub(super) async fn wait_for_write_concern(
         &self,
         body: &Document,
         op: OpTime,
         term: i64,
     ) -> Option<Document> {
-        let wc = body
+        // Without a `w`, the default write concern: the cluster-wide one, else the implicit
+        // one of the config (see `write_concern.rs`).
+        let given = body
             .get_document("writeConcern")
             .ok()
-            .cloned()
-            .unwrap_or_default();
+            .filter(|wc| wc.contains_key("w"))
+            .cloned();
+        let (wc, provenance) = match given {
+            Some(wc) => (wc, "clientSupplied"),
+            None => {
+                let (mut wc, provenance) =
+                    super::write_concern::default_write_concern(&self.lock());
+                if let Ok(w) = body.get_document("writeConcern") {
+                    if let Some(t) = w.get("wtimeout") {
+                        wc.insert("wtimeout", t.clone());
+                    }
+                }
+                (wc, provenance)
+            }
+        };
         let w = wc
             .get("w")
             .cloned()
             .unwrap_or(Bson::String("majority".into()));
         let wtimeout = wc.get("wtimeout").and_then(number).unwrap_or(0);
-        let provenance = if body.contains_key("writeConcern") {
-            "clientSupplied"
-        } else {
-            "implicitDefault"
-        };
         let max_time = body.get("maxTimeMS").and_then(number).unwrap_or(0);
         let deadline = [wtimeout, max_time]
             .into_iter()

@@ -1,4 +1,5 @@
-//! The handshake: `hello` (and its legacy names `isMaster`/`ismaster`) and `buildInfo`.
+//! The handshake: `hello` (and its legacy names `isMaster`/`ismaster`) and `buildInfo`, and
+//! the streaming (exhaust) form of an awaitable hello that drivers' monitors use.
 
 use bson::{doc, Bson, DateTime, Document};
 use std::time::Duration;
@@ -139,4 +140,38 @@ pub(super) fn build_info() -> Document {
         "javascriptEngine": "none",
         "modules": ["replset-sim"],
     }
+}
+
+/// The streaming hello protocol (the drivers' server-monitoring spec, "Streaming protocol";
+/// the server's exhaust handling in `service_state_machine.cpp` and `hello` in
+/// `repl/replication_info.cpp`): a request with the OP_MSG `exhaustAllowed` flag that is an
+/// awaitable hello (it names `topologyVersion` and `maxAwaitTimeMS`) and succeeds is answered
+/// with `moreToCome`, and the server goes on answering on its own, each time as if the client
+/// had sent the same hello again with the `topologyVersion` of the previous reply: so each
+/// reply comes when the topology changes or `maxAwaitTimeMS` has passed. The stream ends with
+/// a reply without `moreToCome` (an error), or when the client closes the connection.
+///
+/// Returns the body of the next, implicit, request when `reply` to `body` continues a stream.
+pub(crate) fn exhaust_next(
+    body: &Document,
+    exhaust_allowed: bool,
+    reply: &Document,
+) -> Option<Document> {
+    if !exhaust_allowed {
+        return None;
+    }
+    let name = body.keys().next()?;
+    if !matches!(name.as_str(), "hello" | "isMaster" | "ismaster") {
+        return None;
+    }
+    if !body.contains_key("topologyVersion") || !body.contains_key("maxAwaitTimeMS") {
+        return None;
+    }
+    if reply.get("ok").and_then(crate::config::float) != Some(1.0) {
+        return None;
+    }
+    let tv = reply.get_document("topologyVersion").ok()?;
+    let mut next = body.clone();
+    next.insert("topologyVersion", tv.clone());
+    Some(next)
 }

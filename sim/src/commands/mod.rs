@@ -23,9 +23,12 @@ mod handshake;
 mod namespaces;
 mod reads;
 mod replication;
+mod write_concern;
 mod write_plan;
 
 pub(crate) use reads::Cursors;
+
+pub(crate) use handshake::exhaust_next;
 
 /// `maxWireVersion` of MongoDB 7.0.
 pub const MAX_WIRE_VERSION: i32 = 21;
@@ -64,6 +67,8 @@ impl Node {
             }
         };
         self.append_cluster_time(&mut reply);
+        // Nothing leaves this member before its disk has it (see `disk.rs`).
+        self.flush();
         reply
     }
 
@@ -127,6 +132,8 @@ impl Node {
             "replSetGetStatus" => self.cmd_get_status(),
             "replSetReconfig" => self.cmd_reconfig(body).await,
             "replSetStepDown" => self.cmd_step_down(body).await,
+            "setDefaultRWConcern" => self.cmd_set_default_rw_concern(body).await,
+            "getDefaultRWConcern" => self.cmd_get_default_rw_concern(),
             "replSetFreeze" => self.cmd_freeze(body),
             "replSetMaintenance" => self.cmd_maintenance(body),
             "replSetStepUp" => self.cmd_step_up(body).await,

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 
 use crate::config::{number, MemberConfig, ReplSetConfig};
 use crate::config_change::{
-    check_initiate_quorum, check_initiate_receiver, check_reconfig_quorum, complete_reconfig,
-    prepare_initiate, prepare_reconfig, QuorumAnswer, ReconfigKind,
+    check_implicit_default_write_concern, check_initiate_quorum, check_initiate_receiver,
+    check_reconfig_quorum, complete_reconfig, prepare_initiate, prepare_reconfig, QuorumAnswer,
+    ReconfigKind,
 };
 use crate::error::ServerError;
 use crate::history::ConfigSource;
@@ -137,9 +138,25 @@ impl Node {
             ));
         };
         if st.state == MemberState::Removed {
-            return Err(ServerError::invalid_replica_set_config(
+            // TopologyCoordinator::prepareStatusResponse with no self in the config (REMOVED,
+            // e.g. restarted at a new address): this member's own fields, then code 93.
+            let applied = st.last_applied();
+            let e = ServerError::invalid_replica_set_config(
                 "Our replica set config is invalid or we are not a member of it",
-            ));
+            );
+            let mut d = doc! {
+                "state": st.state.code(),
+                "stateStr": st.state.name(),
+                "uptime": st.started.elapsed().as_secs() as i32,
+                "optime": applied.to_document(),
+                "optimeDate": applied.date(),
+                "lastHeartbeatMessage": "",
+                "syncSourceHost": "",
+                "syncSourceId": -1,
+                "infoMessage": "",
+            };
+            d.extend(e.to_reply());
+            return Ok(d);
         }
         let now = DateTime::now();
         let mut members = Vec::new();
@@ -317,6 +334,8 @@ impl Node {
             }
         };
         let mut cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
+        let cwwc = super::write_concern::cluster_wide_write_concern(&self.lock()).is_some();
+        check_implicit_default_write_concern(&old, &cfg, cwwc, kind)?;
         let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
         let me = self
             .find_self(&cfg)
