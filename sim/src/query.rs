@@ -449,7 +449,8 @@ impl Projection {
             paths.push(k.clone());
         }
         Ok(Some(Projection {
-            include: include.unwrap_or(false),
+            // `{_id: 1}` alone is an inclusion of `_id`; `{_id: 0}` alone an exclusion.
+            include: include.unwrap_or(id),
             paths,
             id,
         }))
@@ -970,6 +971,14 @@ mod tests {
             .expect("some");
         assert_eq!(p.apply(&docs[0]), doc! {"b": "x"});
         assert!(Projection::parse(&doc! {"a": 1, "b": 0}).is_err());
+        let only_id = Projection::parse(&doc! {"_id": 1})
+            .expect("valid")
+            .expect("some");
+        assert_eq!(only_id.apply(&docs[0]), doc! {"_id": 1});
+        let no_id = Projection::parse(&doc! {"_id": 0})
+            .expect("valid")
+            .expect("some");
+        assert_eq!(no_id.apply(&docs[0]), doc! {"a": 2, "b": "x"});
     }
 
     #[test]

@@ -239,7 +239,7 @@ pub fn authorize(
         ServerError::unauthorized(format!("not authorized on {db} to execute command {shown}"))
     };
     match req {
-        Requirement::None => Ok(()),
+        Requirement::None | Requirement::UnknownCommand => Ok(()),
         Requirement::Authenticated => {
             if session.user.is_some() || localhost_exception {
                 Ok(())

@@ -39,6 +39,8 @@ pub enum Action {
     ReplSetGetConfig,
     ReplSetConfigure,
     ReplSetStateChange,
+    GetDefaultRWConcern,
+    SetDefaultRWConcern,
     ServerStatus,
     GetCmdLineOpts,
     GetLog,
@@ -81,6 +83,7 @@ const USER_ADMIN: &[Action] = &[
     ChangeCustomData,
 ];
 const CLUSTER_MONITOR: &[Action] = &[
+    GetDefaultRWConcern,
     ReplSetGetStatus,
     ReplSetGetConfig,
     ServerStatus,
@@ -90,7 +93,12 @@ const CLUSTER_MONITOR: &[Action] = &[
     GetParameter,
     ListDatabases,
 ];
-const CLUSTER_MANAGER: &[Action] = &[ReplSetConfigure, ReplSetStateChange, ReplSetGetConfig];
+const CLUSTER_MANAGER: &[Action] = &[
+    ReplSetConfigure,
+    ReplSetStateChange,
+    ReplSetGetConfig,
+    SetDefaultRWConcern,
+];
 
 /// The built-in roles the simulator knows; the `*AnyDatabase` and cluster roles exist only
 /// in `admin` (elsewhere they are RoleNotFound, as on mongod).
@@ -200,6 +208,9 @@ pub enum Requirement {
     /// `authorizedDatabases`, usersInfo on oneself, killCursors of one's own cursors).
     Authenticated,
     Privileges(Vec<Privilege>),
+    /// A command the member does not have: CommandNotFound (59) before any check, as mongod
+    /// looks the command up before it checks authorization.
+    UnknownCommand,
 }
 
 /// The privileges of command `name` with `body`, run on database `db`.
@@ -287,12 +298,14 @@ pub fn requirement(name: &str, body: &bson::Document, db: &str) -> Requirement {
         "hostInfo" => cluster(HostInfo),
         "getParameter" => cluster(GetParameter),
         "shutdown" => cluster(Shutdown),
+        "getDefaultRWConcern" => cluster(GetDefaultRWConcern),
+        "setDefaultRWConcern" => cluster(SetDefaultRWConcern),
+        "commitTransaction" | "abortTransaction" => Requirement::Authenticated,
         "replSetHeartbeat" | "replSetRequestVotes" | "replSetUpdatePosition" | "_isSelf" => {
             cluster(Internal)
         }
-        // Anything else: the strongest requirement, so an unknown command never runs
-        // unchecked (it fails with CommandNotFound afterwards anyway).
-        _ => cluster(Internal),
+        // commands/mod.rs has a test that every command it dispatches is listed above.
+        _ => Requirement::UnknownCommand,
     }
 }
 

@@ -333,6 +333,9 @@ impl Node {
             o: d,
             wall: bson::DateTime::now(),
         });
+        drop(st);
+        // With --dbpath the user is on disk before the member answers anyone.
+        self.flush();
         tracing::info!(user, "created the root user of MONGO_INITDB_ROOT_USERNAME");
         Ok(true)
     }

@@ -179,3 +179,44 @@ impl Node {
             .ok_or_else(|| ServerError::no_replication_enabled("not running with --replSet"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every command the dispatch table routes has its own authorization requirement (none
+    /// falls to "unknown command", which runs no check).
+    #[test]
+    fn every_dispatched_command_has_an_authorization_requirement() {
+        let source = include_str!("mod.rs");
+        let table = source
+            .split("match name {")
+            .nth(1)
+            .and_then(|t| t.split("other => Err(").next())
+            .unwrap_or_default();
+        let mut names = Vec::new();
+        for line in table.lines() {
+            let Some((arms, _)) = line.trim().split_once("=>") else {
+                continue;
+            };
+            for arm in arms.split('|') {
+                if let Some(n) = arm
+                    .trim()
+                    .strip_prefix('"')
+                    .and_then(|a| a.strip_suffix('"'))
+                {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        assert!(
+            names.len() > 40,
+            "the dispatch table was not found: {names:?}"
+        );
+        for n in names {
+            assert_ne!(
+                crate::auth::roles::requirement(&n, &bson::doc! {}, "admin"),
+                crate::auth::roles::Requirement::UnknownCommand,
+                "{n} has no authorization requirement in auth/roles.rs"
+            );
+        }
+    }
+}
