@@ -4,9 +4,9 @@
 //! and pymongo, each with its defaults, for 30 s without a heartbeat failure, and the
 //! Node.js driver on through a SIGKILL of the primary.
 //!
-//! The Node.js driver is installed by this test into `target/replset-sim-node` with npm when
-//! it is not there yet (or taken from `$REPLSET_SIM_NODE_DIR`); pymongo is
-//! `$REPLSET_SIM_PYTHON` as in tests/pymongo.rs.
+//! The Node.js driver is `target/node` (installed by `scripts/node-clients`, which this test
+//! runs when it is missing), or `$REPLSET_SIM_NODE_DIR`; pymongo is `$REPLSET_SIM_PYTHON` as in
+//! tests/pymongo.rs.
 
 use bson::doc;
 use mongodb::event::sdam::SdamEvent;
@@ -89,24 +89,21 @@ fn uri(members: &[Member], set: &str) -> String {
     format!("mongodb://{}/?replicaSet={set}", hosts.join(","))
 }
 
-/// The directory holding `node_modules/mongodb`, installed with npm on first use.
+/// The directory holding `node_modules/mongodb`: `$REPLSET_SIM_NODE_DIR`, else `target/node`,
+/// installed there by `scripts/node-clients` (with mongosh) when missing.
 async fn node_driver_dir() -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = match std::env::var("REPLSET_SIM_NODE_DIR") {
-        Ok(d) => PathBuf::from(d),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/replset-sim-node"),
-    };
+    if let Ok(d) = std::env::var("REPLSET_SIM_NODE_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("target/node");
     if !dir.join("node_modules/mongodb/package.json").exists() {
-        std::fs::create_dir_all(&dir)?;
-        let out = Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .arg("mongodb")
+        let out = Command::new(root.join("scripts/node-clients"))
             .output()
             .await?;
         assert!(
             out.status.success(),
-            "npm install mongodb into {} failed (node and npm must be installed): {}",
-            dir.display(),
+            "scripts/node-clients failed (node and npm must be installed): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
