@@ -1,10 +1,11 @@
 //! The planner against MongoDB's rules, by example and by property.
 //!
-//! The oracle is the replica-set simulator's own validation (`replset_sim::config`, which
-//! follows MongoDB 7.0's member_config.cpp, repl_set_config.cpp and
-//! repl_set_config_checks.cpp), run on the exact document the reconciler sends
-//! (`mongo::config_document`) after the preparation the server gives that document (see
-//! [`server_reconfig`] and [`server_initiate`]). On top of the server's rules, the reconciler's
+//! The oracle is the replica-set simulator's own preparation and validation of a config
+//! (`replset_sim::config_change` and `replset_sim::config`, which follow MongoDB 7.0's
+//! repl_set_commands.cpp, replication_coordinator_impl.cpp, member_config.cpp,
+//! repl_set_config.cpp and repl_set_config_checks.cpp), the very functions its
+//! replSetInitiate and replSetReconfig call, run on the exact document the reconciler sends
+//! (`mongo::config_document`); see [`server_reconfig`] and [`server_initiate`]. On top of the server's rules, the reconciler's
 //! own policy: the version raised by exactly one, new members without a vote, the fields it
 //! does not manage kept, and the document it sends equal to the config it planned.
 
@@ -19,7 +20,8 @@ use replset_reconciler::{
     plan_next_step, Blocked, Change, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
     Observation, PlanContext, Step, Wait,
 };
-use replset_sim::config::{normalize_host, Defaults, ReplSetConfig as ServerConfig};
+use replset_sim::config::{Defaults, ReplSetConfig as ServerConfig};
+use replset_sim::config_change::{self, QuorumAnswer, ReconfigKind};
 
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -147,14 +149,14 @@ fn raw(cfg: &ServerConfig) -> Document {
     cfg.to_document(false)
 }
 
-/// `replSetReconfig` of `sent` on `receiver`, a member whose config is `old`: what the
-/// simulator's `cmd_reconfig` (MongoDB's `processReplSetReconfig`) does before installing it.
-/// The document is parsed and its hosts normalised; a safe reconfig may not name `newlyAdded`,
-/// gets the current term, and the `replicaSetId` of the old config when it has none;
-/// `validate_for_reconfig` compares old and new; the receiver must find itself in the new
-/// config (and be electable in it, unless forced); a safe reconfig needs a majority of the new
-/// config's voters to answer (the quorum check) and marks members added with a vote
-/// `newlyAdded`. `running` holds the hosts that answer.
+/// `replSetReconfig` of `sent` on `receiver`, a member whose config is `old`: the server's
+/// own preparation and checks (`replset_sim::config_change`, what the simulator's
+/// `replSetReconfig` runs): `prepare_reconfig` (parse, hosts normalised, `newlyAdded` refused,
+/// the old `replicaSetId`, the current term or a forced version and term, validation against
+/// `old`), the implicit default write concern left alone (no cluster-wide one is set), the
+/// receiver finding itself in the new config (a test host is itself by name),
+/// `complete_reconfig` (electable unless forced, `newlyAdded` marks) and, for a safe
+/// reconfig, the quorum check over the members of `running`, the hosts that answer.
 fn server_reconfig(
     old: &ServerConfig,
     sent: &Document,
@@ -162,86 +164,62 @@ fn server_reconfig(
     receiver: &str,
     running: &BTreeSet<String>,
 ) -> Result<ServerConfig, String> {
-    let mut new = ServerConfig::parse(sent, DEFAULTS).map_err(|e| e.to_string())?;
-    for m in &mut new.members {
-        m.host = normalize_host(&m.host);
-    }
-    if new.set_name != old.set_name {
-        return Err(format!(
-            "set name {} sent to {}",
-            new.set_name, old.set_name
-        ));
-    }
-    if !force {
-        if let Some(m) = new.members.iter().find(|m| m.newly_added) {
-            return Err(format!("newlyAdded given for member {}", m.id));
+    let kind = if force {
+        ReconfigKind::Force {
+            version_bump: 10_000,
         }
-    }
-    if new.replica_set_id().is_none() {
-        if let Some(id) = old.replica_set_id() {
-            new.set_replica_set_id(id);
-        }
-    }
-    if force {
-        new.version += 10_000;
-        new.term = replset_sim::config::UNINITIALIZED_TERM;
     } else {
-        new.term = TERM;
-    }
-    ServerConfig::validate_for_reconfig(old, &new, force).map_err(|e| e.to_string())?;
-    let me = new
-        .member_by_host(receiver)
-        .ok_or_else(|| format!("{receiver} is not in the new config"))?;
-    if force {
-        return Ok(new);
-    }
-    if !me.is_electable() {
-        return Err(format!("{receiver} is not electable in the new config"));
-    }
-    for m in &mut new.members {
-        m.newly_added = m.votes > 0
-            && old
-                .member_by_id(m.id)
-                .is_none_or(|before| before.newly_added);
-    }
-    let answering = new.voters().filter(|m| running.contains(&m.host)).count();
-    if answering < new.majority_vote_count() {
-        return Err(format!(
-            "quorum check: {answering} voters answer, {} needed",
-            new.majority_vote_count()
-        ));
+        ReconfigKind::Safe { term: TERM }
+    };
+    let mut new = config_change::prepare_reconfig(old, sent, &old.set_name, kind, DEFAULTS)
+        .map_err(|e| e.to_string())?;
+    // The reconciler sets no cluster-wide default write concern.
+    config_change::check_implicit_default_write_concern(old, &new, false, kind)
+        .map_err(|e| e.to_string())?;
+    let me = find_self(&new, receiver)?;
+    config_change::complete_reconfig(old, &mut new, me, kind).map_err(|e| e.to_string())?;
+    if !force {
+        config_change::check_reconfig_quorum(&new, receiver, |m| answer(running, m))
+            .map_err(|e| e.to_string())?;
     }
     Ok(new)
 }
 
-/// `replSetInitiate` of `sent` on `receiver`, as the simulator's `cmd_initiate` does it: parse,
-/// normalise, term 0, the set name of `--replSet`, `validate_for_initiate`, the receiver in
-/// the config and electable, and every member answering a heartbeat. `running` holds the hosts
-/// that answer.
+/// `replSetInitiate` of `sent` on `receiver`, with the server's own preparation and checks
+/// (`replset_sim::config_change`): `prepare_initiate` (parse, version 1 when absent, term 0,
+/// the set name of `--replSet`, hosts normalised, validation), the receiver in the config and
+/// electable, and every member answering the quorum check's heartbeat. `running` holds the
+/// hosts that answer.
 fn server_initiate(
     sent: &Document,
     receiver: &str,
     running: &BTreeSet<String>,
 ) -> Result<ServerConfig, String> {
-    let mut cfg = ServerConfig::parse(sent, DEFAULTS).map_err(|e| e.to_string())?;
-    for m in &mut cfg.members {
-        m.host = normalize_host(&m.host);
-    }
-    cfg.term = 0;
-    if cfg.set_name != "rs0" {
-        return Err(format!("set name {}", cfg.set_name));
-    }
-    cfg.validate_for_initiate().map_err(|e| e.to_string())?;
-    let me = cfg
-        .member_by_host(receiver)
-        .ok_or_else(|| format!("{receiver} is not in the config"))?;
-    if !me.is_electable() {
-        return Err(format!("{receiver} is not electable"));
-    }
-    if let Some(m) = cfg.members.iter().find(|m| !running.contains(&m.host)) {
-        return Err(format!("{} does not answer", m.host));
-    }
+    let cfg = config_change::prepare_initiate(Some(sent), "rs0", receiver, DEFAULTS)
+        .map_err(|e| e.to_string())?;
+    let me = find_self(&cfg, receiver)?;
+    config_change::check_initiate_receiver(&cfg, me).map_err(|e| e.to_string())?;
+    config_change::check_initiate_quorum(&cfg, me, |m| answer(running, m))
+        .map_err(|e| e.to_string())?;
     Ok(cfg)
+}
+
+/// findSelfInConfig for the tests' hosts, which are themselves by name.
+fn find_self(cfg: &ServerConfig, receiver: &str) -> Result<usize, String> {
+    cfg.members
+        .iter()
+        .position(|m| m.host == receiver)
+        .ok_or_else(|| format!("{receiver} is not in the config"))
+}
+
+/// A member's answer to the quorum check's heartbeat: members that run answer (without a
+/// config of their own; `send` refuses an initiate where one reports a set name).
+fn answer(running: &BTreeSet<String>, m: &replset_sim::config::MemberConfig) -> QuorumAnswer {
+    if running.contains(&m.host) {
+        QuorumAnswer::Ok { config_version: -2 }
+    } else {
+        QuorumAnswer::Failed("Connection refused".into())
+    }
 }
 
 /// The reconciler's own rules for a safe reconfig, besides the server's: the version raised

@@ -314,13 +314,13 @@ impl ReplSetConfig {
         fill_default(
             &mut settings,
             "heartbeatIntervalMillis",
-            Bson::Int64(defaults.heartbeat_interval_millis),
+            Bson::Int32(defaults.heartbeat_interval_millis as i32),
         );
         fill_default(&mut settings, "heartbeatTimeoutSecs", Bson::Int32(10));
         fill_default(
             &mut settings,
             "electionTimeoutMillis",
-            Bson::Int64(defaults.election_timeout_millis),
+            Bson::Int32(defaults.election_timeout_millis as i32),
         );
         fill_default(&mut settings, "catchUpTimeoutMillis", Bson::Int32(-1));
         fill_default(
@@ -440,7 +440,7 @@ impl ReplSetConfig {
         doc! {
             "_id": self.set_name.clone(),
             "version": self.version as i32,
-            "term": self.term,
+            "term": self.term as i32,
             "members": self.members.iter().map(|m| Bson::Document(m.to_document(include_newly_added))).collect::<Vec<_>>(),
             "protocolVersion": self.protocol_version,
             "writeConcernMajorityJournalDefault": self.write_concern_majority_journal_default,

@@ -41,6 +41,7 @@ codes! {
     invalid_replica_set_config => 93, "InvalidReplicaSetConfig";
     not_yet_initialized => 94, "NotYetInitialized";
     not_secondary => 95, "NotSecondary";
+    operation_failed => 96, "OperationFailed";
     new_replica_set_configuration_incompatible => 103, "NewReplicaSetConfigurationIncompatible";
     node_not_electable => 104, "NodeNotElectable";
     exceeded_time_limit => 262, "ExceededTimeLimit";
@@ -53,6 +54,24 @@ codes! {
     not_primary_no_secondary_ok => 13435, "NotPrimaryNoSecondaryOk";
     duplicate_key => 11000, "DuplicateKey";
     failed_to_parse => 9, "FailedToParse";
+    user_not_found => 11, "UserNotFound";
+    protocol_error => 17, "ProtocolError";
+    unauthorized => 13, "Unauthorized";
+    authentication_failed => 18, "AuthenticationFailed";
+    illegal_operation => 20, "IllegalOperation";
+    namespace_not_found => 26, "NamespaceNotFound";
+    index_not_found => 27, "IndexNotFound";
+    role_not_found => 31, "RoleNotFound";
+    conflicting_update_operators => 40, "ConflictingUpdateOperators";
+    cursor_not_found => 43, "CursorNotFound";
+    namespace_exists => 48, "NamespaceExists";
+    immutable_field => 66, "ImmutableField";
+    cannot_create_index => 67, "CannotCreateIndex";
+    invalid_namespace => 73, "InvalidNamespace";
+    index_options_conflict => 85, "IndexOptionsConflict";
+    index_key_specs_conflict => 86, "IndexKeySpecsConflict";
+    operation_not_supported_in_transaction => 263, "OperationNotSupportedInTransaction";
+    mechanism_unavailable => 334, "MechanismUnavailable";
 }
 
 impl ServerError {

@@ -10,15 +10,22 @@
 //! and restart them (keeping or losing data), cut them off and heal them, and read back the
 //! [`History`] of configs and elections.
 
+pub mod auth;
+pub mod catalog;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod config_change;
+pub mod disk;
+mod election;
 pub mod error;
 pub mod history;
 pub mod node;
 pub mod oplog;
 pub mod peer;
+pub mod query;
 mod repl;
+mod sync;
 pub mod wire;
 
 pub use cluster::Cluster;

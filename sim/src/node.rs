@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Defaults, ReplSetConfig};
+use crate::disk::DataDir;
 use crate::history::{ConfigSource, Event, History};
 use crate::oplog::{next_timestamp, OpTime, OplogEntry, Store};
 use crate::peer::{Network, PeerClient};
@@ -24,6 +25,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Security(String),
 }
 
 /// How to run one member.
@@ -43,6 +46,38 @@ pub struct NodeOptions {
     pub heartbeat_interval: Duration,
     /// Filled into a new config's `settings.electionTimeoutMillis`.
     pub election_timeout: Duration,
+    /// `--auth` and `--keyFile`.
+    pub security: crate::auth::Security,
+    /// How long an initial sync takes (not a mongod setting): see [`InitialSyncPace`].
+    pub initial_sync: InitialSyncPace,
+}
+
+/// The time a new or emptied member spends copying its data in STARTUP2 before it becomes
+/// SECONDARY: `floor`, or `per_mb` for each MB of the oplog it copied when that is longer.
+/// A real initial sync clones every collection and then applies the oplog written meanwhile
+/// (the manual's "Initial Sync"); the simulator copies the oplog at once, and this pace lets a
+/// test see the member in STARTUP2 as long as a member with data would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitialSyncPace {
+    pub floor: Duration,
+    pub per_mb: Duration,
+}
+
+impl InitialSyncPace {
+    /// The time an initial sync of `bytes` of data takes.
+    pub fn duration(self, bytes: usize) -> Duration {
+        let copy = self.per_mb.mul_f64(bytes as f64 / (1024.0 * 1024.0));
+        copy.max(self.floor)
+    }
+}
+
+impl Default for InitialSyncPace {
+    fn default() -> Self {
+        InitialSyncPace {
+            floor: Duration::from_millis(100),
+            per_mb: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for NodeOptions {
@@ -55,6 +90,8 @@ impl Default for NodeOptions {
             host_aliases: Vec::new(),
             heartbeat_interval: Duration::from_millis(500),
             election_timeout: Duration::from_millis(2000),
+            security: crate::auth::Security::default(),
+            initial_sync: InitialSyncPace::default(),
         }
     }
 }
@@ -147,6 +184,13 @@ pub(crate) struct PeerView {
     pub ping_ms: i64,
     pub sync_source: String,
     pub election_date: Option<DateTime>,
+    /// `electionTime` of a primary, from its heartbeat responses.
+    pub election_time: Option<bson::Timestamp>,
+    /// Since when heartbeats to this member have succeeded without a failure (`upSince`,
+    /// its `uptime` in replSetGetStatus).
+    pub up_since: Option<Instant>,
+    /// When this member last sent us a heartbeat (`lastHeartbeatRecv`).
+    pub last_heartbeat_recv: Option<DateTime>,
 }
 
 impl Default for PeerView {
@@ -164,6 +208,9 @@ impl Default for PeerView {
             ping_ms: 0,
             sync_source: String::new(),
             election_date: None,
+            election_time: None,
+            up_since: None,
+            last_heartbeat_recv: None,
         }
     }
 }
@@ -178,7 +225,13 @@ pub(crate) struct NodeState {
     pub election_offset: Duration,
     pub election_id: Option<ObjectId>,
     pub election_date: Option<DateTime>,
+    /// The timestamp of this primary's first entry of its term (`electionTime`).
+    pub election_time: Option<bson::Timestamp>,
     pub step_down_until: Option<Instant>,
+    /// replSetMaintenance: how many `true` calls are not yet undone; RECOVERING while > 0.
+    pub maintenance_calls: u32,
+    /// While an initial sync is copying: when it is done (the member stays in STARTUP2).
+    pub initial_sync_until: Option<Instant>,
     /// The current config is committed once the commit point reaches this optime (all that
     /// was written under the previous config is committed under this one).
     pub config_barrier: OpTime,
@@ -215,10 +268,18 @@ pub(crate) struct NodeInner {
     pub history: History,
     pub cancel: CancellationToken,
     pub connections: AtomicI64,
+    /// Connections open now (serverStatus `connections.current`).
+    pub open_connections: Arc<AtomicI64>,
+    /// Open cursors of find and aggregate.
+    pub(crate) cursors: crate::commands::Cursors,
+    /// The `__system` credentials made from the key file (internal authentication).
+    pub system_credentials: Option<crate::auth::SystemCredentials>,
     /// Test control, like MongoDB's `stopReplProducer` fail point: stop fetching the oplog.
     pub replication_stopped: std::sync::atomic::AtomicBool,
     /// Test control, like MongoDB's `omitConfigQuorumCheck` fail point.
     pub omit_config_quorum_check: std::sync::atomic::AtomicBool,
+    /// `--dbpath`: the journal the durable state is synced to (`None`: in memory only).
+    pub disk: Option<Mutex<DataDir>>,
 }
 
 /// A running member. Cloning shares it.
@@ -242,6 +303,32 @@ impl Node {
         net: Network,
         history: History,
     ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, None, net, history).await
+    }
+
+    /// Starts a member on an opened data directory (`--dbpath`) with the state read from it;
+    /// from then on everything durable is written there before the member lets anyone see it
+    /// (see `disk.rs`).
+    pub async fn start_on_disk(
+        opts: NodeOptions,
+        dir: DataDir,
+        durable: DurableState,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        Node::start_inner(opts, durable, Some(dir), net, history).await
+    }
+
+    async fn start_inner(
+        opts: NodeOptions,
+        durable: DurableState,
+        disk: Option<DataDir>,
+        net: Network,
+        history: History,
+    ) -> Result<Node, NodeError> {
+        let system_credentials =
+            crate::auth::check_startup(&opts.security, opts.set_name.is_some())
+                .map_err(NodeError::Security)?;
         let addr = SocketAddr::new(opts.bind_ip, opts.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -277,7 +364,7 @@ impl Node {
         let (changed, _) = tokio::sync::watch::channel(());
         let node = Node {
             inner: Arc::new(NodeInner {
-                peers: PeerClient::new(me.clone(), net),
+                peers: PeerClient::new(me.clone(), net).with_key(opts.security.key_file.clone()),
                 me: std::sync::RwLock::new(me.clone()),
                 port,
                 instance_id: ObjectId::new(),
@@ -291,7 +378,10 @@ impl Node {
                     election_offset: Duration::ZERO,
                     election_id: None,
                     election_date: None,
+                    election_time: None,
                     step_down_until: None,
+                    maintenance_calls: 0,
+                    initial_sync_until: None,
                     config_barrier: OpTime::NULL,
                     topology_counter: 0,
                     sync_source: None,
@@ -303,8 +393,12 @@ impl Node {
                 history,
                 cancel: CancellationToken::new(),
                 connections: AtomicI64::new(0),
+                open_connections: Arc::new(AtomicI64::new(0)),
+                cursors: Default::default(),
+                system_credentials,
                 replication_stopped: std::sync::atomic::AtomicBool::new(false),
                 omit_config_quorum_check: std::sync::atomic::AtomicBool::new(false),
+                disk: disk.map(Mutex::new),
                 opts,
             }),
         };
@@ -406,6 +500,20 @@ impl Node {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, NodeState> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Syncs to the data directory what changed in the durable state: called before every
+    /// reply and every request to another member, so nothing leaves this member that its
+    /// disk does not have. A failed write stops the member, as mongod stops (fassert) when it
+    /// cannot write its journal.
+    pub(crate) fn flush(&self) {
+        let Some(disk) = &self.inner.disk else { return };
+        let st = self.lock();
+        let mut dir = disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = dir.persist(&st.durable) {
+            tracing::error!(me = %self.me(), error = %e, "cannot write the data directory; this member stops");
+            self.inner.cancel.cancel();
+        }
     }
 
     pub(crate) fn notify(&self) {
@@ -599,6 +707,7 @@ impl Node {
             self.install_config(st, cfg, ConfigSource::StepUp);
         }
         let e = self.append_noop(st, bson::doc! {"msg": "new primary"});
+        st.election_time = Some(e.ts);
         // Commitment of the current config now needs an entry of this term committed.
         st.config_barrier = e;
         self.recompute_commit_point(st);
@@ -710,6 +819,9 @@ impl Node {
 
     async fn serve_connection(&self, mut stream: TcpStream) -> Result<(), WireError> {
         let conn_id = self.inner.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+        let mut session = crate::auth::ClientSession::new(conn_id, loopback);
+        let _open = OpenConnection::enter(&self.inner.open_connections);
         let mut next_id = 1i32;
         loop {
             let req = match wire::read_request(&mut stream).await {
@@ -727,14 +839,33 @@ impl Node {
                     request_id,
                     body,
                     more_to_come,
+                    exhaust_allowed,
                 } => {
-                    let reply = self.run_command(body, conn_id).await;
-                    if self.inner.cancel.is_cancelled() {
-                        return Ok(());
-                    }
-                    if !more_to_come {
-                        let msg = wire::encode_op_msg(next_id, request_id, &reply)?;
+                    // One reply, or a stream of them (see `exhaust_next`): each streamed
+                    // reply answers the previous one's request id.
+                    let mut body = body;
+                    let mut response_to = request_id;
+                    loop {
+                        let reply = self.run_command_in(body.clone(), &mut session).await;
+                        if self.inner.cancel.is_cancelled() {
+                            return Ok(());
+                        }
+                        if more_to_come {
+                            break;
+                        }
+                        let next = crate::commands::exhaust_next(&body, exhaust_allowed, &reply);
+                        let flags = if next.is_some() {
+                            wire::FLAG_MORE_TO_COME
+                        } else {
+                            0
+                        };
+                        let msg =
+                            wire::encode_op_msg_with_flags(next_id, response_to, flags, &reply)?;
                         wire::write_all(&mut stream, &msg).await?;
+                        let Some(next) = next else { break };
+                        body = next;
+                        response_to = next_id;
+                        next_id = next_id.wrapping_add(1);
                     }
                 }
                 Request::Query {
@@ -747,7 +878,7 @@ impl Node {
                         .unwrap_or(&collection)
                         .to_string();
                     query.insert("$db", db);
-                    let reply = self.run_command(query, conn_id).await;
+                    let reply = self.run_command_in(query, &mut session).await;
                     if self.inner.cancel.is_cancelled() {
                         return Ok(());
                     }
@@ -756,6 +887,22 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<AtomicI64>);
+
+impl OpenConnection {
+    fn enter(count: &Arc<AtomicI64>) -> OpenConnection {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -62,7 +62,7 @@ impl OpTime {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OplogEntry {
     pub optime: OpTime,
-    /// `i` insert, `n` no-op.
+    /// `i` insert, `u` update, `d` delete, `c` command, `n` no-op (see catalog.rs).
     pub op: String,
     pub ns: String,
     pub o: Document,
@@ -102,6 +102,9 @@ impl OplogEntry {
 pub struct Store {
     pub oplog: Vec<OplogEntry>,
     pub collections: BTreeMap<String, Vec<Document>>,
+    /// The secondary indexes of each namespace (`_id_` is implicit), made by `createIndexes`
+    /// entries.
+    pub indexes: BTreeMap<String, Vec<Document>>,
 }
 
 impl Store {
@@ -111,12 +114,7 @@ impl Store {
 
     /// Appends and applies one entry.
     pub fn apply(&mut self, e: OplogEntry) {
-        if e.op == "i" {
-            self.collections
-                .entry(e.ns.clone())
-                .or_default()
-                .push(e.o.clone());
-        }
+        crate::catalog::apply_entry(&mut self.collections, &mut self.indexes, &e);
         self.oplog.push(e);
     }
 
@@ -126,6 +124,7 @@ impl Store {
         let removed = self.oplog.split_off(keep.min(self.oplog.len()));
         let oplog = std::mem::take(&mut self.oplog);
         self.collections.clear();
+        self.indexes.clear();
         for e in oplog {
             self.apply(e);
         }

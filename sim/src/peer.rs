@@ -21,6 +21,12 @@ pub enum PeerError {
     },
     #[error("timed out talking to {0}")]
     Timeout(String),
+    #[error("Authentication failed for __system@local on {host} (the members' key files differ?): {source}")]
+    Auth {
+        host: String,
+        #[source]
+        source: crate::auth::sasl::InternalAuthError,
+    },
     #[error("wire error with {host}: {source}")]
     Wire {
         host: String,
@@ -73,6 +79,8 @@ pub struct PeerClient {
     net: Network,
     idle: Mutex<HashMap<String, Vec<TcpStream>>>,
     next_id: AtomicI32,
+    /// `--keyFile`: every new connection authenticates as `__system` with it.
+    key: Option<crate::auth::KeyFile>,
 }
 
 impl PeerClient {
@@ -82,7 +90,14 @@ impl PeerClient {
             net,
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicI32::new(1),
+            key: None,
         }
+    }
+
+    /// Authenticates new connections with the key file, as mongod's internal clients do.
+    pub fn with_key(mut self, key: Option<crate::auth::KeyFile>) -> PeerClient {
+        self.key = key;
+        self
     }
 
     /// Runs one command on `host` (its `$db` must be in `cmd`) and returns the reply body,
@@ -117,8 +132,16 @@ impl PeerClient {
                             source: e,
                         })
                     }
-                    Ok(Ok(s)) => {
+                    Ok(Ok(mut s)) => {
                         let _ = s.set_nodelay(true);
+                        if let Some(key) = &self.key {
+                            crate::auth::sasl::authenticate_internal(&mut s, key, timeout)
+                                .await
+                                .map_err(|source| PeerError::Auth {
+                                    host: host.to_string(),
+                                    source,
+                                })?;
+                        }
                         s
                     }
                 }

@@ -23,7 +23,11 @@ pub const OP_COMPRESSED: i32 = 2012;
 pub const MAX_MESSAGE_SIZE: usize = 48_000_000;
 
 const FLAG_CHECKSUM_PRESENT: u32 = 1;
-const FLAG_MORE_TO_COME: u32 = 1 << 1;
+/// `moreToCome`: on a request, no reply is expected; on a reply, another reply follows
+/// without a request (the streaming / exhaust protocol).
+pub const FLAG_MORE_TO_COME: u32 = 1 << 1;
+/// `exhaustAllowed`: the client accepts replies with `moreToCome` to this request.
+pub const FLAG_EXHAUST_ALLOWED: u32 = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -53,6 +57,7 @@ pub enum Request {
         request_id: i32,
         body: Document,
         more_to_come: bool,
+        exhaust_allowed: bool,
     },
     /// A legacy OP_QUERY on `<db>.$cmd`.
     Query {
@@ -72,6 +77,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, Wi
                 request_id,
                 body,
                 more_to_come: flags & FLAG_MORE_TO_COME != 0,
+                exhaust_allowed: flags & FLAG_EXHAUST_ALLOWED != 0,
             })
         }
         OP_QUERY => decode_op_query(request_id, &payload),
@@ -241,9 +247,19 @@ pub fn encode_op_msg(
     response_to: i32,
     body: &Document,
 ) -> Result<Vec<u8>, WireError> {
+    encode_op_msg_with_flags(request_id, response_to, 0, body)
+}
+
+/// Encodes an OP_MSG with the given flag bits (e.g. [`FLAG_MORE_TO_COME`]).
+pub fn encode_op_msg_with_flags(
+    request_id: i32,
+    response_to: i32,
+    flags: u32,
+    body: &Document,
+) -> Result<Vec<u8>, WireError> {
     let mut buf = Vec::with_capacity(256);
     header(&mut buf, request_id, response_to, OP_MSG);
-    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&flags.to_le_bytes());
     buf.push(0);
     body.to_writer(&mut buf)?;
     finish(&mut buf);

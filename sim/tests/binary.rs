@@ -50,3 +50,114 @@ async fn binary_serves_a_single_member_set() -> TestResult {
     child.wait().await?;
     Ok(())
 }
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A file in a fresh temporary directory, with `mode`.
+fn secret_file(
+    name: &str,
+    contents: &str,
+    mode: u32,
+) -> Result<std::path::PathBuf, std::io::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!(
+        "replset-sim-binary-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, contents)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_root_user_and_the_key_file() -> TestResult {
+    let port = free_port()?;
+    let key = secret_file("keyfile", "c2VjcmV0a2V5MTIz\n", 0o400)?;
+    let password = secret_file("root-password", "s3cret\n", 0o400)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--replSet",
+            "rsauth",
+            "--keyFile",
+        ])
+        .arg(&key)
+        .env("MONGO_INITDB_ROOT_USERNAME", "root")
+        .env("MONGO_INITDB_ROOT_PASSWORD_FILE", &password)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let uri = format!("mongodb://root:s3cret@127.0.0.1:{port}/?directConnection=true");
+    let mut opts = ClientOptions::parse(&uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(10));
+    let admin = Client::with_options(opts)?.database("admin");
+    // The root user exists (no localhost exception needed) and may initiate the set.
+    admin.run_command(doc! {"replSetInitiate": {}}).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !admin
+        .run_command(doc! {"hello": 1})
+        .await?
+        .get_bool("isWritablePrimary")?
+    {
+        assert!(Instant::now() < deadline, "no primary");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let users = admin.run_command(doc! {"usersInfo": "root"}).await?;
+    assert_eq!(users.get_array("users")?.len(), 1, "{users}");
+    // Without credentials: 13.
+    let anon_uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let anon = Client::with_options(ClientOptions::parse(&anon_uri).await?)?;
+    let e = anon
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .expect_err("authorization is on");
+    assert!(e.to_string().contains("requires authentication"), "{e}");
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_security_options_stop_the_start_with_the_reason() -> TestResult {
+    let port = free_port()?.to_string();
+    let open_key = secret_file("keyfile", "c2VjcmV0a2V5MTIz", 0o644)?;
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--keyFile".into(), open_key.display().to_string()],
+            "are too open",
+        ),
+        (
+            vec!["--auth".into()],
+            "security.keyFile is required when authorization is enabled with replica sets",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
+            .args(["--port", &port, "--replSet", "rsbad"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?} started: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    Ok(())
+}

@@ -80,3 +80,54 @@ async fn pymongo_discovers_the_set_and_follows_a_failover() -> TestResult {
     assert!(status.success(), "pymongo script failed: {status}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pymongo_authenticates_with_scram_and_is_refused_what_it_may_not_do() -> TestResult {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let py = python();
+    let probe = Command::new(&py)
+        .args(["-c", "import pymongo"])
+        .output()
+        .await?;
+    assert!(
+        probe.status.success(),
+        "{py} cannot import pymongo: run scripts/test (it makes a venv with pymongo)"
+    );
+    let template = replset_sim::NodeOptions {
+        security: replset_sim::auth::Security {
+            authorization: true,
+            key_file: Some(replset_sim::auth::KeyFile::from_contents("pymongokey")?),
+        },
+        ..replset_sim::NodeOptions::default()
+    };
+    let c = Cluster::start_with(3, template).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(Duration::from_secs(20)).await?;
+    c.command_ok(
+        p,
+        bson::doc! {"createUser": "admin", "pwd": "adminpw", "roles": ["root"], "$db": "admin"},
+    )
+    .await?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/test_pymongo_auth.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(&py)
+            .arg(&script)
+            .arg(c.hosts().join(","))
+            .arg(c.set_name())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "pymongo script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

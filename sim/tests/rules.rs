@@ -202,7 +202,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
         .await?;
     let after = config_of(&c, s).await?;
     assert!(after.get_i32("version")? >= v + 1 + 10_000, "{after:?}");
-    assert_eq!(after.get_i64("term")?, -1);
+    assert_eq!(term_of(&after)?, -1);
     c.wait_for("the forced member to become primary", SETTLE, |c| {
         (c.node(s).ok()?.state() == MemberState::Primary).then_some(())
     })
@@ -227,7 +227,7 @@ async fn step_down_hands_over_and_bumps_the_config_term() -> TestResult {
         doc! {"insert": "t", "documents": [{"_id": 1}], "$db": "app"},
     )
     .await?;
-    let term_before = config_of(&c, p).await?.get_i64("term")?;
+    let term_before = term_of(&config_of(&c, p).await?)?;
     let r = c
         .command(
             p,
@@ -242,7 +242,7 @@ async fn step_down_hands_over_and_bumps_the_config_term() -> TestResult {
         .await?;
     // The new primary rewrote the config with its term, version unchanged.
     let after = config_of(&c, new).await?;
-    assert!(after.get_i64("term")? > term_before, "{after:?}");
+    assert!(term_of(&after)? > term_before, "{after:?}");
     // A secondary cannot step down.
     let r = c.command(p, doc! {"replSetStepDown": 60}).await?;
     assert_eq!(code(&r), Some(10107));
@@ -399,4 +399,9 @@ async fn higher_priority_secondary_takes_over() -> TestResult {
     })
     .await?;
     Ok(())
+}
+
+/// A config's `term` (an int32, as mongod writes it).
+fn term_of(cfg: &Document) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(i64::from(cfg.get_i32("term")?))
 }

@@ -2,14 +2,21 @@
 //! can stand in for `mongod` in a container image.
 //!
 //!     replset-sim --port 27017 --replSet rs0 [--bind_ip ADDR | --bind_ip_all]
+//!                 [--auth] [--keyFile PATH]
 //!
-//! Without a bind flag it listens on 127.0.0.1 only, as mongod does.
+//! Without a bind flag it listens on 127.0.0.1 only, as mongod does. As the official mongo
+//! image's entrypoint does, `MONGO_INITDB_ROOT_USERNAME` with `MONGO_INITDB_ROOT_PASSWORD`
+//! or `MONGO_INITDB_ROOT_PASSWORD_FILE` creates a root user on a first start with an empty
+//! data set, and turns on `--auth`.
 
 use anyhow::Context;
 use clap::Parser;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use replset_sim::auth::{KeyFile, Security};
+use replset_sim::disk::DataDir;
+use replset_sim::node::InitialSyncPace;
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
 #[derive(Debug, Parser)]
@@ -33,10 +40,18 @@ struct Args {
     bind_ip_all: bool,
     #[arg(long)]
     ipv6: bool,
-    /// Accepted for compatibility with mongod command lines; the simulator keeps data in
-    /// memory only.
+    /// The data directory: the config, the oplog (and the data it makes), the term and the
+    /// last vote are kept there, locked by mongod.lock, and come back after a restart (see
+    /// docs/replset-sim.md for the format). It must exist. Without it, unlike mongod, the
+    /// member keeps everything in memory only.
     #[arg(long)]
-    dbpath: Option<String>,
+    dbpath: Option<std::path::PathBuf>,
+    /// Turn on authorization (`security.authorization: enabled`).
+    #[arg(long)]
+    auth: bool,
+    /// The key file of internal authentication between members; implies --auth.
+    #[arg(long = "keyFile")]
+    key_file: Option<std::path::PathBuf>,
     /// The `host:port` this member calls itself (default: the bind address, or the
     /// hostname with --bind_ip_all). Not a mongod flag.
     #[arg(long = "sim-advertise", env = "REPLSET_SIM_ADVERTISE")]
@@ -44,6 +59,13 @@ struct Args {
     /// Default heartbeat interval filled into new configs. Not a mongod flag.
     #[arg(long = "sim-heartbeat-ms", default_value_t = 500)]
     heartbeat_ms: u64,
+    /// Initial sync pace: a new or emptied member stays in STARTUP2 this long at least while
+    /// it copies its data. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-floor-ms", default_value_t = 100)]
+    initial_sync_floor_ms: u64,
+    /// Initial sync pace: milliseconds per MB of data copied. Not a mongod flag.
+    #[arg(long = "sim-initial-sync-ms-per-mb", default_value_t = 50)]
+    initial_sync_ms_per_mb: u64,
     /// Default election timeout filled into new configs. Not a mongod flag.
     #[arg(long = "sim-election-timeout-ms", default_value_t = 2000)]
     election_timeout_ms: u64,
@@ -79,6 +101,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let root_user = root_user_from_env()?;
+    let key_file = match &args.key_file {
+        Some(p) => Some(KeyFile::load(p).context("reading --keyFile")?),
+        None => None,
+    };
+    let security = Security {
+        // The image adds --auth when it creates the root user.
+        authorization: args.auth || root_user.is_some(),
+        key_file,
+    };
     let opts = NodeOptions {
         set_name: args.repl_set.clone(),
         bind_ip,
@@ -87,15 +119,36 @@ async fn main() -> anyhow::Result<()> {
         host_aliases: Vec::new(),
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         election_timeout: Duration::from_millis(args.election_timeout_ms),
+        security,
+        initial_sync: InitialSyncPace {
+            floor: Duration::from_millis(args.initial_sync_floor_ms),
+            per_mb: Duration::from_millis(args.initial_sync_ms_per_mb),
+        },
     };
-    let node = Node::start(
-        opts,
-        DurableState::default(),
-        Network::default(),
-        History::default(),
-    )
-    .await
+    let node = match &args.dbpath {
+        Some(path) => {
+            let defaults = replset_sim::config::Defaults {
+                heartbeat_interval_millis: args.heartbeat_ms as i64,
+                election_timeout_millis: args.election_timeout_ms as i64,
+            };
+            let (dir, durable) = DataDir::open(path, defaults)?;
+            Node::start_on_disk(opts, dir, durable, Network::default(), History::default()).await
+        }
+        None => {
+            Node::start(
+                opts,
+                DurableState::default(),
+                Network::default(),
+                History::default(),
+            )
+            .await
+        }
+    }
     .context("starting the member")?;
+    if let Some((user, password)) = root_user {
+        node.bootstrap_root_user(&user, &password)
+            .map_err(|e| anyhow::anyhow!("creating the root user {user}: {e}"))?;
+    }
     tracing::info!(me = node.host(), set = ?args.repl_set, "replset-sim ready (a simulator, not mongod)");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -106,4 +159,34 @@ async fn main() -> anyhow::Result<()> {
     node.kill();
     tracing::info!("shut down");
     Ok(())
+}
+
+/// `MONGO_INITDB_ROOT_USERNAME` and its password (`MONGO_INITDB_ROOT_PASSWORD`, or the
+/// first line of the file `MONGO_INITDB_ROOT_PASSWORD_FILE` names, as the image's
+/// `file_env` reads Docker secrets). A user name without a password, or both password
+/// variables, is an error, as the entrypoint says.
+fn root_user_from_env() -> anyhow::Result<Option<(String, String)>> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let user = var("MONGO_INITDB_ROOT_USERNAME");
+    let password = var("MONGO_INITDB_ROOT_PASSWORD");
+    let file = var("MONGO_INITDB_ROOT_PASSWORD_FILE");
+    let password = match (password, file) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "both MONGO_INITDB_ROOT_PASSWORD and MONGO_INITDB_ROOT_PASSWORD_FILE are set (but they are exclusive)"
+        ),
+        (Some(p), None) => Some(p),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("reading MONGO_INITDB_ROOT_PASSWORD_FILE {f}"))?;
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, None) => None,
+    };
+    match (user, password) {
+        (Some(u), Some(p)) => Ok(Some((u, p))),
+        (None, None) => Ok(None),
+        (Some(_), None) | (None, Some(_)) => anyhow::bail!(
+            "MONGO_INITDB_ROOT_USERNAME and MONGO_INITDB_ROOT_PASSWORD (or _FILE) must be set together: both to create the root user, or neither"
+        ),
+    }
 }

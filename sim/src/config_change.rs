@@ -1,0 +1,325 @@
+//! What `replSetInitiate` and `replSetReconfig` do with the document they receive, as pure
+//! functions of that document and of what the member knows: the preparation (defaults filled
+//! in, hosts normalised, the version and term the server sets), the validation, the checks
+//! about the receiving member, and the quorum verdict over the answers it collected. The
+//! commands (`commands/replication.rs`) do the network parts in between, finding themselves
+//! in the config and asking the other members, and call these for every decision, so a test
+//! that calls them (the reconciler's property tests do) checks a step against exactly what
+//! the server does.
+//!
+//! Sources (MongoDB 7.0): `CmdReplSetInitiate::run` in `src/mongo/db/repl/repl_set_commands.cpp`
+//! (the default config, "Missing version field defaults to version 1");
+//! `ReplicationCoordinatorImpl::processReplSetInitiate` and `processReplSetReconfig` /
+//! `_doReplSetReconfig` in `replication_coordinator_impl.cpp` (term 0 for an initiate, the
+//! current term for a safe reconfig, `kUninitializedTerm` and the version raised by 10,000
+//! plus a random number below 100,000 for a forced one, the `replicaSetId` carried over, `newlyAdded` refused
+//! from users and set by the server); `repl_set_config_checks.cpp` (validation, the
+//! electability of the receiver); `vote_requester` / `check_quorum_for_config_change.cpp`
+//! (initiate needs every member, reconfig a majority of the new config's voters).
+
+use bson::{doc, Document};
+
+use crate::config::{normalize_host, Defaults, MemberConfig, ReplSetConfig, UNINITIALIZED_TERM};
+use crate::error::ServerError;
+
+/// The kind of a reconfig and what the server adds to the document for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconfigKind {
+    /// A safe reconfig: the new config takes the primary's current term.
+    Safe { term: i64 },
+    /// `force: true`: the version is raised by 10,000 plus a random number below 100,000
+    /// (the server picks it; the caller passes it so the function stays pure) and the term is uninitialized.
+    Force { version_bump: i64 },
+}
+
+impl ReconfigKind {
+    pub fn is_force(self) -> bool {
+        matches!(self, ReconfigKind::Force { .. })
+    }
+}
+
+/// The one answer a member gave to the quorum check's heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuorumAnswer {
+    /// The member answered `ok: 1`; `config_version` is the version it holds (-2 for none).
+    Ok { config_version: i64 },
+    /// The member answered with an error or did not answer; the text says which.
+    Failed(String),
+}
+
+/// The config `replSetInitiate` receives on a member started with `--replSet set_name` whose
+/// own address is `self_host`: `arg` is the command's argument when it is a non-empty
+/// document, `None` for `rs.initiate()` without one (a config of this member alone). Parsed,
+/// with version 1 when it has none, term 0, hosts normalised, then validated for initiate.
+pub fn prepare_initiate(
+    arg: Option<&Document>,
+    set_name: &str,
+    self_host: &str,
+    defaults: Defaults,
+) -> Result<ReplSetConfig, ServerError> {
+    let invalid = || ServerError::invalid_replica_set_config("");
+    let mut raw = match arg {
+        Some(d) if !d.is_empty() => d.clone(),
+        _ => doc! {"_id": set_name, "version": 1, "members": [{"_id": 0, "host": self_host}]},
+    };
+    if !raw.contains_key("version") {
+        raw.insert("version", 1);
+    }
+    let mut cfg = ReplSetConfig::parse(&raw, defaults).map_err(|e| e.rewrap(invalid()))?;
+    for m in &mut cfg.members {
+        m.host = normalize_host(&m.host);
+    }
+    cfg.term = 0;
+    if cfg.set_name != set_name {
+        return Err(ServerError::invalid_replica_set_config(format!(
+            "Attempting to initiate a replica set with name {}, but command line reports {set_name}; rejecting",
+            cfg.set_name
+        )));
+    }
+    cfg.validate_for_initiate()
+        .map_err(|e| e.rewrap(invalid()))?;
+    Ok(cfg)
+}
+
+/// The receiver of an initiate, the member at index `me` of `cfg`, must be electable.
+pub fn check_initiate_receiver(cfg: &ReplSetConfig, me: usize) -> Result<(), ServerError> {
+    let m = &cfg.members[me];
+    if !m.is_electable() {
+        return Err(ServerError::invalid_replica_set_config(format!(
+            "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
+            m.host,
+            m.id,
+            cfg.version_and_term(),
+            cfg.set_name
+        )));
+    }
+    Ok(())
+}
+
+/// `checkQuorumForInitiate`: every member but the receiver (index `me`) must answer, and none
+/// may hold a config already. `answer` gives each other member's answer.
+pub fn check_initiate_quorum(
+    cfg: &ReplSetConfig,
+    me: usize,
+    mut answer: impl FnMut(&MemberConfig) -> QuorumAnswer,
+) -> Result<(), ServerError> {
+    let mut failures = Vec::new();
+    for (i, m) in cfg.members.iter().enumerate() {
+        if i == me {
+            continue;
+        }
+        match answer(m) {
+            QuorumAnswer::Ok { config_version } if config_version > 0 => failures.push(format!(
+                "{} failed with {} has data already, cannot initiate set.",
+                m.host, m.host
+            )),
+            QuorumAnswer::Ok { .. } => {}
+            QuorumAnswer::Failed(e) => failures.push(format!("{} failed with {e}", m.host)),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(ServerError::node_not_found(format!(
+            "replSetInitiate quorum check failed because not all proposed set members responded affirmatively: {}",
+            failures.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The config `replSetReconfig` receives on a member started with `--replSet set_name` whose
+/// current config is `old`: parsed, hosts normalised, `newlyAdded` refused unless forced, the
+/// old `replicaSetId` when it names none, version and term as `kind` says, then validated
+/// against `old`.
+pub fn prepare_reconfig(
+    old: &ReplSetConfig,
+    raw: &Document,
+    set_name: &str,
+    kind: ReconfigKind,
+    defaults: Defaults,
+) -> Result<ReplSetConfig, ServerError> {
+    let invalid = || ServerError::invalid_replica_set_config("");
+    let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
+    let mut cfg = ReplSetConfig::parse(raw, defaults).map_err(|e| e.rewrap(invalid()))?;
+    for m in &mut cfg.members {
+        m.host = normalize_host(&m.host);
+    }
+    if cfg.set_name != set_name {
+        return Err(ServerError::invalid_replica_set_config(format!(
+            "Attempting to reconfigure a replica set with name {}, but command line reports {set_name}; rejecting",
+            cfg.set_name
+        )));
+    }
+    if !kind.is_force() {
+        if let Some(m) = cfg.members.iter().find(|m| m.newly_added) {
+            return Err(ServerError::invalid_replica_set_config(format!(
+                "Cannot provide newlyAdded field to member {} with _id {}: it is set by the server",
+                m.host, m.id
+            )));
+        }
+    }
+    if cfg.replica_set_id().is_none() {
+        if let Some(id) = old.replica_set_id() {
+            cfg.set_replica_set_id(id);
+        }
+    }
+    match kind {
+        ReconfigKind::Force { version_bump } => {
+            cfg.version += version_bump;
+            cfg.term = UNINITIALIZED_TERM;
+        }
+        ReconfigKind::Safe { term } => cfg.term = term,
+    }
+    ReplSetConfig::validate_for_reconfig(old, &cfg, kind.is_force())
+        .map_err(|e| e.rewrap(incompatible()))?;
+    Ok(cfg)
+}
+
+/// What the receiver (index `me` of the prepared `new`) checks and adds before the quorum
+/// check: unless forced it must be electable, and members other than arbiters that come with
+/// a vote and were not in `old` (or were still `newlyAdded` there) are marked `newlyAdded`, so
+/// they count as non-voters until they catch up.
+pub fn complete_reconfig(
+    old: &ReplSetConfig,
+    new: &mut ReplSetConfig,
+    me: usize,
+    kind: ReconfigKind,
+) -> Result<(), ServerError> {
+    if kind.is_force() {
+        return Ok(());
+    }
+    let m = &new.members[me];
+    if !m.is_electable() {
+        return Err(ServerError::new_replica_set_configuration_incompatible(format!(
+            "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
+            m.host,
+            m.id,
+            new.version_and_term(),
+            new.set_name
+        )));
+    }
+    for m in &mut new.members {
+        let before = old.member_by_id(m.id);
+        // Never an arbiter: it has no data to catch up, and would never become SECONDARY
+        // for the primary to clear the mark (`addNewlyAddedFieldForNewMemberIfNeeded` skips
+        // arbiters).
+        m.newly_added = m.votes > 0 && !m.arbiter_only && before.is_none_or(|b| b.newly_added);
+    }
+    Ok(())
+}
+
+/// `checkQuorumForReconfig`: a majority of the new config's voters (the receiver, host
+/// `self_host`, counts for itself) must answer. `answer` gives each other member's answer.
+pub fn check_reconfig_quorum(
+    cfg: &ReplSetConfig,
+    self_host: &str,
+    mut answer: impl FnMut(&MemberConfig) -> QuorumAnswer,
+) -> Result<(), ServerError> {
+    let mut ok_voters = Vec::new();
+    let mut failed = Vec::new();
+    for m in &cfg.members {
+        let ok = if m.host == self_host {
+            true
+        } else {
+            match answer(m) {
+                QuorumAnswer::Ok { .. } => true,
+                QuorumAnswer::Failed(e) => {
+                    failed.push(format!("{} failed with {e}", m.host));
+                    false
+                }
+            }
+        };
+        if ok && m.is_voter() {
+            ok_voters.push(m.host.clone());
+        }
+    }
+    let need = cfg.majority_vote_count();
+    if ok_voters.len() < need {
+        return Err(ServerError::node_not_found(format!(
+            "Quorum check failed because not enough voting nodes responded; required {need} but only the following {} voting nodes responded: {}; the following nodes did not respond affirmatively: {}",
+            ok_voters.len(),
+            ok_voters.join(", "),
+            failed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `ReplSetConfig::isImplicitDefaultWriteConcernMajority` (repl_set_config.cpp): the implicit
+/// default write concern is `{w: "majority"}` unless voting arbiters would keep a primary
+/// elected while no majority write can be done, that is unless there are voting arbiters and
+/// the data-bearing voters are not more than a voting majority; then it is `{w: 1}`.
+pub fn is_implicit_default_write_concern_majority(cfg: &ReplSetConfig) -> bool {
+    let voters = cfg.voters().count();
+    let writable = cfg.voters().filter(|m| !m.arbiter_only).count();
+    voters == writable || writable > cfg.majority_vote_count()
+}
+
+/// The reconfig rule of MongoDB 5.0+ (`ReplicationCoordinatorImpl::_doReplSetReconfig`; the
+/// manual: "you must explicitly set the global default write concern before attempting to
+/// reconfigure a replica set with a configuration that would change the implicit default
+/// write concern"): without a cluster-wide default write concern, a safe reconfig may not
+/// change the implicit default (adding the arbiter of a PSA set, for example). A forced one
+/// may.
+pub fn check_implicit_default_write_concern(
+    old: &ReplSetConfig,
+    new: &ReplSetConfig,
+    cluster_wide_write_concern_set: bool,
+    kind: ReconfigKind,
+) -> Result<(), ServerError> {
+    if kind.is_force() || cluster_wide_write_concern_set {
+        return Ok(());
+    }
+    if is_implicit_default_write_concern_majority(old)
+        != is_implicit_default_write_concern_majority(new)
+    {
+        return Err(ServerError::new_replica_set_configuration_incompatible(
+            "Reconfig attempted to install a config that would change the implicit default write concern. Use the setDefaultRWConcern command to set a cluster-wide write concern and try the reconfig again.",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: Defaults = Defaults {
+        heartbeat_interval_millis: 2000,
+        election_timeout_millis: 10_000,
+    };
+
+    #[test]
+    fn initiate_without_version_gets_version_1_and_term_0() -> Result<(), ServerError> {
+        let raw = doc! {"_id": "rs0", "members": [{"_id": 0, "host": "a"}]};
+        let cfg = prepare_initiate(Some(&raw), "rs0", "a:27017", DEFAULTS)?;
+        assert_eq!((cfg.version, cfg.term), (1, 0));
+        assert_eq!(cfg.members[0].host, "a:27017");
+        Ok(())
+    }
+
+    #[test]
+    fn initiate_with_another_version_is_refused_with_93() {
+        let raw = doc! {"_id": "rs0", "version": 2, "members": [{"_id": 0, "host": "a:1"}]};
+        let e = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS).err();
+        assert_eq!(e.map(|e| e.code), Some(93));
+    }
+
+    #[test]
+    fn initiate_without_a_document_is_this_member_alone() -> Result<(), ServerError> {
+        let cfg = prepare_initiate(None, "rs0", "h:5", DEFAULTS)?;
+        assert_eq!(cfg.set_name, "rs0");
+        assert_eq!(cfg.members.len(), 1);
+        assert_eq!(cfg.members[0].host, "h:5");
+        Ok(())
+    }
+
+    #[test]
+    fn a_member_holding_a_config_fails_the_initiate_quorum() -> Result<(), ServerError> {
+        let raw =
+            doc! {"_id": "rs0", "members": [{"_id": 0, "host": "a:1"}, {"_id": 1, "host": "b:1"}]};
+        let cfg = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS)?;
+        let e = check_initiate_quorum(&cfg, 0, |_| QuorumAnswer::Ok { config_version: 3 }).err();
+        assert_eq!(e.map(|e| e.code), Some(74));
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! Authentication against the real `mongodb` driver (3.x), which nobody here wrote: SCRAM-SHA-256
+//! and SCRAM-SHA-1, wrong passwords (18), commands the user may not run (13), a readWrite
+//! user kept to its database, users replicated to the secondaries, the localhost exception,
+//! and members that hold the key file forming a set while one with another key is refused.
+
+use bson::{doc, Document};
+use mongodb::options::{AuthMechanism, ClientOptions, Credential};
+use mongodb::Client;
+use replset_sim::auth::{KeyFile, Security};
+use replset_sim::{Cluster, DurableState, History, MemberState, Node, NodeOptions};
+use std::time::Duration;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn secured(key: &str) -> Result<NodeOptions, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(NodeOptions {
+        security: Security {
+            authorization: true,
+            key_file: Some(KeyFile::from_contents(key)?),
+        },
+        ..NodeOptions::default()
+    })
+}
+
+async fn client(
+    uri: &str,
+    user: Option<(&str, &str, &str, AuthMechanism)>,
+) -> Result<Client, mongodb::error::Error> {
+    let mut opts = ClientOptions::parse(uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(15));
+    opts.heartbeat_freq = Some(Duration::from_millis(500));
+    if let Some((name, pwd, source, mech)) = user {
+        opts.credential = Some(
+            Credential::builder()
+                .username(name.to_string())
+                .password(pwd.to_string())
+                .source(source.to_string())
+                .mechanism(mech)
+                .build(),
+        );
+    }
+    Client::with_options(opts)
+}
+
+/// The server's code of a driver error: a command or write error, or the saslStart /
+/// saslContinue error that the driver keeps as the source of its authentication error.
+fn code_of(e: &mongodb::error::Error) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        let me = x.downcast_ref::<mongodb::error::Error>().or_else(|| {
+            x.downcast_ref::<Box<mongodb::error::Error>>()
+                .map(|b| b.as_ref())
+        });
+        if let Some(me) = me {
+            match me.kind.as_ref() {
+                mongodb::error::ErrorKind::Command(c) => return Some(c.code),
+                mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
+                    return Some(w.code)
+                }
+                _ => {}
+            }
+        }
+        cur = x.source();
+    }
+    None
+}
+
+/// A three-member set with the key file, initiated, with a root user `admin` created by the
+/// test harness (as __system) on the primary.
+async fn secured_set() -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
+    init_tracing();
+    let c = Cluster::start_with(3, secured("sharedkey123")?).await?;
+    c.initiate().await?;
+    let p = c.wait_for_stable(SETTLE).await?;
+    c.command_ok(
+        p,
+        doc! {"createUser": "admin", "pwd": "adminpw", "roles": ["root"], "$db": "admin"},
+    )
+    .await?;
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> TestResult {
+    let c = secured_set().await?;
+    for mech in [AuthMechanism::ScramSha256, AuthMechanism::ScramSha1] {
+        let ok = client(&c.uri(), Some(("admin", "adminpw", "admin", mech.clone()))).await?;
+        let status = ok
+            .database("admin")
+            .run_command(doc! {"connectionStatus": 1})
+            .await?;
+        let users = status
+            .get_document("authInfo")?
+            .get_array("authenticatedUsers")?;
+        assert_eq!(users.len(), 1, "{mech:?}: {status}");
+        // root may run the replica-set commands.
+        ok.database("admin")
+            .run_command(doc! {"replSetGetStatus": 1})
+            .await?;
+
+        let bad = client(&c.uri(), Some(("admin", "wrong", "admin", mech.clone()))).await?;
+        let e = bad
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await
+            .expect_err("a wrong password must fail");
+        assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
+        let nobody = client(&c.uri(), Some(("nobody", "x", "admin", mech.clone()))).await?;
+        let e = nobody
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await
+            .expect_err("an unknown user must fail");
+        assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
+    }
+    // Without credentials: hello and ping run, the rest is 13 "requires authentication".
+    let anon = client(&c.uri(), None).await?;
+    anon.database("admin").run_command(doc! {"ping": 1}).await?;
+    let e = anon
+        .database("admin")
+        .run_command(doc! {"listDatabases": 1})
+        .await
+        .expect_err("listDatabases needs a user");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    assert!(e.to_string().contains("requires authentication"), "{e}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResult {
+    let c = secured_set().await?;
+    let root = client(
+        &c.uri(),
+        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    root.database("shop")
+        .run_command(doc! {"createUser": "app", "pwd": "apppw", "roles": ["readWrite"]})
+        .await?;
+    let info = root
+        .database("shop")
+        .run_command(doc! {"usersInfo": "app"})
+        .await?;
+    let users = info.get_array("users")?;
+    assert_eq!(users.len(), 1, "{info}");
+    let u = users[0].as_document().ok_or("not a document")?;
+    assert_eq!(u.get_str("_id")?, "shop.app");
+    assert!(
+        u.get("credentials").is_none(),
+        "credentials are shown only on request"
+    );
+
+    let app = client(
+        &c.uri(),
+        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    let orders = app.database("shop").collection::<Document>("orders");
+    orders.insert_one(doc! {"_id": 1, "item": "tea"}).await?;
+    assert_eq!(orders.count_documents(doc! {}).await?, 1);
+    let e = app
+        .database("other")
+        .collection::<Document>("x")
+        .insert_one(doc! {"a": 1})
+        .await
+        .expect_err("readWrite on shop only");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    assert!(e.to_string().contains("not authorized on other"), "{e}");
+    let e = app
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .expect_err("no cluster privileges");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    // Only its own database in listDatabases.
+    let dbs = app.list_database_names().await?;
+    assert_eq!(dbs, vec!["shop".to_string()]);
+
+    // The user reached the secondaries through the oplog: authenticate on one directly.
+    let p = c.primary().ok_or("no primary")?;
+    let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
+    c.wait_for("the user on a secondary", SETTLE, |c| {
+        let n = c.node(s).ok()?;
+        n.documents("admin.system.users")
+            .iter()
+            .any(|d| d.get_str("_id") == Ok("shop.app"))
+            .then_some(())
+    })
+    .await?;
+    let direct = client(
+        &format!("{}&readPreference=secondaryPreferred", c.direct_uri(s)?),
+        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    let n = direct
+        .database("shop")
+        .collection::<Document>("orders")
+        .count_documents(doc! {})
+        .await?;
+    assert_eq!(n, 1);
+
+    // dropUser removes it everywhere; its next connection fails.
+    root.database("shop")
+        .run_command(doc! {"dropUser": "app"})
+        .await?;
+    let again = client(
+        &c.uri(),
+        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    let e = again
+        .database("shop")
+        .run_command(doc! {"ping": 1})
+        .await
+        .expect_err("dropped user");
+    assert_eq!(code_of(&e), Some(18), "{e}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_localhost_exception_bootstraps_a_set_and_its_first_user() -> TestResult {
+    init_tracing();
+    let c = Cluster::start_with(1, secured("sharedkey123")?).await?;
+    // A loopback client without credentials while no user exists.
+    let anon = client(&c.direct_uri(0)?, None).await?;
+    let admin = anon.database("admin");
+    let e = anon
+        .database("test")
+        .collection::<Document>("c")
+        .find_one(doc! {})
+        .await
+        .expect_err("the exception does not allow reads");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    let host = c.host(0)?.to_string();
+    admin
+        .run_command(doc! {"replSetInitiate": {"_id": "rs0", "version": 1, "members": [{"_id": 0, "host": host}]}})
+        .await?;
+    c.wait_for_primary(SETTLE).await?;
+    admin
+        .run_command(doc! {"createUser": "root", "pwd": "rootpw", "roles": [{"role": "root", "db": "admin"}]})
+        .await?;
+    // The exception has ended with the first user.
+    let e = admin
+        .run_command(doc! {"createUser": "second", "pwd": "x", "roles": []})
+        .await
+        .expect_err("no more exception");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    let root = client(
+        &c.direct_uri(0)?,
+        Some(("root", "rootpw", "admin", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    root.database("admin")
+        .run_command(doc! {"createUser": "second", "pwd": "x", "roles": ["readAnyDatabase"]})
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_another_key_is_refused() -> TestResult {
+    let c = secured_set().await?;
+    // A fourth process with a different key file, on the set's simulated network.
+    let mut opts = secured("anotherkey456")?;
+    opts.port = 0;
+    let rogue = Node::start(
+        opts,
+        DurableState::default(),
+        c.network().clone(),
+        History::default(),
+    )
+    .await?;
+    let p = c.primary().ok_or("no primary")?;
+    let cfg = c.command_ok(p, doc! {"replSetGetConfig": 1}).await?;
+    let mut cfg = cfg.get_document("config")?.clone();
+    let mut members = cfg.get_array("members")?.clone();
+    members.push(doc! {"_id": 9, "host": rogue.host(), "votes": 0, "priority": 0}.into());
+    cfg.insert("members", members);
+    cfg.insert("version", cfg.get_i32("version")? + 1);
+    c.command_ok(p, doc! {"replSetReconfig": cfg}).await?;
+
+    // The set sees it, but cannot authenticate to it: not healthy, never SECONDARY, and it
+    // never learns the config.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let st = c.command_ok(p, doc! {"replSetGetStatus": 1}).await?;
+        let m = st
+            .get_array("members")?
+            .iter()
+            .filter_map(|m| m.as_document())
+            .find(|m| m.get_i32("_id") == Ok(9))
+            .cloned()
+            .ok_or("the new member is not in replSetGetStatus")?;
+        let msg = m.get_str("lastHeartbeatMessage").unwrap_or_default();
+        if m.get_f64("health") == Ok(0.0) && msg.contains("Authentication failed") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rogue member is not reported refused: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rogue.state(), MemberState::Startup);
+    assert!(rogue.config().is_none());
+
+    // Its heartbeats and vote requests are refused: they need the internal privilege, which
+    // only the key gives (not even root has it).
+    let root = client(
+        &c.uri(),
+        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
+    )
+    .await?;
+    let e = root
+        .database("admin")
+        .run_command(doc! {"replSetRequestVotes": 1, "setName": "rs0", "dryRun": true, "term": 99i64, "candidateIndex": 0, "configVersion": 1, "configTerm": 1i64, "lastAppliedOpTime": {"ts": bson::Timestamp { time: 0, increment: 0 }, "t": -1i64}})
+        .await
+        .expect_err("votes need the key");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    let e = root
+        .database("admin")
+        .run_command(doc! {"replSetHeartbeat": "rs0", "configVersion": -2, "hbv": 1, "from": "x:1", "term": 0i64})
+        .await
+        .expect_err("heartbeats need the key");
+    assert_eq!(code_of(&e), Some(13), "{e}");
+    // The set is still whole and writable.
+    let coll = root.database("app").collection::<Document>("c");
+    coll.insert_one(doc! {"ok": true}).await?;
+    rogue.kill();
+    Ok(())
+}

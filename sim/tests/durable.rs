@@ -1,0 +1,298 @@
+//! `--dbpath` with the `replset-sim` binary: SIGKILL of every member in the middle of
+//! `w: "majority"` writes, restart, and every acknowledged write is there; a member restarted
+//! at its address rejoins without a reconfig, one restarted at a new address is REMOVED as
+//! mongod reports it; a locked, missing or corrupt dbpath is refused at start.
+
+use bson::{doc, Bson, Document};
+use mongodb::options::{ClientOptions, ReadConcern, WriteConcern};
+use mongodb::Client;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A fresh, empty directory under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> std::io::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!(
+            "replset-sim-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn(port: u16, dbpath: &Path, set: &str) -> std::io::Result<Child> {
+    Command::new(env!("CARGO_BIN_EXE_replset-sim"))
+        .args(["--port", &port.to_string(), "--replSet", set, "--dbpath"])
+        .arg(dbpath)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+async fn direct(port: u16) -> Result<Client, BoxError> {
+    let mut opts =
+        ClientOptions::parse(format!("mongodb://127.0.0.1:{port}/?directConnection=true")).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(10));
+    Ok(Client::with_options(opts)?)
+}
+
+async fn sigkill(child: &mut Child) -> TestResult {
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
+
+/// Runs `f` until it succeeds or 20 s pass.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T, BoxError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BoxError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(format!("{what}: {e}").into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestResult {
+    let set = "rsdur";
+    let dirs = [TempDir::new("a")?, TempDir::new("b")?, TempDir::new("c")?];
+    let ports = [free_port()?, free_port()?, free_port()?];
+    let mut children = Vec::new();
+    for (p, d) in ports.iter().zip(&dirs) {
+        children.push(spawn(*p, &d.0, set)?);
+    }
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members: Vec<Bson> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Bson::Document(doc! {"_id": i as i32, "host": h}))
+        .collect();
+    let first = direct(ports[0]).await?;
+    eventually("initiate", || {
+        let first = first.clone();
+        let members = members.clone();
+        async move {
+            first
+                .database("admin")
+                .run_command(doc! {"replSetInitiate": {"_id": set, "members": members}})
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let uri = format!("mongodb://{}/?replicaSet={set}", hosts.join(","));
+    let mut opts = ClientOptions::parse(&uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(20));
+    opts.write_concern = Some(WriteConcern::majority());
+    let client = Client::with_options(opts)?;
+    let coll = client.database("app").collection::<Document>("dur");
+
+    // Two writers insert w:"majority" as fast as they can; every acknowledged _id is noted.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut writers = Vec::new();
+    for w in 0..2i64 {
+        let coll = coll.clone();
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..100_000i64 {
+                let id = w * 1_000_000 + n;
+                if coll.insert_one(doc! {"_id": id}).await.is_ok() {
+                    acked.lock().map(|mut a| a.insert(id)).ok();
+                }
+            }
+        }));
+    }
+    // Kill every member once some writes were acknowledged, with more in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().map(|a| a.len()).unwrap_or(0) < 50 {
+        assert!(Instant::now() < deadline, "no majority writes acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for c in &mut children {
+        c.start_kill()?;
+    }
+    for c in &mut children {
+        c.wait().await?;
+    }
+    let acked_before_kill: BTreeSet<i64> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    for w in writers {
+        w.abort();
+    }
+    drop(client);
+
+    // Restart every member on its dbpath; they rejoin by themselves (no initiate, no
+    // reconfig) and elect a primary.
+    let mut children = Vec::new();
+    for (p, d) in ports.iter().zip(&dirs) {
+        children.push(spawn(*p, &d.0, set)?);
+    }
+    let mut opts = ClientOptions::parse(&uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(30));
+    let client = Client::with_options(opts)?;
+    let coll = client.database("app").collection::<Document>("dur");
+    let found: BTreeSet<i64> = eventually("reading after the restart", || {
+        let coll = coll.clone();
+        async move {
+            let mut ids = BTreeSet::new();
+            let mut cursor = coll
+                .find(doc! {})
+                .read_concern(ReadConcern::majority())
+                .await?;
+            use futures::TryStreamExt;
+            while let Some(d) = cursor.try_next().await? {
+                ids.insert(d.get_i64("_id")?);
+            }
+            Ok(ids)
+        }
+    })
+    .await?;
+    let lost: Vec<&i64> = acked_before_kill.difference(&found).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost after SIGKILL of every member: {:?}",
+        lost.len(),
+        lost.iter().take(10).collect::<Vec<_>>()
+    );
+    let conf = client
+        .database("admin")
+        .run_command(doc! {"replSetGetConfig": 1})
+        .await?;
+    assert_eq!(conf.get_document("config")?.get_i32("version")?, 1);
+    let status = client
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await?;
+    assert!(
+        status.get_i64("term")? >= 2,
+        "a new term after the restart: {status}"
+    );
+
+    // A member restarted at a new address does not find itself in its config: REMOVED.
+    let moved_port = free_port()?;
+    sigkill(&mut children[2]).await?;
+    let mut moved = spawn(moved_port, &dirs[2].0, set)?;
+    let m = direct(moved_port).await?;
+    let hello = eventually("hello at the new address", || {
+        let m = m.clone();
+        async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
+    })
+    .await?;
+    assert!(!hello.get_bool("isWritablePrimary")?);
+    assert!(!hello.get_bool("secondary")?);
+    assert!(hello.get_bool("isreplicaset")?);
+    assert_eq!(
+        hello.get_str("info")?,
+        "Does not have a valid replica set config"
+    );
+    let err = m
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .err()
+        .ok_or("replSetGetStatus of a REMOVED member succeeded")?;
+    match *err.kind {
+        mongodb::error::ErrorKind::Command(ref c) => {
+            assert_eq!(c.code, 93);
+            assert_eq!(
+                c.message,
+                "Our replica set config is invalid or we are not a member of it"
+            );
+        }
+        ref other => return Err(format!("unexpected error {other:?}").into()),
+    }
+    sigkill(&mut moved).await?;
+    for c in &mut children {
+        let _ = c.start_kill();
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult {
+    let dir = TempDir::new("lock")?;
+    let port = free_port()?;
+    let mut running = spawn(port, &dir.0, "rslock")?;
+    let c = direct(port).await?;
+    eventually("the first member answers", || {
+        let c = c.clone();
+        async move { Ok(c.database("admin").run_command(doc! {"ping": 1}).await?) }
+    })
+    .await?;
+
+    let exit_message = |child: Child| async move {
+        let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await??;
+        Ok::<_, BoxError>((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    // A second process on the same dbpath.
+    let (ok, err) = exit_message(spawn(free_port()?, &dir.0, "rslock")?).await?;
+    assert!(!ok, "a second member started on a locked dbpath");
+    assert!(err.contains("in use by another running process"), "{err}");
+
+    // A dbpath that does not exist.
+    let missing = dir.0.join("nope");
+    let (ok, err) = exit_message(spawn(free_port()?, &missing, "rslock")?).await?;
+    assert!(!ok);
+    assert!(err.contains("not found"), "{err}");
+
+    // After a SIGKILL the lock is free again; a torn last record is dropped, garbage is not.
+    sigkill(&mut running).await?;
+    let journal = dir.0.join(replset_sim::disk::JOURNAL_FILE);
+    let mut bytes = std::fs::read(&journal)?;
+    bytes.extend_from_slice(&[0x40, 0, 0]);
+    std::fs::write(&journal, &bytes)?;
+    let port2 = free_port()?;
+    let mut again = spawn(port2, &dir.0, "rslock")?;
+    let c = direct(port2).await?;
+    eventually("restart over a torn record", || {
+        let c = c.clone();
+        async move { Ok(c.database("admin").run_command(doc! {"ping": 1}).await?) }
+    })
+    .await?;
+    sigkill(&mut again).await?;
+    std::fs::write(&journal, b"\x05\x00\x00\x00\x07garbage that is no BSON")?;
+    let (ok, err) = exit_message(spawn(free_port()?, &dir.0, "rslock")?).await?;
+    assert!(!ok, "a member started on a corrupt dbpath");
+    assert!(err.contains("is corrupt at byte 0"), "{err}");
+    Ok(())
+}

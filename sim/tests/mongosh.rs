@@ -1,0 +1,228 @@
+//! mongosh (from npm), which nobody here wrote, typed at the simulator as a person would:
+//! `rs.initiate()`, `rs.add`, `rs.status()`, `rs.conf()`, `rs.remove`, `show dbs`, CRUD, and
+//! with authorization `db.createUser` through the localhost exception and `db.auth` with it.
+//!
+//! mongosh is `$REPLSET_SIM_NODE_MODULES/.bin/mongosh` (scripts/test sets it), else
+//! `target/node/node_modules/.bin/mongosh`; `scripts/node-clients` installs it. Without it the
+//! test fails and says so.
+
+use replset_sim::auth::{KeyFile, Security};
+use replset_sim::{Cluster, NodeOptions};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn mongosh() -> PathBuf {
+    let modules = std::env::var("REPLSET_SIM_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/node/node_modules")
+        });
+    modules.join(".bin/mongosh")
+}
+
+/// Runs `script` in mongosh (as typed lines on stdin) against `uri`; returns its output.
+async fn run_mongosh(
+    uri: &str,
+    extra: &[&str],
+    script: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let bin = mongosh();
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/node-clients (scripts/test does)",
+        bin.display()
+    );
+    // Output goes to a file, so that a run that hangs still shows how far it got.
+    let log_path = std::env::temp_dir().join(format!(
+        "replset-sim-mongosh-{}-{}.log",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = Command::new(&bin)
+        .arg(uri)
+        .args(["--quiet", "--norc"])
+        .args(extra)
+        .env("MONGOSH_NO_TELEMETRY", "1")
+        .env("HOME", std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin.write_all(script.as_bytes()).await?;
+    stdin.write_all(b"\nexit\n").await?;
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let Ok(status) = status else {
+        return Err(format!("mongosh did not finish within 120 s; its output:\n{text}").into());
+    };
+    let out = status?;
+    assert!(out.success(), "mongosh failed ({out}):\n{text}");
+    Ok(text)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// What follows `marker` on the first line that has it (after mongosh's prompt).
+fn line_after<'a>(out: &'a str, marker: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.find(marker).map(|i| l[i + marker.len()..].trim()))
+}
+
+/// Waits in mongosh until the current config is committed (the next reconfig would be 308).
+/// Between two `rs.add` the script also waits until the first new member has caught up (its
+/// `newlyAdded` is gone): the simulator checks the one-voter rule before it carries
+/// `newlyAdded` over to the new config.
+const WAIT_COMMITTED: &str = "while (!db.adminCommand({replSetGetConfig: 1, commitmentStatus: true}).commitmentStatus) { sleep(100) }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongosh_builds_a_set_and_does_crud() -> TestResult {
+    let c = Cluster::start(3).await?;
+    let (h1, h2) = (c.host(1)?.to_string(), c.host(2)?.to_string());
+    let script = format!(
+        r#"
+rs.initiate()
+while (!db.hello().isWritablePrimary) {{ sleep(100) }}
+{WAIT_COMMITTED}
+rs.add("{h1}")
+{WAIT_COMMITTED}
+while (db.adminCommand({{replSetGetConfig: 1, $_internalIncludeNewlyAdded: true}}).config.members.some(m => m.newlyAdded)) {{ sleep(100) }}
+{WAIT_COMMITTED}
+rs.add("{h2}")
+{WAIT_COMMITTED}
+while (rs.status().members.filter(m => m.stateStr === "SECONDARY").length < 2) {{ sleep(100) }}
+print("MEMBERS " + rs.conf().members.map(m => m.host).join(","))
+print("STATES " + rs.status().members.map(m => m.stateStr).sort().join(","))
+use shop
+db.items.insertMany([{{_id: 1, n: 5}}, {{_id: 2, n: 15}}, {{_id: 3, n: 25}}])
+db.items.updateOne({{_id: 2}}, {{$inc: {{n: 100}}, $set: {{tag: "big"}}}})
+db.items.deleteOne({{n: {{$lt: 10}}}})
+print("FOUND " + JSON.stringify(db.items.find({{n: {{$gt: 20}}}}, {{_id: 1}}).sort({{_id: -1}}).toArray()))
+print("COUNT " + db.items.countDocuments({{}}))
+show dbs
+rs.remove("{h2}")
+{WAIT_COMMITTED}
+print("AFTER " + rs.conf().members.length)
+"#
+    );
+    let out = run_mongosh(&c.direct_uri(0)?, &[], &script).await?;
+    let members = line_after(&out, "MEMBERS ").ok_or_else(|| format!("no MEMBERS line:\n{out}"))?;
+    assert_eq!(members, format!("{},{h1},{h2}", c.host(0)?), "{out}");
+    assert_eq!(
+        line_after(&out, "STATES "),
+        Some("PRIMARY,SECONDARY,SECONDARY"),
+        "{out}"
+    );
+    assert_eq!(
+        line_after(&out, "FOUND "),
+        Some(r#"[{"_id":3},{"_id":2}]"#),
+        "{out}"
+    );
+    assert_eq!(line_after(&out, "COUNT "), Some("2"), "{out}");
+    // `show dbs` lists the new database with its size.
+    assert!(
+        out.lines()
+            .any(|l| l.split("> ").last().is_some_and(|t| t.starts_with("shop "))),
+        "{out}"
+    );
+    assert_eq!(line_after(&out, "AFTER "), Some("2"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongosh_creates_the_first_user_and_authenticates_with_it() -> TestResult {
+    let template = NodeOptions {
+        security: Security {
+            authorization: true,
+            key_file: Some(KeyFile::from_contents("mongoshkey")?),
+        },
+        ..NodeOptions::default()
+    };
+    let c = Cluster::start_with(1, template).await?;
+    // The localhost exception: initiate and create the first user, then log in with it.
+    let script = r#"
+rs.initiate()
+while (!db.hello().isWritablePrimary) { sleep(100) }
+use admin
+db.createUser({user: "root", pwd: "rootpw", roles: ["root"]})
+try { db.getSiblingDB("shop").items.findOne() } catch (e) { print("BEFORE_AUTH " + e.code) }
+print("LOGIN " + JSON.stringify(db.auth("root", "rootpw")))
+db.getSiblingDB("shop").createUser({user: "app", pwd: "apppw", roles: ["readWrite"]})
+print("USERS " + db.getSiblingDB("shop").getUsers().users.map(u => u._id).join(","))
+"#;
+    let out = run_mongosh(&c.direct_uri(0)?, &[], script).await?;
+    assert_eq!(line_after(&out, "BEFORE_AUTH "), Some("13"), "{out}");
+    assert_eq!(line_after(&out, "LOGIN "), Some(r#"{"ok":1}"#), "{out}");
+    assert_eq!(line_after(&out, "USERS "), Some("shop.app"), "{out}");
+
+    // The new user logs in from the command line and is kept to its database.
+    let script = r#"
+db.items.insertOne({_id: 1})
+print("MINE " + db.items.countDocuments({}))
+try { db.getSiblingDB("other").x.insertOne({a: 1}) } catch (e) { print("OTHER " + e.code) }
+"#;
+    let out = run_mongosh(
+        &format!("mongodb://{}/shop?directConnection=true", c.host(0)?),
+        &[
+            "-u",
+            "app",
+            "-p",
+            "apppw",
+            "--authenticationDatabase",
+            "shop",
+        ],
+        script,
+    )
+    .await?;
+    assert_eq!(line_after(&out, "MINE "), Some("1"), "{out}");
+    assert_eq!(line_after(&out, "OTHER "), Some("13"), "{out}");
+    // A wrong password is refused at connection.
+    let bin = mongosh();
+    let bad = Command::new(&bin)
+        .arg(format!(
+            "mongodb://{}/shop?directConnection=true",
+            c.host(0)?
+        ))
+        .args([
+            "--quiet",
+            "--norc",
+            "-u",
+            "app",
+            "-p",
+            "wrong",
+            "--authenticationDatabase",
+            "shop",
+            "--eval",
+            "db.runCommand({ping: 1})",
+        ])
+        .env("MONGOSH_NO_TELEMETRY", "1")
+        .env("HOME", std::env::temp_dir())
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(
+        !bad.status.success(),
+        "a wrong password was accepted: {text}"
+    );
+    assert!(text.contains("Authentication failed"), "{text}");
+    Ok(())
+}
