@@ -24,6 +24,7 @@ pub mod oplog;
 pub mod peer;
 pub mod query;
 mod repl;
+pub mod update;
 pub mod wire;
 
 pub use cluster::Cluster;
