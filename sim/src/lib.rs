@@ -26,6 +26,7 @@ pub mod peer;
 pub mod query;
 mod repl;
 mod sync;
+pub mod update;
 pub mod wire;
 
 pub use cluster::Cluster;

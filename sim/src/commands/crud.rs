@@ -13,7 +13,8 @@ use crate::config::number;
 use crate::error::ServerError;
 use crate::node::{MemberState, Node, NodeState};
 use crate::oplog::OpTime;
-use crate::query::{parse_sort, validate_filter, with_id_first, Projection};
+use crate::query::{parse_sort, validate_filter, Projection};
+use crate::update::with_id_first;
 
 pub(crate) use super::write_plan::Write;
 use super::write_plan::{namespace, refuse_options, write_error, UpdateSpec, WritePlan};

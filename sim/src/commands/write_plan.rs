@@ -10,9 +10,8 @@ use crate::catalog::{duplicate_key, duplicate_key_error};
 use crate::config::number;
 use crate::error::ServerError;
 use crate::node::NodeState;
-use crate::query::{
-    apply_update, is_operator_update, matches, sort, upsert_seed, validate_filter, with_id_first,
-};
+use crate::query::{matches, sort, validate_filter};
+use crate::update::{apply_update, is_operator_update, upsert_seed, with_id_first};
 
 /// One oplog entry to append.
 #[derive(Debug, Clone)]
