@@ -77,6 +77,9 @@ pub struct ContainerInfo {
     pub health: Option<Health>,
     /// Docker's `State.StartedAt`; `None` when the engine did not say.
     pub started_at: Option<String>,
+    /// Docker's `State.ExitCode`: how the container last exited (meaningful only while it
+    /// is not running).
+    pub exit_code: Option<i64>,
 }
 
 impl ContainerInfo {
@@ -171,6 +174,7 @@ impl ContainerInfo {
             network_mode: host_config.network_mode.unwrap_or_default(),
             health,
             started_at,
+            exit_code: state.exit_code,
         }
     }
 

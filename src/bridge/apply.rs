@@ -255,6 +255,32 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 self.retained.remove(&id);
             }
         }
+        // A published container that stopped with a failure whose `die` event is still on
+        // its way: under --deregister on-success the event would keep its records, so the
+        // resync must not delete them first.
+        if self.config.deregister == Deregister::OnSuccess {
+            let stopped: Vec<String> = self
+                .published
+                .keys()
+                .filter(|id| !running.contains(*id) && !self.retained.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in stopped {
+                let Ok(Some(c)) = self.engine.inspect(&id).await else {
+                    continue;
+                };
+                if !c.running && c.exit_code.is_some_and(|code| code != 0) {
+                    if let Some(records) = self.published.get(&id) {
+                        self.retained.insert(id.clone(), records.clone());
+                    }
+                    FailedContainerKept {
+                        container_id: &id,
+                        exit_code: c.exit_code,
+                    }
+                    .emit(&self.metrics);
+                }
+            }
+        }
         // Failed containers kept under --deregister on-success, unless they run again.
         for (id, records) in &self.retained {
             if !running.contains(id) {

@@ -370,6 +370,31 @@ async fn on_success_keeps_the_records_of_a_failed_container_until_it_is_removed(
 }
 
 #[tokio::test(start_paused = true)]
+async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_resync() {
+    let engine = FakeEngine::default();
+    let failing = web_container("web1", [172, 17, 0, 5]);
+    engine.add(failing.clone());
+    let r = Running::start(engine, config(Deregister::OnSuccess)).await;
+    assert!(r.has_record(&failing.id));
+    // The container has exited but its `die` event is late: a resync sees it stopped first.
+    r.engine.exit_quietly(&failing.id, 3);
+    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
+    assert!(
+        r.has_record(&failing.id),
+        "a resync keeps a failed container's records"
+    );
+    r.engine.die(&failing.id, 3);
+    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
+    assert!(r.has_record(&failing.id), "and so does the late event");
+    r.engine.remove(&failing.id);
+    until("removed with the container", Duration::from_secs(1), || {
+        !r.has_record(&failing.id)
+    })
+    .await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_graceful_stop_leaves_the_records_to_the_ttl_unless_cleanup() {
     for cleanup in [false, true] {
         let engine = FakeEngine::default();

@@ -102,10 +102,17 @@ impl FakeEngine {
 
     /// The container exits with `code`: a `die` event.
     pub(crate) fn die(&self, id: &str, code: i64) {
+        self.exit_quietly(id, code);
+        self.send(id, "die", EventKind::Died, Some(code));
+    }
+
+    /// The container exits with `code`, and its `die` event is not delivered yet (the engine
+    /// reports the exit before the bridge has read the event).
+    pub(crate) fn exit_quietly(&self, id: &str, code: i64) {
         if let Some(c) = self.state().containers.get_mut(id) {
             c.running = false;
+            c.exit_code = Some(code);
         }
-        self.send(id, "die", EventKind::Died, Some(code));
     }
 
     /// The container is removed: a `destroy` event.
