@@ -8,7 +8,7 @@ use futures::FutureExt;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use crate::client::{expect_success, Client, REQUEST_TIMEOUT};
+use crate::client::{consul_index, expect_success, Client, REQUEST_TIMEOUT};
 use crate::kv::{encode_key, list, next_index};
 use crate::session::{keep_session_alive, MIN_TTL};
 use crate::watch::WATCH_WAIT;
@@ -67,13 +67,7 @@ impl Client {
                 "watch lock",
             )
             .await?;
-        let new_index = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        *index = next_index(*index, new_index);
+        *index = next_index(*index, consul_index(&resp));
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(LockState::Free);
         }

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{expect_success, Client};
+use crate::client::{successful, Client};
 use crate::STORE;
 
 /// Consul refuses session TTLs below 10 s.
@@ -33,14 +33,7 @@ impl Client {
                 "create session",
             )
             .await?;
-        if !resp.status().is_success() {
-            expect_success(resp, "create session").await?;
-            return Err(BackendError::Rejected {
-                store: STORE,
-                detail: "create session failed".into(),
-                source: None,
-            });
-        }
+        let resp = successful(resp, "create session").await?;
         #[derive(Deserialize)]
         struct Created {
             #[serde(rename = "ID")]
@@ -66,17 +59,8 @@ impl Client {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(false);
         }
-        if !resp.status().is_success() {
-            expect_success(resp, "session info").await?;
-            return Ok(false);
-        }
-        let sessions: Option<Vec<serde_json::Value>> =
-            resp.json().await.map_err(|e| BackendError::Unavailable {
-                store: STORE,
-                endpoints: self.endpoint.clone(),
-                detail: format!("session info: unreadable answer: {e}"),
-                source: Some(Box::new(e)),
-            })?;
+        let resp = successful(resp, "session info").await?;
+        let sessions: Option<Vec<serde_json::Value>> = self.decode(resp, "session info").await?;
         Ok(sessions.is_some_and(|s| !s.is_empty()))
     }
 }
