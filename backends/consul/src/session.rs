@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::BackendError;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -72,33 +73,34 @@ pub(crate) async fn keep_session_alive(
     session: String,
     ttl: Duration,
     lost: futures::channel::oneshot::Sender<String>,
-    mut stop: futures::channel::oneshot::Receiver<()>,
+    stop: futures::channel::oneshot::Receiver<()>,
 ) {
-    let mut last_ok = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
-        }
-        let path = format!("/v1/session/renew/{session}");
+    let renewal = SessionRenewal {
+        path: format!("/v1/session/renew/{session}"),
+        store,
+        session,
+    };
+    keep_alive("Consul", ttl, lost, stop, renewal).await;
+}
+
+struct SessionRenewal {
+    store: Client,
+    session: String,
+    path: String,
+}
+
+impl Renew for SessionRenewal {
+    async fn renew(&mut self) -> Renewal {
+        let store = &self.store;
         match store
-            .send(store.request(Method::PUT, &path), "renew session")
+            .send(store.request(Method::PUT, &self.path), "renew session")
             .await
         {
             Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
-                let _ = lost.send(format!("session {session} was ended"));
-                return;
+                Renewal::Ended(format!("session {} was ended", self.session))
             }
-            Ok(resp) if resp.status().is_success() => last_ok = tokio::time::Instant::now(),
-            _ => {
-                if last_ok.elapsed() > ttl {
-                    let _ = lost.send(format!(
-                        "Consul unreachable for longer than the {}s TTL",
-                        ttl.as_secs()
-                    ));
-                    return;
-                }
-            }
+            Ok(resp) if resp.status().is_success() => Renewal::Renewed,
+            _ => Renewal::Failed,
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::{
     BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
     ServiceKey, ServiceRecord, WatchEvent, Watcher,
@@ -561,20 +562,30 @@ async fn keep_lease_alive(
     lease: i64,
     ttl: Duration,
     lost: futures::channel::oneshot::Sender<String>,
-    mut stop: futures::channel::oneshot::Receiver<()>,
+    stop: futures::channel::oneshot::Receiver<()>,
 ) {
-    let mut last_ok = tokio::time::Instant::now();
-    let mut pair: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+    let renewal = LeaseRenewal {
+        client,
+        lease,
+        pair: None,
+    };
+    keep_alive("etcd", ttl, lost, stop, renewal).await;
+}
+
+struct LeaseRenewal {
+    client: Client,
+    lease: i64,
+    /// The keep-alive stream, opened again after a failure.
+    pair: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Renew for LeaseRenewal {
+    async fn renew(&mut self) -> Renewal {
+        if self.pair.is_none() {
+            let mut c = self.client.clone();
+            self.pair = c.lease_keep_alive(self.lease).await.ok();
         }
-        if pair.is_none() {
-            let mut c = client.clone();
-            pair = c.lease_keep_alive(lease).await.ok();
-        }
-        let answer = match pair.as_mut() {
+        let answer = match self.pair.as_mut() {
             Some((keeper, stream)) => {
                 let exchange = async {
                     keeper.keep_alive().await?;
@@ -585,20 +596,11 @@ async fn keep_lease_alive(
             None => None,
         };
         match answer {
-            Some(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-            Some(Ok(Some(_))) => {
-                let _ = lost.send(format!("lease {lease:x} expired"));
-                return;
-            }
+            Some(Ok(Some(resp))) if resp.ttl() > 0 => Renewal::Renewed,
+            Some(Ok(Some(_))) => Renewal::Ended(format!("lease {:x} expired", self.lease)),
             _ => {
-                pair = None;
-                if last_ok.elapsed() > ttl {
-                    let _ = lost.send(format!(
-                        "etcd unreachable for longer than the {}s TTL",
-                        ttl.as_secs()
-                    ));
-                    return;
-                }
+                self.pair = None;
+                Renewal::Failed
             }
         }
     }
