@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::keep_alive;
 use backend_core::{BackendError, Coordinator, Leadership};
 use futures::FutureExt;
 use reqwest::{Method, StatusCode};
@@ -10,7 +11,7 @@ use serde::Deserialize;
 
 use crate::client::{consul_index, expect_success, Client, REQUEST_TIMEOUT};
 use crate::kv::{encode_key, list, next_index};
-use crate::session::{keep_session_alive, MIN_TTL};
+use crate::session::{SessionRenewal, MIN_TTL};
 use crate::watch::WATCH_WAIT;
 use crate::{ConsulStore, STORE};
 
@@ -94,12 +95,13 @@ impl Coordinator for ConsulStore {
             .await?;
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-        tokio::spawn(keep_session_alive(
-            self.client.clone(),
-            session.clone(),
+        let renewal = SessionRenewal::new(self.client.clone(), session.clone());
+        tokio::spawn(keep_alive(
+            "Consul",
             ttl.max(MIN_TTL),
             lost_tx,
             stop_rx,
+            renewal,
         ));
         let mut index = 0u64;
         loop {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backend_core::keepalive::{keep_alive, Renew, Renewal};
+use backend_core::keepalive::{Renew, Renewal};
 use backend_core::BackendError;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -66,27 +66,22 @@ impl Client {
     }
 }
 
-/// Renews a lock session every TTL/3 until `stop` fires or is dropped; reports on `lost` when
-/// the session is gone or Consul was unreachable for longer than the TTL.
-pub(crate) async fn keep_session_alive(
-    store: Client,
-    session: String,
-    ttl: Duration,
-    lost: futures::channel::oneshot::Sender<String>,
-    stop: futures::channel::oneshot::Receiver<()>,
-) {
-    let renewal = SessionRenewal {
-        path: format!("/v1/session/renew/{session}"),
-        store,
-        session,
-    };
-    keep_alive("Consul", ttl, lost, stop, renewal).await;
-}
-
-struct SessionRenewal {
+/// The renewal of a lock session, for [`keep_alive`](backend_core::keepalive::keep_alive): the
+/// session is lost when Consul no longer knows it (404).
+pub(crate) struct SessionRenewal {
     store: Client,
     session: String,
     path: String,
+}
+
+impl SessionRenewal {
+    pub(crate) fn new(store: Client, session: String) -> SessionRenewal {
+        SessionRenewal {
+            path: format!("/v1/session/renew/{session}"),
+            store,
+            session,
+        }
+    }
 }
 
 impl Renew for SessionRenewal {

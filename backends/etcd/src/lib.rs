@@ -510,13 +510,12 @@ impl Coordinator for EtcdStore {
             .id();
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-        tokio::spawn(keep_lease_alive(
-            self.client.clone(),
+        let renewal = LeaseRenewal {
+            client: self.client.clone(),
             lease,
-            ttl,
-            lost_tx,
-            stop_rx,
-        ));
+            pair: None,
+        };
+        tokio::spawn(keep_alive("etcd", ttl, lost_tx, stop_rx, renewal));
         let resp = client
             .campaign(key.clone(), holder.clone(), lease)
             .await
@@ -555,23 +554,8 @@ impl Coordinator for EtcdStore {
     }
 }
 
-/// Keeps a campaign's lease alive every TTL/3 until `stop` fires or is dropped; reports on
-/// `lost` when the lease expired or etcd was unreachable for longer than the TTL.
-async fn keep_lease_alive(
-    client: Client,
-    lease: i64,
-    ttl: Duration,
-    lost: futures::channel::oneshot::Sender<String>,
-    stop: futures::channel::oneshot::Receiver<()>,
-) {
-    let renewal = LeaseRenewal {
-        client,
-        lease,
-        pair: None,
-    };
-    keep_alive("etcd", ttl, lost, stop, renewal).await;
-}
-
+/// The renewal of a campaign's lease, for [`keep_alive`]: the lease is lost when etcd answers
+/// with a TTL of 0 (it expired).
 struct LeaseRenewal {
     client: Client,
     lease: i64,
