@@ -213,11 +213,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -255,12 +251,11 @@ async fn bench(cli: Cli) -> Result<()> {
     ));
     let mut report = Report::new(&lab, &cli.bridge).await;
 
+    // SIGINT or SIGTERM: stop measuring, clean up the lab, print what was measured.
+    let shutdown = daemon::shutdown_on_signals();
     let outcome = tokio::select! {
         r = run_parts(&cli, &lab, &mut report) => r,
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => Err(anyhow!("interrupted")),
-            Err(e) => Err(anyhow!("cannot listen for Ctrl-C: {e}")),
-        },
+        () = shutdown.cancelled() => Err(anyhow!("interrupted")),
     };
     log("cleaning up");
     lab.clean_up().await;

@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{expect_success, Client};
+use crate::client::{expect_success, successful, Client};
 use crate::kv::encode_key;
 use crate::STORE;
 
@@ -46,17 +46,9 @@ impl Client {
                 "list agent services",
             )
             .await?;
-        if !resp.status().is_success() {
-            expect_success(resp, "list agent services").await?;
-            return Ok(Vec::new());
-        }
+        let resp = successful(resp, "list agent services").await?;
         let services: BTreeMap<String, AgentService> =
-            resp.json().await.map_err(|e| BackendError::Unavailable {
-                store: STORE,
-                endpoints: self.endpoint.clone(),
-                detail: format!("list agent services: unreadable answer: {e}"),
-                source: Some(Box::new(e)),
-            })?;
+            self.decode(resp, "list agent services").await?;
         Ok(services.into_values().collect())
     }
 

@@ -172,6 +172,21 @@ impl Client {
     ) -> Result<reqwest::Response, BackendError> {
         send(rb, what, &self.endpoint, self.token.as_ref()).await
     }
+
+    /// Decodes a JSON answer; one that does not decode is `Unavailable` (a proxy's page, a
+    /// truncated body), saying what was asked.
+    pub(crate) async fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+    ) -> Result<T, BackendError> {
+        resp.json().await.map_err(|e| BackendError::Unavailable {
+            store: STORE,
+            endpoints: self.endpoint.clone(),
+            detail: format!("{what}: unreadable answer: {e}"),
+            source: Some(Box::new(e)),
+        })
+    }
 }
 
 async fn send(
@@ -265,8 +280,16 @@ pub(crate) async fn expect_success(
     resp: reqwest::Response,
     what: &str,
 ) -> Result<(), BackendError> {
+    successful(resp, what).await.map(drop)
+}
+
+/// The response of a 2xx answer; any other is `Rejected` with its status and body.
+pub(crate) async fn successful(
+    resp: reqwest::Response,
+    what: &str,
+) -> Result<reqwest::Response, BackendError> {
     if resp.status().is_success() {
-        return Ok(());
+        return Ok(resp);
     }
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
@@ -275,4 +298,13 @@ pub(crate) async fn expect_success(
         detail: format!("{what}: {status}: {}", body.trim()),
         source: None,
     })
+}
+
+/// An answer's `X-Consul-Index` (0 when it has none).
+pub(crate) fn consul_index(resp: &reqwest::Response) -> u64 {
+    resp.headers()
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
 }

@@ -3,14 +3,15 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::keep_alive;
 use backend_core::{BackendError, Coordinator, Leadership};
 use futures::FutureExt;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use crate::client::{expect_success, Client, REQUEST_TIMEOUT};
+use crate::client::{consul_index, expect_success, Client, REQUEST_TIMEOUT};
 use crate::kv::{encode_key, list, next_index};
-use crate::session::{keep_session_alive, MIN_TTL};
+use crate::session::{SessionRenewal, MIN_TTL};
 use crate::watch::WATCH_WAIT;
 use crate::{ConsulStore, STORE};
 
@@ -67,13 +68,7 @@ impl Client {
                 "watch lock",
             )
             .await?;
-        let new_index = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        *index = next_index(*index, new_index);
+        *index = next_index(*index, consul_index(&resp));
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(LockState::Free);
         }
@@ -100,12 +95,13 @@ impl Coordinator for ConsulStore {
             .await?;
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-        tokio::spawn(keep_session_alive(
-            self.client.clone(),
-            session.clone(),
+        let renewal = SessionRenewal::new(self.client.clone(), session.clone());
+        tokio::spawn(keep_alive(
+            "Consul",
             ttl.max(MIN_TTL),
             lost_tx,
             stop_rx,
+            renewal,
         ));
         let mut index = 0u64;
         loop {

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::Client;
+use crate::client::{consul_index, successful, Client};
 use crate::STORE;
 
 /// Consul's limit on the operations of one transaction.
@@ -80,30 +80,12 @@ pub(crate) async fn list(
     rb: reqwest::RequestBuilder,
 ) -> Result<(Vec<KvEntry>, u64), BackendError> {
     let resp = store.send(rb, "KV read").await?;
-    let index = resp
-        .headers()
-        .get("X-Consul-Index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let index = consul_index(&resp);
     if resp.status() == StatusCode::NOT_FOUND {
         return Ok((Vec::new(), index));
     }
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        return Err(BackendError::Rejected {
-            store: STORE,
-            detail: format!("KV read: {status}: {}", body.trim()),
-            source: None,
-        });
-    }
-    let pairs: Vec<KvPair> = resp.json().await.map_err(|e| BackendError::Unavailable {
-        store: STORE,
-        endpoints: store.endpoint.clone(),
-        detail: format!("KV read: unreadable answer: {e}"),
-        source: Some(Box::new(e)),
-    })?;
+    let resp = successful(resp, "KV read").await?;
+    let pairs: Vec<KvPair> = store.decode(resp, "KV read").await?;
     let entries = pairs
         .into_iter()
         .map(|p| KvEntry {

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::{Renew, Renewal};
 use backend_core::BackendError;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{expect_success, Client};
+use crate::client::{successful, Client};
 use crate::STORE;
 
 /// Consul refuses session TTLs below 10 s.
@@ -33,14 +34,7 @@ impl Client {
                 "create session",
             )
             .await?;
-        if !resp.status().is_success() {
-            expect_success(resp, "create session").await?;
-            return Err(BackendError::Rejected {
-                store: STORE,
-                detail: "create session failed".into(),
-                source: None,
-            });
-        }
+        let resp = successful(resp, "create session").await?;
         #[derive(Deserialize)]
         struct Created {
             #[serde(rename = "ID")]
@@ -66,55 +60,42 @@ impl Client {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(false);
         }
-        if !resp.status().is_success() {
-            expect_success(resp, "session info").await?;
-            return Ok(false);
-        }
-        let sessions: Option<Vec<serde_json::Value>> =
-            resp.json().await.map_err(|e| BackendError::Unavailable {
-                store: STORE,
-                endpoints: self.endpoint.clone(),
-                detail: format!("session info: unreadable answer: {e}"),
-                source: Some(Box::new(e)),
-            })?;
+        let resp = successful(resp, "session info").await?;
+        let sessions: Option<Vec<serde_json::Value>> = self.decode(resp, "session info").await?;
         Ok(sessions.is_some_and(|s| !s.is_empty()))
     }
 }
 
-/// Renews a lock session every TTL/3 until `stop` fires or is dropped; reports on `lost` when
-/// the session is gone or Consul was unreachable for longer than the TTL.
-pub(crate) async fn keep_session_alive(
+/// The renewal of a lock session, for [`keep_alive`](backend_core::keepalive::keep_alive): the
+/// session is lost when Consul no longer knows it (404).
+pub(crate) struct SessionRenewal {
     store: Client,
     session: String,
-    ttl: Duration,
-    lost: futures::channel::oneshot::Sender<String>,
-    mut stop: futures::channel::oneshot::Receiver<()>,
-) {
-    let mut last_ok = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+    path: String,
+}
+
+impl SessionRenewal {
+    pub(crate) fn new(store: Client, session: String) -> SessionRenewal {
+        SessionRenewal {
+            path: format!("/v1/session/renew/{session}"),
+            store,
+            session,
         }
-        let path = format!("/v1/session/renew/{session}");
+    }
+}
+
+impl Renew for SessionRenewal {
+    async fn renew(&mut self) -> Renewal {
+        let store = &self.store;
         match store
-            .send(store.request(Method::PUT, &path), "renew session")
+            .send(store.request(Method::PUT, &self.path), "renew session")
             .await
         {
             Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
-                let _ = lost.send(format!("session {session} was ended"));
-                return;
+                Renewal::Ended(format!("session {} was ended", self.session))
             }
-            Ok(resp) if resp.status().is_success() => last_ok = tokio::time::Instant::now(),
-            _ => {
-                if last_ok.elapsed() > ttl {
-                    let _ = lost.send(format!(
-                        "Consul unreachable for longer than the {}s TTL",
-                        ttl.as_secs()
-                    ));
-                    return;
-                }
-            }
+            Ok(resp) if resp.status().is_success() => Renewal::Renewed,
+            _ => Renewal::Failed,
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod keepalive;
 pub mod layout;
 pub mod record;
 pub mod secret;

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::{
     BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
     ServiceKey, ServiceRecord, WatchEvent, Watcher,
@@ -509,13 +510,12 @@ impl Coordinator for EtcdStore {
             .id();
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
-        tokio::spawn(keep_lease_alive(
-            self.client.clone(),
+        let renewal = LeaseRenewal {
+            client: self.client.clone(),
             lease,
-            ttl,
-            lost_tx,
-            stop_rx,
-        ));
+            pair: None,
+        };
+        tokio::spawn(keep_alive("etcd", ttl, lost_tx, stop_rx, renewal));
         let resp = client
             .campaign(key.clone(), holder.clone(), lease)
             .await
@@ -554,27 +554,22 @@ impl Coordinator for EtcdStore {
     }
 }
 
-/// Keeps a campaign's lease alive every TTL/3 until `stop` fires or is dropped; reports on
-/// `lost` when the lease expired or etcd was unreachable for longer than the TTL.
-async fn keep_lease_alive(
+/// The renewal of a campaign's lease, for [`keep_alive`]: the lease is lost when etcd answers
+/// with a TTL of 0 (it expired).
+struct LeaseRenewal {
     client: Client,
     lease: i64,
-    ttl: Duration,
-    lost: futures::channel::oneshot::Sender<String>,
-    mut stop: futures::channel::oneshot::Receiver<()>,
-) {
-    let mut last_ok = tokio::time::Instant::now();
-    let mut pair: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+    /// The keep-alive stream, opened again after a failure.
+    pair: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Renew for LeaseRenewal {
+    async fn renew(&mut self) -> Renewal {
+        if self.pair.is_none() {
+            let mut c = self.client.clone();
+            self.pair = c.lease_keep_alive(self.lease).await.ok();
         }
-        if pair.is_none() {
-            let mut c = client.clone();
-            pair = c.lease_keep_alive(lease).await.ok();
-        }
-        let answer = match pair.as_mut() {
+        let answer = match self.pair.as_mut() {
             Some((keeper, stream)) => {
                 let exchange = async {
                     keeper.keep_alive().await?;
@@ -585,20 +580,11 @@ async fn keep_lease_alive(
             None => None,
         };
         match answer {
-            Some(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-            Some(Ok(Some(_))) => {
-                let _ = lost.send(format!("lease {lease:x} expired"));
-                return;
-            }
+            Some(Ok(Some(resp))) if resp.ttl() > 0 => Renewal::Renewed,
+            Some(Ok(Some(_))) => Renewal::Ended(format!("lease {:x} expired", self.lease)),
             _ => {
-                pair = None;
-                if last_ok.elapsed() > ttl {
-                    let _ = lost.send(format!(
-                        "etcd unreachable for longer than the {}s TTL",
-                        ttl.as_secs()
-                    ));
-                    return;
-                }
+                self.pair = None;
+                Renewal::Failed
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The start-up of the workspace's three programs (swarm-registrator, replset-reconciler,
-//! replset-demo-app), written once:
+//! replset-demo-app), written once; registrator-bench uses its runtime and signals too:
 //!
 //! * [`run`]: tracing, the runtime, the future of the program, and its exit code; an error is
 //!   logged as one line and exits 1;
@@ -44,6 +44,14 @@ pub fn init_tracing(format: LogFormat) {
 /// How many worker threads the programs use: they wait on the network, they do not compute.
 pub const WORKER_THREADS: usize = 2;
 
+/// The programs' runtime: multi-threaded, [`WORKER_THREADS`] workers, I/O and time enabled.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .enable_all()
+        .build()
+}
+
 /// Runs a program: tracing in `format`, a multi-threaded runtime, `program` to its end. Its
 /// `Ok` is the exit code; an `Err` is logged (`"<name> stopped"`, with the error and its
 /// causes) and exits 1.
@@ -53,11 +61,7 @@ where
     E: Display,
 {
     init_tracing(format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

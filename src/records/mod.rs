@@ -1,0 +1,167 @@
+//! From a container to the records that publish it: a pure function, unit-tested.
+//!
+//! Two kinds of container:
+//!
+//! * **Swarm tasks** (they carry `com.docker.swarm.task.id`): one record per task, or one per
+//!   port where it has several, with the task's address on its overlay network. Published
+//!   ports are not used: the routing mesh does not identify a task.
+//! * **Plain containers**: Registrator's rules. Published host ports with the host's address,
+//!   or with `--internal` the container's own address and exposed ports.
+
+mod plain;
+mod task;
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+
+use backend_core::layout::valid_segment;
+use backend_core::{Protocol, ServiceRecord, SCHEMA_VERSION};
+
+use crate::container::ContainerInfo;
+use crate::metadata::Metadata;
+use plain::plain_records;
+pub use task::parse_port_list;
+use task::task_records;
+
+pub const LABEL_TASK_ID: &str = "com.docker.swarm.task.id";
+pub const LABEL_TASK_NAME: &str = "com.docker.swarm.task.name";
+pub const LABEL_SERVICE_NAME: &str = "com.docker.swarm.service.name";
+pub const LABEL_SERVICE_ID: &str = "com.docker.swarm.service.id";
+pub const LABEL_NODE_ID: &str = "com.docker.swarm.node.id";
+pub const LABEL_STACK: &str = "com.docker.stack.namespace";
+/// The ports of a swarm task: `27017` or `27017/tcp,28017/udp`.
+pub const LABEL_PORT: &str = "registrator.port";
+/// The network whose address to publish.
+pub const LABEL_NETWORK: &str = "registrator.network";
+
+/// The swarm's routing-mesh network: never a task's own address.
+const INGRESS: &str = "ingress";
+
+/// The bridge's settings that shape records.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Publish plain containers with their own address and exposed ports.
+    pub internal: bool,
+    /// The address to publish for host ports (`--ip`).
+    pub host_ip: Option<IpAddr>,
+    /// The network whose address to publish (`--network`); a `registrator.network` label on
+    /// the container beats it.
+    pub network: Option<String>,
+    /// Publish only containers that set `SERVICE_NAME` (`--explicit`).
+    pub explicit: bool,
+}
+
+/// The node the bridge runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The swarm node id, or the engine id outside a swarm.
+    pub node_id: String,
+    pub hostname: String,
+    /// The address other nodes reach this one at (the swarm's advertised address), used for
+    /// host ports when `--ip` is not given.
+    pub address: Option<IpAddr>,
+}
+
+/// Why a container is not published. Each names the container and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    #[error("container {container}: label or variable {key}={value:?} is not a valid port list; write it like 27017 or 27017/tcp,28017/udp")]
+    BadPort {
+        container: String,
+        key: &'static str,
+        value: String,
+    },
+    #[error("container {container}: swarm task has no port to publish; set the container label {LABEL_PORT}=<port> (docker service create --container-label) or EXPOSE one in the image")]
+    NoPort { container: String },
+    #[error("container {container}: is not attached to network {wanted:?} (attached: {attached}); fix --network or the {LABEL_NETWORK} label")]
+    NetworkNotFound {
+        container: String,
+        wanted: String,
+        attached: String,
+    },
+    #[error("container {container}: has no address on any network but ingress; attach it to an overlay network")]
+    NoAddress { container: String },
+    #[error("container {container}: service name {name:?} cannot be used as a key segment (no '/', no control characters, not '.' or '..'); fix SERVICE_NAME")]
+    BadName { container: String, name: String },
+    #[error("container {container}: instance id {id:?} cannot be used as a key segment (no '/', no control characters); fix SERVICE_ID")]
+    BadId { container: String, id: String },
+    #[error("container {container}: task name {task_name:?} does not have the form <service>.<slot>.<task-id>")]
+    BadTaskName {
+        container: String,
+        task_name: String,
+    },
+}
+
+/// The records that publish `c`; empty when it is not running, is paused, or is ignored.
+pub fn build_records(
+    c: &ContainerInfo,
+    opts: &BuildOptions,
+    node: &NodeIdentity,
+) -> Result<Vec<ServiceRecord>, SkipReason> {
+    if !c.running || c.paused {
+        return Ok(Vec::new());
+    }
+    if c.label(LABEL_TASK_ID).is_some() {
+        task_records(c, opts, node)
+    } else {
+        plain_records(c, opts, node)
+    }
+}
+
+fn metadata(c: &ContainerInfo, port: &str) -> Metadata {
+    Metadata::collect(
+        c.env.iter().map(String::as_str),
+        c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        port,
+    )
+}
+
+/// Labels copied into records: all but Docker's own swarm and stack labels.
+fn record_labels(c: &ContainerInfo) -> std::collections::BTreeMap<String, String> {
+    c.labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("com.docker.swarm.") && !k.starts_with("com.docker.stack."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn base_record(c: &ContainerInfo, node: &NodeIdentity) -> ServiceRecord {
+    ServiceRecord {
+        schema_version: SCHEMA_VERSION,
+        service: String::new(),
+        id: String::new(),
+        ip: IpAddr::from([0, 0, 0, 0]),
+        port: 0,
+        protocol: Protocol::Tcp,
+        tags: Vec::new(),
+        labels: record_labels(c),
+        attrs: Default::default(),
+        container_id: c.id.clone(),
+        container_name: c.name.clone(),
+        node_id: node.node_id.clone(),
+        hostname: node.hostname.clone(),
+        task_id: None,
+        task_slot: None,
+        service_id: None,
+        stack: None,
+        health: c.health,
+        started_at: c.started_at.clone(),
+    }
+}
+
+fn check_segments(r: ServiceRecord, c: &ContainerInfo) -> Result<ServiceRecord, SkipReason> {
+    if !valid_segment(&r.service) {
+        return Err(SkipReason::BadName {
+            container: c.name.clone(),
+            name: r.service,
+        });
+    }
+    if !valid_segment(&r.id) {
+        return Err(SkipReason::BadId {
+            container: c.name.clone(),
+            id: r.id,
+        });
+    }
+    Ok(r)
+}
