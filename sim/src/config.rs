@@ -463,7 +463,11 @@ impl ReplSetConfig {
             if is_localhost(&mi.host) {
                 localhost += 1;
             }
-            if mi.is_voter() {
+            // The vote a member was given, `newlyAdded` or not: a member still catching up
+            // counts toward the seven (MongoDB's replsets jstests: with 7 voting members,
+            // "adding a new voting member will fail during validation"), while it does not
+            // count for majorities or the one-voter rule of a reconfig.
+            if mi.votes > 0 {
                 voters += 1;
             }
             if !mi.arbiter_only && mi.priority > 0.0 {
