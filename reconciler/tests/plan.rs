@@ -152,11 +152,11 @@ fn raw(cfg: &ServerConfig) -> Document {
 /// `replSetReconfig` of `sent` on `receiver`, a member whose config is `old`: the server's
 /// own preparation and checks (`replset_sim::config_change`, what the simulator's
 /// `replSetReconfig` runs): `prepare_reconfig` (parse, hosts normalised, `newlyAdded` refused,
-/// the old `replicaSetId`, the current term or a forced version and term, validation against
-/// `old`), the implicit default write concern left alone (no cluster-wide one is set), the
-/// receiver finding itself in the new config (a test host is itself by name),
-/// `complete_reconfig` (electable unless forced, `newlyAdded` marks) and, for a safe
-/// reconfig, the quorum check over the members of `running`, the hosts that answer.
+/// the old `replicaSetId`, the current term or a forced version and term, `newlyAdded` marks,
+/// validation against `old`), the implicit default write concern left alone (no cluster-wide
+/// one is set), the receiver finding itself in the new config (a test host is itself by
+/// name), `complete_reconfig` (electable unless forced) and, for a safe reconfig, the quorum
+/// check over the members of `running`, the hosts that answer.
 fn server_reconfig(
     old: &ServerConfig,
     sent: &Document,
@@ -171,13 +171,13 @@ fn server_reconfig(
     } else {
         ReconfigKind::Safe { term: TERM }
     };
-    let mut new = config_change::prepare_reconfig(old, sent, &old.set_name, kind, DEFAULTS)
+    let new = config_change::prepare_reconfig(old, sent, &old.set_name, kind, DEFAULTS)
         .map_err(|e| e.to_string())?;
     // The reconciler sets no cluster-wide default write concern.
     config_change::check_implicit_default_write_concern(old, &new, false, kind)
         .map_err(|e| e.to_string())?;
     let me = find_self(&new, receiver)?;
-    config_change::complete_reconfig(old, &mut new, me, kind).map_err(|e| e.to_string())?;
+    config_change::complete_reconfig(&new, me, kind).map_err(|e| e.to_string())?;
     if !force {
         config_change::check_reconfig_quorum(&new, receiver, |m| answer(running, m))
             .map_err(|e| e.to_string())?;

@@ -128,8 +128,15 @@ pub fn check_initiate_quorum(
 
 /// The config `replSetReconfig` receives on a member started with `--replSet set_name` whose
 /// current config is `old`: parsed, hosts normalised, `newlyAdded` refused unless forced, the
-/// old `replicaSetId` when it names none, version and term as `kind` says, then validated
-/// against `old`.
+/// old `replicaSetId` when it names none, version and term as `kind` says, `newlyAdded` set on
+/// new voting members unless forced, then validated against `old`.
+///
+/// The order is the server's: `processReplSetReconfig`'s `getNewConfig` callback
+/// (`replication_coordinator_impl.cpp`) appends `newlyAdded` to the new config, and only then
+/// does `_doReplSetReconfig` run `validateConfigForReconfig` on it. A `newlyAdded` member is
+/// "considered to have 'votes:0'" (the server's log 4634400; `MemberConfig::isVoter`), so the
+/// one-voter rule does not count it: `rs.add(a); rs.add(b)` typed back to back is accepted
+/// while `a` is still catching up.
 pub fn prepare_reconfig(
     old: &ReplSetConfig,
     raw: &Document,
@@ -169,18 +176,19 @@ pub fn prepare_reconfig(
         }
         ReconfigKind::Safe { term } => cfg.term = term,
     }
+    if !kind.is_force() {
+        mark_newly_added(old, &mut cfg);
+    }
     ReplSetConfig::validate_for_reconfig(old, &cfg, kind.is_force())
         .map_err(|e| e.rewrap(incompatible()))?;
     Ok(cfg)
 }
 
-/// What the receiver (index `me` of the prepared `new`) checks and adds before the quorum
-/// check: unless forced it must be electable, and members other than arbiters that come with
-/// a vote and were not in `old` (or were still `newlyAdded` there) are marked `newlyAdded`, so
-/// they count as non-voters until they catch up.
+/// What the receiver (index `me` of the prepared `new`) checks once it has found itself in
+/// the new config, before the quorum check: unless forced it must be electable
+/// (`checkElectable` in `_doReplSetReconfig`).
 pub fn complete_reconfig(
-    old: &ReplSetConfig,
-    new: &mut ReplSetConfig,
+    new: &ReplSetConfig,
     me: usize,
     kind: ReconfigKind,
 ) -> Result<(), ServerError> {
@@ -197,14 +205,19 @@ pub fn complete_reconfig(
             new.set_name
         )));
     }
+    Ok(())
+}
+
+/// Marks `newlyAdded` the members of a safe reconfig's `new` that come with a vote and were not
+/// in `old`, or were still `newlyAdded` there (`processReplSetReconfig`: "Set the 'newlyAdded'
+/// field to true for all new voting nodes"), so they count as non-voters until they catch up.
+fn mark_newly_added(old: &ReplSetConfig, new: &mut ReplSetConfig) {
     for m in &mut new.members {
         let before = old.member_by_id(m.id);
         // Never an arbiter: it has no data to catch up, and would never become SECONDARY
-        // for the primary to clear the mark (`addNewlyAddedFieldForNewMemberIfNeeded` skips
-        // arbiters).
+        // for the primary to clear the mark (the server skips arbiters).
         m.newly_added = m.votes > 0 && !m.arbiter_only && before.is_none_or(|b| b.newly_added);
     }
-    Ok(())
 }
 
 /// `checkQuorumForReconfig`: a majority of the new config's voters (the receiver, host
@@ -282,6 +295,7 @@ pub fn check_implicit_default_write_concern(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bson::Bson;
 
     const DEFAULTS: Defaults = Defaults {
         heartbeat_interval_millis: 2000,
@@ -310,6 +324,62 @@ mod tests {
         assert_eq!(cfg.set_name, "rs0");
         assert_eq!(cfg.members.len(), 1);
         assert_eq!(cfg.members[0].host, "h:5");
+        Ok(())
+    }
+
+    fn members(hosts: &[&str]) -> Vec<Bson> {
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Bson::Document(doc! {"_id": i as i64, "host": *h}))
+            .collect()
+    }
+
+    /// `replSetReconfig` of `hosts` as version `version` on the primary `a:1` (term 1).
+    fn safe_reconfig(
+        old: &ReplSetConfig,
+        hosts: &[&str],
+        version: i64,
+    ) -> Result<ReplSetConfig, ServerError> {
+        let raw = doc! {"_id": "rs0", "version": version, "members": members(hosts)};
+        let kind = ReconfigKind::Safe { term: 1 };
+        let cfg = prepare_reconfig(old, &raw, "rs0", kind, DEFAULTS)?;
+        complete_reconfig(&cfg, 0, kind)?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn two_adds_in_a_row_pass_while_the_first_is_newly_added() -> Result<(), ServerError> {
+        let raw = doc! {"_id": "rs0", "members": members(&["a:1"])};
+        let one = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS)?;
+        let two = safe_reconfig(&one, &["a:1", "b:1"], 2)?;
+        assert!(two.members[1].newly_added);
+        // b has not caught up: still newlyAdded, so c is the one voter this change adds.
+        let three = safe_reconfig(&two, &["a:1", "b:1", "c:1"], 3)?;
+        let marks: Vec<bool> = three.members.iter().map(|m| m.newly_added).collect();
+        assert_eq!(marks, [false, true, true]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_real_two_voter_change_is_still_refused_with_103() -> Result<(), ServerError> {
+        let raw = doc! {"_id": "rs0", "members": [
+            {"_id": 0, "host": "a:1"},
+            {"_id": 1, "host": "b:1", "votes": 0, "priority": 0},
+            {"_id": 2, "host": "c:1", "votes": 0, "priority": 0},
+        ]};
+        let one = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS)?;
+        // Two members already in the config get a vote: neither is new, so neither is
+        // newlyAdded, and both count.
+        let e = safe_reconfig(&one, &["a:1", "b:1", "c:1"], 2).err();
+        assert!(e.as_ref().is_some_and(|e| e.code == 103), "{e:?}");
+        assert!(e.is_some_and(|e| e.message.contains("at most 1 voting member")));
+        // Removing two voters at once.
+        let raw = doc! {"_id": "rs0", "members": members(&["a:1", "b:1", "c:1"])};
+        let three = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS)?;
+        assert_eq!(three.voters().count(), 3);
+        let e = safe_reconfig(&three, &["a:1"], 2).err();
+        assert!(e.as_ref().is_some_and(|e| e.code == 103), "{e:?}");
         Ok(())
     }
 

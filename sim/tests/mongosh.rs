@@ -84,10 +84,12 @@ fn line_after<'a>(out: &'a str, marker: &str) -> Option<&'a str> {
 }
 
 /// Waits in mongosh until the current config is committed (the next reconfig would be 308).
-/// Between two `rs.add` the script also waits until the first new member has caught up (its
-/// `newlyAdded` is gone): the simulator checks the one-voter rule before it carries
-/// `newlyAdded` over to the new config.
 const WAIT_COMMITTED: &str = "while (!db.adminCommand({replSetGetConfig: 1, commitmentStatus: true}).commitmentStatus) { sleep(100) }";
+
+/// Waits until the primary has dropped `newlyAdded` from every member and that config is
+/// committed. The primary's own reconfig that drops it takes the next version, as mongod's
+/// does, so an `rs.remove` typed while it runs can send the same version and get 103.
+const WAIT_CAUGHT_UP: &str = "while (db.adminCommand({replSetGetConfig: 1, $_internalIncludeNewlyAdded: true}).config.members.some(m => m.newlyAdded)) { sleep(100) }\nwhile (!db.adminCommand({replSetGetConfig: 1, commitmentStatus: true}).commitmentStatus) { sleep(100) }";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongosh_builds_a_set_and_does_crud() -> TestResult {
@@ -100,11 +102,10 @@ while (!db.hello().isWritablePrimary) {{ sleep(100) }}
 {WAIT_COMMITTED}
 rs.add("{h1}")
 {WAIT_COMMITTED}
-while (db.adminCommand({{replSetGetConfig: 1, $_internalIncludeNewlyAdded: true}}).config.members.some(m => m.newlyAdded)) {{ sleep(100) }}
-{WAIT_COMMITTED}
 rs.add("{h2}")
 {WAIT_COMMITTED}
 while (rs.status().members.filter(m => m.stateStr === "SECONDARY").length < 2) {{ sleep(100) }}
+{WAIT_CAUGHT_UP}
 print("MEMBERS " + rs.conf().members.map(m => m.host).join(","))
 print("STATES " + rs.status().members.map(m => m.stateStr).sort().join(","))
 use shop

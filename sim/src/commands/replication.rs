@@ -333,7 +333,7 @@ impl Node {
                 term: self.lock().term(),
             }
         };
-        let mut cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
+        let cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
         let cwwc = super::write_concern::cluster_wide_write_concern(&self.lock()).is_some();
         check_implicit_default_write_concern(&old, &cfg, cwwc, kind)?;
         let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
@@ -342,7 +342,7 @@ impl Node {
             .await
             .map_err(|e| e.rewrap(incompatible()))?;
         self.set_me(&cfg.members[me].host.clone());
-        complete_reconfig(&old, &mut cfg, me, kind)?;
+        complete_reconfig(&cfg, me, kind)?;
         if !force
             && !self
                 .inner
