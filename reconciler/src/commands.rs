@@ -1,18 +1,24 @@
-//! The one-shot commands of `replset-reconciler`: `plan`, `status` and `scale`. The binary
-//! parses their arguments; what they do is here.
+//! The one-shot commands of `replset-reconciler`: `plan`, `status`, `scale` and
+//! `forget-set`. The binary parses their arguments; what they do is here.
 
 use std::time::Duration;
 
-use backend_core::{Coordinator, KeyLayout};
+use backend_core::{Coordinator, KeyLayout, SetIdentity};
 
 use crate::controller::{ControllerConfig, Records};
 use crate::mongo::ReplSetClient;
-use crate::plan::{plan_next_step, PlanContext};
+use crate::plan::{plan_next_step, KnownSet, PlanContext};
 use crate::records::desired_sets;
 use crate::status::{self, StatusError};
 
-/// `plan`: prints the next step of each selected set, as the leader would plan it now.
-pub async fn plan<M: ReplSetClient>(records: &Records, config: &ControllerConfig, members: &M) {
+/// `plan`: prints the next step of each selected set, as the leader would plan it now
+/// (re-addressing included: it is shown before the leader takes it).
+pub async fn plan<S: Coordinator, M: ReplSetClient>(
+    store: &S,
+    records: &Records,
+    config: &ControllerConfig,
+    members: &M,
+) {
     let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
     for s in skipped {
         println!("ignoring {}: {}", s.key, s.reason);
@@ -20,6 +26,23 @@ pub async fn plan<M: ReplSetClient>(records: &Records, config: &ControllerConfig
     for (set, desired) in sets {
         let hosts: Vec<String> = desired.members.values().cloned().collect();
         let observed = members.observe(&set, &hosts, &hosts).await;
+        let known_set = match store
+            .get_value(&config.layout.replset_identity_key(&set))
+            .await
+        {
+            Ok(None) => KnownSet::New,
+            Ok(Some(bytes)) => match SetIdentity::from_json(&bytes) {
+                Ok(identity) => KnownSet::Known(identity),
+                Err(e) => {
+                    println!("{set}: {e}");
+                    KnownSet::Unknown
+                }
+            },
+            Err(e) => {
+                println!("{set}: cannot read the set's identity: {e}");
+                KnownSet::Unknown
+            }
+        };
         let ctx = PlanContext {
             set_name: set.clone(),
             records_trusted: true,
@@ -28,6 +51,7 @@ pub async fn plan<M: ReplSetClient>(records: &Records, config: &ControllerConfig
             // `plan` shows what would be done if the loss lasts: a force with --allow-force.
             force_after: config.force_after,
             majority_lost_for: Duration::MAX,
+            known_set,
         };
         let plan = plan_next_step(&observed.observation, &desired, &ctx);
         println!("{set}: {}", plan.step.describe());
@@ -78,6 +102,63 @@ pub async fn status<S: Coordinator>(
         }
     }
     Ok(all)
+}
+
+/// Why `forget-set` refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("the store remembers no replica set {set} ({key} is empty): nothing to forget")]
+    NotKnown { set: String, key: String },
+    #[error(
+        "the store remembers replica set {set} with id {known}, not {given}: check the id \
+         (`replset-reconciler plan` and the status show it) and run again"
+    )]
+    WrongId {
+        set: String,
+        known: String,
+        given: String,
+    },
+    #[error("cannot read or delete {key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: backend_core::BackendError,
+    },
+    #[error(transparent)]
+    Decode(#[from] backend_core::IdentityDecodeError),
+}
+
+/// `forget-set --replica-set-id <id>`: the operator's explicit decision that the set whose
+/// members lost their data is gone, so that the reconciler may initiate a new, empty set in its
+/// place (safety rule 10). The id must be the remembered one, so that a typo or an old command
+/// from a runbook forgets nothing else.
+pub async fn forget_set<S: Coordinator>(
+    store: &S,
+    layout: &KeyLayout,
+    set: &str,
+    replica_set_id: &str,
+) -> Result<SetIdentity, ForgetError> {
+    let key = layout.replset_identity_key(set);
+    let store_error = |source| ForgetError::Store {
+        key: key.clone(),
+        source,
+    };
+    let Some(bytes) = store.get_value(&key).await.map_err(store_error)? else {
+        return Err(ForgetError::NotKnown {
+            set: set.to_string(),
+            key: key.clone(),
+        });
+    };
+    let identity = SetIdentity::from_json(&bytes)?;
+    if identity.replica_set_id != replica_set_id {
+        return Err(ForgetError::WrongId {
+            set: set.to_string(),
+            known: identity.replica_set_id,
+            given: replica_set_id.to_string(),
+        });
+    }
+    store.delete_value(&key).await.map_err(store_error)?;
+    Ok(identity)
 }
 
 /// Why `scale` stopped.

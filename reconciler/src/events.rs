@@ -245,6 +245,60 @@ impl InternalEvent for Forcing<'_> {
     }
 }
 
+/// About to re-address the set with force (safety rule 11): its members are back with their
+/// data under new addresses. Counted as `steps_applied{step="readdress"}` once accepted.
+#[derive(Debug)]
+pub struct Readdressing<'a> {
+    pub set: &'a str,
+    pub host: &'a str,
+    pub moved: &'a [(i64, String, String)],
+}
+
+impl InternalEvent for Readdressing<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        tracing::warn!(
+            set = %self.set,
+            host = %self.host,
+            moved = ?self.moved,
+            "RE-ADDRESSING with force: the members of the last config are back with their data under new addresses; installing that config with only their hosts changed on the present voter with the newest optime (a majority of the voters is present, so no committed write is lost)"
+        );
+    }
+}
+
+/// The store's memory of the set was written.
+#[derive(Debug)]
+pub struct IdentityRecorded<'a> {
+    pub set: &'a str,
+    pub identity: &'a backend_core::SetIdentity,
+}
+
+impl InternalEvent for IdentityRecorded<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(
+            set = %self.set,
+            replica_set_id = %self.identity.replica_set_id,
+            config_version = self.identity.config_version,
+            config_term = self.identity.config_term,
+            "recorded the set's identity"
+        );
+        metrics.identity_recorded.get_or_create(&set_labels(self.set)).inc();
+    }
+}
+
+/// The store's memory of the set could not be read: nothing is initiated until it can.
+#[derive(Debug)]
+pub struct IdentityUnreadable<'a> {
+    pub set: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for IdentityUnreadable<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, error = %self.error, "cannot read the set's identity; not initiating until it can be read");
+        metrics.identity_unreadable.get_or_create(&set_labels(self.set)).inc();
+    }
+}
+
 /// A member and its record disagree (kept and reported, rule 6).
 #[derive(Debug)]
 pub struct MemberRecordDisagree<'a> {

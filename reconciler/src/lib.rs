@@ -20,6 +20,8 @@ pub mod records;
 pub mod status;
 
 pub use controller::{Controller, ControllerConfig, Records};
-pub use model::{ConfigView, Desired, MemberConfig, MemberState, MemberStatus, Observation};
-pub use plan::{plan_next_step, Blocked, Change, Note, Plan, PlanContext, Step, Wait};
+pub use model::{
+    ConfigView, Desired, MemberConfig, MemberState, MemberStatus, Observation, OpTime, Persisted,
+};
+pub use plan::{plan_next_step, Blocked, Change, KnownSet, Note, Plan, PlanContext, Step, Wait};
 pub use reconcile::{error_policy, reconcile, Action, Context, ReconcileError, SetState};

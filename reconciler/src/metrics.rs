@@ -63,6 +63,11 @@ pub struct Metrics {
     pub campaign_failures: Family<SetLabels, Counter>,
     /// Writes of the status or the connection string that failed (`reason`: `uri`, `status`).
     pub publish_failures: Family<ReasonLabels, Counter>,
+    /// Reads of the set's identity (`replsets/<set>/identity`) that failed or found a value
+    /// that is not one; until one succeeds, nothing is initiated.
+    pub identity_unreadable: Family<SetLabels, Counter>,
+    /// Times the set's identity was written (a new set, or a new config version or term).
+    pub identity_recorded: Family<SetLabels, Counter>,
     /// Times the watch of the records broke (until it lists again, nothing is removed).
     pub watch_broken: Counter,
     /// Complete listings of the records (the first, and one after every broken watch).
@@ -86,6 +91,8 @@ impl Default for Metrics {
             leadership_lost: Family::default(),
             campaign_failures: Family::default(),
             publish_failures: Family::default(),
+            identity_unreadable: Family::default(),
+            identity_recorded: Family::default(),
             watch_broken: Counter::default(),
             records_listed: Counter::default(),
             records_ignored: Counter::default(),
@@ -135,6 +142,16 @@ impl Metrics {
             "leadership_lost",
             "Times this process lost a set's leadership",
             self.leadership_lost.clone(),
+        );
+        r.register(
+            "identity_unreadable",
+            "Reads of the set's remembered identity that failed (nothing is initiated meanwhile)",
+            self.identity_unreadable.clone(),
+        );
+        r.register(
+            "identity_recorded",
+            "Writes of the set's remembered identity (replica set id, config version and term)",
+            self.identity_recorded.clone(),
         );
         r.register(
             "campaign_failures",

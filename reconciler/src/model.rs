@@ -48,6 +48,9 @@ pub struct ConfigView {
     pub set_name: String,
     pub version: i64,
     pub term: i64,
+    /// `settings.replicaSetId` (24 hex digits), made by `replSetInitiate` and kept by every
+    /// reconfig: it tells this set from any other of the same name.
+    pub replica_set_id: Option<String>,
     pub members: Vec<MemberConfig>,
 }
 
@@ -63,6 +66,34 @@ impl ConfigView {
     pub fn voter_count(&self) -> usize {
         self.voters().count()
     }
+
+    /// Whether this config is newer than `other` by MongoDB's order of configs (term, then
+    /// version; by version alone when either was installed by force).
+    pub fn is_newer_than(&self, other: &ConfigView) -> bool {
+        backend_core::config_order(self.version, self.term, other.version, other.term)
+            == std::cmp::Ordering::Greater
+    }
+}
+
+/// A position in the oplog: the term, then the timestamp (`{t, ts}` of an oplog entry), as
+/// an election compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OpTime {
+    pub term: i64,
+    /// `ts` as (seconds, increment).
+    pub ts: (u32, u32),
+}
+
+/// What a member that answered with a config of its own holds, read while the set has no
+/// primary: the config it has kept (it may not find itself in it: REMOVED) and its newest
+/// oplog entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Persisted {
+    pub config: ConfigView,
+    /// The member's state: REMOVED when it did not find itself in its config.
+    pub removed: bool,
+    /// Its last applied optime (the newest entry of `local.oplog.rs`), when it could be read.
+    pub last_optime: Option<OpTime>,
 }
 
 /// A member's state as `replSetGetStatus` reports it (`stateStr`).
@@ -127,6 +158,12 @@ pub struct Observation {
     /// Health by member `_id`, from `replSetGetStatus` (of the primary, or of any member when
     /// there is no primary).
     pub status: BTreeMap<i64, MemberStatus>,
+    /// While there is no primary: for each desired host that holds a config of its own, that
+    /// config and its last optime (for re-addressing, safety rule 11).
+    pub persisted: BTreeMap<String, Persisted>,
+    /// Desired hosts that answered that they have no config at all (MongoDB's
+    /// `NotYetInitialized`, 94): an empty dbpath.
+    pub empty: std::collections::BTreeSet<String>,
 }
 
 /// The members the records ask for: `_id` (the task slot) to `host:port`.

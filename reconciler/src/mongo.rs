@@ -12,7 +12,9 @@ use mongodb::options::ClientOptions;
 use mongodb::Client;
 use tokio::sync::Mutex;
 
-use crate::model::{ConfigView, MemberConfig, MemberState, MemberStatus, Observation};
+use crate::model::{
+    ConfigView, MemberConfig, MemberState, MemberStatus, Observation, OpTime, Persisted,
+};
 use crate::plan::{Change, Step};
 
 /// How long one command to a member may take.
@@ -68,12 +70,18 @@ pub struct Members {
     credentials: Option<Credentials>,
 }
 
-/// What an observation read, beyond the [`Observation`]: the primary's raw config.
+/// MongoDB's `NotYetInitialized`: the member has no config (an empty dbpath).
+const NOT_YET_INITIALIZED: i32 = 94;
+
+/// What an observation read, beyond the [`Observation`]: the primary's raw config, and while
+/// there is no primary the raw config each member holds.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
     pub observation: Observation,
     pub primary_host: Option<String>,
     pub raw_config: Option<Document>,
+    /// By host, the config document behind each of [`Observation::persisted`].
+    pub persisted_raw: BTreeMap<String, Document>,
 }
 
 impl Members {
@@ -221,8 +229,81 @@ impl Members {
             }
             break;
         }
+        if primary.is_none() {
+            let desired_hellos = hellos.iter().filter(|(h, _)| desired.contains(h));
+            for (host, hello) in desired_hellos {
+                self.read_persisted(host, hello, &mut observed).await;
+            }
+        }
         observed.primary_host = primary;
         observed
+    }
+
+    /// While there is no primary: the config `host` holds (it may not find itself in it), and
+    /// its newest oplog entry; or that it has no config at all.
+    async fn read_persisted(&self, host: &str, hello: &Document, observed: &mut Observed) {
+        let answer = self
+            .command(host, "replSetGetConfig", doc! {"replSetGetConfig": 1})
+            .await;
+        let raw = match answer {
+            Ok(answer) => match answer.get_document("config") {
+                Ok(raw) => raw.clone(),
+                Err(_) => return,
+            },
+            Err(e) => {
+                if e.code() == Some(NOT_YET_INITIALIZED) {
+                    observed.observation.empty.insert(host.to_string());
+                }
+                return;
+            }
+        };
+        let last_optime = match self.last_optime(host).await {
+            Ok(optime) => optime,
+            Err(e) => {
+                tracing::debug!(%host, error = %e, "could not read the member's last optime");
+                None
+            }
+        };
+        observed.observation.persisted.insert(
+            host.to_string(),
+            Persisted {
+                config: config_view(&raw),
+                // A member that finds itself in its config says which set it is in.
+                removed: hello.get_str("setName").is_err(),
+                last_optime,
+            },
+        );
+        observed.persisted_raw.insert(host.to_string(), raw);
+    }
+
+    /// The `{t, ts}` of the newest entry of `host`'s oplog, as an operator reads it
+    /// (`local.oplog.rs`, newest first): readable in every state, REMOVED included.
+    async fn last_optime(&self, host: &str) -> Result<Option<OpTime>, MongoError> {
+        let client = self.client(host).await?;
+        let oplog = client
+            .database("local")
+            .collection::<Document>("oplog.rs");
+        let find = oplog.find_one(doc! {}).sort(doc! {"$natural": -1});
+        let entry = match tokio::time::timeout(COMMAND_TIMEOUT, std::future::IntoFuture::into_future(find)).await {
+            Ok(Ok(entry)) => entry,
+            Ok(Err(e)) => return Err(map_error(host, "find local.oplog.rs", e)),
+            Err(_) => {
+                return Err(MongoError::NoAnswer {
+                    host: host.to_string(),
+                    command: "find local.oplog.rs",
+                    detail: format!("no answer within {COMMAND_TIMEOUT:?}"),
+                })
+            }
+        };
+        Ok(entry.and_then(|e| {
+            let Some(Bson::Timestamp(ts)) = e.get("ts") else {
+                return None;
+            };
+            Some(OpTime {
+                term: int(&e, "t").unwrap_or(-1),
+                ts: (ts.time, ts.increment),
+            })
+        }))
     }
 
     /// Applies a step. `Ok` means the server accepted it; for a reconfig, that the new config
@@ -246,9 +327,15 @@ impl Members {
                     })
                 }
             },
-            Step::ForceReconfig { host, .. } => (host.as_str(), "replSetReconfig"),
+            Step::ForceReconfig { host, .. } | Step::Readdress { host, .. } => {
+                (host.as_str(), "replSetReconfig")
+            }
         };
-        let Some(config) = config_document(set_name, step, observed.raw_config.as_ref()) else {
+        let raw = match step {
+            Step::Readdress { source, .. } => observed.persisted_raw.get(source),
+            _ => observed.raw_config.as_ref(),
+        };
+        let Some(config) = config_document(set_name, step, raw) else {
             return Err(MongoError::NoAnswer {
                 host: host.to_string(),
                 command,
@@ -257,7 +344,9 @@ impl Members {
         };
         let cmd = match step {
             Step::Initiate { .. } => doc! {"replSetInitiate": config},
-            Step::ForceReconfig { .. } => doc! {"replSetReconfig": config, "force": true},
+            Step::ForceReconfig { .. } | Step::Readdress { .. } => {
+                doc! {"replSetReconfig": config, "force": true}
+            }
             _ => doc! {"replSetReconfig": config, "maxTimeMS": 10_000_i64},
         };
         self.command(host, command, cmd).await.map(|_| ())
@@ -309,6 +398,8 @@ impl ReplSetClient for Members {
 ///   the change applied and the planned version, by [`apply_to_document`].
 /// - [`Step::ForceReconfig`]: `raw` without the dropped members, with the planned version (the
 ///   server raises the version of a forced config further on its own).
+/// - [`Step::Readdress`]: `raw` (the config the source member holds) with only the hosts of
+///   the moved members changed, and the planned version.
 ///
 /// `None` for the steps that send nothing, and for a reconfig without a `raw` config to start
 /// from. Pure: it only builds the document.
@@ -335,6 +426,19 @@ pub fn config_document(set_name: &str, step: &Step, raw: Option<&Document>) -> O
                     },
                     config.version,
                 );
+            }
+            Some(doc)
+        }
+        Step::Readdress { config, moved, .. } => {
+            let mut doc = raw?.clone();
+            for (id, from, to) in moved {
+                let change = Change::MoveHost {
+                    id: *id,
+                    from: from.clone(),
+                    to: to.clone(),
+                    revoke_vote: false,
+                };
+                doc = apply_to_document(&doc, &change, config.version);
             }
             Some(doc)
         }
@@ -396,10 +500,15 @@ pub fn config_view(raw: &Document) -> ConfigView {
                 .collect()
         })
         .unwrap_or_default();
+    let replica_set_id = match raw.get_document("settings").map(|s| s.get("replicaSetId")) {
+        Ok(Some(Bson::ObjectId(id))) => Some(id.to_hex()),
+        _ => None,
+    };
     ConfigView {
         set_name: raw.get_str("_id").unwrap_or_default().to_string(),
         version: int(raw, "version").unwrap_or(0),
         term: int(raw, "term").unwrap_or(-1),
+        replica_set_id,
         members,
     }
 }

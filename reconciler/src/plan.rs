@@ -10,15 +10,32 @@
 //! 5. remove only members whose record has been gone for the grace period *and* that the set
 //!    sees down, never taking the voters below a majority;
 //! 6. add new members with no vote, and give a vote only to a SECONDARY;
-//! 7. keep at most 7 voters, an odd number where possible.
+//! 7. keep at most 7 voters, an odd number where possible;
+//! 8. never initiate a set the store remembers (rule 10 of the docs): refuse and say so;
+//! 9. when the members of the last config are back with their data under new addresses and no
+//!    primary can exist, re-address them with force, only with a majority of its voters
+//!    present (rule 11 of the docs): see [`readdress`].
 
 use std::collections::BTreeSet;
 use std::time::Duration;
+
+use backend_core::SetIdentity;
 
 use crate::model::{
     majority, target_voters, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
     Observation, MAX_MEMBERS,
 };
+
+/// What the store remembers of the set (safety rule 10): whether a new set may be initiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnownSet {
+    /// The store could not be read (yet): never initiate.
+    Unknown,
+    /// The store remembers no such set: a new one may be initiated.
+    New,
+    /// The store remembers this set: never initiate a new one in its place.
+    Known(SetIdentity),
+}
 
 /// What the planner needs besides the observation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +53,8 @@ pub struct PlanContext {
     pub force_after: Option<Duration>,
     /// How long the set has been without a majority, as the loop observed it.
     pub majority_lost_for: Duration,
+    /// What the store remembers of the set.
+    pub known_set: KnownSet,
 }
 
 /// One change to the config, applied to the primary's current config by a reconfig.
@@ -87,6 +106,11 @@ pub enum Wait {
     HostInUse { id: i64, host: String, by: i64 },
     /// Members without a vote that should get one are not SECONDARY yet.
     CatchingUp { ids: Vec<i64> },
+    /// What the store remembers of the set could not be read: nothing is initiated until it
+    /// can be.
+    IdentityUnknown,
+    /// Re-addressing needs the last optime of this member, which it did not give.
+    OptimeUnknown { host: String },
 }
 
 /// Why the planner cannot act without an operator.
@@ -108,6 +132,22 @@ pub enum Blocked {
     },
     /// Removing a dead voter would not leave a majority of the current voters healthy.
     RemovalWouldLoseMajority { id: i64 },
+    /// Every member that answers has no data, but the store remembers the set: initiating
+    /// would make a new, empty database under the old name (safety rule 10).
+    KnownSetWithoutData {
+        replica_set_id: String,
+        config_version: i64,
+        empty: Vec<String>,
+    },
+    /// The members came back under new addresses, but fewer than a majority of the last
+    /// config's voters are present with their data: re-addressing could lose committed writes.
+    ReaddressNeedsMajority { present: Vec<i64>, voters: usize },
+    /// The members present hold an older config than the last one the store saw committed:
+    /// those with the newer config are missing.
+    ReaddressOlderThanKnown {
+        found_version: i64,
+        known_version: i64,
+    },
 }
 
 impl std::fmt::Display for Blocked {
@@ -141,6 +181,38 @@ impl std::fmt::Display for Blocked {
                 "removing member {id} would leave fewer healthy voters than a majority; bring \
                  members back first"
             ),
+            Blocked::KnownSetWithoutData {
+                replica_set_id,
+                config_version,
+                empty,
+            } => write!(
+                f,
+                "DATA MAY BE LOST: every member that answers ({}) has no data, but the store \
+                 remembers replica set {replica_set_id} (config version {config_version}); \
+                 not initiating a new, empty set in its place. Check the mongo tasks' volumes \
+                 on their nodes (docker volume ls) and bring them back; to start a new, empty \
+                 set on purpose run `replset-reconciler forget-set --replica-set-id \
+                 {replica_set_id}`",
+                empty.join(", ")
+            ),
+            Blocked::ReaddressNeedsMajority { present, voters } => write!(
+                f,
+                "the members came back under new addresses, but only {} of the {voters} voters \
+                 of the last config are present with their data ({present:?}); re-addressing \
+                 needs {} of them so that no committed write is lost: start the missing tasks \
+                 (on the nodes that hold their volumes), or force with --allow-force",
+                present.len(),
+                majority(*voters)
+            ),
+            Blocked::ReaddressOlderThanKnown {
+                found_version,
+                known_version,
+            } => write!(
+                f,
+                "the members present hold config version {found_version}, older than version \
+                 {known_version} that the store saw committed: the members with the newer \
+                 config are missing; start them"
+            ),
         }
     }
 }
@@ -169,6 +241,16 @@ pub enum Step {
     Reconfig {
         change: Change,
         config: ConfigView,
+    },
+    /// `replSetReconfig` with `force: true` on `host`: the last config (as `source` holds it)
+    /// with nothing changed but the hosts of the `moved` members (`_id`, from, to), which are
+    /// back with their data under new addresses (safety rule 11). Nothing committed is lost:
+    /// `host` has the newest optime of a majority of the config's voters.
+    Readdress {
+        host: String,
+        source: String,
+        config: ConfigView,
+        moved: Vec<(i64, String, String)>,
     },
     /// `replSetReconfig` with `force: true` on `host`, a member that is up: only the members
     /// that are up stay. Writes that only the dropped members had are lost (rolled back when
@@ -215,7 +297,10 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     }
 
     let Some(config) = &obs.config else {
-        return initiate_or_wait(obs, desired);
+        if let Some(step) = readdress(obs, desired, ctx) {
+            return step;
+        }
+        return initiate_or_wait(obs, desired, ctx);
     };
     let healthy = |id: i64| obs.status.get(&id).is_some_and(|s| s.healthy);
     let state = |id: i64| obs.status.get(&id).map(|s| s.state);
@@ -236,6 +321,9 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     }
 
     let Some(primary) = obs.primary else {
+        if let Some(step) = readdress(obs, desired, ctx) {
+            return step;
+        }
         let voters = config.voter_count();
         let healthy_voters = config.voters().filter(|m| healthy(m.id)).count();
         if healthy_voters < majority(voters) {
@@ -418,14 +506,135 @@ fn force_to_the_members_up(config: &ConfigView, healthy: &dyn Fn(i64) -> bool) -
     }
 }
 
-/// No config readable: initiate when nobody claims a set, else wait.
-fn initiate_or_wait(obs: &Observation, desired: &Desired) -> Step {
+/// Re-addressing (safety rule 11), while there is no primary: when the members of the last
+/// config are back with their data under new addresses (same slots; each holds the config
+/// naming the old hosts, finds itself in none of them, and is REMOVED), so that no election
+/// can succeed at the config's addresses, install that config with nothing changed but the
+/// hosts of the members that moved, with force, on the present voter with the newest optime.
+///
+/// Only with a majority of the config's voters present with their data, the rule an election
+/// uses: every majority-committed write is on a majority of the voters, so on at least one
+/// member present, and the newest present voter has it. The other members learn the config
+/// by heartbeats, as from any newer config, and elect a primary; a later election can only
+/// choose a member that has every committed write, as always.
+///
+/// `None` when it does not apply: no member moved, or enough voters answer at the config's
+/// own addresses for an election to succeed there.
+fn readdress(obs: &Observation, desired: &Desired, ctx: &PlanContext) -> Option<Step> {
+    let (source, base) = obs
+        .persisted
+        .iter()
+        .filter(|(_, p)| p.config.set_name == ctx.set_name)
+        .map(|(host, p)| (host, &p.config))
+        .reduce(|a, b| if b.1.is_newer_than(a.1) { b } else { a })?;
+    let same_set = |c: &ConfigView| {
+        c.set_name == base.set_name && c.replica_set_id == base.replica_set_id
+    };
+    // Each member of the config whose task is present with the set's data: at its own
+    // address, or moved to the address its slot's record names.
+    let mut at_old = Vec::new();
+    let mut moved = Vec::new();
+    for m in &base.members {
+        let Some(host) = desired.members.get(&m.id) else {
+            continue;
+        };
+        let Some(p) = obs.persisted.get(host) else {
+            continue;
+        };
+        if !same_set(&p.config) {
+            continue;
+        }
+        if host == &m.host && !p.removed {
+            at_old.push(m);
+        } else if host != &m.host {
+            moved.push((m, host));
+        }
+    }
+    if moved.is_empty() {
+        return None;
+    }
+    let voters = base.voter_count();
+    if at_old.iter().filter(|m| m.is_voter()).count() >= majority(voters) {
+        return None; // an election can succeed where the members are: wait for it
+    }
+    let present: Vec<(&MemberConfig, &String)> = at_old
+        .iter()
+        .map(|m| (*m, &m.host))
+        .chain(moved.iter().copied())
+        .filter(|(m, _)| m.is_voter())
+        .collect();
+    if present.len() < majority(voters) {
+        return Some(Step::Blocked(Blocked::ReaddressNeedsMajority {
+            present: present.iter().map(|(m, _)| m.id).collect(),
+            voters,
+        }));
+    }
+    if let KnownSet::Known(known) = &ctx.known_set {
+        if Some(&known.replica_set_id) == base.replica_set_id.as_ref()
+            && !known.is_not_newer_than(base.version, base.term)
+        {
+            return Some(Step::Blocked(Blocked::ReaddressOlderThanKnown {
+                found_version: base.version,
+                known_version: known.config_version,
+            }));
+        }
+    }
+    // The present voter with the newest optime (the lowest `_id` of equals).
+    let mut newest: Option<(&String, crate::model::OpTime)> = None;
+    for (_, host) in &present {
+        let Some(optime) = obs.persisted.get(*host).and_then(|p| p.last_optime) else {
+            return Some(Step::Wait(Wait::OptimeUnknown {
+                host: (*host).clone(),
+            }));
+        };
+        if newest.is_none_or(|(_, best)| optime > best) {
+            newest = Some((host, optime));
+        }
+    }
+    let (target, _) = newest?;
+    let mut config = base.clone();
+    config.version += 1;
+    let mut changes = Vec::new();
+    for (m, host) in &moved {
+        if let Some(c) = config.members.iter_mut().find(|c| c.id == m.id) {
+            c.host = (*host).clone();
+        }
+        changes.push((m.id, m.host.clone(), (*host).clone()));
+    }
+    Some(Step::Readdress {
+        host: target.clone(),
+        source: source.clone(),
+        config,
+        moved: changes,
+    })
+}
+
+/// No config readable: initiate when nobody claims a set and the store remembers none, else
+/// wait or refuse.
+fn initiate_or_wait(obs: &Observation, desired: &Desired, ctx: &PlanContext) -> Step {
     if desired.members.is_empty() {
         return Step::Wait(Wait::NoRecords);
     }
-    if obs.hello.values().any(Option::is_some) {
-        // Some member is in the set already (just initiated, or electing): never initiate.
+    if obs.hello.values().any(Option::is_some) || !obs.persisted.is_empty() {
+        // Some member is in the set already (just initiated, or electing), or holds a config
+        // of its own: never initiate.
         return Step::Wait(Wait::NoPrimary);
+    }
+    match &ctx.known_set {
+        KnownSet::New => {}
+        KnownSet::Unknown => return Step::Wait(Wait::IdentityUnknown),
+        KnownSet::Known(known) => {
+            if obs.empty.is_empty() {
+                return Step::Wait(Wait::Unreachable {
+                    hosts: desired.members.values().cloned().collect(),
+                });
+            }
+            return Step::Blocked(Blocked::KnownSetWithoutData {
+                replica_set_id: known.replica_set_id.clone(),
+                config_version: known.config_version,
+                empty: obs.empty.iter().cloned().collect(),
+            });
+        }
     }
     // The lowest slot that answers starts the set alone; the others are added one by one.
     let first = desired
@@ -512,6 +721,8 @@ impl Wait {
             Wait::RecordsNotTrusted => "records_not_trusted",
             Wait::HostInUse { .. } => "host_in_use",
             Wait::CatchingUp { .. } => "catching_up",
+            Wait::IdentityUnknown => "identity_unknown",
+            Wait::OptimeUnknown { .. } => "optime_unknown",
         }
     }
 }
@@ -546,6 +757,16 @@ impl std::fmt::Display for Wait {
                     "members {ids:?} are not SECONDARY yet, so they get no vote"
                 )
             }
+            Wait::IdentityUnknown => write!(
+                f,
+                "cannot read what the store remembers of the set (replsets/<set>/identity): \
+                 not initiating until it can"
+            ),
+            Wait::OptimeUnknown { host } => write!(
+                f,
+                "{host} did not give its last optime (local.oplog.rs), which re-addressing \
+                 needs to choose the member with every committed write"
+            ),
         }
     }
 }
@@ -558,6 +779,9 @@ impl Blocked {
             Blocked::LostMajority { .. } => "lost_majority",
             Blocked::WrongSetName { .. } => "wrong_set_name",
             Blocked::RemovalWouldLoseMajority { .. } => "removal_would_lose_majority",
+            Blocked::KnownSetWithoutData { .. } => "known_set_without_data",
+            Blocked::ReaddressNeedsMajority { .. } => "readdress_needs_majority",
+            Blocked::ReaddressOlderThanKnown { .. } => "readdress_older_than_known",
         }
     }
 }
@@ -579,6 +803,7 @@ impl Step {
         match self {
             Step::Initiate { .. } => "initiate",
             Step::ForceReconfig { .. } => "force_reconfig",
+            Step::Readdress { .. } => "readdress",
             Step::Reconfig { change, .. } => match change {
                 Change::Add { .. } => "add",
                 Change::GrantVote { .. } => "grant_vote",
@@ -603,6 +828,23 @@ impl Step {
                 "FORCE a config without members {dropped:?} on {host} (config version {})",
                 config.version
             ),
+            Step::Readdress {
+                host,
+                config,
+                moved,
+                ..
+            } => {
+                let moves: Vec<String> = moved
+                    .iter()
+                    .map(|(id, from, to)| format!("{id}: {from} -> {to}"))
+                    .collect();
+                format!(
+                    "RE-ADDRESS with force on {host}: the last config with only the hosts \
+                     changed ({}) (config version {})",
+                    moves.join(", "),
+                    config.version
+                )
+            }
             Step::Reconfig { change, config } => {
                 let what = match change {
                     Change::Add { id, host } => format!("add member {id} ({host}) without a vote"),

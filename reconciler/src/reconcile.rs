@@ -8,17 +8,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend_core::{Coordinator, ReplSetStatus};
+use backend_core::{
+    Coordinator, IdentityMember, ReplSetStatus, SetIdentity, IDENTITY_SCHEMA_VERSION,
+};
 use tokio::time::Instant;
 
 use crate::controller::{ControllerConfig, Records};
 use crate::events::{
-    BlockedOnOperator, Forcing, InternalEvent, MemberRecordDisagree, PublishFailed, RecordIgnored,
-    SetConverged, StepApplied, StepRefused, UriPublished, Waiting, WouldApply,
+    BlockedOnOperator, Forcing, IdentityRecorded, IdentityUnreadable, InternalEvent,
+    MemberRecordDisagree, PublishFailed, Readdressing, RecordIgnored, SetConverged, StepApplied,
+    StepRefused, UriPublished, Waiting, WouldApply,
 };
 use crate::model::Desired;
 use crate::mongo::{MongoError, Observed, ReplSetClient};
-use crate::plan::{plan_next_step, Blocked, Plan, PlanContext, Step};
+use crate::plan::{plan_next_step, Blocked, KnownSet, Plan, PlanContext, Step};
 use crate::records::desired_sets;
 
 /// The requeue delays: how long a set's loop waits before it looks again (it looks sooner when
@@ -95,6 +98,9 @@ pub struct SetState {
     /// What was last written, so that unchanged outputs are not written again.
     published_uri: Option<String>,
     published_status: Option<ReplSetStatus>,
+    /// What the store remembers of the set (read again while there is no primary, so that an
+    /// operator's `forget-set` is seen).
+    known: KnownSet,
 }
 
 impl SetState {
@@ -109,7 +115,36 @@ impl SetState {
             last_error: String::new(),
             published_uri: None,
             published_status: None,
+            known: KnownSet::Unknown,
         }
+    }
+
+    /// Reads what the store remembers of the set; on failure it stays or becomes unknown,
+    /// and nothing is initiated.
+    async fn read_identity<S: Coordinator>(&mut self, store: &S, config: &ControllerConfig) {
+        let key = config.layout.replset_identity_key(&self.set);
+        self.known = match store.get_value(&key).await {
+            Ok(None) => KnownSet::New,
+            Ok(Some(bytes)) => match SetIdentity::from_json(&bytes) {
+                Ok(identity) => KnownSet::Known(identity),
+                Err(error) => {
+                    IdentityUnreadable {
+                        set: &self.set,
+                        error: &error,
+                    }
+                    .emit(&config.metrics);
+                    KnownSet::Unknown
+                }
+            },
+            Err(error) => {
+                IdentityUnreadable {
+                    set: &self.set,
+                    error: &error,
+                }
+                .emit(&config.metrics);
+                KnownSet::Unknown
+            }
+        };
     }
 
     pub fn set(&self) -> &str {
@@ -186,6 +221,9 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
     let metrics = &config.metrics;
     let desired = set.desired(records, config);
     let observed = observe(&*ctx.members, &set.set, &desired).await;
+    if set.known == KnownSet::Unknown || observed.observation.primary.is_none() {
+        set.read_identity(&*ctx.store, config).await;
+    }
     let plan_ctx = PlanContext {
         set_name: set.set.clone(),
         records_trusted: records.trusted,
@@ -195,6 +233,7 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
         majority_lost_for: set
             .majority_lost_since
             .map_or(Duration::ZERO, |t| t.elapsed()),
+        known_set: set.known.clone(),
     };
     let plan = plan_next_step(&observed.observation, &desired, &plan_ctx);
     match &plan.step {
@@ -255,6 +294,14 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
                 }
                 .emit(metrics);
             }
+            if let Step::Readdress { host, moved, .. } = step {
+                Readdressing {
+                    set: &set.set,
+                    host,
+                    moved,
+                }
+                .emit(metrics);
+            }
             match ctx.members.apply(&set.set, step, &observed).await {
                 Ok(()) => {
                     StepApplied {
@@ -304,9 +351,93 @@ async fn publish_outputs<S: Coordinator, M>(
     plan: &Plan,
 ) {
     let config = &ctx.config;
-    let Some(cfg) = &observed.observation.config else {
+    record_identity(set, ctx, observed).await;
+    if let Some(cfg) = &observed.observation.config {
+        publish_uri(set, ctx, cfg).await;
+    }
+    let status = crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);
+    if set.published_status.as_ref() != Some(&status) {
+        match ctx
+            .store
+            .put_value(
+                &config.layout.replset_status_key(&set.set),
+                status.to_json(),
+            )
+            .await
+        {
+            Ok(()) => set.published_status = Some(status),
+            Err(error) => PublishFailed {
+                set: &set.set,
+                what: "status",
+                error: &error,
+            }
+            .emit(&config.metrics),
+        }
+    }
+}
+
+/// `<prefix>/replsets/<set>/identity`, written when a primary's committed config has another
+/// replica set id, version or term than the store remembers.
+async fn record_identity<S: Coordinator, M>(
+    set: &mut SetState,
+    ctx: &Context<S, M>,
+    observed: &Observed,
+) {
+    let obs = &observed.observation;
+    let (Some(cfg), Some(_)) = (&obs.config, obs.primary) else {
         return;
     };
+    let Some(replica_set_id) = &cfg.replica_set_id else {
+        return;
+    };
+    if !obs.committed {
+        return;
+    }
+    let identity = SetIdentity {
+        schema_version: IDENTITY_SCHEMA_VERSION,
+        set: set.set.clone(),
+        replica_set_id: replica_set_id.clone(),
+        config_version: cfg.version,
+        config_term: cfg.term,
+        members: cfg
+            .members
+            .iter()
+            .map(|m| IdentityMember {
+                id: m.id,
+                host: m.host.clone(),
+                voter: m.is_voter(),
+            })
+            .collect(),
+    };
+    if set.known == KnownSet::Known(identity.clone()) {
+        return;
+    }
+    let key = ctx.config.layout.replset_identity_key(&set.set);
+    match ctx.store.put_value(&key, identity.to_json()).await {
+        Ok(()) => {
+            IdentityRecorded {
+                set: &set.set,
+                identity: &identity,
+            }
+            .emit(&ctx.config.metrics);
+            set.known = KnownSet::Known(identity);
+        }
+        Err(error) => PublishFailed {
+            set: &set.set,
+            what: "identity",
+            error: &error,
+        }
+        .emit(&ctx.config.metrics),
+    }
+}
+
+/// `<prefix>/replsets/<set>/uri`, from the config's hosts, when it changes.
+async fn publish_uri<S: Coordinator, M>(
+    set: &mut SetState,
+    ctx: &Context<S, M>,
+    cfg: &crate::model::ConfigView,
+) {
+    let config = &ctx.config;
     let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
     let uri = format!("mongodb://{}/?replicaSet={}", hosts.join(","), set.set);
     if set.published_uri.as_ref() != Some(&uri) {
@@ -329,29 +460,6 @@ async fn publish_outputs<S: Coordinator, M>(
             Err(error) => PublishFailed {
                 set: &set.set,
                 what: "uri",
-                error: &error,
-            }
-            .emit(&config.metrics),
-        }
-    }
-    let Some(status) =
-        crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error)
-    else {
-        return;
-    };
-    if set.published_status.as_ref() != Some(&status) {
-        match ctx
-            .store
-            .put_value(
-                &config.layout.replset_status_key(&set.set),
-                status.to_json(),
-            )
-            .await
-        {
-            Ok(()) => set.published_status = Some(status),
-            Err(error) => PublishFailed {
-                set: &set.set,
-                what: "status",
                 error: &error,
             }
             .emit(&config.metrics),

@@ -22,21 +22,31 @@ pub fn next_step(step: &Step) -> NextStep {
         Step::Initiate { .. } => NextStep::new(NextKind::Initiate, "", detail),
         Step::Reconfig { .. } => NextStep::new(NextKind::Reconfig, step.kind(), detail),
         Step::ForceReconfig { .. } => NextStep::new(NextKind::ForceReconfig, "", detail),
+        Step::Readdress { .. } => NextStep::new(NextKind::ForceReconfig, "readdress", detail),
         Step::Wait(wait) => NextStep::new(NextKind::Wait, wait.reason(), detail),
         Step::Blocked(blocked) => NextStep::new(NextKind::Blocked, blocked.reason(), detail),
     }
 }
 
-/// The status of `set` after an observation and its plan; `None` while no config was read.
+/// The status of `set` after an observation and its plan. While no config could be read
+/// (no member holds one, or none answers) it has no members and `config_version` 0, and its
+/// `next` says why.
 pub fn build(
     set: &str,
     observed: &Observed,
     plan: &Plan,
     last_step: &str,
     last_error: &str,
-) -> Option<ReplSetStatus> {
-    let cfg = observed.observation.config.as_ref()?;
-    Some(ReplSetStatus {
+) -> ReplSetStatus {
+    let no_config = crate::model::ConfigView {
+        set_name: set.to_string(),
+        version: 0,
+        term: -1,
+        replica_set_id: None,
+        members: Vec::new(),
+    };
+    let cfg = observed.observation.config.as_ref().unwrap_or(&no_config);
+    ReplSetStatus {
         schema_version: STATUS_SCHEMA_VERSION,
         set: set.to_string(),
         config_version: cfg.version,
@@ -60,7 +70,7 @@ pub fn build(
         next: next_step(&plan.step),
         last_step: last_step.to_string(),
         last_error: last_error.to_string(),
-    })
+    }
 }
 
 /// Why a status could not be read or did not converge.

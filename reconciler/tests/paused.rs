@@ -60,6 +60,7 @@ impl FakeSet {
                     set_name: SET.into(),
                     version: 1,
                     term: 1,
+                    replica_set_id: None,
                     members,
                 },
                 down: BTreeSet::new(),
@@ -127,7 +128,7 @@ impl ReplSetClient for FakeSet {
         Observed {
             primary_host: primary.map(host),
             observation,
-            raw_config: None,
+            ..Observed::default()
         }
     }
 

@@ -18,7 +18,7 @@ use replset_reconciler::model::target_voters;
 use replset_reconciler::mongo::{config_document, config_view};
 use replset_reconciler::{
     plan_next_step, Blocked, Change, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
-    Observation, PlanContext, Step, Wait,
+    KnownSet, Observation, PlanContext, Step, Wait,
 };
 use replset_sim::config::{Defaults, ReplSetConfig as ServerConfig};
 use replset_sim::config_change::{self, QuorumAnswer, ReconfigKind};
@@ -43,6 +43,7 @@ fn ctx() -> PlanContext {
         removal_grace: GRACE,
         force_after: None,
         majority_lost_for: Duration::ZERO,
+        known_set: KnownSet::New,
     }
 }
 
@@ -59,6 +60,7 @@ fn config(members: Vec<MemberConfig>) -> ConfigView {
         set_name: "rs0".into(),
         version: 5,
         term: 1,
+        replica_set_id: None,
         members,
     }
 }
@@ -94,6 +96,7 @@ fn observed(config: ConfigView) -> Observation {
         committed: true,
         primary,
         status,
+        ..Observation::default()
     }
 }
 
@@ -756,6 +759,7 @@ fn observe(world: &World) -> Observation {
         committed: true,
         primary,
         status,
+        ..Observation::default()
     }
 }
 
@@ -929,4 +933,275 @@ proptest! {
         }
         prop_assert!(false, "no convergence in 100 steps: {:?}", w.config);
     }
+}
+
+// ---- rules 10 and 11: a set the store remembers, and members back under new addresses ----
+
+/// A task's new address after a restart of the whole service.
+fn new_host(id: i64) -> String {
+    format!("10.0.9.{id}:27017")
+}
+
+fn identity_of(view: &ConfigView, replica_set_id: &str) -> backend_core::SetIdentity {
+    backend_core::SetIdentity {
+        schema_version: backend_core::IDENTITY_SCHEMA_VERSION,
+        set: view.set_name.clone(),
+        replica_set_id: replica_set_id.into(),
+        config_version: view.version,
+        config_term: view.term,
+        members: view
+            .members
+            .iter()
+            .map(|m| backend_core::IdentityMember {
+                id: m.id,
+                host: m.host.clone(),
+                voter: m.is_voter(),
+            })
+            .collect(),
+    }
+}
+
+/// The world after every task of `cfg` restarted: the slots in `back` answer at their new
+/// address, each REMOVED with the stored config and the optime `(term 1, ts)` given; the
+/// records name the new addresses of every slot of `cfg`. Returns the observation, the
+/// stored config, and the desired members.
+fn restarted(cfg: &ConfigView, back: &[(i64, u32)]) -> (Observation, ServerConfig, Desired) {
+    let stored = stored(cfg);
+    let view = config_view(&raw(&stored));
+    let mut obs = Observation::default();
+    for &(id, ts) in back {
+        obs.hello.insert(new_host(id), None);
+        obs.persisted.insert(
+            new_host(id),
+            replset_reconciler::Persisted {
+                config: view.clone(),
+                removed: true,
+                last_optime: Some(replset_reconciler::OpTime {
+                    term: 1,
+                    ts: (1_700_000_000, ts),
+                }),
+            },
+        );
+    }
+    let desired = Desired {
+        members: cfg.members.iter().map(|m| (m.id, new_host(m.id))).collect(),
+    };
+    (obs, stored, desired)
+}
+
+fn known(stored: &ServerConfig) -> KnownSet {
+    let view = config_view(&raw(stored));
+    let id = view.replica_set_id.clone().expect("a stored config has an id");
+    KnownSet::Known(identity_of(&view, &id))
+}
+
+#[test]
+fn a_set_the_store_remembers_is_never_initiated_over_empty_members() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let stored = stored(&cfg);
+    let mut obs = Observation::default();
+    for id in 1..=3 {
+        obs.hello.insert(new_host(id), None);
+        obs.empty.insert(new_host(id));
+    }
+    let desired = Desired {
+        members: (1..=3).map(|id| (id, new_host(id))).collect(),
+    };
+    let c = PlanContext {
+        known_set: known(&stored),
+        ..ctx()
+    };
+    let step = plan_next_step(&obs, &desired, &c).step;
+    let Step::Blocked(Blocked::KnownSetWithoutData {
+        replica_set_id,
+        config_version,
+        empty,
+    }) = &step
+    else {
+        panic!("expected a refusal, got {step:?}");
+    };
+    assert_eq!(Some(replica_set_id), config_view(&raw(&stored)).replica_set_id.as_ref());
+    assert_eq!(*config_version, 5);
+    assert_eq!(empty.len(), 3);
+    let text = step.describe();
+    assert!(text.contains("forget-set") && text.contains(replica_set_id), "{text}");
+
+    // Unread: never initiate either. A new set (or one forgotten on purpose): initiate.
+    let c = PlanContext {
+        known_set: KnownSet::Unknown,
+        ..ctx()
+    };
+    assert_eq!(
+        plan_next_step(&obs, &desired, &c).step,
+        Step::Wait(Wait::IdentityUnknown)
+    );
+    assert!(matches!(
+        plan_next_step(&obs, &desired, &ctx()).step,
+        Step::Initiate { .. }
+    ));
+}
+
+#[test]
+fn members_back_under_new_addresses_are_readdressed_on_the_newest() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (obs, stored, desired) = restarted(&cfg, &[(1, 7), (2, 9), (3, 8)]);
+    let c = PlanContext {
+        known_set: known(&stored),
+        ..ctx()
+    };
+    let step = plan_next_step(&obs, &desired, &c).step;
+    let Step::Readdress {
+        host,
+        source,
+        config: planned,
+        moved,
+    } = &step
+    else {
+        panic!("expected re-addressing, got {step:?}");
+    };
+    assert_eq!(host, &new_host(2), "the member with the newest optime");
+    assert_eq!(moved.len(), 3);
+    // Nothing but the hosts changed: same ids, votes, priorities, replica set id.
+    let sent = config_document("rs0", &step, Some(&raw(&stored))).expect("a document");
+    let before = config_view(&raw(&stored));
+    let after = config_view(&sent);
+    assert_eq!(after.replica_set_id, before.replica_set_id);
+    assert_eq!(after.version, before.version + 1);
+    for (b, a) in before.members.iter().zip(&after.members) {
+        assert_eq!((a.id, a.votes, a.priority), (b.id, b.votes, b.priority));
+        assert_eq!(a.host, new_host(a.id));
+    }
+    assert_eq!(planned.members, after.members);
+    assert!(obs.persisted.contains_key(source));
+    // The server takes it, with force, on that member.
+    let running: BTreeSet<String> = (1..=3).map(new_host).collect();
+    let installed = server_reconfig(&stored, &sent, true, host, &running)
+        .expect("the server accepts the forced config");
+    assert_eq!(installed.members.len(), 3);
+}
+
+#[test]
+fn readdressing_waits_for_a_majority_of_the_voters() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (obs, stored, desired) = restarted(&cfg, &[(3, 8)]);
+    let c = PlanContext {
+        known_set: known(&stored),
+        ..ctx()
+    };
+    assert_eq!(
+        plan_next_step(&obs, &desired, &c).step,
+        Step::Blocked(Blocked::ReaddressNeedsMajority {
+            present: vec![3],
+            voters: 3,
+        })
+    );
+
+    // Two of three: enough. The one still missing keeps its old host, to be moved later.
+    let (obs, stored, desired) = restarted(&cfg, &[(1, 9), (3, 8)]);
+    let step = plan_next_step(&obs, &desired, &c).step;
+    let Step::Readdress { host, moved, .. } = &step else {
+        panic!("expected re-addressing, got {step:?}");
+    };
+    assert_eq!(host, &new_host(1));
+    let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, vec![1, 3]);
+    let sent = config_document("rs0", &step, Some(&raw(&stored))).expect("a document");
+    let hosts: Vec<String> = config_view(&sent).members.iter().map(|m| m.host.clone()).collect();
+    assert_eq!(hosts, vec![new_host(1), host(2), new_host(3)]);
+}
+
+#[test]
+fn a_member_without_its_optime_holds_readdressing_back() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (mut obs, _, desired) = restarted(&cfg, &[(1, 9), (2, 8), (3, 7)]);
+    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+        p.last_optime = None;
+    }
+    assert_eq!(
+        plan_next_step(&obs, &desired, &ctx()).step,
+        Step::Wait(Wait::OptimeUnknown { host: new_host(2) })
+    );
+}
+
+#[test]
+fn members_holding_an_older_config_than_the_store_saw_are_not_readdressed() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (obs, stored, desired) = restarted(&cfg, &[(1, 9), (2, 8)]);
+    let KnownSet::Known(mut identity) = known(&stored) else {
+        unreachable!("known() makes a known set")
+    };
+    identity.config_version += 2;
+    let c = PlanContext {
+        known_set: KnownSet::Known(identity),
+        ..ctx()
+    };
+    assert_eq!(
+        plan_next_step(&obs, &desired, &c).step,
+        Step::Blocked(Blocked::ReaddressOlderThanKnown {
+            found_version: 5,
+            known_version: 7,
+        })
+    );
+}
+
+#[test]
+fn a_majority_still_at_its_addresses_elects_instead_of_being_readdressed() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (mut obs, stored, mut desired) = restarted(&cfg, &[(3, 8)]);
+    let view = config_view(&raw(&stored));
+    // Members 1 and 2 kept their addresses: they find themselves, an election will succeed.
+    for id in [1, 2] {
+        desired.members.insert(id, host(id));
+        obs.hello.insert(host(id), Some("rs0".into()));
+        obs.persisted.insert(
+            host(id),
+            replset_reconciler::Persisted {
+                config: view.clone(),
+                removed: false,
+                last_optime: Some(replset_reconciler::OpTime {
+                    term: 1,
+                    ts: (1_700_000_000, 9),
+                }),
+            },
+        );
+    }
+    obs.config = Some(view.clone());
+    for id in [1, 2] {
+        obs.status.insert(
+            id,
+            MemberStatus {
+                healthy: true,
+                state: MemberState::Secondary,
+            },
+        );
+    }
+    assert_eq!(
+        plan_next_step(&obs, &desired, &ctx()).step,
+        Step::Wait(Wait::NoPrimary)
+    );
+
+    // Only member 1 kept its address: with 3 moved it is a majority, re-addressed around 1.
+    desired.members.insert(2, new_host(2));
+    obs.hello.remove(&host(2));
+    obs.persisted.remove(&host(2));
+    obs.status.remove(&2);
+    obs.hello.insert(new_host(2), None);
+    obs.persisted.insert(
+        new_host(2),
+        replset_reconciler::Persisted {
+            config: view.clone(),
+            removed: true,
+            last_optime: Some(replset_reconciler::OpTime {
+                term: 1,
+                ts: (1_700_000_000, 5),
+            }),
+        },
+    );
+    let step = plan_next_step(&obs, &desired, &ctx()).step;
+    let Step::Readdress { host: on, moved, .. } = &step else {
+        panic!("expected re-addressing, got {step:?}");
+    };
+    assert_eq!(on, &host(1), "member 1 has the newest optime");
+    let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, vec![2, 3]);
 }

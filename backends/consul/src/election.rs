@@ -141,6 +141,15 @@ impl Coordinator for ConsulStore {
         expect_success(resp, "KV write").await
     }
 
+    async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let resp = self
+            .client
+            .send(self.client.request(Method::DELETE, &path), "KV delete")
+            .await?;
+        expect_success(resp, "KV delete").await
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let (entries, _) = list(
             &self.client,

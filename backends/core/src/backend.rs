@@ -160,6 +160,9 @@ pub trait Coordinator: Send + Sync + 'static {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send;
+
+    /// Deletes a plain value (nothing happens when there is none).
+    fn delete_value(&self, key: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
 /// Exponential backoff with jitter, as kube-runtime does it: starts at `initial`, doubles up to

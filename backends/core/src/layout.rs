@@ -80,6 +80,12 @@ impl KeyLayout {
         format!("{}/replsets/{}/status", self.prefix, set)
     }
 
+    /// `<prefix>/replsets/<set>/identity`: what the reconciler remembers of the set
+    /// ([`crate::SetIdentity`]).
+    pub fn replset_identity_key(&self, set: &str) -> String {
+        format!("{}/replsets/{}/identity", self.prefix, set)
+    }
+
     /// `<prefix>/replsets/<set>/leader`.
     pub fn replset_leader_key(&self, set: &str) -> String {
         format!("{}/replsets/{}/leader", self.prefix, set)

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod identity;
 pub mod keepalive;
 pub mod layout;
 pub mod record;
@@ -25,6 +26,9 @@ pub mod uri;
 
 pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
 pub use error::{BackendError, Cause};
+pub use identity::{
+    config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,
+};
 pub use layout::{KeyLayout, ServiceKey};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
 pub use secret::Secret;

@@ -544,6 +544,15 @@ impl Coordinator for EtcdStore {
         Ok(())
     }
 
+    async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
+        let mut client = self.client.clone();
+        client
+            .delete(key, None)
+            .await
+            .map_err(|e| map_error(&self.endpoints, e))?;
+        Ok(())
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let mut client = self.client.clone();
         let resp = client

@@ -519,6 +519,13 @@ impl Coordinator for MemoryStore {
         Ok(())
     }
 
+    async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
+        let mut state = self.cluster.lock();
+        state.admit("delete value")?;
+        state.delete(key);
+        Ok(())
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let mut state = self.cluster.lock();
         state.admit("get value")?;

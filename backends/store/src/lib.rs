@@ -214,6 +214,10 @@ impl Coordinator for Store {
         each!(self, s => s.put_value(key, value).await)
     }
 
+    async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
+        each!(self, s => s.delete_value(key).await)
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         each!(self, s => s.get_value(key).await)
     }

@@ -109,6 +109,15 @@ enum Command {
     /// Change a service's replica count one task at a time, waiting after each step until the
     /// replica set has converged, so that quorum is never lost. Needs a manager's Docker API
     /// (the local socket or DOCKER_HOST). Example: `scale mongo=5`.
+    /// The operator's decision that a set whose members lost their data is gone: forget what
+    /// the store remembers of it, so that the leader initiates a new, EMPTY set in its place
+    /// (the reconciler refuses to on its own). Give the id that the refusal names.
+    ForgetSet {
+        /// The replica set id the store remembers (24 hex digits, from the refusal, the
+        /// status or `plan`).
+        #[arg(long)]
+        replica_set_id: String,
+    },
     Scale {
         /// `<service>=<replicas>`.
         target: String,
@@ -135,9 +144,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         usage_error("a backend URI is required, e.g. etcd://127.0.0.1:2379/registrator");
     };
     // `status` reads the sets' status documents only: it needs their names, no service.
-    let status_only = matches!(cli.command, Some(Command::Status { .. }));
+    let status_only = matches!(
+        cli.command,
+        Some(Command::Status { .. } | Command::ForgetSet { .. })
+    );
     if status_only && cli.replset.is_empty() {
-        usage_error("status: give --replset <set> (or RECONCILER_REPLSET)");
+        usage_error("status and forget-set: give --replset <set> (or RECONCILER_REPLSET)");
     }
     if !status_only && cli.service.len() != cli.replset.len() {
         usage_error("give one --replset for each --service, in the same order");
@@ -235,6 +247,19 @@ async fn drive<S: Watcher + Coordinator>(
                 ExitCode::FAILURE
             });
         }
+        Some(Command::ForgetSet { replica_set_id }) => {
+            let [set] = invocation.replsets.as_slice() else {
+                usage_error("forget-set: give exactly one --replset");
+            };
+            let forgotten =
+                commands::forget_set(&*store, &config.layout, set, &replica_set_id).await?;
+            println!(
+                "{set}: forgot replica set {} (config version {}); the reconciler's leader will \
+                 initiate a new, empty set on the members that answer",
+                forgotten.replica_set_id, forgotten.config_version
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Some(Command::Scale {
             target,
             step_timeout,
@@ -259,10 +284,11 @@ async fn drive<S: Watcher + Coordinator>(
     }
     let shutdown = daemon::shutdown_on_signals();
     let plan_only = matches!(invocation.command, Some(Command::Plan));
-    let mut controller = Controller::start(store, members.clone(), config, shutdown.clone());
+    let mut controller =
+        Controller::start(store.clone(), members.clone(), config, shutdown.clone());
     let records = controller.first_snapshot().await?;
     if plan_only {
-        commands::plan(&records, &controller.context().config, &*members).await;
+        commands::plan(&*store, &records, &controller.context().config, &*members).await;
         controller.stop().await;
         return Ok(ExitCode::SUCCESS);
     }
