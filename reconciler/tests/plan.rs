@@ -1099,10 +1099,10 @@ fn readdressing_waits_for_a_majority_of_the_voters() {
     // Two of three: enough. The one still missing keeps its old host, to be moved later.
     let (obs, stored, desired) = restarted(&cfg, &[(1, 9), (3, 8)]);
     let step = plan_next_step(&obs, &desired, &c).step;
-    let Step::Readdress { host, moved, .. } = &step else {
+    let Step::Readdress { host: on, moved, .. } = &step else {
         panic!("expected re-addressing, got {step:?}");
     };
-    assert_eq!(host, &new_host(1));
+    assert_eq!(on, &new_host(1));
     let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
     assert_eq!(ids, vec![1, 3]);
     let sent = config_document("rs0", &step, Some(&raw(&stored))).expect("a document");
