@@ -281,7 +281,10 @@ impl InternalEvent for IdentityRecorded<'_> {
             config_term = self.identity.config_term,
             "recorded the set's identity"
         );
-        metrics.identity_recorded.get_or_create(&set_labels(self.set)).inc();
+        metrics
+            .identity_recorded
+            .get_or_create(&set_labels(self.set))
+            .inc();
     }
 }
 
@@ -295,7 +298,10 @@ pub struct IdentityUnreadable<'a> {
 impl InternalEvent for IdentityUnreadable<'_> {
     fn emit(self, metrics: &Metrics) {
         tracing::warn!(set = %self.set, error = %self.error, "cannot read the set's identity; not initiating until it can be read");
-        metrics.identity_unreadable.get_or_create(&set_labels(self.set)).inc();
+        metrics
+            .identity_unreadable
+            .get_or_create(&set_labels(self.set))
+            .inc();
     }
 }
 

@@ -42,7 +42,7 @@ pub struct ReasonLabels {
 #[derive(Debug)]
 pub struct Metrics {
     /// Steps the server accepted, by kind (initiate, add, grant_vote, revoke_vote, move_host,
-    /// remove, force_reconfig).
+    /// remove, force_reconfig, readdress).
     pub steps_applied: Family<StepLabels, Counter>,
     /// Steps refused by the server (by code) or left without an answer.
     pub steps_refused: Family<RefusedLabels, Counter>,

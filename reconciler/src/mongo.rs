@@ -280,21 +280,22 @@ impl Members {
     /// (`local.oplog.rs`, newest first): readable in every state, REMOVED included.
     async fn last_optime(&self, host: &str) -> Result<Option<OpTime>, MongoError> {
         let client = self.client(host).await?;
-        let oplog = client
-            .database("local")
-            .collection::<Document>("oplog.rs");
+        let oplog = client.database("local").collection::<Document>("oplog.rs");
         let find = oplog.find_one(doc! {}).sort(doc! {"$natural": -1});
-        let entry = match tokio::time::timeout(COMMAND_TIMEOUT, std::future::IntoFuture::into_future(find)).await {
-            Ok(Ok(entry)) => entry,
-            Ok(Err(e)) => return Err(map_error(host, "find local.oplog.rs", e)),
-            Err(_) => {
-                return Err(MongoError::NoAnswer {
-                    host: host.to_string(),
-                    command: "find local.oplog.rs",
-                    detail: format!("no answer within {COMMAND_TIMEOUT:?}"),
-                })
-            }
-        };
+        let entry =
+            match tokio::time::timeout(COMMAND_TIMEOUT, std::future::IntoFuture::into_future(find))
+                .await
+            {
+                Ok(Ok(entry)) => entry,
+                Ok(Err(e)) => return Err(map_error(host, "find local.oplog.rs", e)),
+                Err(_) => {
+                    return Err(MongoError::NoAnswer {
+                        host: host.to_string(),
+                        command: "find local.oplog.rs",
+                        detail: format!("no answer within {COMMAND_TIMEOUT:?}"),
+                    })
+                }
+            };
         Ok(entry.and_then(|e| {
             let Some(Bson::Timestamp(ts)) = e.get("ts") else {
                 return None;

@@ -17,8 +17,8 @@ use proptest::prelude::*;
 use replset_reconciler::model::target_voters;
 use replset_reconciler::mongo::{config_document, config_view};
 use replset_reconciler::{
-    plan_next_step, Blocked, Change, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
-    KnownSet, Observation, PlanContext, Step, Wait,
+    plan_next_step, Blocked, Change, ConfigView, Desired, KnownSet, MemberConfig, MemberState,
+    MemberStatus, Observation, PlanContext, Step, Wait,
 };
 use replset_sim::config::{Defaults, ReplSetConfig as ServerConfig};
 use replset_sim::config_change::{self, QuorumAnswer, ReconfigKind};
@@ -991,7 +991,10 @@ fn restarted(cfg: &ConfigView, back: &[(i64, u32)]) -> (Observation, ServerConfi
 
 fn known(stored: &ServerConfig) -> KnownSet {
     let view = config_view(&raw(stored));
-    let id = view.replica_set_id.clone().expect("a stored config has an id");
+    let id = view
+        .replica_set_id
+        .clone()
+        .expect("a stored config has an id");
     KnownSet::Known(identity_of(&view, &id))
 }
 
@@ -1020,11 +1023,17 @@ fn a_set_the_store_remembers_is_never_initiated_over_empty_members() {
     else {
         panic!("expected a refusal, got {step:?}");
     };
-    assert_eq!(Some(replica_set_id), config_view(&raw(&stored)).replica_set_id.as_ref());
+    assert_eq!(
+        Some(replica_set_id),
+        config_view(&raw(&stored)).replica_set_id.as_ref()
+    );
     assert_eq!(*config_version, 5);
     assert_eq!(empty.len(), 3);
     let text = step.describe();
-    assert!(text.contains("forget-set") && text.contains(replica_set_id), "{text}");
+    assert!(
+        text.contains("forget-set") && text.contains(replica_set_id),
+        "{text}"
+    );
 
     // Unread: never initiate either. A new set (or one forgotten on purpose): initiate.
     let c = PlanContext {
@@ -1099,14 +1108,21 @@ fn readdressing_waits_for_a_majority_of_the_voters() {
     // Two of three: enough. The one still missing keeps its old host, to be moved later.
     let (obs, stored, desired) = restarted(&cfg, &[(1, 9), (3, 8)]);
     let step = plan_next_step(&obs, &desired, &c).step;
-    let Step::Readdress { host: on, moved, .. } = &step else {
+    let Step::Readdress {
+        host: on, moved, ..
+    } = &step
+    else {
         panic!("expected re-addressing, got {step:?}");
     };
     assert_eq!(on, &new_host(1));
     let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
     assert_eq!(ids, vec![1, 3]);
     let sent = config_document("rs0", &step, Some(&raw(&stored))).expect("a document");
-    let hosts: Vec<String> = config_view(&sent).members.iter().map(|m| m.host.clone()).collect();
+    let hosts: Vec<String> = config_view(&sent)
+        .members
+        .iter()
+        .map(|m| m.host.clone())
+        .collect();
     assert_eq!(hosts, vec![new_host(1), host(2), new_host(3)]);
 }
 
@@ -1198,7 +1214,10 @@ fn a_majority_still_at_its_addresses_elects_instead_of_being_readdressed() {
         },
     );
     let step = plan_next_step(&obs, &desired, &ctx()).step;
-    let Step::Readdress { host: on, moved, .. } = &step else {
+    let Step::Readdress {
+        host: on, moved, ..
+    } = &step
+    else {
         panic!("expected re-addressing, got {step:?}");
     };
     assert_eq!(on, &host(1), "member 1 has the newest optime");

@@ -286,6 +286,39 @@ impl Cluster {
         }
     }
 
+    /// Restarts member `i` on a new free port, with its data or with an empty data directory:
+    /// a task that swarm replaced (a new address), with its volume or without it.
+    pub async fn restart_elsewhere(
+        &mut self,
+        i: usize,
+        keep_data: bool,
+    ) -> Result<(), ClusterError> {
+        self.kill(i)?;
+        let slot = self.slots.get_mut(i).ok_or(ClusterError::NoSuchMember(i))?;
+        let durable = if keep_data {
+            slot.saved.take().unwrap_or_default()
+        } else {
+            slot.saved = None;
+            DurableState::default()
+        };
+        let mut opts = slot.opts.clone();
+        opts.port = 0;
+        opts.advertised_host = None;
+        let node = Node::start(
+            opts.clone(),
+            durable,
+            self.net.clone(),
+            self.history.clone(),
+        )
+        .await?;
+        opts.port = node.port();
+        opts.advertised_host = Some(node.host().to_string());
+        slot.opts = opts;
+        slot.host = node.host().to_string();
+        slot.node = Some(node);
+        Ok(())
+    }
+
     /// Cuts member `i` off from every other member (clients can still reach it).
     pub fn isolate(&self, i: usize) -> Result<(), ClusterError> {
         let me = self.host(i)?.to_string();

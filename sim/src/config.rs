@@ -21,13 +21,23 @@ pub const MAX_VOTING_MEMBERS: usize = 7;
 /// The term of a config written by a force reconfig (`OpTime::kUninitializedTerm`).
 pub const UNINITIALIZED_TERM: i64 = -1;
 
-/// `{version, term}` of a config, ordered as `ConfigVersionAndTerm`: by term, then version,
-/// except that a force-reconfigured config (term -1) compares by version only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `{version, term}` of a config, compared as `ConfigVersionAndTerm` (repl_set_config.h): by
+/// term, then version, except that when either was installed by force (term -1) by version
+/// only, for equality too: a member holding a forced config `{v, -1}` has the config that a
+/// new primary re-stamps with its term on step-up, `{v, t}`.
+#[derive(Debug, Clone, Copy)]
 pub struct ConfigVersionAndTerm {
     pub version: i64,
     pub term: i64,
 }
+
+impl PartialEq for ConfigVersionAndTerm {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for ConfigVersionAndTerm {}
 
 impl PartialOrd for ConfigVersionAndTerm {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {

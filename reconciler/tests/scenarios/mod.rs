@@ -15,7 +15,9 @@ macro_rules! suite {
             a_majority_write_survives_a_primary_killed_during_a_scale_up,
             eight_members_have_seven_voters,
             a_set_that_lost_its_majority_says_so_and_recovers,
-            allow_force_reconfigures_to_the_members_that_are_up);
+            allow_force_reconfigures_to_the_members_that_are_up,
+            a_whole_restart_under_new_addresses_keeps_the_set_and_its_data,
+            members_that_lost_their_data_are_not_initiated_again);
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
@@ -99,6 +101,7 @@ struct Harness {
     store: Store,
     layout: KeyLayout,
     shutdown: CancellationToken,
+    metrics: Arc<replset_reconciler::metrics::Metrics>,
 }
 
 impl Harness {
@@ -121,6 +124,7 @@ impl Harness {
     ) -> Harness {
         let store = Store::open(b, &layout).await;
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(replset_reconciler::metrics::Metrics::default());
         let config = ControllerConfig {
             layout: layout.clone(),
             selectors: vec![Selector::Service {
@@ -135,7 +139,7 @@ impl Harness {
             leader_ttl: Duration::from_secs(10),
             holder: holder.into(),
             dry_run: false,
-            metrics: Arc::new(replset_reconciler::metrics::Metrics::default()),
+            metrics: metrics.clone(),
             force_after,
         };
         spawn_loop(store.0.clone(), config, &shutdown);
@@ -143,6 +147,7 @@ impl Harness {
             store,
             layout,
             shutdown,
+            metrics,
         }
     }
 
@@ -846,4 +851,197 @@ async fn majority_write(cluster: &Cluster, item: &str) -> mongodb::Collection<bs
         .await
         .expect("majority write");
     coll
+}
+
+/// The identity the reconciler remembers of `set`.
+async fn read_identity(h: &Harness, set: &str) -> Result<backend_core::SetIdentity, String> {
+    let v = h
+        .store
+        .get_value(&h.layout.replset_identity_key(set))
+        .await?
+        .ok_or("no identity")?;
+    backend_core::SetIdentity::from_json(&v).map_err(|e| e.to_string())
+}
+
+/// A set of three, converged, its identity recorded, and `n` documents written to it with
+/// `w: "majority"`; returns the identity.
+async fn set_of_three_with_data(
+    cluster: &Cluster,
+    h: &Harness,
+    n: i32,
+) -> backend_core::SetIdentity {
+    let set = cluster.set_name().to_string();
+    set_of_three(cluster, h).await;
+    let ids: BTreeSet<i64> = (1..=3).collect();
+    wait_for("converged with 3", CONVERGE, || {
+        converged_status(h, cluster, &set, &ids)
+    })
+    .await;
+    let coll = majority_write(cluster, "first").await;
+    let majority = mongodb::options::WriteConcern::builder()
+        .w(mongodb::options::Acknowledgment::Majority)
+        .build();
+    for i in 2..=n {
+        coll.insert_one(bson::doc! {"_id": i, "item": format!("item {i}")})
+            .with_options(
+                mongodb::options::InsertOneOptions::builder()
+                    .write_concern(majority.clone())
+                    .build(),
+            )
+            .await
+            .expect("majority write");
+    }
+    wait_for("the identity recorded", CONVERGE, || read_identity(h, &set)).await
+}
+
+/// Every task of the service replaced at once (a scale to 0 and back, a whole swarm
+/// rebooted): the members come back with their data under new addresses, each holding a config
+/// that names the old ones. The reconciler re-addresses them (rule 11) and keeps the set: the
+/// same replica set id, every majority write, no initiate, no voter changed.
+pub async fn a_whole_restart_under_new_addresses_keeps_the_set_and_its_data(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let h = Harness::start(b, &set).await;
+    let before = set_of_three_with_data(&cluster, &h, 20).await;
+    for i in 0..3 {
+        cluster.kill(i).expect("kill");
+    }
+    for i in 0..3 {
+        cluster.restart_elsewhere(i, true).await.expect("restart");
+        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+            .await;
+    }
+    let ids: BTreeSet<i64> = (1..=3).collect();
+    let status = wait_for("converged at the new addresses", CONVERGE, || async {
+        let s = converged_status(&h, &cluster, &set, &ids).await?;
+        let hosts: BTreeSet<String> = s.members.iter().map(|m| m.host.clone()).collect();
+        if hosts == cluster.hosts().into_iter().collect() {
+            Ok(s)
+        } else {
+            Err(format!("members at {hosts:?}"))
+        }
+    })
+    .await;
+    assert!(status.converged_with(3));
+    let after = wait_for("the identity of the re-addressed set", CONVERGE, || async {
+        let i = read_identity(&h, &set).await?;
+        if i.config_version != before.config_version {
+            Ok(i)
+        } else {
+            Err(format!("still {i:?}"))
+        }
+    })
+    .await;
+    assert_eq!(after.replica_set_id, before.replica_set_id, "the same set");
+    assert_eq!(applied(&h, "readdress"), 1);
+    assert_eq!(applied(&h, "initiate"), 1, "initiated once, at the start");
+    assert_one_voter_at_a_time(&cluster);
+    let client = mongodb::Client::with_uri_str(cluster.uri())
+        .await
+        .expect("client");
+    let coll = client
+        .database("app")
+        .collection::<bson::Document>("orders");
+    let found = coll
+        .count_documents(bson::doc! {})
+        .read_concern(mongodb::options::ReadConcern::majority())
+        .await
+        .expect("count");
+    assert_eq!(found, 20, "every majority write is still there");
+}
+
+/// Every task replaced at once WITHOUT its data (the volumes are gone): the members answer
+/// that they have no config. The store remembers the set, so the reconciler refuses to
+/// initiate a new, empty one and says so in the status; `forget-set` is the operator's way to
+/// start one on purpose.
+pub async fn members_that_lost_their_data_are_not_initiated_again(b: Backend) {
+    let mut cluster = Cluster::start(3).await.expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let h = Harness::start(b, &set).await;
+    let before = set_of_three_with_data(&cluster, &h, 1).await;
+    let old_uri = h
+        .store
+        .get_value(&h.layout.replset_uri_key(&set))
+        .await
+        .expect("read")
+        .expect("a URI");
+    for i in 0..3 {
+        cluster.kill(i).expect("kill");
+    }
+    for i in 0..3 {
+        cluster.restart_elsewhere(i, false).await.expect("restart");
+        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+            .await;
+    }
+    let refused = wait_for("the refusal in the status", CONVERGE, || async {
+        let s = read_status(&h, &set).await?;
+        if s.next.kind == NextKind::Blocked && s.next.reason == "known_set_without_data" {
+            Ok(s)
+        } else {
+            Err(format!("{:?}", s.next))
+        }
+    })
+    .await;
+    assert!(refused.next.detail.contains(&before.replica_set_id));
+    assert!(!refused.converged);
+    for i in 0..3 {
+        let hello = cluster
+            .command(i, bson::doc! {"hello": 1})
+            .await
+            .expect("hello");
+        assert!(
+            hello.get_str("setName").is_err(),
+            "member {i} was initiated: {hello}"
+        );
+    }
+    assert_eq!(applied(&h, "initiate"), 1, "initiated once, at the start");
+    let uri = h
+        .store
+        .get_value(&h.layout.replset_uri_key(&set))
+        .await
+        .expect("read");
+    assert_eq!(
+        uri,
+        Some(old_uri),
+        "no URI for an empty set in place of the old one"
+    );
+
+    // The operator's decision: a new, empty set.
+    let wrong = replset_reconciler::commands::forget_set(
+        &*h.store.0,
+        &h.layout,
+        &set,
+        "000000000000000000000000",
+    )
+    .await;
+    assert!(
+        matches!(
+            wrong,
+            Err(replset_reconciler::commands::ForgetError::WrongId { .. })
+        ),
+        "{wrong:?}"
+    );
+    replset_reconciler::commands::forget_set(&*h.store.0, &h.layout, &set, &before.replica_set_id)
+        .await
+        .expect("forget the set");
+    let ids: BTreeSet<i64> = (1..=3).collect();
+    wait_for("a new set of 3", CONVERGE, || {
+        converged_status(&h, &cluster, &set, &ids)
+    })
+    .await;
+    let after = wait_for("the new set's identity", CONVERGE, || {
+        read_identity(&h, &set)
+    })
+    .await;
+    assert_ne!(after.replica_set_id, before.replica_set_id, "a new set");
+}
+
+fn applied(h: &Harness, step: &'static str) -> u64 {
+    h.metrics
+        .steps_applied
+        .get_or_create(&replset_reconciler::metrics::StepLabels {
+            set: "rs0".into(),
+            step,
+        })
+        .get()
 }

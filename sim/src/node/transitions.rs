@@ -204,7 +204,11 @@ impl Node {
             .filter(|m| {
                 m.host == self.me()
                     || st.peers.get(&m.host).is_some_and(|p| {
-                        p.healthy && p.config_version == cfg.version && p.config_term == cfg.term
+                        let theirs = crate::config::ConfigVersionAndTerm {
+                            version: p.config_version,
+                            term: p.config_term,
+                        };
+                        p.healthy && theirs == cfg.version_and_term()
                     })
             })
             .count();
