@@ -158,8 +158,9 @@ pub struct Observation {
     /// Health by member `_id`, from `replSetGetStatus` (of the primary, or of any member when
     /// there is no primary).
     pub status: BTreeMap<i64, MemberStatus>,
-    /// While there is no primary: for each desired host that holds a config of its own, that
-    /// config and its last optime (for re-addressing, safety rule 11).
+    /// For each desired host that holds a config of its own, that config and its last optime:
+    /// every such host while there is no primary (for re-addressing, safety rule 11), else
+    /// those outside the set (a replaced task that came back with its data).
     pub persisted: BTreeMap<String, Persisted>,
     /// Desired hosts that answered that they have no config at all (MongoDB's
     /// `NotYetInitialized`, 94): an empty dbpath.

@@ -229,11 +229,14 @@ impl Members {
             }
             break;
         }
-        if primary.is_none() {
-            let desired_hellos = hellos.iter().filter(|(h, _)| desired.contains(h));
-            for (host, hello) in desired_hellos {
-                self.read_persisted(host, hello, &mut observed).await;
-            }
+        // While there is no primary, every desired member's own config and optime (for
+        // re-addressing); with one, those of the desired members outside the set (new tasks:
+        // with data or empty).
+        let desired_hellos = hellos.iter().filter(|(h, hello)| {
+            desired.contains(h) && (primary.is_none() || hello.get_str("setName").is_err())
+        });
+        for (host, hello) in desired_hellos {
+            self.read_persisted(host, hello, &mut observed).await;
         }
         observed.primary_host = primary;
         observed

@@ -1224,3 +1224,52 @@ fn a_majority_still_at_its_addresses_elects_instead_of_being_readdressed() {
     let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
     assert_eq!(ids, vec![2, 3]);
 }
+
+#[test]
+fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
+    let mut cfg = config(vec![voter(1), voter(2), voter(3)]);
+    cfg.replica_set_id = Some("65a1c0ffee00000000000001".into());
+    let mut obs = observed(cfg.clone());
+    down(&mut obs, 2);
+    let mut want = desired([1, 2, 3]);
+    want.members.insert(2, new_host(2));
+    // The new task answers REMOVED with the set's config: it has the data.
+    obs.persisted.insert(
+        new_host(2),
+        replset_reconciler::Persisted {
+            config: cfg.clone(),
+            removed: true,
+            last_optime: None,
+        },
+    );
+    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
+    assert_eq!(
+        change,
+        Change::MoveHost {
+            id: 2,
+            from: host(2),
+            to: new_host(2),
+            revoke_vote: false
+        }
+    );
+    // The server takes it: the same voters, one host changed.
+    let old = stored(&cfg);
+    let running = [host(1), host(3), new_host(2)].into_iter().collect();
+    let step = plan_next_step(&obs, &want, &ctx()).step;
+    accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
+    // Another set's data is no data of this one: the vote goes until it has synced.
+    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+        p.config.replica_set_id = Some("65a1c0ffee00000000000002".into());
+    }
+    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
+    assert!(
+        matches!(
+            change,
+            Change::MoveHost {
+                revoke_vote: true,
+                ..
+            }
+        ),
+        "{change:?}"
+    );
+}
