@@ -535,8 +535,14 @@ fn readdress(obs: &Observation, desired: &Desired, ctx: &PlanContext) -> Option<
         .filter(|(_, p)| p.config.set_name == ctx.set_name)
         .map(|(host, p)| (host, &p.config))
         .reduce(|a, b| if b.1.is_newer_than(a.1) { b } else { a })?;
-    let same_set =
-        |c: &ConfigView| c.set_name == base.set_name && c.replica_set_id == base.replica_set_id;
+    // A member counts only with this very config: one that holds an older config (a volume
+    // left on a node long ago, of a member that has since run elsewhere) may lack writes that
+    // were committed after it, so it cannot stand for one of the majority.
+    let same_set = |c: &ConfigView| {
+        c.set_name == base.set_name
+            && c.replica_set_id == base.replica_set_id
+            && !base.is_newer_than(c)
+    };
     // Each member of the config whose task is present with the set's data: at its own
     // address, or moved to the address its slot's record names.
     let mut at_old = Vec::new();

@@ -1273,3 +1273,20 @@ fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
         "{change:?}"
     );
 }
+
+#[test]
+fn a_member_with_an_older_config_does_not_count_for_the_majority() {
+    // Member 3's volume is older: it holds config version 4 of the same set.
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (mut obs, _, desired) = restarted(&cfg, &[(1, 9), (3, 8)]);
+    if let Some(p) = obs.persisted.get_mut(&new_host(3)) {
+        p.config.version = 4;
+    }
+    assert_eq!(
+        plan_next_step(&obs, &desired, &ctx()).step,
+        Step::Blocked(Blocked::ReaddressNeedsMajority {
+            present: vec![1],
+            voters: 3,
+        })
+    );
+}
