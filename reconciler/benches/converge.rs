@@ -7,94 +7,28 @@
 //! the simulator, polled every 2 ms). The member's catch-up (and so its vote) is not included:
 //! adding it without a vote does not wait for it. The debounce is reported separately.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use backend_core::{Coordinator, KeyLayout};
-use backend_etcd::EtcdStore;
-use replset_reconciler::controller::{Controller, ControllerConfig};
-use replset_reconciler::mongo::Members;
-use replset_reconciler::records::Selector;
-use replset_sim::{Cluster, Event};
-use test_support::contract::mongo_task_record;
-use tokio_util::sync::CancellationToken;
+use common::{latest_config, p50_max, wait_until, Bench, BenchResult};
+use replset_sim::Cluster;
 
 const RUNS: usize = 20;
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-fn members_in_latest_config(cluster: &Cluster) -> usize {
-    cluster
-        .history()
-        .configs()
-        .into_iter()
-        .rev()
-        .find_map(|e| match e {
-            Event::ConfigInstalled { config, .. } => {
-                Some(config.get_array("members").map(Vec::len).unwrap_or(0))
-            }
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-async fn wait_members(cluster: &Cluster, n: usize, deadline: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < deadline {
-        if members_in_latest_config(cluster) >= n {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    None
+async fn wait_members(cluster: &Cluster, n: usize) -> Option<Duration> {
+    wait_until(Duration::from_secs(60), || latest_config(cluster).0 >= n).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let endpoint = std::env::var("ETCD_ENDPOINTS").unwrap_or_else(|_| "127.0.0.1:2379".into());
-    let layout = KeyLayout::new(&format!("bench/converge-{:08x}", rand::random::<u32>()));
-    let store = Arc::new(EtcdStore::connect(&[endpoint], layout.clone()).await?);
+async fn main() -> BenchResult<()> {
     let mut cluster = Cluster::start(3).await?;
-    let set = cluster.set_name().to_string();
-    let shutdown = CancellationToken::new();
-    let config = ControllerConfig {
-        layout: layout.clone(),
-        selectors: vec![Selector::Service {
-            service: "mongo".into(),
-            set: set.clone(),
-            port: None,
-        }],
-        removal_grace: Duration::from_secs(30),
-        debounce: DEBOUNCE,
-        resync: Duration::from_secs(15),
-        leader_ttl: Duration::from_secs(10),
-        holder: "bench".into(),
-        dry_run: false,
-        metrics: Arc::new(Default::default()),
-        force_after: None,
-    };
-    // The library's loop, as the binary runs it.
-    let controller = Controller::start(
-        store.clone(),
-        Arc::new(Members::new(None)),
-        config,
-        shutdown.clone(),
-    );
-    let running = tokio::spawn(controller.run());
-    let publish = |slot: u64, host: String| {
-        let store = store.clone();
-        let layout = layout.clone();
-        async move {
-            let r = mongo_task_record(slot, &host).ok_or("bad host")?;
-            store
-                .put_value(&layout.service_key(&r.service, &r.id), r.to_json())
-                .await
-                .map_err(|e| e.to_string())
-        }
-    };
+    let bench = Bench::start("converge", cluster.set_name(), DEBOUNCE).await?;
     for (i, host) in cluster.hosts().into_iter().enumerate() {
-        publish(i as u64 + 1, host).await?;
+        bench.publish(i as u64 + 1, &host).await?;
     }
-    wait_members(&cluster, 3, Duration::from_secs(60))
+    wait_members(&cluster, 3)
         .await
         .ok_or("the set of 3 was not formed")?;
 
@@ -105,17 +39,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Let the previous member's vote settle, so each run starts from a converged set.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let started = Instant::now();
-        publish(i as u64 + 1, host).await?;
-        wait_members(&cluster, i + 1, Duration::from_secs(60))
+        bench.publish(i as u64 + 1, &host).await?;
+        wait_members(&cluster, i + 1)
             .await
             .ok_or("the member was not added")?;
         let took = started.elapsed();
         eprintln!("run {run}: member {} in the config after {took:?}", i + 1);
         times.push(took);
     }
-    times.sort();
-    let p50 = times[times.len() / 2];
-    let max = times[times.len() - 1];
+    let (p50, max) = p50_max(&mut times);
     println!(
         "record written -> member in the config: p50 {:.0} ms, max {:.0} ms over {RUNS} runs (debounce {} ms; beyond the debounce p50 {:.0} ms)",
         p50.as_secs_f64() * 1e3,
@@ -123,14 +55,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         DEBOUNCE.as_millis(),
         (p50.saturating_sub(DEBOUNCE)).as_secs_f64() * 1e3
     );
-    shutdown.cancel();
-    running.await?;
-    let mut client = store.client();
-    let _ = client
-        .delete(
-            format!("{}/", layout.prefix()),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await;
-    Ok(())
+    bench.stop().await
 }

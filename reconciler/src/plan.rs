@@ -359,13 +359,15 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
                 by: other.id,
             });
         }
-        // A task that comes back with the set's data (its volume) keeps its vote: it is the
-        // same member, catching up from where it stopped. An empty one loses it until it has
-        // synced, so that a set never counts on a member that holds nothing.
+        // A task that comes back with the set's recent data (its volume, holding the current
+        // config) keeps its vote: it is the same member, catching up from where it stopped.
+        // An empty one, or one with an older config (a volume left long ago), loses it until
+        // it has synced, so that a set never counts on a member that may hold too little.
         let with_data = config.replica_set_id.is_some()
             && obs.persisted.get(host).is_some_and(|p| {
                 p.config.set_name == config.set_name
                     && p.config.replica_set_id == config.replica_set_id
+                    && !config.is_newer_than(&p.config)
             });
         let revoke_vote = m.is_voter() && config.voter_count() > 1 && id != primary && !with_data;
         return reconfig(

@@ -1257,6 +1257,24 @@ fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
     let running = [host(1), host(3), new_host(2)].into_iter().collect();
     let step = plan_next_step(&obs, &want, &ctx()).step;
     accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
+    // A volume with an older config of the set may be far behind: the vote goes too.
+    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+        p.config.version -= 1;
+    }
+    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
+    assert!(
+        matches!(
+            change,
+            Change::MoveHost {
+                revoke_vote: true,
+                ..
+            }
+        ),
+        "{change:?}"
+    );
+    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+        p.config.version += 1;
+    }
     // Another set's data is no data of this one: the vote goes until it has synced.
     if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
         p.config.replica_set_id = Some("65a1c0ffee00000000000002".into());
