@@ -774,7 +774,7 @@ impl Deployment {
                 }
                 Some((id.clone(), last))
             })
-            .buffer_unordered(4)
+            .buffer_unordered(6)
             .filter_map(|r| async move { r })
             .collect()
             .await

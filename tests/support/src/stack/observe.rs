@@ -19,6 +19,10 @@ use serde_json::Value;
 
 use super::{Deployment, Task, MONGO};
 
+/// The writer's pause after each write: a write a second or so, enough to see every gap, and
+/// few enough to read them all back afterwards (one client process a read).
+const WRITE_PAUSE: Duration = Duration::from_millis(700);
+
 /// The time between two rounds of the poller (a round itself takes a few hundred ms: one
 /// `docker exec` per task, all at once).
 const POLL_PAUSE: Duration = Duration::from_millis(200);
@@ -39,8 +43,11 @@ pub struct WriteSeen {
 pub enum MemberHealth {
     Primary,
     Secondary,
-    /// In a config but neither (initial sync, ...) or without one; the probe's line.
+    /// In a config but neither PRIMARY nor SECONDARY (initial sync, ...); the probe's line.
     NotReady(String),
+    /// Not in any config (not initiated, not added yet, or at an address its config does not
+    /// name); the probe's line.
+    NoConfig(String),
     /// The probe could not run or reach it (the container stopping, say).
     Unreachable(String),
 }
@@ -204,6 +211,24 @@ impl Observed {
         })
     }
 
+    /// When the member of `slot` at `host` was first seen in a config of its own (ready or
+    /// not): for a member at a new address, once the reconciler has moved it there.
+    pub fn first_in_a_config(&self, slot: i64, host: &str) -> Option<Duration> {
+        self.rounds.iter().find_map(|r| {
+            r.members
+                .iter()
+                .any(|m| {
+                    m.slot == slot
+                        && m.host == host
+                        && !matches!(
+                            m.health,
+                            MemberHealth::NoConfig(_) | MemberHealth::Unreachable(_)
+                        )
+                })
+                .then_some(r.at)
+        })
+    }
+
     /// The first config (by version) in which member `slot` votes with host `host`.
     pub fn first_voting_config(&self, slot: i64, host: &str) -> Option<&ConfigSeen> {
         self.configs
@@ -303,6 +328,7 @@ impl Deployment {
                     at: start.elapsed(),
                     error: r.err(),
                 });
+                tokio::time::sleep(WRITE_PAUSE).await;
             }
             writes
         };
@@ -361,6 +387,8 @@ impl Deployment {
                 let health = if !o.success {
                     if line.contains("cannot connect") || line.is_empty() {
                         MemberHealth::Unreachable(format!("{line} {}", o.stderr))
+                    } else if line.contains("no replica set config") {
+                        MemberHealth::NoConfig(line)
                     } else {
                         MemberHealth::NotReady(line)
                     }
