@@ -20,9 +20,9 @@
 
 # ---------------------------------------------------------------- builder
 FROM rust:1-bookworm AS build
-# etcd-client compiles its protobufs at build time.
+# etcd-client compiles its protobufs at build time; busybox-static gives mongo-sim its /bin/sh.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
+ && apt-get install -y --no-install-recommends protobuf-compiler busybox-static \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -42,7 +42,8 @@ RUN mkdir -p /rootfs/etc /rootfs/tmp \
  && chmod 1777 /rootfs/tmp \
  && printf 'hosts: files dns\nnetworks: files\n' > /rootfs/etc/nsswitch.conf \
  && printf 'root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n' > /rootfs/etc/passwd \
- && printf 'root:x:0:\nnogroup:x:65534:\n' > /rootfs/etc/group
+ && printf 'root:x:0:\nnogroup:x:65534:\n' > /rootfs/etc/group \
+ && mkdir -p /data/db /data/configdb
 
 # ---------------------------------------------------------------- etcd (Debian's, as scripts/images)
 FROM debian:bookworm-slim AS etcd-build
@@ -81,15 +82,19 @@ USER 65534
 ENTRYPOINT ["/usr/bin/replset-demo-app"]
 CMD ["serve"]
 
-# The replica-set simulator as a mongod stand-in: NOT MongoDB (no storage), for tests and demos.
-# As in the mongo image, the command starts with `mongod`.
+# The replica-set simulator as a mongod stand-in: NOT MongoDB, for tests and demos. As in the
+# mongo image, the command starts with `mongod`; /data/db and /data/configdb belong to its user,
+# so that the stack's fresh named volumes there are writable. /bin/sh (busybox-static) runs the
+# stack's shell-form healthcheck, MONGO_HEALTHCHECK="mongod --sim-probe --port 27017".
 FROM scratch AS mongo-sim
 COPY --from=build /rootfs/ /
+COPY --from=build --chown=65534:65534 /data/ /data/
+COPY --from=build /bin/busybox /bin/sh
 COPY --from=build /out/replset-sim /usr/bin/mongod
 ENV PATH=/usr/bin:/bin NO_COLOR=1
 USER 65534
 EXPOSE 27017
-CMD ["mongod", "--bind_ip_all"]
+CMD ["mongod", "--bind_ip_all", "--dbpath", "/data/db"]
 
 FROM scratch AS etcd
 COPY --from=build /rootfs/ /

@@ -23,6 +23,7 @@ pub mod history;
 pub mod node;
 pub mod oplog;
 pub mod peer;
+pub mod probe;
 pub mod query;
 mod repl;
 mod sync;

@@ -3,6 +3,13 @@
 //!
 //!     replset-sim --port 27017 --replSet rs0 [--bind_ip ADDR | --bind_ip_all]
 //!                 [--auth] [--keyFile PATH]
+//!     replset-sim --sim-probe [--port 27017] [--sim-probe-config]
+//!
+//! `--sim-probe` is the image's healthcheck (see `replset_sim::probe`): it asks the member on
+//! 127.0.0.1:PORT `hello`, prints its state on one line to stderr and exits 0 only if it is
+//! PRIMARY or SECONDARY, 1 otherwise. With `--sim-probe-config` it also prints the member's
+//! current config (`replSetGetConfig`) as one line of JSON on stdout, if it has one: tests
+//! record every config a set goes through this way.
 //!
 //! Without a bind flag it listens on 127.0.0.1 only, as mongod does. As the official mongo
 //! image's entrypoint does, `MONGO_INITDB_ROOT_USERNAME` with `MONGO_INITDB_ROOT_PASSWORD`
@@ -69,17 +76,56 @@ struct Args {
     /// Default election timeout filled into new configs. Not a mongod flag.
     #[arg(long = "sim-election-timeout-ms", default_value_t = 2000)]
     election_timeout_ms: u64,
+    /// Do not serve: ask the member on 127.0.0.1:--port `hello` and exit 0 only if it is
+    /// PRIMARY or SECONDARY (the image's healthcheck). Not a mongod flag.
+    #[arg(long = "sim-probe")]
+    probe: bool,
+    /// With --sim-probe: also print the member's config as one line of JSON on stdout.
+    #[arg(long = "sim-probe-config", requires = "probe")]
+    probe_config: bool,
+    /// How long --sim-probe waits for the answer. Not a mongod flag.
+    #[arg(long = "sim-probe-timeout-ms", default_value_t = 5000)]
+    probe_timeout_ms: u64,
+}
+
+/// `--sim-probe`: one line to stderr, and the exit code a healthcheck reads.
+async fn run_probe(args: &Args) -> std::process::ExitCode {
+    let timeout = Duration::from_millis(args.probe_timeout_ms);
+    if args.probe_config {
+        match replset_sim::probe::current_config(args.port, timeout).await {
+            Ok(Some(config)) => println!("{}", bson::Bson::Document(config).into_relaxed_extjson()),
+            Ok(None) => {}
+            Err(e) => eprintln!("port {}: no config: {e}", args.port),
+        }
+    }
+    match replset_sim::probe::probe(args.port, timeout).await {
+        Ok(health) => {
+            eprintln!("port {}: {}", args.port, health.describe());
+            if health.is_healthy() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("port {}: not healthy: {e}", args.port);
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    let args = Args::parse();
+    if args.probe {
+        return Ok(run_probe(&args).await);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
     let bind_ip: IpAddr = if args.bind_ip_all {
         if args.ipv6 {
             IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -158,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     }
     node.kill();
     tracing::info!("shut down");
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// `MONGO_INITDB_ROOT_USERNAME` and its password (`MONGO_INITDB_ROOT_PASSWORD`, or the

@@ -303,6 +303,19 @@ impl Node {
         docker_cli(Some(&self.docker_host), &[], args).await
     }
 
+    /// Runs the `docker` CLI against this node and returns how it ended, whatever its exit
+    /// status (for commands whose failure says something, such as a healthcheck's probe run
+    /// with `docker exec`); `Err` only when it could not run or did not answer in time.
+    pub async fn docker_output(&self, args: &[&str]) -> Result<CliOutput, String> {
+        docker_run(Some(&self.docker_host), &[], args)
+            .await
+            .map(|out| CliOutput {
+                success: out.status.success(),
+                stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+    }
+
     /// [`Node::docker`] with extra environment variables for the CLI (for example those a
     /// stack file substitutes in `docker stack deploy`).
     pub async fn docker_with_env(
@@ -330,11 +343,38 @@ pub async fn host_docker(args: &[&str]) -> Result<String, String> {
     docker_cli(None, &[], args).await
 }
 
+/// How a `docker` command ended ([`Node::docker_output`]); outputs trimmed.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 async fn docker_cli(
     host: Option<&str>,
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Result<String, String> {
+    let out = docker_run(host, env, args).await?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "docker {} on {}: {}: {}",
+            args.join(" "),
+            host.unwrap_or("the host engine"),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+async fn docker_run(
+    host: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<std::process::Output, String> {
     let mut cmd = tokio::process::Command::new("docker");
     cmd.envs(env.iter().copied());
     match host {
@@ -344,19 +384,10 @@ async fn docker_cli(
     cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
     let shown = format!("docker {}", args.join(" "));
     let where_ = host.unwrap_or("the host engine");
-    let out = tokio::time::timeout(DOCKER_TIMEOUT, cmd.output())
+    tokio::time::timeout(DOCKER_TIMEOUT, cmd.output())
         .await
         .map_err(|_| format!("{shown} on {where_}: no answer after {DOCKER_TIMEOUT:?}"))?
-        .map_err(|e| format!("cannot run {shown}: {e} (is docker.io installed?)"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{shown} on {where_}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+        .map_err(|e| format!("cannot run {shown}: {e} (is docker.io installed?)"))
 }
 
 fn repo_root() -> PathBuf {

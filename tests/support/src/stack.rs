@@ -27,6 +27,9 @@ use serde_json::Value;
 use crate::dind::{host_docker, Node, Swarm};
 use crate::wait_for;
 
+mod observe;
+pub use observe::{ConfigSeen, ConfigStep, MemberHealth, MemberSeen, Observed, Round, WriteSeen};
+
 /// The stack's name; every [`Swarm`] is its own, so it need not be unique.
 pub const STACK: &str = "e2e";
 /// The replicated mongo service of the stack.
@@ -37,6 +40,12 @@ pub const NETWORK: &str = "e2e_replset";
 pub const CONVERGE: Duration = Duration::from_secs(240);
 /// How long `replset-reconciler scale` may take (each step waits for the set to converge).
 const SCALE: Duration = Duration::from_secs(600);
+
+/// The simulator image's healthcheck (the stack's MONGO_HEALTHCHECK): its own binary asks the
+/// member `hello` and exits 0 only for PRIMARY or SECONDARY.
+pub const SIM_HEALTHCHECK: &str = "mongod --sim-probe --port 27017";
+/// The mongo image the stack starts with.
+pub const MONGO_IMAGE: &str = "local/mongo-sim";
 
 /// The probe container of [`Deployment::start_probe`].
 const PROBE: &str = "e2e-probe";
@@ -109,12 +118,33 @@ pub struct SetState {
     pub primary: String,
 }
 
+/// How to deploy the stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// The reconciler's removal grace, e.g. "5s".
+    pub removal_grace: String,
+    /// More mongod flags for the stack's MONGO_EXTRA_ARGS, e.g. the simulator's
+    /// `--sim-initial-sync-floor-ms 20000` for a new member that needs 20 s to sync.
+    pub mongo_extra_args: String,
+}
+
+impl StackOptions {
+    pub fn new(removal_grace: &str) -> StackOptions {
+        StackOptions {
+            removal_grace: removal_grace.to_string(),
+            mongo_extra_args: String::new(),
+        }
+    }
+}
+
 /// The stack, deployed on a swarm.
 #[derive(Debug)]
 pub struct Deployment {
     pub swarm: Swarm,
     pub store: Store,
-    removal_grace: String,
+    options: StackOptions,
+    /// The image of the mongo service in the stack file (a re-deploy keeps what an update set).
+    mongo_image: std::sync::Mutex<String>,
     /// Node id (as the swarm knows it) to node index (1 = manager).
     node_index: BTreeMap<String, usize>,
 }
@@ -123,6 +153,11 @@ impl Deployment {
     /// Checks that the images exist on the host engine, loads them into every node and deploys
     /// the stack with the reconciler's removal grace `removal_grace` (e.g. "5s").
     pub async fn deploy(swarm: Swarm, store: Store, removal_grace: &str) -> Deployment {
+        Deployment::deploy_with(swarm, store, StackOptions::new(removal_grace)).await
+    }
+
+    /// [`Deployment::deploy`] with every option.
+    pub async fn deploy_with(swarm: Swarm, store: Store, options: StackOptions) -> Deployment {
         for image in store.images() {
             if host_docker(&["image", "inspect", image]).await.is_err() {
                 panic!("image {image} is missing on the host engine: run scripts/images first");
@@ -132,7 +167,8 @@ impl Deployment {
         let mut d = Deployment {
             swarm,
             store,
-            removal_grace: removal_grace.to_string(),
+            options,
+            mongo_image: std::sync::Mutex::new(MONGO_IMAGE.to_string()),
             node_index: BTreeMap::new(),
         };
         let nodes = d
@@ -162,15 +198,22 @@ impl Deployment {
             .join("../..")
             .join(self.store.stack_file());
         let file = file.to_str().expect("utf-8 path");
+        let mongo_image = self
+            .mongo_image
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_else(|_| MONGO_IMAGE.to_string());
         let env = [
             ("STACK", STACK),
             ("REGISTRATOR_IMAGE", "local/swarm-registrator"),
             ("RECONCILER_IMAGE", "local/replset-reconciler"),
             ("DEMO_APP_IMAGE", "local/replset-demo-app"),
-            ("MONGO_IMAGE", "local/mongo-sim"),
+            ("MONGO_IMAGE", mongo_image.as_str()),
+            ("MONGO_HEALTHCHECK", SIM_HEALTHCHECK),
+            ("MONGO_EXTRA_ARGS", self.options.mongo_extra_args.as_str()),
             ("ETCD_IMAGE", "local/etcd"),
             ("CONSUL_IMAGE", "local/consul"),
-            ("REMOVAL_GRACE", self.removal_grace.as_str()),
+            ("REMOVAL_GRACE", self.options.removal_grace.as_str()),
         ];
         self.manager()
             .docker_with_env(
@@ -189,8 +232,15 @@ impl Deployment {
             .expect("docker stack deploy");
     }
 
-    /// The running tasks of `service` (desired and actual state running).
+    /// The running tasks of `service` (desired and actual state running). With a healthcheck,
+    /// a task is running only once healthy.
     pub async fn tasks(&self, service: &str) -> Result<Vec<Task>, String> {
+        self.tasks_in(service, &["running"]).await
+    }
+
+    /// The tasks of `service` that swarm wants running and that have a container in one of
+    /// `states` (e.g. `starting`: started, not yet healthy).
+    pub async fn tasks_in(&self, service: &str, states: &[&str]) -> Result<Vec<Task>, String> {
         let ids = self
             .manager()
             .docker(&[
@@ -214,7 +264,8 @@ impl Deployment {
             serde_json::from_str(&out).map_err(|e| format!("docker inspect of tasks: {e}"))?;
         let mut running = Vec::new();
         for t in tasks {
-            if t["Status"]["State"] != "running" {
+            let state = t["Status"]["State"].as_str().unwrap_or_default();
+            if !states.contains(&state) {
                 continue;
             }
             let node = t["NodeID"].as_str().unwrap_or_default();
@@ -553,5 +604,179 @@ impl Deployment {
             .or_else(|| on_workers.first())
             .ok_or("no mongo task on a worker")?;
         Ok((victim.node, victim.ip == primary_ip))
+    }
+
+    // ------------------------------------------------------------ updates, volumes, placement
+
+    /// `docker service update -d <args> e2e_mongo` (e.g. `--force`, or `--image <image>`) on
+    /// the manager; returns at once (see [`Deployment::wait_update_done`]).
+    pub async fn update_mongo(&self, args: &[&str]) {
+        let mut cmd = vec!["service", "update", "-d"];
+        cmd.extend_from_slice(args);
+        cmd.push(MONGO);
+        self.manager()
+            .docker(&cmd)
+            .await
+            .unwrap_or_else(|e| panic!("docker service update {args:?}: {e}"));
+        if let Some(i) = args.iter().position(|a| *a == "--image") {
+            if let (Some(image), Ok(mut current)) = (args.get(i + 1), self.mongo_image.lock()) {
+                *current = image.to_string();
+            }
+        }
+    }
+
+    /// Swarm's own view of the mongo service's last update: `(state, message)`, e.g.
+    /// `("completed", "update completed")` or `("paused", "update paused due to failure ...")`.
+    pub async fn update_status(&self) -> Result<(String, String), String> {
+        let out = self
+            .manager()
+            .docker(&[
+                "service",
+                "inspect",
+                "-f",
+                "{{if .UpdateStatus}}{{.UpdateStatus.State}}|{{.UpdateStatus.Message}}{{end}}",
+                MONGO,
+            ])
+            .await?;
+        let (state, message) = out.split_once('|').unwrap_or((&out, ""));
+        Ok((state.to_string(), message.to_string()))
+    }
+
+    /// Waits (up to `timeout`) until every one of the `n` slots runs a task that is none of
+    /// `before` (the task ids before the update: every task replaced) and the set equals the
+    /// tasks again. Panics at once if swarm paused the update.
+    pub async fn wait_update_done(
+        &self,
+        n: usize,
+        before: &BTreeSet<String>,
+        timeout: Duration,
+        what: &str,
+    ) -> SetState {
+        wait_for(
+            &format!("every mongo task replaced and the set equal to them ({what})"),
+            timeout,
+            || async {
+                let (state, message) = self.update_status().await?;
+                if state.contains("paused") || state.contains("rollback") {
+                    panic!("{what}: swarm stopped the update: {state}: {message}");
+                }
+                let tasks = self.tasks(MONGO).await?;
+                if let Some(old) = tasks.iter().find(|t| before.contains(&t.id)) {
+                    return Err(format!("slot {} still runs task {}", old.slot, old.id));
+                }
+                self.check_converged(n).await
+            },
+        )
+        .await
+    }
+
+    /// The ids of the running tasks of the mongo service.
+    pub async fn mongo_task_ids(&self) -> Result<BTreeSet<String>, String> {
+        Ok(self.tasks(MONGO).await?.into_iter().map(|t| t.id).collect())
+    }
+
+    /// Tags `image` as `tag` on every node (a second tag of the same image, for an update
+    /// that changes the image name only).
+    pub async fn tag_image_everywhere(&self, image: &str, tag: &str) {
+        for node in self.swarm.nodes() {
+            node.docker(&["tag", image, tag])
+                .await
+                .unwrap_or_else(|e| panic!("docker tag {image} {tag} on {}: {e}", node.hostname()));
+        }
+    }
+
+    /// The mongo service's volumes on node `i`: name (`e2e_mongo-db-<slot>`,
+    /// `e2e_mongo-configdb-<slot>`) to creation time, which tells a volume kept from one made
+    /// anew under the same name.
+    pub async fn mongo_volumes(&self, i: usize) -> Result<BTreeMap<String, String>, String> {
+        let node = self.swarm.node(i);
+        let names = node
+            .docker(&["volume", "ls", "-q", "--filter", &format!("name={MONGO}-")])
+            .await?;
+        let names: Vec<&str> = names.split_whitespace().collect();
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut args = vec!["volume", "inspect", "-f", "{{.Name}} {{.CreatedAt}}"];
+        args.extend(&names);
+        let out = node.docker(&args).await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, c)| (n.to_string(), c.to_string()))
+            .collect())
+    }
+
+    /// Removes every volume of the mongo service on every node (they must be unused: every
+    /// mongo task stopped), as an operator who loses the data would.
+    pub async fn remove_mongo_volumes(&self) -> Result<usize, String> {
+        let mut removed = 0;
+        for i in 1..=self.swarm.len() {
+            let names: Vec<String> = self.mongo_volumes(i).await?.into_keys().collect();
+            if names.is_empty() {
+                continue;
+            }
+            let mut args = vec!["volume", "rm"];
+            args.extend(names.iter().map(String::as_str));
+            self.swarm.node(i).docker(&args).await?;
+            removed += names.len();
+        }
+        Ok(removed)
+    }
+
+    /// `docker service scale e2e_mongo=<n>` (swarm's own, not the reconciler's one-at-a-time
+    /// scale): every task at once, as a whole-service restart is.
+    pub async fn swarm_scale_mongo(&self, n: usize) {
+        self.manager()
+            .docker(&["service", "scale", "-d", &format!("{MONGO}={n}")])
+            .await
+            .unwrap_or_else(|e| panic!("docker service scale {MONGO}={n}: {e}"));
+    }
+
+    /// `docker node update --availability <availability> dnode<i>` (`drain`, `active`): a
+    /// drained node's tasks are rescheduled on the others.
+    pub async fn set_availability(&self, i: usize, availability: &str) {
+        let host = self.swarm.node(i).hostname();
+        self.manager()
+            .docker(&["node", "update", "--availability", availability, &host])
+            .await
+            .unwrap_or_else(|e| {
+                panic!("docker node update --availability {availability} {host}: {e}")
+            });
+    }
+
+    /// Reads `id` with read concern majority through the URI, from the probe container.
+    pub async fn probe_read(&self, id: &str) -> Result<Value, String> {
+        let cmd = ["exec", PROBE, "replset-demo-app", "read", id, "--wait", "5"];
+        let out = match tokio::time::timeout(Duration::from_secs(30), self.manager().docker(&cmd))
+            .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("reading {id} timed out")),
+        };
+        serde_json::from_str(&out).map_err(|e| format!("read printed {out:?}: {e}"))
+    }
+
+    /// Reads back every id in `ids` (read concern majority, from the probe container, a few at
+    /// a time); the ids that cannot be read, with why.
+    pub async fn unreadable(&self, ids: &[String]) -> Vec<(String, String)> {
+        use futures::StreamExt;
+        futures::stream::iter(ids)
+            .map(|id| async move {
+                // A read can meet an election: a few tries.
+                let mut last = String::new();
+                for _ in 0..3 {
+                    match self.probe_read(id).await {
+                        Ok(doc) if doc["_id"] == id.as_str() => return None,
+                        Ok(doc) => last = format!("read {id} gave {doc}"),
+                        Err(e) => last = e,
+                    }
+                }
+                Some((id.clone(), last))
+            })
+            .buffer_unordered(6)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await
     }
 }
