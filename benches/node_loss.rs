@@ -67,7 +67,9 @@ struct Run {
 }
 
 async fn one_run(store: Store) -> Run {
-    let swarm = Swarm::up(3).await;
+    // A spare node: with one member per node (the stack's default) the lost node's task
+    // starts on it.
+    let swarm = Swarm::up(4).await;
     let d = Deployment::deploy(swarm, store, "30s").await;
     d.wait_converged(3, "deploy").await;
     d.start_probe().await;

@@ -91,7 +91,8 @@ struct Run {
 }
 
 async fn one_run(members: usize, sync_floor_ms: Option<u64>) -> Run {
-    let swarm = Swarm::up(3).await;
+    // One member per node, as the stack deploys it by default.
+    let swarm = Swarm::up(members).await;
     let mut options = StackOptions::new("5s");
     if let Some(ms) = sync_floor_ms {
         options.mongo_extra_args = format!("--sim-initial-sync-floor-ms {ms}");

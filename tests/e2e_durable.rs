@@ -37,7 +37,8 @@ const STEP: Duration = Duration::from_secs(360);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_stack_keeps_every_write_through_updates_and_reschedules() {
-    let swarm = Swarm::up(3).await;
+    // One member per node (the stack's default), and a spare node for (e).
+    let swarm = Swarm::up(4).await;
     let mut options = StackOptions::new("5s");
     options.mongo_extra_args = format!("--sim-initial-sync-floor-ms {}", SYNC_FLOOR.as_millis());
     let d = Deployment::deploy_with(swarm, Store::Etcd, options).await;
@@ -76,6 +77,14 @@ async fn etcd_stack_keeps_every_write_through_updates_and_reschedules() {
     let seen = reschedule(&d).await;
     acknowledged.extend(seen.acknowledged());
 
+    // --- (c) scale to 0 and back: every task at once, new addresses, the volumes' data
+    let seen = whole_restart(&d, "scale 0 -> 3", Restart::ScaleToZero).await;
+    acknowledged.extend(seen.acknowledged());
+
+    // --- (d) every node's dockerd restarted at once
+    let seen = whole_restart(&d, "every dockerd restarted", Restart::EveryDockerd).await;
+    acknowledged.extend(seen.acknowledged());
+
     // Every write acknowledged since the start, read back once more at the end.
     let lost = d.unreadable(&acknowledged).await;
     assert!(
@@ -88,7 +97,129 @@ async fn etcd_stack_keeps_every_write_through_updates_and_reschedules() {
         "[durable] all {} acknowledged writes readable at the end",
         acknowledged.len()
     );
+
+    // --- without the data: the volumes removed while every task is down. The store still
+    // knows the set: the reconciler refuses to initiate, says so, and keeps the old URI.
+    refuses_a_new_set_over_the_old_one(&d).await;
     d.swarm.down().await;
+}
+
+/// How every mongo task is replaced at once.
+#[derive(Debug, Clone, Copy)]
+enum Restart {
+    /// `docker service scale <mongo>=0`, then back to 3.
+    ScaleToZero,
+    /// Every node's dockerd restarted at the same moment: every task stops, and swarm starts
+    /// new ones (new containers, new addresses) once the engines are back.
+    EveryDockerd,
+}
+
+/// (c), (d): every mongo task replaced at once. Each member comes back with its node's volume
+/// under a new address, and the reconciler re-addresses the set: the same replica set id, no
+/// new set, every acknowledged write readable, no voter changed by any config.
+async fn whole_restart(d: &Deployment, what: &str, how: Restart) -> Observed {
+    let before = d.tasks(MONGO).await.expect("tasks");
+    let before_ids: BTreeSet<String> = before.iter().map(|t| t.id.clone()).collect();
+    let before_identity = identity(d).await;
+    let (_, seen) = d
+        .observe(what, async {
+            match how {
+                Restart::ScaleToZero => {
+                    d.swarm_scale_mongo(0).await;
+                    wait_for("no mongo task running", STEP, || async {
+                        let n = d.tasks(MONGO).await?.len();
+                        if n == 0 {
+                            Ok(())
+                        } else {
+                            Err(format!("{n} running"))
+                        }
+                    })
+                    .await;
+                    d.swarm_scale_mongo(3).await;
+                }
+                Restart::EveryDockerd => d.swarm.restart_every_dockerd().await,
+            }
+            wait_for("the set re-addressed at the new tasks", STEP, || async {
+                let tasks = d.tasks(MONGO).await?;
+                if let Some(t) = tasks.iter().find(|t| before_ids.contains(&t.id)) {
+                    return Err(format!("slot {} still runs its old task", t.slot));
+                }
+                d.check_converged(3).await
+            })
+            .await
+        })
+        .await;
+    let after = identity(d).await;
+    assert_eq!(
+        after.replica_set_id, before_identity.replica_set_id,
+        "{what}: the set's replica set id changed: a new set was initiated"
+    );
+    // A forced reconfig raises the version by 10000 or more (MongoDB's rule): the set was
+    // re-addressed, not rebuilt.
+    assert!(
+        after.config_version >= before_identity.config_version + 10_000,
+        "{what}: config version {} -> {}: no re-addressing",
+        before_identity.config_version,
+        after.config_version
+    );
+    assert_step_kept_everything(d, what, &seen).await;
+    eprintln!(
+        "[durable] {what}: re-addressed, replica set id {}, config version {} -> {}",
+        after.replica_set_id, before_identity.config_version, after.config_version
+    );
+    seen
+}
+
+/// What the reconciler remembers of the set (`replsets/rs0/identity`).
+async fn identity(d: &Deployment) -> backend_core::SetIdentity {
+    let raw = d
+        .store_get("registrator/replsets/rs0/identity")
+        .await
+        .expect("the set's identity in the store");
+    backend_core::SetIdentity::from_json(raw.as_bytes())
+        .unwrap_or_else(|e| panic!("identity {raw:?}: {e}"))
+}
+
+/// Every volume removed while the service is at 0, then back to 3: the members are empty, and
+/// the reconciler refuses to initiate over the set the store remembers.
+async fn refuses_a_new_set_over_the_old_one(d: &Deployment) {
+    let id = identity(d).await.replica_set_id;
+    let uri = d
+        .store_get("registrator/replsets/rs0/uri")
+        .await
+        .expect("the URI");
+    d.swarm_scale_mongo(0).await;
+    wait_for("every mongo task stopped and its volumes removed", STEP, || async {
+        let n = d.tasks(MONGO).await?.len();
+        if n > 0 {
+            return Err(format!("{n} tasks still running"));
+        }
+        d.remove_mongo_volumes().await.map(|_| ())
+    })
+    .await;
+    d.swarm_scale_mongo(3).await;
+    let status = wait_for("the refusal in the status", STEP, || async {
+        let s = d.status().await?;
+        if s.next.reason == "known_set_without_data" {
+            Ok(s)
+        } else {
+            Err(format!("{:?}", s.next))
+        }
+    })
+    .await;
+    assert!(
+        status.next.detail.contains(&id) && status.next.detail.contains("forget-set"),
+        "the refusal names the set and the way out: {}",
+        status.next.detail
+    );
+    assert_eq!(status.config_version, 0, "no config: nothing was initiated");
+    assert_eq!(
+        d.store_get("registrator/replsets/rs0/uri").await.expect("the URI"),
+        uri,
+        "no URI for an empty set in place of the old one"
+    );
+    assert_eq!(identity(d).await.replica_set_id, id, "the identity is kept");
+    eprintln!("[durable] without the data: refused, {}", status.next.detail);
 }
 
 /// The deployed service has the simulator's healthcheck and a volume of each kind per task on
@@ -112,7 +243,7 @@ async fn assert_stack_shape(d: &Deployment) {
     for t in d.tasks(MONGO).await.expect("tasks") {
         let volumes = d.mongo_volumes(t.node).await.expect("volume ls");
         for kind in ["db", "configdb"] {
-            let name = format!("{MONGO}-{kind}-{}", t.slot);
+            let name = format!("{MONGO}-{kind}");
             assert!(
                 volumes.contains_key(&name),
                 "slot {} on dnode{}: no volume {name} there: {volumes:?}",
@@ -177,7 +308,7 @@ async fn rolling_update(d: &Deployment, what: &str, args: &[&str]) -> Observed {
             continue;
         }
         // The same node: the same volume (created once, before the update) ...
-        let name = format!("{MONGO}-db-{}", t.slot);
+        let name = format!("{MONGO}-db");
         assert_eq!(
             volumes_after[&t.node].get(&name),
             volumes_before[&t.node].get(&name),
@@ -266,7 +397,7 @@ async fn reschedule(d: &Deployment) -> Observed {
             .expect("the slot runs again");
         let host = format!("{}:27017", t.ip);
         assert_eq!(state.members.get(&t.slot), Some(&host));
-        let name = format!("{MONGO}-db-{}", t.slot);
+        let name = format!("{MONGO}-db");
         // The old node keeps its volume; the new one has its own, made for this task.
         assert_eq!(
             volumes_after[&node].get(&name),

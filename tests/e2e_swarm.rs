@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use test_support::dind::Swarm;
-use test_support::stack::{Deployment, Store, CONVERGE, MONGO};
+use test_support::stack::{Deployment, StackOptions, Store, CONVERGE, MONGO};
 use test_support::wait_for;
 
 /// The reconciler's removal grace in this stack: short, so that scaling down is quick.
@@ -45,7 +45,10 @@ async fn assert_start_doc_readable(d: &Deployment, after: &str) {
 
 async fn walk_through(store: Store) {
     let swarm = Swarm::up(3).await;
-    let d = Deployment::deploy(swarm, store, REMOVAL_GRACE).await;
+    // Up to 5 members on 3 nodes: several per node, a volume per slot.
+    let mut options = StackOptions::new(REMOVAL_GRACE);
+    options.several_per_node = true;
+    let d = Deployment::deploy_with(swarm, store, options).await;
 
     // --- deployed: 3 members, and a majority write to check at every step
     let initial = d.wait_converged(3, "deploy").await;

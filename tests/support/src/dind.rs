@@ -168,6 +168,27 @@ impl Swarm {
         }
     }
 
+    /// Restarts every node's dockerd at the same moment (SIGTERM; the node's entry point
+    /// starts it again), as a host reboot or an engine upgrade does to a node's containers:
+    /// they stop, and swarm replaces them once the engine is back. The node keeps its images,
+    /// volumes and swarm state. Returns once every node's engine answers again.
+    pub async fn restart_every_dockerd(&self) {
+        let stops = self.nodes().into_iter().map(|node| async move {
+            host_docker(&["exec", &node.container, "pkill", "-TERM", "-x", "dockerd"])
+                .await
+                .unwrap_or_else(|e| panic!("stopping dockerd on {}: {e}", node.container));
+        });
+        futures::future::join_all(stops).await;
+        for node in self.nodes() {
+            crate::wait_for(
+                "the node's dockerd to answer again",
+                std::time::Duration::from_secs(120),
+                || async { node.docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).await },
+            )
+            .await;
+        }
+    }
+
     /// Runs `up` again: makes killed nodes anew (empty) and joins them to the swarm, removes
     /// the manager's entries of the lost ones (`docker node rm --force`), and waits until all
     /// nodes are Ready. Load images again afterwards (the new nodes have none). A lost manager

@@ -126,6 +126,10 @@ pub struct StackOptions {
     /// More mongod flags for the stack's MONGO_EXTRA_ARGS, e.g. the simulator's
     /// `--sim-initial-sync-floor-ms 20000` for a new member that needs 20 s to sync.
     pub mongo_extra_args: String,
+    /// More than one member per node (a swarm with fewer nodes than members): the stack's
+    /// MONGO_MAX_PER_NODE=0 and a volume per slot (MONGO_VOLUME_SUFFIX). Off: the stack's
+    /// default, one member per node and a volume per node.
+    pub several_per_node: bool,
 }
 
 impl StackOptions {
@@ -133,6 +137,7 @@ impl StackOptions {
         StackOptions {
             removal_grace: removal_grace.to_string(),
             mongo_extra_args: String::new(),
+            several_per_node: false,
         }
     }
 }
@@ -214,6 +219,18 @@ impl Deployment {
             ("ETCD_IMAGE", "local/etcd"),
             ("CONSUL_IMAGE", "local/consul"),
             ("REMOVAL_GRACE", self.options.removal_grace.as_str()),
+            (
+                "MONGO_MAX_PER_NODE",
+                if self.options.several_per_node { "0" } else { "1" },
+            ),
+            (
+                "MONGO_VOLUME_SUFFIX",
+                if self.options.several_per_node {
+                    "-{{.Task.Slot}}"
+                } else {
+                    ""
+                },
+            ),
         ];
         self.manager()
             .docker_with_env(
@@ -685,8 +702,8 @@ impl Deployment {
         }
     }
 
-    /// The mongo service's volumes on node `i`: name (`e2e_mongo-db-<slot>`,
-    /// `e2e_mongo-configdb-<slot>`) to creation time, which tells a volume kept from one made
+    /// The mongo service's volumes on node `i`: name (`e2e_mongo-db`, `e2e_mongo-configdb`; with
+    /// a volume per slot `e2e_mongo-db-<slot>`, ...) to creation time, which tells a volume kept from one made
     /// anew under the same name.
     pub async fn mongo_volumes(&self, i: usize) -> Result<BTreeMap<String, String>, String> {
         let node = self.swarm.node(i);
@@ -707,11 +724,17 @@ impl Deployment {
             .collect())
     }
 
-    /// Removes every volume of the mongo service on every node (they must be unused: every
-    /// mongo task stopped), as an operator who loses the data would.
+    /// Removes every volume of the mongo service on every node, as an operator who loses the
+    /// data would: every mongo task must be stopped; the stopped containers swarm keeps as the
+    /// tasks' history (they still refer to the volumes) are removed first.
     pub async fn remove_mongo_volumes(&self) -> Result<usize, String> {
         let mut removed = 0;
         for i in 1..=self.swarm.len() {
+            let service = format!("label=com.docker.swarm.service.name={MONGO}");
+            self.swarm
+                .node(i)
+                .docker(&["container", "prune", "-f", "--filter", &service])
+                .await?;
             let names: Vec<String> = self.mongo_volumes(i).await?.into_keys().collect();
             if names.is_empty() {
                 continue;
