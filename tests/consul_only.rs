@@ -10,10 +10,6 @@ use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn consul_bin() -> String {
-    std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into())
-}
-
 async fn consul_get(path: &str) -> Result<Value, String> {
     let resp = reqwest::get(format!("http://{}{path}", consul_endpoint()))
         .await

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use backend_core::BackendError;
+use backend_core::{error_chain, BackendError};
 use reqwest::StatusCode;
 
 use crate::STORE;
@@ -263,17 +263,6 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
         cause = err.source();
     }
     false
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 pub(crate) async fn expect_success(

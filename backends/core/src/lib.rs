@@ -24,7 +24,7 @@ pub mod status;
 pub mod uri;
 
 pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
-pub use error::{BackendError, Cause};
+pub use error::{error_chain, require_ttl, BackendError, Cause, Result};
 pub use layout::{KeyLayout, ServiceKey};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
 pub use secret::Secret;
