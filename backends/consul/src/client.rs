@@ -78,22 +78,13 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
 
 /// The HTTP client of one agent, with its token. Cheap to clone (the connection pool is
 /// shared), so background tasks (renewals, watches) hold their own copy; it holds no session
-/// state.
-#[derive(Clone)]
+/// state. Its `Debug` shows the token redacted.
+#[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     pub(crate) endpoint: String,
     token: Option<Token>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("base", &self.base)
-            .field("token", &self.token)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Client {
