@@ -30,13 +30,8 @@ async fn bad_flags_exit_2_with_a_message() {
         (&["etcd://h:99999/p"], "port"),
     ];
     for (args, mentions) in cases {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-            .args(*args)
-            .output()
-            .await
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, stderr) = run_bridge(args, &[]).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(mentions),
             "{args:?} should mention {mentions}: {stderr}"

@@ -56,6 +56,26 @@ impl Names {
     }
 }
 
+/// Runs the bridge binary with `args` and `env` to its end (no stdin, `NO_COLOR`); its exit
+/// code and its stderr.
+pub async fn run_bridge<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("the bridge runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `docker` with these arguments; panics with its stderr when it fails.
 pub async fn docker(args: &[&str]) -> String {
     let mut command = tokio::process::Command::new("docker");

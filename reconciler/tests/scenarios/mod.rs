@@ -555,12 +555,7 @@ pub async fn eight_to_three_removes_one_member_per_step_with_a_primary_throughou
         "a stepdown during the scale-down:\n{}",
         cluster.history().render()
     );
-    let found = coll
-        .find_one(bson::doc! {"_id": 1})
-        .await
-        .expect("read")
-        .expect("the majority write is still there");
-    assert_eq!(found.get_str("item").ok(), Some("before the scale-down"));
+    assert_written(&coll, "before the scale-down").await;
     eprintln!("8 -> 3 in {took:?}");
 }
 
@@ -680,12 +675,7 @@ pub async fn a_majority_write_survives_a_primary_killed_during_a_scale_up(b: Bac
     })
     .await;
     assert_one_voter_at_a_time(&cluster);
-    let found = coll
-        .find_one(bson::doc! {"_id": 1})
-        .await
-        .expect("read")
-        .expect("the majority write is still there");
-    assert_eq!(found.get_str("item").ok(), Some("first"));
+    assert_written(&coll, "first").await;
 }
 
 pub async fn eight_members_have_seven_voters(b: Backend) {
@@ -787,6 +777,16 @@ pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
 
 /// Inserts `{_id: 1, item}` into `app.orders` with `w: "majority"` through the set's URI and
 /// returns the collection, to read the document back at the end.
+/// The majority write of [`majority_write`] is still there, with `item`.
+async fn assert_written(coll: &mongodb::Collection<bson::Document>, item: &str) {
+    let found = coll
+        .find_one(bson::doc! {"_id": 1})
+        .await
+        .expect("read")
+        .expect("the majority write is still there");
+    assert_eq!(found.get_str("item").ok(), Some(item));
+}
+
 async fn majority_write(cluster: &Cluster, item: &str) -> mongodb::Collection<bson::Document> {
     let client = mongodb::Client::with_uri_str(cluster.uri())
         .await

@@ -403,6 +403,11 @@ macro_rules! memory_suite {
             }
         }
 
+        /// A cluster of its own and a layout of its own.
+        fn fresh(tag: &str) -> (MemoryCluster, backend_core::KeyLayout) {
+            (MemoryCluster::new(), unique_layout(tag))
+        }
+
         #[tokio::test(start_paused = true)]
         async fn records_live_with_the_session_and_go_with_it() {
             let s = ($client)(&MemoryCluster::new(), unique_layout("memory-session"));
@@ -446,8 +451,7 @@ macro_rules! memory_suite {
 
         #[tokio::test(start_paused = true)]
         async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
-            let cluster = MemoryCluster::new();
-            let layout = unique_layout("memory-elect");
+            let (cluster, layout) = fresh("memory-elect");
             let a = ($client)(&cluster, layout.clone());
             let b = ($client)(&cluster, layout.clone());
             let key = layout.replset_leader_key("rs0");
@@ -456,8 +460,7 @@ macro_rules! memory_suite {
 
         #[tokio::test(start_paused = true)]
         async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
-            let cluster = MemoryCluster::new();
-            let layout = unique_layout("memory-dead");
+            let (cluster, layout) = fresh("memory-dead");
             contract::a_dead_leader_is_replaced_after_its_ttl(
                 &($client)(&cluster, layout.clone()),
                 &($client)(&cluster, layout.clone()),
@@ -470,8 +473,7 @@ macro_rules! memory_suite {
 
         #[tokio::test(start_paused = true)]
         async fn coordinator_a_leader_learns_that_it_lost() {
-            let cluster = MemoryCluster::new();
-            let layout = unique_layout("memory-lost-leader");
+            let (cluster, layout) = fresh("memory-lost-leader");
             let a = ($client)(&cluster, layout.clone());
             contract::a_leader_learns_that_it_lost(
                 &a,

@@ -72,13 +72,13 @@ pub struct PrivateEtcd {
 
 impl PrivateEtcd {
     pub async fn start() -> PrivateEtcd {
-        let client_port = free_port();
-        let peer_port = free_port();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let (dir, child) = (TempDir::new("etcd"), None);
         let mut etcd = PrivateEtcd {
             client_port,
             peer_port,
-            dir: TempDir::new("etcd"),
-            child: None,
+            dir,
+            child,
         };
         etcd.resume().await;
         etcd
