@@ -70,13 +70,7 @@ impl Consul {
         path: &str,
         what: &str,
     ) -> Result<Option<T>> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot read {what}"))?;
+        let resp = self.send(reqwest::Method::GET, path, what).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -100,15 +94,23 @@ impl Consul {
             .to_string())
     }
 
-    async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
+    /// One request to `path` without a body; `what` names it in errors.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        what: &str,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let request = self.http.request(method, url).timeout(REQUEST_TIMEOUT);
+        request
             .send()
             .await
-            .with_context(|| format!("PUT {path}"))?;
-        Ok(resp.status())
+            .with_context(|| format!("cannot send {what}"))
+    }
+
+    async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
+        Ok(self.send(reqwest::Method::PUT, path, path).await?.status())
     }
 
     /// The keys under `prefix` and the sessions holding any of them.
@@ -141,17 +143,9 @@ impl Consul {
                 crate::log(&format!("warning: cannot destroy session {s}: {status}"));
             }
         }
-        let resp = self
-            .http
-            .delete(format!(
-                "{}/v1/kv/{}?recurse=true",
-                self.base,
-                encode_key(prefix)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot delete Consul keys under {prefix}"))?;
+        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        let what = format!("the deletion of the Consul keys under {prefix}");
+        let resp = self.send(reqwest::Method::DELETE, &path, &what).await?;
         resp.error_for_status()
             .with_context(|| format!("cannot delete Consul keys under {prefix}"))?;
         Ok(())

@@ -535,6 +535,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tables_have_a_rule_under_the_header_and_keep_empty_cells() {
+        let mut out = String::new();
+        header(&mut out, "| Metric | Target | |");
+        row(&mut out, &["p50", "< 2 ms", ""]);
+        assert_eq!(
+            out,
+            "| Metric | Target | |\n|---|---|---|\n| p50 | < 2 ms | |\n"
+        );
+    }
+
+    #[test]
     fn nearest_rank_percentiles() {
         let s = Stats::of(1..=200);
         assert_eq!((s.min, s.p50, s.p99, s.max), (1.0, 100.0, 198.0, 200.0));
