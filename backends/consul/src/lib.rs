@@ -137,32 +137,19 @@ impl ConsulStore {
         self.client.list_prefix(prefix).await
     }
 
-    async fn session_id(&self) -> Result<String, BackendError> {
-        self.session
-            .lock()
-            .await
+    /// The open session's id and TTL.
+    async fn current_session(&self) -> Result<(String, Duration), BackendError> {
+        let session = self.session.lock().await;
+        let open = session
             .as_ref()
-            .map(|s| s.id.clone())
-            .ok_or(BackendError::NoSession { store: STORE })
-    }
-
-    async fn ttl(&self) -> Result<Duration, BackendError> {
-        self.session
-            .lock()
-            .await
-            .as_ref()
-            .map(|s| s.ttl)
-            .ok_or(BackendError::NoSession { store: STORE })
+            .ok_or(BackendError::NoSession { store: STORE })?;
+        Ok((open.id.clone(), open.ttl))
     }
 }
 
 impl Publisher for ConsulStore {
     fn store_name(&self) -> &'static str {
         STORE
-    }
-
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
     }
 
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
@@ -247,8 +234,7 @@ impl Publisher for ConsulStore {
     }
 
     async fn publish(&self, records: &[ServiceRecord]) -> Result<(), BackendError> {
-        let session = self.session_id().await?;
-        let ttl = self.ttl().await?;
+        let (session, ttl) = self.current_session().await?;
         // KV first: it is the contract other tools watch, and a catalog registration running at
         // the same time on the same agent slows it (measured: docs/benchmarks.md).
         let kv = async {
@@ -315,7 +301,7 @@ impl Publisher for ConsulStore {
         if !self.options.kv {
             return Ok(());
         }
-        let session = self.session_id().await?;
+        let (session, _) = self.current_session().await?;
         let ops = vec![lock_ops(
             &self.layout.node_key(&node.node_id),
             &node.to_json(),
@@ -333,6 +319,10 @@ impl Publisher for ConsulStore {
             .list_prefix(&self.layout.services_prefix())
             .await?
             .0)
+    }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
     }
 }
 

@@ -244,10 +244,6 @@ impl Publisher for EtcdStore {
         STORE
     }
 
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
-    }
-
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
         let least = Duration::from_secs(1);
         let detail = "etcd leases are granted in whole seconds, at least 1";
@@ -379,6 +375,10 @@ impl Publisher for EtcdStore {
 
     async fn list_services(&self) -> Result<Vec<KvEntry>, BackendError> {
         Ok(self.list_prefix(&self.layout.services_prefix()).await?.0)
+    }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
     }
 }
 

@@ -281,13 +281,14 @@ impl Publisher for MemoryStore {
         STORE
     }
 
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
-    }
-
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
-        let detail = "a session lasts at least 1 s (etcd's least lease)";
-        backend_core::require_ttl(STORE, ttl, Duration::from_secs(1), detail)?;
+        let least = Duration::from_secs(1);
+        backend_core::require_ttl(
+            STORE,
+            ttl,
+            least,
+            "a session lasts at least 1 s (etcd's least lease)",
+        )?;
         let mut state = self.cluster.lock();
         state.admit("open session")?;
         let id = self.cluster.open_session(&mut state, ttl);
@@ -345,6 +346,10 @@ impl Publisher for MemoryStore {
         let mut state = self.cluster.lock();
         state.admit("list services")?;
         Ok(state.list(&self.layout.services_prefix()))
+    }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
     }
 }
 
