@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 use prometheus_client::registry::Registry;
-use swarm_registrator::bridge::{scan_engine, Bridge, BridgeConfig, Deregister};
+use swarm_registrator::bridge::{connect_engine, scan_engine, Bridge, BridgeConfig, Deregister};
 use swarm_registrator::engine::{DockerEngine, Engine};
 use swarm_registrator::metrics::{Health, Metrics};
 use swarm_registrator::records::BuildOptions;
@@ -253,7 +253,13 @@ async fn run_bridge(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some(bridge) = Bridge::start(store, config, metrics, health, &shutdown).await? else {
+    let started = match connect_engine(&config, &metrics, &shutdown).await? {
+        Some(engine) => {
+            Bridge::start_with(engine, store, config, metrics, health, &shutdown).await?
+        }
+        None => None,
+    };
+    let Some(bridge) = started else {
         tracing::info!("stopped before the bridge was up");
         return Ok(());
     };

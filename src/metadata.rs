@@ -108,21 +108,15 @@ mod tests {
 
     #[test]
     fn label_beats_env() {
-        let m = meta(
-            &["SERVICE_NAME=from-env"],
-            &[("SERVICE_NAME", "from-label")],
-            "80",
-        );
+        let label = [("SERVICE_NAME", "from-label")];
+        let m = meta(&["SERVICE_NAME=from-env"], &label, "80");
         assert_eq!(m.get("name"), Some("from-label"));
     }
 
     #[test]
     fn port_scoped_beats_unscoped_in_any_order() {
-        let m = meta(
-            &["SERVICE_80_NAME=web"],
-            &[("SERVICE_NAME", "generic")],
-            "80",
-        );
+        let label = [("SERVICE_NAME", "generic")];
+        let m = meta(&["SERVICE_80_NAME=web"], &label, "80");
         assert_eq!(m.get("name"), Some("web"));
         assert!(m.from_port("name"));
         let m = meta(&["SERVICE_NAME=generic", "SERVICE_80_NAME=web"], &[], "80");

@@ -70,33 +70,15 @@ pub fn plan_sync(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use backend_core::{Protocol, SCHEMA_VERSION};
-
     use super::*;
 
     fn record(service: &str, id: &str, node: &str, port: u16) -> ServiceRecord {
         ServiceRecord {
-            schema_version: SCHEMA_VERSION,
-            service: service.into(),
-            id: id.into(),
-            ip: "10.0.0.1".parse().expect("ip"),
-            port,
-            protocol: Protocol::Tcp,
-            tags: vec![],
-            labels: BTreeMap::new(),
-            attrs: BTreeMap::new(),
             container_id: format!("c-{id}"),
             container_name: id.into(),
             node_id: node.into(),
             hostname: node.into(),
-            task_id: None,
-            task_slot: None,
-            service_id: None,
-            stack: None,
-            health: None,
-            started_at: None,
+            ..ServiceRecord::new(service, id, "10.0.0.1".parse().expect("ip"), port)
         }
     }
 

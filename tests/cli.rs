@@ -30,13 +30,8 @@ async fn bad_flags_exit_2_with_a_message() {
         (&["etcd://h:99999/p"], "port"),
     ];
     for (args, mentions) in cases {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-            .args(*args)
-            .output()
-            .await
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, stderr) = run_bridge(args, &[]).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(mentions),
             "{args:?} should mention {mentions}: {stderr}"
@@ -49,16 +44,9 @@ async fn dry_run_prints_the_records_and_writes_nothing() {
     let (names, mut cleanup, net, svc, store, _) = scene(Backend::Etcd, "dryrun").await;
     service(&mut cleanup, &svc, &net, 2, &[]).await;
     wait_for_tasks(&svc, &net, 2, CONVERGE).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-        .args([&Backend::Etcd.uri(&names), "--dry-run"])
-        .output()
-        .await
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut dry_run = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"));
+    dry_run.args([&Backend::Etcd.uri(&names), "--dry-run"]);
+    let out = run_ok(&mut dry_run, "swarm-registrator --dry-run").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tasks = task_containers(&svc, &net).await;
     for t in &tasks {

@@ -10,10 +10,6 @@ use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-fn consul_bin() -> String {
-    std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into())
-}
-
 async fn consul_get(path: &str) -> Result<Value, String> {
     let resp = reqwest::get(format!("http://{}{path}", consul_endpoint()))
         .await
@@ -247,16 +243,11 @@ async fn a_wrong_acl_token_is_a_clear_error_naming_its_source() {
         ),
     ];
     for (env, args, source) in cases {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-            .arg(&uri)
-            .args(&args)
-            .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .output()
-            .await
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let args: Vec<&str> = std::iter::once(uri.as_str())
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let (code, stderr) = run_bridge(&args, &env).await;
+        assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains("permission denied"), "{stderr}");
         assert!(stderr.contains(&source), "names {source}: {stderr}");
         assert!(
@@ -275,13 +266,8 @@ async fn a_wrong_acl_token_is_a_clear_error_naming_its_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_ttls_below_its_floor_are_refused() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
-        .args(["consul://127.0.0.1:8500/x", "--ttl", "5"])
-        .output()
-        .await
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = run_bridge(&["consul://127.0.0.1:8500/x", "--ttl", "5"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--ttl 10"), "{stderr}");
 }
 

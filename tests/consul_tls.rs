@@ -8,7 +8,6 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -18,10 +17,6 @@ use serde_json::Value;
 const CONVERGE: Duration = Duration::from_secs(60);
 /// How long a bridge that cannot work may take to give up with `--retry-attempts 1`.
 const GIVE_UP: Duration = Duration::from_secs(30);
-
-fn consul_bin() -> String {
-    std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into())
-}
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, as PEM files.
 struct Pki {
@@ -177,26 +172,9 @@ verify_incoming_https = true
         let config_file = dir.path().join("tls.hcl");
         std::fs::write(&config_file, config).expect("agent config");
         let log = dir.path().join("consul.log");
-        let file = std::fs::File::create(&log).expect("consul log");
-        let child = tokio::process::Command::new(consul_bin())
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-                "-node",
-                &format!("tls-{https_port}"),
-                "-config-file",
-            ])
-            .arg(&config_file)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("consul starts (CONSUL_BIN from scripts/services env)");
+        let mut command = test_support::consul_dev_agent(&format!("tls-{https_port}"));
+        command.arg("-config-file").arg(&config_file);
+        let child = test_support::spawn_logged(&mut command, &log, "the TLS Consul agent");
         let agent = TlsConsul {
             https_port,
             log,
@@ -234,7 +212,7 @@ verify_incoming_https = true
             .get(format!("https://{}{path}", self.https_addr()))
             .send()
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| backend_core::error_chain(&e))?;
         let status = resp.status();
         let body = resp.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
@@ -242,17 +220,6 @@ verify_incoming_https = true
         }
         serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -361,7 +328,8 @@ async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
         names.prefix(),
         record["id"].as_str().expect("record id")
     );
-    let out = tokio::process::Command::new(consul_bin())
+    let mut kv_get = tokio::process::Command::new(consul_bin());
+    kv_get
         .args(["kv", "get", "-http-addr"])
         .arg(format!("https://{}", agent.https_addr()))
         .arg("-ca-file")
@@ -370,16 +338,8 @@ async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
         .arg(&pki.client_cert)
         .arg("-client-key")
         .arg(&pki.client_key)
-        .arg(&key)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("consul kv get runs");
-    assert!(
-        out.status.success(),
-        "consul kv get {key}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&key);
+    let out = run_ok(&mut kv_get, &format!("consul kv get {key}")).await;
     let cli_record: Value = serde_json::from_slice(&out.stdout).expect("JSON from consul kv get");
     assert_eq!(cli_record, record);
 }

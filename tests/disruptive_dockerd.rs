@@ -30,16 +30,9 @@ async fn the_bridge_reconnects_after_dockerd_restarts_and_repairs_the_store() {
     })
     .await;
 
-    let out = tokio::process::Command::new(repo_root().join("scripts/services"))
-        .arg("restart-docker")
-        .output()
-        .await
-        .expect("scripts/services runs");
-    assert!(
-        out.status.success(),
-        "restarting dockerd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut restart = tokio::process::Command::new(repo_root().join("scripts/services"));
+    restart.arg("restart-docker");
+    run_ok(&mut restart, "restarting dockerd").await;
 
     bridge
         .wait_for_log("Docker event stream", Duration::from_secs(60))

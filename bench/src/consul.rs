@@ -3,8 +3,8 @@
 //! and its bridges leave there.
 //!
 //! The KV observer is backend-consul's own watch. The catalog observer (backend-consul has no
-//! catalog watch) is a blocking query on `/v1/catalog/service/<service>` with backend-consul's
-//! key encoding and index rule ([`next_index`]), so each change wakes the query at once.
+//! catalog watch) is a loop of backend-consul's blocking catalog query with its index rule
+//! ([`next_index`]), so each change wakes the query at once.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,9 +22,7 @@ use crate::observe::{watch_store, RecordSeen, Via};
 use crate::report::{BulkFloor, ConsulFloor, FloorStep};
 
 /// How long one blocking query waits for a change.
-const WAIT: &str = "30s";
-/// The timeout of a blocking query (its wait, Consul's jitter of wait/16, and a margin).
-const BLOCKING_TIMEOUT: Duration = Duration::from_secs(40);
+const WAIT: Duration = Duration::from_secs(30);
 /// The timeout of any other request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,13 +44,6 @@ fn client() -> Result<reqwest::Client> {
         .tcp_nodelay(true)
         .build()
         .context("cannot build the HTTP client")
-}
-
-fn consul_index(resp: &reqwest::Response) -> Option<u64> {
-    resp.headers()
-        .get("X-Consul-Index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 impl Consul {
@@ -79,13 +70,7 @@ impl Consul {
         path: &str,
         what: &str,
     ) -> Result<Option<T>> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot read {what}"))?;
+        let resp = self.send(reqwest::Method::GET, path, what).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -109,15 +94,23 @@ impl Consul {
             .to_string())
     }
 
-    async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
+    /// One request to `path` without a body; `what` names it in errors.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        what: &str,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let request = self.http.request(method, url).timeout(REQUEST_TIMEOUT);
+        request
             .send()
             .await
-            .with_context(|| format!("PUT {path}"))?;
-        Ok(resp.status())
+            .with_context(|| format!("cannot send {what}"))
+    }
+
+    async fn put_empty(&self, path: &str) -> Result<reqwest::StatusCode> {
+        Ok(self.send(reqwest::Method::PUT, path, path).await?.status())
     }
 
     /// The keys under `prefix` and the sessions holding any of them.
@@ -150,17 +143,9 @@ impl Consul {
                 crate::log(&format!("warning: cannot destroy session {s}: {status}"));
             }
         }
-        let resp = self
-            .http
-            .delete(format!(
-                "{}/v1/kv/{}?recurse=true",
-                self.base,
-                encode_key(prefix)
-            ))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("cannot delete Consul keys under {prefix}"))?;
+        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        let what = format!("the deletion of the Consul keys under {prefix}");
+        let resp = self.send(reqwest::Method::DELETE, &path, &what).await?;
         resp.error_for_status()
             .with_context(|| format!("cannot delete Consul keys under {prefix}"))?;
         Ok(())
@@ -198,12 +183,12 @@ impl Consul {
 
     /// How many instances of `service` the catalog has.
     pub async fn catalog_count(&self, service: &str) -> Result<usize> {
-        let path = format!("/v1/catalog/service/{}", encode_key(service));
-        let list: Vec<Value> = self
-            .get_json(&path, "the catalog")
-            .await?
-            .unwrap_or_default();
-        Ok(list.len())
+        let (instances, _) = self
+            .agent
+            .catalog_service(service, 0, Duration::ZERO)
+            .await
+            .context("cannot read the catalog")?;
+        Ok(instances.len())
     }
 }
 
@@ -220,43 +205,16 @@ pub async fn watch_kv(
     watch_store(&store, prefix, Via::Kv, tx).await
 }
 
-/// Reports every instance of `service` that appears in the catalog (a blocking query on
-/// `/v1/catalog/service/<service>`), as [`Via::Catalog`]. Returns after the first answer.
+/// Reports every instance of `service` that appears in the catalog, as [`Via::Catalog`]:
+/// blocking queries of backend-consul's client in a loop, with its index rule; every instance
+/// not seen before (by ServiceID) is reported once, when the answer carrying it arrives.
+/// Returns after the first answer.
 pub async fn watch_catalog(
     consul: &Consul,
     service: &str,
     tx: mpsc::UnboundedSender<RecordSeen>,
 ) -> Result<JoinHandle<()>> {
-    let http = client()?;
-    let url = format!("{}/v1/catalog/service/{}", consul.base, encode_key(service));
-    spawn_watch(http, url, tx).await
-}
-
-/// The instances of a catalog answer: ServiceID, ModifyIndex, `ServiceMeta.container_id`.
-fn catalog_entries(body: &[u8]) -> Vec<(String, u64, String)> {
-    let Ok(list) = serde_json::from_slice::<Vec<Value>>(body) else {
-        return Vec::new();
-    };
-    list.iter()
-        .filter_map(|e| {
-            let id = e.get("ServiceID")?.as_str()?.to_string();
-            let modify = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            let container_id = e
-                .pointer("/ServiceMeta/container_id")
-                .and_then(Value::as_str);
-            Some((id, modify, container_id.unwrap_or_default().to_string()))
-        })
-        .collect()
-}
-
-/// Blocking queries on the catalog `url` in a loop (backend-consul's index rule); every
-/// instance not seen before (by ServiceID) is reported once, when the answer carrying it
-/// arrives (its headers; Consul writes the whole answer at once).
-async fn spawn_watch(
-    http: reqwest::Client,
-    url: String,
-    tx: mpsc::UnboundedSender<RecordSeen>,
-) -> Result<JoinHandle<()>> {
+    let (agent, service) = (consul.agent.clone(), service.to_string());
     let (ready_tx, ready_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut ready = Some(ready_tx);
@@ -264,15 +222,10 @@ async fn spawn_watch(
         let mut seen: HashMap<String, u64> = HashMap::new();
         let mut failures = 0u32;
         loop {
-            let full = if index > 0 {
-                format!("{url}?index={index}&wait={WAIT}")
-            } else {
-                url.clone()
-            };
-            let answer = http.get(&full).timeout(BLOCKING_TIMEOUT).send().await;
+            let answer = agent.catalog_service(&service, index, WAIT).await;
             let arrival_ns = now_ns();
-            let resp = match answer {
-                Ok(r) => r,
+            let (instances, new_index) = match answer {
+                Ok(a) => a,
                 Err(e) => {
                     failures += 1;
                     crate::log(&format!("warning: Consul blocking query failed: {e}"));
@@ -283,35 +236,13 @@ async fn spawn_watch(
                     continue;
                 }
             };
-            let new_index = consul_index(&resp).unwrap_or(0);
-            let status = resp.status();
-            let body = if status.is_success() {
-                match resp.bytes().await {
-                    Ok(b) => b.to_vec(),
-                    Err(e) => {
-                        crate::log(&format!("warning: Consul answer unreadable: {e}"));
-                        continue;
-                    }
-                }
-            } else {
-                failures += 1;
-                crate::log(&format!("warning: Consul blocking query: {status}"));
-                if failures > 20 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
             failures = 0;
             index = next_index(index, new_index);
-            for (key, modify, container_id) in catalog_entries(&body) {
-                if seen.get(&key) == Some(&modify) {
-                    continue;
-                }
-                let first = seen.insert(key, modify).is_none();
-                if first {
+            for instance in instances {
+                if seen.insert(instance.id, instance.modify_index).is_none() {
+                    let container_id = instance.meta.and_then(|mut m| m.remove("container_id"));
                     let record = RecordSeen {
-                        container_id,
+                        container_id: container_id.unwrap_or_default(),
                         arrival_ns,
                         via: Via::Catalog,
                     };
@@ -362,25 +293,11 @@ async fn wait_for(
 fn floor_record(service: &str, i: usize) -> ServiceRecord {
     let id = format!("{service}-{i}");
     ServiceRecord {
-        schema_version: backend_core::SCHEMA_VERSION,
-        service: service.into(),
-        id: id.clone(),
-        ip: std::net::IpAddr::from([127, 0, 0, 1]),
-        port: 8080,
-        protocol: backend_core::Protocol::Tcp,
-        tags: vec![],
-        labels: Default::default(),
-        attrs: Default::default(),
         container_id: id.clone(),
-        container_name: id,
+        container_name: id.clone(),
         node_id: "registrator-bench".into(),
         hostname: "registrator-bench".into(),
-        task_id: None,
-        task_slot: None,
-        service_id: None,
-        stack: None,
-        health: None,
-        started_at: None,
+        ..ServiceRecord::new(service, id, std::net::IpAddr::from([127, 0, 0, 1]), 8080)
     }
 }
 
@@ -516,22 +433,4 @@ pub async fn floor(
         }),
         load: Default::default(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_catalog_answers() {
-        let cat = br#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}},{"ServiceID":"b"}]"#;
-        assert_eq!(
-            catalog_entries(cat),
-            vec![
-                ("a".to_string(), 3, "c2".to_string()),
-                ("b".to_string(), 0, String::new())
-            ]
-        );
-        assert!(catalog_entries(b"not json").is_empty());
-    }
 }

@@ -310,7 +310,10 @@ async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
             Part::Plain | Part::Floor | Part::FloorConnect | Part::Swarm => {
                 latency.push(latency_etcd(cli, &h, *part).await?)
             }
-            Part::Sync => sync.push(sync_etcd(cli, &h).await?),
+            Part::Sync => {
+                let sinks: [(Sink, &[&str]); 1] = [(Sink::Etcd, &[report::SYNC_ETCD])];
+                sync.extend(sync_part(cli, &h, "sync", &sinks).await?)
+            }
             Part::ConsulFloor => {
                 let c = lab.consul()?;
                 let (prefix, service) = (lab.prefix("cfloor"), lab.service_name("cfloor"));
@@ -335,7 +338,18 @@ async fn run_parts(cli: &Cli, lab: &Lab, report: &mut Report) -> Result<()> {
             Part::ConsulCatalog => {
                 latency.extend(latency_consul(cli, &h, ConsulMode::Catalog).await?)
             }
-            Part::ConsulSync => sync.extend(sync_consul(cli, &h).await?),
+            Part::ConsulSync => {
+                let kv_only: &[&str] = &[report::SYNC_CONSUL_KV_ONLY];
+                let both: &[&str] = &[
+                    report::SYNC_CONSUL_BOTH_KV,
+                    report::SYNC_CONSUL_BOTH_CATALOG,
+                ];
+                let sinks = [
+                    (Sink::Consul(ConsulMode::Kv), kv_only),
+                    (Sink::Consul(ConsulMode::Both), both),
+                ];
+                sync.extend(sync_part(cli, &h, "csync", &sinks).await?)
+            }
         }
         let load = (load_before, report::loadavg());
         for mut run in latency {
@@ -523,56 +537,6 @@ fn summary(name: &str, containers: usize, idle: (u64, usize)) -> SyncSummary {
     }
 }
 
-/// Idle RSS, then the initial sync into etcd of `--sync-containers` containers, repeated.
-async fn sync_etcd(cli: &Cli, h: &Harness<'_>) -> Result<SyncSummary> {
-    let lab = h.lab;
-    // Idle: a bridge on an engine without this run's containers.
-    let idle_containers = lab.running_containers().await?;
-    let prefix = lab.prefix("idle");
-    let idle_rss = h.idle_rss(&etcd_bridge(lab, &prefix, true), &prefix).await;
-    lab.delete_prefix(&prefix).await?;
-    let mut sync = summary(
-        report::SYNC_ETCD,
-        cli.sync_containers,
-        (idle_rss?.0, idle_containers),
-    );
-
-    let ids = start_sync_containers(cli, lab, "sync", None).await?;
-    let ours: HashSet<String> = ids.iter().cloned().collect();
-    let outcome: Result<()> = async {
-        for r in 0..cli.sync_runs {
-            let prefix = lab.prefix(&format!("sync{r}"));
-            let services = format!("{prefix}/services/");
-            let subject = etcd_bridge(lab, &prefix, true);
-            let (run, totals) = h
-                .initial_sync(&subject, &prefix, Seen::Etcd, &ours, |_| {
-                    lab.count_keys(&services)
-                })
-                .await?;
-            lab.delete_prefix(&prefix).await?;
-            log(&format!(
-                "  run {}: {} records in {:.1} ms, RSS {} KiB (peak {} KiB)",
-                r + 1,
-                ours.len(),
-                run.elapsed_ns[0] as f64 / 1e6,
-                run.rss_kib,
-                run.hwm_kib
-            ));
-            sync.runs.push(SyncRun {
-                elapsed_ns: run.elapsed_ns[0],
-                rss_kib: run.rss_kib,
-                hwm_kib: run.hwm_kib,
-                total_records: totals[0],
-            });
-        }
-        Ok(())
-    }
-    .await;
-    lab.remove_containers(&ids).await;
-    outcome?;
-    Ok(sync)
-}
-
 /// Waits until the catalog has no instance of `service` (an agent deregistration reaches the
 /// catalog through the agent's sync).
 async fn wait_catalog_empty(lab: &Lab, service: &str, within: Duration) -> Result<()> {
@@ -594,67 +558,108 @@ async fn wait_catalog_empty(lab: &Lab, service: &str, within: Duration) -> Resul
     }
 }
 
-/// Initial sync into Consul: each run once KV only, once KV + catalog (the bridge's default).
-async fn sync_consul(cli: &Cli, h: &Harness<'_>) -> Result<Vec<SyncSummary>> {
+/// The bridge of a sync part: into etcd, or into Consul in a mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    Etcd,
+    Consul(ConsulMode),
+}
+
+impl Sink {
+    fn tag(self) -> &'static str {
+        match self {
+            Sink::Etcd => "",
+            Sink::Consul(ConsulMode::Kv) => "kv",
+            Sink::Consul(_) => "both",
+        }
+    }
+
+    fn bridge(self, lab: &Lab, prefix: &str) -> Result<Subject> {
+        match self {
+            Sink::Etcd => Ok(etcd_bridge(lab, prefix, true)),
+            Sink::Consul(mode) => consul_bridge(lab, prefix, mode),
+        }
+    }
+
+    fn seen(self, service: &str) -> Seen<'_> {
+        match self {
+            Sink::Etcd => Seen::Etcd,
+            Sink::Consul(mode) => consul_seen(mode, service),
+        }
+    }
+
+    async fn delete_prefix(self, lab: &Lab, prefix: &str) -> Result<()> {
+        match self {
+            Sink::Etcd => lab.delete_prefix(prefix).await,
+            Sink::Consul(_) => lab.consul()?.delete_prefix(prefix).await,
+        }
+    }
+}
+
+/// How many records of this run `via` shows: keys under `services`, or instances of `service`.
+async fn count_seen(lab: &Lab, via: Via, services: String, service: String) -> Result<i64> {
+    Ok(match via {
+        Via::Etcd => lab.count_keys(&services).await?,
+        Via::Kv => lab.consul()?.count_keys(&services).await? as i64,
+        Via::Catalog => lab.consul()?.catalog_count(&service).await? as i64,
+    })
+}
+
+/// Idle RSS (a bridge of the last sink, with none of this run's containers), then the initial
+/// sync of `--sync-containers` plain containers, `--sync-runs` times: each run spawns one bridge
+/// per sink and adds its times to that sink's summaries (named in `sinks`, one per observer).
+async fn sync_part(
+    cli: &Cli,
+    h: &Harness<'_>,
+    tag: &str,
+    sinks: &[(Sink, &[&str])],
+) -> Result<Vec<SyncSummary>> {
     let lab = h.lab;
-    let consul = lab.consul()?;
-    let service = lab.service_name("csync");
-
-    // Idle: a bridge (KV + catalog) with none of this run's containers.
+    let consul = sinks.iter().any(|(sink, _)| *sink != Sink::Etcd);
+    let service = lab.service_name(tag);
+    let idle_sink = sinks.last().map_or(Sink::Etcd, |(sink, _)| *sink);
     let idle_containers = lab.running_containers().await?;
-    let prefix = lab.prefix("cidle");
-    let idle_rss = h
-        .idle_rss(&consul_bridge(lab, &prefix, ConsulMode::Both)?, &prefix)
-        .await;
-    consul.delete_prefix(&prefix).await?;
-    let idle = (idle_rss?.0, idle_containers);
-    let m = cli.sync_containers;
-    let mut kv_only = summary(report::SYNC_CONSUL_KV_ONLY, m, idle);
-    let mut both_kv = summary(report::SYNC_CONSUL_BOTH_KV, m, idle);
-    let mut both_catalog = summary(report::SYNC_CONSUL_BOTH_CATALOG, m, idle);
+    let prefix = lab.prefix(&format!("{tag}idle"));
+    let idle_rss = h.idle_rss(&idle_sink.bridge(lab, &prefix)?, &prefix).await;
+    idle_sink.delete_prefix(lab, &prefix).await?;
+    let (idle, m) = ((idle_rss?.0, idle_containers), cli.sync_containers);
+    let mut summaries: Vec<Vec<SyncSummary>> = sinks
+        .iter()
+        .map(|(_, names)| names.iter().map(|name| summary(name, m, idle)).collect())
+        .collect();
 
-    let ids = start_sync_containers(cli, lab, "csync", Some(&service)).await?;
+    let ids = start_sync_containers(cli, lab, tag, consul.then_some(service.as_str())).await?;
     let ours: HashSet<String> = ids.iter().cloned().collect();
     let outcome: Result<()> = async {
         for r in 0..cli.sync_runs {
-            for mode in [ConsulMode::Kv, ConsulMode::Both] {
-                let tag = if mode == ConsulMode::Kv { "kv" } else { "both" };
-                let prefix = lab.prefix(&format!("csync{r}{tag}"));
+            for ((sink, _), targets) in sinks.iter().zip(summaries.iter_mut()) {
+                let prefix = lab.prefix(&format!("{tag}{r}{}", sink.tag()));
                 let services = format!("{prefix}/services/");
-                wait_catalog_empty(lab, &service, h.timeout).await?;
-                let subject = consul_bridge(lab, &prefix, mode)?;
-                let seen = consul_seen(mode, &service);
+                if consul {
+                    wait_catalog_empty(lab, &service, h.timeout).await?;
+                }
+                let subject = sink.bridge(lab, &prefix)?;
                 let (run, totals) = h
-                    .initial_sync(&subject, &prefix, seen, &ours, |via| {
-                        let services = services.clone();
-                        let service = service.clone();
-                        async move {
-                            Ok(match via {
-                                Via::Catalog => consul.catalog_count(&service).await?,
-                                _ => consul.count_keys(&services).await?,
-                            } as i64)
-                        }
+                    .initial_sync(&subject, &prefix, sink.seen(&service), &ours, |via| {
+                        count_seen(lab, via, services.clone(), service.clone())
                     })
                     .await?;
-                consul.delete_prefix(&prefix).await?;
+                sink.delete_prefix(lab, &prefix).await?;
                 let ms: Vec<String> = run
                     .elapsed_ns
                     .iter()
                     .map(|ns| format!("{:.1} ms", *ns as f64 / 1e6))
                     .collect();
+                let run_name = format!("run {} {}", r + 1, sink.tag());
                 log(&format!(
-                    "  run {} {tag}: {m} records after {} (KV, then catalog), RSS {} KiB (peak {} KiB)",
-                    r + 1,
+                    "  {}: {m} records after {} (one time per observer), RSS {} KiB (peak {} KiB)",
+                    run_name.trim_end(),
                     ms.join(", "),
                     run.rss_kib,
                     run.hwm_kib
                 ));
-                let targets = match mode {
-                    ConsulMode::Kv => vec![&mut kv_only],
-                    _ => vec![&mut both_kv, &mut both_catalog],
-                };
                 for ((target, elapsed_ns), total_records) in
-                    targets.into_iter().zip(&run.elapsed_ns).zip(&totals)
+                    targets.iter_mut().zip(&run.elapsed_ns).zip(&totals)
                 {
                     target.runs.push(SyncRun {
                         elapsed_ns: *elapsed_ns,
@@ -669,7 +674,9 @@ async fn sync_consul(cli: &Cli, h: &Harness<'_>) -> Result<Vec<SyncSummary>> {
     }
     .await;
     lab.remove_containers(&ids).await;
-    wait_catalog_empty(lab, &service, h.timeout).await.ok();
+    if consul {
+        wait_catalog_empty(lab, &service, h.timeout).await.ok();
+    }
     outcome?;
-    Ok(vec![kv_only, both_kv, both_catalog])
+    Ok(summaries.into_iter().flatten().collect())
 }

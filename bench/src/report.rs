@@ -250,205 +250,107 @@ impl Report {
     pub fn markdown(&self, command: &str) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "## registrator-bench results\n");
-        let _ = writeln!(out, "| Machine | |\n|---|---|");
+        header(&mut out, "| Machine | |");
         for (k, v) in &self.machine {
-            let _ = writeln!(out, "| {k} | {v} |");
+            row(&mut out, &[k, v]);
         }
         let _ = writeln!(out, "\nCommand: `{command}`\n");
-
         if !self.latency.is_empty() {
-            let _ = writeln!(
-                out,
-                "### Event-to-store latency (start event `timeNano` → record seen on an etcd watch or a Consul blocking query)\n"
-            );
-            let _ = writeln!(
-                out,
-                "| Path | n | p50 ms | p90 ms | p99 ms | max ms | mean ms | event delivery p50 ms | RSS after (peak) | load 1m before/after |\n|---|---|---|---|---|---|---|---|---|---|"
-            );
-            for run in &self.latency {
-                let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
-                let delivery = Stats::of(run.samples.iter().map(|s| s.recv_ns - s.time_nano));
-                let rss = run
-                    .rss_kib
-                    .map(|(r, h)| format!("{} ({})", mib(r), mib(h)))
-                    .unwrap_or_else(|| "-".into());
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2}/{:.2} |",
-                    run.name,
-                    lat.n,
-                    ms(lat.p50),
-                    ms(lat.p90),
-                    ms(lat.p99),
-                    ms(lat.max),
-                    ms(lat.mean),
-                    ms(delivery.p50),
-                    rss,
-                    run.load.0,
-                    run.load.1
-                );
-            }
-            for run in &self.latency {
-                let floor: Vec<(&Sample, &FloorTiming)> = run
-                    .samples
-                    .iter()
-                    .filter_map(|s| s.floor.as_ref().map(|f| (s, f)))
-                    .collect();
-                if floor.is_empty() {
-                    continue;
-                }
-                let _ = writeln!(
-                    out,
-                    "\n#### Where the time goes: {} ({} starts)\n",
-                    run.name,
-                    floor.len()
-                );
-                let _ = writeln!(
-                    out,
-                    "| Step | p50 ms | p99 ms | max ms |\n|---|---|---|---|"
-                );
-                let rows: [(&str, Stats); 5] = [
-                    (
-                        "trigger event received (relative to the start's timeNano)",
-                        Stats::of(floor.iter().map(|(s, f)| f.recv_ns - s.time_nano)),
-                    ),
-                    (
-                        "inspect (GET /containers/{id}/json)",
-                        Stats::of(floor.iter().map(|(_, f)| f.inspect_ns)),
-                    ),
-                    (
-                        "etcd put (with lease)",
-                        Stats::of(floor.iter().map(|(_, f)| f.put_ns)),
-                    ),
-                    (
-                        "watch delivery (put acknowledged → watch response at the bench)",
-                        Stats::of(floor.iter().map(|(s, f)| s.arrival_ns - f.done_ns)),
-                    ),
-                    (
-                        "total",
-                        Stats::of(floor.iter().map(|(s, _)| s.latency_ns())),
-                    ),
-                ];
-                for (name, st) in rows {
-                    let _ = writeln!(
-                        out,
-                        "| {name} | {} | {} | {} |",
-                        ms(st.p50),
-                        ms(st.p99),
-                        ms(st.max)
-                    );
-                }
-            }
+            self.latency_tables(&mut out);
         }
-
         if let Some(floor) = &self.consul_floor {
-            let _ = writeln!(
-                out,
-                "\n### Consul store-only floor (the bench writes, its blocking query sees)\n"
-            );
-            let _ = writeln!(
-                out,
-                "| Write | n | ack p50 ms | ack p99 ms | seen p50 ms | seen p90 ms | seen p99 ms | seen max ms | seen − ack p50 ms |\n|---|---|---|---|---|---|---|---|---|"
-            );
-            let rows = [
-                (
-                    "KV: `/v1/txn` delete + lock (session) → KV blocking query",
-                    &floor.kv,
-                ),
-                (
-                    "catalog: `/v1/agent/service/register` (TTL check) → catalog blocking query",
-                    &floor.catalog,
-                ),
-            ];
-            for (name, steps) in rows {
-                let ack = Stats::of(steps.iter().map(|s| s.ack_ns));
-                let seen = Stats::of(steps.iter().map(|s| s.seen_ns));
-                let gap = Stats::of(steps.iter().map(|s| s.seen_ns - s.ack_ns));
-                let _ = writeln!(
-                    out,
-                    "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    seen.n,
-                    ms(ack.p50),
-                    ms(ack.p99),
-                    ms(seen.p50),
-                    ms(seen.p90),
-                    ms(seen.p99),
-                    ms(seen.max),
-                    ms(gap.p50)
-                );
-            }
-            if let Some(b) = floor.bulk {
-                let _ = writeln!(
-                    out,
-                    "\n{} registrations at once (16 at a time, as the bridge): all acknowledged after {} ms, all in the catalog after {} ms.",
-                    b.count,
-                    ms(b.ack_ns as f64),
-                    ms(b.seen_ns as f64)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "\nload 1m {:.2} before, {:.2} after.",
-                floor.load.0, floor.load.1
-            );
+            consul_floor_table(&mut out, floor);
         }
-
         for sync in &self.sync {
-            let _ = writeln!(
-                out,
-                "\n### Initial sync of {} running containers, {} (bridge spawned → last record seen)\n",
-                sync.containers, sync.name
-            );
-            let _ = writeln!(
-                out,
-                "| Run | time ms | records under the prefix | RSS after | peak RSS |\n|---|---|---|---|---|"
-            );
-            for (i, r) in sync.runs.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.1} | {} | {} | {} |",
-                    i + 1,
-                    r.elapsed_ns as f64 / 1e6,
-                    r.total_records,
-                    mib(r.rss_kib),
-                    mib(r.hwm_kib)
-                );
-            }
-            let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
-            let _ = writeln!(
-                out,
-                "\nmin {} ms, median {} ms, max {} ms; load 1m {:.2} before, {:.2} after.",
-                ms(times.min),
-                ms(times.p50),
-                ms(times.max),
-                sync.load.0,
-                sync.load.1
-            );
-            let _ = writeln!(
-                out,
-                "\nBridge RSS idle: {} (with {} containers of anybody running on the engine).",
-                mib(sync.idle_rss_kib),
-                sync.idle_containers
-            );
+            sync_table(&mut out, sync);
         }
+        self.targets_table(&mut out);
+        out
+    }
 
-        let _ = writeln!(out, "\n### Against the targets\n");
+    fn latency_tables(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "| Metric | Target | Registrator v7.4.0 | Measured | |\n|---|---|---|---|---|"
+            "### Event-to-store latency (start event `timeNano` → record seen on an etcd watch or a Consul blocking query)\n"
         );
+        header(out, "| Path | n | p50 ms | p90 ms | p99 ms | max ms | mean ms | event delivery p50 ms | RSS after (peak) | load 1m before/after |");
+        for run in &self.latency {
+            let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
+            let delivery = Stats::of(run.samples.iter().map(|s| s.recv_ns - s.time_nano));
+            let rss = run
+                .rss_kib
+                .map(|(r, h)| format!("{} ({})", mib(r), mib(h)))
+                .unwrap_or_else(|| "-".into());
+            let load = format!("{:.2}/{:.2}", run.load.0, run.load.1);
+            let (name, n) = (run.name.clone(), lat.n.to_string());
+            let (p50, p90, p99, max, mean) = (lat.p50, lat.p90, lat.p99, lat.max, lat.mean);
+            let [p50, p90, p99, max, mean, delivery] =
+                [p50, p90, p99, max, mean, delivery.p50].map(ms);
+            row(
+                out,
+                &[name, n, p50, p90, p99, max, mean, delivery, rss, load],
+            );
+        }
+        for run in &self.latency {
+            let floor: Vec<(&Sample, &FloorTiming)> = run
+                .samples
+                .iter()
+                .filter_map(|s| s.floor.as_ref().map(|f| (s, f)))
+                .collect();
+            if floor.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\n#### Where the time goes: {} ({} starts)\n",
+                run.name,
+                floor.len()
+            );
+            header(out, "| Step | p50 ms | p99 ms | max ms |");
+            let rows: [(&str, Stats); 5] = [
+                (
+                    "trigger event received (relative to the start's timeNano)",
+                    Stats::of(floor.iter().map(|(s, f)| f.recv_ns - s.time_nano)),
+                ),
+                (
+                    "inspect (GET /containers/{id}/json)",
+                    Stats::of(floor.iter().map(|(_, f)| f.inspect_ns)),
+                ),
+                (
+                    "etcd put (with lease)",
+                    Stats::of(floor.iter().map(|(_, f)| f.put_ns)),
+                ),
+                (
+                    "watch delivery (put acknowledged → watch response at the bench)",
+                    Stats::of(floor.iter().map(|(s, f)| s.arrival_ns - f.done_ns)),
+                ),
+                (
+                    "total",
+                    Stats::of(floor.iter().map(|(s, _)| s.latency_ns())),
+                ),
+            ];
+            for (name, st) in rows {
+                row(out, &[name.into(), ms(st.p50), ms(st.p99), ms(st.max)]);
+            }
+        }
+    }
+
+    fn targets_table(&self, out: &mut String) {
+        let _ = writeln!(out, "\n### Against the targets\n");
+        header(out, "| Metric | Target | Registrator v7.4.0 | Measured | |");
         for (name, label, p50_target, p50_ref, p99_target, p99_ref) in LATENCY_TARGETS {
             let Some(run) = self.latency.iter().find(|r| r.name.starts_with(name)) else {
                 continue;
             };
             let lat = Stats::of(run.samples.iter().map(Sample::latency_ns));
             let p50 = label.replace("{p}", "p50");
-            verdict(&mut out, &p50, p50_target, p50_ref, lat.p50 / 1e6, "ms");
+            verdict(out, &p50, p50_target, p50_ref, lat.p50 / 1e6, "ms");
             let p99 = label.replace("{p}", "p99");
             match p99_target {
-                Some(t) => verdict(&mut out, &p99, t, p99_ref, lat.p99 / 1e6, "ms"),
+                Some(t) => verdict(out, &p99, t, p99_ref, lat.p99 / 1e6, "ms"),
                 None => {
-                    let _ = writeln!(out, "| {p99} | - | {p99_ref} | {:.3} ms | |", lat.p99 / 1e6);
+                    let measured = format!("{:.3} ms", lat.p99 / 1e6);
+                    row(out, &[p99.as_str(), "-", p99_ref, &measured, ""]);
                 }
             }
         }
@@ -463,29 +365,115 @@ impl Report {
                 "{} containers synced (median), {}",
                 sync.containers, sync.name
             );
-            verdict(&mut out, &label, target, reference, times.p50 / 1e9, "s");
+            verdict(out, &label, target, reference, times.p50 / 1e9, "s");
             if let Some(worst) = sync.runs.iter().map(|r| r.rss_kib).max() {
                 let label = format!("RSS with {} containers, {}", sync.containers, sync.name);
-                verdict(
-                    &mut out,
-                    &label,
-                    TARGET_RSS_MB,
-                    "15 MB",
-                    worst as f64 / 1024.0,
-                    "MiB",
-                );
+                let rss = worst as f64 / 1024.0;
+                verdict(out, &label, TARGET_RSS_MB, "15 MB", rss, "MiB");
             }
         }
-        out
     }
+}
+
+fn consul_floor_table(out: &mut String, floor: &ConsulFloor) {
+    let _ = writeln!(
+        out,
+        "\n### Consul store-only floor (the bench writes, its blocking query sees)\n"
+    );
+    header(out, "| Write | n | ack p50 ms | ack p99 ms | seen p50 ms | seen p90 ms | seen p99 ms | seen max ms | seen − ack p50 ms |");
+    let rows = [
+        (
+            "KV: `/v1/txn` delete + lock (session) → KV blocking query",
+            &floor.kv,
+        ),
+        (
+            "catalog: `/v1/agent/service/register` (TTL check) → catalog blocking query",
+            &floor.catalog,
+        ),
+    ];
+    for (name, steps) in rows {
+        let ack = Stats::of(steps.iter().map(|s| s.ack_ns));
+        let seen = Stats::of(steps.iter().map(|s| s.seen_ns));
+        let gap = Stats::of(steps.iter().map(|s| s.seen_ns - s.ack_ns));
+        let times = [
+            ack.p50, ack.p99, seen.p50, seen.p90, seen.p99, seen.max, gap.p50,
+        ]
+        .map(ms);
+        let mut cells = vec![name.to_string(), seen.n.to_string()];
+        cells.extend(times);
+        row(out, &cells);
+    }
+    if let Some(b) = floor.bulk {
+        let _ = writeln!(
+            out,
+            "\n{} registrations at once (16 at a time, as the bridge): all acknowledged after {} ms, all in the catalog after {} ms.",
+            b.count,
+            ms(b.ack_ns as f64),
+            ms(b.seen_ns as f64)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nload 1m {:.2} before, {:.2} after.",
+        floor.load.0, floor.load.1
+    );
+}
+
+fn sync_table(out: &mut String, sync: &SyncSummary) {
+    let _ = writeln!(
+        out,
+        "\n### Initial sync of {} running containers, {} (bridge spawned → last record seen)\n",
+        sync.containers, sync.name
+    );
+    header(
+        out,
+        "| Run | time ms | records under the prefix | RSS after | peak RSS |",
+    );
+    for (i, r) in sync.runs.iter().enumerate() {
+        let time = format!("{:.1}", r.elapsed_ns as f64 / 1e6);
+        let (run, records) = ((i + 1).to_string(), r.total_records.to_string());
+        row(out, &[run, time, records, mib(r.rss_kib), mib(r.hwm_kib)]);
+    }
+    let times = Stats::of(sync.runs.iter().map(|r| r.elapsed_ns));
+    let _ = writeln!(
+        out,
+        "\nmin {} ms, median {} ms, max {} ms; load 1m {:.2} before, {:.2} after.",
+        ms(times.min),
+        ms(times.p50),
+        ms(times.max),
+        sync.load.0,
+        sync.load.1
+    );
+    let _ = writeln!(
+        out,
+        "\nBridge RSS idle: {} (with {} containers of anybody running on the engine).",
+        mib(sync.idle_rss_kib),
+        sync.idle_containers
+    );
+}
+
+/// A row of a Markdown table (an empty cell is written `| |`).
+fn row<S: AsRef<str>>(out: &mut String, cells: &[S]) {
+    let cells: Vec<String> = cells
+        .iter()
+        .map(|c| match c.as_ref() {
+            "" => " ".to_string(),
+            c => format!(" {c} "),
+        })
+        .collect();
+    let _ = writeln!(out, "|{}|", cells.join("|"));
+}
+
+/// The header row of a Markdown table (`| a | b |`) and its rule.
+fn header(out: &mut String, line: &str) {
+    let columns = line.matches('|').count().saturating_sub(1);
+    let _ = writeln!(out, "{line}\n|{}", "---|".repeat(columns));
 }
 
 fn verdict(out: &mut String, metric: &str, target: f64, reference: &str, value: f64, unit: &str) {
     let ok = if value < target { "met" } else { "**missed**" };
-    let _ = writeln!(
-        out,
-        "| {metric} | < {target} {unit} | {reference} | {value:.3} {unit} | {ok} |"
-    );
+    let (target, value) = (format!("< {target} {unit}"), format!("{value:.3} {unit}"));
+    row(out, &[metric, &target, reference, &value, ok]);
 }
 
 fn ms(ns: f64) -> String {
@@ -545,6 +533,17 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_have_a_rule_under_the_header_and_keep_empty_cells() {
+        let mut out = String::new();
+        header(&mut out, "| Metric | Target | |");
+        row(&mut out, &["p50", "< 2 ms", ""]);
+        assert_eq!(
+            out,
+            "| Metric | Target | |\n|---|---|---|\n| p50 | < 2 ms | |\n"
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

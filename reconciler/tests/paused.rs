@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use backend_core::{KeyLayout, Publisher, ReplSetStatus, ServiceKey};
 use backend_memory::{MemoryCluster, MemoryStore};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use replset_reconciler::metrics::{Metrics, ReasonLabels, SetLabels, StepLabels};
 use replset_reconciler::model::{majority, MemberState};
 use replset_reconciler::mongo::{MongoError, Observed, ReplSetClient};
@@ -150,6 +152,8 @@ impl ReplSetClient for FakeSet {
 /// A reconciler (the library's controller) on the in-memory store, and a bridge publishing
 /// records there.
 struct Rig {
+    set: Arc<FakeSet>,
+    metrics: Arc<Metrics>,
     cluster: MemoryCluster,
     bridge: MemoryStore,
     layout: KeyLayout,
@@ -189,34 +193,54 @@ fn start(
     (shutdown, tokio::spawn(controller.run()))
 }
 
+/// A bridge's publisher on `cluster` with the records of members 1 to 3.
+async fn bridge_of_three(cluster: &MemoryCluster, layout: &KeyLayout) -> MemoryStore {
+    let bridge = cluster.client(layout.clone());
+    // Longer than any test: the bridge's renewals are not what is tested here.
+    bridge
+        .open_session(Duration::from_secs(24 * 3600))
+        .await
+        .expect("session");
+    for id in 1..=3 {
+        publish(&bridge, id).await;
+    }
+    bridge
+}
+
+async fn publish(bridge: &MemoryStore, id: i64) {
+    let record = mongo_task_record(id as u64, &host(id)).expect("record");
+    bridge.publish(&[record]).await.expect("publish");
+}
+
 impl Rig {
     /// A set of 3 voting members with their records, and one reconciler with `config`.
     async fn new(set: Arc<FakeSet>, config: ControllerConfig) -> Rig {
         let layout = config.layout.clone();
+        let metrics = config.metrics.clone();
         let cluster = MemoryCluster::new();
-        let bridge = cluster.client(layout.clone());
-        // Longer than any test: the bridge's renewals are not what is tested here.
-        bridge
-            .open_session(Duration::from_secs(24 * 3600))
-            .await
-            .expect("session");
-        let (shutdown, stopped) = start(&cluster, &layout, set, config);
-        let rig = Rig {
+        let bridge = bridge_of_three(&cluster, &layout).await;
+        let (shutdown, stopped) = start(&cluster, &layout, set.clone(), config);
+        Rig {
+            set,
+            metrics,
             cluster,
             bridge,
             layout,
             shutdown,
             stopped,
-        };
-        for id in 1..=3 {
-            rig.publish(id).await;
         }
+    }
+
+    /// [`Rig::new`] on 3 voting members, with `force_after`, once converged with 3.
+    async fn converged(force_after: Option<Duration>) -> Rig {
+        let config = config(&KeyLayout::new("paused"), "a", force_after);
+        let rig = Rig::new(FakeSet::voting(3), config).await;
+        rig.converged_with(3).await;
         rig
     }
 
     async fn publish(&self, id: i64) {
-        let record = mongo_task_record(id as u64, &host(id)).expect("record");
-        self.bridge.publish(&[record]).await.expect("publish");
+        publish(&self.bridge, id).await;
     }
 
     async fn unpublish(&self, id: i64) {
@@ -251,23 +275,20 @@ impl Rig {
 }
 
 fn applied(metrics: &Metrics, step: &'static str) -> u64 {
-    metrics
-        .steps_applied
-        .get_or_create(&StepLabels {
-            set: SET.into(),
-            step,
-        })
-        .get()
+    let labels = StepLabels {
+        set: SET.into(),
+        step,
+    };
+    metrics.steps_applied.get_or_create(&labels).get()
 }
 
-fn waits(metrics: &Metrics, reason: &'static str) -> u64 {
-    metrics
-        .waits
-        .get_or_create(&ReasonLabels {
-            set: SET.into(),
-            reason,
-        })
-        .get()
+/// The count of a family by reason (`metrics.waits`, `metrics.blocked`) for the set.
+fn by_reason(family: &Family<ReasonLabels, Counter>, reason: &'static str) -> u64 {
+    let labels = ReasonLabels {
+        set: SET.into(),
+        reason,
+    };
+    family.get_or_create(&labels).get()
 }
 
 fn removals(set: &FakeSet) -> Vec<i64> {
@@ -285,72 +306,53 @@ fn removals(set: &FakeSet) -> Vec<i64> {
 
 #[tokio::test(start_paused = true)]
 async fn a_down_member_is_removed_only_after_its_record_has_been_gone_for_the_grace() {
-    let set = FakeSet::voting(3);
-    let config = config(&KeyLayout::new("paused"), "a", None);
-    let metrics = config.metrics.clone();
-    let rig = Rig::new(set.clone(), config).await;
-    rig.converged_with(3).await;
+    let rig = Rig::converged(None).await;
+    let (set, metrics) = (&rig.set, &rig.metrics);
     assert!(set.applied().is_empty(), "{:?}", set.applied());
 
     // Member 3 stops and its record goes.
     set.stop(3);
     rig.unpublish(3).await;
     tokio::time::sleep(Duration::from_secs(25)).await;
-    assert_eq!(
-        removals(&set),
-        Vec::<i64>::new(),
-        "removed within the grace"
-    );
-    assert_eq!(applied(&metrics, "remove"), 0);
-    assert!(waits(&metrics, "removal_grace") > 0);
+    assert_eq!(removals(set), Vec::<i64>::new(), "removed within the grace");
+    assert_eq!(applied(metrics, "remove"), 0);
+    assert!(by_reason(&metrics.waits, "removal_grace") > 0);
 
     // The grace (30 s, counted from the first reconcile after the record went) runs out.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(removals(&set), vec![3]);
-    assert_eq!(applied(&metrics, "remove"), 1);
+    assert_eq!(removals(set), vec![3]);
+    assert_eq!(applied(metrics, "remove"), 1);
     rig.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_record_that_comes_back_within_the_grace_keeps_its_member() {
-    let set = FakeSet::voting(3);
-    let config = config(&KeyLayout::new("paused"), "a", None);
-    let metrics = config.metrics.clone();
-    let rig = Rig::new(set.clone(), config).await;
-    rig.converged_with(3).await;
+    let rig = Rig::converged(None).await;
+    let (set, metrics) = (&rig.set, &rig.metrics);
     set.stop(3);
     rig.unpublish(3).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
     rig.publish(3).await;
     // Long past the grace: the clock started again when the record came back.
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(removals(&set), Vec::<i64>::new());
-    assert_eq!(applied(&metrics, "remove"), 0);
+    assert_eq!(removals(set), Vec::<i64>::new());
+    assert_eq!(applied(metrics, "remove"), 0);
     rig.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_majority_is_forced_only_with_allow_force_and_after_force_after() {
     for force_after in [Some(Duration::from_secs(120)), None] {
-        let set = FakeSet::voting(3);
-        let config = config(&KeyLayout::new("paused"), "a", force_after);
-        let metrics = config.metrics.clone();
-        let rig = Rig::new(set.clone(), config).await;
-        rig.converged_with(3).await;
+        let rig = Rig::converged(force_after).await;
+        let (set, metrics) = (&rig.set, &rig.metrics);
         // Two of three voters stop; their records stay (swarm would restart them). Nothing
         // changes in the store, so the loss is noticed at the next resync (15 s) at the latest.
         set.stop(2);
         set.stop(3);
         tokio::time::sleep(Duration::from_secs(100)).await;
-        let blocked = metrics
-            .blocked
-            .get_or_create(&ReasonLabels {
-                set: SET.into(),
-                reason: "lost_majority",
-            })
-            .get();
+        let blocked = by_reason(&metrics.blocked, "lost_majority");
         assert!(blocked > 0, "{force_after:?}");
-        assert_eq!(applied(&metrics, "force_reconfig"), 0, "{force_after:?}");
+        assert_eq!(applied(metrics, "force_reconfig"), 0, "{force_after:?}");
         assert!(rig
             .status()
             .is_some_and(|s| s.next.reason == "lost_majority"));
@@ -368,7 +370,7 @@ async fn a_lost_majority_is_forced_only_with_allow_force_and_after_force_after()
         match force_after {
             Some(_) => {
                 assert_eq!(forced, vec![vec![2, 3]]);
-                assert_eq!(applied(&metrics, "force_reconfig"), 1);
+                assert_eq!(applied(metrics, "force_reconfig"), 1);
             }
             None => {
                 // Without --allow-force, never, however long the loss lasts.
@@ -382,11 +384,8 @@ async fn a_lost_majority_is_forced_only_with_allow_force_and_after_force_after()
 
 #[tokio::test(start_paused = true)]
 async fn records_are_followed_only_once_they_have_been_quiet_for_the_debounce() {
-    let set = FakeSet::voting(3);
-    let config = config(&KeyLayout::new("paused"), "a", None);
-    let metrics = config.metrics.clone();
-    let rig = Rig::new(set.clone(), config).await;
-    rig.converged_with(3).await;
+    let rig = Rig::converged(None).await;
+    let (set, metrics) = (&rig.set, &rig.metrics);
     let observed = set.observations();
     // A burst of writes, 500 ms apart for 5 s (a bridge's resync rewriting its records).
     for _ in 0..10 {
@@ -394,11 +393,11 @@ async fn records_are_followed_only_once_they_have_been_quiet_for_the_debounce() 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(set.observations(), observed, "observed during the burst");
-    assert_eq!(applied(&metrics, "add"), 0);
+    assert_eq!(applied(metrics, "add"), 0);
     // Quiet for a whole debounce period (1 s; the first one that starts after the last write
     // ends by 2 s after it): the new member is added, once.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(applied(&metrics, "add"), 1);
+    assert_eq!(applied(metrics, "add"), 1);
     rig.stop().await;
 }
 
@@ -414,16 +413,11 @@ async fn a_leader_that_loses_its_lease_stops_acting_and_the_other_takes_over() {
     let metrics_b = config_b.metrics.clone();
     let (shutdown_b, stopped_b) = start(&rig.cluster, &layout, set.clone(), config_b);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let leads = |m: &Metrics| {
-        m.leadership_gained
-            .get_or_create(&SetLabels { set: SET.into() })
-            .get()
+    let of_set = |family: &Family<SetLabels, Counter>| {
+        family.get_or_create(&SetLabels { set: SET.into() }).get()
     };
-    let lost = |m: &Metrics| {
-        m.leadership_lost
-            .get_or_create(&SetLabels { set: SET.into() })
-            .get()
-    };
+    let leads = |m: &Metrics| of_set(&m.leadership_gained);
+    let lost = |m: &Metrics| of_set(&m.leadership_lost);
     assert_eq!((leads(&metrics_a), leads(&metrics_b)), (1, 0));
 
     // The store ends a's session (its lease expired): a stops, b leads.
@@ -451,15 +445,7 @@ async fn shutdown_resigns_and_stops_everything_the_controller_started() {
     let set = FakeSet::voting(3);
     let layout = KeyLayout::new("paused");
     let cluster = MemoryCluster::new();
-    let bridge = cluster.client(layout.clone());
-    bridge
-        .open_session(Duration::from_secs(24 * 3600))
-        .await
-        .expect("session");
-    for id in 1..=3 {
-        let record = mongo_task_record(id as u64, &host(id)).expect("record");
-        bridge.publish(&[record]).await.expect("publish");
-    }
+    let _bridge = bridge_of_three(&cluster, &layout).await;
     let shutdown = CancellationToken::new();
     let controller = Controller::start(
         Arc::new(cluster.client(layout.clone())),

@@ -101,11 +101,17 @@ fn observed(config: ConfigView) -> Observation {
 }
 
 fn down(obs: &mut Observation, id: i64) {
+    let (healthy, state) = (false, MemberState::Down);
+    obs.status.insert(id, MemberStatus { healthy, state });
+}
+
+/// Member `id` is healthy, in `state`.
+fn up(obs: &mut Observation, id: i64, state: MemberState) {
     obs.status.insert(
         id,
         MemberStatus {
-            healthy: false,
-            state: MemberState::Down,
+            healthy: true,
+            state,
         },
     );
 }
@@ -347,13 +353,7 @@ fn new_members_come_without_a_vote_and_vote_once_secondary() {
 
     // Member 4 is in, still syncing (STARTUP2): add 5 before any vote.
     obs = observed(next);
-    obs.status.insert(
-        4,
-        MemberStatus {
-            healthy: true,
-            state: MemberState::Startup2,
-        },
-    );
+    up(&mut obs, 4, MemberState::Startup2);
     let (change, next) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
     assert_eq!(
         change,
@@ -365,13 +365,7 @@ fn new_members_come_without_a_vote_and_vote_once_secondary() {
 
     // 4 still syncing, 5 SECONDARY: 5 gets the vote first.
     obs = observed(next);
-    obs.status.insert(
-        4,
-        MemberStatus {
-            healthy: true,
-            state: MemberState::Startup2,
-        },
-    );
+    up(&mut obs, 4, MemberState::Startup2);
     let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
     assert_eq!(change, Change::GrantVote { id: 5 });
 }
@@ -489,13 +483,7 @@ fn a_set_that_lost_its_majority_is_reported() {
         down(&mut obs, id);
     }
     obs.primary = None;
-    obs.status.insert(
-        1,
-        MemberStatus {
-            healthy: true,
-            state: MemberState::Secondary,
-        },
-    );
+    up(&mut obs, 1, MemberState::Secondary);
     let plan = plan_next_step(&obs, &desired(1..=3), &ctx());
     assert_eq!(
         plan.step,
@@ -512,31 +500,17 @@ fn force_only_with_the_flag_and_after_the_delay() {
     down(&mut obs, 1);
     down(&mut obs, 2);
     obs.primary = None;
-    obs.status.insert(
-        3,
-        MemberStatus {
-            healthy: true,
-            state: MemberState::Secondary,
-        },
-    );
+    up(&mut obs, 3, MemberState::Secondary);
     let mut c = ctx();
+    let blocked = |c: &PlanContext| {
+        let step = plan_next_step(&obs, &desired(1..=3), c).step;
+        matches!(step, Step::Blocked(Blocked::LostMajority { .. }))
+    };
     c.majority_lost_for = Duration::from_secs(3600);
-    assert!(
-        matches!(
-            plan_next_step(&obs, &desired(1..=3), &c).step,
-            Step::Blocked(Blocked::LostMajority { .. })
-        ),
-        "never without --allow-force"
-    );
+    assert!(blocked(&c), "never without --allow-force");
     c.force_after = Some(Duration::from_secs(300));
     c.majority_lost_for = Duration::from_secs(299);
-    assert!(
-        matches!(
-            plan_next_step(&obs, &desired(1..=3), &c).step,
-            Step::Blocked(Blocked::LostMajority { .. })
-        ),
-        "not before --force-after"
-    );
+    assert!(blocked(&c), "not before --force-after");
     c.majority_lost_for = Duration::from_secs(300);
     match plan_next_step(&obs, &desired(1..=3), &c).step {
         Step::ForceReconfig {

@@ -60,13 +60,10 @@ async fn status_prints_the_document_and_waits_for_convergence() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no status yet"));
 
     // Three members, one unhealthy: printed, but not converged with 3.
-    etcd.put(
-        key.clone(),
-        status(true, &[true, true, false]).to_json(),
-        None,
-    )
-    .await
-    .expect("put");
+    let written = status(true, &[true, true, false]);
+    etcd.put(key.clone(), written.to_json(), None)
+        .await
+        .expect("put");
     let out = run(layout.prefix(), &["--json"]).await;
     assert!(out.status.success(), "{out:?}");
     let printed = ReplSetStatus::from_json(&out.stdout).expect("the document, as JSON");
@@ -80,13 +77,10 @@ async fn status_prints_the_document_and_waits_for_convergence() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("did not converge with 3 members"));
 
     // All healthy: converged with 3, and not with 4.
-    etcd.put(
-        key.clone(),
-        status(true, &[true, true, true]).to_json(),
-        None,
-    )
-    .await
-    .expect("put");
+    let written = status(true, &[true, true, true]);
+    etcd.put(key.clone(), written.to_json(), None)
+        .await
+        .expect("put");
     let out = run(
         layout.prefix(),
         &["--wait-converged", "3", "--timeout", "0s"],

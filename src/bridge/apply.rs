@@ -184,29 +184,15 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         let mut ok = true;
         let started = Instant::now();
         if !put.is_empty() {
-            match self.store.publish(&put).await {
-                Ok(()) => RecordsPublished {
-                    why: Some(why),
-                    records: &put,
-                }
-                .emit(&self.metrics),
-                Err(e) => {
-                    ok = false;
-                    self.write_failed("publish", &e);
-                }
+            if let Err(e) = self.publish(&put, Some(why)).await {
+                ok = false;
+                self.write_failed("publish", &e);
             }
         }
         if !delete.is_empty() {
-            match self.store.unpublish(&delete).await {
-                Ok(()) => RecordsRemoved {
-                    why: Some(why),
-                    keys: &delete,
-                }
-                .emit(&self.metrics),
-                Err(e) => {
-                    ok = false;
-                    self.write_failed("unpublish", &e);
-                }
+            if let Err(e) = self.unpublish(&delete, Some(why)).await {
+                ok = false;
+                self.write_failed("unpublish", &e);
             }
         }
         self.metrics
@@ -223,6 +209,25 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 .set(self.published.values().map(Vec::len).sum::<usize>() as i64);
         }
         ok
+    }
+
+    /// Writes `records` into the store and says so (`why`: the event that caused it; none for a
+    /// sync).
+    async fn publish(
+        &self,
+        records: &[ServiceRecord],
+        why: Option<&str>,
+    ) -> Result<(), BackendError> {
+        self.store.publish(records).await?;
+        RecordsPublished { why, records }.emit(&self.metrics);
+        Ok(())
+    }
+
+    /// Removes `keys` from the store and says so, as [`Self::publish`].
+    async fn unpublish(&self, keys: &[ServiceKey], why: Option<&str>) -> Result<(), BackendError> {
+        self.store.unpublish(keys).await?;
+        RecordsRemoved { why, keys }.emit(&self.metrics);
+        Ok(())
     }
 
     fn write_failed(&mut self, operation: &'static str, e: &BackendError) {
@@ -317,26 +322,12 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             ForeignValueLeft { key, reason: why }.emit(&self.metrics);
         }
         if !plan.put.is_empty() {
-            self.store
-                .publish(&plan.put)
-                .await
-                .map_err(SyncError::store("publish"))?;
-            RecordsPublished {
-                why: None,
-                records: &plan.put,
-            }
-            .emit(&self.metrics);
+            let published = self.publish(&plan.put, None).await;
+            published.map_err(SyncError::store("publish"))?;
         }
         if !plan.delete.is_empty() {
-            self.store
-                .unpublish(&plan.delete)
-                .await
-                .map_err(SyncError::store("unpublish"))?;
-            RecordsRemoved {
-                why: None,
-                keys: &plan.delete,
-            }
-            .emit(&self.metrics);
+            let removed = self.unpublish(&plan.delete, None).await;
+            removed.map_err(SyncError::store("unpublish"))?;
         }
         self.store
             .publish_node(&self.node_record)

@@ -170,22 +170,14 @@ impl<P: Publisher, E: Engine> std::fmt::Debug for Bridge<P, E> {
     }
 }
 
-impl<P: Publisher> Bridge<P, DockerEngine> {
-    /// Connects to the local Docker engine and opens a session with the store, retrying as
-    /// configured. `Ok(None)` when shutdown was requested meanwhile.
-    pub async fn start(
-        store: P,
-        config: BridgeConfig,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Self>, BridgeError> {
-        let connect = retry_engine(&config, &metrics, shutdown, DockerEngine::connect);
-        let Some(engine) = connect.await? else {
-            return Ok(None);
-        };
-        Bridge::start_with(engine, store, config, metrics, health, shutdown).await
-    }
+/// Connects to the local Docker engine for [`Bridge::start_with`], retrying as configured.
+/// `Ok(None)` when shutdown was requested meanwhile.
+pub async fn connect_engine(
+    config: &BridgeConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<DockerEngine>, BridgeError> {
+    retry_engine(config, metrics, shutdown, DockerEngine::connect).await
 }
 
 impl<P: Publisher, E: Engine> Bridge<P, E> {

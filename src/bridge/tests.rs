@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::container::ContainerInfo;
 use crate::engine::fake::{web_container, FakeEngine};
 use crate::metrics::{CauseLabel, ResultLabel};
 
@@ -52,8 +53,13 @@ fn config(deregister: Deregister) -> BridgeConfig {
 }
 
 impl Running {
-    /// Starts a bridge on `engine` and waits until it is healthy (first sync done).
-    async fn start(engine: FakeEngine, config: BridgeConfig) -> Running {
+    /// Starts a bridge on an engine that already runs `containers`, and waits until it is
+    /// healthy (first sync done).
+    async fn with(containers: &[&ContainerInfo], config: BridgeConfig) -> Running {
+        let engine = FakeEngine::default();
+        for c in containers {
+            engine.add((*c).clone());
+        }
         let store = MemoryCluster::new();
         let layout = KeyLayout::new("t");
         let metrics = Arc::new(Metrics::new());
@@ -80,12 +86,42 @@ impl Running {
             shutdown,
             task,
         };
-        let check = running.health.clone();
-        until("the bridge is healthy", Duration::from_secs(1), || {
-            check.check().is_ok()
-        })
-        .await;
         running
+            .until_healthy("the bridge is healthy", Duration::from_secs(1))
+            .await;
+        running
+    }
+
+    /// Waits until container `id` has a record in the store; returns how long it took.
+    async fn until_held(&self, what: &str, id: &str, within: Duration) -> Duration {
+        until(what, within, || self.has_record(id)).await
+    }
+
+    /// Waits until container `id` has no record in the store; returns how long it took.
+    async fn until_gone(&self, what: &str, id: &str, within: Duration) -> Duration {
+        until(what, within, || !self.has_record(id)).await
+    }
+
+    /// Starts container `c` on the engine and waits (1 s at most) until it is published.
+    async fn start(&self, c: &ContainerInfo) {
+        self.engine.start(c.clone());
+        self.until_held("the record is published", &c.id, Duration::from_secs(1))
+            .await;
+    }
+
+    /// Removes container `id` from the engine and waits (1 s at most) until its records go.
+    async fn remove(&self, id: &str) {
+        self.engine.remove(id);
+        self.until_gone(
+            "the record goes with the container",
+            id,
+            Duration::from_secs(1),
+        )
+        .await;
+    }
+
+    async fn until_healthy(&self, what: &str, within: Duration) {
+        until(what, within, || self.health.check().is_ok()).await;
     }
 
     /// The records of container `id` in the store, with the session each is tied to.
@@ -143,32 +179,22 @@ async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> 
 
 #[tokio::test(start_paused = true)]
 async fn publishes_on_start_and_removes_on_destroy() {
-    let r = Running::start(FakeEngine::default(), config(Deregister::Always)).await;
+    let r = Running::with(&[], config(Deregister::Always)).await;
     let web = web_container("web1", [172, 17, 0, 5]);
-    r.engine.start(web.clone());
-    until("the record is published", Duration::from_secs(1), || {
-        r.has_record(&web.id)
-    })
-    .await;
+    r.start(&web).await;
     let (record, _) = &r.records_of(&web.id)[0];
     assert_eq!(
         (record.service.as_str(), record.ip.to_string(), record.port),
         ("web", "172.17.0.5".into(), 80)
     );
-    r.engine.remove(&web.id);
-    until("the record is removed", Duration::from_secs(1), || {
-        !r.has_record(&web.id)
-    })
-    .await;
+    r.remove(&web.id).await;
     r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_session_is_renewed_every_third_of_the_ttl_and_outlives_it() {
-    let engine = FakeEngine::default();
     let web = web_container("web1", [172, 17, 0, 5]);
-    engine.add(web.clone());
-    let r = Running::start(engine, config(Deregister::Always)).await;
+    let r = Running::with(&[&web], config(Deregister::Always)).await;
     let session = r.store.sessions();
     assert_eq!(session.len(), 1, "one session: {session:?}");
     // Four TTLs: without renewals the store would have ended the session after one.
@@ -184,10 +210,8 @@ async fn the_session_is_renewed_every_third_of_the_ttl_and_outlives_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_session_is_replaced_and_every_record_written_again() {
-    let engine = FakeEngine::default();
     let web = web_container("web1", [172, 17, 0, 5]);
-    engine.add(web.clone());
-    let r = Running::start(engine, config(Deregister::Always)).await;
+    let r = Running::with(&[&web], config(Deregister::Always)).await;
     let old = r.store.sessions()[0];
     // The store ends the session (the bridge was cut off for longer than the TTL): its records
     // go with it.
@@ -195,7 +219,7 @@ async fn a_lost_session_is_replaced_and_every_record_written_again() {
     assert!(!r.has_record(&web.id));
     // The next renewal (at most TTL/3 later) finds it gone; a new session is opened and every
     // record written again under it, at once.
-    let took = until("the record is back", TTL, || r.has_record(&web.id)).await;
+    let took = r.until_held("the record is back", &web.id, TTL).await;
     assert!(took <= TTL / 3, "back after {took:?}");
     let new = r.store.sessions();
     assert_eq!(new.len(), 1, "{new:?}");
@@ -209,16 +233,15 @@ async fn a_lost_session_is_replaced_and_every_record_written_again() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_writes_are_repaired_with_doubling_backoff() {
-    let r = Running::start(FakeEngine::default(), config(Deregister::Always)).await;
+    let r = Running::with(&[], config(Deregister::Always)).await;
     // The publish after the event fails, and so do the first two repairs (their first call,
     // the list of the store): repairs wait 0.25-0.5 s, then 0.5-1 s, then 1-2 s.
     r.store.fail_next(3);
     let web = web_container("web1", [172, 17, 0, 5]);
     r.engine.start(web.clone());
-    let took = until("the record is repaired", Duration::from_secs(5), || {
-        r.has_record(&web.id)
-    })
-    .await;
+    let took = r
+        .until_held("the record is repaired", &web.id, Duration::from_secs(5))
+        .await;
     assert!(
         (Duration::from_millis(1750)..=Duration::from_millis(3600)).contains(&took),
         "repaired after {took:?}"
@@ -239,10 +262,9 @@ async fn failed_writes_are_repaired_with_doubling_backoff() {
     // A success resets the backoff: the next failure is repaired within the first delay.
     r.store.fail_next(1);
     r.engine.remove(&web.id);
-    let took = until("the removal is repaired", Duration::from_secs(5), || {
-        !r.has_record(&web.id)
-    })
-    .await;
+    let took = r
+        .until_gone("the removal is repaired", &web.id, Duration::from_secs(5))
+        .await;
     assert!(
         took <= Duration::from_millis(510),
         "repaired after {took:?}"
@@ -252,10 +274,8 @@ async fn failed_writes_are_repaired_with_doubling_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn the_resync_removes_records_no_container_backs() {
-    let engine = FakeEngine::default();
     let web = web_container("web1", [172, 17, 0, 5]);
-    engine.add(web.clone());
-    let r = Running::start(engine, config(Deregister::Always)).await;
+    let r = Running::with(&[&web], config(Deregister::Always)).await;
     let syncs = r.metrics.syncs.get();
     // The container goes without an event the bridge sees.
     r.engine.remove_quietly(&web.id);
@@ -264,10 +284,9 @@ async fn the_resync_removes_records_no_container_backs() {
         r.has_record(&web.id),
         "nothing removes it before the resync"
     );
-    let took = until("the resync removes it", Duration::from_secs(2), || {
-        !r.has_record(&web.id)
-    })
-    .await;
+    let took = r
+        .until_gone("the resync removes it", &web.id, Duration::from_secs(2))
+        .await;
     assert!(took <= Duration::from_secs(1) + Duration::from_millis(5));
     assert_eq!(r.metrics.syncs.get(), syncs + 1);
     r.stop().await;
@@ -275,18 +294,15 @@ async fn the_resync_removes_records_no_container_backs() {
 
 #[tokio::test(start_paused = true)]
 async fn a_broken_event_stream_is_reconnected_with_backoff_and_listed_again() {
-    let engine = FakeEngine::default();
     let gone = web_container("web1", [172, 17, 0, 5]);
-    engine.add(gone.clone());
-    let r = Running::start(engine, config(Deregister::Always)).await;
+    let r = Running::with(&[&gone], config(Deregister::Always)).await;
     assert!(r.has_record(&gone.id));
     let lists = r.engine.lists();
 
     // The engine goes down; meanwhile a container goes and another comes, unseen.
     r.engine.set_down(true);
-    let check = r.health.clone();
     until("unhealthy", Duration::from_secs(1), || {
-        check.check().is_err()
+        r.health.check().is_err()
     })
     .await;
     r.engine.remove_quietly(&gone.id);
@@ -305,76 +321,57 @@ async fn a_broken_event_stream_is_reconnected_with_backoff_and_listed_again() {
     );
     r.engine.set_down(false);
     // The next attempt (at most 8 s after the previous) lists again and repairs the store.
-    let check = r.health.clone();
-    until("healthy again", Duration::from_secs(9), || {
-        check.check().is_ok()
-    })
-    .await;
+    r.until_healthy("healthy again", Duration::from_secs(9))
+        .await;
     assert!(r.has_record(&new.id));
     assert!(!r.has_record(&gone.id));
     assert_eq!(r.engine.streams(), 1, "one event stream again");
     assert_eq!(r.metrics.docker_reconnects.get(), 1);
     // And it follows the engine's events again.
-    r.engine.remove(&new.id);
-    until("the record is removed", Duration::from_secs(1), || {
-        !r.has_record(&new.id)
-    })
-    .await;
+    r.remove(&new.id).await;
     r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_ended_event_stream_is_reconnected() {
-    let r = Running::start(FakeEngine::default(), config(Deregister::Always)).await;
+    let r = Running::with(&[], config(Deregister::Always)).await;
     // dockerd restarted: the stream ends, the engine answers again at once.
     r.engine.end_streams();
-    let check = r.health.clone();
     until("reconnected", Duration::from_secs(2), || {
-        check.check().is_ok() && r.engine.streams() == 1
+        r.health.check().is_ok() && r.engine.streams() == 1
     })
     .await;
     assert_eq!(r.metrics.docker_reconnects.get(), 1);
     let web = web_container("web1", [172, 17, 0, 5]);
-    r.engine.start(web.clone());
-    until("published", Duration::from_secs(1), || {
-        r.has_record(&web.id)
-    })
-    .await;
+    r.start(&web).await;
     r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn on_success_keeps_the_records_of_a_failed_container_until_it_is_removed() {
-    let engine = FakeEngine::default();
     let failing = web_container("web1", [172, 17, 0, 5]);
     let fine = web_container("web2", [172, 17, 0, 6]);
-    engine.add(failing.clone());
-    engine.add(fine.clone());
-    let r = Running::start(engine, config(Deregister::OnSuccess)).await;
+    let r = Running::with(&[&failing, &fine], config(Deregister::OnSuccess)).await;
     r.engine.die(&failing.id, 1);
     r.engine.die(&fine.id, 0);
-    until("the clean exit is removed", Duration::from_secs(1), || {
-        !r.has_record(&fine.id)
-    })
+    r.until_gone(
+        "the clean exit is removed",
+        &fine.id,
+        Duration::from_secs(1),
+    )
     .await;
     assert!(r.has_record(&failing.id));
     // A resync keeps it too.
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
     assert!(r.has_record(&failing.id));
-    r.engine.remove(&failing.id);
-    until("removed with the container", Duration::from_secs(1), || {
-        !r.has_record(&failing.id)
-    })
-    .await;
+    r.remove(&failing.id).await;
     r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_resync() {
-    let engine = FakeEngine::default();
     let failing = web_container("web1", [172, 17, 0, 5]);
-    engine.add(failing.clone());
-    let r = Running::start(engine, config(Deregister::OnSuccess)).await;
+    let r = Running::with(&[&failing], config(Deregister::OnSuccess)).await;
     assert!(r.has_record(&failing.id));
     // The container has exited but its `die` event is late: a resync sees it stopped first.
     r.engine.exit_quietly(&failing.id, 3);
@@ -386,25 +383,19 @@ async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_resyn
     r.engine.die(&failing.id, 3);
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
     assert!(r.has_record(&failing.id), "and so does the late event");
-    r.engine.remove(&failing.id);
-    until("removed with the container", Duration::from_secs(1), || {
-        !r.has_record(&failing.id)
-    })
-    .await;
+    r.remove(&failing.id).await;
     r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_graceful_stop_leaves_the_records_to_the_ttl_unless_cleanup() {
     for cleanup in [false, true] {
-        let engine = FakeEngine::default();
         let web = web_container("web1", [172, 17, 0, 5]);
-        engine.add(web.clone());
         let config = BridgeConfig {
             cleanup,
             ..config(Deregister::Always)
         };
-        let r = Running::start(engine, config).await;
+        let r = Running::with(&[&web], config).await;
         let (store, prefix) = (r.store.clone(), r.layout.services_prefix());
         let held = || store.list(&prefix).len();
         assert_eq!(held(), 1);

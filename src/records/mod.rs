@@ -16,7 +16,7 @@ mod tests;
 use std::net::IpAddr;
 
 use backend_core::layout::valid_segment;
-use backend_core::{Protocol, ServiceRecord, SCHEMA_VERSION};
+use backend_core::ServiceRecord;
 
 use crate::container::ContainerInfo;
 use crate::metadata::Metadata;
@@ -128,25 +128,14 @@ fn record_labels(c: &ContainerInfo) -> std::collections::BTreeMap<String, String
 
 fn base_record(c: &ContainerInfo, node: &NodeIdentity) -> ServiceRecord {
     ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: String::new(),
-        id: String::new(),
-        ip: IpAddr::from([0, 0, 0, 0]),
-        port: 0,
-        protocol: Protocol::Tcp,
-        tags: Vec::new(),
         labels: record_labels(c),
-        attrs: Default::default(),
         container_id: c.id.clone(),
         container_name: c.name.clone(),
         node_id: node.node_id.clone(),
         hostname: node.hostname.clone(),
-        task_id: None,
-        task_slot: None,
-        service_id: None,
-        stack: None,
         health: c.health,
         started_at: c.started_at.clone(),
+        ..ServiceRecord::new("", "", IpAddr::from([0, 0, 0, 0]), 0)
     }
 }
 

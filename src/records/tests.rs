@@ -71,11 +71,16 @@ fn plain() -> ContainerInfo {
     }
 }
 
+/// The records of `c` on node1, which must be exactly one.
+fn only_record(c: &ContainerInfo, options: &BuildOptions) -> ServiceRecord {
+    let mut records = build_records(c, options, &node()).expect("builds");
+    assert_eq!(records.len(), 1, "{records:?}");
+    records.remove(0)
+}
+
 #[test]
 fn a_task_gives_one_record_with_its_overlay_address_and_slot() {
-    let r = build_records(&task(&[]), &BuildOptions::default(), &node()).expect("builds");
-    assert_eq!(r.len(), 1);
-    let r = &r[0];
+    let r = &only_record(&task(&[]), &BuildOptions::default());
     assert_eq!(r.service, "mongo");
     assert_eq!(r.id, "t1");
     assert_eq!(r.ip, "10.0.1.7".parse::<IpAddr>().expect("ip"));
@@ -222,9 +227,7 @@ fn a_plain_container_is_published_as_registrator_does() {
     c.labels.insert("SERVICE_TAGS".into(), "prod,v1".into());
     c.env.push("SERVICE_REGION=eu".into());
     c.health = Some(Health::Healthy);
-    let r = build_records(&c, &BuildOptions::default(), &node()).expect("builds");
-    assert_eq!(r.len(), 1);
-    let r = &r[0];
+    let r = &only_record(&c, &BuildOptions::default());
     assert_eq!(r.service, "web");
     assert_eq!(r.id, "host1:web-1:80");
     assert_eq!(r.ip, "192.0.2.10".parse::<IpAddr>().expect("ip"));

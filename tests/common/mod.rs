@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-pub use test_support::{free_port, http_get, wait_for, PrivateConsul, PrivateEtcd, TempDir};
+pub use test_support::{
+    consul_bin, free_port, http_get, run_ok, wait_for, PrivateConsul, PrivateEtcd, TempDir,
+};
 
 use backend_core::WatchEvent;
 use futures::StreamExt;
@@ -54,20 +56,31 @@ impl Names {
     }
 }
 
-/// Runs `docker` with these arguments; panics with its stderr when it fails.
-pub async fn docker(args: &[&str]) -> String {
-    let out = tokio::process::Command::new("docker")
+/// Runs the bridge binary with `args` and `env` to its end (no stdin, `NO_COLOR`); its exit
+/// code and its stderr.
+pub async fn run_bridge<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
         .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .output()
         .await
-        .expect("the docker CLI runs");
-    assert!(
-        out.status.success(),
-        "docker {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .expect("the bridge runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `docker` with these arguments; panics with its stderr when it fails.
+pub async fn docker(args: &[&str]) -> String {
+    let mut command = tokio::process::Command::new("docker");
+    command.args(args);
+    let out = run_ok(&mut command, &format!("docker {}", args.join(" "))).await;
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -581,27 +594,7 @@ impl Store {
                     client.lease_revoke(lease.id()).await.expect("revoke");
                 }
             }
-            Store::Consul { http, base } => {
-                #[derive(serde::Deserialize)]
-                struct S {
-                    #[serde(rename = "ID")]
-                    id: String,
-                }
-                let sessions: Vec<S> = http
-                    .get(format!("{base}/v1/session/list"))
-                    .send()
-                    .await
-                    .expect("session list")
-                    .json()
-                    .await
-                    .expect("sessions");
-                for s in sessions {
-                    http.put(format!("{base}/v1/session/destroy/{}", s.id))
-                        .send()
-                        .await
-                        .expect("destroy");
-                }
-            }
+            Store::Consul { http, base } => test_support::destroy_consul_sessions(http, base).await,
         }
     }
 }

@@ -12,7 +12,8 @@ use crate::common::*;
 /// Declares one `#[tokio::test]` per scenario for a backend.
 macro_rules! suite {
     ($backend:expr) => {
-        $crate::scenarios::suite!(@tests $backend; replicated_service_is_published_and_follows_scaling,
+        test_support::each_scenario!(scenarios, $backend;
+            replicated_service_is_published_and_follows_scaling,
             a_removed_task_container_is_replaced_in_the_same_slot,
             a_plain_container_gets_a_registrator_compatible_record,
             malformed_labels_skip_one_container_with_a_warning_and_foreign_records_stay,
@@ -23,14 +24,6 @@ macro_rules! suite {
             an_unreachable_store_at_start_is_retried_then_reported,
             the_docker_health_status_is_published_and_follows_the_healthcheck,
             deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed);
-    };
-    (@tests $backend:expr; $($name:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                $crate::scenarios::$name($backend).await
-            }
-        )*
     };
 }
 pub(crate) use suite;

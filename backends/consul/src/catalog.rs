@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backend_core::{BackendError, Health, Protocol, ServiceRecord, SCHEMA_VERSION};
+use backend_core::{BackendError, Health, Result, ServiceRecord};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{expect_success, successful, Client};
+use crate::client::{consul_index, expect_success, successful, Client, REQUEST_TIMEOUT};
 use crate::kv::encode_key;
 use crate::STORE;
 
@@ -19,6 +19,28 @@ pub const PREFIX_META: &str = "registrator_prefix";
 
 /// How many agent calls (catalog registrations, check updates) run at once.
 pub(crate) const AGENT_CONCURRENCY: usize = 16;
+
+/// How the agent checks this publisher's registrations: the TTL the bridge passes each check
+/// within, how long a critical one stays before the agent removes it, and the key prefix that
+/// marks a registration as this publisher's.
+#[derive(Debug, Clone)]
+pub(crate) struct TtlCheck {
+    pub ttl: Duration,
+    pub deregister_after: Duration,
+    pub prefix: String,
+}
+
+/// One instance of a service in the catalog, as `/v1/catalog/service/<name>` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CatalogInstance {
+    #[serde(rename = "ServiceID")]
+    pub id: String,
+    /// The index of the instance's last change.
+    #[serde(rename = "ModifyIndex", default)]
+    pub modify_index: u64,
+    #[serde(rename = "ServiceMeta", default)]
+    pub meta: Option<BTreeMap<String, String>>,
+}
 
 /// One service of the agent, as `/v1/agent/services` lists it.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,14 +74,29 @@ impl Client {
         Ok(services.into_values().collect())
     }
 
-    /// Registers one record as an agent service with a TTL check.
-    pub(crate) async fn register(
+    /// The catalog's instances of `service` and the answer's index. With `index` above 0, a
+    /// blocking query: Consul answers once the catalog's index passes `index`, or after `wait`.
+    pub async fn catalog_service(
         &self,
-        r: &ServiceRecord,
-        ttl: Duration,
-        deregister_after: Duration,
-        prefix: &str,
-    ) -> Result<(), BackendError> {
+        service: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Vec<CatalogInstance>, u64)> {
+        let mut path = format!("/v1/catalog/service/{}", encode_key(service));
+        if index > 0 {
+            path.push_str(&format!("?index={index}&wait={}s", wait.as_secs()));
+        }
+        // Consul adds up to wait/16 of jitter to a blocking query.
+        let timeout = wait + wait / 16 + REQUEST_TIMEOUT;
+        let rb = self.request(Method::GET, &path).timeout(timeout);
+        let resp = self.send(rb, "catalog read").await?;
+        let index = consul_index(&resp);
+        let resp = successful(resp, "catalog read").await?;
+        Ok((self.decode(resp, "catalog read").await?, index))
+    }
+
+    /// Registers one record as an agent service with a TTL check.
+    pub(crate) async fn register(&self, r: &ServiceRecord, check: &TtlCheck) -> Result<()> {
         let (status, output) = check_status(r.health);
         let body = json!({
             "ID": r.id,
@@ -67,15 +104,15 @@ impl Client {
             "Address": r.ip.to_string(),
             "Port": r.port,
             "Tags": r.tags,
-            "Meta": catalog_meta(r, prefix),
+            "Meta": catalog_meta(r, &check.prefix),
             "Check": {
                 "CheckID": check_id(&r.id),
                 "Name": "swarm-registrator TTL",
-                "TTL": format!("{}s", ttl.as_secs()),
+                "TTL": format!("{}s", check.ttl.as_secs()),
                 "Status": status,
                 "Notes": output,
                 "DeregisterCriticalServiceAfter":
-                    format!("{}s", deregister_after.as_secs()),
+                    format!("{}s", check.deregister_after.as_secs()),
             },
         });
         let resp = self
@@ -90,13 +127,7 @@ impl Client {
 
     /// Sets one registration's TTL check; registers the service again when the agent no longer
     /// knows it (an agent restart).
-    pub(crate) async fn update_check(
-        &self,
-        r: &ServiceRecord,
-        ttl: Duration,
-        deregister_after: Duration,
-        prefix: &str,
-    ) -> Result<(), BackendError> {
+    pub(crate) async fn update_check(&self, r: &ServiceRecord, check: &TtlCheck) -> Result<()> {
         let (status, output) = check_status(r.health);
         let path = format!("/v1/agent/check/update/{}", encode_key(&check_id(&r.id)));
         let resp = self
@@ -110,7 +141,7 @@ impl Client {
             return Ok(());
         }
         tracing::info!(store = STORE, id = %r.id, status = %resp.status(), "the agent lost a registration; registering it again");
-        self.register(r, ttl, deregister_after, prefix).await
+        self.register(r, check).await
     }
 
     pub(crate) async fn deregister(&self, id: &str) -> Result<(), BackendError> {
@@ -225,24 +256,12 @@ pub fn record_from_agent(s: &AgentService, prefix: &str) -> Option<ServiceRecord
     let node_id = meta.get("node_id")?.clone();
     let container_id = meta.get("container_id")?.clone();
     Some(ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: s.service.clone(),
-        id: s.id.clone(),
-        ip: s.address.parse().ok()?,
-        port: s.port,
-        protocol: Protocol::Tcp,
         tags: s.tags.clone().unwrap_or_default(),
-        labels: BTreeMap::new(),
-        attrs: BTreeMap::new(),
         container_id,
-        container_name: String::new(),
         node_id,
-        hostname: String::new(),
         task_id: meta.get("task_id").cloned(),
         task_slot: meta.get("task_slot").and_then(|v| v.parse().ok()),
-        service_id: None,
         stack: meta.get("stack").cloned(),
-        health: None,
-        started_at: None,
+        ..ServiceRecord::new(&s.service, &s.id, s.address.parse().ok()?, s.port)
     })
 }

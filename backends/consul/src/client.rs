@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use backend_core::BackendError;
+use backend_core::{error_chain, BackendError};
 use reqwest::StatusCode;
 
 use crate::STORE;
@@ -78,22 +78,13 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
 
 /// The HTTP client of one agent, with its token. Cheap to clone (the connection pool is
 /// shared), so background tasks (renewals, watches) hold their own copy; it holds no session
-/// state.
-#[derive(Clone)]
+/// state. Its `Debug` shows the token redacted.
+#[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     pub(crate) endpoint: String,
     token: Option<Token>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("base", &self.base)
-            .field("token", &self.token)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Client {
@@ -263,17 +254,6 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
         cause = err.source();
     }
     false
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 pub(crate) async fn expect_success(

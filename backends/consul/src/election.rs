@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backend_core::keepalive::keep_alive;
-use backend_core::{BackendError, Coordinator, Leadership};
+use backend_core::{BackendError, Coordinator, Leadership, Result};
 use futures::FutureExt;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -83,12 +83,7 @@ impl Client {
 
 impl Coordinator for ConsulStore {
     /// A session with a TTL and a lock on `key` (`?acquire=`), as `consul lock` does.
-    async fn campaign(
-        &self,
-        key: String,
-        holder: String,
-        ttl: Duration,
-    ) -> Result<Leadership, BackendError> {
+    async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let session = self
             .client
             .create_session(&format!("swarm-registrator leader {holder}"), ttl)

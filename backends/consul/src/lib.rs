@@ -38,7 +38,7 @@ pub mod kv;
 pub mod session;
 pub mod watch;
 
-pub use catalog::{catalog_meta, record_from_agent, AgentService};
+pub use catalog::{catalog_meta, record_from_agent, AgentService, CatalogInstance};
 pub use client::{Client, ConfigError, ConsulOptions, Token};
 pub use kv::{encode_key, lock_ops, next_index, txn_batches, MAX_TXN_OPS};
 pub use session::MIN_TTL;
@@ -78,6 +78,15 @@ impl std::fmt::Debug for ConsulStore {
 }
 
 impl ConsulStore {
+    /// How the agent checks the registrations of a session with `ttl`.
+    fn ttl_check(&self, ttl: Duration) -> catalog::TtlCheck {
+        catalog::TtlCheck {
+            ttl,
+            deregister_after: self.options.deregister_critical_after,
+            prefix: self.layout.prefix().to_string(),
+        }
+    }
+
     /// A client for the agent at `endpoint` (`host:port`), over HTTPS when `tls`.
     pub fn new(
         endpoint: &str,
@@ -128,22 +137,13 @@ impl ConsulStore {
         self.client.list_prefix(prefix).await
     }
 
-    async fn session_id(&self) -> Result<String, BackendError> {
-        self.session
-            .lock()
-            .await
+    /// The open session's id and TTL.
+    async fn current_session(&self) -> Result<(String, Duration), BackendError> {
+        let session = self.session.lock().await;
+        let open = session
             .as_ref()
-            .map(|s| s.id.clone())
-            .ok_or(BackendError::NoSession { store: STORE })
-    }
-
-    async fn ttl(&self) -> Result<Duration, BackendError> {
-        self.session
-            .lock()
-            .await
-            .as_ref()
-            .map(|s| s.ttl)
-            .ok_or(BackendError::NoSession { store: STORE })
+            .ok_or(BackendError::NoSession { store: STORE })?;
+        Ok((open.id.clone(), open.ttl))
     }
 }
 
@@ -152,18 +152,8 @@ impl Publisher for ConsulStore {
         STORE
     }
 
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
-    }
-
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
-        if ttl < MIN_TTL {
-            return Err(BackendError::InvalidTtl {
-                store: STORE,
-                ttl,
-                detail: "Consul's session TTL is at least 10 s".into(),
-            });
-        }
+        backend_core::require_ttl(STORE, ttl, MIN_TTL, "Consul's session TTL is at least 10 s")?;
         let id = self.client.create_session("swarm-registrator", ttl).await?;
         tracing::info!(store = STORE, session = %id, ttl_secs = ttl.as_secs(), "created session");
         *self.session.lock().await = Some(Session { id, ttl });
@@ -198,13 +188,11 @@ impl Publisher for ConsulStore {
                 let registered: Vec<ServiceRecord> =
                     self.registered.lock().await.values().cloned().collect();
                 let store = self.client.clone();
-                let after = self.options.deregister_critical_after;
-                let prefix = self.layout.prefix().to_string();
-                let ttl = session.ttl;
+                let check = self.ttl_check(session.ttl);
                 *round = Some(tokio::spawn(async move {
                     let calls: Vec<_> = registered
                         .iter()
-                        .map(|r| store.update_check(r, ttl, after, &prefix))
+                        .map(|r| store.update_check(r, &check))
                         .collect();
                     let failed = futures::stream::iter(calls)
                         .buffer_unordered(AGENT_CONCURRENCY)
@@ -246,8 +234,7 @@ impl Publisher for ConsulStore {
     }
 
     async fn publish(&self, records: &[ServiceRecord]) -> Result<(), BackendError> {
-        let session = self.session_id().await?;
-        let ttl = self.ttl().await?;
+        let (session, ttl) = self.current_session().await?;
         // KV first: it is the contract other tools watch, and a catalog registration running at
         // the same time on the same agent slows it (measured: docs/benchmarks.md).
         let kv = async {
@@ -270,16 +257,10 @@ impl Publisher for ConsulStore {
             if !self.options.catalog {
                 return Ok(());
             }
+            let check = self.ttl_check(ttl);
             let calls: Vec<_> = records
                 .iter()
-                .map(|r| {
-                    self.client.register(
-                        r,
-                        ttl,
-                        self.options.deregister_critical_after,
-                        self.layout.prefix(),
-                    )
-                })
+                .map(|r| self.client.register(r, &check))
                 .collect();
             let results: Vec<Result<(), BackendError>> = futures::stream::iter(calls)
                 .buffer_unordered(AGENT_CONCURRENCY)
@@ -320,7 +301,7 @@ impl Publisher for ConsulStore {
         if !self.options.kv {
             return Ok(());
         }
-        let session = self.session_id().await?;
+        let (session, _) = self.current_session().await?;
         let ops = vec![lock_ops(
             &self.layout.node_key(&node.node_id),
             &node.to_json(),
@@ -339,6 +320,10 @@ impl Publisher for ConsulStore {
             .await?
             .0)
     }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +331,28 @@ mod tests {
     use super::*;
     use crate::watch::diff;
     use backend_core::WatchEvent;
+
+    #[test]
+    fn catalog_instances_decode_with_or_without_meta() {
+        let answer = r#"[{"ServiceID":"a","ModifyIndex":3,"ServiceMeta":{"container_id":"c2"}},{"ServiceID":"b"}]"#;
+        let list: Vec<CatalogInstance> = serde_json::from_str(answer).expect("decodes");
+        let meta = BTreeMap::from([("container_id".to_string(), "c2".to_string())]);
+        assert_eq!(
+            list,
+            vec![
+                CatalogInstance {
+                    id: "a".into(),
+                    modify_index: 3,
+                    meta: Some(meta),
+                },
+                CatalogInstance {
+                    id: "b".into(),
+                    modify_index: 0,
+                    meta: None,
+                },
+            ]
+        );
+    }
 
     #[test]
     fn meta_follows_consuls_rules() {
@@ -358,24 +365,14 @@ mod tests {
         }
         let r = ServiceRecord {
             schema_version: 1,
-            service: "db".into(),
-            id: "t1".into(),
-            ip: "10.0.0.1".parse().expect("ip"),
-            port: 1,
-            protocol: backend_core::Protocol::Tcp,
-            tags: vec![],
             labels,
-            attrs: BTreeMap::new(),
             container_id: "c".into(),
             container_name: "n".into(),
             node_id: "n1".into(),
             hostname: "h".into(),
             task_id: Some("t1".into()),
             task_slot: Some(2),
-            service_id: None,
-            stack: None,
-            health: None,
-            started_at: None,
+            ..ServiceRecord::new("db", "t1", "10.0.0.1".parse().expect("ip"), 1)
         };
         let meta = catalog_meta(&r, "prod/registrator");
         assert_eq!(meta.len(), 64);

@@ -24,65 +24,26 @@ fn store(endpoint: &str, layout: KeyLayout) -> ConsulStore {
     ConsulStore::new(endpoint, false, layout, options).expect("client")
 }
 
+async fn open(endpoint: &str, layout: KeyLayout) -> ConsulStore {
+    store(endpoint, layout)
+}
+
 /// Destroys every session of the agent.
 async fn destroy_all(endpoint: String) {
-    let http = reqwest::Client::new();
-    let sessions: Vec<serde_json::Value> = http
-        .get(format!("http://{endpoint}/v1/session/list"))
-        .send()
-        .await
-        .expect("list sessions")
-        .json()
-        .await
-        .expect("sessions");
-    for s in sessions {
-        let id = s["ID"].as_str().expect("a session id");
-        http.put(format!("http://{endpoint}/v1/session/destroy/{id}"))
-            .send()
-            .await
-            .expect("destroy");
-    }
+    test_support::destroy_consul_sessions(&reqwest::Client::new(), &format!("http://{endpoint}"))
+        .await;
 }
 
-#[tokio::test]
-async fn records_live_with_the_session_and_go_with_it() {
-    let s = store(&shared_endpoint(), unique_layout("consul-session"));
-    contract::records_live_with_the_session_and_go_with_it(&s, TTL).await;
-}
-
-#[tokio::test]
-async fn a_lost_session_is_reported_and_a_new_one_can_be_opened() {
-    let consul = PrivateConsul::start().await;
-    let s = store(&consul.endpoint(), unique_layout("consul-lost"));
-    contract::a_lost_session_is_reported_and_a_new_one_can_be_opened(
-        &s,
-        TTL,
-        destroy_all(consul.endpoint()),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn an_unreachable_store_is_a_transient_error() {
-    let s = store(
-        &format!("127.0.0.1:{}", free_port()),
-        unique_layout("consul-down"),
-    );
-    contract::an_unreachable_store_is_a_transient_error(&s, TTL).await;
-}
-
-#[tokio::test]
-async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage() {
-    let mut consul = PrivateConsul::start().await;
-    let endpoint = consul.endpoint();
-    let s = store(&endpoint, unique_layout("consul-watch"));
-    contract::a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage(
-        &s,
-        TTL,
-        &mut consul,
-        || destroy_all(endpoint.clone()),
-    )
-    .await;
+test_support::server_suite! {
+    store: open,
+    shared: shared_endpoint(),
+    private: PrivateConsul,
+    end_sessions: destroy_all,
+    tag: "consul",
+    ttl: TTL,
+    leader_ttl: Duration::from_secs(10),
+    // Consul may reap a session up to twice its TTL late.
+    dead_leader_within: Duration::from_secs(40),
 }
 
 #[tokio::test]
@@ -92,54 +53,6 @@ async fn ttls_below_consuls_floor_are_refused() {
         .await
         .expect_err("5 s is below the floor");
     assert!(err.to_string().contains("10 s"), "{err}");
-}
-
-#[tokio::test]
-async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
-    let layout = unique_layout("consul-elect");
-    let a = store(&shared_endpoint(), layout.clone());
-    let b = store(&shared_endpoint(), layout.clone());
-    let key = layout.replset_leader_key("rs0");
-    contract::one_leader_at_a_time_and_a_resign_hands_over(&a, &b, &key, Duration::from_secs(10))
-        .await;
-}
-
-#[tokio::test]
-async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
-    let layout = unique_layout("consul-dead");
-    let a = store(&shared_endpoint(), layout.clone());
-    let b = store(&shared_endpoint(), layout.clone());
-    let key = layout.replset_leader_key("rs0");
-    // Consul may reap a session up to twice its TTL late.
-    contract::a_dead_leader_is_replaced_after_its_ttl(
-        &a,
-        &b,
-        &key,
-        Duration::from_secs(10),
-        Duration::from_secs(40),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn coordinator_a_leader_learns_that_it_lost() {
-    let consul = PrivateConsul::start().await;
-    let layout = unique_layout("consul-lost-leader");
-    let a = store(&consul.endpoint(), layout.clone());
-    contract::a_leader_learns_that_it_lost(
-        &a,
-        &layout.replset_leader_key("rs0"),
-        Duration::from_secs(10),
-        destroy_all(consul.endpoint()),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn coordinator_values_round_trip() {
-    let layout = unique_layout("consul-values");
-    let a = store(&shared_endpoint(), layout.clone());
-    contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
 }
 
 #[tokio::test]
@@ -233,16 +146,10 @@ async fn catalog_only_lists_the_registrations_of_its_prefix_for_a_resync() {
 
 #[tokio::test]
 async fn an_unreachable_store_keeps_the_http_error_as_the_cause() {
-    let s = store(
-        &format!("127.0.0.1:{}", free_port()),
-        unique_layout("consul-cause"),
-    );
-    let err = backend_core::Publisher::open_session(&s, TTL)
-        .await
-        .expect_err("nothing listens");
-    let cause = std::error::Error::source(&err).expect("a cause");
-    assert!(
-        cause.downcast_ref::<reqwest::Error>().is_some(),
-        "{cause:?}"
-    );
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let s = store(&endpoint, unique_layout("consul-cause"));
+    contract::an_unreachable_store_keeps_the_client_error_as_the_cause::<reqwest::Error, _>(
+        &s, TTL,
+    )
+    .await;
 }

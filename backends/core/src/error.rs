@@ -48,6 +48,39 @@ pub enum BackendError {
     },
 }
 
+/// `e` and its causes, joined with `: `, for a message that says everything on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// What a store's calls return.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// `Err(InvalidTtl)` naming `store` and `detail` when `ttl` is shorter than `least`, the
+/// shortest session the store grants.
+pub fn require_ttl(
+    store: &'static str,
+    ttl: Duration,
+    least: Duration,
+    detail: &str,
+) -> Result<()> {
+    if ttl < least {
+        return Err(BackendError::InvalidTtl {
+            store,
+            ttl,
+            detail: detail.into(),
+        });
+    }
+    Ok(())
+}
+
 impl BackendError {
     /// Whether waiting and retrying the same call can succeed.
     pub fn is_transient(&self) -> bool {

@@ -131,6 +131,33 @@ pub enum DecodeError {
 }
 
 impl ServiceRecord {
+    /// A TCP record of `service` with `id` at `ip:port` in the current schema, every other
+    /// field empty: where a record is built, the fields it knows are set over this one
+    /// (`ServiceRecord { node_id, ..ServiceRecord::new(..) }`).
+    pub fn new(service: impl Into<String>, id: impl Into<String>, ip: IpAddr, port: u16) -> Self {
+        ServiceRecord {
+            schema_version: SCHEMA_VERSION,
+            service: service.into(),
+            id: id.into(),
+            ip,
+            port,
+            protocol: Protocol::Tcp,
+            tags: Vec::new(),
+            labels: BTreeMap::new(),
+            attrs: BTreeMap::new(),
+            container_id: String::new(),
+            container_name: String::new(),
+            node_id: String::new(),
+            hostname: String::new(),
+            task_id: None,
+            task_slot: None,
+            service_id: None,
+            stack: None,
+            health: None,
+            started_at: None,
+        }
+    }
+
     /// The JSON written into the store.
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising a struct of strings, numbers and maps with string keys cannot fail.
@@ -176,15 +203,7 @@ mod tests {
 
     fn task_record() -> ServiceRecord {
         ServiceRecord {
-            schema_version: SCHEMA_VERSION,
-            service: "mongo".into(),
-            id: "x1y2".into(),
-            ip: "10.0.1.5".parse().expect("ip"),
-            port: 27017,
-            protocol: Protocol::Tcp,
-            tags: vec![],
             labels: BTreeMap::from([("registrator.replset".into(), "rs0".into())]),
-            attrs: BTreeMap::new(),
             container_id: "c0ffee".into(),
             container_name: "mongo.1.x1y2".into(),
             node_id: "node1".into(),
@@ -192,9 +211,7 @@ mod tests {
             task_id: Some("x1y2".into()),
             task_slot: Some(1),
             service_id: Some("svc".into()),
-            stack: None,
-            health: None,
-            started_at: None,
+            ..ServiceRecord::new("mongo", "x1y2", "10.0.1.5".parse().expect("ip"), 27017)
         }
     }
 

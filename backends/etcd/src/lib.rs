@@ -14,7 +14,7 @@ use std::time::Duration;
 use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::{
     BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
-    ServiceKey, ServiceRecord, WatchEvent, Watcher,
+    Result, ServiceKey, ServiceRecord, WatchEvent, Watcher,
 };
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
@@ -244,19 +244,11 @@ impl Publisher for EtcdStore {
         STORE
     }
 
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
-    }
-
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
+        let least = Duration::from_secs(1);
+        let detail = "etcd leases are granted in whole seconds, at least 1";
+        backend_core::require_ttl(STORE, ttl, least, detail)?;
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        if secs < 1 {
-            return Err(BackendError::InvalidTtl {
-                store: STORE,
-                ttl,
-                detail: "etcd leases are granted in whole seconds, at least 1".into(),
-            });
-        }
         let mut client = self.client.clone();
         let resp = client
             .lease_grant(secs, None)
@@ -384,6 +376,10 @@ impl Publisher for EtcdStore {
     async fn list_services(&self) -> Result<Vec<KvEntry>, BackendError> {
         Ok(self.list_prefix(&self.layout.services_prefix()).await?.0)
     }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
+    }
 }
 
 impl Watcher for EtcdStore {
@@ -495,12 +491,7 @@ async fn list_and_follow(
 
 impl Coordinator for EtcdStore {
     /// etcd's election API: a lease, kept alive by a task, and a campaign on `key` with it.
-    async fn campaign(
-        &self,
-        key: String,
-        holder: String,
-        ttl: Duration,
-    ) -> Result<Leadership, BackendError> {
+    async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let mut client = self.long_client.clone();
         let lease = client

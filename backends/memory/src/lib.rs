@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use backend_core::{
     BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
-    ServiceKey, ServiceRecord, WatchEvent, Watcher,
+    Result, ServiceKey, ServiceRecord, WatchEvent, Watcher,
 };
 use futures::stream::BoxStream;
 use futures::FutureExt;
@@ -281,18 +281,14 @@ impl Publisher for MemoryStore {
         STORE
     }
 
-    fn layout(&self) -> &KeyLayout {
-        &self.layout
-    }
-
     async fn open_session(&self, ttl: Duration) -> Result<(), BackendError> {
-        if ttl < Duration::from_secs(1) {
-            return Err(BackendError::InvalidTtl {
-                store: STORE,
-                ttl,
-                detail: "a session lasts at least 1 s (etcd's least lease)".into(),
-            });
-        }
+        let least = Duration::from_secs(1);
+        backend_core::require_ttl(
+            STORE,
+            ttl,
+            least,
+            "a session lasts at least 1 s (etcd's least lease)",
+        )?;
         let mut state = self.cluster.lock();
         state.admit("open session")?;
         let id = self.cluster.open_session(&mut state, ttl);
@@ -350,6 +346,10 @@ impl Publisher for MemoryStore {
         let mut state = self.cluster.lock();
         state.admit("list services")?;
         Ok(state.list(&self.layout.services_prefix()))
+    }
+
+    fn layout(&self) -> &KeyLayout {
+        &self.layout
     }
 }
 
@@ -442,12 +442,7 @@ fn jitter() -> f64 {
 impl Coordinator for MemoryStore {
     /// A session with `ttl`, renewed every TTL/3 by a task, and the key held with it once it
     /// is free (absent, or held by no session).
-    async fn campaign(
-        &self,
-        key: String,
-        holder: String,
-        ttl: Duration,
-    ) -> Result<Leadership, BackendError> {
+    async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let ttl = ttl.max(Duration::from_secs(1));
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();

@@ -1,12 +1,10 @@
 //! What the in-memory store adds to the contract: expiry exactly on tokio's clock, and the
 //! controls a test uses.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, Coordinator, KeyLayout, Protocol, Publisher, ServiceRecord, WatchEvent, Watcher,
-    SCHEMA_VERSION,
+    BackendError, Coordinator, KeyLayout, Publisher, ServiceRecord, WatchEvent, Watcher,
 };
 use futures::StreamExt;
 
@@ -15,27 +13,7 @@ use crate::MemoryCluster;
 const TTL: Duration = Duration::from_secs(10);
 
 fn record(id: &str) -> ServiceRecord {
-    ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: "db".into(),
-        id: id.into(),
-        ip: "10.0.0.1".parse().expect("ip"),
-        port: 27017,
-        protocol: Protocol::Tcp,
-        tags: vec![],
-        labels: BTreeMap::new(),
-        attrs: BTreeMap::new(),
-        container_id: format!("c-{id}"),
-        container_name: id.into(),
-        node_id: "node-a".into(),
-        hostname: "host-a".into(),
-        task_id: Some(id.into()),
-        task_slot: Some(1),
-        service_id: None,
-        stack: None,
-        health: None,
-        started_at: None,
-    }
+    test_support::contract::plain_record("db", id)
 }
 
 async fn next(

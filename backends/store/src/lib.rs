@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use backend_core::{
     BackendError, BackendUri, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
-    ServiceKey, ServiceRecord, WatchEvent, Watcher,
+    Result, ServiceKey, ServiceRecord, WatchEvent, Watcher,
 };
 use futures::stream::BoxStream;
 
@@ -201,12 +201,7 @@ impl Watcher for Store {
 }
 
 impl Coordinator for Store {
-    async fn campaign(
-        &self,
-        key: String,
-        holder: String,
-        ttl: Duration,
-    ) -> Result<Leadership, BackendError> {
+    async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         each!(self, s => s.campaign(key, holder, ttl).await)
     }
 

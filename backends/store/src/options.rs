@@ -183,6 +183,11 @@ mod tests {
         (BackendUri::parse(&cli.uri).expect("uri"), cli.store)
     }
 
+    /// `consul://127.0.0.1:8500/p --consul-token-file <path>`.
+    fn with_token_file(path: &str) -> (BackendUri, StoreArgs) {
+        parse(&["consul://127.0.0.1:8500/p", "--consul-token-file", path])
+    }
+
     fn temp_file(name: &str, contents: &str) -> PathBuf {
         let path =
             std::env::temp_dir().join(format!("store-options-{}-{name}", std::process::id()));
@@ -193,11 +198,7 @@ mod tests {
     #[test]
     fn a_token_file_beats_the_environment_and_names_its_source() {
         let path = temp_file("token", "from-file\n");
-        let (uri, args) = parse(&[
-            "consul://127.0.0.1:8500/p",
-            "--consul-token-file",
-            path.to_str().expect("utf-8"),
-        ]);
+        let (uri, args) = with_token_file(path.to_str().expect("utf-8"));
         let options = args
             .options_with_env(&uri, |_| Some("from-env".into()))
             .expect("options");
@@ -223,28 +224,17 @@ mod tests {
 
     #[test]
     fn bad_token_files_are_clear_errors() {
-        let (uri, args) = parse(&[
-            "etcd://127.0.0.1:2379/p",
-            "--consul-token-file",
-            "/nonexistent",
-        ]);
+        let etcd_with_a_consul_option = ["etcd://127.0.0.1:2379/p", "--consul-token-file", "/x"];
+        let (uri, args) = parse(&etcd_with_a_consul_option);
         let err = args.check(&uri).expect_err("a Consul option with etcd");
         assert!(err.to_string().contains("consul://"), "{err}");
 
-        let (uri, args) = parse(&[
-            "consul://127.0.0.1:8500/p",
-            "--consul-token-file",
-            "/nonexistent/token",
-        ]);
+        let (uri, args) = with_token_file("/nonexistent/token");
         let err = args.options_with_env(&uri, |_| None).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/token"), "{err}");
 
         let path = temp_file("empty", "\n");
-        let (uri, args) = parse(&[
-            "consul://127.0.0.1:8500/p",
-            "--consul-token-file",
-            path.to_str().expect("utf-8"),
-        ]);
+        let (uri, args) = with_token_file(path.to_str().expect("utf-8"));
         let err = args.options_with_env(&uri, |_| None).expect_err("empty");
         assert!(matches!(err, OptionsError::EmptySecret { .. }), "{err}");
         let _ = std::fs::remove_file(path);

@@ -6,7 +6,8 @@
 /// Declares one `#[tokio::test]` per scenario for a backend.
 macro_rules! suite {
     ($backend:expr) => {
-        $crate::scenarios::suite!(@tests $backend; a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time,
+        test_support::each_scenario!(scenarios, $backend;
+            a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time,
             a_rescheduled_slot_keeps_its_id_with_a_new_host,
             eight_to_three_removes_one_member_per_step_with_a_primary_throughout,
             a_store_glitch_removes_nothing,
@@ -18,14 +19,6 @@ macro_rules! suite {
             allow_force_reconfigures_to_the_members_that_are_up,
             a_whole_restart_under_new_addresses_keeps_the_set_and_its_data,
             members_that_lost_their_data_are_not_initiated_again);
-    };
-    (@tests $backend:expr; $($name:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                $crate::scenarios::$name($backend).await
-            }
-        )*
     };
 }
 pub(crate) use suite;
@@ -160,6 +153,13 @@ impl Harness {
             .await;
     }
 
+    /// The records of `hosts` in slots 1, 2, ...
+    async fn publish_all(&self, hosts: &[String]) {
+        for (i, host) in hosts.iter().enumerate() {
+            self.publish(i as u64 + 1, host).await;
+        }
+    }
+
     async fn publish(&self, slot: u64, host: &str) {
         let r = mongo_task_record(slot, host).expect("host:port");
         self.store
@@ -190,26 +190,67 @@ impl Drop for Harness {
     }
 }
 
-/// The voters (`_id`) and members of the latest config a primary installed.
-fn latest(cluster: &Cluster) -> Option<(i64, Vec<i64>, usize)> {
+/// A config a primary installed, from the simulator's history.
+struct Installed {
+    version: i64,
+    /// `_id`s of the members that count as voters.
+    voters: Vec<i64>,
+    source: replset_sim::ConfigSource,
+    config: bson::Document,
+}
+
+impl Installed {
+    /// The members, `_id` to host.
+    fn members(&self) -> BTreeMap<i64, String> {
+        let members = self
+            .config
+            .get_array("members")
+            .cloned()
+            .unwrap_or_default();
+        members
+            .iter()
+            .filter_map(|m| m.as_document())
+            .filter_map(|m| {
+                let id = m
+                    .get_i32("_id")
+                    .map(i64::from)
+                    .or_else(|_| m.get_i64("_id"))
+                    .ok()?;
+                Some((id, m.get_str("host").ok()?.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Every config a primary installed, oldest first.
+fn installed(cluster: &Cluster) -> Vec<Installed> {
     cluster
         .history()
         .configs()
         .into_iter()
-        .rev()
-        .find_map(|e| match e {
+        .filter_map(|e| match e {
             Event::ConfigInstalled {
                 version,
                 voters,
+                source,
                 config,
                 ..
-            } => Some((
+            } => Some(Installed {
                 version,
                 voters,
-                config.get_array("members").map(Vec::len).unwrap_or(0),
-            )),
+                source,
+                config,
+            }),
             _ => None,
         })
+        .collect()
+}
+
+/// The version, voters (`_id`) and number of members of the latest config a primary installed.
+fn latest(cluster: &Cluster) -> Option<(i64, Vec<i64>, usize)> {
+    let last = installed(cluster).pop()?;
+    let members = last.members().len();
+    Some((last.version, last.voters, members))
 }
 
 /// Every config differs from the one before by at most one voter.
@@ -238,31 +279,14 @@ fn assert_one_voter_at_a_time(cluster: &Cluster) {
 pub async fn a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time(b: Backend) {
     let mut cluster = Cluster::start(3).await.expect("simulated members");
     let h = Harness::start(b, cluster.set_name()).await;
-    for (i, host) in cluster.hosts().iter().enumerate() {
-        h.publish(i as u64 + 1, host).await;
-    }
-    wait_for("an initiated set of 3 voters", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    set_of_three(&cluster, &h).await;
     cluster.wait_for_primary(CONVERGE).await.expect("a primary");
 
     // 3 to 5.
     for _ in 0..2 {
-        let i = cluster.add_member().await.expect("a member");
-        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
-            .await;
+        add_published(&mut cluster, &h).await;
     }
-    wait_for("5 voters", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 5)) if voters.len() == 5 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_latest(&cluster, "5 voters", 5, 5).await;
     assert_one_voter_at_a_time(&cluster);
 
     // The connection string lists every member.
@@ -293,41 +317,33 @@ pub async fn a_fresh_service_becomes_a_set_and_grows_one_voter_at_a_time(b: Back
 
 /// The members (`_id` to host) of the latest config.
 fn latest_members(cluster: &Cluster) -> BTreeMap<i64, String> {
-    cluster
-        .history()
-        .configs()
-        .into_iter()
-        .rev()
-        .find_map(|e| match e {
-            Event::ConfigInstalled { config, .. } => Some(config),
-            _ => None,
-        })
-        .and_then(|c| c.get_array("members").ok().cloned())
+    installed(cluster)
+        .pop()
+        .map(|c| c.members())
         .unwrap_or_default()
-        .iter()
-        .filter_map(|m| m.as_document())
-        .filter_map(|m| {
-            let id = m
-                .get_i32("_id")
-                .map(i64::from)
-                .or_else(|_| m.get_i64("_id"))
-                .ok()?;
-            Some((id, m.get_str("host").ok()?.to_string()))
-        })
-        .collect()
 }
 
-async fn set_of_three(cluster: &Cluster, h: &Harness) {
-    for (i, host) in cluster.hosts().iter().enumerate() {
-        h.publish(i as u64 + 1, host).await;
-    }
-    wait_for("an initiated set of 3 voters", CONVERGE, || async {
+/// Waits until the latest config has `members` members, `voters` of them voting.
+async fn wait_latest(cluster: &Cluster, what: &str, members: usize, voters: usize) {
+    wait_for(what, CONVERGE, || async {
         match latest(cluster) {
-            Some((_, voters, 3)) if voters.len() == 3 => Ok(()),
+            Some((_, v, n)) if n == members && v.len() == voters => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
+}
+
+/// Adds a simulated member and publishes its record, as swarm and the bridge would.
+async fn add_published(cluster: &mut Cluster, h: &Harness) {
+    let i = cluster.add_member().await.expect("a member");
+    h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+        .await;
+}
+
+async fn set_of_three(cluster: &Cluster, h: &Harness) {
+    h.publish_all(&cluster.hosts()).await;
+    wait_latest(cluster, "an initiated set of 3 voters", 3, 3).await;
 }
 
 pub async fn a_rescheduled_slot_keeps_its_id_with_a_new_host(b: Backend) {
@@ -368,32 +384,9 @@ fn stepdowns(cluster: &Cluster) -> usize {
 
 /// The version and members (`_id`s) of every config a primary installed, in order.
 fn config_history(cluster: &Cluster) -> Vec<(i64, BTreeSet<i64>)> {
-    cluster
-        .history()
-        .configs()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::ConfigInstalled {
-                version, config, ..
-            } => {
-                let members = config
-                    .get_array("members")
-                    .map(|ms| {
-                        ms.iter()
-                            .filter_map(|m| m.as_document())
-                            .filter_map(|m| {
-                                m.get_i32("_id")
-                                    .map(i64::from)
-                                    .or_else(|_| m.get_i64("_id"))
-                                    .ok()
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Some((version, members))
-            }
-            _ => None,
-        })
+    installed(cluster)
+        .iter()
+        .map(|c| (c.version, c.members().into_keys().collect()))
         .collect()
 }
 
@@ -461,9 +454,7 @@ pub async fn eight_to_three_removes_one_member_per_step_with_a_primary_throughou
         .await
         .expect("a primary and secondaries");
     let h = Harness::start(b, &set).await;
-    for (i, host) in cluster.hosts().iter().enumerate() {
-        h.publish(i as u64 + 1, host).await;
-    }
+    h.publish_all(&cluster.hosts()).await;
     let mut remaining: BTreeSet<i64> = (1..=8).collect();
     wait_for(
         "the reconciler to find 8 members converged",
@@ -569,12 +560,7 @@ pub async fn eight_to_three_removes_one_member_per_step_with_a_primary_throughou
         "a stepdown during the scale-down:\n{}",
         cluster.history().render()
     );
-    let found = coll
-        .find_one(bson::doc! {"_id": 1})
-        .await
-        .expect("read")
-        .expect("the majority write is still there");
-    assert_eq!(found.get_str("item").ok(), Some("before the scale-down"));
+    assert_written(&coll, "before the scale-down").await;
     eprintln!("8 -> 3 in {took:?}");
 }
 
@@ -606,13 +592,7 @@ pub async fn a_record_with_invalid_json_is_ignored(b: Backend) {
         )
         .await;
     h.publish(1, cluster.host(0).expect("host")).await;
-    wait_for("an initiated set of 1", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 1)) if voters.len() == 1 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_latest(&cluster, "an initiated set of 1", 1, 1).await;
 }
 
 /// The holder of the set's leader key: etcd's election API, or the Consul lock's value.
@@ -661,10 +641,7 @@ pub async fn two_reconcilers_one_leads_and_the_other_takes_over(b: Backend) {
     })
     .await;
     assert_ne!(second, first);
-    let i = cluster.add_member().await.expect("a member");
-    other
-        .publish(i as u64 + 1, cluster.host(i).expect("host"))
-        .await;
+    add_published(&mut cluster, &other).await;
     wait_for(
         "the new leader to add the fourth member",
         CONVERGE,
@@ -689,13 +666,9 @@ pub async fn a_majority_write_survives_a_primary_killed_during_a_scale_up(b: Bac
     let coll = majority_write(&cluster, "first").await;
 
     // Scale 3 to 5, and kill the primary in the middle.
-    let i = cluster.add_member().await.expect("a member");
-    h.publish(i as u64 + 1, cluster.host(i).expect("host"))
-        .await;
+    add_published(&mut cluster, &h).await;
     cluster.kill(primary).expect("kill");
-    let j = cluster.add_member().await.expect("a member");
-    h.publish(j as u64 + 1, cluster.host(j).expect("host"))
-        .await;
+    add_published(&mut cluster, &h).await;
 
     // The set elects a new primary and converges to 5 members; the killed member keeps its
     // record (its task would be restarted by swarm), so it stays in the config.
@@ -707,32 +680,17 @@ pub async fn a_majority_write_survives_a_primary_killed_during_a_scale_up(b: Bac
     })
     .await;
     assert_one_voter_at_a_time(&cluster);
-    let found = coll
-        .find_one(bson::doc! {"_id": 1})
-        .await
-        .expect("read")
-        .expect("the majority write is still there");
-    assert_eq!(found.get_str("item").ok(), Some("first"));
+    assert_written(&coll, "first").await;
 }
 
 pub async fn eight_members_have_seven_voters(b: Backend) {
     let mut cluster = Cluster::start(5).await.expect("simulated members");
     let h = Harness::start(b, cluster.set_name()).await;
-    for (i, host) in cluster.hosts().iter().enumerate() {
-        h.publish(i as u64 + 1, host).await;
-    }
+    h.publish_all(&cluster.hosts()).await;
     for _ in 0..3 {
-        let i = cluster.add_member().await.expect("a member");
-        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
-            .await;
+        add_published(&mut cluster, &h).await;
     }
-    wait_for("8 members, 7 of them voting", CONVERGE, || async {
-        match latest(&cluster) {
-            Some((_, voters, 8)) if voters.len() == 7 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_latest(&cluster, "8 members, 7 of them voting", 8, 7).await;
     assert_one_voter_at_a_time(&cluster);
 }
 
@@ -803,19 +761,11 @@ pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
         "a forced config of the member that is up",
         CONVERGE,
         || async {
-            let forced = cluster
-                .history()
-                .configs()
+            let forced = installed(&cluster)
                 .into_iter()
                 .rev()
-                .find_map(|e| match e {
-                    Event::ConfigInstalled {
-                        source: replset_sim::ConfigSource::ForceReconfig,
-                        config,
-                        ..
-                    } => Some(config.get_array("members").map(Vec::len).unwrap_or(0)),
-                    _ => None,
-                });
+                .find(|c| c.source == replset_sim::ConfigSource::ForceReconfig)
+                .map(|c| c.members().len());
             match forced {
                 Some(1) => Ok(()),
                 other => Err(format!("{other:?}")),
@@ -832,6 +782,16 @@ pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
 
 /// Inserts `{_id: 1, item}` into `app.orders` with `w: "majority"` through the set's URI and
 /// returns the collection, to read the document back at the end.
+/// The majority write of [`majority_write`] is still there, with `item`.
+async fn assert_written(coll: &mongodb::Collection<bson::Document>, item: &str) {
+    let found = coll
+        .find_one(bson::doc! {"_id": 1})
+        .await
+        .expect("read")
+        .expect("the majority write is still there");
+    assert_eq!(found.get_str("item").ok(), Some(item));
+}
+
 async fn majority_write(cluster: &Cluster, item: &str) -> mongodb::Collection<bson::Document> {
     let client = mongodb::Client::with_uri_str(cluster.uri())
         .await

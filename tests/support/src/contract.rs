@@ -6,8 +6,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use backend_core::{
-    BackendError, Coordinator, KeyLayout, KvEntry, Protocol, Publisher, ServiceKey, ServiceRecord,
-    WatchEvent, Watcher, SCHEMA_VERSION,
+    BackendError, Coordinator, KeyLayout, KvEntry, Publisher, ServiceKey, ServiceRecord,
+    WatchEvent, Watcher,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -44,25 +44,21 @@ pub fn unique_layout(tag: &str) -> KeyLayout {
 /// A task record, with a non-ASCII label.
 pub fn record(service: &str, id: &str) -> ServiceRecord {
     ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: service.into(),
-        id: id.into(),
-        ip: "10.0.0.1".parse().expect("ip"),
-        port: 27017,
-        protocol: Protocol::Tcp,
-        tags: vec![],
         labels: BTreeMap::from([("note".to_string(), "ünïcödé ✓".to_string())]),
-        attrs: BTreeMap::new(),
+        ..plain_record(service, id)
+    }
+}
+
+/// A task record with no labels, at 10.0.0.1:27017 on node `node-a`.
+pub fn plain_record(service: &str, id: &str) -> ServiceRecord {
+    ServiceRecord {
         container_id: format!("c-{id}"),
         container_name: id.into(),
         node_id: "node-a".into(),
         hostname: "host-a".into(),
         task_id: Some(id.into()),
         task_slot: Some(1),
-        service_id: None,
-        stack: None,
-        health: None,
-        started_at: None,
+        ..ServiceRecord::new(service, id, "10.0.0.1".parse().expect("ip"), 27017)
     }
 }
 
@@ -142,6 +138,18 @@ pub async fn an_unreachable_store_is_a_transient_error<S: Publisher>(s: &S, ttl:
         err.to_string().contains("127.0.0.1"),
         "names the address: {err}"
     );
+}
+
+/// Nothing listening: the error keeps the client library's error `E` as its cause, for a caller
+/// to look at instead of parsing the message.
+pub async fn an_unreachable_store_keeps_the_client_error_as_the_cause<E, S>(s: &S, ttl: Duration)
+where
+    E: std::error::Error + 'static,
+    S: Publisher,
+{
+    let err = s.open_session(ttl).await.expect_err("nothing listens");
+    let cause = std::error::Error::source(&err).expect("a cause");
+    assert!(cause.downcast_ref::<E>().is_some(), "{cause:?}");
 }
 
 /// A watch starts with the snapshot, then follows puts and deletes; when the store goes away
@@ -350,15 +358,6 @@ pub async fn values_round_trip<C: Coordinator>(a: &C, key: &str) {
 pub fn mongo_task_record(slot: u64, host: &str) -> Option<ServiceRecord> {
     let (ip, port) = host.rsplit_once(':')?;
     Some(ServiceRecord {
-        schema_version: SCHEMA_VERSION,
-        service: "mongo".into(),
-        id: format!("task{slot}"),
-        ip: ip.parse().ok()?,
-        port: port.parse().ok()?,
-        protocol: Protocol::Tcp,
-        tags: vec![],
-        labels: BTreeMap::new(),
-        attrs: BTreeMap::new(),
         container_id: format!("c{slot}"),
         container_name: format!("mongo.{slot}.task{slot}"),
         node_id: "node1".into(),
@@ -366,8 +365,245 @@ pub fn mongo_task_record(slot: u64, host: &str) -> Option<ServiceRecord> {
         task_id: Some(format!("task{slot}")),
         task_slot: Some(slot),
         service_id: Some("svc".into()),
-        stack: None,
-        health: None,
-        started_at: None,
+        ..ServiceRecord::new(
+            "mongo",
+            format!("task{slot}"),
+            ip.parse().ok()?,
+            port.parse().ok()?,
+        )
     })
+}
+
+/// The contract's tests on the in-memory store, for a test file run with paused time: TTLs,
+/// backoffs and the contract's timeouts all run on tokio's clock. `$client` makes a client of
+/// a `backend_memory::MemoryCluster` for a layout: backend-memory runs the suite on its own
+/// type, backend-store through its `Store` enum. The calling crate depends on backend-memory.
+#[macro_export]
+macro_rules! memory_suite {
+    ($client:expr) => {
+        use std::time::Duration;
+
+        use backend_memory::MemoryCluster;
+        use $crate::contract::{self, unique_layout};
+
+        /// The TTLs the real suites use (etcd's; Consul's leader TTLs are 10 s).
+        const TTL: Duration = Duration::from_secs(30);
+        const LEADER_TTL: Duration = Duration::from_secs(2);
+
+        /// The store taken away and brought back, as a private etcd or Consul is stopped and
+        /// resumed.
+        struct Down(MemoryCluster);
+
+        impl contract::Outage for Down {
+            async fn stop(&mut self) {
+                self.0.set_unavailable(true);
+            }
+            async fn resume(&mut self) {
+                self.0.set_unavailable(false);
+            }
+        }
+
+        /// A cluster of its own and a layout of its own.
+        fn fresh(tag: &str) -> (MemoryCluster, backend_core::KeyLayout) {
+            (MemoryCluster::new(), unique_layout(tag))
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn records_live_with_the_session_and_go_with_it() {
+            let s = ($client)(&MemoryCluster::new(), unique_layout("memory-session"));
+            contract::records_live_with_the_session_and_go_with_it(&s, TTL).await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lost_session_is_reported_and_a_new_one_can_be_opened() {
+            let cluster = MemoryCluster::new();
+            let s = ($client)(&cluster, unique_layout("memory-lost"));
+            contract::a_lost_session_is_reported_and_a_new_one_can_be_opened(&s, TTL, async {
+                cluster.expire_all_sessions()
+            })
+            .await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unreachable_store_is_a_transient_error() {
+            let cluster = MemoryCluster::named(&format!("127.0.0.1:{}", $crate::free_port()));
+            cluster.set_unavailable(true);
+            let s = ($client)(&cluster, unique_layout("memory-down"));
+            contract::an_unreachable_store_is_a_transient_error(&s, TTL).await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage() {
+            let cluster = MemoryCluster::new();
+            let s = ($client)(&cluster, unique_layout("memory-watch"));
+            let mut outage = Down(cluster.clone());
+            contract::a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage(
+                &s,
+                TTL,
+                &mut outage,
+                || {
+                    let cluster = cluster.clone();
+                    async move { cluster.expire_all_sessions() }
+                },
+            )
+            .await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
+            let (cluster, layout) = fresh("memory-elect");
+            let a = ($client)(&cluster, layout.clone());
+            let b = ($client)(&cluster, layout.clone());
+            let key = layout.replset_leader_key("rs0");
+            contract::one_leader_at_a_time_and_a_resign_hands_over(&a, &b, &key, LEADER_TTL).await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
+            let (cluster, layout) = fresh("memory-dead");
+            contract::a_dead_leader_is_replaced_after_its_ttl(
+                &($client)(&cluster, layout.clone()),
+                &($client)(&cluster, layout.clone()),
+                &layout.replset_leader_key("rs0"),
+                LEADER_TTL,
+                Duration::from_secs(15),
+            )
+            .await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn coordinator_a_leader_learns_that_it_lost() {
+            let (cluster, layout) = fresh("memory-lost-leader");
+            let a = ($client)(&cluster, layout.clone());
+            contract::a_leader_learns_that_it_lost(
+                &a,
+                &layout.replset_leader_key("rs0"),
+                LEADER_TTL,
+                async { cluster.expire_all_sessions() },
+            )
+            .await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn coordinator_values_round_trip() {
+            let layout = unique_layout("memory-values");
+            let a = ($client)(&MemoryCluster::new(), layout.clone());
+            contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
+        }
+    };
+}
+
+/// The contract's tests against a real store, for a backend crate's test file. The caller
+/// names an `async fn(&str, KeyLayout)` that opens a client of the store at an endpoint
+/// (`store`), the endpoint of the shared test service (`shared`), the private server type that
+/// tests which end every session or take the store away start (`private`, an [`Outage`] with
+/// `start()` and `endpoint()`), an `async fn(String)` that ends every session of the store at an
+/// endpoint (`end_sessions`), a tag for the layouts, the session TTL, the leader TTL and how
+/// long a dead leader may take to be replaced.
+#[macro_export]
+macro_rules! server_suite {
+    (
+        store: $store:path,
+        shared: $shared:expr,
+        private: $private:ty,
+        end_sessions: $end:path,
+        tag: $tag:literal,
+        ttl: $ttl:expr,
+        leader_ttl: $leader_ttl:expr,
+        dead_leader_within: $within:expr $(,)?
+    ) => {
+        #[tokio::test]
+        async fn records_live_with_the_session_and_go_with_it() {
+            let layout = $crate::contract::unique_layout(concat!($tag, "-session"));
+            let s = $store(&$shared, layout).await;
+            $crate::contract::records_live_with_the_session_and_go_with_it(&s, $ttl).await;
+        }
+
+        #[tokio::test]
+        async fn a_lost_session_is_reported_and_a_new_one_can_be_opened() {
+            // A private store: ending every session of the shared one would disturb other
+            // tests.
+            let private = <$private>::start().await;
+            let layout = $crate::contract::unique_layout(concat!($tag, "-lost"));
+            let s = $store(&private.endpoint(), layout).await;
+            $crate::contract::a_lost_session_is_reported_and_a_new_one_can_be_opened(
+                &s,
+                $ttl,
+                $end(private.endpoint()),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn an_unreachable_store_is_a_transient_error() {
+            let endpoint = format!("127.0.0.1:{}", $crate::free_port());
+            let layout = $crate::contract::unique_layout(concat!($tag, "-down"));
+            let s = $store(&endpoint, layout).await;
+            $crate::contract::an_unreachable_store_is_a_transient_error(&s, $ttl).await;
+        }
+
+        #[tokio::test]
+        async fn a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage() {
+            let mut private = <$private>::start().await;
+            let endpoint = private.endpoint();
+            let layout = $crate::contract::unique_layout(concat!($tag, "-watch"));
+            let s = $store(&endpoint, layout).await;
+            $crate::contract::a_watch_gives_a_snapshot_then_changes_and_relists_after_an_outage(
+                &s,
+                $ttl,
+                &mut private,
+                || $end(endpoint.clone()),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn coordinator_one_leader_at_a_time_and_a_resign_hands_over() {
+            let layout = $crate::contract::unique_layout(concat!($tag, "-elect"));
+            let a = $store(&$shared, layout.clone()).await;
+            let b = $store(&$shared, layout.clone()).await;
+            let key = layout.replset_leader_key("rs0");
+            $crate::contract::one_leader_at_a_time_and_a_resign_hands_over(
+                &a,
+                &b,
+                &key,
+                $leader_ttl,
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn coordinator_a_dead_leader_is_replaced_after_its_ttl() {
+            let layout = $crate::contract::unique_layout(concat!($tag, "-dead"));
+            $crate::contract::a_dead_leader_is_replaced_after_its_ttl(
+                &$store(&$shared, layout.clone()).await,
+                &$store(&$shared, layout.clone()).await,
+                &layout.replset_leader_key("rs0"),
+                $leader_ttl,
+                $within,
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn coordinator_a_leader_learns_that_it_lost() {
+            let private = <$private>::start().await;
+            let layout = $crate::contract::unique_layout(concat!($tag, "-lost-leader"));
+            let a = $store(&private.endpoint(), layout.clone()).await;
+            $crate::contract::a_leader_learns_that_it_lost(
+                &a,
+                &layout.replset_leader_key("rs0"),
+                $leader_ttl,
+                $end(private.endpoint()),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn coordinator_values_round_trip() {
+            let layout = $crate::contract::unique_layout(concat!($tag, "-values"));
+            let a = $store(&$shared, layout.clone()).await;
+            $crate::contract::values_round_trip(&a, &layout.replset_uri_key("rs0")).await;
+        }
+    };
 }

@@ -72,13 +72,13 @@ pub struct PrivateEtcd {
 
 impl PrivateEtcd {
     pub async fn start() -> PrivateEtcd {
-        let client_port = free_port();
-        let peer_port = free_port();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let (dir, child) = (TempDir::new("etcd"), None);
         let mut etcd = PrivateEtcd {
             client_port,
             peer_port,
-            dir: TempDir::new("etcd"),
-            child: None,
+            dir,
+            child,
         };
         etcd.resume().await;
         etcd
@@ -93,35 +93,25 @@ impl PrivateEtcd {
         let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .expect("etcd log");
-        let child = tokio::process::Command::new(bin)
-            .args([
-                "--name",
-                "private",
-                "--data-dir",
-                &self.dir.path().join("data").to_string_lossy(),
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
-                &format!("private={peer}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("etcd starts");
-        self.child = Some(child);
+        let mut command = tokio::process::Command::new(bin);
+        command.args([
+            "--name",
+            "private",
+            "--data-dir",
+            &self.dir.path().join("data").to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("private={peer}"),
+        ]);
+        let log = self.dir.path().join("etcd.log");
+        self.child = Some(spawn_logged(&mut command, &log, "etcd"));
         let endpoint = self.endpoint();
         wait_for(
             "the private etcd to answer",
@@ -151,6 +141,86 @@ impl PrivateEtcd {
 }
 
 /// A free TCP port on loopback.
+/// Runs `command` to its end with no stdin and asserts that it succeeded, naming `what` and
+/// its stderr when it did not; returns its output.
+pub async fn run_ok(command: &mut tokio::process::Command, what: &str) -> std::process::Output {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts `command` for a test: no stdin, its output appended to `log`, killed when dropped.
+/// Panics naming `what` when it does not start.
+pub fn spawn_logged(
+    command: &mut tokio::process::Command,
+    log: &Path,
+    what: &str,
+) -> tokio::process::Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("the log of {what} at {}: {e}", log.display()));
+    let copy = file.try_clone().expect("a second handle on the log");
+    command
+        .stdin(Stdio::null())
+        .stdout(copy)
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"))
+}
+
+/// The consul binary: `CONSUL_BIN` (from `scripts/services env`), or `consul` on the path.
+pub fn consul_bin() -> String {
+    std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into())
+}
+
+/// `consul agent -dev` on 127.0.0.1 as node `node` (`CONSUL_BIN` from `scripts/services env`,
+/// or `consul`); the caller adds ports and configuration.
+pub fn consul_dev_agent(node: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(consul_bin());
+    command.args([
+        "agent",
+        "-dev",
+        "-bind",
+        "127.0.0.1",
+        "-client",
+        "127.0.0.1",
+        "-node",
+        node,
+    ]);
+    command
+}
+
+/// Destroys every session of the Consul agent at `base` (`http://host:port`), as a lost bridge
+/// or an operator would.
+pub async fn destroy_consul_sessions(http: &reqwest::Client, base: &str) {
+    let sessions: Vec<serde_json::Value> = http
+        .get(format!("{base}/v1/session/list"))
+        .send()
+        .await
+        .expect("list sessions")
+        .json()
+        .await
+        .expect("sessions");
+    for s in sessions {
+        let id = s["ID"].as_str().expect("a session id");
+        http.put(format!("{base}/v1/session/destroy/{id}"))
+            .send()
+            .await
+            .expect("destroy");
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -230,12 +300,6 @@ impl PrivateConsul {
 
     /// Starts (again) on the same ports.
     pub async fn resume(&mut self) {
-        let bin = std::env::var("CONSUL_BIN").unwrap_or_else(|_| "consul".into());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("consul.log"))
-            .expect("consul log");
         let mut extra = Vec::new();
         if let Some(master) = &self.acl_master {
             extra.push("-hcl".to_string());
@@ -243,16 +307,9 @@ impl PrivateConsul {
                 "acl {{ enabled = true default_policy = \"deny\" tokens {{ master = \"{master}\" agent = \"{master}\" }} }}"
             ));
         }
-        let child = tokio::process::Command::new(bin)
+        let mut command = consul_dev_agent(&format!("private-{}", self.http_port));
+        command
             .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-                "-node",
-                &format!("private-{}", self.http_port),
                 "-http-port",
                 &self.http_port.to_string(),
                 "-dns-port",
@@ -266,14 +323,10 @@ impl PrivateConsul {
                 "-server-port",
                 &self.ports[2].to_string(),
             ])
-            .args(&extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("consul starts (CONSUL_BIN from scripts/services env)");
-        self.child = Some(child);
+            .args(&extra);
+        let log = self.dir.path().join("consul.log");
+        let what = "consul (CONSUL_BIN from scripts/services env)";
+        self.child = Some(spawn_logged(&mut command, &log, what));
         let endpoint = self.endpoint();
         // Ready once it has a leader and has registered its own node and the node's serfHealth
         // check, which sessions are tied to by default (before that, creating a session fails
@@ -313,4 +366,19 @@ impl PrivateConsul {
             let _ = child.kill().await;
         }
     }
+}
+
+/// One multi-threaded `#[tokio::test]` per scenario: `$name()` runs `$module::$name($backend)`,
+/// so that a scenario suite written once runs once per backend (`$module` is the suite's module
+/// where the macro is called).
+#[macro_export]
+macro_rules! each_scenario {
+    ($module:ident, $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $module::$name($backend).await
+            }
+        )*
+    };
 }
