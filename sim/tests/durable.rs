@@ -296,3 +296,293 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
     assert!(err.contains("is corrupt at byte 0"), "{err}");
     Ok(())
 }
+
+/// The code and message of a command error.
+fn command_error(e: &mongodb::error::Error) -> Option<(i32, String)> {
+    match *e.kind {
+        mongodb::error::ErrorKind::Command(ref c) => Some((c.code, c.message.clone())),
+        _ => None,
+    }
+}
+
+/// The newest entry of a member's oplog as an operator reads it:
+/// `local.oplog.rs`, `sort({$natural: -1}).limit(1)`.
+async fn newest_oplog_entry(c: &Client) -> Result<Document, BoxError> {
+    use futures::TryStreamExt;
+    let mut cursor = c
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find(doc! {})
+        .sort(doc! {"$natural": -1})
+        .limit(1)
+        .await?;
+    let first = cursor.try_next().await?.ok_or("empty oplog")?;
+    if cursor.try_next().await?.is_some() {
+        return Err("limit(1) returned more than one entry".into());
+    }
+    Ok(first)
+}
+
+/// The re-addressing rule the reconciler relies on: every member of a set restarts with its
+/// data under a new address; each is REMOVED (hello as for no config, replSetGetStatus 93,
+/// replSetGetConfig the old config, its oplog readable); `replSetReconfig {force: true}` of
+/// the last config with only the hosts changed, sent to the member whose newest oplog entry
+/// is newest, is accepted there (version raised by 10,000 + random(100,000), term -1), the
+/// others learn it by heartbeats, a primary is elected and every `w: "majority"` write made
+/// before the restart is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig() -> TestResult {
+    let set = "rsmove";
+    let dirs = [
+        TempDir::new("ma")?,
+        TempDir::new("mb")?,
+        TempDir::new("mc")?,
+    ];
+    let ports = [free_port()?, free_port()?, free_port()?];
+    let mut children = Vec::new();
+    for (p, d) in ports.iter().zip(&dirs) {
+        children.push(spawn(*p, &d.0, set)?);
+    }
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members: Vec<Bson> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Bson::Document(doc! {"_id": i as i32, "host": h}))
+        .collect();
+    let first = direct(ports[0]).await?;
+    eventually("initiate", || {
+        let first = first.clone();
+        let members = members.clone();
+        async move {
+            first
+                .database("admin")
+                .run_command(doc! {"replSetInitiate": {"_id": set, "members": members}})
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut opts =
+        ClientOptions::parse(format!("mongodb://{}/?replicaSet={set}", hosts.join(","))).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(20));
+    opts.write_concern = Some(WriteConcern::majority());
+    let client = Client::with_options(opts)?;
+    let coll = client.database("app").collection::<Document>("moved");
+    let written: BTreeSet<i64> = (0..200).collect();
+    for id in &written {
+        coll.insert_one(doc! {"_id": id}).await?;
+    }
+    drop(client);
+    for c in &mut children {
+        sigkill(c).await?;
+    }
+
+    // Every member back on its directory, at a new port.
+    let new_ports = [free_port()?, free_port()?, free_port()?];
+    let mut children = Vec::new();
+    for (p, d) in new_ports.iter().zip(&dirs) {
+        children.push(spawn(*p, &d.0, set)?);
+    }
+    let new_hosts: Vec<String> = new_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut clients = Vec::new();
+    for p in new_ports {
+        clients.push(direct(p).await?);
+    }
+    let mut newest = Vec::new();
+    let mut old_config = Document::new();
+    for m in &clients {
+        let hello = eventually("hello at the new address", || {
+            let m = m.clone();
+            async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
+        })
+        .await?;
+        // fillHelloForReplSet on a REMOVED member: markAsNoConfig, nothing else of the set.
+        assert!(!hello.get_bool("isWritablePrimary")?, "{hello}");
+        assert!(!hello.get_bool("secondary")?, "{hello}");
+        assert!(hello.get_bool("isreplicaset")?, "{hello}");
+        assert_eq!(
+            hello.get_str("info")?,
+            "Does not have a valid replica set config"
+        );
+        for absent in [
+            "setName",
+            "setVersion",
+            "hosts",
+            "me",
+            "primary",
+            "lastWrite",
+        ] {
+            assert!(!hello.contains_key(absent), "{absent} in {hello}");
+        }
+        assert!(hello.get_document("topologyVersion").is_ok(), "{hello}");
+
+        let err = m
+            .database("admin")
+            .run_command(doc! {"replSetGetStatus": 1})
+            .await
+            .err()
+            .ok_or("replSetGetStatus of a REMOVED member succeeded")?;
+        assert_eq!(
+            command_error(&err),
+            Some((
+                93,
+                "Our replica set config is invalid or we are not a member of it".to_string()
+            )),
+            "{err:?}"
+        );
+
+        // replSetGetConfig answers with the persisted config, old hosts and all.
+        let conf = m
+            .database("admin")
+            .run_command(doc! {"replSetGetConfig": 1})
+            .await?;
+        let conf = conf.get_document("config")?.clone();
+        assert_eq!(conf.get_i32("version")?, 1, "{conf}");
+        assert!(conf.get_i32("term")? >= 1, "{conf}");
+        let conf_hosts: Vec<&str> = conf
+            .get_array("members")?
+            .iter()
+            .filter_map(|m| m.as_document()?.get_str("host").ok())
+            .collect();
+        assert_eq!(conf_hosts, hosts, "{conf}");
+        old_config = conf;
+
+        // The newest oplog entry: the last of a full read, with its ts and t.
+        let last = newest_oplog_entry(m).await?;
+        let ts = last.get_timestamp("ts")?;
+        let t = last.get_i64("t")?;
+        assert!(t >= 1, "{last}");
+        let all: Vec<Document> = {
+            use futures::TryStreamExt;
+            m.database("local")
+                .collection::<Document>("oplog.rs")
+                .find(doc! {})
+                .await?
+                .try_collect()
+                .await?
+        };
+        assert_eq!(all.last(), Some(&last), "the newest entry is the last one");
+        newest.push(((t, ts.time, ts.increment), last));
+    }
+
+    // The reconciler's choice: the member whose last applied optime is newest.
+    let target = (0..3)
+        .max_by_key(|&i| newest[i].0)
+        .ok_or("no member to reconfigure")?;
+    let readdressed = |hosts_now: &[String]| -> Result<Document, BoxError> {
+        let mut cfg = old_config.clone();
+        let members: Vec<Bson> = cfg
+            .get_array("members")?
+            .iter()
+            .zip(hosts_now)
+            .map(|(m, h)| {
+                let mut m = m.as_document().cloned().unwrap_or_default();
+                m.insert("host", h.clone());
+                Bson::Document(m)
+            })
+            .collect();
+        cfg.insert("members", members);
+        Ok(cfg)
+    };
+    let admin = clients[target].database("admin");
+
+    // A config in which the receiver does not find itself: NodeNotFound, as it is.
+    let mut without_me = new_hosts.clone();
+    without_me[target] = hosts[target].clone();
+    let err = admin
+        .run_command(doc! {"replSetReconfig": readdressed(&without_me)?, "force": true})
+        .await
+        .err()
+        .ok_or("a forced reconfig without the receiver succeeded")?;
+    let (code, message) = command_error(&err).ok_or("not a command error")?;
+    assert_eq!(code, 74, "{err:?}");
+    assert!(message.contains("maps to this node"), "{message}");
+
+    // The same config with the new hosts, forced: accepted.
+    admin
+        .run_command(doc! {"replSetReconfig": readdressed(&new_hosts)?, "force": true})
+        .await?;
+    let installed = admin
+        .run_command(doc! {"replSetGetConfig": 1})
+        .await?
+        .get_document("config")?
+        .clone();
+    let version = installed.get_i32("version")?;
+    assert!(
+        (10_001..110_001).contains(&version),
+        "version 1 + 10000 + random(100000): {installed}"
+    );
+    assert_eq!(installed.get_i32("term")?, -1, "{installed}");
+
+    // The others learn it by heartbeats; a primary is elected under it.
+    for (i, m) in clients.iter().enumerate() {
+        eventually("the new config on every member", || {
+            let m = m.clone();
+            let new_hosts = new_hosts.clone();
+            async move {
+                let c = m
+                    .database("admin")
+                    .run_command(doc! {"replSetGetConfig": 1})
+                    .await?;
+                let c = c.get_document("config")?;
+                let got: Vec<&str> = c
+                    .get_array("members")?
+                    .iter()
+                    .filter_map(|m| m.as_document()?.get_str("host").ok())
+                    .collect();
+                if c.get_i32("version")? == version && got == new_hosts {
+                    Ok(())
+                } else {
+                    Err(format!("member {i} still has {c}").into())
+                }
+            }
+        })
+        .await?;
+    }
+    let mut opts = ClientOptions::parse(format!(
+        "mongodb://{}/?replicaSet={set}",
+        new_hosts.join(",")
+    ))
+    .await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(30));
+    let client = Client::with_options(opts)?;
+    let coll = client.database("app").collection::<Document>("moved");
+    let found: BTreeSet<i64> = eventually("reading after the re-addressing", || {
+        let coll = coll.clone();
+        async move {
+            use futures::TryStreamExt;
+            let mut ids = BTreeSet::new();
+            let mut cursor = coll
+                .find(doc! {})
+                .read_concern(ReadConcern::majority())
+                .await?;
+            while let Some(d) = cursor.try_next().await? {
+                ids.insert(d.get_i64("_id")?);
+            }
+            Ok(ids)
+        }
+    })
+    .await?;
+    assert_eq!(found, written, "every majority write made before the move");
+    // A new primary keeps a forced config's term -1 ("If the config doesn't have a term,
+    // don't change it"); the status names the new hosts.
+    let status = client
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await?;
+    let names: Vec<&str> = status
+        .get_array("members")?
+        .iter()
+        .filter_map(|m| m.as_document()?.get_str("name").ok())
+        .collect();
+    assert_eq!(names, new_hosts, "{status}");
+    let conf = client
+        .database("admin")
+        .run_command(doc! {"replSetGetConfig": 1})
+        .await?;
+    assert_eq!(conf.get_document("config")?.get_i32("term")?, -1, "{conf}");
+    for c in &mut children {
+        let _ = c.start_kill();
+    }
+    Ok(())
+}

@@ -419,12 +419,41 @@ impl Node {
 
     /// The oplog as a sync source serves it: entries with `ts >= filter.ts.$gte`, waiting up
     /// to `maxAwaitTimeMS` for more when there is nothing new (a tailable awaitData cursor),
-    /// with the `$replData` metadata that carries the commit point.
+    /// with the `$replData` metadata that carries the commit point. As an operator reads it
+    /// too: `sort: {$natural: -1}` (or `{ts: -1}`, the same order) newest first, and `limit`
+    /// (negative: a single batch of that many), so `find(...).sort({$natural: -1}).limit(1)`
+    /// gives the last entry, on any member and in any state (the `local` database needs no
+    /// primary nor secondaryOk).
     pub(super) async fn find_oplog(
         &self,
         body: &Document,
         filter: &Document,
     ) -> Result<Document, ServerError> {
+        let newest_first = match body.get_document("sort") {
+            Err(_) => false,
+            Ok(s) => match s.iter().collect::<Vec<_>>().as_slice() {
+                [] => false,
+                [(k, v)] if k.as_str() == "$natural" || k.as_str() == "ts" => match number(v) {
+                    Some(1) => false,
+                    Some(-1) => true,
+                    _ => {
+                        return Err(ServerError::bad_value(format!(
+                            "$natural or ts sort must be 1 or -1, not {v}"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(ServerError::bad_value(format!(
+                        "the simulator's local.oplog.rs sorts by $natural or ts only, not {s}"
+                    )))
+                }
+            },
+        };
+        let limit = body
+            .get("limit")
+            .and_then(number)
+            .map(|l| l.unsigned_abs() as usize)
+            .filter(|&l| l > 0);
         let from = filter
             .get_document("ts")
             .ok()
@@ -453,7 +482,13 @@ impl Node {
             .await;
         }
         let st = self.lock();
-        let entries = collect(&st);
+        let mut entries = collect(&st);
+        if newest_first {
+            entries.reverse();
+        }
+        if let Some(l) = limit {
+            entries.truncate(l);
+        }
         let primary_index = st
             .config()
             .and_then(|c| {

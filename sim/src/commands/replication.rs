@@ -336,11 +336,9 @@ impl Node {
         let cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
         let cwwc = super::write_concern::cluster_wide_write_concern(&self.lock()).is_some();
         check_implicit_default_write_concern(&old, &cfg, cwwc, kind)?;
-        let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
-        let me = self
-            .find_self(&cfg)
-            .await
-            .map_err(|e| e.rewrap(incompatible()))?;
+        // findSelfInConfig's NodeNotFound 74 (or 93 for several matches) as it is: the
+        // command does not wrap what _doReplSetReconfig returns.
+        let me = self.find_self(&cfg).await?;
         self.set_me(&cfg.members[me].host.clone());
         complete_reconfig(&cfg, me, kind)?;
         if !force
