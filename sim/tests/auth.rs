@@ -3,25 +3,18 @@
 //! user kept to its database, users replicated to the secondaries, the localhost exception,
 //! and members that hold the key file forming a set while one with another key is refused.
 
+mod common;
+
 use bson::{doc, Document};
-use mongodb::options::{AuthMechanism, ClientOptions, Credential};
-use mongodb::Client;
+use common::{client_as as client, code_of, init_tracing, BoxError, TestResult};
+use mongodb::options::AuthMechanism;
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::{Cluster, DurableState, History, MemberState, Node, NodeOptions};
 use std::time::Duration;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-fn secured(key: &str) -> Result<NodeOptions, Box<dyn std::error::Error + Send + Sync>> {
+fn secured(key: &str) -> Result<NodeOptions, BoxError> {
     Ok(NodeOptions {
         security: Security {
             authorization: true,
@@ -31,52 +24,9 @@ fn secured(key: &str) -> Result<NodeOptions, Box<dyn std::error::Error + Send + 
     })
 }
 
-async fn client(
-    uri: &str,
-    user: Option<(&str, &str, &str, AuthMechanism)>,
-) -> Result<Client, mongodb::error::Error> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(15));
-    opts.heartbeat_freq = Some(Duration::from_millis(500));
-    if let Some((name, pwd, source, mech)) = user {
-        opts.credential = Some(
-            Credential::builder()
-                .username(name.to_string())
-                .password(pwd.to_string())
-                .source(source.to_string())
-                .mechanism(mech)
-                .build(),
-        );
-    }
-    Client::with_options(opts)
-}
-
-/// The server's code of a driver error: a command or write error, or the saslStart /
-/// saslContinue error that the driver keeps as the source of its authentication error.
-fn code_of(e: &mongodb::error::Error) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(x) = cur {
-        let me = x.downcast_ref::<mongodb::error::Error>().or_else(|| {
-            x.downcast_ref::<Box<mongodb::error::Error>>()
-                .map(|b| b.as_ref())
-        });
-        if let Some(me) = me {
-            match me.kind.as_ref() {
-                mongodb::error::ErrorKind::Command(c) => return Some(c.code),
-                mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
-                    return Some(w.code)
-                }
-                _ => {}
-            }
-        }
-        cur = x.source();
-    }
-    None
-}
-
 /// A three-member set with the key file, initiated, with a root user `admin` created by the
 /// test harness (as __system) on the primary.
-async fn secured_set() -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
+async fn secured_set() -> Result<Cluster, BoxError> {
     init_tracing();
     let c = Cluster::start_with(3, secured("sharedkey123")?).await?;
     c.initiate().await?;

@@ -1,44 +1,14 @@
 //! The simulator against the real `mongodb` driver (3.x): discovery, majority writes,
 //! failover, the reconfig rules, and rollback.
 
+mod common;
+
 use bson::{doc, Bson, Document};
-use mongodb::options::{ClientOptions, WriteConcern};
+use common::{bump_version as bump, client, code_of, stable_set, BoxError, TestResult, SETTLE};
+use mongodb::options::WriteConcern;
 use mongodb::Client;
 use replset_sim::{Cluster, ConfigSource, Event, MemberState};
 use std::time::Duration;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const SETTLE: Duration = Duration::from_secs(20);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn client(uri: &str) -> Result<Client, mongodb::error::Error> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(15));
-    opts.heartbeat_freq = Some(Duration::from_millis(500));
-    Client::with_options(opts)
-}
-
-async fn three_member_set() -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
-    init_tracing();
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    c.wait_for_stable(SETTLE).await?;
-    Ok(c)
-}
-
-fn code_of(e: &mongodb::error::Error) -> Option<i32> {
-    match e.kind.as_ref() {
-        mongodb::error::ErrorKind::Command(c) => Some(c.code),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_connection_handshake_and_initiate() -> TestResult {
@@ -95,7 +65,7 @@ async fn direct_connection_handshake_and_initiate() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn majority_write_survives_primary_kill() -> TestResult {
-    let mut c = three_member_set().await?;
+    let (mut c, _) = stable_set(3).await?;
     let client = client(&c.uri()).await?;
     let coll = client.database("app").collection::<Document>("items");
     let wc = WriteConcern::builder()
@@ -150,9 +120,7 @@ async fn reconfig(client: &Client, cfg: Document) -> Result<Document, mongodb::e
         .await
 }
 
-async fn current_config(
-    client: &Client,
-) -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
+async fn current_config(client: &Client) -> Result<Document, BoxError> {
     let r = client
         .database("admin")
         .run_command(doc! {"replSetGetConfig": 1})
@@ -165,12 +133,6 @@ fn set_member(cfg: &mut Document, idx: usize, f: impl Fn(&mut Document)) -> Test
     if let Some(Bson::Document(m)) = members.get_mut(idx) {
         f(m);
     }
-    Ok(())
-}
-
-fn bump(cfg: &mut Document) -> TestResult {
-    let v = cfg.get_i32("version")?;
-    cfg.insert("version", v + 1);
     Ok(())
 }
 
@@ -268,7 +230,7 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
     // As jstests/replsets/reconfig_waits_for_oplog_commitment_condition.js: with replication
     // stopped on the secondaries, a write is not majority-committed, so the config installed
     // after it is not committed either, and the next reconfig times out with 308.
-    let c = three_member_set().await?;
+    let (c, _) = stable_set(3).await?;
     let p = c.primary().ok_or("no primary")?;
     let client = client(&c.direct_uri(p)?).await?;
     let secondaries: Vec<usize> = (0..3).filter(|&i| i != p).collect();
@@ -331,7 +293,7 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w1_write_on_isolated_primary_is_rolled_back() -> TestResult {
-    let c = three_member_set().await?;
+    let (c, _) = stable_set(3).await?;
     let client = client(&c.uri()).await?;
     let coll = client.database("app").collection::<Document>("rb");
     coll.insert_one(doc! {"_id": "committed"})
@@ -377,10 +339,7 @@ async fn w1_write_on_isolated_primary_is_rolled_back() -> TestResult {
     Ok(())
 }
 
-async fn client_direct(
-    c: &Cluster,
-    i: usize,
-) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+async fn client_direct(c: &Cluster, i: usize) -> Result<Client, BoxError> {
     Ok(client(&c.direct_uri(i)?).await?)
 }
 

@@ -3,126 +3,123 @@
 //! at its address rejoins without a reconfig, one restarted at a new address is REMOVED as
 //! mongod reports it; a locked, missing or corrupt dbpath is refused at start.
 
+mod common;
+
 use bson::{doc, Bson, Document};
+use common::{
+    command_error, direct, eventually, free_port, initiate_hosts, loopback_hosts, member_command,
+    sigkill, BoxError, TempDir, TestResult,
+};
 use mongodb::options::{ClientOptions, ReadConcern, WriteConcern};
 use mongodb::Client;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A fresh, empty directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> std::io::Result<TempDir> {
-        let p = std::env::temp_dir().join(format!(
-            "replset-sim-{name}-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
+/// A durable member on `dbpath`; its stderr is kept for the test to read.
 fn spawn(port: u16, dbpath: &Path, set: &str) -> std::io::Result<Child> {
-    Command::new(env!("CARGO_BIN_EXE_replset-sim"))
-        .args(["--port", &port.to_string(), "--replSet", set, "--dbpath"])
+    member_command(port, set)
+        .arg("--dbpath")
         .arg(dbpath)
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
 }
 
-async fn direct(port: u16) -> Result<Client, BoxError> {
-    let mut opts =
-        ClientOptions::parse(format!("mongodb://127.0.0.1:{port}/?directConnection=true")).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(10));
+/// Durable members on `dirs`, initiated as one set; returns them and their ports.
+async fn durable_set(set: &str, dirs: &[TempDir]) -> Result<(Vec<Child>, Vec<u16>), BoxError> {
+    let mut ports = Vec::new();
+    let mut children = Vec::new();
+    for d in dirs {
+        let p = free_port()?;
+        children.push(spawn(p, d.path(), set)?);
+        ports.push(p);
+    }
+    initiate_hosts(set, &loopback_hosts(&ports)).await?;
+    Ok((children, ports))
+}
+
+/// A client of the set at `hosts` (`replicaSet=`), with `w` as its write concern.
+async fn set_client(
+    hosts: &[String],
+    set: &str,
+    w: Option<WriteConcern>,
+) -> Result<Client, BoxError> {
+    let uri = format!("mongodb://{}/?replicaSet={set}", hosts.join(","));
+    let mut opts = ClientOptions::parse(uri).await?;
+    opts.server_selection_timeout = Some(Duration::from_secs(30));
+    opts.write_concern = w;
     Ok(Client::with_options(opts)?)
 }
 
-async fn sigkill(child: &mut Child) -> TestResult {
-    child.start_kill()?;
-    child.wait().await?;
-    Ok(())
+/// Every `_id` of a collection, read with majority read concern.
+async fn majority_ids(coll: &mongodb::Collection<Document>) -> Result<BTreeSet<i64>, BoxError> {
+    use futures::TryStreamExt;
+    let mut ids = BTreeSet::new();
+    let mut cursor = coll
+        .find(doc! {})
+        .read_concern(ReadConcern::majority())
+        .await?;
+    while let Some(d) = cursor.try_next().await? {
+        ids.insert(d.get_i64("_id")?);
+    }
+    Ok(ids)
 }
 
-/// Runs `f` until it succeeds or 20 s pass.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T, BoxError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, BoxError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(format!("{what}: {e}").into()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+/// What a member that does not find itself in its config (REMOVED) answers: `hello` as
+/// `fillHelloForReplSet` after `markAsNoConfig` (nothing of the set, no `lastWrite`), and
+/// `replSetGetStatus` with 93.
+async fn assert_removed(m: &Client) -> TestResult {
+    let hello = eventually("hello at the new address", || {
+        let m = m.clone();
+        async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
+    })
+    .await?;
+    assert!(!hello.get_bool("isWritablePrimary")?, "{hello}");
+    assert!(!hello.get_bool("secondary")?, "{hello}");
+    assert!(hello.get_bool("isreplicaset")?, "{hello}");
+    assert_eq!(
+        hello.get_str("info")?,
+        "Does not have a valid replica set config"
+    );
+    for absent in [
+        "setName",
+        "setVersion",
+        "hosts",
+        "me",
+        "primary",
+        "lastWrite",
+    ] {
+        assert!(!hello.contains_key(absent), "{absent} in {hello}");
     }
+    assert!(hello.get_document("topologyVersion").is_ok(), "{hello}");
+    let err = m
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .err()
+        .ok_or("replSetGetStatus of a REMOVED member succeeded")?;
+    assert_eq!(
+        command_error(&err),
+        Some((
+            93,
+            "Our replica set config is invalid or we are not a member of it".to_string()
+        )),
+        "{err:?}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestResult {
     let set = "rsdur";
     let dirs = [TempDir::new("a")?, TempDir::new("b")?, TempDir::new("c")?];
-    let ports = [free_port()?, free_port()?, free_port()?];
-    let mut children = Vec::new();
-    for (p, d) in ports.iter().zip(&dirs) {
-        children.push(spawn(*p, &d.0, set)?);
-    }
-    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let members: Vec<Bson> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| Bson::Document(doc! {"_id": i as i32, "host": h}))
-        .collect();
-    let first = direct(ports[0]).await?;
-    eventually("initiate", || {
-        let first = first.clone();
-        let members = members.clone();
-        async move {
-            first
-                .database("admin")
-                .run_command(doc! {"replSetInitiate": {"_id": set, "members": members}})
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let uri = format!("mongodb://{}/?replicaSet={set}", hosts.join(","));
-    let mut opts = ClientOptions::parse(&uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(20));
-    opts.write_concern = Some(WriteConcern::majority());
-    let client = Client::with_options(opts)?;
+    let (mut children, ports) = durable_set(set, &dirs).await?;
+    let hosts = loopback_hosts(&ports);
+    let client = set_client(&hosts, set, Some(WriteConcern::majority())).await?;
     let coll = client.database("app").collection::<Document>("dur");
 
     // Two writers insert w:"majority" as fast as they can; every acknowledged _id is noted.
@@ -162,26 +159,13 @@ async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestR
     // reconfig) and elect a primary.
     let mut children = Vec::new();
     for (p, d) in ports.iter().zip(&dirs) {
-        children.push(spawn(*p, &d.0, set)?);
+        children.push(spawn(*p, d.path(), set)?);
     }
-    let mut opts = ClientOptions::parse(&uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(30));
-    let client = Client::with_options(opts)?;
+    let client = set_client(&hosts, set, None).await?;
     let coll = client.database("app").collection::<Document>("dur");
-    let found: BTreeSet<i64> = eventually("reading after the restart", || {
+    let found = eventually("reading after the restart", || {
         let coll = coll.clone();
-        async move {
-            let mut ids = BTreeSet::new();
-            let mut cursor = coll
-                .find(doc! {})
-                .read_concern(ReadConcern::majority())
-                .await?;
-            use futures::TryStreamExt;
-            while let Some(d) = cursor.try_next().await? {
-                ids.insert(d.get_i64("_id")?);
-            }
-            Ok(ids)
-        }
+        async move { majority_ids(&coll).await }
     })
     .await?;
     let lost: Vec<&i64> = acked_before_kill.difference(&found).collect();
@@ -208,36 +192,9 @@ async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestR
     // A member restarted at a new address does not find itself in its config: REMOVED.
     let moved_port = free_port()?;
     sigkill(&mut children[2]).await?;
-    let mut moved = spawn(moved_port, &dirs[2].0, set)?;
+    let mut moved = spawn(moved_port, dirs[2].path(), set)?;
     let m = direct(moved_port).await?;
-    let hello = eventually("hello at the new address", || {
-        let m = m.clone();
-        async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
-    })
-    .await?;
-    assert!(!hello.get_bool("isWritablePrimary")?);
-    assert!(!hello.get_bool("secondary")?);
-    assert!(hello.get_bool("isreplicaset")?);
-    assert_eq!(
-        hello.get_str("info")?,
-        "Does not have a valid replica set config"
-    );
-    let err = m
-        .database("admin")
-        .run_command(doc! {"replSetGetStatus": 1})
-        .await
-        .err()
-        .ok_or("replSetGetStatus of a REMOVED member succeeded")?;
-    match *err.kind {
-        mongodb::error::ErrorKind::Command(ref c) => {
-            assert_eq!(c.code, 93);
-            assert_eq!(
-                c.message,
-                "Our replica set config is invalid or we are not a member of it"
-            );
-        }
-        ref other => return Err(format!("unexpected error {other:?}").into()),
-    }
+    assert_removed(&m).await?;
     sigkill(&mut moved).await?;
     for c in &mut children {
         let _ = c.start_kill();
@@ -249,7 +206,7 @@ async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestR
 async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult {
     let dir = TempDir::new("lock")?;
     let port = free_port()?;
-    let mut running = spawn(port, &dir.0, "rslock")?;
+    let mut running = spawn(port, dir.path(), "rslock")?;
     let c = direct(port).await?;
     eventually("the first member answers", || {
         let c = c.clone();
@@ -265,7 +222,7 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
         ))
     };
     // A second process on the same dbpath.
-    let (ok, err) = exit_message(spawn(free_port()?, &dir.0, "rslock")?).await?;
+    let (ok, err) = exit_message(spawn(free_port()?, dir.path(), "rslock")?).await?;
     assert!(!ok, "a second member started on a locked dbpath");
     assert!(err.contains("in use by another running process"), "{err}");
 
@@ -282,7 +239,7 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
     bytes.extend_from_slice(&[0x40, 0, 0]);
     std::fs::write(&journal, &bytes)?;
     let port2 = free_port()?;
-    let mut again = spawn(port2, &dir.0, "rslock")?;
+    let mut again = spawn(port2, dir.path(), "rslock")?;
     let c = direct(port2).await?;
     eventually("restart over a torn record", || {
         let c = c.clone();
@@ -291,18 +248,10 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
     .await?;
     sigkill(&mut again).await?;
     std::fs::write(&journal, b"\x05\x00\x00\x00\x07garbage that is no BSON")?;
-    let (ok, err) = exit_message(spawn(free_port()?, &dir.0, "rslock")?).await?;
+    let (ok, err) = exit_message(spawn(free_port()?, dir.path(), "rslock")?).await?;
     assert!(!ok, "a member started on a corrupt dbpath");
     assert!(err.contains("is corrupt at byte 0"), "{err}");
     Ok(())
-}
-
-/// The code and message of a command error.
-fn command_error(e: &mongodb::error::Error) -> Option<(i32, String)> {
-    match *e.kind {
-        mongodb::error::ErrorKind::Command(ref c) => Some((c.code, c.message.clone())),
-        _ => None,
-    }
 }
 
 /// The newest entry of a member's oplog as an operator reads it:
@@ -338,35 +287,9 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
         TempDir::new("mb")?,
         TempDir::new("mc")?,
     ];
-    let ports = [free_port()?, free_port()?, free_port()?];
-    let mut children = Vec::new();
-    for (p, d) in ports.iter().zip(&dirs) {
-        children.push(spawn(*p, &d.0, set)?);
-    }
-    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let members: Vec<Bson> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| Bson::Document(doc! {"_id": i as i32, "host": h}))
-        .collect();
-    let first = direct(ports[0]).await?;
-    eventually("initiate", || {
-        let first = first.clone();
-        let members = members.clone();
-        async move {
-            first
-                .database("admin")
-                .run_command(doc! {"replSetInitiate": {"_id": set, "members": members}})
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let mut opts =
-        ClientOptions::parse(format!("mongodb://{}/?replicaSet={set}", hosts.join(","))).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(20));
-    opts.write_concern = Some(WriteConcern::majority());
-    let client = Client::with_options(opts)?;
+    let (mut children, ports) = durable_set(set, &dirs).await?;
+    let hosts = loopback_hosts(&ports);
+    let client = set_client(&hosts, set, Some(WriteConcern::majority())).await?;
     let coll = client.database("app").collection::<Document>("moved");
     let written: BTreeSet<i64> = (0..200).collect();
     for id in &written {
@@ -381,9 +304,9 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
     let new_ports = [free_port()?, free_port()?, free_port()?];
     let mut children = Vec::new();
     for (p, d) in new_ports.iter().zip(&dirs) {
-        children.push(spawn(*p, &d.0, set)?);
+        children.push(spawn(*p, d.path(), set)?);
     }
-    let new_hosts: Vec<String> = new_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let new_hosts = loopback_hosts(&new_ports);
     let mut clients = Vec::new();
     for p in new_ports {
         clients.push(direct(p).await?);
@@ -391,45 +314,7 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
     let mut newest = Vec::new();
     let mut old_config = Document::new();
     for m in &clients {
-        let hello = eventually("hello at the new address", || {
-            let m = m.clone();
-            async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
-        })
-        .await?;
-        // fillHelloForReplSet on a REMOVED member: markAsNoConfig, nothing else of the set.
-        assert!(!hello.get_bool("isWritablePrimary")?, "{hello}");
-        assert!(!hello.get_bool("secondary")?, "{hello}");
-        assert!(hello.get_bool("isreplicaset")?, "{hello}");
-        assert_eq!(
-            hello.get_str("info")?,
-            "Does not have a valid replica set config"
-        );
-        for absent in [
-            "setName",
-            "setVersion",
-            "hosts",
-            "me",
-            "primary",
-            "lastWrite",
-        ] {
-            assert!(!hello.contains_key(absent), "{absent} in {hello}");
-        }
-        assert!(hello.get_document("topologyVersion").is_ok(), "{hello}");
-
-        let err = m
-            .database("admin")
-            .run_command(doc! {"replSetGetStatus": 1})
-            .await
-            .err()
-            .ok_or("replSetGetStatus of a REMOVED member succeeded")?;
-        assert_eq!(
-            command_error(&err),
-            Some((
-                93,
-                "Our replica set config is invalid or we are not a member of it".to_string()
-            )),
-            "{err:?}"
-        );
+        assert_removed(m).await?;
 
         // replSetGetConfig answers with the persisted config, old hosts and all.
         let conf = m
@@ -539,28 +424,11 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
         })
         .await?;
     }
-    let mut opts = ClientOptions::parse(format!(
-        "mongodb://{}/?replicaSet={set}",
-        new_hosts.join(",")
-    ))
-    .await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(30));
-    let client = Client::with_options(opts)?;
+    let client = set_client(&new_hosts, set, None).await?;
     let coll = client.database("app").collection::<Document>("moved");
-    let found: BTreeSet<i64> = eventually("reading after the re-addressing", || {
+    let found = eventually("reading after the re-addressing", || {
         let coll = coll.clone();
-        async move {
-            use futures::TryStreamExt;
-            let mut ids = BTreeSet::new();
-            let mut cursor = coll
-                .find(doc! {})
-                .read_concern(ReadConcern::majority())
-                .await?;
-            while let Some(d) = cursor.try_next().await? {
-                ids.insert(d.get_i64("_id")?);
-            }
-            Ok(ids)
-        }
+        async move { majority_ids(&coll).await }
     })
     .await?;
     assert_eq!(found, written, "every majority write made before the move");

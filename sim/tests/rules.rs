@@ -1,15 +1,17 @@
 //! Wire-level checks and the server's config rules, codes and messages, run against live
 //! members (commands in-process through `Cluster::command`, or raw bytes over TCP).
 
+mod common;
+
 use bson::{doc, Bson, Document};
+use common::{
+    bump_version, config_of, reply_code as code, stable_set, BoxError, TestResult, SETTLE,
+};
 use replset_sim::wire::{self, crc32c};
 use replset_sim::{Cluster, ConfigSource, Event, MemberState};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-const SETTLE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
@@ -64,18 +66,6 @@ async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     Ok(())
 }
 
-fn code(r: &Document) -> Option<i32> {
-    r.get_i32("code").ok()
-}
-
-async fn config_of(
-    c: &Cluster,
-    i: usize,
-) -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
-    let r = c.command_ok(i, doc! {"replSetGetConfig": 1}).await?;
-    Ok(r.get_document("config")?.clone())
-}
-
 /// Polls `commitmentStatus` on member `i` until the current config is committed.
 async fn wait_committed(c: &Cluster, i: usize) -> TestResult {
     let deadline = tokio::time::Instant::now() + SETTLE;
@@ -94,22 +84,14 @@ async fn wait_committed(c: &Cluster, i: usize) -> TestResult {
     }
 }
 
-fn next_version(cfg: &mut Document) -> TestResult {
-    let v = cfg.get_i32("version")?;
-    cfg.insert("version", v + 1);
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfig_validation_codes_and_messages() -> TestResult {
-    let mut c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (mut c, p) = stable_set(3).await?;
     let base = config_of(&c, p).await?;
 
     // Eight voters: the count rule, wrapped as 103.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let members = cfg.get_array_mut("members")?;
     for i in 3..8 {
         members.push(Bson::Document(
@@ -126,7 +108,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
     // Duplicate host.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let host0 = c.host(0)?.to_string();
     cfg.get_array_mut("members")?.push(Bson::Document(
         doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
@@ -141,7 +123,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
     // A non-voter with a priority: a parse failure, 93.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
         m.insert("votes", 0);
     }
@@ -154,7 +136,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
     // arbiterOnly cannot be toggled in place.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
         m.insert("arbiterOnly", true);
     }
@@ -164,21 +146,21 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
     // The set name cannot change.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     cfg.insert("_id", "other");
     let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // An unknown field is rejected, as the server's strict IDL parser does.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     cfg.insert("bogus", 1);
     let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // A user may not set newlyAdded.
     let mut cfg = base.clone();
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(1) {
         m.insert("newlyAdded", true);
     }
@@ -219,9 +201,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_down_hands_over_and_bumps_the_config_term() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (c, p) = stable_set(3).await?;
     c.command_ok(
         p,
         doc! {"insert": "t", "documents": [{"_id": 1}], "$db": "app"},
@@ -282,7 +262,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
     c.node(0)?.set_omit_config_quorum_check(true);
 
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let r = c
         .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
         .await?;
@@ -293,7 +273,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
     assert!(!r.get_bool("commitmentStatus")?);
 
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let r = c
         .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
         .await?;
@@ -301,7 +281,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
 
     c.heal();
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     c.command_ok(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 15000})
         .await?;
     let r = c
@@ -343,9 +323,7 @@ async fn members_take_the_config_name_for_themselves() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_restarted_without_data_resyncs_from_the_set() -> TestResult {
-    let mut c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (mut c, p) = stable_set(3).await?;
     c.command_ok(
         p,
         doc! {"insert": "r", "documents": [{"_id": 1}, {"_id": 2}], "$db": "app", "writeConcern": {"w": 3, "wtimeout": 10000}},
@@ -377,13 +355,11 @@ async fn member_restarted_without_data_resyncs_from_the_set() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priority_secondary_takes_over() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    c.wait_for_stable(SETTLE).await?;
+    let (c, _) = stable_set(3).await?;
     let p = c.wait_config_committed(SETTLE).await?;
     let q = (0..3).find(|&i| i != p).ok_or("no secondary")?;
     let mut cfg = config_of(&c, p).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let q_host = c.host(q)?.to_string();
     for m in cfg.get_array_mut("members")? {
         if let Bson::Document(m) = m {
@@ -402,6 +378,6 @@ async fn higher_priority_secondary_takes_over() -> TestResult {
 }
 
 /// A config's `term` (an int32, as mongod writes it).
-fn term_of(cfg: &Document) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+fn term_of(cfg: &Document) -> Result<i64, BoxError> {
     Ok(i64::from(cfg.get_i32("term")?))
 }
