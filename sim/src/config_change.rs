@@ -84,15 +84,8 @@ pub fn prepare_initiate(
 
 /// The receiver of an initiate, the member at index `me` of `cfg`, must be electable.
 pub fn check_initiate_receiver(cfg: &ReplSetConfig, me: usize) -> Result<(), ServerError> {
-    let m = &cfg.members[me];
-    if !m.is_electable() {
-        return Err(ServerError::invalid_replica_set_config(format!(
-            "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
-            m.host,
-            m.id,
-            cfg.version_and_term(),
-            cfg.set_name
-        )));
+    if let Some(why) = not_electable(cfg, me) {
+        return Err(ServerError::invalid_replica_set_config(why));
     }
     Ok(())
 }
@@ -196,17 +189,24 @@ pub fn complete_reconfig(
     if kind.is_force() {
         return Ok(());
     }
-    let m = &new.members[me];
-    if !m.is_electable() {
-        return Err(ServerError::node_not_electable(format!(
+    match not_electable(new, me) {
+        Some(why) => Err(ServerError::node_not_electable(why)),
+        None => Ok(()),
+    }
+}
+
+/// `checkElectable`'s message when the member at index `me` of `cfg` is not electable.
+fn not_electable(cfg: &ReplSetConfig, me: usize) -> Option<String> {
+    let m = &cfg.members[me];
+    (!m.is_electable()).then(|| {
+        format!(
             "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
             m.host,
             m.id,
-            new.version_and_term(),
-            new.set_name
-        )));
-    }
-    Ok(())
+            cfg.version_and_term(),
+            cfg.set_name
+        )
+    })
 }
 
 /// Marks `newlyAdded` the members of a safe reconfig's `new` that come with a vote and were not

@@ -288,33 +288,11 @@ pub fn may_see_database(
     db: &str,
     user_doc: impl Fn(&UserName) -> Option<Document>,
 ) -> bool {
-    if !security.enabled() || session.internal {
-        return true;
-    }
-    let Some(user) = &session.user else {
-        return false;
-    };
-    if *user == UserName::system() {
-        return true;
-    }
-    let roles = user_doc(user).map(|d| user_roles(&d)).unwrap_or_default();
-    let cluster_list = roles.iter().any(|r| {
-        role_grants(
-            &r.role,
-            &r.db,
-            roles::Action::ListDatabases,
-            &roles::Resource::Cluster,
-        )
-    });
-    cluster_list
-        || roles.iter().any(|r| {
-            role_grants(
-                &r.role,
-                &r.db,
-                roles::Action::Find,
-                &roles::Resource::Database(db.to_string()),
-            )
-        })
+    let any_of = [
+        roles::Privilege::on_cluster(roles::Action::ListDatabases),
+        roles::Privilege::on_db(db, roles::Action::Find),
+    ];
+    holds_any(security, session, &any_of, user_doc)
 }
 
 /// Whether the session's user holds `privilege` (for commands that show only what the client
@@ -323,6 +301,17 @@ pub fn holds(
     security: &Security,
     session: &ClientSession,
     privilege: &roles::Privilege,
+    user_doc: impl Fn(&UserName) -> Option<Document>,
+) -> bool {
+    holds_any(security, session, std::slice::from_ref(privilege), user_doc)
+}
+
+/// Whether the session's user holds one of `privileges`: always without authorization or
+/// for a member of the set (and `__system`), never unauthenticated.
+fn holds_any(
+    security: &Security,
+    session: &ClientSession,
+    privileges: &[roles::Privilege],
     user_doc: impl Fn(&UserName) -> Option<Document>,
 ) -> bool {
     if !security.enabled() || session.internal {
@@ -334,11 +323,12 @@ pub fn holds(
     if *user == UserName::system() {
         return true;
     }
-    user_doc(user)
-        .map(|d| user_roles(&d))
-        .unwrap_or_default()
-        .iter()
-        .any(|r| role_grants(&r.role, &r.db, privilege.action, &privilege.resource))
+    let roles = user_doc(user).map(|d| user_roles(&d)).unwrap_or_default();
+    privileges.iter().any(|p| {
+        roles
+            .iter()
+            .any(|r| role_grants(&r.role, &r.db, p.action, &p.resource))
+    })
 }
 
 #[cfg(test)]

@@ -457,19 +457,34 @@ impl ClientFinal {
 mod tests {
     use super::*;
 
+    /// The server's side of an RFC example after its first message: user "user", password
+    /// "pencil", the RFC's salt, 4096 iterations, the client's nonce and the combined one.
+    fn rfc_conversation(
+        mechanism: Mechanism,
+        salt: &str,
+        client_nonce: &str,
+        nonce: &str,
+    ) -> ServerConversation {
+        let salt_bytes = B64.decode(salt).expect("salt");
+        ServerConversation {
+            mechanism,
+            user: "user".into(),
+            client_first_bare: format!("n=user,r={client_nonce}"),
+            server_first: format!("r={nonce},s={salt},i=4096"),
+            nonce: nonce.into(),
+            credential: Some(Credential::with_salt(mechanism, "pencil", salt_bytes, 4096)),
+        }
+    }
+
     /// RFC 7677 section 3: user "user", password "pencil", 4096 iterations.
     #[test]
     fn rfc7677_example_verifies() {
-        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").expect("salt");
-        let cred = Credential::with_salt(Mechanism::Sha256, "pencil", salt, 4096);
-        let conv = ServerConversation {
-            mechanism: Mechanism::Sha256,
-            user: "user".into(),
-            client_first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
-            server_first: "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".into(),
-            nonce: "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into(),
-            credential: Some(cred),
-        };
+        let conv = rfc_conversation(
+            Mechanism::Sha256,
+            "W22ZaJ0SNY7soEsUEjb6gQ==",
+            "rOprNGfwEbeRWgbNEkqO",
+            "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+        );
         let v = conv
             .finish("c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
             .expect("the RFC's proof is valid");
@@ -481,17 +496,12 @@ mod tests {
     /// RFC 5802 section 5 (SCRAM-SHA-1 on the raw password, before MongoDB's digest).
     #[test]
     fn rfc5802_example_verifies() {
-        let salt = B64.decode("QSXCR+Q6sek8bf92").expect("salt");
-        let cred = Credential::with_salt(Mechanism::Sha1, "pencil", salt, 4096);
-        let conv = ServerConversation {
-            mechanism: Mechanism::Sha1,
-            user: "user".into(),
-            client_first_bare: "n=user,r=fyko+d2lbbFgONRv9qkxdawL".into(),
-            server_first: "r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096"
-                .into(),
-            nonce: "fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j".into(),
-            credential: Some(cred),
-        };
+        let conv = rfc_conversation(
+            Mechanism::Sha1,
+            "QSXCR+Q6sek8bf92",
+            "fyko+d2lbbFgONRv9qkxdawL",
+            "fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j",
+        );
         let v = conv
             .finish("c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=")
             .expect("the RFC's proof is valid");

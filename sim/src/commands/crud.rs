@@ -13,11 +13,13 @@ use crate::config::number;
 use crate::error::ServerError;
 use crate::node::{MemberState, Node, NodeState};
 use crate::oplog::OpTime;
-use crate::query::{parse_sort, validate_filter, Projection};
+use crate::query::{sort_and_projection, validate_filter};
 use crate::update::with_id_first;
 
 pub(crate) use super::write_plan::Write;
-use super::write_plan::{namespace, refuse_options, write_error, UpdateSpec, WritePlan};
+use super::write_plan::{
+    namespace, refuse_options, statements, write_error, UpdateSpec, WritePlan,
+};
 
 impl Node {
     fn check_writable(&self, st: &NodeState) -> Result<(), ServerError> {
@@ -142,19 +144,11 @@ impl Node {
 
     pub(super) async fn cmd_update(&self, body: &Document) -> Result<Document, ServerError> {
         let ns = namespace(body, "update")?;
-        let updates = body.get_array("updates").map_err(|_| {
-            ServerError::failed_to_parse(
-                "BSON field 'update.updates' is missing but a required field",
-            )
-        })?;
         let ordered = body.get_bool("ordered").unwrap_or(true);
-        let mut specs = Vec::new();
-        for u in updates {
-            let Bson::Document(u) = u else {
-                return Err(ServerError::type_mismatch("each update must be an object"));
-            };
-            specs.push(UpdateSpec::parse(u)?);
-        }
+        let specs = statements(body, "update", "updates", "update")?
+            .into_iter()
+            .map(UpdateSpec::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let ((n, modified, upserted, errors), mut reply) = self
             .write(body, |st| {
                 let mut view = WritePlan::new(st, &ns);
@@ -195,16 +189,8 @@ impl Node {
 
     pub(super) async fn cmd_delete(&self, body: &Document) -> Result<Document, ServerError> {
         let ns = namespace(body, "delete")?;
-        let deletes = body.get_array("deletes").map_err(|_| {
-            ServerError::failed_to_parse(
-                "BSON field 'delete.deletes' is missing but a required field",
-            )
-        })?;
         let mut specs = Vec::new();
-        for d in deletes {
-            let Bson::Document(d) = d else {
-                return Err(ServerError::type_mismatch("each delete must be an object"));
-            };
+        for d in statements(body, "delete", "deletes", "delete")? {
             let q = d.get_document("q").cloned().map_err(|_| {
                 ServerError::failed_to_parse(
                     "BSON field 'delete.deletes.q' is missing but a required field",
@@ -243,14 +229,7 @@ impl Node {
         let query = body.get_document("query").cloned().unwrap_or_default();
         validate_filter(&query)?;
         refuse_options(body, &["arrayFilters", "collation", "hint", "let"])?;
-        let sort_spec = match body.get_document("sort") {
-            Ok(s) => parse_sort(s)?,
-            Err(_) => Vec::new(),
-        };
-        let fields = match body.get_document("fields") {
-            Ok(f) => Projection::parse(f)?,
-            Err(_) => None,
-        };
+        let (sort_spec, fields) = sort_and_projection(body, "fields")?;
         let remove = body.get_bool("remove").unwrap_or(false);
         let return_new = body.get_bool("new").unwrap_or(false);
         let update = body.get("update").cloned();

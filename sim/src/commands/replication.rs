@@ -175,19 +175,16 @@ impl Node {
                 d.insert("syncSourceHost", st.sync_source.clone().unwrap_or_default());
                 d.insert("syncSourceId", sync_id(cfg, st.sync_source.as_deref()));
                 d.insert("infoMessage", "");
-                if st.state == MemberState::Primary {
-                    if let Some(id) = st.election_id {
-                        d.insert("electionId", id);
-                    }
-                    if let Some(ts) = st.election_time {
-                        d.insert("electionTime", ts);
-                    }
-                    if let Some(date) = st.election_date {
-                        d.insert("electionDate", date);
-                    }
+                let primary = st.state == MemberState::Primary;
+                if let Some(id) = st.election_id.filter(|_| primary) {
+                    d.insert("electionId", id);
                 }
-                d.insert("configVersion", cfg.version as i32);
-                d.insert("configTerm", cfg.term as i32);
+                insert_election_and_config(
+                    &mut d,
+                    primary,
+                    (st.election_time, st.election_date),
+                    (cfg.version, cfg.term),
+                );
                 d.insert("self", true);
                 d.insert("lastHeartbeatMessage", "");
             } else {
@@ -230,16 +227,12 @@ impl Node {
                 d.insert("syncSourceHost", p.sync_source.clone());
                 d.insert("syncSourceId", sync_id(cfg, Some(&p.sync_source)));
                 d.insert("infoMessage", "");
-                if p.healthy && p.state == MemberState::Primary {
-                    if let Some(ts) = p.election_time {
-                        d.insert("electionTime", ts);
-                    }
-                    if let Some(date) = p.election_date {
-                        d.insert("electionDate", date);
-                    }
-                }
-                d.insert("configVersion", p.config_version as i32);
-                d.insert("configTerm", p.config_term as i32);
+                insert_election_and_config(
+                    &mut d,
+                    p.healthy && p.state == MemberState::Primary,
+                    (p.election_time, p.election_date),
+                    (p.config_version, p.config_term),
+                );
             }
             members.push(Bson::Document(d));
         }
@@ -576,4 +569,24 @@ fn answer_of(answers: &HashMap<String, QuorumAnswer>, m: &MemberConfig) -> Quoru
         .get(&m.host)
         .cloned()
         .unwrap_or_else(|| QuorumAnswer::Failed("no answer".into()))
+}
+
+/// The end of a `replSetGetStatus` member entry: `electionTime` and `electionDate` of a
+/// primary, then the `configVersion` and `configTerm` it holds (int32, as mongod writes them).
+fn insert_election_and_config(
+    d: &mut Document,
+    primary: bool,
+    (time, date): (Option<bson::Timestamp>, Option<DateTime>),
+    (version, term): (i64, i64),
+) {
+    if primary {
+        if let Some(ts) = time {
+            d.insert("electionTime", ts);
+        }
+        if let Some(date) = date {
+            d.insert("electionDate", date);
+        }
+    }
+    d.insert("configVersion", version as i32);
+    d.insert("configTerm", term as i32);
 }
