@@ -24,6 +24,27 @@ fn secured(key: &str) -> Result<NodeOptions, BoxError> {
     })
 }
 
+/// SCRAM-SHA-256 credentials for [`client`].
+fn sha256<'a>(
+    user: &'a str,
+    pwd: &'a str,
+    source: &'a str,
+) -> Option<(&'a str, &'a str, &'a str, AuthMechanism)> {
+    Some((user, pwd, source, AuthMechanism::ScramSha256))
+}
+
+/// Runs `cmd` on `db`, which must fail (`why` says why); returns the error.
+async fn refused(
+    db: &mongodb::Database,
+    cmd: Document,
+    why: &str,
+) -> Result<mongodb::error::Error, BoxError> {
+    match db.run_command(cmd).await {
+        Ok(r) => Err(format!("{why}, yet it succeeded: {r}").into()),
+        Err(e) => Ok(e),
+    }
+}
+
 /// A three-member set with the key file, initiated, with a root user `admin` created by the
 /// test harness (as __system) on the primary.
 async fn secured_set() -> Result<Cluster, BoxError> {
@@ -58,28 +79,31 @@ async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> Test
             .await?;
 
         let bad = client(&c.uri(), Some(("admin", "wrong", "admin", mech.clone()))).await?;
-        let e = bad
-            .database("admin")
-            .run_command(doc! {"ping": 1})
-            .await
-            .expect_err("a wrong password must fail");
+        let e = refused(
+            &bad.database("admin"),
+            doc! {"ping": 1},
+            "a wrong password must fail",
+        )
+        .await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
         let nobody = client(&c.uri(), Some(("nobody", "x", "admin", mech.clone()))).await?;
-        let e = nobody
-            .database("admin")
-            .run_command(doc! {"ping": 1})
-            .await
-            .expect_err("an unknown user must fail");
+        let e = refused(
+            &nobody.database("admin"),
+            doc! {"ping": 1},
+            "an unknown user must fail",
+        )
+        .await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
     }
     // Without credentials: hello and ping run, the rest is 13 "requires authentication".
     let anon = client(&c.uri(), None).await?;
     anon.database("admin").run_command(doc! {"ping": 1}).await?;
-    let e = anon
-        .database("admin")
-        .run_command(doc! {"listDatabases": 1})
-        .await
-        .expect_err("listDatabases needs a user");
+    let e = refused(
+        &anon.database("admin"),
+        doc! {"listDatabases": 1},
+        "listDatabases needs a user",
+    )
+    .await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     assert!(e.to_string().contains("requires authentication"), "{e}");
     Ok(())
@@ -88,11 +112,7 @@ async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> Test
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResult {
     let c = secured_set().await?;
-    let root = client(
-        &c.uri(),
-        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let root = client(&c.uri(), sha256("admin", "adminpw", "admin")).await?;
     root.database("shop")
         .run_command(doc! {"createUser": "app", "pwd": "apppw", "roles": ["readWrite"]})
         .await?;
@@ -109,11 +129,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
         "credentials are shown only on request"
     );
 
-    let app = client(
-        &c.uri(),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let app = client(&c.uri(), sha256("app", "apppw", "shop")).await?;
     let orders = app.database("shop").collection::<Document>("orders");
     orders.insert_one(doc! {"_id": 1, "item": "tea"}).await?;
     assert_eq!(orders.count_documents(doc! {}).await?, 1);
@@ -125,11 +141,12 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
         .expect_err("readWrite on shop only");
     assert_eq!(code_of(&e), Some(13), "{e}");
     assert!(e.to_string().contains("not authorized on other"), "{e}");
-    let e = app
-        .database("admin")
-        .run_command(doc! {"replSetGetStatus": 1})
-        .await
-        .expect_err("no cluster privileges");
+    let e = refused(
+        &app.database("admin"),
+        doc! {"replSetGetStatus": 1},
+        "no cluster privileges",
+    )
+    .await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     // Only its own database in listDatabases.
     let dbs = app.list_database_names().await?;
@@ -148,7 +165,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
     .await?;
     let direct = client(
         &format!("{}&readPreference=secondaryPreferred", c.direct_uri(s)?),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
+        sha256("app", "apppw", "shop"),
     )
     .await?;
     let n = direct
@@ -162,16 +179,8 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
     root.database("shop")
         .run_command(doc! {"dropUser": "app"})
         .await?;
-    let again = client(
-        &c.uri(),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
-    )
-    .await?;
-    let e = again
-        .database("shop")
-        .run_command(doc! {"ping": 1})
-        .await
-        .expect_err("dropped user");
+    let again = client(&c.uri(), sha256("app", "apppw", "shop")).await?;
+    let e = refused(&again.database("shop"), doc! {"ping": 1}, "dropped user").await?;
     assert_eq!(code_of(&e), Some(18), "{e}");
     Ok(())
 }
@@ -204,11 +213,7 @@ async fn the_localhost_exception_bootstraps_a_set_and_its_first_user() -> TestRe
         .await
         .expect_err("no more exception");
     assert_eq!(code_of(&e), Some(13), "{e}");
-    let root = client(
-        &c.direct_uri(0)?,
-        Some(("root", "rootpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let root = client(&c.direct_uri(0)?, sha256("root", "rootpw", "admin")).await?;
     root.database("admin")
         .run_command(doc! {"createUser": "second", "pwd": "x", "roles": ["readAnyDatabase"]})
         .await?;
@@ -264,22 +269,13 @@ async fn a_member_with_another_key_is_refused() -> TestResult {
 
     // Its heartbeats and vote requests are refused: they need the internal privilege, which
     // only the key gives (not even root has it).
-    let root = client(
-        &c.uri(),
-        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
-    let e = root
-        .database("admin")
-        .run_command(doc! {"replSetRequestVotes": 1, "setName": "rs0", "dryRun": true, "term": 99i64, "candidateIndex": 0, "configVersion": 1, "configTerm": 1i64, "lastAppliedOpTime": {"ts": bson::Timestamp { time: 0, increment: 0 }, "t": -1i64}})
-        .await
-        .expect_err("votes need the key");
+    let root = client(&c.uri(), sha256("admin", "adminpw", "admin")).await?;
+    let admin = root.database("admin");
+    let votes = doc! {"replSetRequestVotes": 1, "setName": "rs0", "dryRun": true, "term": 99i64, "candidateIndex": 0, "configVersion": 1, "configTerm": 1i64, "lastAppliedOpTime": {"ts": bson::Timestamp { time: 0, increment: 0 }, "t": -1i64}};
+    let e = refused(&admin, votes, "votes need the key").await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
-    let e = root
-        .database("admin")
-        .run_command(doc! {"replSetHeartbeat": "rs0", "configVersion": -2, "hbv": 1, "from": "x:1", "term": 0i64})
-        .await
-        .expect_err("heartbeats need the key");
+    let heartbeat = doc! {"replSetHeartbeat": "rs0", "configVersion": -2, "hbv": 1, "from": "x:1", "term": 0i64};
+    let e = refused(&admin, heartbeat, "heartbeats need the key").await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     // The set is still whole and writable.
     let coll = root.database("app").collection::<Document>("c");

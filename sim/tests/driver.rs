@@ -114,10 +114,26 @@ async fn majority_write_survives_primary_kill() -> TestResult {
 }
 
 async fn reconfig(client: &Client, cfg: Document) -> Result<Document, mongodb::error::Error> {
+    reconfig_within(client, cfg, 5000).await
+}
+
+/// `replSetReconfig` with `maxTimeMS: ms`.
+async fn reconfig_within(
+    client: &Client,
+    cfg: Document,
+    ms: i32,
+) -> Result<Document, mongodb::error::Error> {
     client
         .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 5000})
+        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": ms})
         .await
+}
+
+/// The current config with its version raised by one: the base of the next reconfig.
+async fn next_config(client: &Client) -> Result<Document, BoxError> {
+    let mut cfg = current_config(client).await?;
+    bump(&mut cfg)?;
+    Ok(cfg)
 }
 
 async fn current_config(client: &Client) -> Result<Document, BoxError> {
@@ -151,8 +167,7 @@ async fn voting_changes_one_at_a_time() -> TestResult {
     let client = client(&c.direct_uri(0)?).await?;
 
     // Two votes at once: 103 with the server's message.
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
+    let mut cfg = next_config(&client).await?;
     for i in [1, 2] {
         set_member(&mut cfg, i, |m| {
             m.insert("votes", 1);
@@ -172,8 +187,7 @@ async fn voting_changes_one_at_a_time() -> TestResult {
 
     // One at a time works, each committed before the next.
     for i in [1, 2] {
-        let mut cfg = current_config(&client).await?;
-        bump(&mut cfg)?;
+        let mut cfg = next_config(&client).await?;
         set_member(&mut cfg, i, |m| {
             m.insert("votes", 1);
             m.insert("priority", 1);
@@ -248,31 +262,23 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
         .insert_one(doc! {"_id": 1})
         .write_concern(WriteConcern::nodes(1))
         .await?;
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 10000})
-        .await?;
+    let cfg = next_config(&client).await?;
+    reconfig_within(&client, cfg, 10000).await?;
     let r = client
         .database("admin")
         .run_command(doc! {"replSetGetConfig": 1, "commitmentStatus": true})
         .await?;
     assert!(!r.get_bool("commitmentStatus")?);
 
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    let e = client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
+    let cfg = next_config(&client).await?;
+    let e = reconfig_within(&client, cfg, 1000)
         .await
         .err()
         .ok_or("reconfig should fail")?;
     assert_eq!(code_of(&e), Some(308), "{e:?}");
 
     // A secondary refuses a non-force reconfig with 10107.
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
+    let cfg = next_config(&client).await?;
     let r = c
         .command(secondaries[0], doc! {"replSetReconfig": cfg})
         .await?;
@@ -282,12 +288,8 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
     for &s in &secondaries {
         c.node(s)?.set_replication_stopped(false);
     }
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 15000})
-        .await?;
+    let cfg = next_config(&client).await?;
+    reconfig_within(&client, cfg, 15000).await?;
     Ok(())
 }
 

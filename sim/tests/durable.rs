@@ -7,8 +7,8 @@ mod common;
 
 use bson::{doc, Bson, Document};
 use common::{
-    command_error, direct, eventually, free_port, initiate_hosts, loopback_hosts, member_command,
-    sigkill, BoxError, TempDir, TestResult,
+    command_error, command_eventually, direct, eventually, free_port, initiate_hosts,
+    loopback_hosts, member_command, sigkill, BoxError, TempDir, TestResult,
 };
 use mongodb::options::{ClientOptions, ReadConcern, WriteConcern};
 use mongodb::Client;
@@ -73,11 +73,7 @@ async fn majority_ids(coll: &mongodb::Collection<Document>) -> Result<BTreeSet<i
 /// `fillHelloForReplSet` after `markAsNoConfig` (nothing of the set, no `lastWrite`), and
 /// `replSetGetStatus` with 93.
 async fn assert_removed(m: &Client) -> TestResult {
-    let hello = eventually("hello at the new address", || {
-        let m = m.clone();
-        async move { Ok(m.database("admin").run_command(doc! {"hello": 1}).await?) }
-    })
-    .await?;
+    let hello = command_eventually("hello at the new address", m, doc! {"hello": 1}).await?;
     assert!(!hello.get_bool("isWritablePrimary")?, "{hello}");
     assert!(!hello.get_bool("secondary")?, "{hello}");
     assert!(hello.get_bool("isreplicaset")?, "{hello}");
@@ -208,11 +204,7 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
     let port = free_port()?;
     let mut running = spawn(port, dir.path(), "rslock")?;
     let c = direct(port).await?;
-    eventually("the first member answers", || {
-        let c = c.clone();
-        async move { Ok(c.database("admin").run_command(doc! {"ping": 1}).await?) }
-    })
-    .await?;
+    command_eventually("the first member answers", &c, doc! {"ping": 1}).await?;
 
     let exit_message = |child: Child| async move {
         let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await??;
@@ -227,25 +219,21 @@ async fn a_locked_missing_or_corrupt_dbpath_is_refused_at_start() -> TestResult 
     assert!(err.contains("in use by another running process"), "{err}");
 
     // A dbpath that does not exist.
-    let missing = dir.0.join("nope");
+    let missing = dir.path().join("nope");
     let (ok, err) = exit_message(spawn(free_port()?, &missing, "rslock")?).await?;
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 
     // After a SIGKILL the lock is free again; a torn last record is dropped, garbage is not.
     sigkill(&mut running).await?;
-    let journal = dir.0.join(replset_sim::disk::JOURNAL_FILE);
+    let journal = dir.path().join(replset_sim::disk::JOURNAL_FILE);
     let mut bytes = std::fs::read(&journal)?;
     bytes.extend_from_slice(&[0x40, 0, 0]);
     std::fs::write(&journal, &bytes)?;
     let port2 = free_port()?;
     let mut again = spawn(port2, dir.path(), "rslock")?;
     let c = direct(port2).await?;
-    eventually("restart over a torn record", || {
-        let c = c.clone();
-        async move { Ok(c.database("admin").run_command(doc! {"ping": 1}).await?) }
-    })
-    .await?;
+    command_eventually("restart over a torn record", &c, doc! {"ping": 1}).await?;
     sigkill(&mut again).await?;
     std::fs::write(&journal, b"\x05\x00\x00\x00\x07garbage that is no BSON")?;
     let (ok, err) = exit_message(spawn(free_port()?, dir.path(), "rslock")?).await?;

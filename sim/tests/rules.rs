@@ -84,21 +84,47 @@ async fn wait_committed(c: &Cluster, i: usize) -> TestResult {
     }
 }
 
+/// `replSetReconfig` on member `p` of `base` with the next version and `edit` applied;
+/// returns the reply (failed or not).
+async fn reconfig_of(
+    c: &Cluster,
+    p: usize,
+    base: &Document,
+    edit: impl FnOnce(&mut Document) -> TestResult,
+) -> Result<Document, BoxError> {
+    let mut cfg = base.clone();
+    bump_version(&mut cfg)?;
+    edit(&mut cfg)?;
+    Ok(c.command(p, doc! {"replSetReconfig": cfg}).await?)
+}
+
+/// Sets `field` of member `i` of a config document.
+fn set_field(cfg: &mut Document, i: usize, field: &str, value: impl Into<Bson>) -> TestResult {
+    match cfg.get_array_mut("members")?.get_mut(i) {
+        Some(Bson::Document(m)) => {
+            m.insert(field, value);
+            Ok(())
+        }
+        _ => Err(format!("no member {i}").into()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfig_validation_codes_and_messages() -> TestResult {
     let (mut c, p) = stable_set(3).await?;
     let base = config_of(&c, p).await?;
 
     // Eight voters: the count rule, wrapped as 103.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    let members = cfg.get_array_mut("members")?;
-    for i in 3..8 {
-        members.push(Bson::Document(
-            doc! {"_id": i, "host": format!("127.0.0.1:{}", 1000 + i), "votes": 1},
-        ));
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        let members = cfg.get_array_mut("members")?;
+        for i in 3..8 {
+            members.push(Bson::Document(
+                doc! {"_id": i, "host": format!("127.0.0.1:{}", 1000 + i), "votes": 1},
+            ));
+        }
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(103), "{r:?}");
     assert!(
         r.get_str("errmsg")?
@@ -107,13 +133,14 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
     );
 
     // Duplicate host.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
     let host0 = c.host(0)?.to_string();
-    cfg.get_array_mut("members")?.push(Bson::Document(
-        doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
-    ));
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.get_array_mut("members")?.push(Bson::Document(
+            doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
+        ));
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(103), "{r:?}");
     assert!(
         r.get_str("errmsg")?
@@ -122,12 +149,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
     );
 
     // A non-voter with a priority: a parse failure, 93.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
-        m.insert("votes", 0);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "votes", 0)).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
     assert_eq!(
         r.get_str("errmsg")?,
@@ -135,36 +157,28 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
     );
 
     // arbiterOnly cannot be toggled in place.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
-        m.insert("arbiterOnly", true);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "arbiterOnly", true)).await?;
     assert_eq!(code(&r), Some(103), "{r:?}");
     assert!(r.get_str("errmsg")?.contains("arbiterOnly field"), "{r:?}");
 
     // The set name cannot change.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    cfg.insert("_id", "other");
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.insert("_id", "other");
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // An unknown field is rejected, as the server's strict IDL parser does.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    cfg.insert("bogus", 1);
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.insert("bogus", 1);
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // A user may not set newlyAdded.
-    let mut cfg = base.clone();
-    bump_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(1) {
-        m.insert("newlyAdded", true);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 1, "newlyAdded", true)).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // A force reconfig on a secondary works, jumps the version, and sets term -1.

@@ -136,10 +136,7 @@ impl Node {
             })
             .await?;
         reply.insert("n", n);
-        if !write_errors.is_empty() {
-            reply.insert("writeErrors", write_errors);
-        }
-        Ok(reply)
+        Ok(with_write_errors(reply, write_errors))
     }
 
     pub(super) async fn cmd_update(&self, body: &Document) -> Result<Document, ServerError> {
@@ -181,10 +178,7 @@ impl Node {
         if !upserted.is_empty() {
             reply.insert("upserted", upserted);
         }
-        if !errors.is_empty() {
-            reply.insert("writeErrors", errors);
-        }
-        Ok(reply)
+        Ok(with_write_errors(reply, errors))
     }
 
     pub(super) async fn cmd_delete(&self, body: &Document) -> Result<Document, ServerError> {
@@ -491,4 +485,12 @@ impl Node {
             },
         })
     }
+}
+
+/// A write's reply with its `writeErrors`, when there are any.
+fn with_write_errors(mut reply: Document, errors: Vec<Bson>) -> Document {
+    if !errors.is_empty() {
+        reply.insert("writeErrors", errors);
+    }
+    reply
 }

@@ -34,19 +34,10 @@ impl Node {
         check_initiate_receiver(&cfg, me)?;
         self.set_me(&cfg.members[me].host.clone());
         // checkQuorumForInitiate: every proposed member must answer a heartbeat.
-        let mut answers = HashMap::new();
-        for (i, m) in cfg.members.iter().enumerate() {
-            if i == me {
-                continue;
-            }
-            let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": -2i64, "configTerm": -1i64, "hbv": 1, "from": self.me(), "fromId": cfg.members[me].id, "term": 0i64, "checkEmpty": true, "$db": "admin"};
-            let r = self
-                .inner
-                .peers
-                .run(&m.host, &hb, Duration::from_secs(5))
-                .await;
-            answers.insert(m.host.clone(), quorum_answer(r));
-        }
+        let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": -2i64, "configTerm": -1i64, "hbv": 1, "from": self.me(), "fromId": cfg.members[me].id, "term": 0i64, "checkEmpty": true, "$db": "admin"};
+        let answers = self
+            .quorum_heartbeats(&cfg, &cfg.members[me].host, &hb, Duration::from_secs(5))
+            .await;
         check_initiate_quorum(&cfg, me, |m| answer_of(&answers, m))?;
         cfg.set_replica_set_id(bson::oid::ObjectId::new());
         let mut st = self.lock();
@@ -406,20 +397,27 @@ impl Node {
                 cfg.member_by_host(&self.me()).map(|m| m.id).unwrap_or(-1),
             )
         };
+        let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": cfg.version, "configTerm": cfg.term, "hbv": 1, "from": self.me(), "fromId": my_id, "term": term, "$db": "admin"};
+        let answers = self
+            .quorum_heartbeats(cfg, &self.me(), &hb, Duration::from_secs(2))
+            .await;
+        check_reconfig_quorum(cfg, &self.me(), |m| answer_of(&answers, m))
+    }
+
+    /// The quorum checks' round: `hb` to every member of `cfg` but `me`, each answer noted.
+    async fn quorum_heartbeats(
+        &self,
+        cfg: &ReplSetConfig,
+        me: &str,
+        hb: &Document,
+        timeout: Duration,
+    ) -> HashMap<String, QuorumAnswer> {
         let mut answers = HashMap::new();
-        for m in &cfg.members {
-            if m.host == self.me() {
-                continue;
-            }
-            let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": cfg.version, "configTerm": cfg.term, "hbv": 1, "from": self.me(), "fromId": my_id, "term": term, "$db": "admin"};
-            let r = self
-                .inner
-                .peers
-                .run(&m.host, &hb, Duration::from_secs(2))
-                .await;
+        for m in cfg.members.iter().filter(|m| m.host != me) {
+            let r = self.inner.peers.run(&m.host, hb, timeout).await;
             answers.insert(m.host.clone(), quorum_answer(r));
         }
-        check_reconfig_quorum(cfg, &self.me(), |m| answer_of(&answers, m))
+        answers
     }
 
     pub(super) async fn cmd_step_down(&self, body: &Document) -> Result<Document, ServerError> {

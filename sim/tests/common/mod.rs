@@ -125,6 +125,19 @@ where
     }
 }
 
+/// Runs `cmd` on `c`'s admin database until it succeeds (as [`eventually`]); its reply.
+pub async fn command_eventually(
+    what: &str,
+    c: &Client,
+    cmd: Document,
+) -> Result<Document, BoxError> {
+    eventually(what, || {
+        let (c, cmd) = (c.clone(), cmd.clone());
+        async move { Ok(c.database("admin").run_command(cmd).await?) }
+    })
+    .await
+}
+
 /// `127.0.0.1:PORT` for each port.
 pub fn loopback_hosts(ports: &[u16]) -> Vec<String> {
     ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
