@@ -45,6 +45,21 @@ async fn refused(
     }
 }
 
+/// A `ping` as `user`, which must fail (`why` says why); returns the error.
+async fn ping_refused(
+    uri: &str,
+    user: Option<(&str, &str, &str, AuthMechanism)>,
+    why: &str,
+) -> Result<mongodb::error::Error, BoxError> {
+    let db = user.as_ref().map(|u| u.2).unwrap_or("admin").to_string();
+    refused(
+        &client(uri, user).await?.database(&db),
+        doc! {"ping": 1},
+        why,
+    )
+    .await
+}
+
 /// A three-member set with the key file, initiated, with a root user `admin` created by the
 /// test harness (as __system) on the primary.
 async fn secured_set() -> Result<Cluster, BoxError> {
@@ -78,21 +93,11 @@ async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> Test
             .run_command(doc! {"replSetGetStatus": 1})
             .await?;
 
-        let bad = client(&c.uri(), Some(("admin", "wrong", "admin", mech.clone()))).await?;
-        let e = refused(
-            &bad.database("admin"),
-            doc! {"ping": 1},
-            "a wrong password must fail",
-        )
-        .await?;
+        let wrong = Some(("admin", "wrong", "admin", mech.clone()));
+        let e = ping_refused(&c.uri(), wrong, "a wrong password must fail").await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
-        let nobody = client(&c.uri(), Some(("nobody", "x", "admin", mech.clone()))).await?;
-        let e = refused(
-            &nobody.database("admin"),
-            doc! {"ping": 1},
-            "an unknown user must fail",
-        )
-        .await?;
+        let nobody = Some(("nobody", "x", "admin", mech.clone()));
+        let e = ping_refused(&c.uri(), nobody, "an unknown user must fail").await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
     }
     // Without credentials: hello and ping run, the rest is 13 "requires authentication".
@@ -179,8 +184,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
     root.database("shop")
         .run_command(doc! {"dropUser": "app"})
         .await?;
-    let again = client(&c.uri(), sha256("app", "apppw", "shop")).await?;
-    let e = refused(&again.database("shop"), doc! {"ping": 1}, "dropped user").await?;
+    let e = ping_refused(&c.uri(), sha256("app", "apppw", "shop"), "dropped user").await?;
     assert_eq!(code_of(&e), Some(18), "{e}");
     Ok(())
 }

@@ -4,7 +4,9 @@
 mod common;
 
 use bson::{doc, Bson, Document};
-use common::{bump_version as bump, client, code_of, stable_set, BoxError, TestResult, SETTLE};
+use common::{
+    bump_version as bump, client, code_of, config_of, stable_set, BoxError, TestResult, SETTLE,
+};
 use mongodb::options::WriteConcern;
 use mongodb::Client;
 use replset_sim::{Cluster, ConfigSource, Event, MemberState};
@@ -357,11 +359,7 @@ async fn new_member_is_newly_added_until_caught_up_and_removed_member_reports_re
     )
     .await?;
     let added = c.add_member().await?;
-    let mut cfg = c
-        .command_ok(0, doc! {"replSetGetConfig": 1})
-        .await?
-        .get_document("config")?
-        .clone();
+    let mut cfg = config_of(&c, 0).await?;
     bump(&mut cfg)?;
     cfg.get_array_mut("members")?.push(Bson::Document(
         doc! {"_id": 1, "host": c.host(added)?.to_string()},
@@ -400,11 +398,7 @@ async fn new_member_is_newly_added_until_caught_up_and_removed_member_reports_re
         (r.config()?.voters().count() == 2).then_some(())
     })
     .await?;
-    let mut cfg = c
-        .command_ok(0, doc! {"replSetGetConfig": 1})
-        .await?
-        .get_document("config")?
-        .clone();
+    let mut cfg = config_of(&c, 0).await?;
     bump(&mut cfg)?;
     cfg.get_array_mut("members")?.truncate(1);
     c.command_ok(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 10000})

@@ -55,6 +55,24 @@ async fn set_client(
     Ok(Client::with_options(opts)?)
 }
 
+/// A client of the set at `hosts` and every `_id` of `app.<coll>` read with majority read
+/// concern, once the set answers (it may still be electing a primary).
+async fn read_back(
+    hosts: &[String],
+    set: &str,
+    coll: &str,
+    what: &str,
+) -> Result<(Client, BTreeSet<i64>), BoxError> {
+    let client = set_client(hosts, set, None).await?;
+    let coll = client.database("app").collection::<Document>(coll);
+    let found = eventually(what, || {
+        let coll = coll.clone();
+        async move { majority_ids(&coll).await }
+    })
+    .await?;
+    Ok((client, found))
+}
+
 /// Every `_id` of a collection, read with majority read concern.
 async fn majority_ids(coll: &mongodb::Collection<Document>) -> Result<BTreeSet<i64>, BoxError> {
     use futures::TryStreamExt;
@@ -157,13 +175,7 @@ async fn acknowledged_majority_writes_survive_sigkill_of_every_member() -> TestR
     for (p, d) in ports.iter().zip(&dirs) {
         children.push(spawn(*p, d.path(), set)?);
     }
-    let client = set_client(&hosts, set, None).await?;
-    let coll = client.database("app").collection::<Document>("dur");
-    let found = eventually("reading after the restart", || {
-        let coll = coll.clone();
-        async move { majority_ids(&coll).await }
-    })
-    .await?;
+    let (client, found) = read_back(&hosts, set, "dur", "reading after the restart").await?;
     let lost: Vec<&i64> = acked_before_kill.difference(&found).collect();
     assert!(
         lost.is_empty(),
@@ -412,13 +424,8 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
         })
         .await?;
     }
-    let client = set_client(&new_hosts, set, None).await?;
-    let coll = client.database("app").collection::<Document>("moved");
-    let found = eventually("reading after the re-addressing", || {
-        let coll = coll.clone();
-        async move { majority_ids(&coll).await }
-    })
-    .await?;
+    let (client, found) =
+        read_back(&new_hosts, set, "moved", "reading after the re-addressing").await?;
     assert_eq!(found, written, "every majority write made before the move");
     // A new primary keeps a forced config's term -1 ("If the config doesn't have a term,
     // don't change it"); the status names the new hosts.
