@@ -8,7 +8,7 @@ mod common;
 use bson::{doc, Bson, Document};
 use common::{
     command_error, command_eventually, direct, eventually, free_port, initiate_hosts,
-    loopback_hosts, member_command, sigkill, BoxError, TempDir, TestResult,
+    loopback_hosts, member_command, member_fields, sigkill, BoxError, TempDir, TestResult,
 };
 use mongodb::options::{ClientOptions, ReadConcern, WriteConcern};
 use mongodb::Client;
@@ -324,12 +324,7 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
         let conf = conf.get_document("config")?.clone();
         assert_eq!(conf.get_i32("version")?, 1, "{conf}");
         assert!(conf.get_i32("term")? >= 1, "{conf}");
-        let conf_hosts: Vec<&str> = conf
-            .get_array("members")?
-            .iter()
-            .filter_map(|m| m.as_document()?.get_str("host").ok())
-            .collect();
-        assert_eq!(conf_hosts, hosts, "{conf}");
+        assert_eq!(member_fields(&conf, "host")?, hosts, "{conf}");
         old_config = conf;
 
         // The newest oplog entry: the last of a full read, with its ts and t.
@@ -410,12 +405,7 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
                     .run_command(doc! {"replSetGetConfig": 1})
                     .await?;
                 let c = c.get_document("config")?;
-                let got: Vec<&str> = c
-                    .get_array("members")?
-                    .iter()
-                    .filter_map(|m| m.as_document()?.get_str("host").ok())
-                    .collect();
-                if c.get_i32("version")? == version && got == new_hosts {
+                if c.get_i32("version")? == version && member_fields(c, "host")? == new_hosts {
                     Ok(())
                 } else {
                     Err(format!("member {i} still has {c}").into())
@@ -433,12 +423,7 @@ async fn a_set_restarted_at_new_addresses_is_re_addressed_by_a_forced_reconfig()
         .database("admin")
         .run_command(doc! {"replSetGetStatus": 1})
         .await?;
-    let names: Vec<&str> = status
-        .get_array("members")?
-        .iter()
-        .filter_map(|m| m.as_document()?.get_str("name").ok())
-        .collect();
-    assert_eq!(names, new_hosts, "{status}");
+    assert_eq!(member_fields(&status, "name")?, new_hosts, "{status}");
     let conf = client
         .database("admin")
         .run_command(doc! {"replSetGetConfig": 1})

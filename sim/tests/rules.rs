@@ -98,6 +98,13 @@ async fn reconfig_of(
     Ok(c.command(p, doc! {"replSetReconfig": cfg}).await?)
 }
 
+/// `r` failed with `code` and an `errmsg` that contains `part`.
+fn assert_refused(r: &Document, code_wanted: i32, part: &str) -> TestResult {
+    assert_eq!(code(r), Some(code_wanted), "{r:?}");
+    assert!(r.get_str("errmsg")?.contains(part), "{r:?}");
+    Ok(())
+}
+
 /// Sets `field` of member `i` of a config document.
 fn set_field(cfg: &mut Document, i: usize, field: &str, value: impl Into<Bson>) -> TestResult {
     match cfg.get_array_mut("members")?.get_mut(i) {
@@ -125,12 +132,11 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
         Ok(())
     })
     .await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(
-        r.get_str("errmsg")?
-            .contains("voting members, but must be at least 1 and no more than 7"),
-        "{r:?}"
-    );
+    assert_refused(
+        &r,
+        103,
+        "voting members, but must be at least 1 and no more than 7",
+    )?;
 
     // Duplicate host.
     let host0 = c.host(0)?.to_string();
@@ -141,12 +147,11 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
         Ok(())
     })
     .await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(
-        r.get_str("errmsg")?
-            .contains("Found two member configurations with same host field"),
-        "{r:?}"
-    );
+    assert_refused(
+        &r,
+        103,
+        "Found two member configurations with same host field",
+    )?;
 
     // A non-voter with a priority: a parse failure, 93.
     let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "votes", 0)).await?;
@@ -158,8 +163,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
     // arbiterOnly cannot be toggled in place.
     let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "arbiterOnly", true)).await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(r.get_str("errmsg")?.contains("arbiterOnly field"), "{r:?}");
+    assert_refused(&r, 103, "arbiterOnly field")?;
 
     // The set name cannot change.
     let r = reconfig_of(&c, p, &base, |cfg| {

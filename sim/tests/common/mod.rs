@@ -239,6 +239,14 @@ pub fn command_error(e: &mongodb::error::Error) -> Option<(i32, String)> {
     }
 }
 
+/// Field `field` of every member of a config (`members`) or status document.
+pub fn member_fields<'a>(d: &'a Document, field: &str) -> Result<Vec<&'a str>, BoxError> {
+    Ok(d.get_array("members")?
+        .iter()
+        .filter_map(|m| m.as_document()?.get_str(field).ok())
+        .collect())
+}
+
 /// The `code` of a command reply that failed.
 pub fn reply_code(r: &Document) -> Option<i32> {
     r.get_i32("code").ok()
