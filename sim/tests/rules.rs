@@ -13,17 +13,22 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A message header written by hand (not by the simulator's encoder): length 0 (set once
+/// the message is complete), request id `id`, responseTo 0, `op`.
+fn raw_header(id: i32, op: i32) -> Vec<u8> {
+    [0, id, 0, op]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     let c = Cluster::start(1).await?;
     let mut s = TcpStream::connect(c.host(0)?).await?;
 
     // OP_QUERY {isMaster: 1} on admin.$cmd, answered with OP_REPLY.
-    let mut q = Vec::new();
-    q.extend_from_slice(&0i32.to_le_bytes());
-    q.extend_from_slice(&7i32.to_le_bytes());
-    q.extend_from_slice(&0i32.to_le_bytes());
-    q.extend_from_slice(&wire::OP_QUERY.to_le_bytes());
+    let mut q = raw_header(7, wire::OP_QUERY);
     q.extend_from_slice(&0i32.to_le_bytes());
     q.extend_from_slice(b"admin.$cmd\0");
     q.extend_from_slice(&0i32.to_le_bytes());
@@ -47,11 +52,7 @@ async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     assert!(reply.get_bool("helloOk")?);
 
     // OP_MSG with a checksum.
-    let mut m = Vec::new();
-    m.extend_from_slice(&0i32.to_le_bytes());
-    m.extend_from_slice(&8i32.to_le_bytes());
-    m.extend_from_slice(&0i32.to_le_bytes());
-    m.extend_from_slice(&wire::OP_MSG.to_le_bytes());
+    let mut m = raw_header(8, wire::OP_MSG);
     m.extend_from_slice(&1u32.to_le_bytes());
     m.push(0);
     doc! {"ping": 1, "$db": "admin"}.to_writer(&mut m)?;
