@@ -534,7 +534,8 @@ fn type_error(path: &str, want: &str, got: &Bson) -> ServerError {
     ))
 }
 
-fn type_name(b: &Bson) -> &'static str {
+/// The server's name of a BSON type (`typeName`), as its messages give it.
+pub(crate) fn type_name(b: &Bson) -> &'static str {
     match b {
         Bson::Double(_) => "double",
         Bson::String(_) => "string",

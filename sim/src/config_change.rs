@@ -12,8 +12,9 @@
 //! `ReplicationCoordinatorImpl::processReplSetInitiate` and `processReplSetReconfig` /
 //! `_doReplSetReconfig` in `replication_coordinator_impl.cpp` (term 0 for an initiate, the
 //! current term for a safe reconfig, `kUninitializedTerm` and the version raised by 10,000
-//! plus a random number below 100,000 for a forced one, the `replicaSetId` carried over, `newlyAdded` refused
-//! from users and set by the server); `repl_set_config_checks.cpp` (validation, the
+//! plus a random number below 100,000 over the larger of the old and the sent version for a
+//! forced one, the `replicaSetId` carried over, `newlyAdded` refused from users, forced or not,
+//! and set by the server); `repl_set_config_checks.cpp` (validation, the
 //! electability of the receiver); `vote_requester` / `check_quorum_for_config_change.cpp`
 //! (initiate needs every member, reconfig a majority of the new config's voters).
 
@@ -83,15 +84,8 @@ pub fn prepare_initiate(
 
 /// The receiver of an initiate, the member at index `me` of `cfg`, must be electable.
 pub fn check_initiate_receiver(cfg: &ReplSetConfig, me: usize) -> Result<(), ServerError> {
-    let m = &cfg.members[me];
-    if !m.is_electable() {
-        return Err(ServerError::invalid_replica_set_config(format!(
-            "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
-            m.host,
-            m.id,
-            cfg.version_and_term(),
-            cfg.set_name
-        )));
+    if let Some(why) = not_electable(cfg, me) {
+        return Err(ServerError::invalid_replica_set_config(why));
     }
     Ok(())
 }
@@ -127,8 +121,9 @@ pub fn check_initiate_quorum(
 }
 
 /// The config `replSetReconfig` receives on a member started with `--replSet set_name` whose
-/// current config is `old`: parsed, hosts normalised, `newlyAdded` refused unless forced, the
-/// old `replicaSetId` when it names none, version and term as `kind` says, `newlyAdded` set on
+/// current config is `old`: parsed, hosts normalised, `newlyAdded` refused (forced or not), the
+/// old `replicaSetId` when it names none, version and term as `kind` says (forced: the larger of
+/// the old and the sent version, plus the bump), `newlyAdded` set on
 /// new voting members unless forced, then validated against `old`.
 ///
 /// The order is the server's: `processReplSetReconfig`'s `getNewConfig` callback
@@ -152,17 +147,15 @@ pub fn prepare_reconfig(
     }
     if cfg.set_name != set_name {
         return Err(ServerError::invalid_replica_set_config(format!(
-            "Attempting to reconfigure a replica set with name {}, but command line reports {set_name}; rejecting",
-            cfg.set_name
+            "Rejecting reconfig where new config set name differs from command line set name, new config set name: {}, old config set name: {}",
+            cfg.set_name, old.set_name
         )));
     }
-    if !kind.is_force() {
-        if let Some(m) = cfg.members.iter().find(|m| m.newly_added) {
-            return Err(ServerError::invalid_replica_set_config(format!(
-                "Cannot provide newlyAdded field to member {} with _id {}: it is set by the server",
-                m.host, m.id
-            )));
-        }
+    // Refused in a forced reconfig too: the check comes before the loop skips forced ones.
+    if cfg.members.iter().any(|m| m.newly_added) {
+        return Err(ServerError::invalid_replica_set_config(
+            "Cannot provide newlyAdded field to member config during reconfig.",
+        ));
     }
     if cfg.replica_set_id().is_none() {
         if let Some(id) = old.replica_set_id() {
@@ -171,7 +164,8 @@ pub fn prepare_reconfig(
     }
     match kind {
         ReconfigKind::Force { version_bump } => {
-            cfg.version += version_bump;
+            // "Increase the config version for force reconfig": from the larger of the two.
+            cfg.version = cfg.version.max(old.version) + version_bump;
             cfg.term = UNINITIALIZED_TERM;
         }
         ReconfigKind::Safe { term } => cfg.term = term,
@@ -186,7 +180,7 @@ pub fn prepare_reconfig(
 
 /// What the receiver (index `me` of the prepared `new`) checks once it has found itself in
 /// the new config, before the quorum check: unless forced it must be electable
-/// (`checkElectable` in `_doReplSetReconfig`).
+/// (`checkElectable` in `_doReplSetReconfig`, NodeNotElectable 104, returned as it is).
 pub fn complete_reconfig(
     new: &ReplSetConfig,
     me: usize,
@@ -195,17 +189,24 @@ pub fn complete_reconfig(
     if kind.is_force() {
         return Ok(());
     }
-    let m = &new.members[me];
-    if !m.is_electable() {
-        return Err(ServerError::new_replica_set_configuration_incompatible(format!(
+    match not_electable(new, me) {
+        Some(why) => Err(ServerError::node_not_electable(why)),
+        None => Ok(()),
+    }
+}
+
+/// `checkElectable`'s message when the member at index `me` of `cfg` is not electable.
+fn not_electable(cfg: &ReplSetConfig, me: usize) -> Option<String> {
+    let m = &cfg.members[me];
+    (!m.is_electable()).then(|| {
+        format!(
             "This node, {}, with _id {} is not electable under the new configuration with {} for replica set {}",
             m.host,
             m.id,
-            new.version_and_term(),
-            new.set_name
-        )));
-    }
-    Ok(())
+            cfg.version_and_term(),
+            cfg.set_name
+        )
+    })
 }
 
 /// Marks `newlyAdded` the members of a safe reconfig's `new` that come with a vote and were not
@@ -380,6 +381,51 @@ mod tests {
         assert_eq!(three.voters().count(), 3);
         let e = safe_reconfig(&three, &["a:1"], 2).err();
         assert!(e.as_ref().is_some_and(|e| e.code == 103), "{e:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_forced_reconfig_counts_from_the_larger_version_and_refuses_newly_added(
+    ) -> Result<(), ServerError> {
+        let raw = doc! {"_id": "rs0", "members": members(&["a:1", "b:1", "c:1"])};
+        let mut old = prepare_initiate(Some(&raw), "rs0", "a:1", DEFAULTS)?;
+        old.version = 7;
+        let kind = ReconfigKind::Force {
+            version_bump: 10_005,
+        };
+        // The same hosts under new addresses, sent with an older version than the stored one.
+        let moved = doc! {"_id": "rs0", "version": 2, "members": members(&["x:1", "y:1", "z:1"])};
+        let cfg = prepare_reconfig(&old, &moved, "rs0", kind, DEFAULTS)?;
+        assert_eq!((cfg.version, cfg.term), (7 + 10_005, UNINITIALIZED_TERM));
+        let sent = doc! {"_id": "rs0", "version": 9, "members": members(&["x:1", "y:1", "z:1"])};
+        let cfg = prepare_reconfig(&old, &sent, "rs0", kind, DEFAULTS)?;
+        assert_eq!(cfg.version, 9 + 10_005);
+        // A forced reconfig may make the receiver unelectable, a safe one may not (104).
+        assert!(complete_reconfig(&cfg, 0, kind).is_ok());
+        let mut hidden = sent.clone();
+        if let Some(Bson::Document(m)) = hidden
+            .get_array_mut("members")
+            .ok()
+            .and_then(|a| a.get_mut(0))
+        {
+            m.insert("priority", 0);
+        }
+        let cfg = prepare_reconfig(&old, &hidden, "rs0", kind, DEFAULTS)?;
+        let safe = ReconfigKind::Safe { term: 1 };
+        assert_eq!(
+            complete_reconfig(&cfg, 0, safe).err().map(|e| e.code),
+            Some(104)
+        );
+        let mut marked = sent;
+        if let Some(Bson::Document(m)) = marked
+            .get_array_mut("members")
+            .ok()
+            .and_then(|a| a.get_mut(1))
+        {
+            m.insert("newlyAdded", true);
+        }
+        let e = prepare_reconfig(&old, &marked, "rs0", kind, DEFAULTS).err();
+        assert_eq!(e.map(|e| e.code), Some(93));
         Ok(())
     }
 

@@ -84,24 +84,24 @@ impl History {
             .collect()
     }
 
+    /// Who was elected in which term, in order.
     pub fn elections(&self) -> Vec<(String, i64)> {
-        self.events()
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Elected { node, term } => Some((node, term)),
-                _ => None,
-            })
-            .collect()
+        self.select(|e| match e {
+            Event::Elected { node, term } => Some((node, term)),
+            _ => None,
+        })
     }
 
+    /// Who rolled back which entries, in order.
     pub fn rollbacks(&self) -> Vec<(String, Vec<Document>)> {
-        self.events()
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::RolledBack { node, entries } => Some((node, entries)),
-                _ => None,
-            })
-            .collect()
+        self.select(|e| match e {
+            Event::RolledBack { node, entries } => Some((node, entries)),
+            _ => None,
+        })
+    }
+
+    fn select<T>(&self, f: impl FnMut(Event) -> Option<T>) -> Vec<T> {
+        self.events().into_iter().filter_map(f).collect()
     }
 
     /// One line per event, for a failing test's message.

@@ -422,6 +422,23 @@ impl Node {
         self.inner.me.read().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// Runs `f` with a handle to this member as a task that ends when the member stops
+    /// (killed or shut down), whatever `f` is doing then.
+    pub(crate) fn spawn_task<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Node) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let n = self.clone();
+        tokio::spawn(async move {
+            let cancel = n.inner.cancel.clone();
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = f(n) => {}
+            }
+        });
+    }
+
     /// Takes the config's name for this member as its own.
     pub(crate) fn set_me(&self, host: &str) {
         if let Ok(mut m) = self.inner.me.write() {

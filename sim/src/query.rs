@@ -341,7 +341,27 @@ fn operator_matches(values: &[&Bson], op: &str, arg: &Bson) -> Result<bool, Serv
 // ---- sort ----
 
 /// Parses a sort specification: `{field: 1 | -1}`.
-pub fn parse_sort(spec: &Document) -> Result<Vec<(String, bool)>, ServerError> {
+/// A sort specification: field paths, each ascending (`true`) or descending.
+pub type SortSpec = Vec<(String, bool)>;
+
+/// The `sort` (none: no order) and the projection in field `projection` (none: whole
+/// documents) of a find or findAndModify command.
+pub fn sort_and_projection(
+    body: &Document,
+    projection: &str,
+) -> Result<(SortSpec, Option<Projection>), ServerError> {
+    let sort_spec = match body.get_document("sort") {
+        Ok(s) => parse_sort(s)?,
+        Err(_) => Vec::new(),
+    };
+    let projection = match body.get_document(projection) {
+        Ok(p) => Projection::parse(p)?,
+        Err(_) => None,
+    };
+    Ok((sort_spec, projection))
+}
+
+pub fn parse_sort(spec: &Document) -> Result<SortSpec, ServerError> {
     spec.iter()
         .map(|(k, v)| match as_f64(v) {
             Some(1.0) => Ok((k.clone(), true)),

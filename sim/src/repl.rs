@@ -19,22 +19,9 @@ const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
     pub(crate) fn spawn_replication(&self) {
-        for task in 0..3 {
-            let n = self.clone();
-            tokio::spawn(async move {
-                let cancel = n.inner.cancel.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = async {
-                        match task {
-                            0 => n.heartbeat_loop().await,
-                            1 => n.election_loop().await,
-                            _ => n.sync_loop().await,
-                        }
-                    } => {}
-                }
-            });
-        }
+        self.spawn_task(|n| async move { n.heartbeat_loop().await });
+        self.spawn_task(|n| async move { n.election_loop().await });
+        self.spawn_task(|n| async move { n.sync_loop().await });
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -69,14 +56,7 @@ impl Node {
                     .unwrap_or_default()
             };
             for host in targets {
-                let n = self.clone();
-                tokio::spawn(async move {
-                    let cancel = n.inner.cancel.clone();
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = n.heartbeat_once(&host) => {}
-                    }
-                });
+                self.spawn_task(|n| async move { n.heartbeat_once(&host).await });
             }
             self.check_primary_majority();
             let interval = self.heartbeat_interval();
@@ -238,23 +218,16 @@ impl Node {
     /// host for its instance id (mongod's isSelf slow path) outside the lock, then install
     /// it (as REMOVED if this member is not in it).
     fn adopt_config_slow(&self, cfg: ReplSetConfig) {
-        let n = self.clone();
-        tokio::spawn(async move {
-            let cancel = n.inner.cancel.clone();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = async {
-                    if let Ok(i) = n.find_self(&cfg).await {
-                        n.set_me(&cfg.members[i].host.clone());
-                    }
-                    let mut st = n.lock();
-                    let newer = st
-                        .config()
-                        .is_none_or(|c| cfg.version_and_term() > c.version_and_term());
-                    if newer {
-                        n.install_config(&mut st, cfg, ConfigSource::Heartbeat);
-                    }
-                } => {}
+        self.spawn_task(|n| async move {
+            if let Ok(i) = n.find_self(&cfg).await {
+                n.set_me(&cfg.members[i].host.clone());
+            }
+            let mut st = n.lock();
+            let newer = st
+                .config()
+                .is_none_or(|c| cfg.version_and_term() > c.version_and_term());
+            if newer {
+                n.install_config(&mut st, cfg, ConfigSource::Heartbeat);
             }
         });
     }
@@ -417,13 +390,6 @@ impl Node {
 
     /// A sender has a newer config: heartbeat it back at once to get it.
     fn fetch_config_from(&self, host: String) {
-        let n = self.clone();
-        tokio::spawn(async move {
-            let cancel = n.inner.cancel.clone();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = n.heartbeat_once(&host) => {}
-            }
-        });
+        self.spawn_task(|n| async move { n.heartbeat_once(&host).await });
     }
 }

@@ -197,24 +197,19 @@ impl Node {
     /// Ends an initial sync `after` from now: STARTUP2 becomes SECONDARY (RECOVERING in
     /// maintenance mode), as the end of the copy does.
     fn finish_initial_sync_after(&self, after: Duration) {
-        let n = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = n.inner.cancel.cancelled() => {}
-                _ = tokio::time::sleep(after) => {
-                    let mut st = n.lock();
-                    st.initial_sync_until = None;
-                    if st.state == MemberState::Startup2 {
-                        let next = if st.maintenance_calls > 0 {
-                            MemberState::Recovering
-                        } else {
-                            MemberState::Secondary
-                        };
-                        tracing::info!(me = %n.me(), "initial sync done");
-                        n.set_state(&mut st, next);
-                        n.notify();
-                    }
-                }
+        self.spawn_task(move |n| async move {
+            tokio::time::sleep(after).await;
+            let mut st = n.lock();
+            st.initial_sync_until = None;
+            if st.state == MemberState::Startup2 {
+                let next = if st.maintenance_calls > 0 {
+                    MemberState::Recovering
+                } else {
+                    MemberState::Secondary
+                };
+                tracing::info!(me = %n.me(), "initial sync done");
+                n.set_state(&mut st, next);
+                n.notify();
             }
         });
     }

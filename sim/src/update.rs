@@ -6,6 +6,7 @@
 use bson::{doc, Bson, Document};
 use std::cmp::Ordering;
 
+use crate::config::type_name;
 use crate::error::ServerError;
 use crate::query::{as_f64, compare, equal, get_path, is_operator_doc, remove_path, unsupported};
 
@@ -136,7 +137,7 @@ pub fn apply_update(
         let Bson::Document(args) = args else {
             return Err(ServerError::failed_to_parse(format!(
                 "Modifiers operate on fields but we found type {} instead. For example: {{$mod: {{<field>: ...}}}} not {{{op}: {args}}}",
-                bson_type_name(args)
+                type_name(args)
             )));
         };
         for (path, arg) in args {
@@ -167,20 +168,6 @@ fn immutable_id(_old: &Document, _new: &Document) -> ServerError {
     ServerError::immutable_field(
         "After applying the update, the (immutable) field '_id' was found to have been altered",
     )
-}
-
-fn bson_type_name(b: &Bson) -> &'static str {
-    match b {
-        Bson::Double(_) => "double",
-        Bson::String(_) => "string",
-        Bson::Document(_) => "object",
-        Bson::Array(_) => "array",
-        Bson::Boolean(_) => "bool",
-        Bson::Int32(_) => "int",
-        Bson::Int64(_) => "long",
-        Bson::Null => "null",
-        _ => "other",
-    }
 }
 
 fn each(arg: &Bson) -> Result<Vec<Bson>, ServerError> {
@@ -235,7 +222,7 @@ fn apply_modifier(
             let Some(v) = add_numbers(&base, arg, op == "$mul") else {
                 return Err(ServerError::type_mismatch(format!(
                     "Cannot apply {op} to a value of non-numeric type. {{_id: ...}} has the field '{path}' of non-numeric type {}",
-                    bson_type_name(&base)
+                    type_name(&base)
                 )));
             };
             let v = if current.is_none() && op == "$mul" {
@@ -267,7 +254,7 @@ fn apply_modifier(
                 Some(other) => {
                     return Err(ServerError::bad_value(format!(
                         "The field '{path}' must be an array but is of type {} in document {{_id: {}}}",
-                        bson_type_name(&other),
+                        type_name(&other),
                         doc.get("_id").cloned().unwrap_or(Bson::Null)
                     )))
                 }

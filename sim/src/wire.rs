@@ -229,16 +229,22 @@ fn decode_op_query(request_id: i32, msg: &[u8]) -> Result<Request, WireError> {
     })
 }
 
-fn header(buf: &mut Vec<u8>, request_id: i32, response_to: i32, op_code: i32) {
+/// A message's header with its length left at 0 for [`finish`] to fill in.
+fn header(request_id: i32, response_to: i32, op_code: i32) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
     buf.extend_from_slice(&0i32.to_le_bytes());
     buf.extend_from_slice(&request_id.to_le_bytes());
     buf.extend_from_slice(&response_to.to_le_bytes());
     buf.extend_from_slice(&op_code.to_le_bytes());
+    buf
 }
 
-fn finish(buf: &mut [u8]) {
+/// Appends the last document of a message and writes the message's length.
+fn finish(mut buf: Vec<u8>, last: &Document) -> Result<Vec<u8>, WireError> {
+    last.to_writer(&mut buf)?;
     let len = buf.len() as i32;
     buf[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(buf)
 }
 
 /// Encodes an OP_MSG with one body section and no checksum.
@@ -257,13 +263,10 @@ pub fn encode_op_msg_with_flags(
     flags: u32,
     body: &Document,
 ) -> Result<Vec<u8>, WireError> {
-    let mut buf = Vec::with_capacity(256);
-    header(&mut buf, request_id, response_to, OP_MSG);
+    let mut buf = header(request_id, response_to, OP_MSG);
     buf.extend_from_slice(&flags.to_le_bytes());
     buf.push(0);
-    body.to_writer(&mut buf)?;
-    finish(&mut buf);
-    Ok(buf)
+    finish(buf, body)
 }
 
 /// Encodes an OP_REPLY with one document, the answer to a legacy OP_QUERY.
@@ -272,15 +275,12 @@ pub fn encode_op_reply(
     response_to: i32,
     doc: &Document,
 ) -> Result<Vec<u8>, WireError> {
-    let mut buf = Vec::with_capacity(256);
-    header(&mut buf, request_id, response_to, OP_REPLY);
+    let mut buf = header(request_id, response_to, OP_REPLY);
     buf.extend_from_slice(&0i32.to_le_bytes()); // responseFlags
     buf.extend_from_slice(&0i64.to_le_bytes()); // cursorID
     buf.extend_from_slice(&0i32.to_le_bytes()); // startingFrom
     buf.extend_from_slice(&1i32.to_le_bytes()); // numberReturned
-    doc.to_writer(&mut buf)?;
-    finish(&mut buf);
-    Ok(buf)
+    finish(buf, doc)
 }
 
 /// Writes a whole message.
@@ -331,8 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn op_msg_with_checksum_and_sequence_round_trips() -> Result<(), WireError> {
-        let mut buf = Vec::new();
-        header(&mut buf, 7, 0, OP_MSG);
+        let mut buf = header(7, 0, OP_MSG);
         buf.extend_from_slice(&FLAG_CHECKSUM_PRESENT.to_le_bytes());
         buf.push(0);
         doc! {"insert": "c", "$db": "test"}.to_writer(&mut buf)?;

@@ -3,25 +3,18 @@
 //! user kept to its database, users replicated to the secondaries, the localhost exception,
 //! and members that hold the key file forming a set while one with another key is refused.
 
+mod common;
+
 use bson::{doc, Document};
-use mongodb::options::{AuthMechanism, ClientOptions, Credential};
-use mongodb::Client;
+use common::{client_as as client, code_of, init_tracing, BoxError, TestResult};
+use mongodb::options::AuthMechanism;
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::{Cluster, DurableState, History, MemberState, Node, NodeOptions};
 use std::time::Duration;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-fn secured(key: &str) -> Result<NodeOptions, Box<dyn std::error::Error + Send + Sync>> {
+fn secured(key: &str) -> Result<NodeOptions, BoxError> {
     Ok(NodeOptions {
         security: Security {
             authorization: true,
@@ -31,52 +24,45 @@ fn secured(key: &str) -> Result<NodeOptions, Box<dyn std::error::Error + Send + 
     })
 }
 
-async fn client(
-    uri: &str,
-    user: Option<(&str, &str, &str, AuthMechanism)>,
-) -> Result<Client, mongodb::error::Error> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(15));
-    opts.heartbeat_freq = Some(Duration::from_millis(500));
-    if let Some((name, pwd, source, mech)) = user {
-        opts.credential = Some(
-            Credential::builder()
-                .username(name.to_string())
-                .password(pwd.to_string())
-                .source(source.to_string())
-                .mechanism(mech)
-                .build(),
-        );
-    }
-    Client::with_options(opts)
+/// SCRAM-SHA-256 credentials for [`client`].
+fn sha256<'a>(
+    user: &'a str,
+    pwd: &'a str,
+    source: &'a str,
+) -> Option<(&'a str, &'a str, &'a str, AuthMechanism)> {
+    Some((user, pwd, source, AuthMechanism::ScramSha256))
 }
 
-/// The server's code of a driver error: a command or write error, or the saslStart /
-/// saslContinue error that the driver keeps as the source of its authentication error.
-fn code_of(e: &mongodb::error::Error) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(x) = cur {
-        let me = x.downcast_ref::<mongodb::error::Error>().or_else(|| {
-            x.downcast_ref::<Box<mongodb::error::Error>>()
-                .map(|b| b.as_ref())
-        });
-        if let Some(me) = me {
-            match me.kind.as_ref() {
-                mongodb::error::ErrorKind::Command(c) => return Some(c.code),
-                mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
-                    return Some(w.code)
-                }
-                _ => {}
-            }
-        }
-        cur = x.source();
+/// Runs `cmd` on `db`, which must fail (`why` says why); returns the error.
+async fn refused(
+    db: &mongodb::Database,
+    cmd: Document,
+    why: &str,
+) -> Result<mongodb::error::Error, BoxError> {
+    match db.run_command(cmd).await {
+        Ok(r) => Err(format!("{why}, yet it succeeded: {r}").into()),
+        Err(e) => Ok(e),
     }
-    None
+}
+
+/// A `ping` as `user`, which must fail (`why` says why); returns the error.
+async fn ping_refused(
+    uri: &str,
+    user: Option<(&str, &str, &str, AuthMechanism)>,
+    why: &str,
+) -> Result<mongodb::error::Error, BoxError> {
+    let db = user.as_ref().map(|u| u.2).unwrap_or("admin").to_string();
+    refused(
+        &client(uri, user).await?.database(&db),
+        doc! {"ping": 1},
+        why,
+    )
+    .await
 }
 
 /// A three-member set with the key file, initiated, with a root user `admin` created by the
 /// test harness (as __system) on the primary.
-async fn secured_set() -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
+async fn secured_set() -> Result<Cluster, BoxError> {
     init_tracing();
     let c = Cluster::start_with(3, secured("sharedkey123")?).await?;
     c.initiate().await?;
@@ -107,29 +93,22 @@ async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> Test
             .run_command(doc! {"replSetGetStatus": 1})
             .await?;
 
-        let bad = client(&c.uri(), Some(("admin", "wrong", "admin", mech.clone()))).await?;
-        let e = bad
-            .database("admin")
-            .run_command(doc! {"ping": 1})
-            .await
-            .expect_err("a wrong password must fail");
+        let wrong = Some(("admin", "wrong", "admin", mech.clone()));
+        let e = ping_refused(&c.uri(), wrong, "a wrong password must fail").await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
-        let nobody = client(&c.uri(), Some(("nobody", "x", "admin", mech.clone()))).await?;
-        let e = nobody
-            .database("admin")
-            .run_command(doc! {"ping": 1})
-            .await
-            .expect_err("an unknown user must fail");
+        let nobody = Some(("nobody", "x", "admin", mech.clone()));
+        let e = ping_refused(&c.uri(), nobody, "an unknown user must fail").await?;
         assert_eq!(code_of(&e), Some(18), "{mech:?}: {e}");
     }
     // Without credentials: hello and ping run, the rest is 13 "requires authentication".
     let anon = client(&c.uri(), None).await?;
     anon.database("admin").run_command(doc! {"ping": 1}).await?;
-    let e = anon
-        .database("admin")
-        .run_command(doc! {"listDatabases": 1})
-        .await
-        .expect_err("listDatabases needs a user");
+    let e = refused(
+        &anon.database("admin"),
+        doc! {"listDatabases": 1},
+        "listDatabases needs a user",
+    )
+    .await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     assert!(e.to_string().contains("requires authentication"), "{e}");
     Ok(())
@@ -138,11 +117,7 @@ async fn scram_sha_256_and_sha_1_authenticate_and_wrong_passwords_fail() -> Test
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResult {
     let c = secured_set().await?;
-    let root = client(
-        &c.uri(),
-        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let root = client(&c.uri(), sha256("admin", "adminpw", "admin")).await?;
     root.database("shop")
         .run_command(doc! {"createUser": "app", "pwd": "apppw", "roles": ["readWrite"]})
         .await?;
@@ -159,11 +134,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
         "credentials are shown only on request"
     );
 
-    let app = client(
-        &c.uri(),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let app = client(&c.uri(), sha256("app", "apppw", "shop")).await?;
     let orders = app.database("shop").collection::<Document>("orders");
     orders.insert_one(doc! {"_id": 1, "item": "tea"}).await?;
     assert_eq!(orders.count_documents(doc! {}).await?, 1);
@@ -175,11 +146,12 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
         .expect_err("readWrite on shop only");
     assert_eq!(code_of(&e), Some(13), "{e}");
     assert!(e.to_string().contains("not authorized on other"), "{e}");
-    let e = app
-        .database("admin")
-        .run_command(doc! {"replSetGetStatus": 1})
-        .await
-        .expect_err("no cluster privileges");
+    let e = refused(
+        &app.database("admin"),
+        doc! {"replSetGetStatus": 1},
+        "no cluster privileges",
+    )
+    .await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     // Only its own database in listDatabases.
     let dbs = app.list_database_names().await?;
@@ -198,7 +170,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
     .await?;
     let direct = client(
         &format!("{}&readPreference=secondaryPreferred", c.direct_uri(s)?),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
+        sha256("app", "apppw", "shop"),
     )
     .await?;
     let n = direct
@@ -212,16 +184,7 @@ async fn a_read_write_user_is_kept_to_its_database_and_replicates() -> TestResul
     root.database("shop")
         .run_command(doc! {"dropUser": "app"})
         .await?;
-    let again = client(
-        &c.uri(),
-        Some(("app", "apppw", "shop", AuthMechanism::ScramSha256)),
-    )
-    .await?;
-    let e = again
-        .database("shop")
-        .run_command(doc! {"ping": 1})
-        .await
-        .expect_err("dropped user");
+    let e = ping_refused(&c.uri(), sha256("app", "apppw", "shop"), "dropped user").await?;
     assert_eq!(code_of(&e), Some(18), "{e}");
     Ok(())
 }
@@ -254,11 +217,7 @@ async fn the_localhost_exception_bootstraps_a_set_and_its_first_user() -> TestRe
         .await
         .expect_err("no more exception");
     assert_eq!(code_of(&e), Some(13), "{e}");
-    let root = client(
-        &c.direct_uri(0)?,
-        Some(("root", "rootpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
+    let root = client(&c.direct_uri(0)?, sha256("root", "rootpw", "admin")).await?;
     root.database("admin")
         .run_command(doc! {"createUser": "second", "pwd": "x", "roles": ["readAnyDatabase"]})
         .await?;
@@ -314,22 +273,13 @@ async fn a_member_with_another_key_is_refused() -> TestResult {
 
     // Its heartbeats and vote requests are refused: they need the internal privilege, which
     // only the key gives (not even root has it).
-    let root = client(
-        &c.uri(),
-        Some(("admin", "adminpw", "admin", AuthMechanism::ScramSha256)),
-    )
-    .await?;
-    let e = root
-        .database("admin")
-        .run_command(doc! {"replSetRequestVotes": 1, "setName": "rs0", "dryRun": true, "term": 99i64, "candidateIndex": 0, "configVersion": 1, "configTerm": 1i64, "lastAppliedOpTime": {"ts": bson::Timestamp { time: 0, increment: 0 }, "t": -1i64}})
-        .await
-        .expect_err("votes need the key");
+    let root = client(&c.uri(), sha256("admin", "adminpw", "admin")).await?;
+    let admin = root.database("admin");
+    let votes = doc! {"replSetRequestVotes": 1, "setName": "rs0", "dryRun": true, "term": 99i64, "candidateIndex": 0, "configVersion": 1, "configTerm": 1i64, "lastAppliedOpTime": {"ts": bson::Timestamp { time: 0, increment: 0 }, "t": -1i64}};
+    let e = refused(&admin, votes, "votes need the key").await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
-    let e = root
-        .database("admin")
-        .run_command(doc! {"replSetHeartbeat": "rs0", "configVersion": -2, "hbv": 1, "from": "x:1", "term": 0i64})
-        .await
-        .expect_err("heartbeats need the key");
+    let heartbeat = doc! {"replSetHeartbeat": "rs0", "configVersion": -2, "hbv": 1, "from": "x:1", "term": 0i64};
+    let e = refused(&admin, heartbeat, "heartbeats need the key").await?;
     assert_eq!(code_of(&e), Some(13), "{e}");
     // The set is still whole and writable.
     let coll = root.database("app").collection::<Document>("c");

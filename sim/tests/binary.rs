@@ -1,60 +1,49 @@
 //! The `replset-sim` binary with mongod's flags: listens on 127.0.0.1 by default, and a
 //! single-member set initiated with `replSetInitiate: {}` elects itself.
 
-use bson::doc;
-use mongodb::options::ClientOptions;
-use mongodb::Client;
+mod common;
+
+use bson::{doc, Document};
+use common::{client, free_port, member_command, output_text, sigkill, BoxError, TestResult};
+use mongodb::Database;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
 use tokio::time::Instant;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+/// Polls `hello` on a single-member set until it is primary (within 20 s); returns that
+/// reply. Awaitable hello would be the driver's job; a short poll is enough here.
+async fn until_primary(admin: &Database) -> Result<Document, BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hello = admin.run_command(doc! {"hello": 1}).await?;
+        if hello.get_bool("isWritablePrimary")? {
+            return Ok(hello);
+        }
+        assert!(Instant::now() < deadline, "no primary: {hello:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_a_single_member_set() -> TestResult {
-    // A free port: bind port 0, note it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
-        .args(["--port", &port.to_string(), "--replSet", "rsbin"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-
-    let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
-    let mut opts = ClientOptions::parse(&uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(10));
-    let client = Client::with_options(opts)?;
+    let port = free_port()?;
+    let mut child = member_command(port, "rsbin").spawn()?;
+    let client = client(&format!(
+        "mongodb://127.0.0.1:{port}/?directConnection=true"
+    ))
+    .await?;
     let admin = client.database("admin");
     let hello = admin.run_command(doc! {"hello": 1}).await?;
     assert!(hello.get_bool("isreplicaset")?);
     assert_eq!(hello.get_i32("maxWireVersion")?, 21);
 
     admin.run_command(doc! {"replSetInitiate": {}}).await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let hello = admin.run_command(doc! {"hello": 1}).await?;
-        if hello.get_bool("isWritablePrimary")? {
-            assert_eq!(hello.get_str("setName")?, "rsbin");
-            assert_eq!(hello.get_str("me")?, format!("127.0.0.1:{port}"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "no primary: {hello:?}");
-        // Awaitable hello would be the driver's job; a short poll is enough here.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child.start_kill()?;
-    child.wait().await?;
+    let hello = until_primary(&admin).await?;
+    assert_eq!(hello.get_str("setName")?, "rsbin");
+    assert_eq!(hello.get_str("me")?, format!("127.0.0.1:{port}"));
+    sigkill(&mut child).await?;
     Ok(())
-}
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A file in a fresh temporary directory, with `mode`.
@@ -84,49 +73,29 @@ async fn the_images_root_user_and_the_key_file() -> TestResult {
     let port = free_port()?;
     let key = secret_file("keyfile", "c2VjcmV0a2V5MTIz\n", 0o400)?;
     let password = secret_file("root-password", "s3cret\n", 0o400)?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--replSet",
-            "rsauth",
-            "--keyFile",
-        ])
+    let mut child = member_command(port, "rsauth")
+        .arg("--keyFile")
         .arg(&key)
         .env("MONGO_INITDB_ROOT_USERNAME", "root")
         .env("MONGO_INITDB_ROOT_PASSWORD_FILE", &password)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()?;
     let uri = format!("mongodb://root:s3cret@127.0.0.1:{port}/?directConnection=true");
-    let mut opts = ClientOptions::parse(&uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(10));
-    let admin = Client::with_options(opts)?.database("admin");
+    let admin = client(&uri).await?.database("admin");
     // The root user exists (no localhost exception needed) and may initiate the set.
     admin.run_command(doc! {"replSetInitiate": {}}).await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !admin
-        .run_command(doc! {"hello": 1})
-        .await?
-        .get_bool("isWritablePrimary")?
-    {
-        assert!(Instant::now() < deadline, "no primary");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_primary(&admin).await?;
     let users = admin.run_command(doc! {"usersInfo": "root"}).await?;
     assert_eq!(users.get_array("users")?.len(), 1, "{users}");
     // Without credentials: 13.
     let anon_uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
-    let anon = Client::with_options(ClientOptions::parse(&anon_uri).await?)?;
+    let anon = client(&anon_uri).await?;
     let e = anon
         .database("admin")
         .run_command(doc! {"replSetGetStatus": 1})
         .await
         .expect_err("authorization is on");
     assert!(e.to_string().contains("requires authentication"), "{e}");
-    child.start_kill()?;
-    child.wait().await?;
+    sigkill(&mut child).await?;
     Ok(())
 }
 
@@ -151,11 +120,7 @@ async fn bad_security_options_stop_the_start_with_the_reason() -> TestResult {
             .stdin(Stdio::null())
             .output()
             .await?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = output_text(&out);
         assert!(!out.status.success(), "{args:?} started: {text}");
         assert!(text.contains(want), "{args:?}: {text}");
     }

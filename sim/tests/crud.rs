@@ -4,44 +4,22 @@
 //! (unsupported operators, transactions) without being applied. Every write reaches the
 //! secondaries through the oplog.
 
+mod common;
+
 use bson::{doc, Bson, Document};
+use common::{code_of, stable_set, BoxError, TestResult, SETTLE};
 use futures::TryStreamExt;
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, IndexModel};
 use replset_sim::Cluster;
 use std::time::Duration;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const SETTLE: Duration = Duration::from_secs(20);
-
-async fn set_and_client() -> Result<(Cluster, Client), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    c.wait_for_stable(SETTLE).await?;
+async fn set_and_client() -> Result<(Cluster, Client), BoxError> {
+    let (c, _) = stable_set(3).await?;
     let mut opts = ClientOptions::parse(c.uri()).await?;
     opts.server_selection_timeout = Some(Duration::from_secs(15));
     let client = Client::with_options(opts)?;
     Ok((c, client))
-}
-
-fn code_of(e: &mongodb::error::Error) -> Option<i32> {
-    match e.kind.as_ref() {
-        mongodb::error::ErrorKind::Command(c) => Some(c.code),
-        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
-            Some(w.code)
-        }
-        mongodb::error::ErrorKind::InsertMany(m) => m
-            .write_errors
-            .as_ref()
-            .and_then(|w| w.first())
-            .map(|w| w.code),
-        _ => None,
-    }
 }
 
 fn ids(docs: &[Document]) -> Vec<i32> {

@@ -1,44 +1,16 @@
 //! The simulator against the real `mongodb` driver (3.x): discovery, majority writes,
 //! failover, the reconfig rules, and rollback.
 
+mod common;
+
 use bson::{doc, Bson, Document};
-use mongodb::options::{ClientOptions, WriteConcern};
+use common::{
+    bump_version as bump, client, code_of, config_of, stable_set, BoxError, TestResult, SETTLE,
+};
+use mongodb::options::WriteConcern;
 use mongodb::Client;
 use replset_sim::{Cluster, ConfigSource, Event, MemberState};
 use std::time::Duration;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const SETTLE: Duration = Duration::from_secs(20);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn client(uri: &str) -> Result<Client, mongodb::error::Error> {
-    let mut opts = ClientOptions::parse(uri).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(15));
-    opts.heartbeat_freq = Some(Duration::from_millis(500));
-    Client::with_options(opts)
-}
-
-async fn three_member_set() -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
-    init_tracing();
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    c.wait_for_stable(SETTLE).await?;
-    Ok(c)
-}
-
-fn code_of(e: &mongodb::error::Error) -> Option<i32> {
-    match e.kind.as_ref() {
-        mongodb::error::ErrorKind::Command(c) => Some(c.code),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_connection_handshake_and_initiate() -> TestResult {
@@ -95,7 +67,7 @@ async fn direct_connection_handshake_and_initiate() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn majority_write_survives_primary_kill() -> TestResult {
-    let mut c = three_member_set().await?;
+    let (mut c, _) = stable_set(3).await?;
     let client = client(&c.uri()).await?;
     let coll = client.database("app").collection::<Document>("items");
     let wc = WriteConcern::builder()
@@ -144,15 +116,29 @@ async fn majority_write_survives_primary_kill() -> TestResult {
 }
 
 async fn reconfig(client: &Client, cfg: Document) -> Result<Document, mongodb::error::Error> {
+    reconfig_within(client, cfg, 5000).await
+}
+
+/// `replSetReconfig` with `maxTimeMS: ms`.
+async fn reconfig_within(
+    client: &Client,
+    cfg: Document,
+    ms: i32,
+) -> Result<Document, mongodb::error::Error> {
     client
         .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 5000})
+        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": ms})
         .await
 }
 
-async fn current_config(
-    client: &Client,
-) -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
+/// The current config with its version raised by one: the base of the next reconfig.
+async fn next_config(client: &Client) -> Result<Document, BoxError> {
+    let mut cfg = current_config(client).await?;
+    bump(&mut cfg)?;
+    Ok(cfg)
+}
+
+async fn current_config(client: &Client) -> Result<Document, BoxError> {
     let r = client
         .database("admin")
         .run_command(doc! {"replSetGetConfig": 1})
@@ -165,12 +151,6 @@ fn set_member(cfg: &mut Document, idx: usize, f: impl Fn(&mut Document)) -> Test
     if let Some(Bson::Document(m)) = members.get_mut(idx) {
         f(m);
     }
-    Ok(())
-}
-
-fn bump(cfg: &mut Document) -> TestResult {
-    let v = cfg.get_i32("version")?;
-    cfg.insert("version", v + 1);
     Ok(())
 }
 
@@ -189,8 +169,7 @@ async fn voting_changes_one_at_a_time() -> TestResult {
     let client = client(&c.direct_uri(0)?).await?;
 
     // Two votes at once: 103 with the server's message.
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
+    let mut cfg = next_config(&client).await?;
     for i in [1, 2] {
         set_member(&mut cfg, i, |m| {
             m.insert("votes", 1);
@@ -210,8 +189,7 @@ async fn voting_changes_one_at_a_time() -> TestResult {
 
     // One at a time works, each committed before the next.
     for i in [1, 2] {
-        let mut cfg = current_config(&client).await?;
-        bump(&mut cfg)?;
+        let mut cfg = next_config(&client).await?;
         set_member(&mut cfg, i, |m| {
             m.insert("votes", 1);
             m.insert("priority", 1);
@@ -268,7 +246,7 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
     // As jstests/replsets/reconfig_waits_for_oplog_commitment_condition.js: with replication
     // stopped on the secondaries, a write is not majority-committed, so the config installed
     // after it is not committed either, and the next reconfig times out with 308.
-    let c = three_member_set().await?;
+    let (c, _) = stable_set(3).await?;
     let p = c.primary().ok_or("no primary")?;
     let client = client(&c.direct_uri(p)?).await?;
     let secondaries: Vec<usize> = (0..3).filter(|&i| i != p).collect();
@@ -286,31 +264,23 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
         .insert_one(doc! {"_id": 1})
         .write_concern(WriteConcern::nodes(1))
         .await?;
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 10000})
-        .await?;
+    let cfg = next_config(&client).await?;
+    reconfig_within(&client, cfg, 10000).await?;
     let r = client
         .database("admin")
         .run_command(doc! {"replSetGetConfig": 1, "commitmentStatus": true})
         .await?;
     assert!(!r.get_bool("commitmentStatus")?);
 
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    let e = client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
+    let cfg = next_config(&client).await?;
+    let e = reconfig_within(&client, cfg, 1000)
         .await
         .err()
         .ok_or("reconfig should fail")?;
     assert_eq!(code_of(&e), Some(308), "{e:?}");
 
     // A secondary refuses a non-force reconfig with 10107.
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
+    let cfg = next_config(&client).await?;
     let r = c
         .command(secondaries[0], doc! {"replSetReconfig": cfg})
         .await?;
@@ -320,18 +290,14 @@ async fn reconfig_before_commit_fails_with_308() -> TestResult {
     for &s in &secondaries {
         c.node(s)?.set_replication_stopped(false);
     }
-    let mut cfg = current_config(&client).await?;
-    bump(&mut cfg)?;
-    client
-        .database("admin")
-        .run_command(doc! {"replSetReconfig": cfg, "maxTimeMS": 15000})
-        .await?;
+    let cfg = next_config(&client).await?;
+    reconfig_within(&client, cfg, 15000).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w1_write_on_isolated_primary_is_rolled_back() -> TestResult {
-    let c = three_member_set().await?;
+    let (c, _) = stable_set(3).await?;
     let client = client(&c.uri()).await?;
     let coll = client.database("app").collection::<Document>("rb");
     coll.insert_one(doc! {"_id": "committed"})
@@ -377,10 +343,7 @@ async fn w1_write_on_isolated_primary_is_rolled_back() -> TestResult {
     Ok(())
 }
 
-async fn client_direct(
-    c: &Cluster,
-    i: usize,
-) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+async fn client_direct(c: &Cluster, i: usize) -> Result<Client, BoxError> {
     Ok(client(&c.direct_uri(i)?).await?)
 }
 
@@ -396,11 +359,7 @@ async fn new_member_is_newly_added_until_caught_up_and_removed_member_reports_re
     )
     .await?;
     let added = c.add_member().await?;
-    let mut cfg = c
-        .command_ok(0, doc! {"replSetGetConfig": 1})
-        .await?
-        .get_document("config")?
-        .clone();
+    let mut cfg = config_of(&c, 0).await?;
     bump(&mut cfg)?;
     cfg.get_array_mut("members")?.push(Bson::Document(
         doc! {"_id": 1, "host": c.host(added)?.to_string()},
@@ -439,11 +398,7 @@ async fn new_member_is_newly_added_until_caught_up_and_removed_member_reports_re
         (r.config()?.voters().count() == 2).then_some(())
     })
     .await?;
-    let mut cfg = c
-        .command_ok(0, doc! {"replSetGetConfig": 1})
-        .await?
-        .get_document("config")?
-        .clone();
+    let mut cfg = config_of(&c, 0).await?;
     bump(&mut cfg)?;
     cfg.get_array_mut("members")?.truncate(1);
     c.command_ok(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 10000})

@@ -6,6 +6,9 @@
 //! `target/node/node_modules/.bin/mongosh`; `scripts/node-clients` installs it. Without it the
 //! test fails and says so.
 
+mod common;
+
+use common::{output_text, rand_suffix, BoxError, TestResult};
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::{Cluster, NodeOptions};
 use std::path::PathBuf;
@@ -13,8 +16,6 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 fn mongosh() -> PathBuf {
     let modules = std::env::var("REPLSET_SIM_NODE_MODULES")
@@ -26,11 +27,7 @@ fn mongosh() -> PathBuf {
 }
 
 /// Runs `script` in mongosh (as typed lines on stdin) against `uri`; returns its output.
-async fn run_mongosh(
-    uri: &str,
-    extra: &[&str],
-    script: &str,
-) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+async fn run_mongosh(uri: &str, extra: &[&str], script: &str) -> Result<String, BoxError> {
     let bin = mongosh();
     assert!(
         bin.exists(),
@@ -68,13 +65,6 @@ async fn run_mongosh(
     let out = status?;
     assert!(out.success(), "mongosh failed ({out}):\n{text}");
     Ok(text)
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// What follows `marker` on the first line that has it (after mongosh's prompt).
@@ -215,11 +205,7 @@ try { db.getSiblingDB("other").x.insertOne({a: 1}) } catch (e) { print("OTHER " 
         .stdin(Stdio::null())
         .output()
         .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&bad.stdout),
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    let text = output_text(&bad);
     assert!(
         !bad.status.success(),
         "a wrong password was accepted: {text}"

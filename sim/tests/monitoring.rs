@@ -8,90 +8,48 @@
 //! runs when it is missing), or `$REPLSET_SIM_NODE_DIR`; pymongo is `$REPLSET_SIM_PYTHON` as in
 //! tests/pymongo.rs.
 
+mod common;
+
 use bson::doc;
+use common::{
+    crate_file, init_tracing, initiate_hosts, loopback_hosts, member_command, pymongo_python,
+    sigkill, BoxError, Script, TestResult,
+};
 use mongodb::event::sdam::SdamEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::time::Instant;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const QUIET_SECS: u64 = 30;
 
-struct Member {
-    port: u16,
-    child: Child,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn start_set(set: &str) -> Result<Vec<Member>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut members = Vec::new();
+/// Three `replset-sim` processes initiated as one set; their hosts and the children.
+async fn start_set(set: &str) -> Result<(Vec<String>, Vec<Child>), BoxError> {
+    let mut ports = Vec::new();
+    let mut children = Vec::new();
     for _ in 0..3 {
-        let port = free_port()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
-            .args(["--port", &port.to_string(), "--replSet", set])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        members.push(Member { port, child });
+        let port = common::free_port()?;
+        children.push(member_command(port, set).spawn()?);
+        ports.push(port);
     }
-    let hosts: Vec<String> = members
-        .iter()
-        .map(|m| format!("127.0.0.1:{}", m.port))
-        .collect();
-    let mut opts =
-        ClientOptions::parse(format!("mongodb://{}/?directConnection=true", hosts[0])).await?;
-    opts.server_selection_timeout = Some(Duration::from_secs(10));
-    let direct = Client::with_options(opts)?;
-    let cfg_members: Vec<bson::Bson> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| bson::Bson::Document(doc! {"_id": i as i32, "host": h}))
-        .collect();
-    // The members may still be binding their ports: retry the initiate until they answer.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = direct
-            .database("admin")
-            .run_command(doc! {"replSetInitiate": {"_id": set, "members": cfg_members.clone()}})
-            .await;
-        match r {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "initiate not yet possible");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(members)
+    let hosts = loopback_hosts(&ports);
+    // The members may still be binding their ports: the initiate is retried until they answer.
+    initiate_hosts(set, &hosts).await?;
+    Ok((hosts, children))
 }
 
-fn uri(members: &[Member], set: &str) -> String {
-    let hosts: Vec<String> = members
-        .iter()
-        .map(|m| format!("127.0.0.1:{}", m.port))
-        .collect();
+fn uri(hosts: &[String], set: &str) -> String {
     format!("mongodb://{}/?replicaSet={set}", hosts.join(","))
 }
 
 /// The directory holding `node_modules/mongodb`: `$REPLSET_SIM_NODE_DIR`, else `target/node`,
 /// installed there by `scripts/node-clients` (with mongosh) when missing.
-async fn node_driver_dir() -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+async fn node_driver_dir() -> Result<PathBuf, BoxError> {
     if let Ok(d) = std::env::var("REPLSET_SIM_NODE_DIR") {
         return Ok(PathBuf::from(d));
     }
@@ -112,10 +70,7 @@ async fn node_driver_dir() -> Result<PathBuf, Box<dyn std::error::Error + Send +
 
 /// A Rust driver client with its defaults, counting heartbeat failures and streamed
 /// (awaited) heartbeats.
-async fn rust_client(
-    uri: &str,
-) -> Result<(Client, Arc<AtomicUsize>, Arc<AtomicUsize>), Box<dyn std::error::Error + Send + Sync>>
-{
+async fn rust_client(uri: &str) -> Result<(Client, Arc<AtomicUsize>, Arc<AtomicUsize>), BoxError> {
     let failed = Arc::new(AtomicUsize::new(0));
     let awaited = Arc::new(AtomicUsize::new(0));
     let mut opts = ClientOptions::parse(uri).await?;
@@ -137,7 +92,7 @@ async fn rust_client(
 async fn next_line(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     what: &str,
-) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<String, BoxError> {
     loop {
         let line = tokio::time::timeout(Duration::from_secs(QUIET_SECS + 60), lines.next_line())
             .await
@@ -160,14 +115,11 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_and_rust_drivers_stream_without_errors_and_follow_a_sigkill() -> TestResult {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let node_dir = node_driver_dir().await?;
     let set = "rsmon";
-    let mut members = start_set(set).await?;
-    let uri = uri(&members, set);
+    let (hosts, mut children) = start_set(set).await?;
+    let uri = uri(&hosts, set);
 
     // The Rust driver with its defaults, beside the Node.js driver, over the quiet period.
     let (rust, rust_failed, rust_awaited) = rust_client(&uri).await?;
@@ -176,26 +128,21 @@ async fn node_and_rust_drivers_stream_without_errors_and_follow_a_sigkill() -> T
         .insert_one(doc! {"x": 1})
         .await?;
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node/monitor.js");
-    let mut child = Command::new("node")
-        .arg(&script)
-        .arg(&uri)
-        .arg(QUIET_SECS.to_string())
-        .arg("15")
-        .env("NODE_DRIVER_DIR", &node_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let primary = next_line(&mut lines, "PRIMARY").await?;
+    let mut node = Script::spawn(
+        Command::new("node")
+            .arg(crate_file("node/monitor.js"))
+            .arg(&uri)
+            .arg(QUIET_SECS.to_string())
+            .arg("15")
+            .env("NODE_DRIVER_DIR", &node_dir),
+    )?;
+    let lines = &mut node.lines;
+    let primary = next_line(lines, "PRIMARY").await?;
     let primary = primary
         .strip_prefix("PRIMARY ")
         .ok_or("bad PRIMARY line")?
         .to_string();
-    let quiet = next_line(&mut lines, "QUIET").await?;
+    let quiet = next_line(lines, "QUIET").await?;
     assert_eq!(field(&quiet, "failures"), Some("0"), "{quiet}");
     assert_eq!(field(&quiet, "pool_cleared"), Some("0"), "{quiet}");
     let awaited: usize = field(&quiet, "awaited").ok_or("no awaited")?.parse()?;
@@ -211,14 +158,13 @@ async fn node_and_rust_drivers_stream_without_errors_and_follow_a_sigkill() -> T
     );
 
     // SIGKILL of the primary's process; the Node.js driver finds the new primary.
-    let idx = members
+    let idx = hosts
         .iter()
-        .position(|m| format!("127.0.0.1:{}", m.port) == primary)
+        .position(|h| *h == primary)
         .ok_or_else(|| format!("primary {primary} is none of the members"))?;
-    members[idx].child.start_kill()?;
-    members[idx].child.wait().await?;
-    stdin.write_all(b"go\n").await?;
-    let done = next_line(&mut lines, "DONE").await?;
+    sigkill(&mut children[idx]).await?;
+    node.stdin.write_all(b"go\n").await?;
+    let done = next_line(lines, "DONE").await?;
     let after: usize = field(&done, "writes_after_kill")
         .ok_or("no writes_after_kill")?
         .parse()?;
@@ -229,29 +175,20 @@ async fn node_and_rust_drivers_stream_without_errors_and_follow_a_sigkill() -> T
     for h in failed_hosts.split(',').filter(|h| !h.is_empty()) {
         assert_eq!(h, primary, "a live member's heartbeat failed: {done}");
     }
-    child.wait().await?;
+    node.child.wait().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pymongo_streams_with_its_defaults() -> TestResult {
-    let py = std::env::var("REPLSET_SIM_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let probe = Command::new(&py)
-        .args(["-c", "import pymongo"])
-        .output()
-        .await?;
-    assert!(
-        probe.status.success(),
-        "{py} cannot import pymongo: see tests/pymongo.rs for how to get it"
-    );
+    let py = pymongo_python().await?;
     let set = "rspymon";
-    let members = start_set(set).await?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/monitor_pymongo.py");
+    let (hosts, _children) = start_set(set).await?;
     let out = tokio::time::timeout(
         Duration::from_secs(QUIET_SECS + 60),
         Command::new(&py)
-            .arg(&script)
-            .arg(uri(&members, set))
+            .arg(crate_file("python/monitor_pymongo.py"))
+            .arg(uri(&hosts, set))
             .arg(QUIET_SECS.to_string())
             .output(),
     )

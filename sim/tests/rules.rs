@@ -1,15 +1,26 @@
 //! Wire-level checks and the server's config rules, codes and messages, run against live
 //! members (commands in-process through `Cluster::command`, or raw bytes over TCP).
 
+mod common;
+
 use bson::{doc, Bson, Document};
+use common::{
+    bump_version, config_of, reply_code as code, stable_set, BoxError, TestResult, SETTLE,
+};
 use replset_sim::wire::{self, crc32c};
 use replset_sim::{Cluster, ConfigSource, Event, MemberState};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-const SETTLE: Duration = Duration::from_secs(20);
+/// A message header written by hand (not by the simulator's encoder): length 0 (set once
+/// the message is complete), request id `id`, responseTo 0, `op`.
+fn raw_header(id: i32, op: i32) -> Vec<u8> {
+    [0, id, 0, op]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
@@ -17,11 +28,7 @@ async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     let mut s = TcpStream::connect(c.host(0)?).await?;
 
     // OP_QUERY {isMaster: 1} on admin.$cmd, answered with OP_REPLY.
-    let mut q = Vec::new();
-    q.extend_from_slice(&0i32.to_le_bytes());
-    q.extend_from_slice(&7i32.to_le_bytes());
-    q.extend_from_slice(&0i32.to_le_bytes());
-    q.extend_from_slice(&wire::OP_QUERY.to_le_bytes());
+    let mut q = raw_header(7, wire::OP_QUERY);
     q.extend_from_slice(&0i32.to_le_bytes());
     q.extend_from_slice(b"admin.$cmd\0");
     q.extend_from_slice(&0i32.to_le_bytes());
@@ -45,11 +52,7 @@ async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     assert!(reply.get_bool("helloOk")?);
 
     // OP_MSG with a checksum.
-    let mut m = Vec::new();
-    m.extend_from_slice(&0i32.to_le_bytes());
-    m.extend_from_slice(&8i32.to_le_bytes());
-    m.extend_from_slice(&0i32.to_le_bytes());
-    m.extend_from_slice(&wire::OP_MSG.to_le_bytes());
+    let mut m = raw_header(8, wire::OP_MSG);
     m.extend_from_slice(&1u32.to_le_bytes());
     m.push(0);
     doc! {"ping": 1, "$db": "admin"}.to_writer(&mut m)?;
@@ -62,18 +65,6 @@ async fn legacy_op_query_hello_and_checksummed_op_msg() -> TestResult {
     assert_eq!(to, 8);
     assert_eq!(body.get_f64("ok")?, 1.0);
     Ok(())
-}
-
-fn code(r: &Document) -> Option<i32> {
-    r.get_i32("code").ok()
-}
-
-async fn config_of(
-    c: &Cluster,
-    i: usize,
-) -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
-    let r = c.command_ok(i, doc! {"replSetGetConfig": 1}).await?;
-    Ok(r.get_document("config")?.clone())
 }
 
 /// Polls `commitmentStatus` on member `i` until the current config is committed.
@@ -94,58 +85,77 @@ async fn wait_committed(c: &Cluster, i: usize) -> TestResult {
     }
 }
 
-fn next_version(cfg: &mut Document) -> TestResult {
-    let v = cfg.get_i32("version")?;
-    cfg.insert("version", v + 1);
+/// `replSetReconfig` on member `p` of `base` with the next version and `edit` applied;
+/// returns the reply (failed or not).
+async fn reconfig_of(
+    c: &Cluster,
+    p: usize,
+    base: &Document,
+    edit: impl FnOnce(&mut Document) -> TestResult,
+) -> Result<Document, BoxError> {
+    let mut cfg = base.clone();
+    bump_version(&mut cfg)?;
+    edit(&mut cfg)?;
+    Ok(c.command(p, doc! {"replSetReconfig": cfg}).await?)
+}
+
+/// `r` failed with `code` and an `errmsg` that contains `part`.
+fn assert_refused(r: &Document, code_wanted: i32, part: &str) -> TestResult {
+    assert_eq!(code(r), Some(code_wanted), "{r:?}");
+    assert!(r.get_str("errmsg")?.contains(part), "{r:?}");
     Ok(())
+}
+
+/// Sets `field` of member `i` of a config document.
+fn set_field(cfg: &mut Document, i: usize, field: &str, value: impl Into<Bson>) -> TestResult {
+    match cfg.get_array_mut("members")?.get_mut(i) {
+        Some(Bson::Document(m)) => {
+            m.insert(field, value);
+            Ok(())
+        }
+        _ => Err(format!("no member {i}").into()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfig_validation_codes_and_messages() -> TestResult {
-    let mut c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (mut c, p) = stable_set(3).await?;
     let base = config_of(&c, p).await?;
 
     // Eight voters: the count rule, wrapped as 103.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    let members = cfg.get_array_mut("members")?;
-    for i in 3..8 {
-        members.push(Bson::Document(
-            doc! {"_id": i, "host": format!("127.0.0.1:{}", 1000 + i), "votes": 1},
-        ));
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(
-        r.get_str("errmsg")?
-            .contains("voting members, but must be at least 1 and no more than 7"),
-        "{r:?}"
-    );
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        let members = cfg.get_array_mut("members")?;
+        for i in 3..8 {
+            members.push(Bson::Document(
+                doc! {"_id": i, "host": format!("127.0.0.1:{}", 1000 + i), "votes": 1},
+            ));
+        }
+        Ok(())
+    })
+    .await?;
+    assert_refused(
+        &r,
+        103,
+        "voting members, but must be at least 1 and no more than 7",
+    )?;
 
     // Duplicate host.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
     let host0 = c.host(0)?.to_string();
-    cfg.get_array_mut("members")?.push(Bson::Document(
-        doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
-    ));
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(
-        r.get_str("errmsg")?
-            .contains("Found two member configurations with same host field"),
-        "{r:?}"
-    );
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.get_array_mut("members")?.push(Bson::Document(
+            doc! {"_id": 9, "host": host0, "votes": 0, "priority": 0},
+        ));
+        Ok(())
+    })
+    .await?;
+    assert_refused(
+        &r,
+        103,
+        "Found two member configurations with same host field",
+    )?;
 
     // A non-voter with a priority: a parse failure, 93.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
-        m.insert("votes", 0);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "votes", 0)).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
     assert_eq!(
         r.get_str("errmsg")?,
@@ -153,36 +163,27 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
     );
 
     // arbiterOnly cannot be toggled in place.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(2) {
-        m.insert("arbiterOnly", true);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
-    assert_eq!(code(&r), Some(103), "{r:?}");
-    assert!(r.get_str("errmsg")?.contains("arbiterOnly field"), "{r:?}");
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 2, "arbiterOnly", true)).await?;
+    assert_refused(&r, 103, "arbiterOnly field")?;
 
     // The set name cannot change.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    cfg.insert("_id", "other");
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.insert("_id", "other");
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // An unknown field is rejected, as the server's strict IDL parser does.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    cfg.insert("bogus", 1);
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| {
+        cfg.insert("bogus", 1);
+        Ok(())
+    })
+    .await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // A user may not set newlyAdded.
-    let mut cfg = base.clone();
-    next_version(&mut cfg)?;
-    if let Some(Bson::Document(m)) = cfg.get_array_mut("members")?.get_mut(1) {
-        m.insert("newlyAdded", true);
-    }
-    let r = c.command(p, doc! {"replSetReconfig": cfg}).await?;
+    let r = reconfig_of(&c, p, &base, |cfg| set_field(cfg, 1, "newlyAdded", true)).await?;
     assert_eq!(code(&r), Some(93), "{r:?}");
 
     // A force reconfig on a secondary works, jumps the version, and sets term -1.
@@ -219,9 +220,7 @@ async fn reconfig_validation_codes_and_messages() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_down_hands_over_and_bumps_the_config_term() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (c, p) = stable_set(3).await?;
     c.command_ok(
         p,
         doc! {"insert": "t", "documents": [{"_id": 1}], "$db": "app"},
@@ -282,7 +281,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
     c.node(0)?.set_omit_config_quorum_check(true);
 
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let r = c
         .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
         .await?;
@@ -293,7 +292,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
     assert!(!r.get_bool("commitmentStatus")?);
 
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let r = c
         .command(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 1000})
         .await?;
@@ -301,7 +300,7 @@ async fn reconfig_times_out_with_50_then_the_next_gets_308() -> TestResult {
 
     c.heal();
     let mut cfg = config_of(&c, 0).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     c.command_ok(0, doc! {"replSetReconfig": cfg, "maxTimeMS": 15000})
         .await?;
     let r = c
@@ -343,9 +342,7 @@ async fn members_take_the_config_name_for_themselves() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_restarted_without_data_resyncs_from_the_set() -> TestResult {
-    let mut c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (mut c, p) = stable_set(3).await?;
     c.command_ok(
         p,
         doc! {"insert": "r", "documents": [{"_id": 1}, {"_id": 2}], "$db": "app", "writeConcern": {"w": 3, "wtimeout": 10000}},
@@ -377,13 +374,11 @@ async fn member_restarted_without_data_resyncs_from_the_set() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priority_secondary_takes_over() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    c.wait_for_stable(SETTLE).await?;
+    let (c, _) = stable_set(3).await?;
     let p = c.wait_config_committed(SETTLE).await?;
     let q = (0..3).find(|&i| i != p).ok_or("no secondary")?;
     let mut cfg = config_of(&c, p).await?;
-    next_version(&mut cfg)?;
+    bump_version(&mut cfg)?;
     let q_host = c.host(q)?.to_string();
     for m in cfg.get_array_mut("members")? {
         if let Bson::Document(m) = m {
@@ -402,6 +397,6 @@ async fn higher_priority_secondary_takes_over() -> TestResult {
 }
 
 /// A config's `term` (an int32, as mongod writes it).
-fn term_of(cfg: &Document) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+fn term_of(cfg: &Document) -> Result<i64, BoxError> {
     Ok(i64::from(cfg.get_i32("term")?))
 }

@@ -1,12 +1,12 @@
 //! replSetGetStatus's fields, replSetFreeze, replSetMaintenance, an unsatisfiable `w`, and the
 //! `$clusterTime` / `operationTime` of every reply, against live members.
 
+mod common;
+
 use bson::{doc, Bson, Document};
+use common::{stable_set, TestResult, SETTLE};
 use replset_sim::{Cluster, MemberState};
 use std::time::{Duration, Instant};
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-const SETTLE: Duration = Duration::from_secs(20);
 
 fn member<'a>(status: &'a Document, host: &str) -> Option<&'a Document> {
     status
@@ -105,9 +105,7 @@ async fn status_reports_uptime_heartbeats_received_and_election_time() -> TestRe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn w_above_the_data_bearing_members_fails_at_once_with_100() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (c, p) = stable_set(3).await?;
     let started = Instant::now();
     let r = c
         .command_ok(
@@ -132,9 +130,7 @@ async fn w_above_the_data_bearing_members_fails_at_once_with_100() -> TestResult
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freeze_and_maintenance_follow_the_server() -> TestResult {
-    let c = Cluster::start(3).await?;
-    c.initiate().await?;
-    let p = c.wait_for_stable(SETTLE).await?;
+    let (c, p) = stable_set(3).await?;
     let s = (0..3).find(|&i| i != p).ok_or("no secondary")?;
 
     let r = c.command(p, doc! {"replSetFreeze": 30}).await?;
@@ -189,17 +185,16 @@ async fn an_arbiter_needs_a_cluster_wide_write_concern_and_never_blocks_the_next
             .local_addr()?
             .port()
     );
-    let with_arbiter =
-        |cfg: &Document| -> Result<Document, Box<dyn std::error::Error + Send + Sync>> {
-            let mut cfg = cfg.clone();
-            let mut members = cfg.get_array("members")?.clone();
-            members.push(Bson::Document(
-                doc! {"_id": 3, "host": unreachable.clone(), "arbiterOnly": true},
-            ));
-            cfg.insert("members", members);
-            cfg.insert("version", cfg.get_i32("version")? + 1);
-            Ok(cfg)
-        };
+    let with_arbiter = |cfg: &Document| -> Result<Document, common::BoxError> {
+        let mut cfg = cfg.clone();
+        let mut members = cfg.get_array("members")?.clone();
+        members.push(Bson::Document(
+            doc! {"_id": 3, "host": unreachable.clone(), "arbiterOnly": true},
+        ));
+        cfg.insert("members", members);
+        cfg.insert("version", cfg.get_i32("version")? + 1);
+        Ok(cfg)
+    };
     let cfg = c.command_ok(p, doc! {"replSetGetConfig": 1}).await?;
     let cfg = cfg.get_document("config")?.clone();
 

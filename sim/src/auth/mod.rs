@@ -288,33 +288,11 @@ pub fn may_see_database(
     db: &str,
     user_doc: impl Fn(&UserName) -> Option<Document>,
 ) -> bool {
-    if !security.enabled() || session.internal {
-        return true;
-    }
-    let Some(user) = &session.user else {
-        return false;
-    };
-    if *user == UserName::system() {
-        return true;
-    }
-    let roles = user_doc(user).map(|d| user_roles(&d)).unwrap_or_default();
-    let cluster_list = roles.iter().any(|r| {
-        role_grants(
-            &r.role,
-            &r.db,
-            roles::Action::ListDatabases,
-            &roles::Resource::Cluster,
-        )
-    });
-    cluster_list
-        || roles.iter().any(|r| {
-            role_grants(
-                &r.role,
-                &r.db,
-                roles::Action::Find,
-                &roles::Resource::Database(db.to_string()),
-            )
-        })
+    let any_of = [
+        roles::Privilege::on_cluster(roles::Action::ListDatabases),
+        roles::Privilege::on_db(db, roles::Action::Find),
+    ];
+    holds_any(security, session, &any_of, user_doc)
 }
 
 /// Whether the session's user holds `privilege` (for commands that show only what the client
@@ -323,6 +301,17 @@ pub fn holds(
     security: &Security,
     session: &ClientSession,
     privilege: &roles::Privilege,
+    user_doc: impl Fn(&UserName) -> Option<Document>,
+) -> bool {
+    holds_any(security, session, std::slice::from_ref(privilege), user_doc)
+}
+
+/// Whether the session's user holds one of `privileges`: always without authorization or
+/// for a member of the set (and `__system`), never unauthenticated.
+fn holds_any(
+    security: &Security,
+    session: &ClientSession,
+    privileges: &[roles::Privilege],
     user_doc: impl Fn(&UserName) -> Option<Document>,
 ) -> bool {
     if !security.enabled() || session.internal {
@@ -334,11 +323,12 @@ pub fn holds(
     if *user == UserName::system() {
         return true;
     }
-    user_doc(user)
-        .map(|d| user_roles(&d))
-        .unwrap_or_default()
-        .iter()
-        .any(|r| role_grants(&r.role, &r.db, privilege.action, &privilege.resource))
+    let roles = user_doc(user).map(|d| user_roles(&d)).unwrap_or_default();
+    privileges.iter().any(|p| {
+        roles
+            .iter()
+            .any(|r| role_grants(&r.role, &r.db, p.action, &p.resource))
+    })
 }
 
 #[cfg(test)]
@@ -372,93 +362,43 @@ mod tests {
         assert_eq!(format!("{key:?}"), "KeyFile(<redacted>)");
     }
 
+    /// `authorize` with authorization on and no user stored.
+    fn without_users(
+        session: &ClientSession,
+        name: &str,
+        body: &Document,
+        db: &str,
+        any_user: bool,
+    ) -> Result<(), ServerError> {
+        authorize(&secured(), session, name, body, db, |_| None, any_user)
+    }
+
     #[test]
     fn unauthenticated_clients_get_13_except_for_the_handshake() {
         let s = ClientSession::new(1, false);
-        let none = |_: &UserName| None;
-        assert!(authorize(&secured(), &s, "hello", &doc! {}, "admin", none, true).is_ok());
-        let e = authorize(
-            &secured(),
-            &s,
-            "listDatabases",
-            &doc! {},
-            "admin",
-            none,
-            true,
-        )
-        .expect_err("needs a user");
+        assert!(without_users(&s, "hello", &doc! {}, "admin", true).is_ok());
+        let e =
+            without_users(&s, "listDatabases", &doc! {}, "admin", true).expect_err("needs a user");
         assert_eq!(e.code, 13);
         assert_eq!(e.message, "Command listDatabases requires authentication");
         // Without --auth everything runs.
-        assert!(authorize(
-            &Security::default(),
-            &s,
-            "replSetReconfig",
-            &doc! {},
-            "admin",
-            none,
-            true
-        )
-        .is_ok());
+        let none = |_: &UserName| None;
+        let any = Security::default();
+        assert!(authorize(&any, &s, "replSetReconfig", &doc! {}, "admin", none, true).is_ok());
     }
 
     #[test]
     fn the_localhost_exception_allows_only_the_bootstrap() {
         let local = ClientSession::new(1, true);
-        let none = |_: &UserName| None;
         let create = doc! {"createUser": "root", "pwd": "x", "roles": ["root"]};
-        assert!(authorize(
-            &secured(),
-            &local,
-            "createUser",
-            &create,
-            "admin",
-            none,
-            false
-        )
-        .is_ok());
-        assert!(authorize(
-            &secured(),
-            &local,
-            "replSetInitiate",
-            &doc! {},
-            "admin",
-            none,
-            false
-        )
-        .is_ok());
-        let find = authorize(
-            &secured(),
-            &local,
-            "find",
-            &doc! {"find": "c"},
-            "test",
-            none,
-            false,
-        );
+        assert!(without_users(&local, "createUser", &create, "admin", false).is_ok());
+        assert!(without_users(&local, "replSetInitiate", &doc! {}, "admin", false).is_ok());
+        let find = without_users(&local, "find", &doc! {"find": "c"}, "test", false);
         assert_eq!(find.map_err(|e| e.code), Err(13));
         // Not on a remote connection, and not once a user exists.
         let remote = ClientSession::new(2, false);
-        assert!(authorize(
-            &secured(),
-            &remote,
-            "createUser",
-            &create,
-            "admin",
-            none,
-            false
-        )
-        .is_err());
-        assert!(authorize(
-            &secured(),
-            &local,
-            "createUser",
-            &create,
-            "admin",
-            none,
-            true
-        )
-        .is_err());
+        assert!(without_users(&remote, "createUser", &create, "admin", false).is_err());
+        assert!(without_users(&local, "createUser", &create, "admin", true).is_err());
     }
 
     #[test]

@@ -28,10 +28,11 @@ pub enum Action {
     DbStats,
     CollStats,
     DropDatabase,
+    /// The user administration actions (`userAdmin`), reading users first.
+    ViewUser,
     CreateUser,
     DropUser,
     GrantRole,
-    ViewUser,
     ChangePassword,
     ChangeCustomData,
     ListDatabases,
@@ -53,27 +54,10 @@ pub enum Action {
 
 use Action::*;
 
-const READ: &[Action] = &[Find, ListCollections, ListIndexes, DbStats, CollStats];
-const WRITE: &[Action] = &[
-    Insert,
-    Update,
-    Remove,
-    CreateCollection,
-    DropCollection,
-    CreateIndex,
-    DropIndex,
-];
-const DB_ADMIN: &[Action] = &[
-    ListCollections,
-    ListIndexes,
-    DbStats,
-    CollStats,
-    CreateCollection,
-    DropCollection,
-    CreateIndex,
-    DropIndex,
-    DropDatabase,
-];
+/// Reading a database's metadata: in `read`, and in `dbAdmin`.
+const METADATA: &[Action] = &[ListCollections, ListIndexes, DbStats, CollStats];
+/// Creating and dropping collections and indexes: in `readWrite`, and in `dbAdmin`.
+const DDL: &[Action] = &[CreateCollection, DropCollection, CreateIndex, DropIndex];
 const USER_ADMIN: &[Action] = &[
     CreateUser,
     DropUser,
@@ -143,26 +127,29 @@ pub fn role_grants(role: &str, role_db: &str, action: Action, resource: &Resourc
     let on_normal_db = matches!(resource, Resource::Database(d) if is_normal_db(d));
     let on_cluster = *resource == Resource::Cluster;
     let has = |set: &[Action]| set.contains(&action);
+    let read = action == Find || has(METADATA);
+    let write = has(&[Insert, Update, Remove]) || has(DDL);
+    let db_admin = has(METADATA) || has(DDL) || action == DropDatabase;
     match role {
         "__system" => true,
         // root: readWriteAnyDatabase, dbAdminAnyDatabase, userAdminAnyDatabase, clusterAdmin,
         // backup and restore: everything but the internal action.
         "root" => action != Internal,
-        "read" => on_own_db && has(READ),
-        "readWrite" => on_own_db && (has(READ) || has(WRITE)),
-        "dbAdmin" => on_own_db && has(DB_ADMIN),
+        "read" => on_own_db && read,
+        "readWrite" => on_own_db && (read || write),
+        "dbAdmin" => on_own_db && db_admin,
         "userAdmin" => on_own_db && has(USER_ADMIN),
-        "dbOwner" => on_own_db && (has(READ) || has(WRITE) || has(DB_ADMIN) || has(USER_ADMIN)),
-        "readAnyDatabase" => (on_normal_db && has(READ)) || (on_cluster && action == ListDatabases),
+        "dbOwner" => on_own_db && (read || write || db_admin || has(USER_ADMIN)),
+        "readAnyDatabase" => (on_normal_db && read) || (on_cluster && action == ListDatabases),
         "readWriteAnyDatabase" => {
-            (on_normal_db && (has(READ) || has(WRITE))) || (on_cluster && action == ListDatabases)
+            (on_normal_db && (read || write)) || (on_cluster && action == ListDatabases)
         }
         "userAdminAnyDatabase" => {
             (matches!(resource, Resource::Database(_)) && has(USER_ADMIN))
                 || (on_cluster && action == ListDatabases)
         }
         "dbAdminAnyDatabase" => {
-            (on_normal_db && has(DB_ADMIN)) || (on_cluster && action == ListDatabases)
+            (on_normal_db && db_admin) || (on_cluster && action == ListDatabases)
         }
         "clusterMonitor" => on_cluster && has(CLUSTER_MONITOR),
         "clusterManager" => on_cluster && has(CLUSTER_MANAGER),

@@ -457,23 +457,44 @@ impl ClientFinal {
 mod tests {
     use super::*;
 
+    /// The server's side of an RFC example after its first message (user "user", password
+    /// "pencil", the RFC's salt, 4096 iterations, the client's nonce and the combined one):
+    /// the client's final message with `proof` is accepted with the RFC's `signature`.
+    fn rfc_example(
+        mechanism: Mechanism,
+        [salt, client_nonce, nonce]: [&str; 3],
+        proof: &str,
+        signature: &str,
+    ) -> ServerConversation {
+        let salt_bytes = B64.decode(salt).expect("salt");
+        let conv = ServerConversation {
+            mechanism,
+            user: "user".into(),
+            client_first_bare: format!("n=user,r={client_nonce}"),
+            server_first: format!("r={nonce},s={salt},i=4096"),
+            nonce: nonce.into(),
+            credential: Some(Credential::with_salt(mechanism, "pencil", salt_bytes, 4096)),
+        };
+        let v = conv
+            .finish(&format!("c=biws,r={nonce},p={proof}"))
+            .expect("the RFC's proof is valid");
+        assert_eq!(v, format!("v={signature}"));
+        conv
+    }
+
     /// RFC 7677 section 3: user "user", password "pencil", 4096 iterations.
     #[test]
     fn rfc7677_example_verifies() {
-        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").expect("salt");
-        let cred = Credential::with_salt(Mechanism::Sha256, "pencil", salt, 4096);
-        let conv = ServerConversation {
-            mechanism: Mechanism::Sha256,
-            user: "user".into(),
-            client_first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
-            server_first: "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".into(),
-            nonce: "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into(),
-            credential: Some(cred),
-        };
-        let v = conv
-            .finish("c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
-            .expect("the RFC's proof is valid");
-        assert_eq!(v, "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        let conv = rfc_example(
+            Mechanism::Sha256,
+            [
+                "W22ZaJ0SNY7soEsUEjb6gQ==",
+                "rOprNGfwEbeRWgbNEkqO",
+                "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+            ],
+            "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+            "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+        );
         let wrong = conv.finish("c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=AHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
         assert_eq!(wrong, Err(ScramError::Proof));
     }
@@ -481,21 +502,16 @@ mod tests {
     /// RFC 5802 section 5 (SCRAM-SHA-1 on the raw password, before MongoDB's digest).
     #[test]
     fn rfc5802_example_verifies() {
-        let salt = B64.decode("QSXCR+Q6sek8bf92").expect("salt");
-        let cred = Credential::with_salt(Mechanism::Sha1, "pencil", salt, 4096);
-        let conv = ServerConversation {
-            mechanism: Mechanism::Sha1,
-            user: "user".into(),
-            client_first_bare: "n=user,r=fyko+d2lbbFgONRv9qkxdawL".into(),
-            server_first: "r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096"
-                .into(),
-            nonce: "fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j".into(),
-            credential: Some(cred),
-        };
-        let v = conv
-            .finish("c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=")
-            .expect("the RFC's proof is valid");
-        assert_eq!(v, "v=rmF9pqV8S7suAoZWja4dJRkFsKQ=");
+        rfc_example(
+            Mechanism::Sha1,
+            [
+                "QSXCR+Q6sek8bf92",
+                "fyko+d2lbbFgONRv9qkxdawL",
+                "fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j",
+            ],
+            "v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=",
+            "rmF9pqV8S7suAoZWja4dJRkFsKQ=",
+        );
     }
 
     #[test]

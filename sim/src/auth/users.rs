@@ -218,7 +218,7 @@ pub fn new_user_document(
         "user": user,
         "db": db,
         "credentials": creds,
-        "roles": roles.iter().map(|r| Bson::Document(r.to_document())).collect::<Vec<_>>(),
+        "roles": roles_bson(&roles),
     };
     if let Some(c) = body.get("customData") {
         d.insert("customData", c.clone());
@@ -244,14 +244,7 @@ pub fn updated_user_document(
         changed = true;
     }
     if body.contains_key("roles") {
-        let roles = parse_roles(body.get("roles"), db)?;
-        d.insert(
-            "roles",
-            roles
-                .iter()
-                .map(|r| Bson::Document(r.to_document()))
-                .collect::<Vec<_>>(),
-        );
+        d.insert("roles", roles_bson(&parse_roles(body.get("roles"), db)?));
         changed = true;
     }
     if let Some(c) = body.get("customData") {
@@ -264,6 +257,14 @@ pub fn updated_user_document(
         ));
     }
     Ok(d)
+}
+
+/// Roles as a user document holds them: `[{role, db}, ...]`.
+fn roles_bson(roles: &[RoleName]) -> Vec<Bson> {
+    roles
+        .iter()
+        .map(|r| Bson::Document(r.to_document()))
+        .collect()
 }
 
 /// `grantRolesToUser`: `old` with the roles of `body` added.
@@ -285,13 +286,7 @@ pub fn with_granted_roles(
         }
     }
     let mut d = old.clone();
-    d.insert(
-        "roles",
-        roles
-            .iter()
-            .map(|r| Bson::Document(r.to_document()))
-            .collect::<Vec<_>>(),
-    );
+    d.insert("roles", roles_bson(&roles));
     Ok(d)
 }
 

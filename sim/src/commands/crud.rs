@@ -13,11 +13,13 @@ use crate::config::number;
 use crate::error::ServerError;
 use crate::node::{MemberState, Node, NodeState};
 use crate::oplog::OpTime;
-use crate::query::{parse_sort, validate_filter, Projection};
+use crate::query::{sort_and_projection, validate_filter};
 use crate::update::with_id_first;
 
 pub(crate) use super::write_plan::Write;
-use super::write_plan::{namespace, refuse_options, write_error, UpdateSpec, WritePlan};
+use super::write_plan::{
+    namespace, refuse_options, statements, write_error, UpdateSpec, WritePlan,
+};
 
 impl Node {
     fn check_writable(&self, st: &NodeState) -> Result<(), ServerError> {
@@ -134,27 +136,16 @@ impl Node {
             })
             .await?;
         reply.insert("n", n);
-        if !write_errors.is_empty() {
-            reply.insert("writeErrors", write_errors);
-        }
-        Ok(reply)
+        Ok(with_write_errors(reply, write_errors))
     }
 
     pub(super) async fn cmd_update(&self, body: &Document) -> Result<Document, ServerError> {
         let ns = namespace(body, "update")?;
-        let updates = body.get_array("updates").map_err(|_| {
-            ServerError::failed_to_parse(
-                "BSON field 'update.updates' is missing but a required field",
-            )
-        })?;
         let ordered = body.get_bool("ordered").unwrap_or(true);
-        let mut specs = Vec::new();
-        for u in updates {
-            let Bson::Document(u) = u else {
-                return Err(ServerError::type_mismatch("each update must be an object"));
-            };
-            specs.push(UpdateSpec::parse(u)?);
-        }
+        let specs = statements(body, "update", "updates", "update")?
+            .into_iter()
+            .map(UpdateSpec::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let ((n, modified, upserted, errors), mut reply) = self
             .write(body, |st| {
                 let mut view = WritePlan::new(st, &ns);
@@ -187,24 +178,13 @@ impl Node {
         if !upserted.is_empty() {
             reply.insert("upserted", upserted);
         }
-        if !errors.is_empty() {
-            reply.insert("writeErrors", errors);
-        }
-        Ok(reply)
+        Ok(with_write_errors(reply, errors))
     }
 
     pub(super) async fn cmd_delete(&self, body: &Document) -> Result<Document, ServerError> {
         let ns = namespace(body, "delete")?;
-        let deletes = body.get_array("deletes").map_err(|_| {
-            ServerError::failed_to_parse(
-                "BSON field 'delete.deletes' is missing but a required field",
-            )
-        })?;
         let mut specs = Vec::new();
-        for d in deletes {
-            let Bson::Document(d) = d else {
-                return Err(ServerError::type_mismatch("each delete must be an object"));
-            };
+        for d in statements(body, "delete", "deletes", "delete")? {
             let q = d.get_document("q").cloned().map_err(|_| {
                 ServerError::failed_to_parse(
                     "BSON field 'delete.deletes.q' is missing but a required field",
@@ -243,14 +223,7 @@ impl Node {
         let query = body.get_document("query").cloned().unwrap_or_default();
         validate_filter(&query)?;
         refuse_options(body, &["arrayFilters", "collation", "hint", "let"])?;
-        let sort_spec = match body.get_document("sort") {
-            Ok(s) => parse_sort(s)?,
-            Err(_) => Vec::new(),
-        };
-        let fields = match body.get_document("fields") {
-            Ok(f) => Projection::parse(f)?,
-            Err(_) => None,
-        };
+        let (sort_spec, fields) = sort_and_projection(body, "fields")?;
         let remove = body.get_bool("remove").unwrap_or(false);
         let return_new = body.get_bool("new").unwrap_or(false);
         let update = body.get("update").cloned();
@@ -419,12 +392,41 @@ impl Node {
 
     /// The oplog as a sync source serves it: entries with `ts >= filter.ts.$gte`, waiting up
     /// to `maxAwaitTimeMS` for more when there is nothing new (a tailable awaitData cursor),
-    /// with the `$replData` metadata that carries the commit point.
+    /// with the `$replData` metadata that carries the commit point. As an operator reads it
+    /// too: `sort: {$natural: -1}` (or `{ts: -1}`, the same order) newest first, and `limit`
+    /// (negative: a single batch of that many), so `find(...).sort({$natural: -1}).limit(1)`
+    /// gives the last entry, on any member and in any state (the `local` database needs no
+    /// primary nor secondaryOk).
     pub(super) async fn find_oplog(
         &self,
         body: &Document,
         filter: &Document,
     ) -> Result<Document, ServerError> {
+        let newest_first = match body.get_document("sort") {
+            Err(_) => false,
+            Ok(s) => match s.iter().collect::<Vec<_>>().as_slice() {
+                [] => false,
+                [(k, v)] if k.as_str() == "$natural" || k.as_str() == "ts" => match number(v) {
+                    Some(1) => false,
+                    Some(-1) => true,
+                    _ => {
+                        return Err(ServerError::bad_value(format!(
+                            "$natural or ts sort must be 1 or -1, not {v}"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(ServerError::bad_value(format!(
+                        "the simulator's local.oplog.rs sorts by $natural or ts only, not {s}"
+                    )))
+                }
+            },
+        };
+        let limit = body
+            .get("limit")
+            .and_then(number)
+            .map(|l| l.unsigned_abs() as usize)
+            .filter(|&l| l > 0);
         let from = filter
             .get_document("ts")
             .ok()
@@ -453,7 +455,13 @@ impl Node {
             .await;
         }
         let st = self.lock();
-        let entries = collect(&st);
+        let mut entries = collect(&st);
+        if newest_first {
+            entries.reverse();
+        }
+        if let Some(l) = limit {
+            entries.truncate(l);
+        }
         let primary_index = st
             .config()
             .and_then(|c| {
@@ -477,4 +485,12 @@ impl Node {
             },
         })
     }
+}
+
+/// A write's reply with its `writeErrors`, when there are any.
+fn with_write_errors(mut reply: Document, errors: Vec<Bson>) -> Document {
+    if !errors.is_empty() {
+        reply.insert("writeErrors", errors);
+    }
+    reply
 }

@@ -12,7 +12,7 @@ use crate::error::ServerError;
 use crate::node::Node;
 use crate::query::matches;
 
-use super::write_plan::{namespace, Write};
+use super::write_plan::{namespace, statements, Write};
 
 fn bson_size(d: &Document) -> i64 {
     bson::to_vec(d).map(|v| v.len() as i64).unwrap_or(0)
@@ -127,18 +127,8 @@ impl Node {
         body: &Document,
     ) -> Result<Document, ServerError> {
         let ns = namespace(body, "createIndexes")?;
-        let specs = body.get_array("indexes").map_err(|_| {
-            ServerError::failed_to_parse(
-                "BSON field 'createIndexes.indexes' is missing but a required field",
-            )
-        })?;
         let mut wanted = Vec::new();
-        for s in specs {
-            let Bson::Document(s) = s else {
-                return Err(ServerError::type_mismatch(
-                    "each index specification must be an object",
-                ));
-            };
+        for s in statements(body, "createIndexes", "indexes", "index specification")? {
             let key = s.get_document("key").map_err(|_| {
                 ServerError::failed_to_parse(
                     "The 'key' field is a required property of an index specification",
@@ -302,12 +292,7 @@ impl Node {
 
     pub(super) fn cmd_list_collections(&self, body: &Document) -> Result<Document, ServerError> {
         let db = body.get_str("$db").unwrap_or("test").to_string();
-        let filter = body
-            .get_document("filter")
-            .ok()
-            .cloned()
-            .unwrap_or_default();
-        let name_only = body.get_bool("nameOnly").unwrap_or(false);
+        let (filter, name_only) = filter_and_name_only(body);
         let st = self.lock();
         self.check_readable(&st, body)?;
         let mut names: BTreeSet<String> = collections_of(&st.durable.store.collections, &db)
@@ -349,12 +334,7 @@ impl Node {
         body: &Document,
         session: &ClientSession,
     ) -> Result<Document, ServerError> {
-        let filter = body
-            .get_document("filter")
-            .ok()
-            .cloned()
-            .unwrap_or_default();
-        let name_only = body.get_bool("nameOnly").unwrap_or(false);
+        let (filter, name_only) = filter_and_name_only(body);
         let sizes: Vec<(String, i64, bool)> = {
             let st = self.lock();
             let mut dbs: BTreeSet<String> = st
@@ -477,4 +457,14 @@ impl Node {
             "capped": false,
         })
     }
+}
+
+/// The `filter` (none: everything) and `nameOnly` of listCollections and listDatabases.
+fn filter_and_name_only(body: &Document) -> (Document, bool) {
+    let filter = body
+        .get_document("filter")
+        .ok()
+        .cloned()
+        .unwrap_or_default();
+    (filter, body.get_bool("nameOnly").unwrap_or(false))
 }

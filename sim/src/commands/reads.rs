@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use crate::config::number;
 use crate::error::ServerError;
 use crate::node::Node;
-use crate::query::{matches, parse_sort, sort, validate_filter, Projection};
+use crate::query::{matches, parse_sort, sort, sort_and_projection, validate_filter, Projection};
 
 use super::write_plan::{count_arg, namespace, refuse_options};
 
@@ -103,14 +103,7 @@ impl Node {
             &["collation", "hint", "min", "max", "let", "tailable"],
         )?;
         validate_filter(&filter)?;
-        let sort_spec = match body.get_document("sort") {
-            Ok(s) => parse_sort(s)?,
-            Err(_) => Vec::new(),
-        };
-        let projection = match body.get_document("projection") {
-            Ok(p) => Projection::parse(p)?,
-            Err(_) => None,
-        };
+        let (sort_spec, projection) = sort_and_projection(body, "projection")?;
         let skip = count_arg(body, "skip")?.unwrap_or(0);
         let limit = match body.get("limit").and_then(number) {
             Some(n) if n < 0 => Some(n.unsigned_abs() as usize),

@@ -34,19 +34,10 @@ impl Node {
         check_initiate_receiver(&cfg, me)?;
         self.set_me(&cfg.members[me].host.clone());
         // checkQuorumForInitiate: every proposed member must answer a heartbeat.
-        let mut answers = HashMap::new();
-        for (i, m) in cfg.members.iter().enumerate() {
-            if i == me {
-                continue;
-            }
-            let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": -2i64, "configTerm": -1i64, "hbv": 1, "from": self.me(), "fromId": cfg.members[me].id, "term": 0i64, "checkEmpty": true, "$db": "admin"};
-            let r = self
-                .inner
-                .peers
-                .run(&m.host, &hb, Duration::from_secs(5))
-                .await;
-            answers.insert(m.host.clone(), quorum_answer(r));
-        }
+        let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": -2i64, "configTerm": -1i64, "hbv": 1, "from": self.me(), "fromId": cfg.members[me].id, "term": 0i64, "checkEmpty": true, "$db": "admin"};
+        let answers = self
+            .quorum_heartbeats(&cfg, &cfg.members[me].host, &hb, Duration::from_secs(5))
+            .await;
         check_initiate_quorum(&cfg, me, |m| answer_of(&answers, m))?;
         cfg.set_replica_set_id(bson::oid::ObjectId::new());
         let mut st = self.lock();
@@ -175,19 +166,16 @@ impl Node {
                 d.insert("syncSourceHost", st.sync_source.clone().unwrap_or_default());
                 d.insert("syncSourceId", sync_id(cfg, st.sync_source.as_deref()));
                 d.insert("infoMessage", "");
-                if st.state == MemberState::Primary {
-                    if let Some(id) = st.election_id {
-                        d.insert("electionId", id);
-                    }
-                    if let Some(ts) = st.election_time {
-                        d.insert("electionTime", ts);
-                    }
-                    if let Some(date) = st.election_date {
-                        d.insert("electionDate", date);
-                    }
+                let primary = st.state == MemberState::Primary;
+                if let Some(id) = st.election_id.filter(|_| primary) {
+                    d.insert("electionId", id);
                 }
-                d.insert("configVersion", cfg.version as i32);
-                d.insert("configTerm", cfg.term as i32);
+                insert_election_and_config(
+                    &mut d,
+                    primary,
+                    (st.election_time, st.election_date),
+                    (cfg.version, cfg.term),
+                );
                 d.insert("self", true);
                 d.insert("lastHeartbeatMessage", "");
             } else {
@@ -230,16 +218,12 @@ impl Node {
                 d.insert("syncSourceHost", p.sync_source.clone());
                 d.insert("syncSourceId", sync_id(cfg, Some(&p.sync_source)));
                 d.insert("infoMessage", "");
-                if p.healthy && p.state == MemberState::Primary {
-                    if let Some(ts) = p.election_time {
-                        d.insert("electionTime", ts);
-                    }
-                    if let Some(date) = p.election_date {
-                        d.insert("electionDate", date);
-                    }
-                }
-                d.insert("configVersion", p.config_version as i32);
-                d.insert("configTerm", p.config_term as i32);
+                insert_election_and_config(
+                    &mut d,
+                    p.healthy && p.state == MemberState::Primary,
+                    (p.election_time, p.election_date),
+                    (p.config_version, p.config_term),
+                );
             }
             members.push(Bson::Document(d));
         }
@@ -336,11 +320,9 @@ impl Node {
         let cfg = prepare_reconfig(&old, &raw, &set_name, kind, self.defaults())?;
         let cwwc = super::write_concern::cluster_wide_write_concern(&self.lock()).is_some();
         check_implicit_default_write_concern(&old, &cfg, cwwc, kind)?;
-        let incompatible = || ServerError::new_replica_set_configuration_incompatible("");
-        let me = self
-            .find_self(&cfg)
-            .await
-            .map_err(|e| e.rewrap(incompatible()))?;
+        // findSelfInConfig's NodeNotFound 74 (or 93 for several matches) as it is: the
+        // command does not wrap what _doReplSetReconfig returns.
+        let me = self.find_self(&cfg).await?;
         self.set_me(&cfg.members[me].host.clone());
         complete_reconfig(&cfg, me, kind)?;
         if !force
@@ -415,20 +397,27 @@ impl Node {
                 cfg.member_by_host(&self.me()).map(|m| m.id).unwrap_or(-1),
             )
         };
+        let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": cfg.version, "configTerm": cfg.term, "hbv": 1, "from": self.me(), "fromId": my_id, "term": term, "$db": "admin"};
+        let answers = self
+            .quorum_heartbeats(cfg, &self.me(), &hb, Duration::from_secs(2))
+            .await;
+        check_reconfig_quorum(cfg, &self.me(), |m| answer_of(&answers, m))
+    }
+
+    /// The quorum checks' round: `hb` to every member of `cfg` but `me`, each answer noted.
+    async fn quorum_heartbeats(
+        &self,
+        cfg: &ReplSetConfig,
+        me: &str,
+        hb: &Document,
+        timeout: Duration,
+    ) -> HashMap<String, QuorumAnswer> {
         let mut answers = HashMap::new();
-        for m in &cfg.members {
-            if m.host == self.me() {
-                continue;
-            }
-            let hb = doc! {"replSetHeartbeat": cfg.set_name.clone(), "configVersion": cfg.version, "configTerm": cfg.term, "hbv": 1, "from": self.me(), "fromId": my_id, "term": term, "$db": "admin"};
-            let r = self
-                .inner
-                .peers
-                .run(&m.host, &hb, Duration::from_secs(2))
-                .await;
+        for m in cfg.members.iter().filter(|m| m.host != me) {
+            let r = self.inner.peers.run(&m.host, hb, timeout).await;
             answers.insert(m.host.clone(), quorum_answer(r));
         }
-        check_reconfig_quorum(cfg, &self.me(), |m| answer_of(&answers, m))
+        answers
     }
 
     pub(super) async fn cmd_step_down(&self, body: &Document) -> Result<Document, ServerError> {
@@ -578,4 +567,24 @@ fn answer_of(answers: &HashMap<String, QuorumAnswer>, m: &MemberConfig) -> Quoru
         .get(&m.host)
         .cloned()
         .unwrap_or_else(|| QuorumAnswer::Failed("no answer".into()))
+}
+
+/// The end of a `replSetGetStatus` member entry: `electionTime` and `electionDate` of a
+/// primary, then the `configVersion` and `configTerm` it holds (int32, as mongod writes them).
+fn insert_election_and_config(
+    d: &mut Document,
+    primary: bool,
+    (time, date): (Option<bson::Timestamp>, Option<DateTime>),
+    (version, term): (i64, i64),
+) {
+    if primary {
+        if let Some(ts) = time {
+            d.insert("electionTime", ts);
+        }
+        if let Some(date) = date {
+            d.insert("electionDate", date);
+        }
+    }
+    d.insert("configVersion", version as i32);
+    d.insert("configTerm", term as i32);
 }

@@ -55,6 +55,29 @@ impl Write {
 }
 
 /// `<$db>.<collection>` of a CRUD command, checked as the server checks collection names.
+/// The statements of a command: its array `field` (FailedToParse 9 when missing, as the
+/// server's IDL parser says it), each an object (TypeMismatch 14 otherwise).
+pub(crate) fn statements<'a>(
+    body: &'a Document,
+    cmd: &str,
+    field: &str,
+    what: &str,
+) -> Result<Vec<&'a Document>, ServerError> {
+    let list = body.get_array(field).map_err(|_| {
+        ServerError::failed_to_parse(format!(
+            "BSON field '{cmd}.{field}' is missing but a required field"
+        ))
+    })?;
+    list.iter()
+        .map(|b| match b {
+            Bson::Document(d) => Ok(d),
+            _ => Err(ServerError::type_mismatch(format!(
+                "each {what} must be an object"
+            ))),
+        })
+        .collect()
+}
+
 pub(crate) fn namespace(body: &Document, field: &str) -> Result<String, ServerError> {
     let db = body.get_str("$db").unwrap_or("test");
     let coll = match body.get(field) {

@@ -125,7 +125,14 @@ impl Node {
             term,
         });
         tracing::info!(me = %self.me(), term, "elected primary");
-        if let Some(cfg) = st.config().filter(|c| c.term != term).cloned() {
+        // The config takes the new term, unless it has none (installed by a forced
+        // reconfig): "If the config doesn't have a term, don't change it"
+        // (`signalDrainComplete`, replication_coordinator_impl.cpp).
+        if let Some(cfg) = st
+            .config()
+            .filter(|c| c.term != crate::config::UNINITIALIZED_TERM && c.term != term)
+            .cloned()
+        {
             let mut cfg = cfg;
             cfg.term = term;
             self.install_config(st, cfg, ConfigSource::StepUp);
@@ -193,12 +200,11 @@ impl Node {
     }
 
     /// Whether the current config is committed: a majority of its voters have it, and the
-    /// commit point has reached everything written before it (`commitmentStatus`).
+    /// commit point has reached everything written before it (`commitmentStatus`). A config
+    /// installed by a forced reconfig (term -1) only needs the first ("Skip the waiting if
+    /// the current config is from a force reconfig", `CmdReplSetReconfig::run`).
     pub(crate) fn config_committed(&self, st: &NodeState) -> bool {
         let Some(cfg) = st.config() else { return false };
-        if cfg.term == crate::config::UNINITIALIZED_TERM {
-            return true;
-        }
         let have = cfg
             .voters()
             .filter(|m| {
@@ -212,6 +218,8 @@ impl Node {
                     })
             })
             .count();
-        have >= cfg.majority_vote_count() && st.commit_point >= st.config_barrier
+        have >= cfg.majority_vote_count()
+            && (cfg.term == crate::config::UNINITIALIZED_TERM
+                || st.commit_point >= st.config_barrier)
     }
 }
