@@ -5,7 +5,7 @@
 //! Each run makes a fresh 3-node swarm of Docker-in-Docker nodes (`scripts/swarm-nodes`),
 //! deploys `compose/stack.yml` with the offline images of `scripts/images` (the simulator as
 //! mongod, with its healthcheck and a volume per slot), grows the set to the wanted size with
-//! `replset-reconciler scale`, waits until the set equals the tasks, and then runs
+//! `docker service scale`, waits until the set equals the tasks, and then runs
 //! `docker service update --force <stack>_mongo` (every task replaced, one at a time, each
 //! keeping its volume on its node) while a writer makes `w: "majority"` writes, each a new
 //! client process on the manager, and a poller asks every member for its state and config
@@ -100,7 +100,10 @@ async fn one_run(members: usize, sync_floor_ms: Option<u64>) -> Run {
     let d = Deployment::deploy_with(swarm, Store::Etcd, options).await;
     d.wait_converged(3, "deploy").await;
     if members != 3 {
-        d.scale(members).await;
+        // Swarm's own scale: growing is safe (new members join without a vote), and it keeps
+        // the service's spec as it is (`replset-reconciler scale` drops the healthcheck today:
+        // bollard reads the spec's `Healthcheck` as `HealthCheck`).
+        d.swarm_scale_mongo(members).await;
         d.wait_converged(members, "scaled").await;
     }
     d.start_probe().await;
