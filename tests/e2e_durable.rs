@@ -189,13 +189,17 @@ async fn refuses_a_new_set_over_the_old_one(d: &Deployment) {
         .await
         .expect("the URI");
     d.swarm_scale_mongo(0).await;
-    wait_for("every mongo task stopped and its volumes removed", STEP, || async {
-        let n = d.tasks(MONGO).await?.len();
-        if n > 0 {
-            return Err(format!("{n} tasks still running"));
-        }
-        d.remove_mongo_volumes().await.map(|_| ())
-    })
+    wait_for(
+        "every mongo task stopped and its volumes removed",
+        STEP,
+        || async {
+            let n = d.tasks(MONGO).await?.len();
+            if n > 0 {
+                return Err(format!("{n} tasks still running"));
+            }
+            d.remove_mongo_volumes().await.map(|_| ())
+        },
+    )
     .await;
     d.swarm_scale_mongo(3).await;
     let status = wait_for("the refusal in the status", STEP, || async {
@@ -214,12 +218,17 @@ async fn refuses_a_new_set_over_the_old_one(d: &Deployment) {
     );
     assert_eq!(status.config_version, 0, "no config: nothing was initiated");
     assert_eq!(
-        d.store_get("registrator/replsets/rs0/uri").await.expect("the URI"),
+        d.store_get("registrator/replsets/rs0/uri")
+            .await
+            .expect("the URI"),
         uri,
         "no URI for an empty set in place of the old one"
     );
     assert_eq!(identity(d).await.replica_set_id, id, "the identity is kept");
-    eprintln!("[durable] without the data: refused, {}", status.next.detail);
+    eprintln!(
+        "[durable] without the data: refused, {}",
+        status.next.detail
+    );
 }
 
 /// The deployed service has the simulator's healthcheck and a volume of each kind per task on

@@ -6,6 +6,7 @@ use std::time::Duration;
 use backend_core::{Coordinator, KeyLayout, SetIdentity};
 
 use crate::controller::{ControllerConfig, Records};
+use crate::engine_api::{Engine, EngineApiError};
 use crate::mongo::ReplSetClient;
 use crate::plan::{plan_next_step, KnownSet, PlanContext};
 use crate::records::desired_sets;
@@ -164,20 +165,20 @@ pub async fn forget_set<S: Coordinator>(
 /// Why `scale` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
-    #[error("cannot reach the Docker engine (a manager's socket or DOCKER_HOST): {0}")]
-    Engine(#[source] bollard::errors::Error),
     #[error("cannot inspect service {service}: {source}")]
     Inspect {
         service: String,
         #[source]
-        source: bollard::errors::Error,
+        source: EngineApiError,
     },
     #[error("cannot update service {service}: {source}")]
     Update {
         service: String,
         #[source]
-        source: bollard::errors::Error,
+        source: EngineApiError,
     },
+    #[error(transparent)]
+    Engine(#[from] EngineApiError),
     #[error("service {0} is not a replicated service (scale works on replicated services only)")]
     NotReplicated(String),
     #[error(transparent)]
@@ -186,6 +187,7 @@ pub enum ScaleError {
 
 /// `scale <service>=<want>`: one replica at a time, each step waited for until the set's
 /// status says converged with that many members ([`backend_core::ReplSetStatus::converged_with`]).
+/// Only the replica count of the service's spec changes (see [`crate::engine_api`]).
 pub async fn scale<S: Coordinator>(
     store: &S,
     layout: &KeyLayout,
@@ -194,32 +196,20 @@ pub async fn scale<S: Coordinator>(
     want: i64,
     step_timeout: Duration,
 ) -> Result<(), ScaleError> {
-    use bollard::models::{ServiceSpecMode, ServiceSpecModeReplicated};
-    use bollard::query_parameters::UpdateServiceOptions;
-
-    let docker = bollard::Docker::connect_with_defaults()
-        .map_err(ScaleError::Engine)?
-        .negotiate_version()
-        .await
-        .map_err(ScaleError::Engine)?;
+    let engine = Engine::from_env()?;
     loop {
-        let current = docker
-            .inspect_service(service, None)
-            .await
-            .map_err(|source| ScaleError::Inspect {
-                service: service.to_string(),
-                source,
-            })?;
-        let version = current.version.and_then(|v| v.index).unwrap_or(0);
-        let Some(mut spec) = current.spec else {
-            return Err(ScaleError::NotReplicated(service.to_string()));
-        };
-        let Some(replicas) = spec
-            .mode
-            .as_ref()
-            .and_then(|m| m.replicated.as_ref())
-            .and_then(|r| r.replicas)
-        else {
+        let current =
+            engine
+                .inspect_service(service)
+                .await
+                .map_err(|source| ScaleError::Inspect {
+                    service: service.to_string(),
+                    source,
+                })?;
+        let id = current["ID"].as_str().unwrap_or(service).to_string();
+        let version = current["Version"]["Index"].as_u64().unwrap_or(0);
+        let mut spec = current["Spec"].clone();
+        let Some(replicas) = spec["Mode"]["Replicated"]["Replicas"].as_i64() else {
             return Err(ScaleError::NotReplicated(service.to_string()));
         };
         if replicas == want {
@@ -232,22 +222,9 @@ pub async fn scale<S: Coordinator>(
             replicas - 1
         };
         println!("{service}: {replicas} -> {next} replicas");
-        spec.mode = Some(ServiceSpecMode {
-            replicated: Some(ServiceSpecModeReplicated {
-                replicas: Some(next),
-            }),
-            ..Default::default()
-        });
-        docker
-            .update_service(
-                service,
-                spec,
-                UpdateServiceOptions {
-                    version: i32::try_from(version).unwrap_or(i32::MAX),
-                    ..Default::default()
-                },
-                None,
-            )
+        spec["Mode"]["Replicated"]["Replicas"] = serde_json::json!(next);
+        engine
+            .update_service(&id, version, &spec)
             .await
             .map_err(|source| ScaleError::Update {
                 service: service.to_string(),

@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod controller;
+pub mod engine_api;
 pub mod events;
 pub mod metrics;
 pub mod model;

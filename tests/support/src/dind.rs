@@ -183,7 +183,10 @@ impl Swarm {
             crate::wait_for(
                 "the node's dockerd to answer again",
                 std::time::Duration::from_secs(120),
-                || async { node.docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).await },
+                || async {
+                    node.docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"])
+                        .await
+                },
             )
             .await;
         }

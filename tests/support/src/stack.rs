@@ -221,7 +221,11 @@ impl Deployment {
             ("REMOVAL_GRACE", self.options.removal_grace.as_str()),
             (
                 "MONGO_MAX_PER_NODE",
-                if self.options.several_per_node { "0" } else { "1" },
+                if self.options.several_per_node {
+                    "0"
+                } else {
+                    "1"
+                },
             ),
             (
                 "MONGO_VOLUME_SUFFIX",
