@@ -123,27 +123,21 @@ impl SetState {
     /// and nothing is initiated.
     async fn read_identity<S: Coordinator>(&mut self, store: &S, config: &ControllerConfig) {
         let key = config.layout.replset_identity_key(&self.set);
+        let unreadable = |error: &dyn std::error::Error| {
+            IdentityUnreadable {
+                set: &self.set,
+                error,
+            }
+            .emit(&config.metrics);
+            KnownSet::Unknown
+        };
         self.known = match store.get_value(&key).await {
             Ok(None) => KnownSet::New,
             Ok(Some(bytes)) => match SetIdentity::from_json(&bytes) {
                 Ok(identity) => KnownSet::Known(identity),
-                Err(error) => {
-                    IdentityUnreadable {
-                        set: &self.set,
-                        error: &error,
-                    }
-                    .emit(&config.metrics);
-                    KnownSet::Unknown
-                }
+                Err(error) => unreadable(&error),
             },
-            Err(error) => {
-                IdentityUnreadable {
-                    set: &self.set,
-                    error: &error,
-                }
-                .emit(&config.metrics);
-                KnownSet::Unknown
-            }
+            Err(error) => unreadable(&error),
         };
     }
 

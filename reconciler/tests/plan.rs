@@ -1231,39 +1231,27 @@ fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
     let running = [host(1), host(3), new_host(2)].into_iter().collect();
     let step = plan_next_step(&obs, &want, &ctx()).step;
     accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
-    // A volume with an older config of the set may be far behind: the vote goes too.
-    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
-        p.config.version -= 1;
+    // A volume with an older config of the set may be far behind, and another set's data is
+    // no data of this one: the vote goes until it has synced.
+    let older = |c: &mut ConfigView| c.version -= 1;
+    let other_set = |c: &mut ConfigView| c.replica_set_id = Some("65a1c0ffee00000000000002".into());
+    for change_config in [&older as &dyn Fn(&mut ConfigView), &other_set] {
+        let mut obs = obs.clone();
+        if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+            change_config(&mut p.config);
+        }
+        let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
+        assert!(
+            matches!(
+                change,
+                Change::MoveHost {
+                    revoke_vote: true,
+                    ..
+                }
+            ),
+            "{change:?}"
+        );
     }
-    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
-    assert!(
-        matches!(
-            change,
-            Change::MoveHost {
-                revoke_vote: true,
-                ..
-            }
-        ),
-        "{change:?}"
-    );
-    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
-        p.config.version += 1;
-    }
-    // Another set's data is no data of this one: the vote goes until it has synced.
-    if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
-        p.config.replica_set_id = Some("65a1c0ffee00000000000002".into());
-    }
-    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
-    assert!(
-        matches!(
-            change,
-            Change::MoveHost {
-                revoke_vote: true,
-                ..
-            }
-        ),
-        "{change:?}"
-    );
 }
 
 #[test]

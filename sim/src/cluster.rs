@@ -255,8 +255,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Restarts member `i` on its old port, with its data or with an empty data directory.
-    pub async fn restart(&mut self, i: usize, keep_data: bool) -> Result<(), ClusterError> {
+    /// Kills member `i` and returns the data it restarts with: what it saved, or nothing.
+    fn stop_for_restart(
+        &mut self,
+        i: usize,
+        keep_data: bool,
+    ) -> Result<(&mut Slot, DurableState), ClusterError> {
         self.kill(i)?;
         let slot = self.slots.get_mut(i).ok_or(ClusterError::NoSuchMember(i))?;
         let durable = if keep_data {
@@ -265,14 +269,21 @@ impl Cluster {
             slot.saved = None;
             DurableState::default()
         };
+        Ok((slot, durable))
+    }
+
+    /// Restarts member `i` on its old port, with its data or with an empty data directory.
+    pub async fn restart(&mut self, i: usize, keep_data: bool) -> Result<(), ClusterError> {
+        let (net, history) = (self.net.clone(), self.history.clone());
+        let (slot, durable) = self.stop_for_restart(i, keep_data)?;
         // The old listener closes asynchronously; retry the bind for a while.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match Node::start(
                 slot.opts.clone(),
                 durable.clone(),
-                self.net.clone(),
-                self.history.clone(),
+                net.clone(),
+                history.clone(),
             )
             .await
             {
@@ -293,24 +304,12 @@ impl Cluster {
         i: usize,
         keep_data: bool,
     ) -> Result<(), ClusterError> {
-        self.kill(i)?;
-        let slot = self.slots.get_mut(i).ok_or(ClusterError::NoSuchMember(i))?;
-        let durable = if keep_data {
-            slot.saved.take().unwrap_or_default()
-        } else {
-            slot.saved = None;
-            DurableState::default()
-        };
+        let (net, history) = (self.net.clone(), self.history.clone());
+        let (slot, durable) = self.stop_for_restart(i, keep_data)?;
         let mut opts = slot.opts.clone();
         opts.port = 0;
         opts.advertised_host = None;
-        let node = Node::start(
-            opts.clone(),
-            durable,
-            self.net.clone(),
-            self.history.clone(),
-        )
-        .await?;
+        let node = Node::start(opts.clone(), durable, net, history).await?;
         opts.port = node.port();
         opts.advertised_host = Some(node.host().to_string());
         slot.opts = opts;

@@ -854,6 +854,22 @@ async fn set_of_three_with_data(
     wait_for("the identity recorded", CONVERGE, || read_identity(h, &set)).await
 }
 
+/// Every member killed, then each restarted at a new address (with its data or empty) and its
+/// record rewritten: every task of a service replaced at once.
+async fn replace_every_member(cluster: &mut Cluster, h: &Harness, keep_data: bool) {
+    for i in 0..cluster.len() {
+        cluster.kill(i).expect("kill");
+    }
+    for i in 0..cluster.len() {
+        cluster
+            .restart_elsewhere(i, keep_data)
+            .await
+            .expect("restart");
+        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
+            .await;
+    }
+}
+
 /// Every task of the service replaced at once (a scale to 0 and back, a whole swarm
 /// rebooted): the members come back with their data under new addresses, each holding a config
 /// that names the old ones. The reconciler re-addresses them (rule 11) and keeps the set: the
@@ -863,14 +879,7 @@ pub async fn a_whole_restart_under_new_addresses_keeps_the_set_and_its_data(b: B
     let set = cluster.set_name().to_string();
     let h = Harness::start(b, &set).await;
     let before = set_of_three_with_data(&cluster, &h, 20).await;
-    for i in 0..3 {
-        cluster.kill(i).expect("kill");
-    }
-    for i in 0..3 {
-        cluster.restart_elsewhere(i, true).await.expect("restart");
-        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
-            .await;
-    }
+    replace_every_member(&mut cluster, &h, true).await;
     let ids: BTreeSet<i64> = (1..=3).collect();
     let status = wait_for("converged at the new addresses", CONVERGE, || async {
         let s = converged_status(&h, &cluster, &set, &ids).await?;
@@ -925,14 +934,7 @@ pub async fn members_that_lost_their_data_are_not_initiated_again(b: Backend) {
         .await
         .expect("read")
         .expect("a URI");
-    for i in 0..3 {
-        cluster.kill(i).expect("kill");
-    }
-    for i in 0..3 {
-        cluster.restart_elsewhere(i, false).await.expect("restart");
-        h.publish(i as u64 + 1, cluster.host(i).expect("host"))
-            .await;
-    }
+    replace_every_member(&mut cluster, &h, false).await;
     let refused = wait_for("the refusal in the status", CONVERGE, || async {
         let s = read_status(&h, &set).await?;
         if s.next.kind == NextKind::Blocked && s.next.reason == "known_set_without_data" {
