@@ -137,7 +137,11 @@ async fn whole_restart(d: &Deployment, what: &str, how: Restart) -> Observed {
                     .await;
                     d.swarm_scale_mongo(3).await;
                 }
-                Restart::EveryDockerd => d.swarm.restart_every_dockerd().await,
+                Restart::EveryDockerd => {
+                    d.swarm.restart_every_dockerd().await;
+                    // The writer's container stopped with the manager's engine.
+                    d.restart_probe().await;
+                }
             }
             wait_for("the set re-addressed at the new tasks", STEP, || async {
                 let tasks = d.tasks(MONGO).await?;

@@ -568,6 +568,10 @@ impl Deployment {
     /// Starts a probe client, the example application's image as a plain container on the
     /// manager (which tests never lose), for [`Deployment::probe_write`].
     pub async fn start_probe(&self) {
+        self.run_probe().await.expect("start the probe container");
+    }
+
+    async fn run_probe(&self) -> Result<String, String> {
         self.manager()
             .docker(&[
                 "run",
@@ -584,7 +588,16 @@ impl Deployment {
                 "3600",
             ])
             .await
-            .expect("start the probe container");
+    }
+
+    /// Starts the probe container again after the manager's dockerd restarted (it stopped
+    /// with it): retried until the swarm's network can be joined again.
+    pub async fn restart_probe(&self) {
+        wait_for("the probe container again", CONVERGE, || async {
+            let _ = self.manager().docker(&["rm", "-f", PROBE]).await;
+            self.run_probe().await
+        })
+        .await;
     }
 
     /// One `w: "majority"` write through the URI by a new client process in the probe
