@@ -12,7 +12,7 @@ use crate::mongo::Observed;
 use crate::plan::{Plan, Step};
 
 /// The most of `next.detail` a status carries.
-const DETAIL_MAX: usize = 300;
+const DETAIL_MAX: usize = 1000;
 
 /// The `next` of a status: the kind of step, its machine-readable reason, and its description.
 pub fn next_step(step: &Step) -> NextStep {

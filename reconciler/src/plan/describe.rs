@@ -41,12 +41,12 @@ impl std::fmt::Display for Blocked {
                 empty,
             } => write!(
                 f,
-                "DATA MAY BE LOST: every member that answers ({}) has no data, but the store \
-                 remembers replica set {replica_set_id} (config version {config_version}); \
-                 not initiating a new, empty set in its place. Check the mongo tasks' volumes \
-                 on their nodes (docker volume ls) and bring them back; to start a new, empty \
-                 set on purpose run `replset-reconciler forget-set --replica-set-id \
-                 {replica_set_id}`",
+                "DATA MAY BE LOST: the store remembers replica set {replica_set_id} (config \
+                 version {config_version}) but no member that answers has data; not \
+                 initiating a new, empty set in its place. Bring the volumes back (docker \
+                 volume ls on each node), or start a new, empty set on purpose: \
+                 `replset-reconciler forget-set --replica-set-id {replica_set_id}`. Members \
+                 without data: {}",
                 empty.join(", ")
             ),
             Blocked::ReaddressNeedsMajority { present, voters } => write!(

@@ -944,7 +944,12 @@ pub async fn members_that_lost_their_data_are_not_initiated_again(b: Backend) {
         }
     })
     .await;
-    assert!(refused.next.detail.contains(&before.replica_set_id));
+    assert!(
+        refused.next.detail.contains(&before.replica_set_id)
+            && refused.next.detail.contains("forget-set"),
+        "the status names the set and the way out: {}",
+        refused.next.detail
+    );
     assert!(!refused.converged);
     for i in 0..3 {
         let hello = cluster
