@@ -348,6 +348,10 @@ async fn publish_outputs<S: Coordinator, M>(
     record_identity(set, ctx, observed).await;
     if let Some(cfg) = &observed.observation.config {
         publish_uri(set, ctx, cfg).await;
+    } else if !matches!(plan.step, Step::Blocked(_)) {
+        // Without a config the reconciler saw nothing of the set (no member answered, or the
+        // records are gone and it did not look): the last status stays. A refusal is written.
+        return;
     }
     let status = crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);
     if set.published_status.as_ref() != Some(&status) {

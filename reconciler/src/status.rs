@@ -28,9 +28,9 @@ pub fn next_step(step: &Step) -> NextStep {
     }
 }
 
-/// The status of `set` after an observation and its plan. While no config could be read
-/// (no member holds one, or none answers) it has no members and `config_version` 0, and its
-/// `next` says why.
+/// The status of `set` after an observation and its plan. Without a config (written only when
+/// the planner is blocked then, e.g. a set whose members lost their data) it has no members
+/// and `config_version` 0, and its `next` says why.
 pub fn build(
     set: &str,
     observed: &Observed,
