@@ -9,6 +9,7 @@ use crate::controller::{ControllerConfig, Records};
 use crate::engine_api::{Engine, EngineApiError};
 use crate::mongo::ReplSetClient;
 use crate::plan::{plan_next_step, KnownSet, PlanContext};
+use crate::reconcile::{known_set, read_identity, IdentityReadError};
 use crate::records::desired_sets;
 use crate::status::{self, StatusError};
 
@@ -27,20 +28,10 @@ pub async fn plan<S: Coordinator, M: ReplSetClient>(
     for (set, desired) in sets {
         let hosts: Vec<String> = desired.members.values().cloned().collect();
         let observed = members.observe(&set, &hosts, &hosts).await;
-        let known_set = match store
-            .get_value(&config.layout.replset_identity_key(&set))
-            .await
-        {
-            Ok(None) => KnownSet::New,
-            Ok(Some(bytes)) => match SetIdentity::from_json(&bytes) {
-                Ok(identity) => KnownSet::Known(identity),
-                Err(e) => {
-                    println!("{set}: {e}");
-                    KnownSet::Unknown
-                }
-            },
+        let known_set = match known_set(store, &config.layout, &set).await {
+            Ok(known) => known,
             Err(e) => {
-                println!("{set}: cannot read the set's identity: {e}");
+                println!("{set}: {e}");
                 KnownSet::Unknown
             }
         };
@@ -119,14 +110,14 @@ pub enum ForgetError {
         known: String,
         given: String,
     },
-    #[error("cannot read or delete {key}: {source}")]
-    Store {
+    #[error(transparent)]
+    Read(#[from] IdentityReadError),
+    #[error("cannot delete {key}: {source}")]
+    Delete {
         key: String,
         #[source]
         source: backend_core::BackendError,
     },
-    #[error(transparent)]
-    Decode(#[from] backend_core::IdentityDecodeError),
 }
 
 /// `forget-set --replica-set-id <id>`: the operator's explicit decision that the set whose
@@ -140,17 +131,12 @@ pub async fn forget_set<S: Coordinator>(
     replica_set_id: &str,
 ) -> Result<SetIdentity, ForgetError> {
     let key = layout.replset_identity_key(set);
-    let store_error = |source| ForgetError::Store {
-        key: key.clone(),
-        source,
-    };
-    let Some(bytes) = store.get_value(&key).await.map_err(store_error)? else {
+    let Some(identity) = read_identity(store, layout, set).await? else {
         return Err(ForgetError::NotKnown {
             set: set.to_string(),
-            key: key.clone(),
+            key,
         });
     };
-    let identity = SetIdentity::from_json(&bytes)?;
     if identity.replica_set_id != replica_set_id {
         return Err(ForgetError::WrongId {
             set: set.to_string(),
@@ -158,7 +144,10 @@ pub async fn forget_set<S: Coordinator>(
             given: replica_set_id.to_string(),
         });
     }
-    store.delete_value(&key).await.map_err(store_error)?;
+    store
+        .delete_value(&key)
+        .await
+        .map_err(|source| ForgetError::Delete { key, source })?;
     Ok(identity)
 }
 

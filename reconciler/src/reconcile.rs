@@ -73,6 +73,57 @@ pub enum ReconcileError {
     },
 }
 
+/// Why what the store remembers of a set could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityReadError {
+    #[error("cannot read {key} from the store: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: backend_core::BackendError,
+    },
+    #[error("{key}: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: backend_core::IdentityDecodeError,
+    },
+}
+
+/// What the store remembers of `set` (`<prefix>/replsets/<set>/identity`), if anything.
+pub async fn read_identity<S: Coordinator>(
+    store: &S,
+    layout: &backend_core::KeyLayout,
+    set: &str,
+) -> Result<Option<SetIdentity>, IdentityReadError> {
+    let key = layout.replset_identity_key(set);
+    let Some(bytes) = store
+        .get_value(&key)
+        .await
+        .map_err(|source| IdentityReadError::Store {
+            key: key.clone(),
+            source,
+        })?
+    else {
+        return Ok(None);
+    };
+    SetIdentity::from_json(&bytes)
+        .map(Some)
+        .map_err(|source| IdentityReadError::Decode { key, source })
+}
+
+/// [`read_identity`] as the planner takes it: a set the store knows, or a new one.
+pub async fn known_set<S: Coordinator>(
+    store: &S,
+    layout: &backend_core::KeyLayout,
+    set: &str,
+) -> Result<KnownSet, IdentityReadError> {
+    Ok(match read_identity(store, layout, set).await? {
+        Some(identity) => KnownSet::Known(identity),
+        None => KnownSet::New,
+    })
+}
+
 /// What every reconcile of every set shares.
 #[derive(Debug)]
 pub struct Context<S, M> {
@@ -122,22 +173,16 @@ impl SetState {
     /// Reads what the store remembers of the set; on failure it stays or becomes unknown,
     /// and nothing is initiated.
     async fn read_identity<S: Coordinator>(&mut self, store: &S, config: &ControllerConfig) {
-        let key = config.layout.replset_identity_key(&self.set);
-        let unreadable = |error: &dyn std::error::Error| {
-            IdentityUnreadable {
-                set: &self.set,
-                error,
+        self.known = match known_set(store, &config.layout, &self.set).await {
+            Ok(known) => known,
+            Err(error) => {
+                IdentityUnreadable {
+                    set: &self.set,
+                    error: &error,
+                }
+                .emit(&config.metrics);
+                KnownSet::Unknown
             }
-            .emit(&config.metrics);
-            KnownSet::Unknown
-        };
-        self.known = match store.get_value(&key).await {
-            Ok(None) => KnownSet::New,
-            Ok(Some(bytes)) => match SetIdentity::from_json(&bytes) {
-                Ok(identity) => KnownSet::Known(identity),
-                Err(error) => unreadable(&error),
-            },
-            Err(error) => unreadable(&error),
         };
     }
 
