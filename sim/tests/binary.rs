@@ -99,6 +99,82 @@ async fn the_images_root_user_and_the_key_file() -> TestResult {
     Ok(())
 }
 
+/// The users of the stack (compose/mongo-users.json), created on the first start as the
+/// image's init script creates them, each with no more than its part: the reconciler
+/// initiates, reads status, config and the oplog, but no application data; the application
+/// reads and writes its database and nothing of the set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stacks_users_can_do_their_part_and_no_more() -> TestResult {
+    use mongodb::options::AuthMechanism::ScramSha256;
+    let dir = common::TempDir::new("stack-users")?;
+    let users = common::stack_users_file(dir.path())?;
+    let port = free_port()?;
+    let key = secret_file("keyfile", "c3RhY2t1c2Vyc2tleQ==\n", 0o400)?;
+    let root_pw = secret_file("root-password", "rootpw\n", 0o400)?;
+    let mut child = member_command(port, "rsusers")
+        .arg("--keyFile")
+        .arg(&key)
+        .env("MONGO_INITDB_ROOT_USERNAME", "root")
+        .env("MONGO_INITDB_ROOT_PASSWORD_FILE", &root_pw)
+        .env("MONGO_INITDB_USERS_FILE", &users)
+        .spawn()?;
+    let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let reconciler = common::client_as(
+        &uri,
+        Some(("reconciler", "reconciler-pw", "admin", ScramSha256)),
+    )
+    .await?;
+    let admin = reconciler.database("admin");
+    admin.run_command(doc! {"replSetInitiate": {}}).await?;
+    until_primary(&admin).await?;
+    admin.run_command(doc! {"replSetGetStatus": 1}).await?;
+    admin
+        .run_command(doc! {"replSetGetConfig": 1, "commitmentStatus": true})
+        .await?;
+    let oplog = reconciler
+        .database("local")
+        .collection::<Document>("oplog.rs");
+    let newest = oplog.find_one(doc! {}).sort(doc! {"$natural": -1}).await?;
+    assert!(newest.is_some(), "the reconciler reads the oplog");
+    let docs = reconciler.database("app").collection::<Document>("docs");
+    let e = docs
+        .find_one(doc! {})
+        .await
+        .expect_err("no application data");
+    assert_eq!(common::code_of(&e), Some(13), "{e}");
+
+    let app_uri = format!("mongodb://127.0.0.1:{port}/app?directConnection=true");
+    let app = common::client_as(&app_uri, Some(("app", "app-pw", "app", ScramSha256))).await?;
+    let docs = app.database("app").collection::<Document>("docs");
+    docs.insert_one(doc! {"_id": 1, "v": "x"}).await?;
+    assert_eq!(docs.count_documents(doc! {}).await?, 1);
+    let e = app
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .expect_err("the app does not manage the set");
+    assert_eq!(common::code_of(&e), Some(13), "{e}");
+    let e = app
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find_one(doc! {})
+        .await
+        .expect_err("the app does not read the oplog");
+    assert_eq!(common::code_of(&e), Some(13), "{e}");
+
+    // A wrong password: AuthenticationFailed (18), at connection.
+    let wrong =
+        common::client_as(&uri, Some(("reconciler", "wrong", "admin", ScramSha256))).await?;
+    let e = wrong
+        .database("admin")
+        .run_command(doc! {"replSetGetStatus": 1})
+        .await
+        .expect_err("a wrong password");
+    assert_eq!(common::code_of(&e), Some(18), "{e}");
+    sigkill(&mut child).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_security_options_stop_the_start_with_the_reason() -> TestResult {
     let port = free_port()?.to_string();

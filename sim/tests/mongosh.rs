@@ -213,3 +213,98 @@ try { db.getSiblingDB("other").x.insertOne({a: 1}) } catch (e) { print("OTHER " 
     assert!(text.contains("Authentication failed"), "{text}");
     Ok(())
 }
+
+/// The stack's init script (compose/mongo-init-users.js), run by mongosh as the mongo image
+/// runs the files of /docker-entrypoint-initdb.d on a first start (as root, on a standalone
+/// mongod), creates the users of the users file; the simulator, which reads the same file
+/// itself on its first start, ends with the same users and roles. Either way the passwords
+/// work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stacks_init_script_makes_the_users_the_simulator_makes() -> TestResult {
+    let dir = common::TempDir::new("init-script")?;
+    let users = common::stack_users_file(dir.path())?;
+    let root_pw = dir.path().join("root-pw");
+    std::fs::write(&root_pw, "rootpw\n")?;
+    let sim = env!("CARGO_BIN_EXE_replset-sim");
+    let standalone = |port: u16, users_file: Option<&std::path::Path>| {
+        let mut cmd = Command::new(sim);
+        cmd.args(["--port", &port.to_string()])
+            .env("MONGO_INITDB_ROOT_USERNAME", "root")
+            .env("MONGO_INITDB_ROOT_PASSWORD_FILE", &root_pw)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(f) = users_file {
+            cmd.env("MONGO_INITDB_USERS_FILE", f);
+        }
+        cmd
+    };
+    let (by_script, by_sim) = (common::free_port()?, common::free_port()?);
+    let _a = standalone(by_script, None).spawn()?;
+    let _b = standalone(by_sim, Some(&users)).spawn()?;
+
+    let script = common::crate_file("../compose/mongo-init-users.js");
+    let out = Command::new(mongosh())
+        .arg(format!(
+            "mongodb://127.0.0.1:{by_script}/test?directConnection=true"
+        ))
+        .args(["--quiet", "--norc", "-u", "root", "-p", "rootpw"])
+        .args(["--authenticationDatabase", "admin"])
+        .arg(&script)
+        .env("MONGO_INITDB_USERS_FILE", &users)
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out).await??;
+    let text = output_text(&out);
+    assert!(out.status.success(), "the init script failed:\n{text}");
+    assert!(text.contains("created user reconciler@admin"), "{text}");
+    assert!(
+        !text.contains("reconciler-pw"),
+        "a password was printed:\n{text}"
+    );
+
+    let users_of = |port: u16| async move {
+        let uri = format!("mongodb://root:rootpw@127.0.0.1:{port}/?directConnection=true");
+        let c = common::client(&uri).await?;
+        let info = c
+            .database("admin")
+            .run_command(bson::doc! {"usersInfo": {"forAllDBs": true}})
+            .await?;
+        let mut users: Vec<String> = Vec::new();
+        for u in info.get_array("users")? {
+            let u = u.as_document().ok_or("a user that is not a document")?;
+            let mut roles: Vec<String> = u
+                .get_array("roles")?
+                .iter()
+                .filter_map(|r| r.as_document())
+                .map(|r| {
+                    format!(
+                        "{}@{}",
+                        r.get_str("role").unwrap_or(""),
+                        r.get_str("db").unwrap_or("")
+                    )
+                })
+                .collect();
+            roles.sort();
+            users.push(format!("{} {}", u.get_str("_id")?, roles.join(",")));
+        }
+        users.sort();
+        Ok::<_, BoxError>(users)
+    };
+    let expected = users_of(by_sim).await?;
+    assert_eq!(users_of(by_script).await?, expected);
+    assert!(
+        expected
+            .contains(&"admin.reconciler clusterManager@admin,clusterMonitor@admin".to_string()),
+        "{expected:?}"
+    );
+    for port in [by_script, by_sim] {
+        let uri = format!("mongodb://app:app-pw@127.0.0.1:{port}/app?directConnection=true");
+        let c = common::client(&uri).await?;
+        c.database("app")
+            .collection::<bson::Document>("docs")
+            .insert_one(bson::doc! {"_id": 1})
+            .await?;
+    }
+    Ok(())
+}

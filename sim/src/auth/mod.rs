@@ -3,6 +3,7 @@
 //! in `admin.system.users`, the built-in roles, a privilege check before every command, and
 //! the localhost exception. See docs/replset-sim.md, "Authentication".
 
+pub mod initdb;
 pub mod roles;
 pub mod sasl;
 pub mod scram;

@@ -9,6 +9,11 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
     Database(String),
+    /// One collection, for the reads that name theirs (`find`, `count`, `distinct`,
+    /// `aggregate`, `getMore`). A grant on a database reaches its collections except the
+    /// `system.*` ones, which only grants on that exact namespace reach (MongoDB's
+    /// `matchType: database` against `exact_namespace`).
+    Collection(String, String),
     Cluster,
 }
 
@@ -81,6 +86,8 @@ const CLUSTER_MANAGER: &[Action] = &[
     ReplSetConfigure,
     ReplSetStateChange,
     ReplSetGetConfig,
+    ReplSetGetStatus,
+    GetDefaultRWConcern,
     SetDefaultRWConcern,
 ];
 
@@ -123,9 +130,50 @@ pub fn role_grants(role: &str, role_db: &str, action: Action, resource: &Resourc
     if !is_builtin(role, role_db) {
         return false;
     }
+    match resource {
+        Resource::Collection(db, coll) if coll.starts_with("system.") => {
+            role_grants_on_system_collection(role, role_db, action, db, coll)
+        }
+        Resource::Collection(db, _) => {
+            role_grants_on_database(role, role_db, action, &Resource::Database(db.clone()))
+        }
+        _ => role_grants_on_database(role, role_db, action, resource),
+    }
+}
+
+/// The grants on one `system.*` collection: only roles that name it (or everything).
+fn role_grants_on_system_collection(
+    role: &str,
+    role_db: &str,
+    action: Action,
+    db: &str,
+    coll: &str,
+) -> bool {
+    let read = action == Find || METADATA.contains(&action);
+    match role {
+        "__system" => true,
+        "root" => action != Internal,
+        "read" | "readWrite" | "dbOwner" => db == role_db && coll == "system.js" && read,
+        "readAnyDatabase" | "readWriteAnyDatabase" => {
+            is_normal_db(db) && coll == "system.js" && read
+        }
+        "clusterManager" | "clusterAdmin" if db == "local" && coll == "system.replset" => read,
+        "clusterMonitor" => db == "local" && coll == "system.replset" && action == Find,
+        "userAdminAnyDatabase" => {
+            db == "admin" && (coll == "system.users" || coll == "system.roles") && read
+        }
+        _ => false,
+    }
+}
+
+/// The grants on a database (its non-system collections) or on the cluster.
+fn role_grants_on_database(role: &str, role_db: &str, action: Action, resource: &Resource) -> bool {
     let on_own_db = matches!(resource, Resource::Database(d) if d == role_db);
     let on_normal_db = matches!(resource, Resource::Database(d) if is_normal_db(d));
     let on_cluster = *resource == Resource::Cluster;
+    let on_config = matches!(resource, Resource::Database(d) if d == "config");
+    let on_local_or_config =
+        matches!(resource, Resource::Database(d) if d == "local" || d == "config");
     let has = |set: &[Action]| set.contains(&action);
     let read = action == Find || has(METADATA);
     let write = has(&[Insert, Update, Remove]) || has(DDL);
@@ -151,13 +199,21 @@ pub fn role_grants(role: &str, role_db: &str, action: Action, resource: &Resourc
         "dbAdminAnyDatabase" => {
             (on_normal_db && db_admin) || (on_cluster && action == ListDatabases)
         }
-        "clusterMonitor" => on_cluster && has(CLUSTER_MONITOR),
-        "clusterManager" => on_cluster && has(CLUSTER_MANAGER),
+        // clusterMonitor holds read@local and read@config (the oplog among them);
+        // clusterManager read@config and the writes on local, but reads on local only
+        // local.system.replset (builtin_roles.yml).
+        "clusterMonitor" => (on_cluster && has(CLUSTER_MONITOR)) || (on_local_or_config && read),
+        "clusterManager" => {
+            (on_cluster && has(CLUSTER_MANAGER))
+                || (on_config && read)
+                || (on_local_or_config && has(&[Insert, Update, Remove]))
+        }
         "hostManager" => on_cluster && action == Shutdown,
         // clusterAdmin: clusterManager + clusterMonitor + hostManager, and dropDatabase
         // everywhere.
         "clusterAdmin" => {
             (on_cluster && (has(CLUSTER_MONITOR) || has(CLUSTER_MANAGER) || action == Shutdown))
+                || (on_local_or_config && (read || has(&[Insert, Update, Remove])))
                 || (matches!(resource, Resource::Database(_)) && action == DropDatabase)
         }
         _ => false,
@@ -203,12 +259,24 @@ pub enum Requirement {
 /// The privileges of command `name` with `body`, run on database `db`.
 pub fn requirement(name: &str, body: &bson::Document, db: &str) -> Requirement {
     let on = |a: Action| Requirement::Privileges(vec![Privilege::on_db(db, a)]);
+    // The reads that name their collection are checked on it.
+    let read_of = |field: &str| {
+        let resource = match body.get_str(field) {
+            Ok(coll) => Resource::Collection(db.to_string(), coll.to_string()),
+            Err(_) => Resource::Database(db.to_string()),
+        };
+        Requirement::Privileges(vec![Privilege {
+            resource,
+            action: Find,
+        }])
+    };
     let cluster = |a: Action| Requirement::Privileges(vec![Privilege::on_cluster(a)]);
     match name {
         "hello" | "isMaster" | "ismaster" | "ping" | "buildInfo" | "buildinfo" | "saslStart"
         | "saslContinue" | "authenticate" | "logout" | "connectionStatus" | "getnonce"
         | "endSessions" | "listCommands" | "whatsmyuri" => Requirement::None,
-        "find" | "count" | "distinct" | "aggregate" | "getMore" => on(Find),
+        "find" | "count" | "distinct" | "aggregate" => read_of(name),
+        "getMore" => read_of("collection"),
         "insert" => on(Insert),
         "update" => {
             let upsert = body
@@ -400,6 +468,93 @@ mod tests {
             "admin",
             Find,
             &db("app")
+        ));
+    }
+
+    fn coll(d: &str, c: &str) -> Resource {
+        Resource::Collection(d.into(), c.into())
+    }
+
+    /// builtin_roles.yml: clusterManager configures the set and reads its status and config,
+    /// but of `local` it reads only `system.replset`; the oplog is read through
+    /// clusterMonitor's `read@local`.
+    #[test]
+    fn cluster_manager_and_monitor_split_as_in_the_server() {
+        let cluster = Resource::Cluster;
+        for a in [ReplSetConfigure, ReplSetGetStatus, ReplSetGetConfig] {
+            assert!(role_grants("clusterManager", "admin", a, &cluster), "{a:?}");
+        }
+        assert!(!role_grants(
+            "clusterManager",
+            "admin",
+            Find,
+            &coll("local", "oplog.rs")
+        ));
+        assert!(role_grants(
+            "clusterManager",
+            "admin",
+            Find,
+            &coll("local", "system.replset")
+        ));
+        assert!(role_grants(
+            "clusterMonitor",
+            "admin",
+            Find,
+            &coll("local", "oplog.rs")
+        ));
+        assert!(!role_grants(
+            "clusterMonitor",
+            "admin",
+            ReplSetConfigure,
+            &cluster
+        ));
+        assert!(!role_grants(
+            "clusterMonitor",
+            "admin",
+            Find,
+            &coll("app", "docs")
+        ));
+        assert!(!role_grants(
+            "clusterManager",
+            "admin",
+            Find,
+            &coll("app", "docs")
+        ));
+        assert!(role_grants(
+            "clusterAdmin",
+            "admin",
+            Find,
+            &coll("local", "oplog.rs")
+        ));
+    }
+
+    #[test]
+    fn system_collections_need_a_grant_of_their_own() {
+        assert!(role_grants("read", "app", Find, &coll("app", "docs")));
+        assert!(role_grants("read", "app", Find, &coll("app", "system.js")));
+        assert!(!role_grants(
+            "read",
+            "admin",
+            Find,
+            &coll("admin", "system.users")
+        ));
+        assert!(!role_grants(
+            "readAnyDatabase",
+            "admin",
+            Find,
+            &coll("admin", "system.users")
+        ));
+        assert!(role_grants(
+            "userAdminAnyDatabase",
+            "admin",
+            Find,
+            &coll("admin", "system.users")
+        ));
+        assert!(role_grants(
+            "root",
+            "admin",
+            Find,
+            &coll("admin", "system.users")
         ));
     }
 

@@ -14,13 +14,15 @@
 //! Without a bind flag it listens on 127.0.0.1 only, as mongod does. As the official mongo
 //! image's entrypoint does, `MONGO_INITDB_ROOT_USERNAME` with `MONGO_INITDB_ROOT_PASSWORD`
 //! or `MONGO_INITDB_ROOT_PASSWORD_FILE` creates a root user on a first start with an empty
-//! data set, and turns on `--auth`.
+//! data set, and turns on `--auth`; `MONGO_INITDB_USERS_FILE` names the users that the
+//! stack's init script creates in the mongo image, created here at the same moment.
 
 use anyhow::Context;
 use clap::Parser;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use replset_sim::auth::initdb::{self, InitUser};
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::disk::DataDir;
 use replset_sim::node::InitialSyncPace;
@@ -191,9 +193,14 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         }
     }
     .context("starting the member")?;
-    if let Some((user, password)) = root_user {
-        node.bootstrap_root_user(&user, &password)
-            .map_err(|e| anyhow::anyhow!("creating the root user {user}: {e}"))?;
+    let mut users: Vec<InitUser> = root_user
+        .iter()
+        .map(|(user, password)| InitUser::root(user, password))
+        .collect();
+    users.extend(init_users_from_env()?);
+    if !users.is_empty() {
+        node.bootstrap_users(&users)
+            .map_err(|e| anyhow::anyhow!("creating the users of the first start: {e}"))?;
     }
     tracing::info!(me = node.host(), set = ?args.repl_set, "replset-sim ready (a simulator, not mongod)");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -211,6 +218,15 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 /// first line of the file `MONGO_INITDB_ROOT_PASSWORD_FILE` names, as the image's
 /// `file_env` reads Docker secrets). A user name without a password, or both password
 /// variables, is an error, as the entrypoint says.
+/// The users of `MONGO_INITDB_USERS_FILE`, which the stack's init script creates in the mongo
+/// image (see `replset_sim::auth::initdb`).
+fn init_users_from_env() -> anyhow::Result<Vec<InitUser>> {
+    match std::env::var_os(initdb::USERS_FILE_VAR).filter(|v| !v.is_empty()) {
+        Some(path) => Ok(initdb::load(std::path::Path::new(&path))?),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn root_user_from_env() -> anyhow::Result<Option<(String, String)>> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let user = var("MONGO_INITDB_ROOT_USERNAME");

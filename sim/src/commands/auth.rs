@@ -309,34 +309,46 @@ impl Node {
     /// The official image's first start (docker-entrypoint.sh): with
     /// `MONGO_INITDB_ROOT_USERNAME` and a password, and an empty data directory, it starts
     /// mongod without `--replSet` and `--auth`, creates the user with the `root` role in
-    /// `admin`, and restarts mongod with `--auth`. Here the user is written to this member's
-    /// own data as such a standalone write would be: an oplog entry before any term
-    /// (`t: -1`), so that a set initiated on this member carries the user to the others, and
-    /// a member that joins another set replaces it by initial sync. Returns false (and
+    /// `admin`, runs the init scripts (which create more users: see
+    /// [`crate::auth::initdb`]), and restarts mongod with `--auth`. Here the users are written
+    /// to this member's own data as such standalone writes would be: oplog entries before any
+    /// term (`t: -1`), so that a set initiated on this member carries them to the others, and
+    /// a member that joins another set replaces them by initial sync. Returns false (and
     /// writes nothing) when the data set is not empty, as the entrypoint skips it then.
-    pub fn bootstrap_root_user(&self, user: &str, password: &str) -> Result<bool, ServerError> {
+    pub fn bootstrap_users(
+        &self,
+        users: &[crate::auth::initdb::InitUser],
+    ) -> Result<bool, ServerError> {
         let mut st = self.lock();
         if !st.durable.store.oplog.is_empty() || st.config().is_some() {
             return Ok(false);
         }
-        let body =
-            doc! {"createUser": user, "pwd": password, "roles": [{"role": "root", "db": "admin"}]};
-        let d = new_user_document(&body, "admin", |_| false)?;
-        let optime = crate::oplog::OpTime {
-            ts: crate::oplog::next_timestamp(st.last_applied().ts),
-            t: -1,
-        };
-        st.durable.store.apply(crate::oplog::OplogEntry {
-            optime,
-            op: "i".into(),
-            ns: USERS_NS.into(),
-            o: d,
-            wall: bson::DateTime::now(),
-        });
+        let mut created: Vec<String> = Vec::new();
+        for u in users {
+            let roles: Vec<Bson> = u
+                .roles
+                .iter()
+                .map(|r| Bson::Document(doc! {"role": &r.role, "db": &r.db}))
+                .collect();
+            let body = doc! {"createUser": &u.user, "pwd": &u.password, "roles": roles};
+            let d = new_user_document(&body, &u.db, |id| created.iter().any(|c| c == id))?;
+            created.push(UserName::new(&u.user, &u.db).id());
+            let optime = crate::oplog::OpTime {
+                ts: crate::oplog::next_timestamp(st.last_applied().ts),
+                t: -1,
+            };
+            st.durable.store.apply(crate::oplog::OplogEntry {
+                optime,
+                op: "i".into(),
+                ns: USERS_NS.into(),
+                o: d,
+                wall: bson::DateTime::now(),
+            });
+            tracing::info!(user = %u.user, db = %u.db, "created a user of the first start");
+        }
         drop(st);
-        // With --dbpath the user is on disk before the member answers anyone.
+        // With --dbpath the users are on disk before the member answers anyone.
         self.flush();
-        tracing::info!(user, "created the root user of MONGO_INITDB_ROOT_USERNAME");
         Ok(true)
     }
 }

@@ -22,8 +22,9 @@ use super::write_plan::{
 };
 
 impl Node {
+    /// A standalone (no `--replSet`) takes writes, as mongod does; a member only as primary.
     fn check_writable(&self, st: &NodeState) -> Result<(), ServerError> {
-        if st.state != MemberState::Primary {
+        if self.inner.opts.set_name.is_some() && st.state != MemberState::Primary {
             return Err(ServerError::not_writable_primary("not primary"));
         }
         Ok(())
@@ -287,6 +288,11 @@ impl Node {
         op: OpTime,
         term: i64,
     ) -> Option<Document> {
+        // A standalone has nobody to wait for: a write it acknowledged is as durable as it
+        // gets (mongod answers `w: "majority"` and `w: 1` alike there).
+        if self.inner.opts.set_name.is_none() {
+            return None;
+        }
         // Without a `w`, the default write concern: the cluster-wide one, else the implicit
         // one of the config (see `write_concern.rs`).
         let given = body

@@ -38,7 +38,8 @@ impl Node {
         let st = self.lock();
         let legacy = name != "hello";
         let mut d = Document::new();
-        let primary = st.state == MemberState::Primary;
+        // A standalone is always writable (mongod's hello says so).
+        let primary = st.state == MemberState::Primary || self.inner.opts.set_name.is_none();
         if legacy {
             d.insert("ismaster", primary);
         } else {

@@ -308,3 +308,33 @@ pub fn output_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The stack's users file (`compose/mongo-users.json`), with each `passwordFile` moved into
+/// `dir` and holding `<user>-pw`. Returns the path of the rewritten file.
+pub fn stack_users_file(dir: &Path) -> Result<PathBuf, BoxError> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(crate_file("../compose/mongo-users.json"))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text)?;
+    let users = json
+        .get_mut("users")
+        .and_then(serde_json::Value::as_array_mut)
+        .ok_or("compose/mongo-users.json has no users array")?;
+    for u in users {
+        let user = u["user"]
+            .as_str()
+            .ok_or("a user without a name")?
+            .to_string();
+        let name = u["passwordFile"]
+            .as_str()
+            .and_then(|p| Path::new(p).file_name())
+            .ok_or("a user without a passwordFile")?
+            .to_owned();
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{user}-pw\n"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
+        u["passwordFile"] = serde_json::Value::String(path.display().to_string());
+    }
+    let out = dir.join("users.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    Ok(out)
+}
