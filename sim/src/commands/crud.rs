@@ -290,9 +290,7 @@ impl Node {
     ) -> Option<Document> {
         // A standalone has nobody to wait for: a write it acknowledged is as durable as it
         // gets (mongod answers `w: "majority"` and `w: 1` alike there).
-        if self.inner.opts.set_name.is_none() {
-            return None;
-        }
+        self.inner.opts.set_name.as_ref()?;
         // Without a `w`, the default write concern: the cluster-wide one, else the implicit
         // one of the config (see `write_concern.rs`).
         let given = body
