@@ -28,6 +28,30 @@ pub enum DbError {
     },
 }
 
+/// Where the documents are and who the application is: its database and collection, and
+/// the user it logs in as (SCRAM, the password from a file).
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub database: String,
+    pub collection: String,
+    pub login: Option<Login>,
+}
+
+/// A MongoDB user of the application. The password is never printed.
+#[derive(Clone)]
+pub struct Login {
+    pub username: String,
+    pub password: String,
+    /// The database the user is defined in (`authSource`).
+    pub source: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Login({}@{}, <redacted>)", self.username, self.source)
+    }
+}
+
 /// The documents of the demo, in one collection.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -38,7 +62,7 @@ pub struct Db {
 impl Db {
     /// A client for `uri` (`mongodb://h1:p,h2:p/?replicaSet=rs0`). The driver finds the primary
     /// and follows it through elections and reconfigs; nothing is contacted yet.
-    pub async fn connect(uri: &str, database: &str, collection: &str) -> Result<Db, DbError> {
+    pub async fn connect(uri: &str, access: &Access) -> Result<Db, DbError> {
         let bad = |source| DbError::BadUri {
             uri: uri.to_string(),
             source,
@@ -47,8 +71,19 @@ impl Db {
         options.app_name = Some("replset-demo-app".into());
         options.server_selection_timeout = Some(SELECTION_TIMEOUT);
         options.connect_timeout = Some(Duration::from_secs(5));
+        if let Some(login) = &access.login {
+            options.credential = Some(
+                mongodb::options::Credential::builder()
+                    .username(login.username.clone())
+                    .password(login.password.clone())
+                    .source(login.source.clone())
+                    .build(),
+            );
+        }
         let client = Client::with_options(options).map_err(bad)?;
-        let docs = client.database(database).collection(collection);
+        let docs = client
+            .database(&access.database)
+            .collection(&access.collection);
         Ok(Db { client, docs })
     }
 
@@ -111,4 +146,23 @@ impl Db {
 
 fn is_duplicate(e: &mongodb::error::Error) -> bool {
     matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::Login;
+
+    #[test]
+    fn a_login_never_prints_its_password() {
+        let l = Login {
+            username: "app".into(),
+            password: "hunter2-secret".into(),
+            source: "app".into(),
+        };
+        let shown = format!("{l:?}");
+        assert!(
+            shown.contains("app@app") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
 }

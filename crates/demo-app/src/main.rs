@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 
-use crate::db::{Db, DbError};
+use crate::db::{Access, Db, DbError, Login};
 use crate::store::Store;
 
 /// Uses a MongoDB replica set through the connection string that replset-reconciler publishes.
@@ -59,6 +59,19 @@ struct Cli {
     #[arg(long, env = "DEMO_INTERVAL", default_value = "5s", global = true, value_parser = parse_interval)]
     interval: Duration,
 
+    /// The MongoDB user of the application (with --password-file); the published connection
+    /// string carries no credentials.
+    #[arg(long, env = "DEMO_USERNAME", global = true)]
+    username: Option<String>,
+
+    /// A file holding the user's password (a Docker secret); its first line is the password.
+    #[arg(long, env = "DEMO_PASSWORD_FILE", global = true)]
+    password_file: Option<std::path::PathBuf>,
+
+    /// The database the user is defined in (default: --database).
+    #[arg(long, env = "DEMO_AUTH_SOURCE", global = true)]
+    auth_source: Option<String>,
+
     /// Log format.
     #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -91,7 +104,41 @@ fn main() -> ExitCode {
     daemon::run("replset-demo-app", cli.log_format, run(cli))
 }
 
+/// The application's database, collection and user, from the flags.
+fn access(cli: &Cli) -> anyhow::Result<Access> {
+    let login = match (&cli.username, &cli.password_file) {
+        (Some(username), Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --password-file {}", path.display()))?;
+            let password = text.split(['\n', '\r']).next().unwrap_or("").to_string();
+            anyhow::ensure!(
+                !password.is_empty(),
+                "--password-file {} is empty; write the password of {username} into it",
+                path.display()
+            );
+            Some(Login {
+                username: username.clone(),
+                password,
+                source: cli
+                    .auth_source
+                    .clone()
+                    .unwrap_or_else(|| cli.database.clone()),
+            })
+        }
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "--username and --password-file go together (DEMO_USERNAME, DEMO_PASSWORD_FILE)"
+        ),
+    };
+    Ok(Access {
+        database: cli.database.clone(),
+        collection: cli.collection.clone(),
+        login,
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let access = access(&cli)?;
     let store = Store::open(&cli.backend, &cli.store.options(&cli.backend)?).await?;
     let key = cli.backend.layout().replset_uri_key(&cli.replset);
     let one_shot_wait = Some(cli.wait.unwrap_or(Duration::from_secs(60)));
@@ -109,8 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     key,
                     uri: String::new(),
                     db: None,
-                    database: cli.database,
-                    collection: cli.collection,
+                    access,
                     writer,
                 };
                 app.serve(uri, cli.interval).await
@@ -122,7 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Write { id, value } => {
             let uri = store.wait_for_text(&key, one_shot_wait).await?;
-            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            let db = Db::connect(&uri, &access).await?;
             match db.write(&id, &value, &writer).await {
                 Ok(()) => {
                     println!("wrote {id:?} with w: majority through {uri}");
@@ -136,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Read { id } => {
             let uri = store.wait_for_text(&key, one_shot_wait).await?;
-            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            let db = Db::connect(&uri, &access).await?;
             match db.read(&id).await {
                 Ok(Some(doc)) => {
                     // One line of JSON (MongoDB's relaxed extended JSON), for scripts and tests.
@@ -163,8 +209,7 @@ struct App {
     key: String,
     uri: String,
     db: Option<Db>,
-    database: String,
-    collection: String,
+    access: Access,
     writer: String,
 }
 
@@ -231,7 +276,7 @@ impl App {
     }
 
     async fn use_uri(&mut self, uri: String) -> anyhow::Result<()> {
-        let db = Db::connect(&uri, &self.database, &self.collection).await?;
+        let db = Db::connect(&uri, &self.access).await?;
         tracing::info!(%uri, "using connection string");
         self.db = Some(db);
         self.uri = uri;
