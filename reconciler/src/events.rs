@@ -305,6 +305,26 @@ impl InternalEvent for IdentityUnreadable<'_> {
     }
 }
 
+/// A member refused the reconciler's credentials, or a command for lack of a role: reported
+/// once per member and error, as an error (a wrong password or a missing user is an
+/// operator's to fix, and the member is not "unreachable").
+#[derive(Debug)]
+pub struct AccessRefused<'a> {
+    pub set: &'a str,
+    pub host: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for AccessRefused<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::error!(set = %self.set, host = %self.host, error = %self.error, "a member refused the reconciler's login or a command: it counts as not answering");
+        metrics
+            .access_refused
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
 /// A member and its record disagree (kept and reported, rule 6).
 #[derive(Debug)]
 pub struct MemberRecordDisagree<'a> {

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub identity_unreadable: Family<SetLabels, Counter>,
     /// Times the set's identity was written (a new set, or a new config version or term).
     pub identity_recorded: Family<SetLabels, Counter>,
+    /// Members that refused the reconciler's login or a command for lack of a role (each
+    /// member and error counted once, until it is accepted again).
+    pub access_refused: Family<SetLabels, Counter>,
     /// Times the watch of the records broke (until it lists again, nothing is removed).
     pub watch_broken: Counter,
     /// Complete listings of the records (the first, and one after every broken watch).
@@ -93,6 +96,7 @@ impl Default for Metrics {
             publish_failures: Family::default(),
             identity_unreadable: Family::default(),
             identity_recorded: Family::default(),
+            access_refused: Family::default(),
             watch_broken: Counter::default(),
             records_listed: Counter::default(),
             records_ignored: Counter::default(),
@@ -152,6 +156,11 @@ impl Metrics {
             "identity_recorded",
             "Writes of the set's remembered identity (replica set id, config version and term)",
             self.identity_recorded.clone(),
+        );
+        r.register(
+            "access_refused",
+            "Members that refused the reconciler's login or a command for lack of a role",
+            self.access_refused.clone(),
         );
         r.register(
             "campaign_failures",

@@ -32,6 +32,15 @@ pub enum MongoError {
         code_name: String,
         message: String,
     },
+    /// The member refused the reconciler's credentials (SCRAM failed: a wrong password, or no
+    /// such user on that member).
+    #[error("{host} refused to authenticate user {user:?} ({command}): {detail}; check --username and --password-file, and that the user exists with its roles on every member")]
+    AuthenticationFailed {
+        host: String,
+        command: &'static str,
+        user: String,
+        detail: String,
+    },
     /// No answer, or the connection broke: the outcome of a write is unknown.
     #[error("{host} did not answer {command}: {detail}")]
     NoAnswer {
@@ -41,12 +50,24 @@ pub enum MongoError {
     },
 }
 
+/// MongoDB's `Unauthorized`: the user (or an unauthenticated client) lacks a privilege.
+const UNAUTHORIZED: i32 = 13;
+/// MongoDB's `AuthenticationFailed`.
+const AUTHENTICATION_FAILED: i32 = 18;
+
 impl MongoError {
     pub fn code(&self) -> Option<i32> {
         match self {
             MongoError::Refused { code, .. } => Some(*code),
+            MongoError::AuthenticationFailed { .. } => Some(AUTHENTICATION_FAILED),
             MongoError::NoAnswer { .. } => None,
         }
+    }
+
+    /// Whether the member refused the reconciler who it is or what it asked: a wrong
+    /// password, a missing user, or a user without the roles it needs. Never "unreachable".
+    pub fn is_access_refused(&self) -> bool {
+        matches!(self, MongoError::AuthenticationFailed { .. }) || self.code() == Some(UNAUTHORIZED)
     }
 }
 
@@ -82,6 +103,9 @@ pub struct Observed {
     pub raw_config: Option<Document>,
     /// By host, the config document behind each of [`Observation::persisted`].
     pub persisted_raw: BTreeMap<String, Document>,
+    /// Members that refused the reconciler's credentials or a command for lack of a role, by
+    /// host, with the error: they count as not answering, and the status says why.
+    pub access_refused: BTreeMap<String, String>,
 }
 
 impl Members {
@@ -90,6 +114,11 @@ impl Members {
             clients: Mutex::new(HashMap::new()),
             credentials,
         }
+    }
+
+    /// The user the reconciler logs in as, if any.
+    fn user(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|c| c.username.as_str())
     }
 
     async fn client(&self, host: &str) -> Result<Client, MongoError> {
@@ -135,7 +164,7 @@ impl Members {
         let admin = client.database("admin");
         match tokio::time::timeout(COMMAND_TIMEOUT, admin.run_command(cmd)).await {
             Ok(Ok(d)) => Ok(d),
-            Ok(Err(e)) => Err(map_error(host, name, e)),
+            Ok(Err(e)) => Err(map_error(host, name, self.user(), e)),
             Err(_) => Err(MongoError::NoAnswer {
                 host: host.to_string(),
                 command: name,
@@ -162,6 +191,9 @@ impl Members {
                         );
                     }
                     hellos.push((host, hello));
+                }
+                Err(e) if e.is_access_refused() => {
+                    observed.access_refused.insert(host, e.to_string());
                 }
                 Err(e) => tracing::debug!(%host, error = %e, "member did not answer hello"),
             }
@@ -195,8 +227,14 @@ impl Members {
             } else {
                 doc! {"replSetGetConfig": 1}
             };
-            let Ok(answer) = self.command(&host, "replSetGetConfig", cmd).await else {
-                continue;
+            let answer = match self.command(&host, "replSetGetConfig", cmd).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    if e.is_access_refused() {
+                        observed.access_refused.insert(host.clone(), e.to_string());
+                    }
+                    continue;
+                }
             };
             let Ok(raw) = answer.get_document("config") else {
                 continue;
@@ -205,10 +243,15 @@ impl Members {
                 primary.is_some() && answer.get_bool("commitmentStatus").unwrap_or(false);
             observed.observation.config = Some(config_view(raw));
             observed.raw_config = Some(raw.clone());
-            if let Ok(status) = self
+            let status = self
                 .command(&host, "replSetGetStatus", doc! {"replSetGetStatus": 1})
-                .await
-            {
+                .await;
+            if let Err(e) = &status {
+                if e.is_access_refused() {
+                    observed.access_refused.insert(host.clone(), e.to_string());
+                }
+            }
+            if let Ok(status) = status {
                 observed.observation.status = member_status(&status);
                 if primary.is_some() {
                     observed.observation.primary = status
@@ -256,6 +299,10 @@ impl Members {
             Err(e) => {
                 if e.code() == Some(NOT_YET_INITIALIZED) {
                     observed.observation.empty.insert(host.to_string());
+                } else if e.is_access_refused() {
+                    observed
+                        .access_refused
+                        .insert(host.to_string(), e.to_string());
                 }
                 return;
             }
@@ -263,6 +310,11 @@ impl Members {
         let last_optime = match self.last_optime(host).await {
             Ok(optime) => optime,
             Err(e) => {
+                if e.is_access_refused() {
+                    observed
+                        .access_refused
+                        .insert(host.to_string(), e.to_string());
+                }
                 tracing::debug!(%host, error = %e, "could not read the member's last optime");
                 None
             }
@@ -290,7 +342,7 @@ impl Members {
                 .await
             {
                 Ok(Ok(entry)) => entry,
-                Ok(Err(e)) => return Err(map_error(host, "find local.oplog.rs", e)),
+                Ok(Err(e)) => return Err(map_error(host, "find local.oplog.rs", self.user(), e)),
                 Err(_) => {
                     return Err(MongoError::NoAnswer {
                         host: host.to_string(),
@@ -450,8 +502,30 @@ pub fn config_document(set_name: &str, step: &Step, raw: Option<&Document>) -> O
     }
 }
 
-fn map_error(host: &str, command: &'static str, e: mongodb::error::Error) -> MongoError {
+fn map_error(
+    host: &str,
+    command: &'static str,
+    user: Option<&str>,
+    e: mongodb::error::Error,
+) -> MongoError {
+    let user = user.unwrap_or("(none: no --username given)").to_string();
     match *e.kind {
+        mongodb::error::ErrorKind::Authentication { message, .. } => {
+            MongoError::AuthenticationFailed {
+                host: host.to_string(),
+                command,
+                user,
+                detail: message,
+            }
+        }
+        mongodb::error::ErrorKind::Command(c) if c.code == AUTHENTICATION_FAILED => {
+            MongoError::AuthenticationFailed {
+                host: host.to_string(),
+                command,
+                user,
+                detail: c.message,
+            }
+        }
         mongodb::error::ErrorKind::Command(c) => MongoError::Refused {
             host: host.to_string(),
             command,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::controller::{ControllerConfig, Records};
 use crate::events::{
-    BlockedOnOperator, Forcing, IdentityRecorded, IdentityUnreadable, InternalEvent,
+    AccessRefused, BlockedOnOperator, Forcing, IdentityRecorded, IdentityUnreadable, InternalEvent,
     MemberRecordDisagree, PublishFailed, Readdressing, RecordIgnored, SetConverged, StepApplied,
     StepRefused, UriPublished, Waiting, WouldApply,
 };
@@ -152,6 +152,8 @@ pub struct SetState {
     /// What the store remembers of the set (read again while there is no primary, so that an
     /// operator's `forget-set` is seen).
     known: KnownSet,
+    /// The members that refused the reconciler's login or a command, and the error reported.
+    access_reported: BTreeMap<String, String>,
 }
 
 impl SetState {
@@ -167,6 +169,25 @@ impl SetState {
             published_uri: None,
             published_status: None,
             known: KnownSet::Unknown,
+            access_reported: BTreeMap::new(),
+        }
+    }
+
+    /// Reports each member that refused the reconciler's login or a command, once per error;
+    /// forgets those that accept it again.
+    fn report_access(&mut self, observed: &Observed, config: &ControllerConfig) {
+        self.access_reported
+            .retain(|host, _| observed.access_refused.contains_key(host));
+        for (host, error) in &observed.access_refused {
+            if self.access_reported.get(host) != Some(error) {
+                AccessRefused {
+                    set: &self.set,
+                    host,
+                    error,
+                }
+                .emit(&config.metrics);
+                self.access_reported.insert(host.clone(), error.clone());
+            }
         }
     }
 
@@ -260,6 +281,7 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
     let metrics = &config.metrics;
     let desired = set.desired(records, config);
     let observed = observe(&*ctx.members, &set.set, &desired).await;
+    set.report_access(&observed, config);
     if set.known == KnownSet::Unknown || observed.observation.primary.is_none() {
         set.read_identity(&*ctx.store, config).await;
     }
@@ -393,9 +415,10 @@ async fn publish_outputs<S: Coordinator, M>(
     record_identity(set, ctx, observed).await;
     if let Some(cfg) = &observed.observation.config {
         publish_uri(set, ctx, cfg).await;
-    } else if !matches!(plan.step, Step::Blocked(_)) {
+    } else if !matches!(plan.step, Step::Blocked(_)) && observed.access_refused.is_empty() {
         // Without a config the reconciler saw nothing of the set (no member answered, or the
-        // records are gone and it did not look): the last status stays. A refusal is written.
+        // records are gone and it did not look): the last status stays. A refusal (by the
+        // planner, or by members of the reconciler's login) is written.
         return;
     }
     let status = crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);

@@ -9,7 +9,7 @@ use backend_core::{
 };
 
 use crate::mongo::Observed;
-use crate::plan::{Plan, Step};
+use crate::plan::{Plan, Step, Wait};
 
 /// The most of `next.detail` a status carries.
 const DETAIL_MAX: usize = 1000;
@@ -46,6 +46,18 @@ pub fn build(
         members: Vec::new(),
     };
     let cfg = observed.observation.config.as_ref().unwrap_or(&no_config);
+    let refused = access_refused(observed);
+    // Members that refuse the reconciler's login are not "unreachable": when nothing else
+    // could be seen, that refusal is the next thing an operator must fix.
+    let next = match &refused {
+        Some(text)
+            if observed.observation.config.is_none()
+                || matches!(plan.step, Step::Wait(Wait::Unreachable { .. })) =>
+        {
+            NextStep::new(NextKind::Blocked, "access_refused", text.clone())
+        }
+        _ => next_step(&plan.step),
+    };
     ReplSetStatus {
         schema_version: STATUS_SCHEMA_VERSION,
         set: set.to_string(),
@@ -67,10 +79,29 @@ pub fn build(
             })
             .collect(),
         converged: matches!(plan.step, Step::Converged),
-        next: next_step(&plan.step),
+        next,
         last_step: last_step.to_string(),
-        last_error: last_error.to_string(),
+        last_error: refused.unwrap_or_else(|| last_error.to_string()),
     }
+}
+
+/// The members that refused the reconciler's login or a command, in one line that names the
+/// user and each member (at most [`DETAIL_MAX`] characters).
+fn access_refused(observed: &Observed) -> Option<String> {
+    if observed.access_refused.is_empty() {
+        return None;
+    }
+    let errors: Vec<&str> = observed
+        .access_refused
+        .values()
+        .map(String::as_str)
+        .collect();
+    let text = format!(
+        "{} member(s) refused the reconciler: {}",
+        errors.len(),
+        errors.join("; ")
+    );
+    Some(text.chars().take(DETAIL_MAX).collect())
 }
 
 /// Why a status could not be read or did not converge.

@@ -18,7 +18,8 @@ macro_rules! suite {
             a_set_that_lost_its_majority_says_so_and_recovers,
             allow_force_reconfigures_to_the_members_that_are_up,
             a_whole_restart_under_new_addresses_keeps_the_set_and_its_data,
-            members_that_lost_their_data_are_not_initiated_again);
+            members_that_lost_their_data_are_not_initiated_again,
+            a_refused_login_is_reported_as_such_and_the_right_one_initiates);
     };
 }
 pub(crate) use suite;
@@ -31,7 +32,7 @@ use backend_core::{BackendUri, Coordinator, KeyLayout, Publisher, ServiceKey, Wa
 use backend_core::{NextKind, ReplSetStatus};
 use backend_store::StoreOptions;
 use replset_reconciler::controller::{Controller, ControllerConfig};
-use replset_reconciler::mongo::Members;
+use replset_reconciler::mongo::{Credentials, Members};
 use replset_reconciler::records::Selector;
 use replset_sim::{Cluster, Event};
 use test_support::contract::{mongo_task_record, unique_layout};
@@ -115,6 +116,18 @@ impl Harness {
         holder: &str,
         force_after: Option<Duration>,
     ) -> Harness {
+        Harness::start_full(b, set, layout, holder, force_after, None).await
+    }
+
+    /// [`Harness::start_with`], logging in to the members with `credentials` when given.
+    async fn start_full(
+        b: Backend,
+        set: &str,
+        layout: KeyLayout,
+        holder: &str,
+        force_after: Option<Duration>,
+        credentials: Option<Credentials>,
+    ) -> Harness {
         let store = Store::open(b, &layout).await;
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(replset_reconciler::metrics::Metrics::default());
@@ -135,7 +148,7 @@ impl Harness {
             metrics: metrics.clone(),
             force_after,
         };
-        spawn_loop(store.0.clone(), config, &shutdown);
+        spawn_loop(store.0.clone(), config, credentials, &shutdown);
         Harness {
             store,
             layout,
@@ -173,11 +186,12 @@ impl Harness {
 fn spawn_loop<S: Watcher + Coordinator>(
     store: Arc<S>,
     config: ControllerConfig,
+    credentials: Option<Credentials>,
     shutdown: &CancellationToken,
 ) {
     let controller = Controller::start(
         store,
-        Arc::new(Members::new(None)),
+        Arc::new(Members::new(credentials)),
         config,
         shutdown.clone(),
     );
@@ -1011,4 +1025,119 @@ fn applied(h: &Harness, step: &'static str) -> u64 {
             step,
         })
         .get()
+}
+
+/// Members with `--keyFile` (authentication on) and the stack's reconciler user
+/// (clusterManager + clusterMonitor, password `reconciler-pw`), as the image's first start
+/// makes them.
+async fn authenticated_members(n: usize) -> Cluster {
+    use replset_sim::auth::initdb::{InitUser, RoleRef};
+    use replset_sim::auth::{KeyFile, Security};
+    let template = replset_sim::NodeOptions {
+        security: Security {
+            authorization: true,
+            key_file: Some(KeyFile::from_contents("scenariokey").expect("a valid key")),
+        },
+        ..replset_sim::NodeOptions::default()
+    };
+    let cluster = Cluster::start_with(n, template)
+        .await
+        .expect("simulated members");
+    let role = |r: &str| RoleRef {
+        role: r.into(),
+        db: "admin".into(),
+    };
+    let user = InitUser {
+        user: "reconciler".into(),
+        db: "admin".into(),
+        roles: vec![role("clusterManager"), role("clusterMonitor")],
+        password: "reconciler-pw".into(),
+    };
+    for i in 0..n {
+        let node = cluster.node(i).expect("a member");
+        assert!(node
+            .bootstrap_users(std::slice::from_ref(&user))
+            .expect("users"));
+    }
+    cluster
+}
+
+/// A wrong password is an error that names the user and each member, in the status
+/// (`blocked`/`access_refused`) and the metrics, never "unreachable", and nothing is
+/// initiated; with the right password the same members become a set.
+pub async fn a_refused_login_is_reported_as_such_and_the_right_one_initiates(b: Backend) {
+    let cluster = authenticated_members(3).await;
+    let set = cluster.set_name().to_string();
+    let login = |password: &str| {
+        Some(Credentials {
+            username: "reconciler".into(),
+            password: password.into(),
+        })
+    };
+    let wrong = Harness::start_full(
+        b,
+        &set,
+        unique_layout("reconcile-auth"),
+        "wrong",
+        None,
+        login("not-the-password"),
+    )
+    .await;
+    wrong.publish_all(&cluster.hosts()).await;
+    let status = wait_for("a status that names the refusal", CONVERGE, || async {
+        let status = read_status(&wrong, &set).await?;
+        if status.next.reason == "access_refused" {
+            Ok(status)
+        } else {
+            Err(format!("{status:?}"))
+        }
+    })
+    .await;
+    assert_eq!(status.next.kind, NextKind::Blocked, "{status:?}");
+    assert!(!status.converged);
+    assert!(
+        status.last_error.contains("\"reconciler\""),
+        "{}",
+        status.last_error
+    );
+    for host in cluster.hosts() {
+        assert!(
+            status.last_error.contains(&host),
+            "{} lacks {host}",
+            status.last_error
+        );
+    }
+    assert!(!status.last_error.contains("not-the-password"));
+    assert!(
+        !status.next.detail.contains("unreachable"),
+        "{:?}",
+        status.next
+    );
+    assert!(installed(&cluster).is_empty(), "initiated without a login");
+    let refused: u64 = wrong
+        .metrics
+        .access_refused
+        .get_or_create(&replset_reconciler::metrics::SetLabels { set: set.clone() })
+        .get();
+    assert_eq!(refused, 3, "each member's refusal counted once");
+    drop(wrong);
+
+    let right = Harness::start_full(
+        b,
+        &set,
+        unique_layout("reconcile-auth"),
+        "right",
+        None,
+        login("reconciler-pw"),
+    )
+    .await;
+    right.publish_all(&cluster.hosts()).await;
+    let members: BTreeSet<i64> = [1, 2, 3].into();
+    let status = wait_for(
+        "the set converged with the right login",
+        CONVERGE,
+        || async { converged_status(&right, &cluster, &set, &members).await },
+    )
+    .await;
+    assert!(status.last_error.is_empty(), "{status:?}");
 }
