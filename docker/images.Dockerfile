@@ -41,8 +41,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 RUN mkdir -p /rootfs/etc /rootfs/tmp \
  && chmod 1777 /rootfs/tmp \
  && printf 'hosts: files dns\nnetworks: files\n' > /rootfs/etc/nsswitch.conf \
- && printf 'root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n' > /rootfs/etc/passwd \
- && printf 'root:x:0:\nnogroup:x:65534:\n' > /rootfs/etc/group \
+ && printf 'root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\nmongodb:x:999:999:mongodb:/:/sbin/nologin\n' > /rootfs/etc/passwd \
+ && printf 'root:x:0:\nnogroup:x:65534:\nmongodb:x:999:\n' > /rootfs/etc/group \
  && mkdir -p /data/db /data/configdb
 
 # ---------------------------------------------------------------- etcd (Debian's, as scripts/images)
@@ -83,16 +83,18 @@ ENTRYPOINT ["/usr/bin/replset-demo-app"]
 CMD ["serve"]
 
 # The replica-set simulator as a mongod stand-in: NOT MongoDB, for tests and demos. As in the
-# mongo image, the command starts with `mongod`; /data/db and /data/configdb belong to its user,
+# mongo image, the command starts with `mongod`; /data/db and /data/configdb belong to its user
+# (mongodb, 999, as there),
 # so that the stack's fresh named volumes there are writable. /bin/sh (busybox-static) runs the
 # stack's shell-form healthcheck, MONGO_HEALTHCHECK="mongod --sim-probe --port 27017".
 FROM scratch AS mongo-sim
 COPY --from=build /rootfs/ /
-COPY --from=build --chown=65534:65534 /data/ /data/
+COPY --from=build --chown=999:999 /data/ /data/
 COPY --from=build /bin/busybox /bin/sh
 COPY --from=build /out/replset-sim /usr/bin/mongod
 ENV PATH=/usr/bin:/bin NO_COLOR=1
-USER 65534
+# The mongo image's mongodb user (999), which the stack's secrets are given to.
+USER 999
 EXPOSE 27017
 CMD ["mongod", "--bind_ip_all", "--dbpath", "/data/db"]
 

@@ -60,6 +60,18 @@ async fn walk_through(store: Store) {
     .await;
     assert_start_doc_readable(&d, "deploy").await;
 
+    // --- authentication is on: a client that does not log in is refused (13), the app's
+    // user (above) is not.
+    let anonymous = d
+        .anonymous_read("e2e-start")
+        .await
+        .expect("run a one-off client");
+    assert!(!anonymous.success, "read without a login: {anonymous:?}");
+    assert!(
+        anonymous.stderr.contains("requires authentication"),
+        "refused for want of a login: {anonymous:?}"
+    );
+
     // --- scale 3 -> 5 -> 3, one member at a time
     d.scale(5).await;
     let five = d.wait_converged(5, "scale to 5").await;
@@ -237,6 +249,13 @@ async fn walk_through(store: Store) {
         whole_after.as_secs_f64()
     );
     assert_start_doc_readable(&d, "node lost").await;
+
+    // --- after all of it, no secret is in any log, any service's spec, or the store.
+    let leaked = d
+        .secrets_found()
+        .await
+        .expect("read the logs, specs and store");
+    assert!(leaked.is_empty(), "secrets leaked: {leaked:?}");
 
     d.swarm.down().await;
 }

@@ -152,7 +152,55 @@ pub struct Deployment {
     mongo_image: std::sync::Mutex<String>,
     /// Node id (as the swarm knows it) to node index (1 = manager).
     node_index: BTreeMap<String, usize>,
+    /// The stack's secrets (`scripts/stack-secrets`), removed on drop.
+    secrets: Secrets,
 }
+
+/// The directory of the stack's secrets, made by `scripts/stack-secrets`; removed on drop.
+#[derive(Debug)]
+struct Secrets(PathBuf);
+
+impl Secrets {
+    fn make() -> Secrets {
+        let dir = std::env::temp_dir().join(format!(
+            "e2e-secrets-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let script = repo_file("scripts/stack-secrets");
+        let out = std::process::Command::new(&script)
+            .arg(&dir)
+            .output()
+            .expect("run scripts/stack-secrets");
+        assert!(
+            out.status.success(),
+            "scripts/stack-secrets failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Secrets(dir)
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file of the repository.
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+/// The stack's user of the example application (compose/mongo-users.json).
+const APP_USER: &str = "app";
+/// Where the probe container keeps the application's password.
+const PROBE_PASSWORD: &str = "/tmp/app-password";
 
 impl Deployment {
     /// Checks that the images exist on the host engine, loads them into every node and deploys
@@ -175,6 +223,7 @@ impl Deployment {
             options,
             mongo_image: std::sync::Mutex::new(MONGO_IMAGE.to_string()),
             node_index: BTreeMap::new(),
+            secrets: Secrets::make(),
         };
         let nodes = d
             .manager()
@@ -208,8 +257,10 @@ impl Deployment {
             .lock()
             .map(|i| i.clone())
             .unwrap_or_else(|_| MONGO_IMAGE.to_string());
+        let secrets = self.secrets.0.to_str().expect("utf-8 path").to_string();
         let env = [
             ("STACK", STACK),
+            ("MONGO_SECRETS", secrets.as_str()),
             ("REGISTRATOR_IMAGE", "local/swarm-registrator"),
             ("RECONCILER_IMAGE", "local/replset-reconciler"),
             ("DEMO_APP_IMAGE", "local/replset-demo-app"),
@@ -571,23 +622,123 @@ impl Deployment {
         self.run_probe().await.expect("start the probe container");
     }
 
+    /// The probe logs in as the application's user, its password copied in from the stack's
+    /// secrets (root in the container, as the file is the owner's only).
     async fn run_probe(&self) -> Result<String, String> {
-        self.manager()
+        let manager = self.manager();
+        manager
             .docker(&[
-                "run",
-                "-d",
+                "create",
                 "--name",
                 PROBE,
+                "--user",
+                "0",
                 "--network",
                 NETWORK,
                 "--env",
                 &format!("DEMO_BACKEND={}", self.store.backend()),
+                "--env",
+                "DEMO_DATABASE=app",
+                "--env",
+                &format!("DEMO_USERNAME={APP_USER}"),
+                "--env",
+                &format!("DEMO_PASSWORD_FILE={PROBE_PASSWORD}"),
                 "local/replset-demo-app",
                 "serve",
                 "--interval",
                 "3600",
             ])
+            .await?;
+        let password = self.secrets.0.join("mongo_app_password");
+        let password = password.to_str().expect("utf-8 path");
+        manager
+            .docker(&["cp", password, &format!("{PROBE}:{PROBE_PASSWORD}")])
+            .await?;
+        manager.docker(&["start", PROBE]).await
+    }
+
+    /// A read of `id` by a client that does not log in, through the published URI, from a
+    /// one-off container on the stack's network: how it ended (it must be refused).
+    pub async fn anonymous_read(&self, id: &str) -> Result<crate::dind::CliOutput, String> {
+        self.manager()
+            .docker_output(&[
+                "run",
+                "--rm",
+                "--network",
+                NETWORK,
+                "local/replset-demo-app",
+                self.store.backend(),
+                "--database",
+                "app",
+                "read",
+                id,
+                "--wait",
+                "30",
+            ])
             .await
+    }
+
+    /// The values of the stack's secrets (key file and passwords).
+    pub fn secret_values(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for name in [
+            "mongo_keyfile",
+            "mongo_root_password",
+            "mongo_reconciler_password",
+            "mongo_app_password",
+        ] {
+            let text = std::fs::read_to_string(self.secrets.0.join(name)).expect("a secret file");
+            out.push((name.to_string(), text.trim().to_string()));
+        }
+        out
+    }
+
+    /// Every place a secret must never be: each service's logs and `docker service inspect`,
+    /// the probe's logs, and every key and value in the store. Returns where each secret was
+    /// found (empty when none leaked).
+    pub async fn secrets_found(&self) -> Result<Vec<String>, String> {
+        let manager = self.manager();
+        let services = manager
+            .docker(&["service", "ls", "--format", "{{.Name}}"])
+            .await?;
+        let mut places: Vec<(String, String)> = Vec::new();
+        for service in services.split_whitespace() {
+            let logs = manager
+                .docker_output(&["service", "logs", "--raw", "--no-task-ids", service])
+                .await?;
+            places.push((
+                format!("the logs of {service}"),
+                format!("{}\n{}", logs.stdout, logs.stderr),
+            ));
+            let inspect = manager.docker(&["service", "inspect", service]).await?;
+            places.push((format!("docker service inspect {service}"), inspect));
+        }
+        if let Ok(logs) = manager.docker_output(&["logs", PROBE]).await {
+            places.push((
+                "the probe's logs".into(),
+                format!("{}\n{}", logs.stdout, logs.stderr),
+            ));
+        }
+        let dump = match self.store {
+            Store::Etcd => {
+                self.exec(self.store.service(), &["etcdctl", "get", "--prefix", ""])
+                    .await?
+            }
+            Store::Consul => {
+                self.exec(self.store.service(), &["consul", "kv", "export", ""])
+                    .await?
+            }
+        };
+        places.push(("the store".into(), dump));
+        let mut found = Vec::new();
+        for (name, value) in self.secret_values() {
+            for (place, text) in &places {
+                if text.contains(&value) {
+                    found.push(format!("{name} in {place}"));
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Starts the probe container again after the manager's dockerd restarted (it stopped
