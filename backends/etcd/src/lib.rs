@@ -235,7 +235,12 @@ impl EtcdStore {
             .iter()
             .map(|e| format!("{scheme}://{e}"))
             .collect();
-        let joined = endpoints.join(",");
+        // In errors: `https://` names the TLS endpoints (see `map_error`).
+        let joined = if tls.is_some() {
+            urls.join(",")
+        } else {
+            endpoints.join(",")
+        };
         let conn = |timeout: Option<Duration>| {
             let mut connect = ConnectOptions::new()
                 .with_connect_timeout(Duration::from_secs(3))
@@ -426,6 +431,20 @@ fn map_error(endpoints: &str, what: &str, err: etcd_client::Error) -> BackendErr
         detail: format!("{what}: {detail}"),
         source: Some(Box::new(err)),
     };
+    // A handshake that failed on our side (an unknown CA) or with the server's alert (a refused
+    // client certificate): a status carries the transport error as its source.
+    let tls_failure = match &err {
+        E::GRpcStatus(status) => is_tls_failure(status),
+        other => is_tls_failure(other),
+    };
+    if tls_failure {
+        let detail = format!(
+            "TLS handshake with {endpoints} failed: {}; check --etcd-ca-file (the CA of etcd's \
+             certificate) and --etcd-client-cert / --etcd-client-key",
+            error_chain(&err)
+        );
+        return rejected(detail, err);
+    }
     match &err {
         E::GRpcStatus(status) => {
             use tonic::Code;
@@ -443,10 +462,10 @@ fn map_error(endpoints: &str, what: &str, err: etcd_client::Error) -> BackendErr
                     format!("{detail}; give --etcd-username and --etcd-password-file"),
                     err,
                 ),
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::Unknown
+                Code::Unavailable | Code::Cancelled | Code::Unknown => {
+                    unavailable(format!("{detail}{}", tls_hint(endpoints)), err)
+                }
+                Code::DeadlineExceeded
                 | Code::Aborted
                 | Code::ResourceExhausted
                 | Code::Internal => unavailable(detail, err),
@@ -455,15 +474,21 @@ fn map_error(endpoints: &str, what: &str, err: etcd_client::Error) -> BackendErr
         }
         E::InvalidArgs(detail) | E::EndpointError(detail) => rejected(detail.clone(), err),
         E::InvalidUri(e) => rejected(format!("invalid endpoint {endpoints:?}: {e}"), err),
-        _ if is_tls_failure(&err) => rejected(
-            format!(
-                "TLS handshake with {endpoints} failed: {}; check --etcd-ca-file (the CA of \
-                 etcd's certificate) and --etcd-client-cert / --etcd-client-key",
-                error_chain(&err)
-            ),
-            err,
-        ),
-        _ => unavailable(error_chain(&err), err),
+        _ => unavailable(format!("{}{}", error_chain(&err), tls_hint(endpoints)), err),
+    }
+}
+
+/// What to check when a connection over TLS fails. Over TLS 1.3 a server refuses a client
+/// certificate after the client's side of the handshake is done: the client sees the
+/// connection closed, as in an outage. It is retried as one, and says what to check should it
+/// go on. Empty for plain endpoints (`endpoints` names TLS ones with `https://`).
+fn tls_hint(endpoints: &str) -> &'static str {
+    if endpoints.starts_with("https://") {
+        "; if this goes on, check --etcd-client-cert / --etcd-client-key (etcd with \
+         --client-cert-auth closes the connection of a client without a certificate it \
+         trusts) and --etcd-ca-file"
+    } else {
+        ""
     }
 }
 

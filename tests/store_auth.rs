@@ -1,0 +1,833 @@
+//! The least-privilege roles of docs/security.md ("The store: etcd and Consul"), against real
+//! stores that each test starts on free loopback ports:
+//!
+//! - an etcd with TLS only (`--client-cert-auth`, certificates made here with rcgen) and
+//!   authentication enabled (a root user, then one user and role per program, made with
+//!   etcd-client's auth API);
+//! - a Consul agent with ACLs enabled, `default_policy = "deny"`, a master token, and one
+//!   policy and token per program made through the ACL API.
+//!
+//! Each program's store is opened the way the programs open it: their shared store flags
+//! (`StoreArgs`) parsed by clap, with the secrets in files. Each is shown to do its work with
+//! its role (the bridge: publish under a lease or session, the catalog; the reconciler: watch,
+//! campaign, write the set's keys; the application: read its set's URI), and to be refused
+//! outside it with an error that names the key and says "permission denied", after which the
+//! same client still does what it may.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backend_core::{
+    BackendError, BackendUri, Coordinator, KeyLayout, NodeRecord, Publisher, WatchEvent, Watcher,
+};
+use backend_store::{Store, StoreArgs};
+use clap::Parser;
+use common::*;
+use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions};
+use futures::StreamExt;
+use test_support::contract::record;
+use test_support::pki::Pki;
+
+const TTL: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The backend URI and the store flags, parsed as every program parses them.
+#[derive(Debug, Parser)]
+struct Flags {
+    #[arg(value_parser = backend_store::BackendUriParser)]
+    backend: BackendUri,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// The store that a program given `args` (the URI first) would open.
+async fn open(args: &[String]) -> Store {
+    let flags =
+        Flags::try_parse_from(std::iter::once("program".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("flags {args:?}: {e}"));
+    let options = flags.store.options(&flags.backend).expect("store options");
+    Store::open(&flags.backend, &options)
+        .await
+        .expect("a store client")
+}
+
+/// Asserts that `result` is a refusal that names `key` and says "permission denied".
+#[track_caller]
+fn refused<T: std::fmt::Debug>(result: Result<T, BackendError>, key: &str) {
+    match result {
+        Err(e @ BackendError::Rejected { .. }) => {
+            let text = backend_core::error_chain(&e);
+            assert!(text.contains(key), "the refusal names {key}: {text}");
+            assert!(
+                text.to_lowercase().contains("permission denied"),
+                "the refusal says permission denied: {text}"
+            );
+        }
+        other => panic!("expected a permission refusal on {key}, got {other:?}"),
+    }
+}
+
+fn node(id: &str) -> NodeRecord {
+    NodeRecord {
+        schema_version: backend_core::SCHEMA_VERSION,
+        node_id: id.into(),
+        hostname: format!("host-{id}"),
+        version: "test".into(),
+        started_at: "2026-01-01T00:00:00Z".into(),
+        engine_version: None,
+    }
+}
+
+/// The first event of a watch, within [`WAIT`].
+async fn first_event(
+    stream: &mut futures::stream::BoxStream<'static, Result<WatchEvent, BackendError>>,
+) -> Result<WatchEvent, BackendError> {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a watch event in time")
+        .expect("the watch goes on")
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+
+/// The roles of docs/security.md for `prefix`: (role, permissions).
+fn etcd_roles(prefix: &str) -> Vec<(&'static str, Vec<Permission>)> {
+    vec![
+        (
+            "registrator-bridge",
+            vec![
+                Permission::read_write(format!("{prefix}/services/")).with_prefix(),
+                Permission::read_write(format!("{prefix}/nodes/")).with_prefix(),
+            ],
+        ),
+        (
+            "registrator-reconciler",
+            vec![
+                Permission::read(format!("{prefix}/services/")).with_prefix(),
+                Permission::read_write(format!("{prefix}/replsets/")).with_prefix(),
+            ],
+        ),
+        (
+            "registrator-app-rs0",
+            vec![Permission::read(format!("{prefix}/replsets/rs0/uri"))],
+        ),
+    ]
+}
+
+/// A private etcd serving clients over TLS only, requiring client certificates, with
+/// authentication enabled; the users `bridge`, `reconciler` and `app` hold the roles of
+/// [`etcd_roles`] under [`SecureEtcd::PREFIX`]. Killed when dropped.
+struct SecureEtcd {
+    port: u16,
+    pki: Pki,
+    dir: TempDir,
+    _child: tokio::process::Child,
+}
+
+impl SecureEtcd {
+    const PREFIX: &'static str = "sa";
+    const ROOT_PASSWORD: &'static str = "root-password-for-tests";
+
+    async fn start() -> SecureEtcd {
+        let pki = Pki::generate();
+        let dir = TempDir::new("etcd-auth");
+        let (port, peer) = (free_port(), free_port());
+        let client_url = format!("https://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let mut command = tokio::process::Command::new(bin);
+        command
+            .args(["--name", "auth", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("auth={peer_url}")])
+            .arg("--cert-file")
+            .arg(&pki.server_cert)
+            .arg("--key-file")
+            .arg(&pki.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&pki.ca)
+            .arg("--client-cert-auth");
+        let log = dir.path().join("etcd.log");
+        let child = test_support::spawn_logged(&mut command, &log, "etcd (ETCD_BIN)");
+        let etcd = SecureEtcd {
+            port,
+            pki,
+            dir,
+            _child: child,
+        };
+        let mut admin = wait_for("the TLS etcd to answer", WAIT, || async {
+            let mut c = etcd.client(None).await?;
+            c.get("probe", None).await.map_err(|e| e.to_string())?;
+            Ok(c)
+        })
+        .await;
+        // etcd enables authentication only with a root user holding the root role.
+        admin
+            .user_add("root", SecureEtcd::ROOT_PASSWORD, None)
+            .await
+            .expect("user add root");
+        admin.role_add("root").await.expect("role add root");
+        admin
+            .user_grant_role("root", "root")
+            .await
+            .expect("grant root");
+        admin.auth_enable().await.expect("auth enable");
+        let mut root = etcd.root().await;
+        for (role, permissions) in etcd_roles(SecureEtcd::PREFIX) {
+            root.role_add(role).await.expect("role add");
+            for p in permissions {
+                root.role_grant_permission(role, p)
+                    .await
+                    .expect("grant permission");
+            }
+        }
+        for (user, role) in [
+            ("bridge", "registrator-bridge"),
+            ("reconciler", "registrator-reconciler"),
+            ("app", "registrator-app-rs0"),
+        ] {
+            root.user_add(user, etcd.password(user), None)
+                .await
+                .expect("user add");
+            root.user_grant_role(user, role).await.expect("grant role");
+        }
+        etcd
+    }
+
+    /// The password of `user`, made up for this etcd.
+    fn password(&self, user: &str) -> String {
+        format!("{user}-password-{}", self.port)
+    }
+
+    /// A client of the test's own over TLS (as root's certificate), logged in as `user`.
+    async fn client(&self, user: Option<(&str, &str)>) -> Result<etcd_client::Client, String> {
+        let read = |p: &PathBuf| std::fs::read(p).expect("a PEM file");
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.pki.ca)))
+            .identity(Identity::from_pem(
+                read(&self.pki.client_cert),
+                read(&self.pki.client_key),
+            ));
+        let mut options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_timeout(Duration::from_secs(5));
+        if let Some((name, password)) = user {
+            options = options.with_user(name, password);
+        }
+        etcd_client::Client::connect([format!("https://127.0.0.1:{}", self.port)], Some(options))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn root(&self) -> etcd_client::Client {
+        self.client(Some(("root", SecureEtcd::ROOT_PASSWORD)))
+            .await
+            .expect("root client")
+    }
+
+    fn layout(&self) -> KeyLayout {
+        KeyLayout::new(SecureEtcd::PREFIX)
+    }
+
+    /// The flags of a program that is `user`: the URI, the CA, a client certificate of its
+    /// own, the user and its password file.
+    fn flags(&self, user: &str, password: &str) -> Vec<String> {
+        let (cert, key) = self.pki.client(user);
+        let password_file = self.dir.path().join(format!("{user}-password"));
+        std::fs::write(&password_file, format!("{password}\n")).expect("password file");
+        let s = |p: &PathBuf| p.display().to_string();
+        vec![
+            format!(
+                "etcd+https://127.0.0.1:{}/{}",
+                self.port,
+                SecureEtcd::PREFIX
+            ),
+            "--etcd-ca-file".into(),
+            s(&self.pki.ca),
+            "--etcd-client-cert".into(),
+            s(&cert),
+            "--etcd-client-key".into(),
+            s(&key),
+            "--etcd-username".into(),
+            user.into(),
+            "--etcd-password-file".into(),
+            s(&password_file),
+        ]
+    }
+
+    /// The store of the program that is `user`, with its right password.
+    async fn store_of(&self, user: &str) -> Store {
+        open(&self.flags(user, &self.password(user))).await
+    }
+
+    /// The keys under `prefix`, read as root, with their leases.
+    async fn keys(&self, prefix: &str) -> Vec<(String, i64)> {
+        let resp = self
+            .root()
+            .await
+            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get as root");
+        resp.kvs()
+            .iter()
+            .map(|kv| (kv.key_str().expect("UTF-8").to_string(), kv.lease()))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_bridge_role_publishes_under_its_lease_and_nothing_else() {
+    let etcd = SecureEtcd::start().await;
+    let layout = etcd.layout();
+    let bridge = etcd.store_of("bridge").await;
+
+    bridge.open_session(TTL).await.expect("a lease");
+    bridge
+        .publish(&[record("db", "t1"), record("db", "t2")])
+        .await
+        .expect("publish");
+    bridge.publish_node(&node("n1")).await.expect("node record");
+    bridge.renew_session().await.expect("renew the lease");
+    assert_eq!(bridge.list_services().await.expect("list").len(), 2);
+    let published = etcd.keys(&format!("{}/", layout.prefix())).await;
+    assert_eq!(published.len(), 3, "{published:?}");
+    assert!(
+        published.iter().all(|(_, lease)| *lease != 0),
+        "every record is tied to the bridge's lease: {published:?}"
+    );
+
+    // Outside its part: the reconciler's keys.
+    let uri_key = layout.replset_uri_key("rs0");
+    refused(
+        bridge.put_value(&uri_key, b"mongodb://x".to_vec()).await,
+        &uri_key,
+    );
+    refused(bridge.get_value(&uri_key).await, &uri_key);
+    let leader = layout.replset_leader_key("rs0");
+    refused(
+        bridge.campaign(leader.clone(), "bridge".into(), TTL).await,
+        &leader,
+    );
+
+    // It goes on publishing, and its records go with its lease.
+    bridge
+        .publish(&[record("db", "t3")])
+        .await
+        .expect("publish after a refusal");
+    bridge
+        .unpublish(&[backend_core::ServiceKey {
+            service: "db".into(),
+            id: "t1".into(),
+        }])
+        .await
+        .expect("unpublish");
+    bridge.close_session(true).await.expect("revoke the lease");
+    assert_eq!(etcd.keys(&format!("{}/", layout.prefix())).await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reconciler_role_watches_leads_and_writes_its_sets_keys_only() {
+    let etcd = SecureEtcd::start().await;
+    let layout = etcd.layout();
+    let bridge = etcd.store_of("bridge").await;
+    bridge.open_session(TTL).await.expect("a lease");
+    bridge
+        .publish(&[record("db", "t1")])
+        .await
+        .expect("publish");
+
+    let reconciler = etcd.store_of("reconciler").await;
+    let mut watch = reconciler.watch_prefix(layout.services_prefix());
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries.len(), 1, "{entries:?}"),
+        other => panic!("the listing of services/: {other:?}"),
+    }
+    bridge
+        .publish(&[record("db", "t2")])
+        .await
+        .expect("publish");
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("db", "t2")),
+        other => panic!("the new record: {other:?}"),
+    }
+
+    let leader_key = layout.replset_leader_key("rs0");
+    let leadership = tokio::time::timeout(
+        WAIT,
+        reconciler.campaign(leader_key.clone(), "reconciler-a".into(), TTL),
+    )
+    .await
+    .expect("elected in time")
+    .expect("elected");
+    let election = etcd.keys(&format!("{leader_key}/")).await;
+    assert_eq!(election.len(), 1, "one election key: {election:?}");
+    for key in [
+        layout.replset_uri_key("rs0"),
+        layout.replset_status_key("rs0"),
+        layout.replset_identity_key("rs0"),
+    ] {
+        reconciler
+            .put_value(&key, b"value".to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        assert_eq!(
+            reconciler.get_value(&key).await.expect("read back"),
+            Some(b"value".to_vec())
+        );
+    }
+
+    // Outside its part: the bridges' keys.
+    // etcd grants a lease to any user: what it may put under it is the question.
+    reconciler.open_session(TTL).await.expect("a lease");
+    let record_key = layout.service_key("db", "forged");
+    refused(
+        reconciler.publish(&[record("db", "forged")]).await,
+        &record_key,
+    );
+    let node_key = layout.node_key("n1");
+    refused(
+        reconciler.put_value(&node_key, b"{}".to_vec()).await,
+        &node_key,
+    );
+    let bridges_record = layout.service_key("db", "t1");
+    refused(
+        reconciler.delete_value(&bridges_record).await,
+        &bridges_record,
+    );
+
+    // It goes on: the watch still follows, and it still writes its set's status.
+    bridge
+        .publish(&[record("db", "t3")])
+        .await
+        .expect("publish");
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("db", "t3")),
+        other => panic!("the record after the refusals: {other:?}"),
+    }
+    let status = layout.replset_status_key("rs0");
+    reconciler
+        .put_value(&status, b"after".to_vec())
+        .await
+        .expect("status after the refusals");
+    leadership.resign().await;
+    assert_eq!(etcd.keys(&format!("{leader_key}/")).await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_application_role_reads_its_sets_uri_only() {
+    let etcd = SecureEtcd::start().await;
+    let layout = etcd.layout();
+    let reconciler = etcd.store_of("reconciler").await;
+    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
+    let uri_key = layout.replset_uri_key("rs0");
+    reconciler
+        .put_value(&uri_key, uri.clone())
+        .await
+        .expect("uri");
+    let status_key = layout.replset_status_key("rs0");
+    reconciler
+        .put_value(&status_key, b"{}".to_vec())
+        .await
+        .expect("status");
+    let other_set = layout.replset_uri_key("rs1");
+    reconciler
+        .put_value(&other_set, uri.clone())
+        .await
+        .expect("uri");
+    let bridge = etcd.store_of("bridge").await;
+    bridge.open_session(TTL).await.expect("a lease");
+    bridge
+        .publish(&[record("db", "t1")])
+        .await
+        .expect("publish");
+
+    let app = etcd.store_of("app").await;
+    assert_eq!(
+        app.get_value(&uri_key).await.expect("its URI"),
+        Some(uri.clone())
+    );
+    refused(app.get_value(&status_key).await, &status_key);
+    refused(app.get_value(&other_set).await, &other_set);
+    refused(
+        app.put_value(&uri_key, b"mongodb://evil".to_vec()).await,
+        &uri_key,
+    );
+    let record_key = layout.service_key("db", "t1");
+    refused(app.get_value(&record_key).await, &record_key);
+    let mut watch = app.watch_prefix(layout.services_prefix());
+    refused(first_event(&mut watch).await, &layout.services_prefix());
+    drop(watch);
+    // Still reading what it may.
+    assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_wrong_password_or_no_client_certificate_is_a_clear_error() {
+    let etcd = SecureEtcd::start().await;
+    let key = etcd.layout().replset_uri_key("rs0");
+
+    let wrong = "not-the-app-password";
+    let flags = etcd.flags("app", wrong);
+    let password_file = flags.last().expect("the password file").clone();
+    let app = open(&flags).await;
+    let err = app.get_value(&key).await.expect_err("a wrong password");
+    let text = backend_core::error_chain(&err);
+    assert!(
+        !err.is_transient(),
+        "retrying cannot fix a password: {text}"
+    );
+    assert!(text.contains("\"app\""), "names the user: {text}");
+    assert!(
+        text.contains(&password_file),
+        "names the password file: {text}"
+    );
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(!text.contains(wrong), "never the password: {text}");
+    assert!(!format!("{app:?} {err:?}").contains(wrong), "nor in Debug");
+
+    // The CA, the user and the password, but no client certificate: etcd closes the
+    // connection once the handshake is done (TLS 1.3), which looks like an outage to the client
+    // and is retried like one; the error says what to check.
+    let flags: Vec<String> = etcd.flags("app", &etcd.password("app"));
+    let mut without_cert = vec![flags[0].clone()];
+    for pair in flags[1..].chunks(2) {
+        if !pair[0].starts_with("--etcd-client-") {
+            without_cert.extend_from_slice(pair);
+        }
+    }
+    let app = open(&without_cert).await;
+    let err = app
+        .get_value(&key)
+        .await
+        .expect_err("no client certificate");
+    let text = backend_core::error_chain(&err);
+    assert!(
+        text.contains("https://127.0.0.1:"),
+        "names the TLS endpoint: {text}"
+    );
+    assert!(
+        text.contains("--etcd-client-cert"),
+        "says what to check: {text}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consul
+
+/// The policies of docs/security.md for `prefix`: (name, rules).
+fn consul_policies(prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "registrator-bridge",
+            format!(
+                r#"key_prefix "{prefix}/services/" {{ policy = "write" }}
+key_prefix "{prefix}/nodes/" {{ policy = "write" }}
+session_prefix "" {{ policy = "write" }}
+service_prefix "" {{ policy = "write" }}"#
+            ),
+        ),
+        (
+            "registrator-reconciler",
+            format!(
+                r#"key_prefix "{prefix}/services/" {{ policy = "read" }}
+key_prefix "{prefix}/replsets/" {{ policy = "write" }}
+session_prefix "" {{ policy = "write" }}"#
+            ),
+        ),
+        (
+            "registrator-app-rs0",
+            format!(r#"key "{prefix}/replsets/rs0/uri" {{ policy = "read" }}"#),
+        ),
+    ]
+}
+
+/// A private Consul agent with ACLs in default-deny, and a token per program of
+/// [`consul_policies`] under [`AclConsul::PREFIX`]. Killed when dropped.
+struct AclConsul {
+    consul: PrivateConsul,
+    http: reqwest::Client,
+    dir: TempDir,
+}
+
+impl AclConsul {
+    const PREFIX: &'static str = "sa";
+    const MASTER: &'static str = "master-token-for-store-auth";
+
+    async fn start() -> AclConsul {
+        let consul = PrivateConsul::start_with_acl(AclConsul::MASTER).await;
+        let acl = AclConsul {
+            consul,
+            http: reqwest::Client::new(),
+            dir: TempDir::new("consul-acl"),
+        };
+        for (name, rules) in consul_policies(AclConsul::PREFIX) {
+            acl.master_put(
+                "/v1/acl/policy",
+                serde_json::json!({"Name": name, "Rules": rules}),
+            )
+            .await;
+        }
+        acl
+    }
+
+    /// A PUT with the master token; the JSON answer of a 2xx.
+    async fn master_put(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let resp = self
+            .http
+            .put(format!("http://{}{path}", self.consul.endpoint()))
+            .header("X-Consul-Token", AclConsul::MASTER)
+            .json(&body)
+            .send()
+            .await
+            .expect("the ACL API answers");
+        let status = resp.status();
+        let text = resp.text().await.expect("a body");
+        assert!(status.is_success(), "PUT {path} {body}: {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A GET with the master token; the JSON answer (null for a 404).
+    async fn master_get(&self, path: &str) -> serde_json::Value {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.consul.endpoint()))
+            .header("X-Consul-Token", AclConsul::MASTER)
+            .send()
+            .await
+            .expect("the agent answers");
+        resp.json().await.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The store of a program holding a new token of `policy`, given in a token file.
+    async fn store_of(&self, policy: &str) -> Store {
+        let token = self
+            .master_put(
+                "/v1/acl/token",
+                serde_json::json!({"Description": policy, "Policies": [{"Name": policy}]}),
+            )
+            .await;
+        let secret = token["SecretID"].as_str().expect("a SecretID");
+        let file = self.dir.path().join(format!("{policy}-token"));
+        std::fs::write(&file, format!("{secret}\n")).expect("token file");
+        open(&[
+            format!("consul://{}/{}", self.consul.endpoint(), AclConsul::PREFIX),
+            "--consul-token-file".into(),
+            file.display().to_string(),
+        ])
+        .await
+    }
+
+    fn layout(&self) -> KeyLayout {
+        KeyLayout::new(AclConsul::PREFIX)
+    }
+
+    /// The keys under `prefix`, read with the master token.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        let v = self.master_get(&format!("/v1/kv/{prefix}?keys=true")).await;
+        let mut keys: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_bridge_policy_publishes_kv_and_catalog_and_nothing_else() {
+    let consul = AclConsul::start().await;
+    let layout = consul.layout();
+    let bridge = consul.store_of("registrator-bridge").await;
+
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record("sadb", "t1"), record("sadb", "t2")])
+        .await
+        .expect("publish");
+    bridge.publish_node(&node("n1")).await.expect("node record");
+    bridge.renew_session().await.expect("renew");
+    assert_eq!(bridge.list_services().await.expect("list").len(), 2);
+    assert_eq!(
+        consul.keys(&format!("{}/", layout.prefix())).await,
+        vec![
+            layout.node_key("n1"),
+            layout.service_key("sadb", "t1"),
+            layout.service_key("sadb", "t2"),
+        ]
+    );
+    let services = consul.master_get("/v1/agent/services").await;
+    assert!(
+        services["t1"]["Service"] == "sadb" && services["t2"]["Service"] == "sadb",
+        "both in the catalog: {services}"
+    );
+
+    let uri_key = layout.replset_uri_key("rs0");
+    refused(
+        bridge.put_value(&uri_key, b"mongodb://x".to_vec()).await,
+        &uri_key,
+    );
+    refused(bridge.get_value(&uri_key).await, &uri_key);
+    let leader = layout.replset_leader_key("rs0");
+    refused(
+        bridge.campaign(leader.clone(), "bridge".into(), TTL).await,
+        &leader,
+    );
+
+    bridge
+        .publish(&[record("sadb", "t3")])
+        .await
+        .expect("publish after a refusal");
+    bridge.close_session(true).await.expect("end the session");
+    assert_eq!(
+        consul.keys(&format!("{}/", layout.prefix())).await,
+        Vec::<String>::new(),
+        "the records go with the session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_reconciler_policy_watches_leads_and_writes_its_sets_keys_only() {
+    let consul = AclConsul::start().await;
+    let layout = consul.layout();
+    let bridge = consul.store_of("registrator-bridge").await;
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record("sadb", "t1")])
+        .await
+        .expect("publish");
+
+    let reconciler = consul.store_of("registrator-reconciler").await;
+    let mut watch = reconciler.watch_prefix(layout.services_prefix());
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries.len(), 1, "{entries:?}"),
+        other => panic!("the listing of services/: {other:?}"),
+    }
+    bridge
+        .publish(&[record("sadb", "t2")])
+        .await
+        .expect("publish");
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("sadb", "t2")),
+        other => panic!("the new record: {other:?}"),
+    }
+
+    let leader_key = layout.replset_leader_key("rs0");
+    let leadership = tokio::time::timeout(
+        WAIT,
+        reconciler.campaign(leader_key.clone(), "reconciler-a".into(), TTL),
+    )
+    .await
+    .expect("elected in time")
+    .expect("elected");
+    for key in [
+        layout.replset_uri_key("rs0"),
+        layout.replset_status_key("rs0"),
+        layout.replset_identity_key("rs0"),
+    ] {
+        reconciler
+            .put_value(&key, b"value".to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        assert_eq!(
+            reconciler.get_value(&key).await.expect("read back"),
+            Some(b"value".to_vec())
+        );
+    }
+
+    reconciler.open_session(TTL).await.expect("a session");
+    let record_key = layout.service_key("sadb", "forged");
+    refused(
+        reconciler.publish(&[record("sadb", "forged")]).await,
+        &record_key,
+    );
+    let node_key = layout.node_key("n1");
+    refused(
+        reconciler.put_value(&node_key, b"{}".to_vec()).await,
+        &node_key,
+    );
+    let bridges_record = layout.service_key("sadb", "t1");
+    refused(
+        reconciler.delete_value(&bridges_record).await,
+        &bridges_record,
+    );
+
+    bridge
+        .publish(&[record("sadb", "t3")])
+        .await
+        .expect("publish");
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("sadb", "t3")),
+        other => panic!("the record after the refusals: {other:?}"),
+    }
+    let status = layout.replset_status_key("rs0");
+    reconciler
+        .put_value(&status, b"after".to_vec())
+        .await
+        .expect("status after the refusals");
+    leadership.resign().await;
+    let held = consul.master_get(&format!("/v1/kv/{leader_key}")).await;
+    assert!(held[0]["Session"].is_null(), "the lock is released: {held}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_application_policy_reads_its_sets_uri_only() {
+    let consul = AclConsul::start().await;
+    let layout = consul.layout();
+    let reconciler = consul.store_of("registrator-reconciler").await;
+    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
+    let uri_key = layout.replset_uri_key("rs0");
+    reconciler
+        .put_value(&uri_key, uri.clone())
+        .await
+        .expect("uri");
+    let status_key = layout.replset_status_key("rs0");
+    reconciler
+        .put_value(&status_key, b"{}".to_vec())
+        .await
+        .expect("status");
+    let other_set = layout.replset_uri_key("rs1");
+    reconciler
+        .put_value(&other_set, uri.clone())
+        .await
+        .expect("uri");
+    let bridge = consul.store_of("registrator-bridge").await;
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record("sadb", "t1")])
+        .await
+        .expect("publish");
+
+    let app = consul.store_of("registrator-app-rs0").await;
+    assert_eq!(
+        app.get_value(&uri_key).await.expect("its URI"),
+        Some(uri.clone())
+    );
+    refused(app.get_value(&status_key).await, &status_key);
+    refused(app.get_value(&other_set).await, &other_set);
+    refused(
+        app.put_value(&uri_key, b"mongodb://evil".to_vec()).await,
+        &uri_key,
+    );
+    let record_key = layout.service_key("sadb", "t1");
+    refused(app.get_value(&record_key).await, &record_key);
+    // A recursive read is not refused by Consul but filtered to what the token may read
+    // (unless the agent sets acl.enable_key_list_policy): the records stay hidden.
+    let mut watch = app.watch_prefix(layout.services_prefix());
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries, vec![], "hidden"),
+        other => panic!("a filtered listing: {other:?}"),
+    }
+    drop(watch);
+    assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
+}
