@@ -831,3 +831,71 @@ async fn consul_application_policy_reads_its_sets_uri_only() {
     drop(watch);
     assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The bridge program itself, with its role's flags
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_publishes_into_a_secured_etcd_with_its_flags() {
+    let etcd = SecureEtcd::start().await;
+    let layout = etcd.layout();
+    let names = Names::new("sauth");
+    let mut cleanup = Cleanup::default();
+    let svc = names.name("web");
+    plain_container(
+        &mut cleanup,
+        &names.name("c"),
+        &svc,
+        &[],
+        &["sleep", "86400"],
+    )
+    .await;
+
+    let flags = etcd.flags("bridge", &etcd.password("bridge"));
+    let args: Vec<&str> = std::iter::once("--internal")
+        .chain(flags[1..].iter().map(String::as_str))
+        .collect();
+    let mut bridge = BridgeProcess::start_with_env(&flags[0], &args, &[]).await;
+    let service_prefix = layout.service_prefix(&svc);
+    let records = wait_for("the record in the secured etcd", WAIT, || async {
+        let keys = etcd.keys(&service_prefix).await;
+        if keys.len() == 1 {
+            Ok(keys)
+        } else {
+            Err(format!("{keys:?}; bridge log: {}", bridge.log_text()))
+        }
+    })
+    .await;
+    assert!(records[0].1 != 0, "under the bridge's lease: {records:?}");
+    assert_eq!(
+        etcd.keys(&layout.nodes_prefix()).await.len(),
+        1,
+        "its node record"
+    );
+    bridge.signal("TERM").await;
+    assert_eq!(bridge.wait(Duration::from_secs(10)).await, Some(0));
+    let log = bridge.log_text();
+    assert!(
+        !log.contains(&etcd.password("bridge")),
+        "never the password: {log}"
+    );
+    assert!(log.contains("logged in to etcd"), "{log}");
+
+    // With a wrong password it stops at once, naming the user and the file, not the password.
+    let wrong = etcd.flags("bridge", "a-wrong-password");
+    let mut args = wrong.clone();
+    args.extend(["--retry-attempts".into(), "1".into()]);
+    let (code, stderr) = run_bridge(&args, &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    // (The log line quotes the error, so the user's name is in escaped quotes.)
+    assert!(stderr.contains(r#"as user \"bridge\""#), "names the user: {stderr}");
+    assert!(
+        stderr.contains(wrong.last().expect("file")),
+        "names the file: {stderr}"
+    );
+    assert!(
+        !stderr.contains("a-wrong-password"),
+        "never the password: {stderr}"
+    );
+}
