@@ -889,7 +889,10 @@ async fn the_bridge_publishes_into_a_secured_etcd_with_its_flags() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("authentication failed"), "{stderr}");
     // (The log line quotes the error, so the user's name is in escaped quotes.)
-    assert!(stderr.contains(r#"as user \"bridge\""#), "names the user: {stderr}");
+    assert!(
+        stderr.contains(r#"as user \"bridge\""#),
+        "names the user: {stderr}"
+    );
     assert!(
         stderr.contains(wrong.last().expect("file")),
         "names the file: {stderr}"
