@@ -91,6 +91,233 @@ async fn first_event(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The roles, the same in both stores
+
+/// The programs whose roles are tested.
+#[derive(Debug, Clone, Copy)]
+enum Program {
+    Bridge,
+    Reconciler,
+    /// An application of the set `rs0`.
+    App,
+}
+
+/// A store a test started with authentication, as the roles' scenarios see it.
+trait SecuredStore {
+    /// Whether a listing of keys the client may not read is hidden (Consul filters a recursive
+    /// read) rather than refused (etcd).
+    const HIDES_LISTINGS: bool;
+    fn layout(&self) -> KeyLayout;
+    /// The store of `program`, opened with its own credentials.
+    async fn store_of(&self, program: Program) -> Store;
+    /// The keys under `prefix`, sorted, read with full rights.
+    async fn keys(&self, prefix: &str) -> Vec<String>;
+    /// Whether someone leads the election of `key`.
+    async fn leader_held(&self, key: &str) -> bool;
+}
+
+/// The service of the records in the scenarios.
+const SERVICE: &str = "sadb";
+
+/// The bridge publishes two records and its node record under its session, and is refused
+/// the reconciler's keys, then goes on publishing. Returns it with its session open.
+async fn publishes_as_a_bridge_and_nothing_else<S: SecuredStore>(s: &S) -> Store {
+    let layout = s.layout();
+    let bridge = s.store_of(Program::Bridge).await;
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record(SERVICE, "t1"), record(SERVICE, "t2")])
+        .await
+        .expect("publish");
+    bridge.publish_node(&node("n1")).await.expect("node record");
+    bridge.renew_session().await.expect("renew");
+    assert_eq!(bridge.list_services().await.expect("list").len(), 2);
+    assert_eq!(
+        s.keys(&format!("{}/", layout.prefix())).await,
+        vec![
+            layout.node_key("n1"),
+            layout.service_key(SERVICE, "t1"),
+            layout.service_key(SERVICE, "t2"),
+        ]
+    );
+
+    let uri_key = layout.replset_uri_key("rs0");
+    refused(
+        bridge.put_value(&uri_key, b"mongodb://x".to_vec()).await,
+        &uri_key,
+    );
+    refused(bridge.get_value(&uri_key).await, &uri_key);
+    let leader = layout.replset_leader_key("rs0");
+    refused(
+        bridge.campaign(leader.clone(), "bridge".into(), TTL).await,
+        &leader,
+    );
+
+    bridge
+        .publish(&[record(SERVICE, "t3")])
+        .await
+        .expect("publish after a refusal");
+    bridge
+        .unpublish(&[backend_core::ServiceKey {
+            service: SERVICE.into(),
+            id: "t3".into(),
+        }])
+        .await
+        .expect("unpublish");
+    bridge
+}
+
+/// The bridge ends its session: its records go with it.
+async fn its_records_go_with_its_session<S: SecuredStore>(s: &S, bridge: Store) {
+    bridge.close_session(true).await.expect("end the session");
+    let prefix = format!("{}/", s.layout().prefix());
+    wait_for("the records to go with the session", WAIT, || async {
+        let keys = s.keys(&prefix).await;
+        if keys.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{keys:?}"))
+        }
+    })
+    .await;
+}
+
+/// The reconciler watches the records, leads its set, writes the set's keys, and is refused
+/// the bridges' keys, after which its watch and its writes go on.
+async fn reconciles_and_nothing_else<S: SecuredStore>(s: &S) {
+    let layout = s.layout();
+    let bridge = s.store_of(Program::Bridge).await;
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record(SERVICE, "t1")])
+        .await
+        .expect("publish");
+
+    let reconciler = s.store_of(Program::Reconciler).await;
+    let mut watch = reconciler.watch_prefix(layout.services_prefix());
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries.len(), 1, "{entries:?}"),
+        other => panic!("the listing of services/: {other:?}"),
+    }
+    let published = |id: &'static str| {
+        let bridge = &bridge;
+        async move {
+            bridge
+                .publish(&[record(SERVICE, id)])
+                .await
+                .expect("publish");
+        }
+    };
+    published("t2").await;
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key(SERVICE, "t2")),
+        other => panic!("the new record: {other:?}"),
+    }
+
+    let leader_key = layout.replset_leader_key("rs0");
+    let leadership = tokio::time::timeout(
+        WAIT,
+        reconciler.campaign(leader_key.clone(), "reconciler-a".into(), TTL),
+    )
+    .await
+    .expect("elected in time")
+    .expect("elected");
+    assert!(s.leader_held(&leader_key).await, "it leads {leader_key}");
+    for key in [
+        layout.replset_uri_key("rs0"),
+        layout.replset_status_key("rs0"),
+        layout.replset_identity_key("rs0"),
+    ] {
+        reconciler
+            .put_value(&key, b"value".to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        assert_eq!(
+            reconciler.get_value(&key).await.expect("read back"),
+            Some(b"value".to_vec())
+        );
+    }
+
+    // A lease or session it may have: what it may write with it is the question.
+    reconciler.open_session(TTL).await.expect("a session");
+    let record_key = layout.service_key(SERVICE, "forged");
+    refused(
+        reconciler.publish(&[record(SERVICE, "forged")]).await,
+        &record_key,
+    );
+    let node_key = layout.node_key("n1");
+    refused(
+        reconciler.put_value(&node_key, b"{}".to_vec()).await,
+        &node_key,
+    );
+    let bridges_record = layout.service_key(SERVICE, "t1");
+    refused(
+        reconciler.delete_value(&bridges_record).await,
+        &bridges_record,
+    );
+
+    published("t3").await;
+    match first_event(&mut watch).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key(SERVICE, "t3")),
+        other => panic!("the record after the refusals: {other:?}"),
+    }
+    let status = layout.replset_status_key("rs0");
+    reconciler
+        .put_value(&status, b"after".to_vec())
+        .await
+        .expect("status after the refusals");
+    leadership.resign().await;
+    assert!(!s.leader_held(&leader_key).await, "resigned {leader_key}");
+}
+
+/// The application reads its set's URI and nothing else, and still reads it after refusals.
+async fn reads_its_uri_and_nothing_else<S: SecuredStore>(s: &S) {
+    let layout = s.layout();
+    let reconciler = s.store_of(Program::Reconciler).await;
+    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
+    let uri_key = layout.replset_uri_key("rs0");
+    let status_key = layout.replset_status_key("rs0");
+    let other_set = layout.replset_uri_key("rs1");
+    for key in [&uri_key, &status_key, &other_set] {
+        reconciler.put_value(key, uri.clone()).await.expect("put");
+    }
+    let bridge = s.store_of(Program::Bridge).await;
+    bridge.open_session(TTL).await.expect("a session");
+    bridge
+        .publish(&[record(SERVICE, "t1")])
+        .await
+        .expect("publish");
+
+    let app = s.store_of(Program::App).await;
+    assert_eq!(
+        app.get_value(&uri_key).await.expect("its URI"),
+        Some(uri.clone())
+    );
+    refused(app.get_value(&status_key).await, &status_key);
+    refused(app.get_value(&other_set).await, &other_set);
+    refused(
+        app.put_value(&uri_key, b"mongodb://evil".to_vec()).await,
+        &uri_key,
+    );
+    let record_key = layout.service_key(SERVICE, "t1");
+    refused(app.get_value(&record_key).await, &record_key);
+    let mut watch = app.watch_prefix(layout.services_prefix());
+    let listing = first_event(&mut watch).await;
+    if S::HIDES_LISTINGS {
+        // Consul filters a recursive read to what the token may read (unless the agent sets
+        // acl.enable_key_list_policy): the records stay hidden.
+        match listing {
+            Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries, vec![], "hidden"),
+            other => panic!("a filtered listing: {other:?}"),
+        }
+    } else {
+        refused(listing, &layout.services_prefix());
+    }
+    drop(watch);
+    assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
+}
+
+// ---------------------------------------------------------------------------------------------
 // etcd
 
 /// The roles of docs/security.md for `prefix`: (role, permissions).
@@ -232,10 +459,6 @@ impl SecureEtcd {
             .expect("root client")
     }
 
-    fn layout(&self) -> KeyLayout {
-        KeyLayout::new(SecureEtcd::PREFIX)
-    }
-
     /// The flags of a program that is `user`: the URI, the CA, a client certificate of its
     /// own, the user and its password file.
     fn flags(&self, user: &str, password: &str) -> Vec<String> {
@@ -263,12 +486,12 @@ impl SecureEtcd {
     }
 
     /// The store of the program that is `user`, with its right password.
-    async fn store_of(&self, user: &str) -> Store {
+    async fn store_of_user(&self, user: &str) -> Store {
         open(&self.flags(user, &self.password(user))).await
     }
 
     /// The keys under `prefix`, read as root, with their leases.
-    async fn keys(&self, prefix: &str) -> Vec<(String, i64)> {
+    async fn keys_with_leases(&self, prefix: &str) -> Vec<(String, i64)> {
         let resp = self
             .root()
             .await
@@ -282,190 +505,57 @@ impl SecureEtcd {
     }
 }
 
+impl SecuredStore for SecureEtcd {
+    const HIDES_LISTINGS: bool = false;
+
+    fn layout(&self) -> KeyLayout {
+        KeyLayout::new(SecureEtcd::PREFIX)
+    }
+
+    async fn store_of(&self, program: Program) -> Store {
+        let user = match program {
+            Program::Bridge => "bridge",
+            Program::Reconciler => "reconciler",
+            Program::App => "app",
+        };
+        self.store_of_user(user).await
+    }
+
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        let keys = self.keys_with_leases(prefix).await;
+        keys.into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// etcd's election keys are `<key>/<lease>`, one a candidate.
+    async fn leader_held(&self, key: &str) -> bool {
+        !self.keys(&format!("{key}/")).await.is_empty()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_bridge_role_publishes_under_its_lease_and_nothing_else() {
     let etcd = SecureEtcd::start().await;
-    let layout = etcd.layout();
-    let bridge = etcd.store_of("bridge").await;
-
-    bridge.open_session(TTL).await.expect("a lease");
-    bridge
-        .publish(&[record("db", "t1"), record("db", "t2")])
-        .await
-        .expect("publish");
-    bridge.publish_node(&node("n1")).await.expect("node record");
-    bridge.renew_session().await.expect("renew the lease");
-    assert_eq!(bridge.list_services().await.expect("list").len(), 2);
-    let published = etcd.keys(&format!("{}/", layout.prefix())).await;
-    assert_eq!(published.len(), 3, "{published:?}");
+    let bridge = publishes_as_a_bridge_and_nothing_else(&etcd).await;
+    let keys = etcd
+        .keys_with_leases(&format!("{}/", etcd.layout().prefix()))
+        .await;
     assert!(
-        published.iter().all(|(_, lease)| *lease != 0),
-        "every record is tied to the bridge's lease: {published:?}"
+        keys.iter().all(|(_, lease)| *lease != 0),
+        "every record is tied to the bridge's lease: {keys:?}"
     );
-
-    // Outside its part: the reconciler's keys.
-    let uri_key = layout.replset_uri_key("rs0");
-    refused(
-        bridge.put_value(&uri_key, b"mongodb://x".to_vec()).await,
-        &uri_key,
-    );
-    refused(bridge.get_value(&uri_key).await, &uri_key);
-    let leader = layout.replset_leader_key("rs0");
-    refused(
-        bridge.campaign(leader.clone(), "bridge".into(), TTL).await,
-        &leader,
-    );
-
-    // It goes on publishing, and its records go with its lease.
-    bridge
-        .publish(&[record("db", "t3")])
-        .await
-        .expect("publish after a refusal");
-    bridge
-        .unpublish(&[backend_core::ServiceKey {
-            service: "db".into(),
-            id: "t1".into(),
-        }])
-        .await
-        .expect("unpublish");
-    bridge.close_session(true).await.expect("revoke the lease");
-    assert_eq!(etcd.keys(&format!("{}/", layout.prefix())).await, vec![]);
+    its_records_go_with_its_session(&etcd, bridge).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_reconciler_role_watches_leads_and_writes_its_sets_keys_only() {
     let etcd = SecureEtcd::start().await;
-    let layout = etcd.layout();
-    let bridge = etcd.store_of("bridge").await;
-    bridge.open_session(TTL).await.expect("a lease");
-    bridge
-        .publish(&[record("db", "t1")])
-        .await
-        .expect("publish");
-
-    let reconciler = etcd.store_of("reconciler").await;
-    let mut watch = reconciler.watch_prefix(layout.services_prefix());
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries.len(), 1, "{entries:?}"),
-        other => panic!("the listing of services/: {other:?}"),
-    }
-    bridge
-        .publish(&[record("db", "t2")])
-        .await
-        .expect("publish");
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("db", "t2")),
-        other => panic!("the new record: {other:?}"),
-    }
-
-    let leader_key = layout.replset_leader_key("rs0");
-    let leadership = tokio::time::timeout(
-        WAIT,
-        reconciler.campaign(leader_key.clone(), "reconciler-a".into(), TTL),
-    )
-    .await
-    .expect("elected in time")
-    .expect("elected");
-    let election = etcd.keys(&format!("{leader_key}/")).await;
-    assert_eq!(election.len(), 1, "one election key: {election:?}");
-    for key in [
-        layout.replset_uri_key("rs0"),
-        layout.replset_status_key("rs0"),
-        layout.replset_identity_key("rs0"),
-    ] {
-        reconciler
-            .put_value(&key, b"value".to_vec())
-            .await
-            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-        assert_eq!(
-            reconciler.get_value(&key).await.expect("read back"),
-            Some(b"value".to_vec())
-        );
-    }
-
-    // Outside its part: the bridges' keys.
-    // etcd grants a lease to any user: what it may put under it is the question.
-    reconciler.open_session(TTL).await.expect("a lease");
-    let record_key = layout.service_key("db", "forged");
-    refused(
-        reconciler.publish(&[record("db", "forged")]).await,
-        &record_key,
-    );
-    let node_key = layout.node_key("n1");
-    refused(
-        reconciler.put_value(&node_key, b"{}".to_vec()).await,
-        &node_key,
-    );
-    let bridges_record = layout.service_key("db", "t1");
-    refused(
-        reconciler.delete_value(&bridges_record).await,
-        &bridges_record,
-    );
-
-    // It goes on: the watch still follows, and it still writes its set's status.
-    bridge
-        .publish(&[record("db", "t3")])
-        .await
-        .expect("publish");
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("db", "t3")),
-        other => panic!("the record after the refusals: {other:?}"),
-    }
-    let status = layout.replset_status_key("rs0");
-    reconciler
-        .put_value(&status, b"after".to_vec())
-        .await
-        .expect("status after the refusals");
-    leadership.resign().await;
-    assert_eq!(etcd.keys(&format!("{leader_key}/")).await, vec![]);
+    reconciles_and_nothing_else(&etcd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_application_role_reads_its_sets_uri_only() {
     let etcd = SecureEtcd::start().await;
-    let layout = etcd.layout();
-    let reconciler = etcd.store_of("reconciler").await;
-    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
-    let uri_key = layout.replset_uri_key("rs0");
-    reconciler
-        .put_value(&uri_key, uri.clone())
-        .await
-        .expect("uri");
-    let status_key = layout.replset_status_key("rs0");
-    reconciler
-        .put_value(&status_key, b"{}".to_vec())
-        .await
-        .expect("status");
-    let other_set = layout.replset_uri_key("rs1");
-    reconciler
-        .put_value(&other_set, uri.clone())
-        .await
-        .expect("uri");
-    let bridge = etcd.store_of("bridge").await;
-    bridge.open_session(TTL).await.expect("a lease");
-    bridge
-        .publish(&[record("db", "t1")])
-        .await
-        .expect("publish");
-
-    let app = etcd.store_of("app").await;
-    assert_eq!(
-        app.get_value(&uri_key).await.expect("its URI"),
-        Some(uri.clone())
-    );
-    refused(app.get_value(&status_key).await, &status_key);
-    refused(app.get_value(&other_set).await, &other_set);
-    refused(
-        app.put_value(&uri_key, b"mongodb://evil".to_vec()).await,
-        &uri_key,
-    );
-    let record_key = layout.service_key("db", "t1");
-    refused(app.get_value(&record_key).await, &record_key);
-    let mut watch = app.watch_prefix(layout.services_prefix());
-    refused(first_event(&mut watch).await, &layout.services_prefix());
-    drop(watch);
-    // Still reading what it may.
-    assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
+    reads_its_uri_and_nothing_else(&etcd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,7 +696,7 @@ impl AclConsul {
     }
 
     /// The store of a program holding a new token of `policy`, given in a token file.
-    async fn store_of(&self, policy: &str) -> Store {
+    async fn store_with_policy(&self, policy: &str) -> Store {
         let token = self
             .master_put(
                 "/v1/acl/token",
@@ -623,9 +713,28 @@ impl AclConsul {
         ])
         .await
     }
+}
+
+impl SecuredStore for AclConsul {
+    const HIDES_LISTINGS: bool = true;
 
     fn layout(&self) -> KeyLayout {
         KeyLayout::new(AclConsul::PREFIX)
+    }
+
+    async fn store_of(&self, program: Program) -> Store {
+        let policy = match program {
+            Program::Bridge => "registrator-bridge",
+            Program::Reconciler => "registrator-reconciler",
+            Program::App => "registrator-app-rs0",
+        };
+        self.store_with_policy(policy).await
+    }
+
+    /// The lock's key is held by a session.
+    async fn leader_held(&self, key: &str) -> bool {
+        let held = self.master_get(&format!("/v1/kv/{key}")).await;
+        !held[0]["Session"].is_null()
     }
 
     /// The keys under `prefix`, read with the master token.
@@ -647,189 +756,25 @@ impl AclConsul {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_bridge_policy_publishes_kv_and_catalog_and_nothing_else() {
     let consul = AclConsul::start().await;
-    let layout = consul.layout();
-    let bridge = consul.store_of("registrator-bridge").await;
-
-    bridge.open_session(TTL).await.expect("a session");
-    bridge
-        .publish(&[record("sadb", "t1"), record("sadb", "t2")])
-        .await
-        .expect("publish");
-    bridge.publish_node(&node("n1")).await.expect("node record");
-    bridge.renew_session().await.expect("renew");
-    assert_eq!(bridge.list_services().await.expect("list").len(), 2);
-    assert_eq!(
-        consul.keys(&format!("{}/", layout.prefix())).await,
-        vec![
-            layout.node_key("n1"),
-            layout.service_key("sadb", "t1"),
-            layout.service_key("sadb", "t2"),
-        ]
-    );
+    let bridge = publishes_as_a_bridge_and_nothing_else(&consul).await;
     let services = consul.master_get("/v1/agent/services").await;
     assert!(
-        services["t1"]["Service"] == "sadb" && services["t2"]["Service"] == "sadb",
+        services["t1"]["Service"] == SERVICE && services["t2"]["Service"] == SERVICE,
         "both in the catalog: {services}"
     );
-
-    let uri_key = layout.replset_uri_key("rs0");
-    refused(
-        bridge.put_value(&uri_key, b"mongodb://x".to_vec()).await,
-        &uri_key,
-    );
-    refused(bridge.get_value(&uri_key).await, &uri_key);
-    let leader = layout.replset_leader_key("rs0");
-    refused(
-        bridge.campaign(leader.clone(), "bridge".into(), TTL).await,
-        &leader,
-    );
-
-    bridge
-        .publish(&[record("sadb", "t3")])
-        .await
-        .expect("publish after a refusal");
-    bridge.close_session(true).await.expect("end the session");
-    assert_eq!(
-        consul.keys(&format!("{}/", layout.prefix())).await,
-        Vec::<String>::new(),
-        "the records go with the session"
-    );
+    its_records_go_with_its_session(&consul, bridge).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_reconciler_policy_watches_leads_and_writes_its_sets_keys_only() {
     let consul = AclConsul::start().await;
-    let layout = consul.layout();
-    let bridge = consul.store_of("registrator-bridge").await;
-    bridge.open_session(TTL).await.expect("a session");
-    bridge
-        .publish(&[record("sadb", "t1")])
-        .await
-        .expect("publish");
-
-    let reconciler = consul.store_of("registrator-reconciler").await;
-    let mut watch = reconciler.watch_prefix(layout.services_prefix());
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries.len(), 1, "{entries:?}"),
-        other => panic!("the listing of services/: {other:?}"),
-    }
-    bridge
-        .publish(&[record("sadb", "t2")])
-        .await
-        .expect("publish");
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("sadb", "t2")),
-        other => panic!("the new record: {other:?}"),
-    }
-
-    let leader_key = layout.replset_leader_key("rs0");
-    let leadership = tokio::time::timeout(
-        WAIT,
-        reconciler.campaign(leader_key.clone(), "reconciler-a".into(), TTL),
-    )
-    .await
-    .expect("elected in time")
-    .expect("elected");
-    for key in [
-        layout.replset_uri_key("rs0"),
-        layout.replset_status_key("rs0"),
-        layout.replset_identity_key("rs0"),
-    ] {
-        reconciler
-            .put_value(&key, b"value".to_vec())
-            .await
-            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-        assert_eq!(
-            reconciler.get_value(&key).await.expect("read back"),
-            Some(b"value".to_vec())
-        );
-    }
-
-    reconciler.open_session(TTL).await.expect("a session");
-    let record_key = layout.service_key("sadb", "forged");
-    refused(
-        reconciler.publish(&[record("sadb", "forged")]).await,
-        &record_key,
-    );
-    let node_key = layout.node_key("n1");
-    refused(
-        reconciler.put_value(&node_key, b"{}".to_vec()).await,
-        &node_key,
-    );
-    let bridges_record = layout.service_key("sadb", "t1");
-    refused(
-        reconciler.delete_value(&bridges_record).await,
-        &bridges_record,
-    );
-
-    bridge
-        .publish(&[record("sadb", "t3")])
-        .await
-        .expect("publish");
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, layout.service_key("sadb", "t3")),
-        other => panic!("the record after the refusals: {other:?}"),
-    }
-    let status = layout.replset_status_key("rs0");
-    reconciler
-        .put_value(&status, b"after".to_vec())
-        .await
-        .expect("status after the refusals");
-    leadership.resign().await;
-    let held = consul.master_get(&format!("/v1/kv/{leader_key}")).await;
-    assert!(held[0]["Session"].is_null(), "the lock is released: {held}");
+    reconciles_and_nothing_else(&consul).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_application_policy_reads_its_sets_uri_only() {
     let consul = AclConsul::start().await;
-    let layout = consul.layout();
-    let reconciler = consul.store_of("registrator-reconciler").await;
-    let uri = b"mongodb://10.0.0.1:27017,10.0.0.2:27017/?replicaSet=rs0".to_vec();
-    let uri_key = layout.replset_uri_key("rs0");
-    reconciler
-        .put_value(&uri_key, uri.clone())
-        .await
-        .expect("uri");
-    let status_key = layout.replset_status_key("rs0");
-    reconciler
-        .put_value(&status_key, b"{}".to_vec())
-        .await
-        .expect("status");
-    let other_set = layout.replset_uri_key("rs1");
-    reconciler
-        .put_value(&other_set, uri.clone())
-        .await
-        .expect("uri");
-    let bridge = consul.store_of("registrator-bridge").await;
-    bridge.open_session(TTL).await.expect("a session");
-    bridge
-        .publish(&[record("sadb", "t1")])
-        .await
-        .expect("publish");
-
-    let app = consul.store_of("registrator-app-rs0").await;
-    assert_eq!(
-        app.get_value(&uri_key).await.expect("its URI"),
-        Some(uri.clone())
-    );
-    refused(app.get_value(&status_key).await, &status_key);
-    refused(app.get_value(&other_set).await, &other_set);
-    refused(
-        app.put_value(&uri_key, b"mongodb://evil".to_vec()).await,
-        &uri_key,
-    );
-    let record_key = layout.service_key("sadb", "t1");
-    refused(app.get_value(&record_key).await, &record_key);
-    // A recursive read is not refused by Consul but filtered to what the token may read
-    // (unless the agent sets acl.enable_key_list_policy): the records stay hidden.
-    let mut watch = app.watch_prefix(layout.services_prefix());
-    match first_event(&mut watch).await {
-        Ok(WatchEvent::Restarted(entries)) => assert_eq!(entries, vec![], "hidden"),
-        other => panic!("a filtered listing: {other:?}"),
-    }
-    drop(watch);
-    assert_eq!(app.get_value(&uri_key).await.expect("its URI"), Some(uri));
+    reads_its_uri_and_nothing_else(&consul).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -858,7 +803,7 @@ async fn the_bridge_publishes_into_a_secured_etcd_with_its_flags() {
     let mut bridge = BridgeProcess::start_with_env(&flags[0], &args, &[]).await;
     let service_prefix = layout.service_prefix(&svc);
     let records = wait_for("the record in the secured etcd", WAIT, || async {
-        let keys = etcd.keys(&service_prefix).await;
+        let keys = etcd.keys_with_leases(&service_prefix).await;
         if keys.len() == 1 {
             Ok(keys)
         } else {

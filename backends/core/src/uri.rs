@@ -93,7 +93,7 @@ pub enum UriError {
     #[error("backend URI {uri:?}: {reason}")]
     Unsupported { uri: String, reason: &'static str },
     /// `scheme://user:password@host`: the URI (and so the password) is not repeated.
-    #[error("a {scheme}:// backend URI cannot carry credentials (the part before '@'): a URI is printed in logs and seen in process arguments; write {scheme}://<host:port>/<prefix> and give {instead}")]
+    #[error("the {scheme}:// backend URI cannot carry credentials (the part before '@'): a URI is printed in logs and seen in process arguments; write {scheme}://<host:port>/<prefix> and give {instead}")]
     Credentials {
         scheme: String,
         instead: &'static str,

@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::{
-    error_chain, BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord,
-    Publisher, Result, Secret, ServiceKey, ServiceRecord, WatchEvent, Watcher,
+    error_chain, is_tls_failure, BackendError, Backoff, Coordinator, KeyLayout, KvEntry,
+    Leadership, NodeRecord, Publisher, Result, Secret, ServiceKey, ServiceRecord, WatchEvent,
+    Watcher,
 };
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
@@ -490,28 +491,6 @@ fn tls_hint(endpoints: &str) -> &'static str {
     } else {
         ""
     }
-}
-
-/// Whether a request failed in the TLS handshake (an unknown CA, a refused client
-/// certificate), as opposed to the network: a rustls error somewhere in its causes, itself or
-/// inside an I/O error.
-fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(err) = cause {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                return true;
-            }
-        }
-        cause = err.source();
-    }
-    false
 }
 
 impl Publisher for EtcdStore {
