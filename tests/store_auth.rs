@@ -359,6 +359,11 @@ impl SecureEtcd {
     const ROOT_PASSWORD: &'static str = "root-password-for-tests";
 
     async fn start() -> SecureEtcd {
+        SecureEtcd::start_with(&[]).await
+    }
+
+    /// [`SecureEtcd::start`] with more etcd flags.
+    async fn start_with(extra: &[&str]) -> SecureEtcd {
         let pki = Pki::generate();
         let dir = TempDir::new("etcd-auth");
         let (port, peer) = (free_port(), free_port());
@@ -380,7 +385,8 @@ impl SecureEtcd {
             .arg(&pki.server_key)
             .arg("--trusted-ca-file")
             .arg(&pki.ca)
-            .arg("--client-cert-auth");
+            .arg("--client-cert-auth")
+            .args(extra);
         let log = dir.path().join("etcd.log");
         let child = test_support::spawn_logged(&mut command, &log, "etcd (ETCD_BIN)");
         let etcd = SecureEtcd {
@@ -556,6 +562,40 @@ async fn etcd_reconciler_role_watches_leads_and_writes_its_sets_keys_only() {
 async fn etcd_application_role_reads_its_sets_uri_only() {
     let etcd = SecureEtcd::start().await;
     reads_its_uri_and_nothing_else(&etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_an_expired_token_is_renewed_without_the_program_noticing() {
+    // etcd forgets a simple token that has not been used for --auth-token-ttl.
+    let ttl = Duration::from_secs(1);
+    let etcd = SecureEtcd::start_with(&["--auth-token-ttl", "1"]).await;
+    let layout = etcd.layout();
+    let bridge = etcd.store_of(Program::Bridge).await;
+    let reconciler = etcd.store_of(Program::Reconciler).await;
+    bridge.open_session(TTL).await.expect("a lease");
+    let uri_key = layout.replset_uri_key("rs0");
+    reconciler
+        .put_value(&uri_key, b"u".to_vec())
+        .await
+        .expect("put");
+    for round in 0..2 {
+        // Nothing to wait for but time: the tokens must be left unused past their TTL.
+        tokio::time::sleep(ttl * 3).await;
+        bridge
+            .publish(&[record(SERVICE, "t1")])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: publish with an expired token: {e}"));
+        bridge.renew_session().await.expect("renew");
+        assert_eq!(
+            reconciler.get_value(&uri_key).await.expect("get"),
+            Some(b"u".to_vec())
+        );
+        let leadership = reconciler
+            .campaign(layout.replset_leader_key("rs0"), "r".into(), TTL)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: campaign with an expired token: {e}"));
+        leadership.resign().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,7 +460,10 @@ fn map_error(endpoints: &str, what: &str, err: etcd_client::Error) -> BackendErr
                     err,
                 ),
                 Code::Unauthenticated => rejected(
-                    format!("{detail}; give --etcd-username and --etcd-password-file"),
+                    format!(
+                        "{detail}; etcd wants a user: check --etcd-username and \
+                         --etcd-password-file"
+                    ),
                     err,
                 ),
                 Code::Unavailable | Code::Cancelled | Code::Unknown => {
