@@ -197,3 +197,26 @@ pub fn encode_key(key: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_refused_transaction_names_the_refused_key() {
+        let ops = vec![
+            json!({"KV": {"Verb": "delete", "Key": "p/services/a"}}),
+            json!({"KV": {"Verb": "lock", "Key": "p/services/a"}}),
+            json!({"KV": {"Verb": "lock", "Key": "p/services/b"}}),
+        ];
+        assert_eq!(
+            txn_what(&ops),
+            "KV transaction on p/services/a and 1 more keys"
+        );
+        assert_eq!(txn_what(&ops[..1]), "KV transaction on p/services/a");
+        let body = r#"{"Results":null,"Errors":[{"OpIndex":2,"What":"Permission denied"}]}"#;
+        assert_eq!(txn_errors(&ops, body), "p/services/b: permission denied");
+        assert_eq!(txn_errors(&ops, " not json\n"), "not json");
+    }
+}

@@ -884,4 +884,47 @@ mod tests {
         assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_range_end(b""), vec![0]);
     }
+
+    #[test]
+    fn tls_files_that_cannot_work_are_named() {
+        let dir = std::env::temp_dir().join(format!("etcd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let not_pem = dir.join("not-pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let cert = dir.join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let tls = |ca: &PathBuf, identity: Option<(&PathBuf, &PathBuf)>| EtcdOptions {
+            tls: true,
+            ca_file: Some(ca.clone()),
+            client_cert: identity.map(|(c, _)| c.clone()),
+            client_key: identity.map(|(_, k)| k.clone()),
+            user: None,
+        };
+        let err = tls(&not_pem, None).tls_config().expect_err("not PEM");
+        let text = err.to_string();
+        assert!(
+            text.contains("--etcd-ca-file") && text.contains("not-pem"),
+            "{text}"
+        );
+        let err = tls(&cert, Some((&cert, &cert)))
+            .tls_config()
+            .expect_err("a cert as key");
+        assert!(err.to_string().contains("--etcd-client-key"), "{err}");
+        let missing = dir.join("missing");
+        let err = tls(&missing, None).tls_config().expect_err("missing");
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        let half = EtcdOptions {
+            client_key: None,
+            ..tls(&cert, Some((&cert, &cert)))
+        };
+        assert!(matches!(half.tls_config(), Err(ConfigError::HalfIdentity)));
+        assert!(tls(&cert, None).tls_config().expect("a CA").is_some());
+        let plain = EtcdOptions::default();
+        assert!(plain.tls_config().expect("plain").is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
