@@ -737,6 +737,11 @@ impl AclConsul {
 
     /// The store of a program holding a new token of `policy`, given in a token file.
     async fn store_with_policy(&self, policy: &str) -> Store {
+        open(&self.flags(policy).await).await
+    }
+
+    /// The flags of a program holding a new token of `policy`: the URI and the token file.
+    async fn flags(&self, policy: &str) -> Vec<String> {
         let token = self
             .master_put(
                 "/v1/acl/token",
@@ -746,12 +751,11 @@ impl AclConsul {
         let secret = token["SecretID"].as_str().expect("a SecretID");
         let file = self.dir.path().join(format!("{policy}-token"));
         std::fs::write(&file, format!("{secret}\n")).expect("token file");
-        open(&[
+        vec![
             format!("consul://{}/{}", self.consul.endpoint(), AclConsul::PREFIX),
             "--consul-token-file".into(),
             file.display().to_string(),
-        ])
-        .await
+        ]
     }
 }
 
@@ -885,5 +889,50 @@ async fn the_bridge_publishes_into_a_secured_etcd_with_its_flags() {
     assert!(
         !stderr.contains("a-wrong-password"),
         "never the password: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_publishes_into_an_acl_consul_with_its_policys_token() {
+    let consul = AclConsul::start().await;
+    let layout = consul.layout();
+    let names = Names::new("sauthc");
+    let mut cleanup = Cleanup::default();
+    let svc = names.name("web");
+    let cname = names.name("c");
+    plain_container(&mut cleanup, &cname, &svc, &[], &["sleep", "86400"]).await;
+
+    let flags = consul.flags("registrator-bridge").await;
+    let args: Vec<&str> = std::iter::once("--internal")
+        .chain(flags[1..].iter().map(String::as_str))
+        .collect();
+    let mut bridge = BridgeProcess::start_with_env(&flags[0], &args, &[]).await;
+    let service_prefix = layout.service_prefix(&svc);
+    wait_for("the record in KV and the catalog", WAIT, || async {
+        let keys = consul.keys(&service_prefix).await;
+        let catalog = consul
+            .master_get(&format!("/v1/catalog/service/{svc}"))
+            .await;
+        match (keys.len(), catalog.as_array().map(Vec::len)) {
+            (1, Some(1)) => Ok(()),
+            _ => Err(format!(
+                "{keys:?} {catalog}; bridge log: {}",
+                bridge.log_text()
+            )),
+        }
+    })
+    .await;
+    assert_eq!(
+        consul.keys(&layout.nodes_prefix()).await.len(),
+        1,
+        "its node record"
+    );
+    bridge.wait_synced(1, WAIT).await;
+    bridge.signal("TERM").await;
+    assert_eq!(bridge.wait(Duration::from_secs(10)).await, Some(0));
+    let log = bridge.log_text();
+    assert!(
+        !log.contains("permission denied"),
+        "nothing was refused: {log}"
     );
 }
