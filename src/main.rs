@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     /// Where to publish: etcd://host:port[,host:port...]/<prefix>, consul://host:port/<prefix>
     /// or consul+https://host:port/<prefix>.
-    #[arg(env = "REGISTRATOR_BACKEND", value_parser = BackendUri::parse)]
+    #[arg(env = "REGISTRATOR_BACKEND", value_parser = backend_store::BackendUriParser)]
     backend: BackendUri,
 
     /// Publish plain containers with their own address and exposed ports instead of host ports.

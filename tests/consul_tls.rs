@@ -1,125 +1,46 @@
 //! The bridge against a Consul agent that speaks only HTTPS and requires client certificates
 //! (`consul+https://` with `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`).
 //!
-//! Each test generates its own CA, server and client certificates (rcgen, nothing from the
-//! machine) and starts its own Consul dev agent with plain HTTP turned off, on free ports.
+//! Each test generates its own CA, server and client certificates (`test_support::pki`, nothing
+//! from the machine) and starts its own Consul dev agent with plain HTTP turned off, on free ports.
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
 use serde_json::Value;
+use test_support::pki::Pki;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// How long a bridge that cannot work may take to give up with `--retry-attempts 1`.
 const GIVE_UP: Duration = Duration::from_secs(30);
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, as PEM files.
-struct Pki {
-    dir: TempDir,
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
+/// The test's own HTTPS client, trusting only the test CA and presenting the client cert.
+fn https_client(pki: &Pki) -> reqwest::Client {
+    let ca = std::fs::read(&pki.ca).expect("CA file");
+    let mut identity = std::fs::read(&pki.client_cert).expect("client cert");
+    identity.push(b'\n');
+    identity.extend(std::fs::read(&pki.client_key).expect("client key"));
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA cert"))
+        .identity(reqwest::Identity::from_pem(&identity).expect("identity"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("HTTPS client")
 }
 
-impl Pki {
-    fn generate() -> Pki {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-            KeyUsagePurpose, SanType,
-        };
-        let dir = TempDir::new("consul-tls");
-        let write = |name: &str, pem: String| -> PathBuf {
-            let path = dir.path().join(name);
-            std::fs::write(&path, pem).expect("write a PEM file");
-            path
-        };
-
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "swarm-registrator test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-
-        let server_key = KeyPair::generate().expect("server key");
-        let mut server_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        server_params
-            .distinguished_name
-            .push(DnType::CommonName, "server.dc1.consul");
-        server_params.subject_alt_names = vec![
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            SanType::DnsName("localhost".try_into().expect("DNS name")),
-        ];
-        server_params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        server_params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let server_cert = server_params
-            .signed_by(&server_key, &ca_cert, &ca_key)
-            .expect("server certificate");
-
-        let client_key = KeyPair::generate().expect("client key");
-        let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        client_params
-            .distinguished_name
-            .push(DnType::CommonName, "swarm-registrator");
-        client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_cert = client_params
-            .signed_by(&client_key, &ca_cert, &ca_key)
-            .expect("client certificate");
-
-        Pki {
-            ca: write("ca.pem", ca_cert.pem()),
-            server_cert: write("server.pem", server_cert.pem()),
-            server_key: write("server-key.pem", server_key.serialize_pem()),
-            client_cert: write("client.pem", client_cert.pem()),
-            client_key: write("client-key.pem", client_key.serialize_pem()),
-            dir,
-        }
-    }
-
-    /// The test's own HTTPS client, trusting only the test CA and presenting the client cert.
-    fn client(&self) -> reqwest::Client {
-        let ca = std::fs::read(&self.ca).expect("CA file");
-        let mut identity = std::fs::read(&self.client_cert).expect("client cert");
-        identity.push(b'\n');
-        identity.extend(std::fs::read(&self.client_key).expect("client key"));
-        reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA cert"))
-            .identity(reqwest::Identity::from_pem(&identity).expect("identity"))
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("HTTPS client")
-    }
-
-    /// The environment that gives the bridge the whole TLS setup.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        let s = |p: &Path| p.to_string_lossy().into_owned();
-        vec![
-            ("CONSUL_CACERT", s(&self.ca)),
-            ("CONSUL_CLIENT_CERT", s(&self.client_cert)),
-            ("CONSUL_CLIENT_KEY", s(&self.client_key)),
-        ]
-    }
+/// The environment that gives the bridge the whole TLS setup.
+fn tls_env(pki: &Pki) -> Vec<(&'static str, String)> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    vec![
+        ("CONSUL_CACERT", s(&pki.ca)),
+        ("CONSUL_CLIENT_CERT", s(&pki.client_cert)),
+        ("CONSUL_CLIENT_KEY", s(&pki.client_key)),
+    ]
 }
 
 /// A private Consul dev agent serving its HTTP API over HTTPS only, with client certificates
@@ -178,7 +99,7 @@ verify_incoming_https = true
         let agent = TlsConsul {
             https_port,
             log,
-            http: pki.client(),
+            http: https_client(pki),
             _child: child,
             _dir: dir,
         };
@@ -265,7 +186,7 @@ async fn publishes_into_kv_and_catalog_over_https_with_client_certificates() {
     ])
     .await;
 
-    let env = pki.env();
+    let env = tls_env(&pki);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let bridge = BridgeProcess::start_with_env(&uri, &["--internal", "--cleanup"], &env).await;
 

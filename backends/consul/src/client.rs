@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use backend_core::{error_chain, BackendError};
+use backend_core::{error_chain, is_tls_failure, BackendError};
 use reqwest::StatusCode;
 
 use crate::STORE;
@@ -232,28 +232,6 @@ async fn send(
         }
         _ => Ok(resp),
     }
-}
-
-/// Whether a request failed in the TLS handshake (an unknown CA, a refused client
-/// certificate), as opposed to the network: a rustls error somewhere in its causes, itself or
-/// inside an I/O error (as tokio-rustls reports it).
-fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(err) = cause {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                return true;
-            }
-        }
-        cause = err.source();
-    }
-    false
 }
 
 pub(crate) async fn expect_success(

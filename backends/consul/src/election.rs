@@ -31,14 +31,15 @@ impl Client {
         holder: &str,
     ) -> Result<bool, BackendError> {
         let path = format!("/v1/kv/{}?acquire={session}", encode_key(key));
+        let what = format!("acquire the lock {key}");
         let resp = self
             .send(
                 self.request(Method::PUT, &path).body(holder.to_string()),
-                "acquire lock",
+                &what,
             )
             .await?;
         if !resp.status().is_success() {
-            expect_success(resp, "acquire lock").await?;
+            expect_success(resp, &what).await?;
             return Ok(false);
         }
         let text = resp.text().await.unwrap_or_default();
@@ -65,7 +66,7 @@ impl Client {
         let resp = self
             .send(
                 self.request(Method::GET, &path).timeout(timeout),
-                "watch lock",
+                &format!("watch the lock {key}"),
             )
             .await?;
         *index = next_index(*index, consul_index(&resp));
@@ -99,13 +100,28 @@ impl Coordinator for ConsulStore {
             renewal,
         ));
         let mut index = 0u64;
-        loop {
-            if self.client.try_acquire(&key, &session, &holder).await? {
-                break;
+        let acquired = async {
+            loop {
+                if self.client.try_acquire(&key, &session, &holder).await? {
+                    return Ok::<(), BackendError>(());
+                }
+                // Held by someone else: block until it is free (an error ends the campaign;
+                // the caller retries with backoff).
+                while self.client.wait_for_free_lock(&key, &mut index).await? == LockState::Held {}
             }
-            // Held by someone else: block until it is free (an error ends the campaign; the
-            // caller retries with backoff).
-            while self.client.wait_for_free_lock(&key, &mut index).await? == LockState::Held {}
+        };
+        if let Err(e) = acquired.await {
+            // The session is of no use now (it would otherwise be renewed for ever).
+            let _ = stop_tx.send(());
+            let destroy = format!("/v1/session/destroy/{session}");
+            let _ = self
+                .client
+                .send(
+                    self.client.request(Method::PUT, &destroy),
+                    "destroy session",
+                )
+                .await;
+            return Err(e);
         }
         tracing::info!(store = STORE, %key, %holder, %session, "elected leader");
         let this = self.client.clone();
@@ -126,32 +142,32 @@ impl Coordinator for ConsulStore {
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
         let path = format!("/v1/kv/{}", encode_key(key));
+        let what = format!("KV write {key}");
         let resp = self
             .client
-            .send(
-                self.client.request(Method::PUT, &path).body(value),
-                "KV write",
-            )
+            .send(self.client.request(Method::PUT, &path).body(value), &what)
             .await?;
-        expect_success(resp, "KV write").await
+        expect_success(resp, &what).await
     }
 
     async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
         let path = format!("/v1/kv/{}", encode_key(key));
+        let what = format!("KV delete {key}");
         let resp = self
             .client
-            .send(self.client.request(Method::DELETE, &path), "KV delete")
+            .send(self.client.request(Method::DELETE, &path), &what)
             .await?;
-        expect_success(resp, "KV delete").await
+        expect_success(resp, &what).await
     }
 
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        // One key, not `?recurse`: Consul filters a recursive read down to what the token may
+        // read, but refuses a read of one key it may not (403), which names the key.
         let (entries, _) = list(
             &self.client,
-            self.client.request(
-                Method::GET,
-                &format!("/v1/kv/{}?recurse=true", encode_key(key)),
-            ),
+            self.client
+                .request(Method::GET, &format!("/v1/kv/{}", encode_key(key))),
+            &format!("KV read {key}"),
         )
         .await?;
         Ok(entries.into_iter().find(|e| e.key == key).map(|e| e.value))

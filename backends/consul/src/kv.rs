@@ -33,11 +33,9 @@ impl Client {
         ops: Vec<serde_json::Value>,
         session: Option<&str>,
     ) -> Result<(), BackendError> {
+        let what = txn_what(&ops);
         let resp = self
-            .send(
-                self.request(Method::PUT, "/v1/txn").json(&ops),
-                "KV transaction",
-            )
+            .send(self.request(Method::PUT, "/v1/txn").json(&ops), &what)
             .await?;
         if resp.status().is_success() {
             return Ok(());
@@ -54,7 +52,7 @@ impl Client {
         }
         Err(BackendError::Rejected {
             store: STORE,
-            detail: format!("transaction failed: {body}"),
+            detail: format!("{what} failed: {}", txn_errors(&ops, &body)),
             source: None,
         })
     }
@@ -62,7 +60,57 @@ impl Client {
     /// Reads every key under `prefix` (`recurse`), with the index of the answer.
     pub async fn list_prefix(&self, prefix: &str) -> Result<(Vec<KvEntry>, u64), BackendError> {
         let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
-        list(self, self.request(Method::GET, &path)).await
+        list(
+            self,
+            self.request(Method::GET, &path),
+            &format!("KV read {prefix}"),
+        )
+        .await
+    }
+}
+
+/// The key of a KV operation of a transaction (`{"KV": {"Key": ...}}`).
+fn op_key(op: &serde_json::Value) -> &str {
+    op["KV"]["Key"].as_str().unwrap_or("?")
+}
+
+/// What a transaction does, for its errors: the first key, and how many more.
+fn txn_what(ops: &[serde_json::Value]) -> String {
+    let mut keys: Vec<&str> = ops.iter().map(op_key).collect();
+    keys.dedup();
+    match keys.as_slice() {
+        [] => "KV transaction".to_string(),
+        [one] => format!("KV transaction on {one}"),
+        [first, rest @ ..] => format!("KV transaction on {first} and {} more keys", rest.len()),
+    }
+}
+
+/// A refused transaction's errors (`{"Errors": [{"OpIndex": 0, "What": "..."}]}`), each with
+/// the key of its operation; the body as it is when it is not that.
+fn txn_errors(ops: &[serde_json::Value], body: &str) -> String {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Errors", default)]
+        errors: Vec<OpError>,
+    }
+    #[derive(Deserialize)]
+    struct OpError {
+        #[serde(rename = "OpIndex")]
+        op_index: usize,
+        #[serde(rename = "What")]
+        what: String,
+    }
+    match serde_json::from_str::<Answer>(body) {
+        Ok(answer) if !answer.errors.is_empty() => answer
+            .errors
+            .iter()
+            .map(|e| {
+                let key = ops.get(e.op_index).map_or("?", op_key);
+                format!("{key}: {}", e.what.to_lowercase())
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => body.trim().to_string(),
     }
 }
 
@@ -78,14 +126,15 @@ struct KvPair {
 pub(crate) async fn list(
     store: &Client,
     rb: reqwest::RequestBuilder,
+    what: &str,
 ) -> Result<(Vec<KvEntry>, u64), BackendError> {
-    let resp = store.send(rb, "KV read").await?;
+    let resp = store.send(rb, what).await?;
     let index = consul_index(&resp);
     if resp.status() == StatusCode::NOT_FOUND {
         return Ok((Vec::new(), index));
     }
-    let resp = successful(resp, "KV read").await?;
-    let pairs: Vec<KvPair> = store.decode(resp, "KV read").await?;
+    let resp = successful(resp, what).await?;
+    let pairs: Vec<KvPair> = store.decode(resp, what).await?;
     let entries = pairs
         .into_iter()
         .map(|p| KvEntry {
@@ -147,4 +196,27 @@ pub fn encode_key(key: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_refused_transaction_names_the_refused_key() {
+        let ops = vec![
+            json!({"KV": {"Verb": "delete", "Key": "p/services/a"}}),
+            json!({"KV": {"Verb": "lock", "Key": "p/services/a"}}),
+            json!({"KV": {"Verb": "lock", "Key": "p/services/b"}}),
+        ];
+        assert_eq!(
+            txn_what(&ops),
+            "KV transaction on p/services/a and 1 more keys"
+        );
+        assert_eq!(txn_what(&ops[..1]), "KV transaction on p/services/a");
+        let body = r#"{"Results":null,"Errors":[{"OpIndex":2,"What":"Permission denied"}]}"#;
+        assert_eq!(txn_errors(&ops, body), "p/services/b: permission denied");
+        assert_eq!(txn_errors(&ops, " not json\n"), "not json");
+    }
 }

@@ -45,8 +45,9 @@ async fn run_watch(store: Client, prefix: String, tx: WatchSender) {
         // Consul adds up to wait/16 of jitter to a blocking query.
         let timeout = WATCH_WAIT + WATCH_WAIT / 16 + REQUEST_TIMEOUT;
         let rb = store.request(Method::GET, &path).timeout(timeout);
+        let what = format!("watch {prefix}");
         let result = tokio::select! {
-            r = list(&store, rb) => r,
+            r = list(&store, rb, &what) => r,
             _ = tx.closed() => return,
         };
         match result {

@@ -60,6 +60,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether a request failed in the TLS handshake (an unknown CA, a refused client
+/// certificate), as opposed to the network: a rustls error somewhere in its causes, itself or
+/// inside an I/O error (as tokio-rustls reports it). Both stores' clients use rustls.
+pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        cause = err.source();
+    }
+    false
+}
+
 /// What a store's calls return.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 

@@ -25,7 +25,7 @@ pub mod status;
 pub mod uri;
 
 pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
-pub use error::{error_chain, require_ttl, BackendError, Cause, Result};
+pub use error::{error_chain, is_tls_failure, require_ttl, BackendError, Cause, Result};
 pub use identity::{
     config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,
 };

@@ -1,12 +1,14 @@
 //! Backend URIs, in the shape Registrator's users know:
 //!
 //! ```text
-//! etcd://host:port[,host:port...]/<prefix>
-//! consul://host:port/<prefix>          consul+https://host:port/<prefix>
+//! etcd://host:port[,host:port...]/<prefix>    etcd+https://host:port[,host:port...]/<prefix>
+//! consul://host:port/<prefix>                 consul+https://host:port/<prefix>
 //! ```
 //!
 //! A missing port gets the store's default (2379, 8500); a missing prefix gets
-//! [`crate::layout::DEFAULT_PREFIX`].
+//! [`crate::layout::DEFAULT_PREFIX`]. A URI never carries credentials: `etcd://user:pass@host`
+//! is refused, with an error that names the flags to use instead and never repeats the URI
+//! (which would print the password).
 
 use crate::layout::KeyLayout;
 
@@ -50,11 +52,13 @@ pub enum BackendUri {
     Consul(ConsulUri),
 }
 
-/// `etcd://host:port[,host:port...]/<prefix>`.
+/// `etcd://host:port[,host:port...]/<prefix>` or `etcd+https://...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdUri {
     /// `host:port` pairs, in the order given.
     pub endpoints: Vec<String>,
+    /// Whether to speak TLS (`etcd+https://`).
+    pub tls: bool,
     pub layout: KeyLayout,
 }
 
@@ -74,7 +78,7 @@ pub enum UriError {
     #[error("backend URI {uri:?} has no scheme; write it like etcd://127.0.0.1:2379/registrator or consul://127.0.0.1:8500/registrator")]
     NoScheme { uri: String },
     #[error(
-        "backend URI scheme {scheme:?} is not supported; use etcd://, consul:// or consul+https://"
+        "backend URI scheme {scheme:?} is not supported; use etcd://, etcd+https://, consul:// or consul+https://"
     )]
     UnknownScheme { scheme: String },
     #[error("backend URI {uri:?} names no host; write it like {example}")]
@@ -88,23 +92,25 @@ pub enum UriError {
     },
     #[error("backend URI {uri:?}: {reason}")]
     Unsupported { uri: String, reason: &'static str },
+    /// `scheme://user:password@host`: the URI (and so the password) is not repeated.
+    #[error("the {scheme}:// backend URI cannot carry credentials (the part before '@'): a URI is printed in logs and seen in process arguments; write {scheme}://<host:port>/<prefix> and give {instead}")]
+    Credentials {
+        scheme: String,
+        instead: &'static str,
+    },
 }
 
 impl BackendUri {
     pub fn parse(uri: &str) -> Result<BackendUri, UriError> {
+        refuse_credentials(uri)?;
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| UriError::NoScheme {
             uri: uri.to_string(),
         })?;
         let (kind, tls) = match scheme.to_ascii_lowercase().as_str() {
             "etcd" => (StoreKind::Etcd, false),
+            "etcd+https" | "etcds" => (StoreKind::Etcd, true),
             "consul" => (StoreKind::Consul, false),
             "consul+https" | "consuls" => (StoreKind::Consul, true),
-            "etcd+https" => {
-                return Err(UriError::Unsupported {
-                    uri: uri.to_string(),
-                    reason: "TLS to etcd is not supported yet; use etcd:// on a trusted network",
-                })
-            }
             other => {
                 return Err(UriError::UnknownScheme {
                     scheme: other.to_string(),
@@ -141,7 +147,11 @@ impl BackendUri {
         }
         let layout = KeyLayout::new(prefix);
         match kind {
-            StoreKind::Etcd => Ok(BackendUri::Etcd(EtcdUri { endpoints, layout })),
+            StoreKind::Etcd => Ok(BackendUri::Etcd(EtcdUri {
+                endpoints,
+                tls,
+                layout,
+            })),
             StoreKind::Consul => match <[String; 1]>::try_from(endpoints) {
                 Ok([endpoint]) => Ok(BackendUri::Consul(ConsulUri {
                     endpoint,
@@ -153,6 +163,14 @@ impl BackendUri {
                     reason: "a Consul URI names one agent (the local one); run a Consul agent on every node",
                 }),
             },
+        }
+    }
+
+    /// Whether the store is spoken to over TLS (`etcd+https://`, `consul+https://`).
+    pub fn tls(&self) -> bool {
+        match self {
+            BackendUri::Etcd(u) => u.tls,
+            BackendUri::Consul(u) => u.tls,
         }
     }
 
@@ -193,7 +211,8 @@ impl BackendUri {
 impl std::fmt::Display for BackendUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = match self {
-            BackendUri::Etcd(_) => "etcd",
+            BackendUri::Etcd(EtcdUri { tls: false, .. }) => "etcd",
+            BackendUri::Etcd(EtcdUri { tls: true, .. }) => "etcd+https",
             BackendUri::Consul(ConsulUri { tls: false, .. }) => "consul",
             BackendUri::Consul(ConsulUri { tls: true, .. }) => "consul+https",
         };
@@ -211,6 +230,28 @@ impl std::str::FromStr for BackendUri {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         BackendUri::parse(s)
     }
+}
+
+/// Refuses `scheme://user[:password]@host...` (and `user:password@host` without a scheme)
+/// before anything else can echo the URI in an error.
+fn refuse_credentials(uri: &str) -> Result<(), UriError> {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
+    let authority = rest.split('/').next().unwrap_or_default();
+    if !authority.contains('@') {
+        return Ok(());
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let instead = if scheme.starts_with("consul") {
+        "the ACL token with --consul-token-file (a file, such as a Docker secret)"
+    } else {
+        "the user with --etcd-username and the password with --etcd-password-file (a file, such as a Docker secret)"
+    };
+    let scheme = match scheme.as_str() {
+        "" => "etcd".to_string(),
+        s if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') => s.to_string(),
+        _ => "etcd".to_string(),
+    };
+    Err(UriError::Credentials { scheme, instead })
 }
 
 /// Adds the default port to `host` unless it has one; checks a port that is there.
@@ -308,5 +349,56 @@ mod tests {
             refused("consul://a,b/p"),
             UriError::Unsupported { .. }
         ));
+    }
+
+    #[test]
+    fn etcd_over_tls() {
+        let u = BackendUri::parse("etcd+https://10.0.0.1,10.0.0.2:2380/p").expect("valid");
+        assert_eq!(
+            u,
+            BackendUri::Etcd(EtcdUri {
+                endpoints: vec!["10.0.0.1:2379".into(), "10.0.0.2:2380".into()],
+                tls: true,
+                layout: KeyLayout::new("p"),
+            })
+        );
+        assert!(u.tls());
+        assert_eq!(u.to_string(), "etcd+https://10.0.0.1:2379,10.0.0.2:2380/p");
+        assert!(!BackendUri::parse("etcd://h/p").expect("valid").tls());
+    }
+
+    #[test]
+    fn credentials_in_a_uri_are_refused_without_repeating_them() {
+        let cases = [
+            (
+                "etcd://root:hunter2-secret@10.0.0.1:2379/p",
+                "--etcd-password-file",
+            ),
+            (
+                "etcd+https://root:hunter2-secret@h,h2/p",
+                "--etcd-password-file",
+            ),
+            ("ETCD://root:hunter2-secret@h", "--etcd-password-file"),
+            (
+                "consul://hunter2-secret@127.0.0.1:8500/p",
+                "--consul-token-file",
+            ),
+            ("root:hunter2-secret@127.0.0.1:2379", "--etcd-password-file"),
+            ("zk://root:hunter2-secret@h/p", "--etcd-password-file"),
+        ];
+        for (uri, flag) in cases {
+            let e = BackendUri::parse(uri).expect_err(uri);
+            let shown = format!("{e} {e:?}");
+            assert!(matches!(e, UriError::Credentials { .. }), "{uri}: {shown}");
+            assert!(
+                !shown.contains("hunter2"),
+                "{uri}: the secret is shown: {shown}"
+            );
+            assert!(!shown.contains("root"), "{uri}: the user is shown: {shown}");
+            assert!(shown.contains(flag), "{uri}: names {flag}: {shown}");
+        }
+        // An '@' in the prefix is not a credential.
+        let u = BackendUri::parse("etcd://h/team@site").expect("an '@' in the prefix");
+        assert_eq!(u.layout().prefix(), "team@site");
     }
 }

@@ -8,17 +8,26 @@
 //! Watching: list the prefix at a revision, then watch from the next revision. When the watch
 //! breaks (etcd restarted, the connection dropped) or etcd says the revision was compacted, the
 //! watcher backs off, lists again and yields [`WatchEvent::Restarted`].
+//!
+//! Security ([`EtcdOptions`]): TLS with a CA of its own and a client certificate (etcd's
+//! `--client-cert-auth`), and a user of etcd's RBAC with its password. The client logs in on
+//! its first request (not when it is made, so that an etcd that is down at start is a
+//! transient error like any other) and logs in again when etcd says the token expired. A
+//! request etcd refuses for want of permission is [`BackendError::Rejected`], naming the key.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backend_core::keepalive::{keep_alive, Renew, Renewal};
 use backend_core::{
-    BackendError, Backoff, Coordinator, KeyLayout, KvEntry, Leadership, NodeRecord, Publisher,
-    Result, ServiceKey, ServiceRecord, WatchEvent, Watcher,
+    error_chain, is_tls_failure, BackendError, Backoff, Coordinator, KeyLayout, KvEntry,
+    Leadership, NodeRecord, Publisher, Result, Secret, ServiceKey, ServiceRecord, WatchEvent,
+    Watcher,
 };
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
-    ResignOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, ResignOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use futures::stream::BoxStream;
 use futures::FutureExt;
@@ -35,11 +44,148 @@ const LIST_PAGE: i64 = 1000;
 /// How long one request may take before the store is considered unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How to reach a secured etcd: TLS files and a user. The default is plain etcd without
+/// authentication.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// Speak TLS (`etcd+https://`); `ca_file` is then required.
+    pub tls: bool,
+    /// A PEM file of the CA that signed etcd's certificate; only it is trusted.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate and its key, for etcd's `--client-cert-auth`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The RBAC user and its password.
+    pub user: Option<(String, Secret)>,
+}
+
+/// A configuration that cannot work, found before any request.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {option} {path}: {source}")]
+    Read {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{option} {path} holds no PEM {label}; give the PEM file (-----BEGIN {label}-----)")]
+    NotPem {
+        option: &'static str,
+        path: PathBuf,
+        label: &'static str,
+    },
+    #[error(
+        "etcd over TLS needs a CA file (--etcd-ca-file): the CA that signed etcd's certificate"
+    )]
+    NoCa,
+    #[error("--etcd-client-cert and --etcd-client-key must be given together")]
+    HalfIdentity,
+    #[error("cannot set up the etcd client")]
+    Client(#[source] BackendError),
+}
+
+impl EtcdOptions {
+    /// The TLS configuration of these options: the files read and checked to be PEM.
+    fn tls_config(&self) -> Result<Option<TlsOptions>, ConfigError> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self.ca_file.as_ref().ok_or(ConfigError::NoCa)?;
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(
+            "--etcd-ca-file",
+            ca,
+            "CERTIFICATE",
+        )?));
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let cert = read_pem("--etcd-client-cert", cert, "CERTIFICATE")?;
+                let key = read_pem("--etcd-client-key", key, "PRIVATE KEY")?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => return Err(ConfigError::HalfIdentity),
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// The contents of the PEM file at `path`, given by `option`, which must hold a section whose
+/// label ends with `label` (`CERTIFICATE`; `PRIVATE KEY` also matches `RSA PRIVATE KEY`).
+fn read_pem(
+    option: &'static str,
+    path: &PathBuf,
+    label: &'static str,
+) -> Result<Vec<u8>, ConfigError> {
+    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+        option,
+        path: path.clone(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&pem);
+    let has_section = text.lines().any(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    });
+    if !has_section {
+        return Err(ConfigError::NotPem {
+            option,
+            path: path.clone(),
+            label,
+        });
+    }
+    Ok(pem)
+}
+
+/// One etcd client and, when etcd has authentication enabled, the login it needs before its
+/// first request. Cheap to clone (the channel and the token are shared).
+#[derive(Clone)]
+struct Conn {
+    client: Client,
+    endpoints: Arc<str>,
+    login: Option<Arc<Login>>,
+}
+
+/// A user to log in as, once (etcd-client refreshes an expired token by itself after that).
+struct Login {
+    user: String,
+    password: Secret,
+    done: tokio::sync::OnceCell<()>,
+}
+
+impl Conn {
+    /// The client, logged in. A failed login is not remembered: the next call tries again.
+    async fn get(&self) -> Result<Client, BackendError> {
+        if let Some(login) = &self.login {
+            login
+                .done
+                .get_or_try_init(|| async {
+                    let mut client = self.client.clone();
+                    let creds = (login.user.clone(), login.password.expose().to_string());
+                    client.update_user(Some(creds)).await.map_err(|e| {
+                        let what = format!(
+                            "log in as user {:?} with the password from {}",
+                            login.user,
+                            login.password.source()
+                        );
+                        map_error(&self.endpoints, &what, e)
+                    })?;
+                    tracing::info!(store = STORE, user = %login.user, "logged in to etcd");
+                    Ok::<(), BackendError>(())
+                })
+                .await?;
+        }
+        Ok(self.client.clone())
+    }
+}
+
 /// An etcd cluster, seen through one client.
 pub struct EtcdStore {
-    client: Client,
+    client: Conn,
     /// A client without a request timeout, for calls that block by design (a campaign).
-    long_client: Client,
+    long_client: Conn,
     endpoints: String,
     layout: KeyLayout,
     lease: Mutex<Option<Lease>>,
@@ -66,26 +212,72 @@ impl EtcdStore {
     /// connects, so an etcd that is down at start is reported by that request, and retried by
     /// the caller.
     pub async fn connect(endpoints: &[String], layout: KeyLayout) -> Result<Self, BackendError> {
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        let joined = endpoints.join(",");
-        let client = Client::connect(&urls, Some(options))
-            .await
-            .map_err(|e| map_error(&joined, e))?;
-        let long_options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        let long_client = Client::connect(&urls, Some(long_options))
-            .await
-            .map_err(|e| map_error(&joined, e))?;
+        match EtcdStore::connect_with(endpoints, layout, &EtcdOptions::default()).await {
+            Ok(store) => Ok(store),
+            Err(ConfigError::Client(e)) => Err(e),
+            Err(other) => Err(BackendError::Rejected {
+                store: STORE,
+                detail: other.to_string(),
+                source: Some(Box::new(other)),
+            }),
+        }
+    }
+
+    /// [`EtcdStore::connect`] with TLS and a user. The files are read now; the login happens on
+    /// the first request.
+    pub async fn connect_with(
+        endpoints: &[String],
+        layout: KeyLayout,
+        options: &EtcdOptions,
+    ) -> Result<Self, ConfigError> {
+        let tls = options.tls_config()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let urls: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        // In errors: `https://` names the TLS endpoints (see `map_error`).
+        let joined = if tls.is_some() {
+            urls.join(",")
+        } else {
+            endpoints.join(",")
+        };
+        let conn = |timeout: Option<Duration>| {
+            let mut connect = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+                .with_keep_alive_while_idle(true)
+                // An expired token (etcd's --auth-token-ttl) is renewed and the request retried.
+                .with_auto_token_refresh(true);
+            if let Some(timeout) = timeout {
+                connect = connect.with_timeout(timeout);
+            }
+            if let Some(tls) = &tls {
+                connect = connect.with_tls(tls.clone());
+            }
+            let (urls, joined) = (urls.clone(), joined.clone());
+            async move {
+                // Without a user in the options this makes no request: the first call connects.
+                let client = Client::connect(&urls, Some(connect))
+                    .await
+                    .map_err(|e| ConfigError::Client(map_error(&joined, "connect", e)))?;
+                let login = options.user.as_ref().map(|(user, password)| {
+                    Arc::new(Login {
+                        user: user.clone(),
+                        password: password.clone(),
+                        done: tokio::sync::OnceCell::new(),
+                    })
+                });
+                Ok::<Conn, ConfigError>(Conn {
+                    client,
+                    endpoints: joined.into(),
+                    login,
+                })
+            }
+        };
         Ok(EtcdStore {
-            client,
-            long_client,
+            client: conn(Some(REQUEST_TIMEOUT)).await?,
+            long_client: conn(None).await?,
             endpoints: joined,
             layout,
             lease: Mutex::new(None),
@@ -93,8 +285,9 @@ impl EtcdStore {
     }
 
     /// The client, for callers that need more of etcd than the traits offer (tests, tools).
+    /// With a user, it is logged in only once a call of the store's own has been made.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.client.client.clone()
     }
 
     async fn lease_id(&self) -> Result<i64, BackendError> {
@@ -109,18 +302,20 @@ impl EtcdStore {
     /// Puts key/value pairs with the lease, in transactions of at most [`MAX_TXN_OPS`].
     async fn put_with_lease(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<(), BackendError> {
         let lease = self.lease_id().await?;
-        let mut client = self.client.clone();
-        let mut kvs = kvs.into_iter().peekable();
-        while kvs.peek().is_some() {
-            let ops: Vec<TxnOp> = kvs
-                .by_ref()
-                .take(MAX_TXN_OPS)
-                .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))))
+        let mut client = self.client.get().await?;
+        for chunk in kvs.chunks(MAX_TXN_OPS) {
+            let what = puts(chunk.iter().map(|(k, _)| k.as_str()), chunk.len());
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    let options = PutOptions::new().with_lease(lease);
+                    TxnOp::put(k.as_str(), v.clone(), Some(options))
+                })
                 .collect();
             client
                 .txn(Txn::new().and_then(ops))
                 .await
-                .map_err(|e| map_lease_error(&self.endpoints, lease, e))?;
+                .map_err(|e| map_lease_error(&self.endpoints, &what, lease, e))?;
         }
         Ok(())
     }
@@ -128,16 +323,24 @@ impl EtcdStore {
     /// Reads every key under `prefix` at one revision, page by page. Returns the entries and
     /// the revision they were read at.
     pub async fn list_prefix(&self, prefix: &str) -> Result<(Vec<KvEntry>, i64), BackendError> {
-        list_prefix(&self.client, &self.endpoints, prefix).await
+        list_prefix(&self.client, prefix).await
     }
 }
 
-async fn list_prefix(
-    client: &Client,
-    endpoints: &str,
-    prefix: &str,
-) -> Result<(Vec<KvEntry>, i64), BackendError> {
-    let mut client = client.clone();
+/// What a transaction of puts of `keys` (`n` of them) did, for its errors: the first key,
+/// and how many more.
+fn puts<'a>(mut keys: impl Iterator<Item = &'a str>, n: usize) -> String {
+    match (keys.next(), n) {
+        (Some(first), 1) => format!("put {first}"),
+        (Some(first), n) => format!("put {first} and {} more keys", n - 1),
+        (None, _) => "an empty transaction".to_string(),
+    }
+}
+
+async fn list_prefix(conn: &Conn, prefix: &str) -> Result<(Vec<KvEntry>, i64), BackendError> {
+    let endpoints = &*conn.endpoints;
+    let what = format!("list {prefix}");
+    let mut client = conn.get().await?;
     let end = prefix_range_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
@@ -152,7 +355,7 @@ async fn list_prefix(
         let resp = client
             .get(from.clone(), Some(options))
             .await
-            .map_err(|e| map_error(endpoints, e))?;
+            .map_err(|e| map_error(endpoints, &what, e))?;
         if revision == 0 {
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -192,41 +395,81 @@ pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
 
 /// Maps the error of a request made with `lease` (a put with it, a keep-alive, a
 /// revocation): etcd answers NotFound for such a request only when the lease is gone.
-fn map_lease_error(endpoints: &str, lease: i64, err: etcd_client::Error) -> BackendError {
+fn map_lease_error(
+    endpoints: &str,
+    what: &str,
+    lease: i64,
+    err: etcd_client::Error,
+) -> BackendError {
     match err {
         etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound => {
             BackendError::SessionLost {
                 store: STORE,
-                detail: format!("lease {lease:x}: {}", status.message()),
+                detail: format!("{what}: lease {lease:x}: {}", status.message()),
             }
         }
-        other => map_error(endpoints, other),
+        other => map_error(endpoints, what, other),
     }
 }
 
-/// Maps the client's error onto what the caller can act on, keeping it as the cause.
-fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
+/// etcd's message for a request its RBAC refuses (`rpctypes.ErrGRPCPermissionDenied`). The
+/// election and lock services run on an in-process client that loses the status code and
+/// answer `Unknown` with this message (etcd-client matches the token error the same way).
+const PERMISSION_DENIED: &str = "etcdserver: permission denied";
+
+/// Maps the client's error onto what the caller can act on, keeping it as the cause. `what`
+/// says what was asked (`put <key>`, `list <prefix>`), so that a refusal names the key.
+fn map_error(endpoints: &str, what: &str, err: etcd_client::Error) -> BackendError {
     use etcd_client::Error as E;
     let unavailable = |detail: String, err: E| BackendError::Unavailable {
         store: STORE,
         endpoints: endpoints.to_string(),
-        detail,
+        detail: format!("{what}: {detail}"),
         source: Some(Box::new(err)),
     };
     let rejected = |detail: String, err: E| BackendError::Rejected {
         store: STORE,
-        detail,
+        detail: format!("{what}: {detail}"),
         source: Some(Box::new(err)),
     };
+    // A handshake that failed on our side (an unknown CA) or with the server's alert (a refused
+    // client certificate): a status carries the transport error as its source.
+    let tls_failure = match &err {
+        E::GRpcStatus(status) => is_tls_failure(status),
+        other => is_tls_failure(other),
+    };
+    if tls_failure {
+        let detail = format!(
+            "TLS handshake with {endpoints} failed: {}; check --etcd-ca-file (the CA of etcd's \
+             certificate) and --etcd-client-cert / --etcd-client-key",
+            error_chain(&err)
+        );
+        return rejected(detail, err);
+    }
     match &err {
         E::GRpcStatus(status) => {
             use tonic::Code;
             let detail = status.message().to_string();
             match status.code() {
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::Unknown
+                Code::PermissionDenied => rejected(
+                    format!("permission denied ({detail}); the etcd user's roles do not allow it"),
+                    err,
+                ),
+                Code::Unknown if detail == PERMISSION_DENIED => rejected(
+                    format!("permission denied ({detail}); the etcd user's roles do not allow it"),
+                    err,
+                ),
+                Code::Unauthenticated => rejected(
+                    format!(
+                        "{detail}; etcd wants a user: check --etcd-username and \
+                         --etcd-password-file"
+                    ),
+                    err,
+                ),
+                Code::Unavailable | Code::Cancelled | Code::Unknown => {
+                    unavailable(format!("{detail}{}", tls_hint(endpoints)), err)
+                }
+                Code::DeadlineExceeded
                 | Code::Aborted
                 | Code::ResourceExhausted
                 | Code::Internal => unavailable(detail, err),
@@ -235,7 +478,21 @@ fn map_error(endpoints: &str, err: etcd_client::Error) -> BackendError {
         }
         E::InvalidArgs(detail) | E::EndpointError(detail) => rejected(detail.clone(), err),
         E::InvalidUri(e) => rejected(format!("invalid endpoint {endpoints:?}: {e}"), err),
-        _ => unavailable(err.to_string(), err),
+        _ => unavailable(format!("{}{}", error_chain(&err), tls_hint(endpoints)), err),
+    }
+}
+
+/// What to check when a connection over TLS fails. Over TLS 1.3 a server refuses a client
+/// certificate after the client's side of the handshake is done: the client sees the
+/// connection closed, as in an outage. It is retried as one, and says what to check should it
+/// go on. Empty for plain endpoints (`endpoints` names TLS ones with `https://`).
+fn tls_hint(endpoints: &str) -> &'static str {
+    if endpoints.starts_with("https://") {
+        "; if this goes on, check --etcd-client-cert / --etcd-client-key (etcd with \
+         --client-cert-auth closes the connection of a client without a certificate it \
+         trusts) and --etcd-ca-file"
+    } else {
+        ""
     }
 }
 
@@ -249,11 +506,11 @@ impl Publisher for EtcdStore {
         let detail = "etcd leases are granted in whole seconds, at least 1";
         backend_core::require_ttl(STORE, ttl, least, detail)?;
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        let mut client = self.client.clone();
+        let mut client = self.client.get().await?;
         let resp = client
             .lease_grant(secs, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, e))?;
+            .map_err(|e| map_error(&self.endpoints, "grant a lease", e))?;
         if !resp.error().is_empty() {
             return Err(BackendError::Rejected {
                 store: STORE,
@@ -280,11 +537,10 @@ impl Publisher for EtcdStore {
             .as_mut()
             .ok_or(BackendError::NoSession { store: STORE })?;
         if lease.keeper.is_none() {
-            let mut client = self.client.clone();
-            let pair = client
-                .lease_keep_alive(lease.id)
-                .await
-                .map_err(|e| map_lease_error(&self.endpoints, lease.id, e))?;
+            let mut client = self.client.get().await?;
+            let pair = client.lease_keep_alive(lease.id).await.map_err(|e| {
+                map_lease_error(&self.endpoints, "keep the lease alive", lease.id, e)
+            })?;
             lease.keeper = Some(pair);
         }
         let result = match lease.keeper.as_mut() {
@@ -305,7 +561,12 @@ impl Publisher for EtcdStore {
                         detail: "the lease keep-alive stream ended".into(),
                         source: None,
                     }),
-                    Ok(Err(e)) => Err(map_lease_error(&self.endpoints, lease.id, e)),
+                    Ok(Err(e)) => Err(map_lease_error(
+                        &self.endpoints,
+                        "keep the lease alive",
+                        lease.id,
+                        e,
+                    )),
                     Err(_) => Err(BackendError::Unavailable {
                         store: STORE,
                         endpoints: self.endpoints.clone(),
@@ -331,11 +592,11 @@ impl Publisher for EtcdStore {
             return Ok(());
         };
         if revoke {
-            let mut client = self.client.clone();
+            let mut client = self.client.get().await?;
             client
                 .lease_revoke(lease.id)
                 .await
-                .map_err(|e| map_lease_error(&self.endpoints, lease.id, e))?;
+                .map_err(|e| map_lease_error(&self.endpoints, "revoke the lease", lease.id, e))?;
             tracing::info!(
                 store = STORE,
                 lease = format!("{:x}", lease.id),
@@ -354,16 +615,21 @@ impl Publisher for EtcdStore {
     }
 
     async fn unpublish(&self, keys: &[ServiceKey]) -> Result<(), BackendError> {
-        let mut client = self.client.clone();
+        let mut client = self.client.get().await?;
         for chunk in keys.chunks(MAX_TXN_OPS) {
-            let ops: Vec<TxnOp> = chunk
+            let keys: Vec<String> = chunk
                 .iter()
-                .map(|k| TxnOp::delete(self.layout.service_key(&k.service, &k.id), None))
+                .map(|k| self.layout.service_key(&k.service, &k.id))
                 .collect();
+            let what = format!(
+                "delete {}",
+                puts(keys.iter().map(String::as_str), keys.len())
+            );
+            let ops: Vec<TxnOp> = keys.into_iter().map(|k| TxnOp::delete(k, None)).collect();
             client
                 .txn(Txn::new().and_then(ops))
                 .await
-                .map_err(|e| map_error(&self.endpoints, e))?;
+                .map_err(|e| map_error(&self.endpoints, &what, e))?;
         }
         Ok(())
     }
@@ -385,9 +651,8 @@ impl Publisher for EtcdStore {
 impl Watcher for EtcdStore {
     fn watch_prefix(&self, prefix: String) -> BoxStream<'static, Result<WatchEvent, BackendError>> {
         let (tx, rx) = mpsc::channel(256);
-        let client = self.client.clone();
-        let endpoints = self.endpoints.clone();
-        tokio::spawn(async move { run_watch(client, endpoints, prefix, tx).await });
+        let conn = self.client.clone();
+        tokio::spawn(async move { run_watch(conn, prefix, tx).await });
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }))
@@ -398,10 +663,10 @@ type WatchSender = mpsc::Sender<Result<WatchEvent, BackendError>>;
 
 /// List, then watch from the next revision; on any break, back off and list again. Ends when
 /// the receiving side is dropped.
-async fn run_watch(client: Client, endpoints: String, prefix: String, tx: WatchSender) {
+async fn run_watch(conn: Conn, prefix: String, tx: WatchSender) {
     let mut backoff = Backoff::new(Duration::from_millis(800), Duration::from_secs(30));
     loop {
-        match list_and_follow(&client, &endpoints, &prefix, &tx, &mut backoff).await {
+        match list_and_follow(&conn, &prefix, &tx, &mut backoff).await {
             Ok(()) => return, // the receiver is gone
             Err(err) => {
                 tracing::warn!(store = STORE, %prefix, error = %err, "watch broken; will list again");
@@ -420,24 +685,25 @@ async fn run_watch(client: Client, endpoints: String, prefix: String, tx: WatchS
 
 /// One list-then-watch cycle. `Ok(())` only when the receiver is gone.
 async fn list_and_follow(
-    client: &Client,
-    endpoints: &str,
+    conn: &Conn,
     prefix: &str,
     tx: &WatchSender,
     backoff: &mut Backoff,
 ) -> Result<(), BackendError> {
-    let (entries, revision) = list_prefix(client, endpoints, prefix).await?;
+    let endpoints = &*conn.endpoints;
+    let what = format!("watch {prefix}");
+    let (entries, revision) = list_prefix(conn, prefix).await?;
     if tx.send(Ok(WatchEvent::Restarted(entries))).await.is_err() {
         return Ok(());
     }
-    let mut client = client.clone();
+    let mut client = conn.get().await?;
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
     let mut stream = client
         .watch(prefix, Some(options))
         .await
-        .map_err(|e| map_error(endpoints, e))?;
+        .map_err(|e| map_error(endpoints, &what, e))?;
     loop {
         let message = tokio::select! {
             m = stream.message() => m,
@@ -453,8 +719,19 @@ async fn list_and_follow(
                     source: None,
                 })
             }
-            Err(e) => return Err(map_error(endpoints, e)),
+            Err(e) => return Err(map_error(endpoints, &what, e)),
         };
+        if resp.canceled() && resp.cancel_reason().contains(PERMISSION_DENIED) {
+            // etcd checks a watch's permission when it is made, and cancels it if refused.
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: format!(
+                    "{what}: permission denied ({}); the etcd user's roles do not allow it",
+                    resp.cancel_reason()
+                ),
+                source: None,
+            });
+        }
         if resp.canceled() {
             let detail = if resp.compact_revision() > 0 {
                 format!(
@@ -493,24 +770,31 @@ impl Coordinator for EtcdStore {
     /// etcd's election API: a lease, kept alive by a task, and a campaign on `key` with it.
     async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        let mut client = self.long_client.clone();
+        let mut client = self.long_client.get().await?;
         let lease = client
             .lease_grant(secs, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, e))?
+            .map_err(|e| map_error(&self.endpoints, "grant a lease", e))?
             .id();
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         let renewal = LeaseRenewal {
-            client: self.client.clone(),
+            client: self.client.get().await?,
             lease,
             pair: None,
         };
         tokio::spawn(keep_alive("etcd", ttl, lost_tx, stop_rx, renewal));
-        let resp = client
-            .campaign(key.clone(), holder.clone(), lease)
-            .await
-            .map_err(|e| map_error(&self.endpoints, e))?;
+        let campaign = client.campaign(key.clone(), holder.clone(), lease).await;
+        let resp = match campaign {
+            Ok(resp) => resp,
+            Err(e) => {
+                // The lease is of no use now (it would otherwise be kept alive for ever).
+                let _ = stop_tx.send(());
+                let _ = client.lease_revoke(lease).await;
+                let what = format!("campaign for {key} (an election key under {key}/)");
+                return Err(map_error(&self.endpoints, &what, e));
+            }
+        };
         tracing::info!(store = STORE, %key, %holder, lease = format!("{lease:x}"), "elected leader");
         let leader = resp.leader().cloned();
         let resign = async move {
@@ -527,29 +811,29 @@ impl Coordinator for EtcdStore {
     }
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
-        let mut client = self.client.clone();
+        let mut client = self.client.get().await?;
         client
             .put(key, value, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, e))?;
+            .map_err(|e| map_error(&self.endpoints, &format!("put {key}"), e))?;
         Ok(())
     }
 
     async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
-        let mut client = self.client.clone();
+        let mut client = self.client.get().await?;
         client
             .delete(key, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, e))?;
+            .map_err(|e| map_error(&self.endpoints, &format!("delete {key}"), e))?;
         Ok(())
     }
 
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        let mut client = self.client.clone();
+        let mut client = self.client.get().await?;
         let resp = client
             .get(key, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, e))?;
+            .map_err(|e| map_error(&self.endpoints, &format!("get {key}"), e))?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 }
@@ -599,5 +883,48 @@ mod tests {
         assert_eq!(prefix_range_end(b"a/"), b"a0".to_vec());
         assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_range_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn tls_files_that_cannot_work_are_named() {
+        let dir = std::env::temp_dir().join(format!("etcd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let not_pem = dir.join("not-pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let cert = dir.join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let tls = |ca: &PathBuf, identity: Option<(&PathBuf, &PathBuf)>| EtcdOptions {
+            tls: true,
+            ca_file: Some(ca.clone()),
+            client_cert: identity.map(|(c, _)| c.clone()),
+            client_key: identity.map(|(_, k)| k.clone()),
+            user: None,
+        };
+        let err = tls(&not_pem, None).tls_config().expect_err("not PEM");
+        let text = err.to_string();
+        assert!(
+            text.contains("--etcd-ca-file") && text.contains("not-pem"),
+            "{text}"
+        );
+        let err = tls(&cert, Some((&cert, &cert)))
+            .tls_config()
+            .expect_err("a cert as key");
+        assert!(err.to_string().contains("--etcd-client-key"), "{err}");
+        let missing = dir.join("missing");
+        let err = tls(&missing, None).tls_config().expect_err("missing");
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        let half = EtcdOptions {
+            client_key: None,
+            ..tls(&cert, Some((&cert, &cert)))
+        };
+        assert!(matches!(half.tls_config(), Err(ConfigError::HalfIdentity)));
+        assert!(tls(&cert, None).tls_config().expect("a CA").is_some());
+        let plain = EtcdOptions::default();
+        assert!(plain.tls_config().expect("plain").is_none());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

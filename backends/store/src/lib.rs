@@ -17,7 +17,7 @@ use backend_core::{
 };
 use futures::stream::BoxStream;
 
-pub use options::{OptionsError, StoreArgs, StoreOptions, CONSUL_HTTP_TOKEN};
+pub use options::{BackendUriParser, OptionsError, StoreArgs, StoreOptions, CONSUL_HTTP_TOKEN};
 
 #[cfg(not(any(feature = "etcd", feature = "consul", feature = "memory")))]
 compile_error!("backend-store needs at least one of its features: etcd, consul, memory");
@@ -45,8 +45,9 @@ pub enum OpenError {
     },
     #[error(transparent)]
     Options(#[from] OptionsError),
+    #[cfg(feature = "etcd")]
     #[error("cannot set up the etcd client")]
-    Etcd(#[source] BackendError),
+    Etcd(#[source] backend_etcd::ConfigError),
     #[cfg(feature = "consul")]
     #[error("cannot set up the Consul client")]
     Consul(#[source] backend_consul::ConfigError),
@@ -73,10 +74,19 @@ impl Store {
     pub async fn open(uri: &BackendUri, options: &StoreOptions) -> Result<Store, OpenError> {
         match uri {
             #[cfg(feature = "etcd")]
-            BackendUri::Etcd(u) => backend_etcd::EtcdStore::connect(&u.endpoints, u.layout.clone())
-                .await
-                .map(|s| Store::Etcd(Box::new(s)))
-                .map_err(OpenError::Etcd),
+            BackendUri::Etcd(u) => {
+                let etcd = backend_etcd::EtcdOptions {
+                    tls: u.tls,
+                    ca_file: options.etcd_ca_file.clone(),
+                    client_cert: options.etcd_client_cert.clone(),
+                    client_key: options.etcd_client_key.clone(),
+                    user: options.etcd_user.clone(),
+                };
+                backend_etcd::EtcdStore::connect_with(&u.endpoints, u.layout.clone(), &etcd)
+                    .await
+                    .map(|s| Store::Etcd(Box::new(s)))
+                    .map_err(OpenError::Etcd)
+            }
             #[cfg(feature = "consul")]
             BackendUri::Consul(u) => {
                 let consul = backend_consul::ConsulOptions {

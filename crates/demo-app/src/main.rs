@@ -28,7 +28,7 @@ use crate::store::Store;
 #[command(version, about, long_about = None)]
 struct Cli {
     /// The store: etcd://host:port[,host:port...]/<prefix> or consul://host:port/<prefix>.
-    #[arg(env = "DEMO_BACKEND", value_parser = BackendUri::parse)]
+    #[arg(env = "DEMO_BACKEND", value_parser = backend_store::BackendUriParser)]
     backend: BackendUri,
 
     /// How to reach the store: tokens and TLS files, the same flags in every program.

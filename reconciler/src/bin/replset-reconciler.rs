@@ -23,7 +23,7 @@ struct Cli {
     command: Option<Command>,
 
     /// The store: etcd://host:port[,host:port...]/<prefix> or consul://host:port/<prefix>.
-    #[arg(env = "RECONCILER_BACKEND", value_parser = BackendUri::parse, global = true)]
+    #[arg(env = "RECONCILER_BACKEND", value_parser = backend_store::BackendUriParser, global = true)]
     backend: Option<BackendUri>,
 
     /// How to reach the store: tokens and TLS files, the same flags in every program.
