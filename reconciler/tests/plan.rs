@@ -823,15 +823,19 @@ fn desired_of(world: &World) -> Desired {
     }
 }
 
-proptest! {
-    // The regressions live next to this file: tests/plan.proptest-regressions.
-    #![proptest_config(ProptestConfig {
-        cases: 512,
+/// `cases` cases, the regressions kept next to this file: tests/plan.proptest-regressions.
+fn with_regressions(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
         )),
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(with_regressions(512))]
 
     /// Every initiate and reconfig the planner asks for is accepted by the server's rules (the
     /// simulator's validation of the exact document sent) and keeps the reconciler's own: never
@@ -1320,13 +1324,7 @@ fn store_of(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(with_regressions(256))]
 
     /// With claims at foreign hosts by tasks that started later than any other: a member that
     /// the set sees up is never moved, its slot is followed by a record at its own host or by
