@@ -10,7 +10,7 @@ use crate::engine_api::{Engine, EngineApiError};
 use crate::mongo::ReplSetClient;
 use crate::plan::{plan_next_step, KnownSet, PlanContext};
 use crate::reconcile::{known_set, read_identity, IdentityReadError};
-use crate::records::desired_sets;
+use crate::records::{desired_sets, SlotHolders};
 use crate::status::{self, StatusError};
 
 /// `plan`: prints the next step of each selected set, as the leader would plan it now
@@ -21,9 +21,14 @@ pub async fn plan<S: Coordinator, M: ReplSetClient>(
     config: &ControllerConfig,
     members: &M,
 ) {
-    let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
+    let (sets, skipped) = desired_sets(
+        &records.entries,
+        &config.layout,
+        &config.selectors,
+        &SlotHolders::default(),
+    );
     for s in skipped {
-        println!("ignoring {}: {}", s.key, s.reason);
+        println!("ignoring {:?}: {}", s.key, s.refusal);
     }
     for (set, desired) in sets {
         let hosts: Vec<String> = desired.members.values().cloned().collect();

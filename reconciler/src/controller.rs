@@ -26,7 +26,7 @@ use crate::events::{
 use crate::metrics::{Health, Metrics};
 use crate::mongo::ReplSetClient;
 use crate::reconcile::{error_policy, reconcile, Action, Context, SetState};
-use crate::records::{desired_sets, Selector};
+use crate::records::{desired_sets, Selector, SlotHolders};
 
 /// The first delay after a failed campaign, doubling up to [`CAMPAIGN_BACKOFF_MAX`].
 pub const CAMPAIGN_BACKOFF_INITIAL: Duration = Duration::from_millis(800);
@@ -179,10 +179,15 @@ impl<S: Watcher + Coordinator, M: ReplSetClient> Controller<S, M> {
             let sets: Vec<String> = {
                 let r = records.borrow();
                 let config = &self.ctx.config;
-                desired_sets(&r.entries, &config.layout, &config.selectors)
-                    .0
-                    .into_keys()
-                    .collect()
+                desired_sets(
+                    &r.entries,
+                    &config.layout,
+                    &config.selectors,
+                    &SlotHolders::default(),
+                )
+                .0
+                .into_keys()
+                .collect()
             };
             if self.shutdown.is_cancelled() {
                 break;

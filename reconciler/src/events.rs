@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use backend_core::BackendError;
 
-use crate::metrics::{Metrics, ReasonLabels, RefusedLabels, SetLabels, StepLabels};
+use crate::metrics::{Metrics, ReasonLabels, RefusalLabels, RefusedLabels, SetLabels, StepLabels};
 use crate::mongo::MongoError;
 use crate::plan::{Blocked, Note, Step, Wait};
+use crate::records::Refusal;
 
 /// A decision: logs and counts.
 pub trait InternalEvent {
@@ -58,17 +59,23 @@ impl InternalEvent for WatchBroken<'_> {
     }
 }
 
-/// A value in the store is not followed (rule 13: only records a bridge could have written).
+/// A value in the store is not followed (rule 13: only records a bridge could have written,
+/// and none that takes the slot of a live member). Emitted once per key while the refusal
+/// lasts. The key is logged escaped (`?`): it is the store's, not this program's.
 #[derive(Debug)]
 pub struct RecordIgnored<'a> {
     pub key: &'a str,
-    pub reason: &'a str,
+    pub refusal: &'a Refusal,
 }
 
 impl InternalEvent for RecordIgnored<'_> {
     fn emit(self, metrics: &Metrics) {
-        tracing::warn!(key = %self.key, reason = %self.reason, "ignoring a value in the store");
-        metrics.records_ignored.inc();
+        let reason = self.refusal.kind();
+        tracing::warn!(key = ?self.key, reason, detail = %self.refusal, "not following a record");
+        metrics
+            .records_ignored
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 }
 

@@ -32,6 +32,12 @@ pub struct SetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The kind of refusal ([`crate::records::Refusal::kind`]): `slot_held`, `bad_address`, ...
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub set: String,
     /// `no_primary`, `lost_majority`, `healthy_without_record`, `uri`, ...
@@ -75,9 +81,10 @@ pub struct Metrics {
     pub watch_broken: Counter,
     /// Complete listings of the records (the first, and one after every broken watch).
     pub records_listed: Counter,
-    /// Values under `<prefix>/services/` that were not followed (invalid JSON, a bad slot,
-    /// port or address); each key counts once per reason.
-    pub records_ignored: Counter,
+    /// Values under `<prefix>/services/` that were not followed, by kind of refusal
+    /// (`undecodable`, `slot_out_of_range`, `no_port`, `bad_address`, `slot_held`, ...); each
+    /// key counts once while it stays refused for the same reason.
+    pub records_ignored: Family<RefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,7 +106,7 @@ impl Default for Metrics {
             access_refused: Family::default(),
             watch_broken: Counter::default(),
             records_listed: Counter::default(),
-            records_ignored: Counter::default(),
+            records_ignored: Family::default(),
         }
     }
 }
@@ -184,7 +191,7 @@ impl Metrics {
         );
         r.register(
             "records_ignored",
-            "Values in the store that were not followed",
+            "Values in the store that were not followed, by kind of refusal",
             self.records_ignored.clone(),
         );
     }

@@ -167,6 +167,27 @@ pub struct Observation {
     pub empty: std::collections::BTreeSet<String>,
 }
 
+impl Observation {
+    /// Whether the set sees member `id` up: it is the primary, or `replSetGetStatus` says it
+    /// answers heartbeats (`health: 1`, whatever its state: PRIMARY, SECONDARY, or still
+    /// syncing). Such a member is never moved to another host, and a record naming another
+    /// host for its slot is not followed (safety rule 13).
+    pub fn is_up(&self, id: i64) -> bool {
+        self.primary == Some(id) || self.status.get(&id).is_some_and(|s| s.healthy)
+    }
+
+    /// The members of the config that the set sees up ([`Observation::is_up`]), `_id` to host;
+    /// empty when no config was read.
+    pub fn members_up(&self) -> BTreeMap<i64, String> {
+        self.config
+            .iter()
+            .flat_map(|c| &c.members)
+            .filter(|m| self.is_up(m.id))
+            .map(|m| (m.id, m.host.clone()))
+            .collect()
+    }
+}
+
 /// The members the records ask for: `_id` (the task slot) to `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
@@ -200,6 +221,33 @@ mod tests {
     fn voter_targets() {
         let got: Vec<usize> = (0..=9).map(target_voters).collect();
         assert_eq!(got, vec![0, 1, 1, 3, 3, 5, 5, 7, 7, 7]);
+    }
+
+    #[test]
+    fn members_up_are_the_primary_and_those_with_health() {
+        let member = |id: i64| MemberConfig::new_non_voter(id, &format!("10.0.0.{id}:27017"));
+        let status = |healthy, state| MemberStatus { healthy, state };
+        let obs = Observation {
+            config: Some(ConfigView {
+                set_name: "rs0".into(),
+                version: 1,
+                term: 1,
+                replica_set_id: None,
+                members: (1..=5).map(member).collect(),
+            }),
+            primary: Some(1),
+            status: BTreeMap::from([
+                (2, status(true, MemberState::Secondary)),
+                (3, status(true, MemberState::Startup2)),
+                (4, status(false, MemberState::Down)),
+            ]),
+            ..Observation::default()
+        };
+        let up: Vec<i64> = obs.members_up().into_keys().collect();
+        assert_eq!(up, vec![1, 2, 3]);
+        assert_eq!(obs.members_up()[&2], "10.0.0.2:27017");
+        assert!(!obs.is_up(5), "a member without a status is not seen up");
+        assert!(Observation::default().members_up().is_empty());
     }
 
     #[test]

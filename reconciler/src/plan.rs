@@ -287,7 +287,7 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     // member is never cut off (two tasks of one slot can overlap during an update).
     for (&id, host) in &desired.members {
         let Some(m) = config.member(id) else { continue };
-        if &m.host == host || id == primary || healthy(id) {
+        if &m.host == host || obs.is_up(id) {
             continue;
         }
         if let Some(other) = config.members.iter().find(|o| &o.host == host) {

@@ -22,7 +22,7 @@ use crate::events::{
 use crate::model::Desired;
 use crate::mongo::{MongoError, Observed, ReplSetClient};
 use crate::plan::{plan_next_step, Blocked, KnownSet, Plan, PlanContext, Step};
-use crate::records::desired_sets;
+use crate::records::{desired_sets, Skipped, SlotHolders};
 
 /// The requeue delays: how long a set's loop waits before it looks again (it looks sooner when
 /// the records change). A converged set is looked at again after
@@ -136,8 +136,11 @@ pub struct Context<S, M> {
 #[derive(Debug)]
 pub struct SetState {
     set: String,
-    /// The skipped values already reported, with the reason (reported again when it changes).
-    warned: BTreeMap<String, String>,
+    /// The records refused and already reported, with the refusal (reported again when it
+    /// changes, or when the key is refused again after it was followed).
+    warned: BTreeMap<String, crate::records::Refusal>,
+    /// The members the last observation saw up: a record never takes their slot.
+    holders: SlotHolders,
     /// Since when each config member has had no record.
     gone_since: BTreeMap<i64, Instant>,
     /// Since the first step after the set was last converged.
@@ -161,6 +164,7 @@ impl SetState {
         SetState {
             set: set.to_string(),
             warned: BTreeMap::new(),
+            holders: SlotHolders::default(),
             gone_since: BTreeMap::new(),
             converging_since: None,
             majority_lost_since: None,
@@ -211,21 +215,55 @@ impl SetState {
         &self.set
     }
 
-    /// The desired members of this set now; skipped values are reported once per key and
-    /// reason.
-    fn desired(&mut self, records: &Records, config: &ControllerConfig) -> Desired {
-        let (sets, skipped) = desired_sets(&records.entries, &config.layout, &config.selectors);
-        for s in skipped {
-            if self.warned.get(&s.key) != Some(&s.reason) {
-                RecordIgnored {
-                    key: &s.key,
-                    reason: &s.reason,
-                }
-                .emit(&config.metrics);
-                self.warned.insert(s.key, s.reason);
+    /// The desired members of this set with the members `self.holders` sees up, and the
+    /// values not followed.
+    fn desired(&self, records: &Records, config: &ControllerConfig) -> (Desired, Vec<Skipped>) {
+        let (sets, skipped) = desired_sets(
+            &records.entries,
+            &config.layout,
+            &config.selectors,
+            &self.holders,
+        );
+        (sets.get(&self.set).cloned().unwrap_or_default(), skipped)
+    }
+
+    /// The desired members and the set observed through them. A record never takes the slot
+    /// of a member the set sees up at another host (safety rule 13): the members up are the
+    /// last observation's, checked against this one; when this one sees others and so other
+    /// members are desired, the set is observed again through them, so that the planner never
+    /// sees a host that no followed record names. Refusals are reported once per key.
+    async fn desired_and_observed<M: ReplSetClient>(
+        &mut self,
+        records: &Records,
+        config: &ControllerConfig,
+        members: &M,
+    ) -> (Desired, Observed) {
+        let (mut desired, mut skipped) = self.desired(records, config);
+        let mut observed = observe(members, &self.set, &desired).await;
+        let holders = self.holders.observed(&self.set, &observed.observation);
+        if holders != self.holders {
+            self.holders = holders;
+            let (again, skipped_again) = self.desired(records, config);
+            skipped = skipped_again;
+            if again != desired {
+                desired = again;
+                observed = observe(members, &self.set, &desired).await;
+                self.holders = self.holders.observed(&self.set, &observed.observation);
             }
         }
-        sets.get(&self.set).cloned().unwrap_or_default()
+        self.warned
+            .retain(|key, _| skipped.iter().any(|s| &s.key == key));
+        for s in skipped {
+            if self.warned.get(&s.key) != Some(&s.refusal) {
+                RecordIgnored {
+                    key: &s.key,
+                    refusal: &s.refusal,
+                }
+                .emit(&config.metrics);
+                self.warned.insert(s.key, s.refusal);
+            }
+        }
+        (desired, observed)
     }
 
     /// How long each config member's record has been gone, by `_id`.
@@ -279,9 +317,15 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
 ) -> Result<Action, ReconcileError> {
     let config = &ctx.config;
     let metrics = &config.metrics;
+<<<<<<< HEAD
     let desired = set.desired(records, config);
     let observed = observe(&*ctx.members, &set.set, &desired).await;
     set.report_access(&observed, config);
+=======
+    let (desired, observed) = set
+        .desired_and_observed(records, config, &*ctx.members)
+        .await;
+>>>>>>> trust
     if set.known == KnownSet::Unknown || observed.observation.primary.is_none() {
         set.read_identity(&*ctx.store, config).await;
     }

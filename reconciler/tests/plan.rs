@@ -823,15 +823,19 @@ fn desired_of(world: &World) -> Desired {
     }
 }
 
-proptest! {
-    // The regressions live next to this file: tests/plan.proptest-regressions.
-    #![proptest_config(ProptestConfig {
-        cases: 512,
+/// `cases` cases, the regressions kept next to this file: tests/plan.proptest-regressions.
+fn with_regressions(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
         )),
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(with_regressions(512))]
 
     /// Every initiate and reconfig the planner asks for is accepted by the server's rules (the
     /// simulator's validation of the exact document sent) and keeps the reconciler's own: never
@@ -1269,4 +1273,104 @@ fn a_member_with_an_older_config_does_not_count_for_the_majority() {
             voters: 3,
         })
     );
+}
+
+// ---- rule 13: a record never takes the slot of a member that is up ------------------------
+
+/// A host no member of the generated worlds has: where a claim of another writer points.
+fn foreign_host(id: i64) -> String {
+    format!("10.0.2.{id}:27017")
+}
+
+/// The store of `world`: each desired slot's record at its host (no start time, as an older
+/// bridge writes), and, for the slots whose bit of `seed` is set, a claim at a foreign host by
+/// a task that "started" after every other.
+fn store_of(
+    world: &World,
+    seed: u64,
+    layout: &backend_core::KeyLayout,
+) -> BTreeMap<String, Vec<u8>> {
+    let record = |id: i64, key_id: String, at: &str, started_at: Option<&str>| {
+        let (ip, port) = at.rsplit_once(':').expect("host:port");
+        let r = backend_core::ServiceRecord {
+            task_slot: Some(id as u64),
+            started_at: started_at.map(str::to_string),
+            ..backend_core::ServiceRecord::new(
+                "mongo",
+                key_id,
+                ip.parse().expect("ip"),
+                port.parse().expect("port"),
+            )
+        };
+        (layout.service_key(&r.service, &r.id), r.to_json())
+    };
+    let mut store: BTreeMap<String, Vec<u8>> = world
+        .desired
+        .iter()
+        .map(|(&id, at)| record(id, format!("task{id}"), at, None))
+        .collect();
+    for id in 1..=12 {
+        if bit(seed, id) {
+            let claim = record(
+                id,
+                format!("claim{id}"),
+                &foreign_host(id),
+                Some("2099-01-01T00:00:00Z"),
+            );
+            store.insert(claim.0, claim.1);
+        }
+    }
+    store
+}
+
+proptest! {
+    #![proptest_config(with_regressions(256))]
+
+    /// With claims at foreign hosts by tasks that started later than any other: a member that
+    /// the set sees up is never moved, its slot is followed by a record at its own host or by
+    /// none, and the step planned from what is followed is one the server accepts. A member
+    /// that is down is moved to the newest claim of its slot (rule 5).
+    #[test]
+    fn a_member_that_is_up_is_never_moved_by_a_newer_record(w in initiated(), seed in any::<u64>()) {
+        use replset_reconciler::records::{desired_sets, Selector, SlotHolders};
+
+        let layout = backend_core::KeyLayout::new("p");
+        let selectors = [Selector::Service {
+            service: "mongo".into(),
+            set: "rs0".into(),
+            port: None,
+        }];
+        let store = store_of(&w, seed, &layout);
+        let before = observe(&w);
+        let holders = SlotHolders::default().observed("rs0", &before);
+        let (sets, _) = desired_sets(&store, &layout, &selectors, &holders);
+        let desired = sets.get("rs0").cloned().unwrap_or_default();
+        let config = before.config.clone().expect("an initiated set");
+        for m in &config.members {
+            let followed = desired.members.get(&m.id);
+            if before.is_up(m.id) {
+                prop_assert!(
+                    followed.is_none() || followed == Some(&m.host),
+                    "member {} is up at {} but {:?} is followed", m.id, m.host, followed
+                );
+            } else if bit(seed, m.id) {
+                prop_assert_eq!(followed, Some(&foreign_host(m.id)), "member {} is down", m.id);
+            }
+        }
+
+        // The loop plans from the followed records, observing the set through them.
+        let mut w = w;
+        w.desired = desired.members.clone();
+        let obs = observe(&w);
+        let step = plan_next_step(&obs, &desired, &context_of(&w)).step;
+        send(&w, &obs, &step).map_err(|e| TestCaseError::fail(format!("{step:?}: {e}")))?;
+        if let Step::Reconfig { config: next, .. } = &step {
+            for m in &next.members {
+                prop_assert!(
+                    !(m.host == foreign_host(m.id) && before.is_up(m.id)),
+                    "member {} moved from a live mongod: {:?}", m.id, step
+                );
+            }
+        }
+    }
 }

@@ -112,6 +112,50 @@ pub fn valid_segment(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.chars().any(char::is_control)
 }
 
+/// The longest replica-set name taken, in bytes: a name is a key segment of every
+/// `replsets/<set>/...` key and the value of `replicaSet=` in the published URI.
+pub const MAX_SET_NAME_LEN: usize = 64;
+
+/// Why a name cannot be a replica set's (from `--replset`, or a record's
+/// `registrator.replset` label).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replica set name {name:?} {problem}; use letters, digits, '.', '_' and '-' (at most {MAX_SET_NAME_LEN})")]
+pub struct SetNameError {
+    pub name: String,
+    pub problem: &'static str,
+}
+
+/// Checks a replica set's name. The name becomes one segment of `<prefix>/replsets/<set>/...`
+/// (where `rs0/leader` would land under the election keys of `rs0`), mongod's `--replSet`,
+/// and `replicaSet=<set>` in the published connection string (where `&`, `?`, `#` or `%`
+/// would change the URI's meaning). So it is a [`valid_segment`] made only of ASCII letters,
+/// digits, `.`, `_` and `-`, not `.` or `..`, and at most [`MAX_SET_NAME_LEN`] bytes.
+pub fn check_set_name(name: &str) -> Result<(), SetNameError> {
+    let problem = if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > MAX_SET_NAME_LEN {
+        Some("is too long")
+    } else if name == "." || name == ".." {
+        Some("is a relative path segment")
+    } else if name.contains('/') {
+        Some("contains '/', which would make it a key of another set")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("contains a character other than a letter, a digit, '.', '_' or '-'")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(SetNameError {
+            name: name.to_string(),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +200,35 @@ mod tests {
         assert_eq!(l.parse_service_key("p/services/web/"), None);
         assert_eq!(l.parse_service_key("p/services/web/a/b"), None);
         assert_eq!(l.parse_service_key("other/services/web/a"), None);
+    }
+
+    #[test]
+    fn set_names_are_key_segments_and_uri_values() {
+        for good in ["rs0", "my-set_2.eu", &"a".repeat(MAX_SET_NAME_LEN)] {
+            assert_eq!(check_set_name(good), Ok(()), "{good}");
+        }
+        let long = "a".repeat(MAX_SET_NAME_LEN + 1);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "rs0/leader",
+            "rs0/",
+            "a b",
+            "rs0&w=0",
+            "rs0?x",
+            "a%2F",
+            "a\nb",
+            "ränge",
+            &long,
+        ] {
+            let e = check_set_name(bad).expect_err(bad);
+            assert_eq!(e.name, bad);
+            assert!(e.to_string().contains("use letters, digits"), "{e}");
+        }
+        // The name the error shows is escaped: a newline cannot forge a log line.
+        let e = check_set_name("a\nb").expect_err("a newline");
+        assert!(e.to_string().contains(r#""a\nb""#), "{e}");
     }
 
     #[test]

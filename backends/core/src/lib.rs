@@ -29,7 +29,7 @@ pub use error::{error_chain, is_tls_failure, require_ttl, BackendError, Cause, R
 pub use identity::{
     config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,
 };
-pub use layout::{KeyLayout, ServiceKey};
+pub use layout::{check_set_name, KeyLayout, ServiceKey, SetNameError};
 pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
 pub use secret::Secret;
 pub use status::{

@@ -35,11 +35,11 @@ struct Cli {
     service: Vec<String>,
 
     /// The replica set of the --service at the same position.
-    #[arg(long, env = "RECONCILER_REPLSET", value_delimiter = ',', global = true)]
+    #[arg(long, env = "RECONCILER_REPLSET", value_delimiter = ',', value_parser = set_name, global = true)]
     replset: Vec<String>,
 
     /// The mongod port, if not the records' own.
-    #[arg(long, env = "RECONCILER_PORT", global = true)]
+    #[arg(long, env = "RECONCILER_PORT", value_parser = clap::value_parser!(u16).range(1..), global = true)]
     port: Option<u16>,
 
     /// Also manage every set named by a registrator.replset=<set> label on the records.
@@ -297,6 +297,11 @@ async fn drive<S: Watcher + Coordinator>(
     }
     controller.run().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `--replset` value: a name that can be a key segment and a `replicaSet=` value.
+fn set_name(name: &str) -> Result<String, backend_core::SetNameError> {
+    backend_core::check_set_name(name).map(|()| name.to_string())
 }
 
 /// `<service>=<replicas>`.

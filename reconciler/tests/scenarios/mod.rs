@@ -19,10 +19,14 @@ macro_rules! suite {
             allow_force_reconfigures_to_the_members_that_are_up,
             a_whole_restart_under_new_addresses_keeps_the_set_and_its_data,
             members_that_lost_their_data_are_not_initiated_again,
-            a_refused_login_is_reported_as_such_and_the_right_one_initiates);
+            a_refused_login_is_reported_as_such_and_the_right_one_initiates,
+            a_newer_record_never_takes_the_slot_of_a_live_member);
     };
 }
 pub(crate) use suite;
+
+mod slots;
+pub use slots::a_newer_record_never_takes_the_slot_of_a_live_member;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
