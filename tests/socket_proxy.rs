@@ -122,6 +122,23 @@ fn assert_refused(what: &str, (status, head, body): &(u16, String, String)) {
     );
 }
 
+/// A plain container `name` that sleeps, for this test's clean-up to remove.
+async fn sleeper(cleanup: &mut Cleanup, names: &Names, name: &str) -> String {
+    plain_container(cleanup, name, &names.name("svc"), &[], &["sleep", "86400"]).await
+}
+
+/// Reads what comes next on an open stream into `seen`; panics, naming `what` it waited
+/// for, when nothing comes within 20 s or the stream ends.
+async fn read_more(stream: &mut UnixStream, seen: &mut String, what: &str) {
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not come through the open stream: {seen}"))
+        .expect("reads");
+    assert!(n > 0, "the stream ended before {what}: {seen}");
+    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+}
+
 /// Whether the engine knows an object (`docker <kind> inspect <name>` succeeds).
 async fn exists(kind: &str, name: &str) -> bool {
     tokio::process::Command::new("docker")
@@ -199,14 +216,7 @@ async fn writes_swarm_secrets_and_hijacks_are_refused_and_leave_nothing_behind()
     let proxy = RunningProxy::start().await;
     let sock = proxy.socket.clone();
     let name = names.name("target");
-    let id = plain_container(
-        &mut cleanup,
-        &name,
-        &names.name("svc"),
-        &[],
-        &["sleep", "86400"],
-    )
-    .await;
+    let id = sleeper(&mut cleanup, &names, &name).await;
 
     // What the bridge reads passes (the control).
     let (status, _, body) = request(
@@ -335,34 +345,16 @@ async fn events_pass_the_proxy_as_they_happen() {
         .await
         .expect("writes");
     let mut seen = String::new();
-    let mut buf = [0u8; 4096];
     // The head comes before any event: the engine flushes it, and so does the proxy.
     while !seen.contains("\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("the head of the event stream comes at once")
-            .expect("reads");
-        assert!(n > 0, "the stream ended: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        read_more(&mut stream, &mut seen, "the head of the event stream").await;
     }
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
 
-    plain_container(
-        &mut cleanup,
-        &name,
-        &names.name("svc"),
-        &[],
-        &["sleep", "86400"],
-    )
-    .await;
+    sleeper(&mut cleanup, &names, &name).await;
     // The start event arrives while the stream stays open: streamed, not buffered to the end.
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
-            .await
-            .expect("the start event comes through the open stream")
-            .expect("reads");
-        assert!(n > 0, "the stream ended before the event: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        read_more(&mut stream, &mut seen, "the start event").await;
         if seen.contains(r#""status":"start""#) && seen.contains(&name) {
             break;
         }
