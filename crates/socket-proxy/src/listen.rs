@@ -174,7 +174,8 @@ impl Listener {
                 let cred = stream.peer_cred().ok();
                 let peer = Peer::Local {
                     uid: cred.map(|c| c.uid()),
-                    pid: cred.and_then(|c| c.pid()),
+                    // 0 for a process in another pid namespace (another container).
+                    pid: cred.and_then(|c| c.pid()).filter(|pid| *pid > 0),
                 };
                 Ok((Box::new(stream), peer))
             }
