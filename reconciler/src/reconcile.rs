@@ -317,15 +317,10 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
 ) -> Result<Action, ReconcileError> {
     let config = &ctx.config;
     let metrics = &config.metrics;
-<<<<<<< HEAD
-    let desired = set.desired(records, config);
-    let observed = observe(&*ctx.members, &set.set, &desired).await;
-    set.report_access(&observed, config);
-=======
     let (desired, observed) = set
         .desired_and_observed(records, config, &*ctx.members)
         .await;
->>>>>>> trust
+    set.report_access(&observed, config);
     if set.known == KnownSet::Unknown || observed.observation.primary.is_none() {
         set.read_identity(&*ctx.store, config).await;
     }
