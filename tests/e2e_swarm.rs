@@ -50,7 +50,20 @@ async fn walk_through(store: Store) {
     options.several_per_node = true;
     let d = Deployment::deploy_with(swarm, store, options).await;
 
-    // --- deployed: 3 members, and a majority write to check at every step
+    // --- deployed: 3 members, and a majority write to check at every step. The bridges have
+    // no Docker socket of their own: they see their engines through each node's docker-proxy.
+    let mounts = d
+        .manager()
+        .docker(&[
+            "service",
+            "inspect",
+            "e2e_registrator",
+            "--format",
+            "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
+        ])
+        .await
+        .expect("inspect the bridge's service");
+    assert!(!mounts.contains("docker.sock"), "the bridge mounts the socket: {mounts}");
     let initial = d.wait_converged(3, "deploy").await;
     wait_for(
         "a w: majority write through the URI",

@@ -83,9 +83,10 @@ impl Store {
     }
 
     /// The offline images the stack needs with this store.
-    pub fn images(self) -> [&'static str; 5] {
+    pub fn images(self) -> [&'static str; 6] {
         [
             "local/swarm-registrator",
+            "local/docker-socket-proxy",
             "local/replset-reconciler",
             "local/replset-demo-app",
             "local/mongo-sim",
@@ -264,6 +265,7 @@ impl Deployment {
             ("REGISTRATOR_IMAGE", "local/swarm-registrator"),
             ("RECONCILER_IMAGE", "local/replset-reconciler"),
             ("DEMO_APP_IMAGE", "local/replset-demo-app"),
+            ("SOCKET_PROXY_IMAGE", "local/docker-socket-proxy"),
             ("MONGO_IMAGE", mongo_image.as_str()),
             ("MONGO_HEALTHCHECK", SIM_HEALTHCHECK),
             ("MONGO_EXTRA_ARGS", self.options.mongo_extra_args.as_str()),
