@@ -154,8 +154,7 @@ impl PeerClient {
                         let mut s = match &self.tls {
                             None => Stream::Plain(s),
                             Some(tls) => {
-                                let handshake =
-                                    crate::tls::connect(tls.client_config(), host, s);
+                                let handshake = crate::tls::connect(tls.client_config(), host, s);
                                 match tokio::time::timeout(timeout, handshake).await {
                                     Err(_) => return Err(PeerError::Timeout(host.to_string())),
                                     Ok(Err(source)) => {

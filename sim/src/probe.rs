@@ -112,7 +112,11 @@ impl Health {
 
 /// Sends `hello` to the member on `127.0.0.1:port` and reads its answer, within `timeout`.
 /// `tls`: the client of [`crate::tls::Tls::probe_client`], for a member that wants TLS.
-pub async fn probe(port: u16, tls: Option<&TlsClient>, timeout: Duration) -> Result<Health, ProbeError> {
+pub async fn probe(
+    port: u16,
+    tls: Option<&TlsClient>,
+    timeout: Duration,
+) -> Result<Health, ProbeError> {
     let reply = command(port, tls, doc! {"hello": 1, "$db": "admin"}, timeout).await?;
     Ok(Health::from_hello(&reply))
 }
@@ -125,7 +129,14 @@ pub async fn current_config(
     timeout: Duration,
 ) -> Result<Option<Document>, ProbeError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match command(port, tls, doc! {"replSetGetConfig": 1, "$db": "admin"}, timeout).await {
+    match command(
+        port,
+        tls,
+        doc! {"replSetGetConfig": 1, "$db": "admin"},
+        timeout,
+    )
+    .await
+    {
         Ok(reply) => match reply.get_document("config") {
             Ok(config) => Ok(Some(config.clone())),
             Err(_) => Err(ProbeError::Refused { addr, reply }),

@@ -136,7 +136,9 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    #[error("--tlsCAFile {path}: a certificate in it is not a CA certificate rustls accepts: {source}")]
+    #[error(
+        "--tlsCAFile {path}: a certificate in it is not a CA certificate rustls accepts: {source}"
+    )]
     BadCa {
         path: PathBuf,
         #[source]
@@ -303,10 +305,7 @@ impl Tls {
             .certificate_key_file
             .as_deref()
             .ok_or(TlsError::NoCertificateKeyFile { mode })?;
-        let ca_path = opts
-            .ca_file
-            .as_deref()
-            .ok_or(TlsError::NoCaFile { mode })?;
+        let ca_path = opts.ca_file.as_deref().ok_or(TlsError::NoCaFile { mode })?;
         let (chain, key) = certified_key("--tlsCertificateKeyFile", key_path)?;
         let roots = roots(ca_path)?;
         // A client without a certificate gets through the handshake and is turned away after
@@ -328,12 +327,7 @@ impl Tls {
             Some(p) => certified_key("--tlsClusterFile", p)?,
             None => (chain, key),
         };
-        let client = client_config(
-            roots,
-            ca_path,
-            Some(cluster),
-            !opts.allow_invalid_hostnames,
-        )?;
+        let client = client_config(roots, ca_path, Some(cluster), !opts.allow_invalid_hostnames)?;
         Ok(Some(Tls {
             mode,
             allow_without_certificates: opts.allow_connections_without_certificates,
@@ -351,10 +345,7 @@ impl Tls {
         if !mode.dials_tls() {
             return Ok(None);
         }
-        let ca_path = opts
-            .ca_file
-            .as_deref()
-            .ok_or(TlsError::NoCaFile { mode })?;
+        let ca_path = opts.ca_file.as_deref().ok_or(TlsError::NoCaFile { mode })?;
         let identity = match &opts.certificate_key_file {
             Some(p) => Some(certified_key("--tlsCertificateKeyFile", p)?),
             None => None,
@@ -530,13 +521,10 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::{CertificateError, Error};
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

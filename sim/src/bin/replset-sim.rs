@@ -200,7 +200,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Some(p) => Some(KeyFile::load(p).context("reading --keyFile")?),
         None => None,
     };
-    let tls = Tls::load(&args.tls()).context("setting up TLS")?.map(Arc::new);
+    let tls = Tls::load(&args.tls())
+        .context("setting up TLS")?
+        .map(Arc::new);
     if let Some(t) = &tls {
         tracing::info!(mode = %t.mode, "TLS on");
     }
