@@ -28,6 +28,17 @@ pub enum DbError {
     },
 }
 
+/// TLS to the members (`--mongo-tls`, `--mongo-tls-ca-file`), on top of what the connection
+/// string says: the published URI carries `tls=true` but never a CA file, which is the
+/// application's own (a Docker secret).
+#[derive(Debug, Clone, Default)]
+pub struct MongoTls {
+    /// Use TLS even if the connection string does not say so.
+    pub enabled: bool,
+    /// Trust this CA's PEM instead of the system's roots; implies `enabled`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 /// The documents of the demo, in one collection.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -38,7 +49,12 @@ pub struct Db {
 impl Db {
     /// A client for `uri` (`mongodb://h1:p,h2:p/?replicaSet=rs0`). The driver finds the primary
     /// and follows it through elections and reconfigs; nothing is contacted yet.
-    pub async fn connect(uri: &str, database: &str, collection: &str) -> Result<Db, DbError> {
+    pub async fn connect(
+        uri: &str,
+        tls: &MongoTls,
+        database: &str,
+        collection: &str,
+    ) -> Result<Db, DbError> {
         let bad = |source| DbError::BadUri {
             uri: uri.to_string(),
             source,
@@ -47,6 +63,17 @@ impl Db {
         options.app_name = Some("replset-demo-app".into());
         options.server_selection_timeout = Some(SELECTION_TIMEOUT);
         options.connect_timeout = Some(Duration::from_secs(5));
+        let uri_tls = matches!(options.tls, Some(mongodb::options::Tls::Enabled(_)));
+        if tls.enabled || tls.ca_file.is_some() || uri_tls {
+            let mut tls_options = match options.tls.take() {
+                Some(mongodb::options::Tls::Enabled(o)) => o,
+                _ => mongodb::options::TlsOptions::default(),
+            };
+            if let Some(ca) = &tls.ca_file {
+                tls_options.ca_file_path = Some(ca.clone());
+            }
+            options.tls = Some(mongodb::options::Tls::Enabled(tls_options));
+        }
         let client = Client::with_options(options).map_err(bad)?;
         let docs = client.database(database).collection(collection);
         Ok(Db { client, docs })

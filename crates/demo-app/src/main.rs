@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, MongoTls};
 use crate::store::Store;
 
 /// Uses a MongoDB replica set through the connection string that replset-reconciler publishes.
@@ -59,6 +59,15 @@ struct Cli {
     #[arg(long, env = "DEMO_INTERVAL", default_value = "5s", global = true, value_parser = parse_interval)]
     interval: Duration,
 
+    /// Reach MongoDB with TLS even if the connection string lacks tls=true.
+    #[arg(long, env = "DEMO_MONGO_TLS", global = true)]
+    mongo_tls: bool,
+
+    /// The PEM of the CA that signed the members' certificates (a Docker secret); added to the
+    /// published connection string, which never carries one. Implies --mongo-tls.
+    #[arg(long, env = "DEMO_MONGO_TLS_CA_FILE", global = true)]
+    mongo_tls_ca_file: Option<std::path::PathBuf>,
+
     /// Log format.
     #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -92,6 +101,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &cli.mongo_tls_ca_file {
+        // Checked now, so that a wrong path stops the start instead of every connection.
+        std::fs::metadata(path)
+            .with_context(|| format!("cannot read --mongo-tls-ca-file {}", path.display()))?;
+    }
+    let tls = MongoTls {
+        enabled: cli.mongo_tls,
+        ca_file: cli.mongo_tls_ca_file.clone(),
+    };
     let store = Store::open(&cli.backend, &cli.store.options(&cli.backend)?).await?;
     let key = cli.backend.layout().replset_uri_key(&cli.replset);
     let one_shot_wait = Some(cli.wait.unwrap_or(Duration::from_secs(60)));
@@ -109,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     key,
                     uri: String::new(),
                     db: None,
+                    tls: tls.clone(),
                     database: cli.database,
                     collection: cli.collection,
                     writer,
@@ -122,7 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Write { id, value } => {
             let uri = store.wait_for_text(&key, one_shot_wait).await?;
-            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            let db = Db::connect(&uri, &tls, &cli.database, &cli.collection).await?;
             match db.write(&id, &value, &writer).await {
                 Ok(()) => {
                     println!("wrote {id:?} with w: majority through {uri}");
@@ -136,7 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Read { id } => {
             let uri = store.wait_for_text(&key, one_shot_wait).await?;
-            let db = Db::connect(&uri, &cli.database, &cli.collection).await?;
+            let db = Db::connect(&uri, &tls, &cli.database, &cli.collection).await?;
             match db.read(&id).await {
                 Ok(Some(doc)) => {
                     // One line of JSON (MongoDB's relaxed extended JSON), for scripts and tests.
@@ -163,6 +182,7 @@ struct App {
     key: String,
     uri: String,
     db: Option<Db>,
+    tls: MongoTls,
     database: String,
     collection: String,
     writer: String,
@@ -231,7 +251,7 @@ impl App {
     }
 
     async fn use_uri(&mut self, uri: String) -> anyhow::Result<()> {
-        let db = Db::connect(&uri, &self.database, &self.collection).await?;
+        let db = Db::connect(&uri, &self.tls, &self.database, &self.collection).await?;
         tracing::info!(%uri, "using connection string");
         self.db = Some(db);
         self.uri = uri;
