@@ -4,93 +4,30 @@
 //! `tls=true` and no file path; an application that adds its own `tlsCAFile` to that URI
 //! writes with `w: majority`.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backend_core::{BackendUri, Coordinator, KeyLayout};
 use backend_store::StoreOptions;
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
-};
 use replset_reconciler::controller::{Controller, ControllerConfig};
 use replset_reconciler::mongo::{Members, MongoTls};
 use replset_reconciler::records::Selector;
-use replset_sim::tls::{Tls, TlsMode, TlsOptions};
+use replset_sim::tls::{Tls, TlsOptions};
 use replset_sim::{Cluster, NodeOptions};
 use test_support::contract::{mongo_task_record, unique_layout};
+use test_support::mongo_tls::MemberPki;
 use test_support::wait_for;
 use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-/// A temporary directory with `ca.pem` and `member.pem` (certificate and key, for 127.0.0.1).
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn generate() -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "reconcile-tls-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-        let key = KeyPair::generate().expect("member key");
-        let mut member = CertificateParams::new(Vec::<String>::new()).expect("params");
-        member.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))];
-        member.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = member
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("member certificate");
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
-        std::fs::write(
-            dir.join("member.pem"),
-            format!("{}{}", cert.pem(), key.serialize_pem()),
-        )
-        .expect("write member.pem");
-        Pki { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    fn member(&self) -> PathBuf {
-        self.dir.join("member.pem")
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Members as `mongod --tlsMode requireTLS --tlsCertificateKeyFile member.pem --tlsCAFile
 /// ca.pem --tlsAllowConnectionsWithoutCertificates` (the reconciler presents no certificate).
 fn tls_members(ca: &Path, member: &Path) -> NodeOptions {
     let tls = Tls::load(&TlsOptions {
-        mode: TlsMode::RequireTls,
-        certificate_key_file: Some(member.to_path_buf()),
-        ca_file: Some(ca.to_path_buf()),
-        cluster_file: None,
         allow_connections_without_certificates: true,
-        allow_invalid_hostnames: false,
+        ..TlsOptions::require_tls(member.to_path_buf(), ca.to_path_buf())
     })
     .expect("the test's certificates load")
     .map(Arc::new);
@@ -114,7 +51,7 @@ async fn store(layout: &KeyLayout) -> Arc<backend_store::Store> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_initiates_a_tls_set_and_publishes_tls_true() {
-    let pki = Pki::generate();
+    let pki = MemberPki::generate("reconcile-tls");
     let cluster = Cluster::start_with(3, tls_members(&pki.ca(), &pki.member()))
         .await
         .expect("simulated TLS members");

@@ -96,6 +96,18 @@ pub struct TlsOptions {
     pub allow_invalid_hostnames: bool,
 }
 
+impl TlsOptions {
+    /// `--tlsMode requireTLS --tlsCertificateKeyFile certificate_key_file --tlsCAFile ca_file`.
+    pub fn require_tls(certificate_key_file: PathBuf, ca_file: PathBuf) -> TlsOptions {
+        TlsOptions {
+            mode: TlsMode::RequireTls,
+            certificate_key_file: Some(certificate_key_file),
+            ca_file: Some(ca_file),
+            ..TlsOptions::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("--tlsMode {0} is not one of disabled, allowTLS, preferTLS, requireTLS")]

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 pub mod contract;
 pub mod dind;
+pub mod mongo_tls;
 pub mod stack;
 
 /// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
