@@ -63,7 +63,10 @@ async fn walk_through(store: Store) {
         ])
         .await
         .expect("inspect the bridge's service");
-    assert!(!mounts.contains("docker.sock"), "the bridge mounts the socket: {mounts}");
+    assert!(
+        !mounts.contains("docker.sock"),
+        "the bridge mounts the socket: {mounts}"
+    );
     let initial = d.wait_converged(3, "deploy").await;
     wait_for(
         "a w: majority write through the URI",

@@ -89,6 +89,16 @@ impl std::fmt::Debug for Credentials {
 pub struct Members {
     clients: Mutex<HashMap<String, Client>>,
     credentials: Option<Credentials>,
+    tls: Option<MongoTls>,
+}
+
+/// TLS to the members (`--mongo-tls`, `--mongo-tls-ca-file`): the members' certificates are
+/// checked against `ca_file` (else the system's roots), and their names against the hosts of
+/// the config. The reconciler presents no certificate of its own, so the members run with
+/// `--tlsAllowConnectionsWithoutCertificates` (see docs/security.md, "TLS to MongoDB").
+#[derive(Debug, Clone, Default)]
+pub struct MongoTls {
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// MongoDB's `NotYetInitialized`: the member has no config (an empty dbpath).
@@ -113,12 +123,19 @@ impl Members {
         Members {
             clients: Mutex::new(HashMap::new()),
             credentials,
+            tls: None,
         }
     }
 
     /// The user the reconciler logs in as, if any.
     fn user(&self) -> Option<&str> {
         self.credentials.as_ref().map(|c| c.username.as_str())
+    }
+
+    /// Reaches the members with TLS (`None`: plain text).
+    pub fn with_tls(mut self, tls: Option<MongoTls>) -> Members {
+        self.tls = tls;
+        self
     }
 
     async fn client(&self, host: &str) -> Result<Client, MongoError> {
@@ -137,6 +154,13 @@ impl Members {
         options.connect_timeout = Some(Duration::from_secs(2));
         options.server_selection_timeout = Some(Duration::from_secs(2));
         options.app_name = Some("replset-reconciler".into());
+        if let Some(tls) = &self.tls {
+            options.tls = Some(mongodb::options::Tls::Enabled(
+                mongodb::options::TlsOptions::builder()
+                    .ca_file_path(tls.ca_file.clone())
+                    .build(),
+            ));
+        }
         if let Some(c) = &self.credentials {
             options.credential = Some(
                 mongodb::options::Credential::builder()
@@ -429,6 +453,13 @@ pub trait ReplSetClient: Send + Sync + 'static {
         step: &Step,
         observed: &Observed,
     ) -> impl std::future::Future<Output = Result<(), MongoError>> + Send;
+
+    /// What the published URI adds after `replicaSet=<set>`: `&tls=true` when the members are
+    /// reached with TLS. Never a file path: the reconciler's files are not the application's
+    /// (the application adds its own `tlsCAFile`).
+    fn uri_options(&self) -> &'static str {
+        ""
+    }
 }
 
 impl ReplSetClient for Members {
@@ -443,6 +474,14 @@ impl ReplSetClient for Members {
         observed: &Observed,
     ) -> Result<(), MongoError> {
         Members::apply(self, set_name, step, observed).await
+    }
+
+    fn uri_options(&self) -> &'static str {
+        if self.tls.is_some() {
+            "&tls=true"
+        } else {
+            ""
+        }
     }
 }
 

@@ -444,7 +444,7 @@ pub fn error_policy<S, M>(_set: &SetState, error: &ReconcileError, _ctx: &Contex
 }
 
 /// `<prefix>/replsets/<set>/uri` and `/status`, written when they change.
-async fn publish_outputs<S: Coordinator, M>(
+async fn publish_outputs<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     ctx: &Context<S, M>,
     observed: &Observed,
@@ -537,14 +537,19 @@ async fn record_identity<S: Coordinator, M>(
 }
 
 /// `<prefix>/replsets/<set>/uri`, from the config's hosts, when it changes.
-async fn publish_uri<S: Coordinator, M>(
+async fn publish_uri<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     ctx: &Context<S, M>,
     cfg: &crate::model::ConfigView,
 ) {
     let config = &ctx.config;
     let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
-    let uri = format!("mongodb://{}/?replicaSet={}", hosts.join(","), set.set);
+    let uri = format!(
+        "mongodb://{}/?replicaSet={}{}",
+        hosts.join(","),
+        set.set,
+        ctx.members.uri_options()
+    );
     if set.published_uri.as_ref() != Some(&uri) {
         match ctx
             .store

@@ -27,6 +27,7 @@ pub mod probe;
 pub mod query;
 mod repl;
 mod sync;
+pub mod tls;
 pub mod update;
 pub mod wire;
 

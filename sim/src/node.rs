@@ -51,6 +51,8 @@ pub struct NodeOptions {
     pub election_timeout: Duration,
     /// `--auth` and `--keyFile`.
     pub security: crate::auth::Security,
+    /// `--tlsMode` and its files, loaded (`None`: `--tlsMode disabled`).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// How long an initial sync takes (not a mongod setting): see [`InitialSyncPace`].
     pub initial_sync: InitialSyncPace,
 }
@@ -94,6 +96,7 @@ impl Default for NodeOptions {
             heartbeat_interval: Duration::from_millis(500),
             election_timeout: Duration::from_millis(2000),
             security: crate::auth::Security::default(),
+            tls: None,
             initial_sync: InitialSyncPace::default(),
         }
     }
@@ -367,7 +370,9 @@ impl Node {
         let (changed, _) = tokio::sync::watch::channel(());
         let node = Node {
             inner: Arc::new(NodeInner {
-                peers: PeerClient::new(me.clone(), net).with_key(opts.security.key_file.clone()),
+                peers: PeerClient::new(me.clone(), net)
+                    .with_key(opts.security.key_file.clone())
+                    .with_tls(opts.tls.clone()),
                 me: std::sync::RwLock::new(me.clone()),
                 port,
                 instance_id: ObjectId::new(),

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+use crate::tls::Stream;
 use crate::wire;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,12 @@ pub enum PeerError {
         host: String,
         #[source]
         source: crate::auth::sasl::InternalAuthError,
+    },
+    #[error("TLS handshake with {host} failed (is its certificate signed by our --tlsCAFile and made out to {host}? does it trust ours?): {source}")]
+    Tls {
+        host: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("wire error with {host}: {source}")]
     Wire {
@@ -77,10 +84,12 @@ impl Network {
 pub struct PeerClient {
     me: String,
     net: Network,
-    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    idle: Mutex<HashMap<String, Vec<Stream>>>,
     next_id: AtomicI32,
     /// `--keyFile`: every new connection authenticates as `__system` with it.
     key: Option<crate::auth::KeyFile>,
+    /// `--tlsMode preferTLS` or `requireTLS`: every new connection is TLS.
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl PeerClient {
@@ -91,12 +100,20 @@ impl PeerClient {
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicI32::new(1),
             key: None,
+            tls: None,
         }
     }
 
     /// Authenticates new connections with the key file, as mongod's internal clients do.
     pub fn with_key(mut self, key: Option<crate::auth::KeyFile>) -> PeerClient {
         self.key = key;
+        self
+    }
+
+    /// Makes new connections TLS when the mode says a member connects with TLS
+    /// (`preferTLS`, `requireTLS`), as mongod's egress does.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> PeerClient {
+        self.tls = tls.filter(|t| t.dials_tls());
         self
     }
 
@@ -132,8 +149,24 @@ impl PeerClient {
                             source: e,
                         })
                     }
-                    Ok(Ok(mut s)) => {
+                    Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
+                        let mut s = match &self.tls {
+                            None => Stream::Plain(s),
+                            Some(tls) => {
+                                let handshake = crate::tls::connect(tls.client_config(), host, s);
+                                match tokio::time::timeout(timeout, handshake).await {
+                                    Err(_) => return Err(PeerError::Timeout(host.to_string())),
+                                    Ok(Err(source)) => {
+                                        return Err(PeerError::Tls {
+                                            host: host.to_string(),
+                                            source,
+                                        })
+                                    }
+                                    Ok(Ok(s)) => s,
+                                }
+                            }
+                        };
                         if let Some(key) = &self.key {
                             crate::auth::sasl::authenticate_internal(&mut s, key, timeout)
                                 .await

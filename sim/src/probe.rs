@@ -8,6 +8,10 @@
 //! mongo image does the same with the mongosh it ships (`db.hello()`); see
 //! docs/operations.md, "Upgrades".
 //!
+//! Against a member with `--tlsMode preferTLS` or `requireTLS` it connects with TLS: give it
+//! the member's own `--tlsMode` and `--tlsCAFile` (and `--tlsCertificateKeyFile` when the
+//! member requires client certificates); see `crate::tls::Tls::probe_client`.
+//!
 //! `hello` needs no authentication (drivers send it before they authenticate), so the probe
 //! works with `--auth` and `--keyFile` too.
 
@@ -17,12 +21,22 @@ use std::time::Duration;
 use bson::{doc, Document};
 use tokio::net::TcpStream;
 
+use crate::tls::Stream;
 use crate::wire::{self, WireError};
+
+/// The probe's TLS client.
+pub type TlsClient = std::sync::Arc<rustls::ClientConfig>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("cannot connect to {addr}: {source}")]
     Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed (does --tlsCAFile name the CA of the member's certificate? does the member require a client certificate: --tlsCertificateKeyFile?): {source}")]
+    Tls {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -97,16 +111,32 @@ impl Health {
 }
 
 /// Sends `hello` to the member on `127.0.0.1:port` and reads its answer, within `timeout`.
-pub async fn probe(port: u16, timeout: Duration) -> Result<Health, ProbeError> {
-    let reply = command(port, doc! {"hello": 1, "$db": "admin"}, timeout).await?;
+/// `tls`: the client of [`crate::tls::Tls::probe_client`], for a member that wants TLS.
+pub async fn probe(
+    port: u16,
+    tls: Option<&TlsClient>,
+    timeout: Duration,
+) -> Result<Health, ProbeError> {
+    let reply = command(port, tls, doc! {"hello": 1, "$db": "admin"}, timeout).await?;
     Ok(Health::from_hello(&reply))
 }
 
 /// The member's current replica set config (`replSetGetConfig`), or `None` when it has none
 /// (not initiated, or removed): what a test records to check each reconfig against the last.
-pub async fn current_config(port: u16, timeout: Duration) -> Result<Option<Document>, ProbeError> {
+pub async fn current_config(
+    port: u16,
+    tls: Option<&TlsClient>,
+    timeout: Duration,
+) -> Result<Option<Document>, ProbeError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match command(port, doc! {"replSetGetConfig": 1, "$db": "admin"}, timeout).await {
+    match command(
+        port,
+        tls,
+        doc! {"replSetGetConfig": 1, "$db": "admin"},
+        timeout,
+    )
+    .await
+    {
         Ok(reply) => match reply.get_document("config") {
             Ok(config) => Ok(Some(config.clone())),
             Err(_) => Err(ProbeError::Refused { addr, reply }),
@@ -118,12 +148,23 @@ pub async fn current_config(port: u16, timeout: Duration) -> Result<Option<Docum
 }
 
 /// One command on a new connection to `127.0.0.1:port`; the reply if it says `ok: 1`.
-async fn command(port: u16, cmd: Document, timeout: Duration) -> Result<Document, ProbeError> {
+async fn command(
+    port: u16,
+    tls: Option<&TlsClient>,
+    cmd: Document,
+    timeout: Duration,
+) -> Result<Document, ProbeError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let exchange = async {
-        let mut stream = TcpStream::connect(addr)
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ProbeError::Connect { addr, source })?;
+        let mut stream = match tls {
+            None => Stream::Plain(stream),
+            Some(config) => crate::tls::connect(config.clone(), &addr.to_string(), stream)
+                .await
+                .map_err(|source| ProbeError::Tls { addr, source })?,
+        };
         let wire_err = |source| ProbeError::Wire { addr, source };
         let msg = wire::encode_op_msg(1, 0, &cmd).map_err(wire_err)?;
         wire::write_all(&mut stream, &msg).await.map_err(wire_err)?;

@@ -35,6 +35,7 @@ pub struct Access {
     pub database: String,
     pub collection: String,
     pub login: Option<Login>,
+    pub tls: MongoTls,
 }
 
 /// A MongoDB user of the application. The password is never printed.
@@ -50,6 +51,17 @@ impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Login({}@{}, <redacted>)", self.username, self.source)
     }
+}
+
+/// TLS to the members (`--mongo-tls`, `--mongo-tls-ca-file`), on top of what the connection
+/// string says: the published URI carries `tls=true` but never a CA file, which is the
+/// application's own (a Docker secret).
+#[derive(Debug, Clone, Default)]
+pub struct MongoTls {
+    /// Use TLS even if the connection string does not say so.
+    pub enabled: bool,
+    /// Trust this CA's PEM instead of the system's roots; implies `enabled`.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The documents of the demo, in one collection.
@@ -79,6 +91,18 @@ impl Db {
                     .source(login.source.clone())
                     .build(),
             );
+        }
+        let uri_tls = matches!(options.tls, Some(mongodb::options::Tls::Enabled(_)));
+        let tls = &access.tls;
+        if tls.enabled || tls.ca_file.is_some() || uri_tls {
+            let mut tls_options = match options.tls.take() {
+                Some(mongodb::options::Tls::Enabled(o)) => o,
+                _ => mongodb::options::TlsOptions::default(),
+            };
+            if let Some(ca) = &tls.ca_file {
+                tls_options.ca_file_path = Some(ca.clone());
+            }
+            options.tls = Some(mongodb::options::Tls::Enabled(tls_options));
         }
         let client = Client::with_options(options).map_err(bad)?;
         let docs = client

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 
-use crate::db::{Access, Db, DbError, Login};
+use crate::db::{Access, Db, DbError, Login, MongoTls};
 use crate::store::Store;
 
 /// Uses a MongoDB replica set through the connection string that replset-reconciler publishes.
@@ -71,6 +71,15 @@ struct Cli {
     /// The database the user is defined in (default: --database).
     #[arg(long, env = "DEMO_AUTH_SOURCE", global = true)]
     auth_source: Option<String>,
+
+    /// Reach MongoDB with TLS even if the connection string lacks tls=true.
+    #[arg(long, env = "DEMO_MONGO_TLS", global = true)]
+    mongo_tls: bool,
+
+    /// The PEM of the CA that signed the members' certificates (a Docker secret); added to the
+    /// published connection string, which never carries one. Implies --mongo-tls.
+    #[arg(long, env = "DEMO_MONGO_TLS_CA_FILE", global = true)]
+    mongo_tls_ca_file: Option<std::path::PathBuf>,
 
     /// Log format.
     #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -130,10 +139,19 @@ fn access(cli: &Cli) -> anyhow::Result<Access> {
             "--username and --password-file go together (DEMO_USERNAME, DEMO_PASSWORD_FILE)"
         ),
     };
+    if let Some(path) = &cli.mongo_tls_ca_file {
+        // Checked now, so that a wrong path stops the start instead of every connection.
+        std::fs::metadata(path)
+            .with_context(|| format!("cannot read --mongo-tls-ca-file {}", path.display()))?;
+    }
     Ok(Access {
         database: cli.database.clone(),
         collection: cli.collection.clone(),
         login,
+        tls: MongoTls {
+            enabled: cli.mongo_tls,
+            ca_file: cli.mongo_tls_ca_file.clone(),
+        },
     })
 }
 

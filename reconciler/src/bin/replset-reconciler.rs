@@ -12,7 +12,7 @@ use daemon::duration::parse_duration;
 use daemon::LogFormat;
 use replset_reconciler::commands::{self, StatusFormat};
 use replset_reconciler::controller::{Controller, ControllerConfig};
-use replset_reconciler::mongo::{Credentials, Members};
+use replset_reconciler::mongo::{Credentials, Members, MongoTls};
 use replset_reconciler::records::Selector;
 
 /// Keeps MongoDB replica sets equal to the swarm tasks that swarm-registrator publishes.
@@ -82,6 +82,16 @@ struct Cli {
     /// A file holding the MongoDB password (a Docker secret).
     #[arg(long, env = "RECONCILER_PASSWORD_FILE", global = true)]
     password_file: Option<std::path::PathBuf>,
+
+    /// Reach the members with TLS (mongod --tlsMode requireTLS); the published URI then
+    /// carries tls=true.
+    #[arg(long, env = "RECONCILER_MONGO_TLS", global = true)]
+    mongo_tls: bool,
+
+    /// The PEM of the CA that signed the members' certificates (a Docker secret); implies
+    /// --mongo-tls. Without it the system's roots are trusted.
+    #[arg(long, env = "RECONCILER_MONGO_TLS_CA_FILE", global = true)]
+    mongo_tls_ca_file: Option<std::path::PathBuf>,
 
     /// Log format.
     #[arg(long, env = "RECONCILER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -195,7 +205,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         holder,
         dry_run: cli.dry_run,
     };
-    let members = Arc::new(Members::new(credentials));
+    let tls = match &cli.mongo_tls_ca_file {
+        Some(path) => {
+            // Read now, so that a wrong path stops the start instead of every connection.
+            std::fs::metadata(path)
+                .with_context(|| format!("cannot read --mongo-tls-ca-file {}", path.display()))?;
+            Some(MongoTls {
+                ca_file: Some(path.clone()),
+            })
+        }
+        None => cli.mongo_tls.then(MongoTls::default),
+    };
+    let members = Arc::new(Members::new(credentials).with_tls(tls));
     let command = Invocation {
         command: cli.command,
         replsets: cli.replset,

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::scram::{ClientConversation, Mechanism, ScramError, ServerConversation};
 use super::users::{user_credential, UserName};
@@ -192,8 +192,8 @@ pub enum InternalAuthError {
 }
 
 /// Authenticates a fresh connection to a peer as `__system@local` with SCRAM-SHA-256.
-pub async fn authenticate_internal(
-    stream: &mut TcpStream,
+pub async fn authenticate_internal<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     key: &KeyFile,
     timeout: Duration,
 ) -> Result<(), InternalAuthError> {
@@ -231,7 +231,10 @@ pub async fn authenticate_internal(
     .map_err(|_| InternalAuthError::Timeout)?
 }
 
-async fn exchange(stream: &mut TcpStream, cmd: &Document) -> Result<Document, InternalAuthError> {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cmd: &Document,
+) -> Result<Document, InternalAuthError> {
     let msg = wire::encode_op_msg(1, 0, cmd)?;
     wire::write_all(stream, &msg).await?;
     let (_, reply) = wire::read_reply(stream).await?;

@@ -3,7 +3,11 @@
 //!
 //!     replset-sim --port 27017 --replSet rs0 [--bind_ip ADDR | --bind_ip_all]
 //!                 [--auth] [--keyFile PATH]
+//!                 [--tlsMode MODE --tlsCertificateKeyFile PEM --tlsCAFile PEM
+//!                  [--tlsClusterFile PEM] [--tlsAllowConnectionsWithoutCertificates]
+//!                  [--tlsAllowInvalidHostnames]]
 //!     replset-sim --sim-probe [--port 27017] [--sim-probe-config]
+//!                 [--tlsMode MODE --tlsCAFile PEM [--tlsCertificateKeyFile PEM]]
 //!
 //! `--sim-probe` is the image's healthcheck (see `replset_sim::probe`): it asks the member on
 //! 127.0.0.1:PORT `hello`, prints its state on one line to stderr and exits 0 only if it is
@@ -20,12 +24,14 @@
 use anyhow::Context;
 use clap::Parser;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use replset_sim::auth::initdb::{self, InitUser};
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::disk::DataDir;
 use replset_sim::node::InitialSyncPace;
+use replset_sim::tls::{Tls, TlsMode, TlsOptions};
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
 #[derive(Debug, Parser)]
@@ -61,6 +67,27 @@ struct Args {
     /// The key file of internal authentication between members; implies --auth.
     #[arg(long = "keyFile")]
     key_file: Option<std::path::PathBuf>,
+    /// `disabled`, `allowTLS` (serves TLS and plain text, connects to members in plain text),
+    /// `preferTLS` (serves both, connects with TLS) or `requireTLS` (TLS only). See
+    /// docs/replset-sim.md, "TLS".
+    #[arg(long = "tlsMode", default_value = "disabled", value_parser = TlsMode::parse)]
+    tls_mode: TlsMode,
+    /// One PEM file with this member's certificate (and chain) and its private key.
+    #[arg(long = "tlsCertificateKeyFile")]
+    tls_certificate_key_file: Option<std::path::PathBuf>,
+    /// The PEM of the CA(s) that sign the members' and clients' certificates (required with TLS).
+    #[arg(long = "tlsCAFile")]
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// The certificate and key this member presents to other members (default: --tlsCertificateKeyFile).
+    #[arg(long = "tlsClusterFile")]
+    tls_cluster_file: Option<std::path::PathBuf>,
+    /// Accept TLS clients that present no certificate (a certificate presented must still be
+    /// signed by --tlsCAFile).
+    #[arg(long = "tlsAllowConnectionsWithoutCertificates")]
+    tls_allow_connections_without_certificates: bool,
+    /// Do not check the names in other members' certificates (their chain still is).
+    #[arg(long = "tlsAllowInvalidHostnames")]
+    tls_allow_invalid_hostnames: bool,
     /// The `host:port` this member calls itself (default: the bind address, or the
     /// hostname with --bind_ip_all). Not a mongod flag.
     #[arg(long = "sim-advertise", env = "REPLSET_SIM_ADVERTISE")]
@@ -90,17 +117,38 @@ struct Args {
     probe_timeout_ms: u64,
 }
 
+impl Args {
+    fn tls(&self) -> TlsOptions {
+        TlsOptions {
+            mode: self.tls_mode,
+            certificate_key_file: self.tls_certificate_key_file.clone(),
+            ca_file: self.tls_ca_file.clone(),
+            cluster_file: self.tls_cluster_file.clone(),
+            allow_connections_without_certificates: self.tls_allow_connections_without_certificates,
+            allow_invalid_hostnames: self.tls_allow_invalid_hostnames,
+        }
+    }
+}
+
 /// `--sim-probe`: one line to stderr, and the exit code a healthcheck reads.
 async fn run_probe(args: &Args) -> std::process::ExitCode {
     let timeout = Duration::from_millis(args.probe_timeout_ms);
+    let tls = match Tls::probe_client(&args.tls()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("port {}: not healthy: {e}", args.port);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let tls = tls.as_ref();
     if args.probe_config {
-        match replset_sim::probe::current_config(args.port, timeout).await {
+        match replset_sim::probe::current_config(args.port, tls, timeout).await {
             Ok(Some(config)) => println!("{}", bson::Bson::Document(config).into_relaxed_extjson()),
             Ok(None) => {}
             Err(e) => eprintln!("port {}: no config: {e}", args.port),
         }
     }
-    match replset_sim::probe::probe(args.port, timeout).await {
+    match replset_sim::probe::probe(args.port, tls, timeout).await {
         Ok(health) => {
             eprintln!("port {}: {}", args.port, health.describe());
             if health.is_healthy() {
@@ -154,6 +202,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Some(p) => Some(KeyFile::load(p).context("reading --keyFile")?),
         None => None,
     };
+    let tls = Tls::load(&args.tls())
+        .context("setting up TLS")?
+        .map(Arc::new);
+    if let Some(t) = &tls {
+        tracing::info!(mode = %t.mode, "TLS on");
+    }
     let security = Security {
         // The image adds --auth when it creates the root user.
         authorization: args.auth || root_user.is_some(),
@@ -168,6 +222,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         election_timeout: Duration::from_millis(args.election_timeout_ms),
         security,
+        tls,
         initial_sync: InitialSyncPace {
             floor: Duration::from_millis(args.initial_sync_floor_ms),
             per_mb: Duration::from_millis(args.initial_sync_ms_per_mb),

@@ -31,9 +31,24 @@ impl Node {
         }
     }
 
-    pub(super) async fn serve_connection(&self, mut stream: TcpStream) -> Result<(), WireError> {
-        let conn_id = self.inner.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    /// One connection: TLS or plain text as `--tlsMode` says (see `crate::tls`), then the
+    /// session.
+    pub(super) async fn serve_connection(&self, stream: TcpStream) -> Result<(), WireError> {
         let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+        match &self.inner.opts.tls {
+            None => self.serve_session(stream, loopback).await,
+            Some(tls) => match tls.accept(stream).await? {
+                Some(stream) => self.serve_session(stream, loopback).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    async fn serve_session<S>(&self, mut stream: S, loopback: bool) -> Result<(), WireError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let conn_id = self.inner.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let mut session = crate::auth::ClientSession::new(conn_id, loopback);
         let _open = OpenConnection::enter(&self.inner.open_connections);
         let mut next_id = 1i32;

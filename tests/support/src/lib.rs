@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 pub mod contract;
 pub mod dind;
+pub mod mongo_tls;
 pub mod pki;
 pub mod stack;
 
