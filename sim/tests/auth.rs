@@ -287,3 +287,49 @@ async fn a_member_with_another_key_is_refused() -> TestResult {
     rogue.kill();
     Ok(())
 }
+
+/// A member added to a set that holds only what its own first start wrote (its users, as a
+/// standalone) has no oplog to catch up from: it initial-syncs, as mongod does, and ends with
+/// the set's users. The primary's password works on it; its own first start's no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_only_its_first_start_users_initial_syncs() -> TestResult {
+    use replset_sim::auth::initdb::InitUser;
+    let template = NodeOptions {
+        security: Security {
+            authorization: true,
+            key_file: Some(KeyFile::from_contents("firststartkey")?),
+        },
+        ..NodeOptions::default()
+    };
+    let c = Cluster::start_with(2, template).await?;
+    for (i, pw) in [(0, "pw-of-0"), (1, "pw-of-1")] {
+        assert!(c.node(i)?.bootstrap_users(&[InitUser::root("root", pw)])?);
+    }
+    c.initiate().await?;
+    let host = c.host(1)?.to_string();
+    common::eventually("member 1 SECONDARY with the set's users", || {
+        let host = host.clone();
+        async move {
+            let uri = format!("mongodb://root:pw-of-0@{host}/?directConnection=true");
+            let hello = common::client(&uri)
+                .await?
+                .database("admin")
+                .run_command(doc! {"replSetGetStatus": 1})
+                .await?;
+            match hello.get_i32("myState")? {
+                2 => Ok(()),
+                s => Err(format!("state {s}").into()),
+            }
+        }
+    })
+    .await?;
+    let own = format!("mongodb://root:pw-of-1@{host}/?directConnection=true");
+    let e = common::client(&own)
+        .await?
+        .database("admin")
+        .run_command(doc! {"ping": 1, "$readPreference": {"mode": "primaryPreferred"}})
+        .await
+        .expect_err("its own first start's user is gone");
+    assert_eq!(code_of(&e), Some(18), "{e}");
+    Ok(())
+}

@@ -34,6 +34,7 @@ impl Node {
         source: ConfigSource,
     ) {
         let voters = cfg.voters().map(|m| m.id).collect();
+        let first_config = st.durable.config.is_none();
         self.inner.history.record(Event::ConfigInstalled {
             node: self.me(),
             version: cfg.version,
@@ -67,6 +68,18 @@ impl Node {
                     self.step_down(st, "not electable under the new config");
                 }
                 if matches!(st.state, MemberState::Startup | MemberState::Removed) {
+                    // Added to a set it was not initiated in, a member that holds only what
+                    // it wrote as a standalone (writes before any term: the users of the
+                    // image's first start) has no oplog to catch up from. mongod starts an
+                    // initial sync, which drops every database and copies the source's.
+                    let oplog = &st.durable.store.oplog;
+                    if first_config
+                        && source == ConfigSource::Heartbeat
+                        && !oplog.is_empty()
+                        && oplog.iter().all(|e| e.optime.t == -1)
+                    {
+                        st.durable.store.truncate(0);
+                    }
                     let next = if st.durable.store.oplog.is_empty() {
                         MemberState::Startup2
                     } else {
