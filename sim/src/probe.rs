@@ -51,6 +51,11 @@ pub enum ProbeError {
     },
     #[error("hello to {addr} answered ok: 0: {reply}")]
     Refused { addr: SocketAddr, reply: Document },
+    #[error("replSetGetConfig as __system (with --keyFile) failed: {source}")]
+    AsMember {
+        #[source]
+        source: crate::peer::PeerError,
+    },
 }
 
 /// What the member said about itself.
@@ -145,6 +150,29 @@ pub async fn current_config(
         Err(ProbeError::Refused { .. }) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// [`current_config`] of a member that runs with authentication (`--keyFile`, the stack's
+/// default), where `replSetGetConfig` needs a login: the probe logs in as `__system` with the
+/// key file, as the members do with each other. (Without TLS: the members' TLS client is the
+/// member's own; this is for tests that record configs.)
+pub async fn current_config_with_key(
+    port: u16,
+    key: crate::auth::KeyFile,
+    timeout: Duration,
+) -> Result<Option<Document>, ProbeError> {
+    let host = format!("127.0.0.1:{port}");
+    let client = crate::peer::PeerClient::new("sim-probe".into(), crate::peer::Network::default())
+        .with_key(Some(key));
+    let reply = client
+        .run(
+            &host,
+            &doc! {"replSetGetConfig": 1, "$db": "admin"},
+            timeout,
+        )
+        .await
+        .map_err(|source| ProbeError::AsMember { source })?;
+    Ok(reply.get_document("config").ok().cloned())
 }
 
 /// One command on a new connection to `127.0.0.1:port`; the reply if it says `ok: 1`.

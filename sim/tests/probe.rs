@@ -176,3 +176,59 @@ async fn probe_passes_only_for_primary_and_secondary() -> TestResult {
     assert!(shown.get_i32("version")? > version, "{line}");
     Ok(())
 }
+
+/// With authentication on (`--keyFile`), `replSetGetConfig` needs a login: `--sim-probe-config`
+/// given the key file reads the config as a member would; without it, it shows none (while the
+/// health check itself, `hello`, needs no login).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_config_logs_in_with_the_key_file() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir =
+        std::env::temp_dir().join(format!("probe-key-{}-{}", std::process::id(), free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("key");
+    std::fs::write(&key, "cHJvYmVrZXlmaWxl")?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400))?;
+    let key = key.to_str().ok_or("utf-8 path")?.to_string();
+    let port = free_port()?;
+    let _member = spawn(port, &["--keyFile", &key])?;
+    // The localhost exception (no user yet) lets the test initiate.
+    let client = direct(port).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .database("admin")
+        .run_command(doc! {"replSetInitiate": {}})
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "could not initiate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    probe_until(port, "PRIMARY", Duration::from_secs(20)).await?;
+    let run = |with_key: bool| {
+        let key = key.clone();
+        async move {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_replset-sim"));
+            cmd.args([
+                "--sim-probe",
+                "--sim-probe-config",
+                "--port",
+                &port.to_string(),
+            ]);
+            if with_key {
+                cmd.args(["--keyFile", &key]);
+            }
+            cmd.output().await
+        }
+    };
+    let out = run(true).await?;
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout)?;
+    let shown = config_from_json(&line).ok_or(format!("not a JSON document: {line:?}"))?;
+    assert_eq!(shown.get_str("_id")?, "rsprobe", "{line}");
+    let out = run(false).await?;
+    assert!(out.status.success(), "hello needs no login");
+    assert!(config_from_json(&String::from_utf8(out.stdout)?).is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -142,7 +142,20 @@ async fn run_probe(args: &Args) -> std::process::ExitCode {
     };
     let tls = tls.as_ref();
     if args.probe_config {
-        match replset_sim::probe::current_config(args.port, tls, timeout).await {
+        let config = match &args.key_file {
+            // With authentication on, the config is read as a member reads it.
+            Some(path) => match KeyFile::load(path) {
+                Ok(key) => {
+                    replset_sim::probe::current_config_with_key(args.port, key, timeout).await
+                }
+                Err(e) => {
+                    eprintln!("port {}: no config: {e}", args.port);
+                    Ok(None)
+                }
+            },
+            None => replset_sim::probe::current_config(args.port, tls, timeout).await,
+        };
+        match config {
             Ok(Some(config)) => println!("{}", bson::Bson::Document(config).into_relaxed_extjson()),
             Ok(None) => {}
             Err(e) => eprintln!("port {}: no config: {e}", args.port),

@@ -375,6 +375,9 @@ impl Deployment {
                 "mongod",
                 "--sim-probe",
                 "--sim-probe-config",
+                // Authentication is on: the config is read as a member reads it.
+                "--keyFile",
+                "/run/secrets/mongo_keyfile",
                 "--port",
                 "27017",
             ])
