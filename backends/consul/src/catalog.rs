@@ -82,9 +82,10 @@ impl Client {
         index: u64,
         wait: Duration,
     ) -> Result<(Vec<CatalogInstance>, u64)> {
-        let mut path = format!("/v1/catalog/service/{}", encode_key(service));
+        // `consistent`, as the KV reads: no answer from a server that may have lost its leader.
+        let mut path = format!("/v1/catalog/service/{}?consistent", encode_key(service));
         if index > 0 {
-            path.push_str(&format!("?index={index}&wait={}s", wait.as_secs()));
+            path.push_str(&format!("&index={index}&wait={}s", wait.as_secs()));
         }
         // Consul adds up to wait/16 of jitter to a blocking query.
         let timeout = wait + wait / 16 + REQUEST_TIMEOUT;

@@ -57,9 +57,11 @@ impl Client {
         })
     }
 
-    /// Reads every key under `prefix` (`recurse`), with the index of the answer.
+    /// Reads every key under `prefix` (`recurse`), with the index of the answer. The read is
+    /// `consistent`: the leader checks with a quorum that it still leads before it answers,
+    /// so a deposed leader (a partitioned server) cannot answer with what it last knew.
     pub async fn list_prefix(&self, prefix: &str) -> Result<(Vec<KvEntry>, u64), BackendError> {
-        let path = format!("/v1/kv/{}?recurse=true", encode_key(prefix));
+        let path = format!("/v1/kv/{}?recurse=true&consistent", encode_key(prefix));
         list(
             self,
             self.request(Method::GET, &path),

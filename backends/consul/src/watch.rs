@@ -38,7 +38,9 @@ async fn run_watch(store: Client, prefix: String, tx: WatchSender) {
     let mut index: u64 = 0;
     loop {
         let started = Instant::now();
-        let mut path = format!("/v1/kv/{}?recurse=true", encode_key(&prefix));
+        // `consistent`: the reconciler acts on what this watch says, so the answer must come
+        // from a leader that a quorum still follows, never a server's stale copy.
+        let mut path = format!("/v1/kv/{}?recurse=true&consistent", encode_key(&prefix));
         if index > 0 {
             path.push_str(&format!("&index={index}&wait={}s", WATCH_WAIT.as_secs()));
         }

@@ -9,6 +9,14 @@
 //! breaks (etcd restarted, the connection dropped) or etcd says the revision was compacted, the
 //! watcher backs off, lists again and yields [`WatchEvent::Restarted`].
 //!
+//! A cluster of several members (`etcd://a:2379,b:2379,c:2379/prefix`): every request and
+//! watch requires a leader (gRPC metadata `hasleader=true`), so a member cut off from its
+//! cluster refuses instead of answering with what it last knew. The publishing and watching
+//! paths talk to one member at a time and move to the next after a failure (a refusal, a
+//! broken connection, a deadline passed), so that a member that hangs (SIGSTOP, a dropped
+//! link: its connections stay open and answer nothing) is left after one deadline, not
+//! picked again at random. The deadlines and keepalives are explained at [`REQUEST_TIMEOUT`].
+//!
 //! Security ([`EtcdOptions`]): TLS with a CA of its own and a client certificate (etcd's
 //! `--client-cert-auth`), and a user of etcd's RBAC with its password. The client logs in on
 //! its first request (not when it is made, so that an etcd that is down at start is a
@@ -41,8 +49,30 @@ pub const MAX_TXN_OPS: usize = 128;
 /// How many keys one range request reads when listing.
 const LIST_PAGE: i64 = 1000;
 
-/// How long one request may take before the store is considered unreachable.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take before the member it went to is considered unreachable, and
+/// the next one tried. A request that goes through takes milliseconds, even one that waits for
+/// a quorum; 3 s leaves room for a slow disk's fsync and still lets a client leave a hung
+/// member, try another and succeed well within 10 s.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// HTTP/2 keepalive: a ping after this long without a frame from the member, on a connection
+/// with a request or watch open. Not shorter: etcd refuses pings closer than its
+/// `--grpc-keepalive-min-time` (5 s by default) and closes the connection (GOAWAY
+/// `too_many_pings`). Not sent on an idle connection, which etcd counts as abuse too.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the answer to a keepalive ping may take before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A watch asks its member for a progress report (etcd's `RequestProgress`) this often; the
+/// member answers with its revision even when nothing changed. A watch is the one request
+/// that may legitimately hear nothing for hours: this is how it notices a member that hangs.
+const WATCH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A watch that has heard nothing from its member (no event, no progress report) for this
+/// long is broken, and the watcher lists again through the next member. With the probe every
+/// second, a hung member is noticed after 4 to 5 s.
+const WATCH_SILENCE: Duration = Duration::from_secs(4);
 
 /// How to reach a secured etcd: TLS files and a user. The default is plain etcd without
 /// authentication.
@@ -139,16 +169,31 @@ fn read_pem(
     Ok(pem)
 }
 
-/// One etcd client and, when etcd has authentication enabled, the login it needs before its
-/// first request. Cheap to clone (the channel and the token are shared).
+/// One etcd client over every endpoint and, when etcd has authentication enabled, the login
+/// it needs before its first request. Cheap to clone (the channels and the tokens are shared).
+///
+/// Besides the client balanced over every endpoint (`get`), it holds one client per endpoint
+/// and the one in use (`pinned`): the publishing and watching paths use that one, and move on
+/// to the next endpoint when a request through it fails for want of the member
+/// ([`Conn::failed`]). The balanced client picks an endpoint at random for each request, so a
+/// hung member would go on receiving a share of them until a keepalive closes its connection,
+/// and a new one to it (the kernel accepts a connection to a stopped process) hangs again.
 #[derive(Clone)]
 struct Conn {
     client: Client,
+    pinned: Arc<Pinned>,
     endpoints: Arc<str>,
     login: Option<Arc<Login>>,
 }
 
-/// A user to log in as, once (etcd-client refreshes an expired token by itself after that).
+/// One client per endpoint, each logged in on its first use, and the index of the one in use.
+struct Pinned {
+    clients: Vec<(String, Client, tokio::sync::OnceCell<()>)>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// A user to log in as, once per client (etcd-client refreshes an expired token by itself
+/// after that).
 struct Login {
     user: String,
     password: Secret,
@@ -156,29 +201,82 @@ struct Login {
 }
 
 impl Conn {
-    /// The client, logged in. A failed login is not remembered: the next call tries again.
+    /// The client balanced over every endpoint, logged in. A failed login is not remembered:
+    /// the next call tries again.
     async fn get(&self) -> Result<Client, BackendError> {
         if let Some(login) = &self.login {
             login
                 .done
-                .get_or_try_init(|| async {
-                    let mut client = self.client.clone();
-                    let creds = (login.user.clone(), login.password.expose().to_string());
-                    client.update_user(Some(creds)).await.map_err(|e| {
-                        let what = format!(
-                            "log in as user {:?} with the password from {}",
-                            login.user,
-                            login.password.source()
-                        );
-                        map_error(&self.endpoints, &what, e)
-                    })?;
-                    tracing::info!(store = STORE, user = %login.user, "logged in to etcd");
-                    Ok::<(), BackendError>(())
-                })
+                .get_or_try_init(|| log_in(&self.client, login, &self.endpoints))
                 .await?;
         }
         Ok(self.client.clone())
     }
+
+    /// The client of the endpoint in use, logged in, and its index for [`Conn::failed`].
+    async fn pinned(&self) -> Result<(usize, Client), BackendError> {
+        use std::sync::atomic::Ordering;
+        let n = self.pinned.clients.len();
+        let i = self.pinned.current.load(Ordering::Relaxed) % n;
+        let (endpoint, client, done) = &self.pinned.clients[i];
+        if let Some(login) = &self.login {
+            let logged_in = done
+                .get_or_try_init(|| log_in(client, login, endpoint))
+                .await;
+            if let Err(e) = logged_in {
+                self.failed(i, &e);
+                return Err(e);
+            }
+        }
+        Ok((i, client.clone()))
+    }
+
+    /// A request through the endpoint of index `used` failed with `err`: when the member may
+    /// be at fault (unreachable, hung, without a leader), the next request goes to the next
+    /// endpoint. Only once for concurrent failures through the same endpoint.
+    fn failed(&self, used: usize, err: &BackendError) {
+        use std::sync::atomic::Ordering;
+        let n = self.pinned.clients.len();
+        if n < 2 || !matches!(err, BackendError::Unavailable { .. }) {
+            return;
+        }
+        let next = (used + 1) % n;
+        let moved = self
+            .pinned
+            .current
+            .compare_exchange(used, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if moved {
+            tracing::warn!(
+                store = STORE,
+                from = %self.pinned.clients[used].0,
+                to = %self.pinned.clients[next].0,
+                error = %err,
+                "etcd member failed a request; moving to the next endpoint"
+            );
+        }
+    }
+
+    /// The endpoint of index `i`, for errors.
+    fn endpoint(&self, i: usize) -> &str {
+        &self.pinned.clients[i].0
+    }
+}
+
+/// Logs `client` in as `login`'s user.
+async fn log_in(client: &Client, login: &Login, endpoints: &str) -> Result<(), BackendError> {
+    let mut client = client.clone();
+    let creds = (login.user.clone(), login.password.expose().to_string());
+    client.update_user(Some(creds)).await.map_err(|e| {
+        let what = format!(
+            "log in as user {:?} with the password from {}",
+            login.user,
+            login.password.source()
+        );
+        map_error(endpoints, &what, e)
+    })?;
+    tracing::info!(store = STORE, user = %login.user, %endpoints, "logged in to etcd");
+    Ok(())
 }
 
 /// An etcd cluster, seen through one client.
@@ -203,8 +301,9 @@ impl std::fmt::Debug for EtcdStore {
 /// The lease that ties this process's records to it.
 struct Lease {
     id: i64,
-    /// The keep-alive stream, opened on the first renewal and re-opened after an error.
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// The keep-alive stream, opened on the first renewal and re-opened after an error, and the
+    /// index of the endpoint it goes to.
+    keeper: Option<(usize, (LeaseKeeper, LeaseKeepAliveStream))>,
 }
 
 impl EtcdStore {
@@ -244,9 +343,12 @@ impl EtcdStore {
         };
         let conn = |timeout: Option<Duration>| {
             let mut connect = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(3))
-                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-                .with_keep_alive_while_idle(true)
+                .with_connect_timeout(REQUEST_TIMEOUT)
+                .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+                .with_keep_alive_while_idle(false)
+                // A member without a leader refuses (`etcdserver: no leader`) instead of
+                // answering from what it last knew; a watch on it is cancelled.
+                .with_require_leader(true)
                 // An expired token (etcd's --auth-token-ttl) is renewed and the request retried.
                 .with_auto_token_refresh(true);
             if let Some(timeout) = timeout {
@@ -258,9 +360,22 @@ impl EtcdStore {
             let (urls, joined) = (urls.clone(), joined.clone());
             async move {
                 // Without a user in the options this makes no request: the first call connects.
-                let client = Client::connect(&urls, Some(connect))
+                let client = Client::connect(&urls, Some(connect.clone()))
                     .await
                     .map_err(|e| ConfigError::Client(map_error(&joined, "connect", e)))?;
+                let mut clients = Vec::with_capacity(urls.len());
+                for url in &urls {
+                    let one = Client::connect([url], Some(connect.clone()))
+                        .await
+                        .map_err(|e| ConfigError::Client(map_error(url, "connect", e)))?;
+                    clients.push((url.clone(), one, tokio::sync::OnceCell::new()));
+                }
+                // Clients of one store start on different members, spreading the load.
+                let first = rand::random::<u32>() as usize % clients.len().max(1);
+                let pinned = Arc::new(Pinned {
+                    clients,
+                    current: first.into(),
+                });
                 let login = options.user.as_ref().map(|(user, password)| {
                     Arc::new(Login {
                         user: user.clone(),
@@ -270,6 +385,7 @@ impl EtcdStore {
                 });
                 Ok::<Conn, ConfigError>(Conn {
                     client,
+                    pinned,
                     endpoints: joined.into(),
                     login,
                 })
@@ -290,6 +406,18 @@ impl EtcdStore {
         self.client.client.clone()
     }
 
+    /// The endpoint that the publishing and watching requests go to now (`http://host:port`);
+    /// it moves to the next one after a failure.
+    pub fn current_endpoint(&self) -> String {
+        let i = self
+            .client
+            .pinned
+            .current
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let n = self.client.pinned.clients.len();
+        self.client.endpoint(i % n).to_string()
+    }
+
     async fn lease_id(&self) -> Result<i64, BackendError> {
         self.lease
             .lock()
@@ -302,7 +430,8 @@ impl EtcdStore {
     /// Puts key/value pairs with the lease, in transactions of at most [`MAX_TXN_OPS`].
     async fn put_with_lease(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<(), BackendError> {
         let lease = self.lease_id().await?;
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
+        let endpoint = self.client.endpoint(used);
         for chunk in kvs.chunks(MAX_TXN_OPS) {
             let what = puts(chunk.iter().map(|(k, _)| k.as_str()), chunk.len());
             let ops: Vec<TxnOp> = chunk
@@ -315,7 +444,8 @@ impl EtcdStore {
             client
                 .txn(Txn::new().and_then(ops))
                 .await
-                .map_err(|e| map_lease_error(&self.endpoints, &what, lease, e))?;
+                .map_err(|e| map_lease_error(endpoint, &what, lease, e))
+                .inspect_err(|e| self.client.failed(used, e))?;
         }
         Ok(())
     }
@@ -338,9 +468,19 @@ fn puts<'a>(mut keys: impl Iterator<Item = &'a str>, n: usize) -> String {
 }
 
 async fn list_prefix(conn: &Conn, prefix: &str) -> Result<(Vec<KvEntry>, i64), BackendError> {
-    let endpoints = &*conn.endpoints;
+    let (used, client) = conn.pinned().await?;
+    list_prefix_through(conn.endpoint(used), client, prefix)
+        .await
+        .inspect_err(|e| conn.failed(used, e))
+}
+
+/// [`list_prefix`] through `client`, whose endpoint is `endpoints` (for errors).
+async fn list_prefix_through(
+    endpoints: &str,
+    mut client: Client,
+    prefix: &str,
+) -> Result<(Vec<KvEntry>, i64), BackendError> {
     let what = format!("list {prefix}");
-    let mut client = conn.get().await?;
     let end = prefix_range_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
@@ -506,11 +646,12 @@ impl Publisher for EtcdStore {
         let detail = "etcd leases are granted in whole seconds, at least 1";
         backend_core::require_ttl(STORE, ttl, least, detail)?;
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
         let resp = client
             .lease_grant(secs, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, "grant a lease", e))?;
+            .map_err(|e| map_error(self.client.endpoint(used), "grant a lease", e))
+            .inspect_err(|e| self.client.failed(used, e))?;
         if !resp.error().is_empty() {
             return Err(BackendError::Rejected {
                 store: STORE,
@@ -537,13 +678,17 @@ impl Publisher for EtcdStore {
             .as_mut()
             .ok_or(BackendError::NoSession { store: STORE })?;
         if lease.keeper.is_none() {
-            let mut client = self.client.get().await?;
-            let pair = client.lease_keep_alive(lease.id).await.map_err(|e| {
-                map_lease_error(&self.endpoints, "keep the lease alive", lease.id, e)
-            })?;
-            lease.keeper = Some(pair);
+            let (used, mut client) = self.client.pinned().await?;
+            let endpoint = self.client.endpoint(used);
+            let pair = client
+                .lease_keep_alive(lease.id)
+                .await
+                .map_err(|e| map_lease_error(endpoint, "keep the lease alive", lease.id, e))
+                .inspect_err(|e| self.client.failed(used, e))?;
+            lease.keeper = Some((used, pair));
         }
-        let result = match lease.keeper.as_mut() {
+        let used = lease.keeper.as_ref().map(|(used, _)| *used);
+        let result = match lease.keeper.as_mut().map(|(_, pair)| pair) {
             Some((keeper, stream)) => {
                 let exchange = async {
                     keeper.keep_alive().await?;
@@ -577,9 +722,13 @@ impl Publisher for EtcdStore {
             }
             None => Ok(()),
         };
-        if result.is_err() {
-            // A broken stream is re-opened on the next renewal.
+        if let Err(e) = &result {
+            // A broken stream is re-opened on the next renewal, through the next member when
+            // this one may be at fault.
             lease.keeper = None;
+            if let Some(used) = used {
+                self.client.failed(used, e);
+            }
         }
         if matches!(result, Err(BackendError::SessionLost { .. })) {
             *guard = None;
@@ -592,11 +741,13 @@ impl Publisher for EtcdStore {
             return Ok(());
         };
         if revoke {
-            let mut client = self.client.get().await?;
+            let (used, mut client) = self.client.pinned().await?;
+            let endpoint = self.client.endpoint(used);
             client
                 .lease_revoke(lease.id)
                 .await
-                .map_err(|e| map_lease_error(&self.endpoints, "revoke the lease", lease.id, e))?;
+                .map_err(|e| map_lease_error(endpoint, "revoke the lease", lease.id, e))
+                .inspect_err(|e| self.client.failed(used, e))?;
             tracing::info!(
                 store = STORE,
                 lease = format!("{:x}", lease.id),
@@ -615,7 +766,8 @@ impl Publisher for EtcdStore {
     }
 
     async fn unpublish(&self, keys: &[ServiceKey]) -> Result<(), BackendError> {
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
+        let endpoint = self.client.endpoint(used);
         for chunk in keys.chunks(MAX_TXN_OPS) {
             let keys: Vec<String> = chunk
                 .iter()
@@ -629,7 +781,8 @@ impl Publisher for EtcdStore {
             client
                 .txn(Txn::new().and_then(ops))
                 .await
-                .map_err(|e| map_error(&self.endpoints, &what, e))?;
+                .map_err(|e| map_error(endpoint, &what, e))
+                .inspect_err(|e| self.client.failed(used, e))?;
         }
         Ok(())
     }
@@ -690,25 +843,62 @@ async fn list_and_follow(
     tx: &WatchSender,
     backoff: &mut Backoff,
 ) -> Result<(), BackendError> {
-    let endpoints = &*conn.endpoints;
+    // The list and the watch go to the same member; on a failure the next cycle goes to the
+    // next one.
+    let (used, client) = conn.pinned().await?;
+    follow_through(conn.endpoint(used), client, prefix, tx, backoff)
+        .await
+        .inspect_err(|e| conn.failed(used, e))
+}
+
+/// [`list_and_follow`] through `client`, whose endpoint is `endpoints`.
+async fn follow_through(
+    endpoints: &str,
+    mut client: Client,
+    prefix: &str,
+    tx: &WatchSender,
+    backoff: &mut Backoff,
+) -> Result<(), BackendError> {
     let what = format!("watch {prefix}");
-    let (entries, revision) = list_prefix(conn, prefix).await?;
+    let (entries, revision) = list_prefix_through(endpoints, client.clone(), prefix).await?;
     if tx.send(Ok(WatchEvent::Restarted(entries))).await.is_err() {
         return Ok(());
     }
-    let mut client = conn.get().await?;
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
-    let mut stream = client
+    let (mut requests, mut stream) = client
         .watch(prefix, Some(options))
         .await
-        .map_err(|e| map_error(endpoints, &what, e))?;
+        .map_err(|e| map_error(endpoints, &what, e))?
+        .split();
+    let mut probe = tokio::time::interval(WATCH_PROBE_INTERVAL);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     loop {
         let message = tokio::select! {
             m = stream.message() => m,
+            _ = probe.tick() => {
+                if heard.elapsed() > WATCH_SILENCE {
+                    return Err(BackendError::Unavailable {
+                        store: STORE,
+                        endpoints: endpoints.to_string(),
+                        detail: format!(
+                            "{what}: no event and no progress report for {WATCH_SILENCE:?}; \
+                             the member hangs or is cut off"
+                        ),
+                        source: None,
+                    });
+                }
+                // The answer is a response without events, like any other one. A send that
+                // fails means the stream is broken, which its next message reports.
+                let _ = tokio::time::timeout(WATCH_PROBE_INTERVAL, requests.request_progress())
+                    .await;
+                continue;
+            }
             _ = tx.closed() => return Ok(()),
         };
+        heard = tokio::time::Instant::now();
         let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => {

@@ -384,3 +384,219 @@ macro_rules! each_scenario {
         )*
     };
 }
+
+/// A private etcd cluster of several members on loopback, for tests that lose one: kill it,
+/// hang it (SIGSTOP: its connections stay open and answer nothing), wake it, restart it.
+#[derive(Debug)]
+pub struct PrivateEtcdCluster {
+    members: Vec<ClusterMember>,
+    dir: TempDir,
+    initial_cluster: String,
+}
+
+#[derive(Debug)]
+struct ClusterMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateEtcdCluster {
+    /// Starts `n` members (3 or 5 make sense) and waits until the cluster answers a
+    /// linearizable read through every member.
+    pub async fn start(n: usize) -> PrivateEtcdCluster {
+        let members: Vec<ClusterMember> = (0..n)
+            .map(|i| ClusterMember {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = PrivateEtcdCluster {
+            members,
+            dir: TempDir::new("etcd-cluster"),
+            initial_cluster,
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for i in 0..n {
+            cluster.wait_answers(i).await;
+        }
+        cluster
+    }
+
+    /// The client endpoints (`127.0.0.1:port`) of every member, in member order.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// The client endpoint of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// The process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().and_then(|c| c.id())
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let token = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let data = self.dir.path().join(&m.name);
+        let mut command = tokio::process::Command::new(bin);
+        // On a restart with its data dir, etcd ignores the --initial-* flags.
+        command.args([
+            "--name",
+            &m.name,
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &self.initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            &token,
+        ]);
+        let log = self.dir.path().join(format!("{}.log", m.name));
+        let child = spawn_logged(&mut command, &log, "an etcd member");
+        self.members[i].child = Some(child);
+    }
+
+    /// Waits until member `i` answers a linearizable read (so it has a leader).
+    async fn wait_answers(&self, i: usize) {
+        let endpoint = self.endpoint(i);
+        wait_for(
+            &format!("etcd member {i} to answer with a leader"),
+            Duration::from_secs(60),
+            || {
+                let endpoint = endpoint.clone();
+                async move { probe(&endpoint).await }
+            },
+        )
+        .await;
+    }
+
+    /// Kills member `i` (SIGKILL): a member lost.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Hangs member `i` (SIGSTOP): its TCP connections stay open and nothing answers.
+    pub async fn freeze(&self, i: usize) {
+        self.signal(i, "STOP").await;
+    }
+
+    /// Wakes member `i` after [`PrivateEtcdCluster::freeze`] (SIGCONT).
+    pub async fn thaw(&self, i: usize) {
+        self.signal(i, "CONT").await;
+    }
+
+    async fn signal(&self, i: usize, signal: &str) {
+        let pid = self.pid(i).expect("the member runs");
+        run_ok(
+            tokio::process::Command::new("kill").args([format!("-{signal}"), pid.to_string()]),
+            &format!("kill -{signal} etcd member {i}"),
+        )
+        .await;
+    }
+
+    /// Starts member `i` again (after [`PrivateEtcdCluster::kill`]) on its ports and data,
+    /// and waits until it answers with a leader.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i).await;
+        self.spawn(i);
+        self.wait_answers(i).await;
+    }
+
+    /// The index of the member that leads now, as the members that answer see it (the
+    /// maintenance status API); waits until one is known (an election may be under way).
+    pub async fn leader(&self) -> usize {
+        wait_for("an etcd leader", Duration::from_secs(30), || async {
+            for i in 0..self.members.len() {
+                if self.members[i].child.is_none() {
+                    continue;
+                }
+                let Ok(Ok(Some(found))) =
+                    tokio::time::timeout(Duration::from_secs(2), self.leader_seen_by(i)).await
+                else {
+                    continue;
+                };
+                return Ok(found);
+            }
+            Err("no member names a leader it knows".to_string())
+        })
+        .await
+    }
+
+    /// The member that member `i` sees as leader: its status names the leader's id, and each
+    /// member's own status its id.
+    async fn leader_seen_by(&self, i: usize) -> Result<Option<usize>, etcd_client::Error> {
+        let mut c = Client::connect([format!("http://{}", self.endpoint(i))], None).await?;
+        let leader = c.status().await?.leader();
+        if leader == 0 {
+            return Ok(None);
+        }
+        for j in 0..self.members.len() {
+            if self.members[j].child.is_none() {
+                continue;
+            }
+            let ep = format!("http://{}", self.endpoint(j));
+            let Ok(Ok(mut c)) =
+                tokio::time::timeout(Duration::from_secs(2), Client::connect([ep], None)).await
+            else {
+                continue;
+            };
+            let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await
+            else {
+                continue;
+            };
+            if status.header().map(|h| h.member_id()) == Some(leader) {
+                return Ok(Some(j));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A linearizable read through `endpoint` alone, within 3 s.
+async fn probe(endpoint: &str) -> Result<(), String> {
+    let read = async {
+        let mut c = Client::connect([format!("http://{endpoint}")], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.get("health-probe", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .map_err(|_| format!("no answer from {endpoint} within 3 s"))?
+}
