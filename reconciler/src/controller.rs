@@ -25,12 +25,15 @@ use crate::events::{
 };
 use crate::metrics::{Health, Metrics};
 use crate::mongo::ReplSetClient;
-use crate::reconcile::{error_policy, reconcile, Action, Context, SetState};
+use crate::reconcile::{error_policy, reconcile, Action, Context, ReconcileError, SetState};
 use crate::records::{desired_sets, Selector, SlotHolders};
 
 /// The first delay after a failed campaign, doubling up to [`CAMPAIGN_BACKOFF_MAX`].
 pub const CAMPAIGN_BACKOFF_INITIAL: Duration = Duration::from_millis(800);
 pub const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How long a leader that lost its leadership waits for the store to take its resignation.
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the loop knows of the store.
 #[derive(Debug, Clone, Default)]
@@ -300,17 +303,23 @@ async fn run_set<S: Coordinator, M: ReplSetClient>(
             holder: &config.holder,
         }
         .emit(&config.metrics);
+        let fence = leadership.fence().clone();
         let lost = tokio::select! {
             reason = leadership.lost() => Some(reason),
-            _ = reconcile_while_leading(&ctx, &set, &mut records) => None,
+            reason = reconcile_while_leading(&ctx, &set, &mut records, &fence) => Some(reason),
             _ = shutdown.cancelled() => None,
         };
         match lost {
-            Some(reason) => LeadershipLost {
-                set: &set,
-                reason: &reason,
+            Some(reason) => {
+                LeadershipLost {
+                    set: &set,
+                    reason: &reason,
+                }
+                .emit(&config.metrics);
+                // Give up whatever the store may still hold for us (our lease or session),
+                // without waiting for it longer than a request.
+                let _ = tokio::time::timeout(RESIGN_TIMEOUT, leadership.resign()).await;
             }
-            .emit(&config.metrics),
             None => {
                 leadership.resign().await;
                 tracing::info!(set = %set, "resigned");
@@ -320,19 +329,21 @@ async fn run_set<S: Coordinator, M: ReplSetClient>(
     }
 }
 
-/// The loop of one set while this process leads: debounce, reconcile, requeue. Never returns
-/// on its own.
+/// The loop of one set while this process leads: debounce, reconcile, requeue. Returns, with
+/// the reason, only when the store refused a write as leader (this process no longer leads).
 async fn reconcile_while_leading<S: Coordinator, M: ReplSetClient>(
     ctx: &Context<S, M>,
     set: &str,
     records: &mut watch::Receiver<Records>,
-) {
+    fence: &backend_core::Fence,
+) -> String {
     let mut state = SetState::new(set);
     loop {
         debounce(records, ctx.config.debounce).await;
         let snapshot = records.borrow().clone();
-        let action = match reconcile(&mut state, &snapshot, ctx).await {
+        let action = match reconcile(&mut state, &snapshot, ctx, fence).await {
             Ok(action) => action,
+            Err(ReconcileError::Fenced { source }) => return source.to_string(),
             Err(error) => error_policy(&state, &error, ctx),
         };
         requeue(action, records).await;

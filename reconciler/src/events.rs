@@ -113,6 +113,51 @@ impl InternalEvent for LeadershipLost<'_> {
     }
 }
 
+/// A step was not sent: the leadership has less time surely left than one step can take
+/// (its lease was not renewed in time), so the step could still be running when another
+/// replica leads.
+#[derive(Debug)]
+pub struct StepWithheld<'a> {
+    pub set: &'a str,
+    pub step: &'a Step,
+    pub valid_for: Duration,
+    pub step_timeout: Duration,
+}
+
+impl InternalEvent for StepWithheld<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(
+            set = %self.set,
+            step = %self.step.describe(),
+            valid_for_ms = self.valid_for.as_millis() as u64,
+            step_timeout_ms = self.step_timeout.as_millis() as u64,
+            "leadership may end before the step could finish; not acting"
+        );
+        metrics
+            .steps_withheld
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
+/// The store refused a write as leader: this process no longer holds the leader key.
+#[derive(Debug)]
+pub struct WriteFenced<'a> {
+    pub set: &'a str,
+    pub what: &'static str,
+    pub error: &'a BackendError,
+}
+
+impl InternalEvent for WriteFenced<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::warn!(set = %self.set, what = self.what, error = %self.error, "write as leader refused by the store; dropping leadership");
+        metrics
+            .writes_fenced
+            .get_or_create(&set_labels(self.set))
+            .inc();
+    }
+}
+
 /// A campaign failed; it is tried again after `retry_in`.
 #[derive(Debug)]
 pub struct CampaignFailed<'a> {

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub leadership_lost: Family<SetLabels, Counter>,
     /// Campaigns that failed (the store refused or did not answer).
     pub campaign_failures: Family<SetLabels, Counter>,
+    /// Steps not sent because the leadership had less time surely left than one step can
+    /// take (the lease was not renewed in time).
+    pub steps_withheld: Family<SetLabels, Counter>,
+    /// Writes as leader that the store refused because this process no longer held the
+    /// leader key (the leadership was then dropped).
+    pub writes_fenced: Family<SetLabels, Counter>,
     /// Writes of the status or the connection string that failed (`reason`: `uri`, `status`).
     pub publish_failures: Family<ReasonLabels, Counter>,
     /// Reads of the set's identity (`replsets/<set>/identity`) that failed or found a value
@@ -100,6 +106,8 @@ impl Default for Metrics {
             leadership_gained: Family::default(),
             leadership_lost: Family::default(),
             campaign_failures: Family::default(),
+            steps_withheld: Family::default(),
+            writes_fenced: Family::default(),
             publish_failures: Family::default(),
             identity_unreadable: Family::default(),
             identity_recorded: Family::default(),
@@ -143,6 +151,16 @@ impl Metrics {
             "disagreements",
             "Members and records that disagree, by kind",
             self.disagreements.clone(),
+        );
+        r.register(
+            "steps_withheld",
+            "Steps not sent because the leadership had less time left than a step can take",
+            self.steps_withheld.clone(),
+        );
+        r.register(
+            "writes_fenced",
+            "Writes as leader the store refused: this process no longer held the leader key",
+            self.writes_fenced.clone(),
         );
         r.register(
             "leadership_gained",

@@ -17,8 +17,14 @@ use crate::model::{
 };
 use crate::plan::{Change, Step};
 
-/// How long one command to a member may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one command to a member may take, connection and server selection included
+/// (the whole exchange is under this timeout); a reconfig's `maxTimeMS` is the same, so the
+/// server stops waiting for a majority when the reconciler does.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest one step (one `replSetInitiate` or `replSetReconfig`) can take: one command. A
+/// leader sends a step only while its leadership is surely valid for longer than this.
+pub const STEP_TIMEOUT: Duration = COMMAND_TIMEOUT;
 
 /// An error from a member.
 #[derive(Debug, thiserror::Error)]
@@ -427,7 +433,7 @@ impl Members {
             Step::ForceReconfig { .. } | Step::Readdress { .. } => {
                 doc! {"replSetReconfig": config, "force": true}
             }
-            _ => doc! {"replSetReconfig": config, "maxTimeMS": 10_000_i64},
+            _ => doc! {"replSetReconfig": config, "maxTimeMS": COMMAND_TIMEOUT.as_millis() as i64},
         };
         self.command(host, command, cmd).await.map(|_| ())
     }
@@ -459,6 +465,11 @@ pub trait ReplSetClient: Send + Sync + 'static {
     /// (the application adds its own `tlsCAFile`).
     fn uri_options(&self) -> &'static str {
         ""
+    }
+
+    /// The longest [`ReplSetClient::apply`] can take (its commands' timeout).
+    fn step_timeout(&self) -> Duration {
+        STEP_TIMEOUT
     }
 }
 

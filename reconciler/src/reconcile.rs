@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend_core::{
-    Coordinator, IdentityMember, ReplSetStatus, SetIdentity, IDENTITY_SCHEMA_VERSION,
+    BackendError, Coordinator, Fence, IdentityMember, ReplSetStatus, SetIdentity,
+    IDENTITY_SCHEMA_VERSION,
 };
 use tokio::time::Instant;
 
@@ -17,7 +18,7 @@ use crate::controller::{ControllerConfig, Records};
 use crate::events::{
     AccessRefused, BlockedOnOperator, Forcing, IdentityRecorded, IdentityUnreadable, InternalEvent,
     MemberRecordDisagree, PublishFailed, Readdressing, RecordIgnored, SetConverged, StepApplied,
-    StepRefused, UriPublished, Waiting, WouldApply,
+    StepRefused, StepWithheld, UriPublished, Waiting, WouldApply, WriteFenced,
 };
 use crate::model::Desired;
 use crate::mongo::{MongoError, Observed, ReplSetClient};
@@ -70,6 +71,13 @@ pub enum ReconcileError {
         step: String,
         #[source]
         source: MongoError,
+    },
+    /// The store refused a write as leader: this process no longer holds the leader key.
+    /// Stop acting and campaign again.
+    #[error("no longer the leader: {source}")]
+    Fenced {
+        #[source]
+        source: BackendError,
     },
 }
 
@@ -310,10 +318,15 @@ async fn observe<M: ReplSetClient>(members: &M, set: &str, desired: &Desired) ->
 
 /// One reconcile of `set` against the `records` of now: observe, plan one step, apply it,
 /// publish the connection string and the status. The decision is [`plan_next_step`]'s.
+///
+/// Fencing (safety rule 12): a step is sent only while `fence` says the leadership is surely
+/// valid for longer than a step can take ([`ReplSetClient::step_timeout`]); every write to the
+/// store is conditional on still leading, and a refused one is [`ReconcileError::Fenced`].
 pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     records: &Records,
     ctx: &Context<S, M>,
+    fence: &Fence,
 ) -> Result<Action, ReconcileError> {
     let config = &ctx.config;
     let metrics = &config.metrics;
@@ -385,6 +398,16 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             .emit(metrics);
             Ok(Action::requeue(config.resync))
         }
+        step if fence.valid_for() <= ctx.members.step_timeout() => {
+            StepWithheld {
+                set: &set.set,
+                step,
+                valid_for: fence.valid_for(),
+                step_timeout: ctx.members.step_timeout(),
+            }
+            .emit(metrics);
+            Ok(Action::requeue(requeue::WHILE_WAITING))
+        }
         step => {
             if let Step::ForceReconfig { host, dropped, .. } = step {
                 Forcing {
@@ -430,7 +453,9 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             }
         }
     };
-    publish_outputs(set, ctx, &observed, &plan).await;
+    if let Err(source) = publish_outputs(set, ctx, fence, &observed, &plan).await {
+        return Err(ReconcileError::Fenced { source });
+    }
     outcome
 }
 
@@ -439,46 +464,74 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
 /// unknown.) The failure was already reported by the reconcile's event.
 pub fn error_policy<S, M>(_set: &SetState, error: &ReconcileError, _ctx: &Context<S, M>) -> Action {
     match error {
-        ReconcileError::Step { .. } => Action::requeue(requeue::AFTER_ERROR),
+        ReconcileError::Step { .. } | ReconcileError::Fenced { .. } => {
+            Action::requeue(requeue::AFTER_ERROR)
+        }
     }
 }
 
-/// `<prefix>/replsets/<set>/uri` and `/status`, written when they change.
+/// A failed write as leader: reported; `Err` when the store refused it because this process
+/// no longer leads (the caller stops acting), `Ok` for any other failure (tried again at the
+/// next reconcile).
+fn write_failed(
+    set: &str,
+    what: &'static str,
+    error: BackendError,
+    config: &ControllerConfig,
+) -> Result<(), BackendError> {
+    if matches!(error, BackendError::Fenced { .. }) {
+        WriteFenced {
+            set,
+            what,
+            error: &error,
+        }
+        .emit(&config.metrics);
+        return Err(error);
+    }
+    PublishFailed {
+        set,
+        what,
+        error: &error,
+    }
+    .emit(&config.metrics);
+    Ok(())
+}
+
+/// `<prefix>/replsets/<set>/uri` and `/status`, written when they change, each conditional
+/// on still leading; `Err` when the store refused one for that.
 async fn publish_outputs<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     ctx: &Context<S, M>,
+    fence: &Fence,
     observed: &Observed,
     plan: &Plan,
-) {
+) -> Result<(), BackendError> {
     let config = &ctx.config;
-    record_identity(set, ctx, observed).await;
+    record_identity(set, ctx, fence, observed).await?;
     if let Some(cfg) = &observed.observation.config {
-        publish_uri(set, ctx, cfg).await;
+        publish_uri(set, ctx, fence, cfg).await?;
     } else if !matches!(plan.step, Step::Blocked(_)) && observed.access_refused.is_empty() {
         // Without a config the reconciler saw nothing of the set (no member answered, or the
         // records are gone and it did not look): the last status stays. A refusal (by the
         // planner, or by members of the reconciler's login) is written.
-        return;
+        return Ok(());
     }
     let status = crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);
     if set.published_status.as_ref() != Some(&status) {
         match ctx
             .store
-            .put_value(
+            .put_value_fenced(
+                fence,
                 &config.layout.replset_status_key(&set.set),
                 status.to_json(),
             )
             .await
         {
             Ok(()) => set.published_status = Some(status),
-            Err(error) => PublishFailed {
-                set: &set.set,
-                what: "status",
-                error: &error,
-            }
-            .emit(&config.metrics),
+            Err(error) => write_failed(&set.set, "status", error, config)?,
         }
     }
+    Ok(())
 }
 
 /// `<prefix>/replsets/<set>/identity`, written when a primary's committed config has another
@@ -486,17 +539,18 @@ async fn publish_outputs<S: Coordinator, M: ReplSetClient>(
 async fn record_identity<S: Coordinator, M>(
     set: &mut SetState,
     ctx: &Context<S, M>,
+    fence: &Fence,
     observed: &Observed,
-) {
+) -> Result<(), BackendError> {
     let obs = &observed.observation;
     let (Some(cfg), Some(_)) = (&obs.config, obs.primary) else {
-        return;
+        return Ok(());
     };
     let Some(replica_set_id) = &cfg.replica_set_id else {
-        return;
+        return Ok(());
     };
     if !obs.committed {
-        return;
+        return Ok(());
     }
     let identity = SetIdentity {
         schema_version: IDENTITY_SCHEMA_VERSION,
@@ -515,10 +569,14 @@ async fn record_identity<S: Coordinator, M>(
             .collect(),
     };
     if set.known == KnownSet::Known(identity.clone()) {
-        return;
+        return Ok(());
     }
     let key = ctx.config.layout.replset_identity_key(&set.set);
-    match ctx.store.put_value(&key, identity.to_json()).await {
+    match ctx
+        .store
+        .put_value_fenced(fence, &key, identity.to_json())
+        .await
+    {
         Ok(()) => {
             IdentityRecorded {
                 set: &set.set,
@@ -527,21 +585,18 @@ async fn record_identity<S: Coordinator, M>(
             .emit(&ctx.config.metrics);
             set.known = KnownSet::Known(identity);
         }
-        Err(error) => PublishFailed {
-            set: &set.set,
-            what: "identity",
-            error: &error,
-        }
-        .emit(&ctx.config.metrics),
+        Err(error) => write_failed(&set.set, "identity", error, &ctx.config)?,
     }
+    Ok(())
 }
 
 /// `<prefix>/replsets/<set>/uri`, from the config's hosts, when it changes.
 async fn publish_uri<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     ctx: &Context<S, M>,
+    fence: &Fence,
     cfg: &crate::model::ConfigView,
-) {
+) -> Result<(), BackendError> {
     let config = &ctx.config;
     let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
     let uri = format!(
@@ -553,7 +608,8 @@ async fn publish_uri<S: Coordinator, M: ReplSetClient>(
     if set.published_uri.as_ref() != Some(&uri) {
         match ctx
             .store
-            .put_value(
+            .put_value_fenced(
+                fence,
                 &config.layout.replset_uri_key(&set.set),
                 uri.clone().into_bytes(),
             )
@@ -567,12 +623,8 @@ async fn publish_uri<S: Coordinator, M: ReplSetClient>(
                 .emit(&config.metrics);
                 set.published_uri = Some(uri);
             }
-            Err(error) => PublishFailed {
-                set: &set.set,
-                what: "uri",
-                error: &error,
-            }
-            .emit(&config.metrics),
+            Err(error) => write_failed(&set.set, "uri", error, config)?,
         }
     }
+    Ok(())
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use backend_core::keepalive::keep_alive;
-use backend_core::{BackendError, Coordinator, Leadership, Result};
+use backend_core::{
+    BackendError, Coordinator, Fence, FenceToken, Leadership, LeaseDeadline, Result,
+};
 use futures::FutureExt;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -85,6 +87,7 @@ impl Client {
 impl Coordinator for ConsulStore {
     /// A session with a TTL and a lock on `key` (`?acquire=`), as `consul lock` does.
     async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
+        let created_at = tokio::time::Instant::now();
         let session = self
             .client
             .create_session(&format!("swarm-registrator leader {holder}"), ttl)
@@ -92,9 +95,12 @@ impl Coordinator for ConsulStore {
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         let renewal = SessionRenewal::new(self.client.clone(), session.clone());
+        // Consul invalidates a session no sooner than its TTL after the last renewal it
+        // handled (in practice up to twice that), never before the request started.
+        let deadline = LeaseDeadline::new(created_at, ttl.max(MIN_TTL));
         tokio::spawn(keep_alive(
             "Consul",
-            ttl.max(MIN_TTL),
+            deadline.clone(),
             lost_tx,
             stop_rx,
             renewal,
@@ -124,6 +130,11 @@ impl Coordinator for ConsulStore {
             return Err(e);
         }
         tracing::info!(store = STORE, %key, %holder, %session, "elected leader");
+        let fence = Fence {
+            key: key.clone(),
+            token: FenceToken::Session(session.clone()),
+            deadline,
+        };
         let this = self.client.clone();
         let resign = async move {
             let _ = stop_tx.send(());
@@ -137,7 +148,26 @@ impl Coordinator for ConsulStore {
                 .await;
         }
         .boxed();
-        Ok(Leadership::new(lost_rx, resign))
+        Ok(Leadership::new(lost_rx, resign, fence))
+    }
+
+    /// A KV transaction: `check-session` of the lock key for the leader's session, then `set`.
+    async fn put_value_fenced(
+        &self,
+        fence: &Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let FenceToken::Session(session) = &fence.token else {
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: format!("KV write {key}: the fence is not a Consul session"),
+                source: None,
+            });
+        };
+        self.client
+            .fenced_set(&fence.key, session, key, &value)
+            .await
     }
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {

@@ -57,6 +57,40 @@ impl Client {
         })
     }
 
+    /// Sets `key` to `value` only while `session` holds the lock `lock_key`: one transaction
+    /// of `check-session` and `set`. A failed check (Consul rolls the transaction back and
+    /// names operation 0) is [`BackendError::Fenced`].
+    pub(crate) async fn fenced_set(
+        &self,
+        lock_key: &str,
+        session: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), BackendError> {
+        let ops = fenced_set_ops(lock_key, session, key, value);
+        let what = format!("KV write {key} as leader");
+        let resp = self
+            .send(self.request(Method::PUT, "/v1/txn").json(&ops), &what)
+            .await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if status == StatusCode::CONFLICT && failed_op_indexes(&body).contains(&0) {
+            return Err(BackendError::Fenced {
+                store: STORE,
+                key: key.to_string(),
+                leader_key: lock_key.to_string(),
+            });
+        }
+        Err(BackendError::Rejected {
+            store: STORE,
+            detail: format!("{what} failed: {}", txn_errors(&ops, &body)),
+            source: None,
+        })
+    }
+
     /// Reads every key under `prefix` (`recurse`), with the index of the answer. The read is
     /// `consistent`: the leader checks with a quorum that it still leads before it answers,
     /// so a deposed leader (a partitioned server) cannot answer with what it last knew.
@@ -85,6 +119,40 @@ fn txn_what(ops: &[serde_json::Value]) -> String {
         [one] => format!("KV transaction on {one}"),
         [first, rest @ ..] => format!("KV transaction on {first} and {} more keys", rest.len()),
     }
+}
+
+/// The operations of a fenced write: `check-session` of the lock, then `set`.
+pub fn fenced_set_ops(
+    lock_key: &str,
+    session: &str,
+    key: &str,
+    value: &[u8],
+) -> Vec<serde_json::Value> {
+    vec![
+        json!({"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}),
+        json!({"KV": {
+            "Verb": "set",
+            "Key": key,
+            "Value": base64::engine::general_purpose::STANDARD.encode(value),
+        }}),
+    ]
+}
+
+/// The indexes of the operations a refused transaction names (`{"Errors": [{"OpIndex": 0}]}`).
+fn failed_op_indexes(body: &str) -> Vec<usize> {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Errors", default)]
+        errors: Vec<OpIndex>,
+    }
+    #[derive(Deserialize)]
+    struct OpIndex {
+        #[serde(rename = "OpIndex")]
+        op_index: usize,
+    }
+    serde_json::from_str::<Answer>(body)
+        .map(|a| a.errors.into_iter().map(|e| e.op_index).collect())
+        .unwrap_or_default()
 }
 
 /// A refused transaction's errors (`{"Errors": [{"OpIndex": 0, "What": "..."}]}`), each with

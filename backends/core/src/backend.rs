@@ -92,6 +92,95 @@ pub trait Watcher: Send + Sync + 'static {
     fn watch_prefix(&self, prefix: String) -> BoxStream<'static, Result<WatchEvent, BackendError>>;
 }
 
+/// How long before its lease or session can have expired a leader gives up leading when it
+/// cannot renew: room for the difference between this host's clock and the store's, and for a
+/// scheduler that runs us late.
+pub const LEASE_SAFETY_MARGIN: Duration = Duration::from_secs(1);
+
+/// The earliest instant the store can expire a lease or session: the *start* of the last
+/// request that renewed it (or granted it) plus its TTL. The store starts its TTL when it
+/// handles the request, never before we sent it, so this is never later than the store's
+/// expiry. Shared by the renewal loop (which moves it) and the [`Leadership`] (which reads it).
+#[derive(Debug, Clone)]
+pub struct LeaseDeadline {
+    ttl: Duration,
+    at: tokio::sync::watch::Sender<tokio::time::Instant>,
+}
+
+impl LeaseDeadline {
+    /// A lease granted by a request started at `started`.
+    pub fn new(started: tokio::time::Instant, ttl: Duration) -> LeaseDeadline {
+        LeaseDeadline {
+            ttl,
+            at: tokio::sync::watch::Sender::new(started + ttl),
+        }
+    }
+
+    /// A renewal started at `started` succeeded.
+    pub fn renewed(&self, started: tokio::time::Instant) {
+        let at = started + self.ttl;
+        self.at.send_if_modified(|old| {
+            let later = at > *old;
+            if later {
+                *old = at;
+            }
+            later
+        });
+    }
+
+    /// The earliest instant the store can expire the lease.
+    pub fn at(&self) -> tokio::time::Instant {
+        *self.at.borrow()
+    }
+
+    /// The instant a leader that could not renew gives up: [`LEASE_SAFETY_MARGIN`] before
+    /// [`LeaseDeadline::at`].
+    pub fn give_up_at(&self) -> tokio::time::Instant {
+        self.at() - LEASE_SAFETY_MARGIN.min(self.ttl / 2)
+    }
+
+    /// How long leading is surely still valid: until [`LeaseDeadline::give_up_at`].
+    pub fn valid_for(&self) -> Duration {
+        self.give_up_at()
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// What makes a store write conditional on still leading: the election key and the store's
+/// token of this process's hold on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceToken {
+    /// etcd: the create revision of this campaign's key under the election prefix (the
+    /// election's `LeaderKey`); a write compares it in a transaction.
+    CreateRevision(i64),
+    /// Consul (and the in-memory store): the session holding the lock key; a write checks it
+    /// in a transaction (`check-session`).
+    Session(String),
+}
+
+/// A leader's fence: writes made with it ([`Coordinator::put_value_fenced`]) happen only while
+/// the store still holds the election key for this leadership, and are refused with
+/// [`BackendError::Fenced`] otherwise. It also knows how long the leadership is surely valid.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The key the store compares (etcd: the campaign's own key under the election prefix;
+    /// Consul: the lock key).
+    pub key: String,
+    pub token: FenceToken,
+    pub deadline: LeaseDeadline,
+}
+
+impl Fence {
+    /// How long leading is surely still valid (see [`LeaseDeadline::valid_for`]).
+    pub fn valid_for(&self) -> Duration {
+        self.deadline.valid_for()
+    }
+}
+
 /// Leadership of one key, held while the store keeps this process's lease or session.
 ///
 /// Dropping it without [`Leadership::resign`] leaves the key to expire with the TTL (what
@@ -99,32 +188,62 @@ pub trait Watcher: Send + Sync + 'static {
 pub struct Leadership {
     lost: futures::channel::oneshot::Receiver<String>,
     resign: Option<futures::future::BoxFuture<'static, ()>>,
+    fence: Fence,
 }
 
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leadership").finish_non_exhaustive()
+        f.debug_struct("Leadership")
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
     }
 }
 
 impl Leadership {
-    /// `lost` receives the reason when leadership is lost; `resign` gives it up.
+    /// `lost` receives the reason when the store ends the leadership; `resign` gives it up;
+    /// `fence` conditions writes on it and tells how long it is surely valid.
     pub fn new(
         lost: futures::channel::oneshot::Receiver<String>,
         resign: futures::future::BoxFuture<'static, ()>,
+        fence: Fence,
     ) -> Leadership {
         Leadership {
             lost,
             resign: Some(resign),
+            fence,
         }
     }
 
-    /// Resolves, with the reason, when leadership is lost (the lease or session expired or was
-    /// ended, or the store was unreachable for longer than the TTL).
+    /// The fence of this leadership, for conditional writes and for how long it is valid.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Resolves, with the reason, when leadership is lost: the lease or session expired or was
+    /// ended, or no renewal succeeded in time, in which case it resolves at
+    /// [`LeaseDeadline::give_up_at`], before the store can have expired the lease (so before
+    /// another candidate can lead).
     pub async fn lost(&mut self) -> String {
-        (&mut self.lost)
-            .await
-            .unwrap_or_else(|_| "the leadership keeper stopped".to_string())
+        let mut moved = self.fence.deadline.at.subscribe();
+        loop {
+            let give_up_at = self.fence.deadline.give_up_at();
+            tokio::select! {
+                reason = &mut self.lost => {
+                    return reason
+                        .unwrap_or_else(|_| "the leadership keeper stopped".to_string());
+                }
+                _ = tokio::time::sleep_until(give_up_at) => {
+                    if self.fence.deadline.give_up_at() <= tokio::time::Instant::now() {
+                        return format!(
+                            "no renewal succeeded in time: gave up {:?} before the {:?} TTL of the last renewal could expire",
+                            LEASE_SAFETY_MARGIN.min(self.fence.deadline.ttl / 2),
+                            self.fence.deadline.ttl,
+                        );
+                    }
+                }
+                _ = moved.changed() => {}
+            }
+        }
     }
 
     /// Gives leadership up at once, so another candidate takes over without waiting for a TTL.
@@ -151,6 +270,16 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Writes a plain value, tied to no session.
     fn put_value(
         &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Writes a plain value, tied to no session, only if the store still holds the election
+    /// key of `fence` for this leadership (in one transaction); [`BackendError::Fenced`]
+    /// otherwise. Every write a leader makes as leader goes through this.
+    fn put_value_fenced(
+        &self,
+        fence: &Fence,
         key: &str,
         value: Vec<u8>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;

@@ -39,6 +39,15 @@ pub enum BackendError {
         #[source]
         source: Option<Cause>,
     },
+    /// A write conditional on leading ([`crate::Coordinator::put_value_fenced`]) was refused:
+    /// the store no longer holds the election key for this leadership (another process may
+    /// lead). Nothing was written; stop acting as leader and campaign again.
+    #[error("{store} refused the write of {key}: this process no longer holds the leader key {leader_key}")]
+    Fenced {
+        store: &'static str,
+        key: String,
+        leader_key: String,
+    },
     /// The TTL asked for is outside what the store accepts.
     #[error("a TTL of {ttl:?} is not accepted by {store}: {detail}")]
     InvalidTtl {

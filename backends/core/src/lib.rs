@@ -24,7 +24,10 @@ pub mod secret;
 pub mod status;
 pub mod uri;
 
-pub use backend::{Backoff, Coordinator, KvEntry, Leadership, Publisher, WatchEvent, Watcher};
+pub use backend::{
+    Backoff, Coordinator, Fence, FenceToken, KvEntry, Leadership, LeaseDeadline, Publisher,
+    WatchEvent, Watcher, LEASE_SAFETY_MARGIN,
+};
 pub use error::{error_chain, is_tls_failure, require_ttl, BackendError, Cause, Result};
 pub use identity::{
     config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,

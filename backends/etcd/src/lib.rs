@@ -961,11 +961,15 @@ impl Coordinator for EtcdStore {
     async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let mut client = self.long_client.get().await?;
+        let granted_at = tokio::time::Instant::now();
         let lease = client
             .lease_grant(secs, None)
             .await
             .map_err(|e| map_error(&self.endpoints, "grant a lease", e))?
             .id();
+        // The lease lives `secs` from when etcd granted it, never before the request started.
+        let deadline =
+            backend_core::LeaseDeadline::new(granted_at, Duration::from_secs(secs as u64));
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         let renewal = LeaseRenewal {
@@ -973,7 +977,13 @@ impl Coordinator for EtcdStore {
             lease,
             pair: None,
         };
-        tokio::spawn(keep_alive("etcd", ttl, lost_tx, stop_rx, renewal));
+        tokio::spawn(keep_alive(
+            "etcd",
+            deadline.clone(),
+            lost_tx,
+            stop_rx,
+            renewal,
+        ));
         let campaign = client.campaign(key.clone(), holder.clone(), lease).await;
         let resp = match campaign {
             Ok(resp) => resp,
@@ -985,19 +995,78 @@ impl Coordinator for EtcdStore {
                 return Err(map_error(&self.endpoints, &what, e));
             }
         };
-        tracing::info!(store = STORE, %key, %holder, lease = format!("{lease:x}"), "elected leader");
-        let leader = resp.leader().cloned();
+        let Some(leader) = resp.leader().cloned() else {
+            let _ = stop_tx.send(());
+            let _ = client.lease_revoke(lease).await;
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: format!("campaign for {key}: etcd answered without the leader key"),
+                source: None,
+            });
+        };
+        let fence = backend_core::Fence {
+            key: String::from_utf8_lossy(leader.key()).into_owned(),
+            token: backend_core::FenceToken::CreateRevision(leader.rev()),
+            deadline,
+        };
+        tracing::info!(
+            store = STORE,
+            %key,
+            %holder,
+            lease = format!("{lease:x}"),
+            leader_key = %fence.key,
+            create_revision = leader.rev(),
+            "elected leader"
+        );
         let resign = async move {
             let _ = stop_tx.send(());
-            if let Some(leader) = leader {
-                let _ = client
-                    .resign(Some(ResignOptions::new().with_leader(leader)))
-                    .await;
-            }
+            let _ = client
+                .resign(Some(ResignOptions::new().with_leader(leader)))
+                .await;
             let _ = client.lease_revoke(lease).await;
         }
         .boxed();
-        Ok(Leadership::new(lost_rx, resign))
+        Ok(Leadership::new(lost_rx, resign, fence))
+    }
+
+    /// A transaction: the put happens only if the campaign's key still has the create revision
+    /// it had when this process was elected (it is gone once the lease expired or was revoked,
+    /// and a new campaign's key has another revision).
+    async fn put_value_fenced(
+        &self,
+        fence: &backend_core::Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let backend_core::FenceToken::CreateRevision(rev) = fence.token else {
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: format!("put {key}: the fence is not an etcd leader key"),
+                source: None,
+            });
+        };
+        let compare = etcd_client::Compare::create_revision(
+            fence.key.as_str(),
+            etcd_client::CompareOp::Equal,
+            rev,
+        );
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key, value, None)]);
+        let mut client = self.client.get().await?;
+        let resp = client
+            .txn(txn)
+            .await
+            .map_err(|e| map_error(&self.endpoints, &format!("put {key} as leader"), e))?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(BackendError::Fenced {
+                store: STORE,
+                key: key.to_string(),
+                leader_key: fence.key.clone(),
+            })
+        }
     }
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {

@@ -444,6 +444,8 @@ impl Coordinator for MemoryStore {
     /// is free (absent, or held by no session).
     async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let ttl = ttl.max(Duration::from_secs(1));
+        // The session's own deadline is the instant of its last renewal + TTL, as here.
+        let deadline = backend_core::LeaseDeadline::new(tokio::time::Instant::now(), ttl);
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         let (id, mut changes) = {
@@ -458,7 +460,7 @@ impl Coordinator for MemoryStore {
         tokio::spawn(keep_session_alive(
             Arc::downgrade(&self.cluster.shared),
             id,
-            ttl,
+            deadline.clone(),
             stop_rx,
         ));
         loop {
@@ -487,6 +489,11 @@ impl Coordinator for MemoryStore {
             }
         }
         tracing::debug!(store = STORE, %key, %holder, session = %id, "elected leader");
+        let fence = backend_core::Fence {
+            key: key.clone(),
+            token: backend_core::FenceToken::Session(id.to_string()),
+            deadline,
+        };
         let shared = Arc::downgrade(&self.cluster.shared);
         let resign = async move {
             let _ = stop_tx.send(());
@@ -504,12 +511,40 @@ impl Coordinator for MemoryStore {
             state.end_session(id, &format!("session {id} resigned"));
         }
         .boxed();
-        Ok(Leadership::new(lost_rx, resign))
+        Ok(Leadership::new(lost_rx, resign, fence))
     }
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
         let mut state = self.cluster.lock();
         state.admit("put value")?;
+        state.put(key, value, None);
+        Ok(())
+    }
+
+    /// As Consul's `check-session` + `set`: the put happens, under the same lock, only while
+    /// the election key is held by the fence's session.
+    async fn put_value_fenced(
+        &self,
+        fence: &backend_core::Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let mut state = self.cluster.lock();
+        state.admit("put value as leader")?;
+        let held = match &fence.token {
+            backend_core::FenceToken::Session(session) => state
+                .get(&fence.key)
+                .and_then(|e| e.session)
+                .is_some_and(|id| &id.to_string() == session),
+            backend_core::FenceToken::CreateRevision(_) => false,
+        };
+        if !held {
+            return Err(BackendError::Fenced {
+                store: STORE,
+                key: key.to_string(),
+                leader_key: fence.key.clone(),
+            });
+        }
         state.put(key, value, None);
         Ok(())
     }
@@ -528,26 +563,38 @@ impl Coordinator for MemoryStore {
     }
 }
 
-/// Renews a leader's session every TTL/3 until `stop` fires or is dropped (a dropped
-/// [`Leadership`]: the process is gone), or the session ended. Renewals during an outage do
-/// not reach the store, so the session ends with its TTL.
+/// Renews a leader's session every TTL/3 (after a failed renewal: every
+/// [`RETRY_AFTER_FAILURE`], as the stores' keep-alive does) until `stop` fires or is dropped
+/// (a dropped [`Leadership`]: the process is gone), or the session ended, and moves the
+/// leadership's deadline at each renewal. Renewals during an outage do not reach the store, so
+/// the leadership gives up before the TTL and the session ends with it.
+///
+/// [`RETRY_AFTER_FAILURE`]: backend_core::keepalive::RETRY_AFTER_FAILURE
 async fn keep_session_alive(
     shared: Weak<Mutex<State>>,
     id: SessionId,
-    ttl: Duration,
+    deadline: backend_core::LeaseDeadline,
     mut stop: futures::channel::oneshot::Receiver<()>,
 ) {
+    let every = deadline.ttl() / 3;
+    let mut wait = every;
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let Some(shared) = shared.upgrade() else {
             return;
         };
         let mut state = lock(&shared);
-        if state.admit_background("renew leader session").is_ok() && !state.renew(id) {
-            return;
+        if state.admit_background("renew leader session").is_ok() {
+            if !state.renew(id) {
+                return;
+            }
+            deadline.renewed(tokio::time::Instant::now());
+            wait = every;
+        } else {
+            wait = backend_core::keepalive::RETRY_AFTER_FAILURE.min(every);
         }
     }
 }

@@ -147,6 +147,12 @@ async fn a_leader_survives_an_outage_shorter_than_its_ttl_and_loses_after_a_long
         .await
         .expect("lost once the TTL ran out without a renewal");
     assert!(reason.contains("TTL"), "{reason}");
+    assert_eq!(
+        cluster.get("t/leader"),
+        Some(b"a".to_vec()),
+        "given up before the session can have expired"
+    );
+    tokio::time::sleep(TTL).await;
     cluster.set_unavailable(false);
     assert_eq!(
         cluster.get("t/leader"),

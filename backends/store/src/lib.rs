@@ -219,6 +219,15 @@ impl Coordinator for Store {
         each!(self, s => s.put_value(key, value).await)
     }
 
+    async fn put_value_fenced(
+        &self,
+        fence: &backend_core::Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), BackendError> {
+        each!(self, s => s.put_value_fenced(fence, key, value).await)
+    }
+
     async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
         each!(self, s => s.delete_value(key).await)
     }
