@@ -967,10 +967,11 @@ impl Deployment {
     }
 
     /// Readies a manager-loss test and names the manager to lose: the node of the reconciler
-    /// leader, which must be a manager (each manager holds a store member), and the primary's
-    /// node where that can be had. While the leader runs on a worker, or the primary's manager
-    /// runs the other reconciler replica, its task is removed (`docker rm -f`) so that the
-    /// other replica leads; at most `tries` times. Returns the plan.
+    /// leader, which must be a manager (each manager holds a store member), and where that can
+    /// be had one with the primary, or at least with a mongo task. While the leader runs on a
+    /// worker, or the other reconciler replica runs on a manager that is a better choice, the
+    /// leader's task is removed (`docker rm -f`) so that the other replica leads; at most
+    /// `tries` times. Returns the plan.
     pub async fn arrange_manager_loss(&self, tries: usize) -> Result<ManagerLoss, String> {
         for _ in 0..=tries {
             let leading = wait_for("a reconciler leader", Duration::from_secs(60), || {
@@ -978,6 +979,11 @@ impl Deployment {
             })
             .await;
             let primary = self.primary_node().await?;
+            let mongo_nodes: BTreeSet<usize> =
+                self.tasks(MONGO).await?.iter().map(|t| t.node).collect();
+            // a manager with the primary first, then one with a mongo task
+            let worth =
+                |n: usize| 2 * usize::from(n == primary) + usize::from(mongo_nodes.contains(&n));
             let others: Vec<usize> = self
                 .tasks(RECONCILER)
                 .await?
@@ -986,9 +992,9 @@ impl Deployment {
                 .map(|t| t.node)
                 .collect();
             let on_manager = self.swarm.is_manager(leading.node);
-            let better = primary != leading.node
-                && self.swarm.is_manager(primary)
-                && others.contains(&primary);
+            let better = others
+                .iter()
+                .any(|&n| self.swarm.is_manager(n) && worth(n) > worth(leading.node));
             if on_manager && !better {
                 let node = leading.node;
                 let store_members = self
