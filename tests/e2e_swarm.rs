@@ -13,7 +13,7 @@
 //! in the store lists exactly them, and a `w: "majority"` write made at the start is still
 //! readable through that URI from the example application's container on the overlay network.
 //!
-//! Heavy (2 to 3 minutes each): `scripts/test` runs them in their own pass, after
+//! Heavy (3 to 4 minutes each): `scripts/test` runs them in their own pass, after
 //! `scripts/images`.
 
 use std::collections::BTreeSet;
