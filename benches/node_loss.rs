@@ -1,6 +1,7 @@
-//! How long the stack takes to recover from a lost worker node, measured end to end.
+//! How long the stack takes to recover from a lost worker node, or a lost manager, measured
+//! end to end.
 //!
-//!     cargo bench --bench node_loss -- [--runs 5] [--store etcd|consul]
+//!     cargo bench --bench node_loss -- [--runs 5] [--store etcd|consul] [--lose worker|manager]
 //!
 //! Each run makes a fresh 3-node swarm of Docker-in-Docker nodes (`scripts/swarm-nodes`),
 //! deploys the stack (`compose/stack.yml` or `stack.consul.yml`) with the offline images of
@@ -14,6 +15,13 @@
 //! - `whole`: every slot runs on a live node and the replica set equals those tasks again
 //!   (records expired, tasks rescheduled, members moved to their new hosts, votes back).
 //!
+//! `--lose manager` (etcd only: its 3 members run on 3 managers): a swarm of 3 managers and 1
+//! worker; the manager killed is the one with the reconciler leader (each manager holds a store
+//! member), and the primary's where that can be arranged (see
+//! `Deployment::arrange_manager_loss`); the probe runs on another manager. It also reports
+//! `store`, the first write through each of the two members left that both read back (the
+//! store's quorum, kept or regained), and `leader`, the other reconciler leading.
+//!
 //! Prints a Markdown table on stdout; progress on stderr. Needs root, `scripts/services up`
 //! and `scripts/images`.
 
@@ -26,12 +34,14 @@ use test_support::wait_for;
 struct Args {
     runs: usize,
     store: Store,
+    manager: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         runs: 5,
         store: Store::Etcd,
+        manager: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -50,10 +60,20 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err("--store takes etcd or consul".into()),
                 }
             }
+            "--lose" => {
+                args.manager = match it.next().as_deref() {
+                    Some("worker") => false,
+                    Some("manager") => true,
+                    _ => return Err("--lose takes worker or manager".into()),
+                }
+            }
             // cargo bench passes --bench
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
         }
+    }
+    if args.manager && args.store != Store::Etcd {
+        return Err("--lose manager needs --store etcd (the Consul stack has one agent)".into());
     }
     Ok(args)
 }
@@ -64,6 +84,100 @@ struct Run {
     write: Duration,
     down: Duration,
     whole: Duration,
+    /// With a manager lost: the store's writes through the members left, the other leader.
+    store: Option<Duration>,
+    leader: Option<Duration>,
+}
+
+/// A manager lost: the one with the reconciler leader and a store member.
+async fn manager_run() -> Run {
+    let swarm = Swarm::up_with_managers(4, 3).await;
+    let d = Deployment::deploy(swarm, Store::Etcd, "30s").await;
+    d.wait_converged(3, "deploy").await;
+    let plan = d
+        .arrange_manager_loss(3)
+        .await
+        .expect("a manager with the reconciler leader");
+    let lost = plan.node;
+    let keeper = (1..=d.swarm.managers())
+        .find(|i| *i != lost)
+        .expect("another manager");
+    d.start_probe_on(keeper).await;
+    wait_for("a first write", Duration::from_secs(60), || {
+        d.probe_write("before")
+    })
+    .await;
+    d.check_store_quorum("bench/quorum", "before")
+        .await
+        .expect("the store before the loss");
+    let hostname = d.swarm.node(lost).hostname();
+    d.swarm.kill_node(lost).await;
+    let t0 = Instant::now();
+    eprintln!(
+        "[node-loss] killed manager {hostname} (store members {:?}, primary there: {})",
+        plan.store_members, plan.primary_there
+    );
+    let mut k = 0;
+    let write = wait_for("a majority write after the loss", CONVERGE, || {
+        k += 1;
+        let id = format!("after-{k}");
+        let d = &d;
+        async move { d.probe_write(&id).await.map(|()| t0.elapsed()) }
+    })
+    .await;
+    let store = wait_for("the store's writes", CONVERGE, || async {
+        d.check_store_quorum("bench/quorum", "after")
+            .await
+            .map(|_| t0.elapsed())
+    })
+    .await;
+    let leader = wait_for("the other reconciler to lead", CONVERGE, || async {
+        let t = d.leader_task().await?;
+        if t.node == lost || t.container == plan.leader.container {
+            Err(format!("still {}", t.container))
+        } else {
+            Ok(t0.elapsed())
+        }
+    })
+    .await;
+    let down = wait_down(&d, &hostname, t0).await;
+    let whole = wait_whole(&d, lost, t0).await;
+    d.swarm.down().await;
+    Run {
+        primary_lost: plan.primary_there,
+        leader_lost: true,
+        write,
+        down,
+        whole,
+        store: Some(store),
+        leader: Some(leader),
+    }
+}
+
+async fn wait_down(d: &Deployment, hostname: &str, t0: Instant) -> Duration {
+    wait_for("the node seen Down", CONVERGE, || async {
+        let states = d.swarm.node_states().await?;
+        match states.iter().find(|(h, _, _)| *h == hostname) {
+            Some((_, status, _)) if status == "Down" => Ok(t0.elapsed()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+async fn wait_whole(d: &Deployment, lost: usize, t0: Instant) -> Duration {
+    wait_for(
+        "the set to equal the rescheduled tasks",
+        CONVERGE,
+        || async {
+            let tasks = d.tasks(MONGO).await?;
+            if tasks.iter().any(|t| t.node == lost) {
+                return Err("a task is still listed on the lost node".into());
+            }
+            d.check_converged(3).await.map(|_| t0.elapsed())
+        },
+    )
+    .await
 }
 
 async fn one_run(store: Store) -> Run {
@@ -101,26 +215,8 @@ async fn one_run(store: Store) -> Run {
         async move { d.probe_write(&id).await.map(|()| t0.elapsed()) }
     })
     .await;
-    let down = wait_for("the node seen Down", CONVERGE, || async {
-        let states = d.swarm.node_states().await?;
-        match states.iter().find(|(h, _, _)| *h == hostname) {
-            Some((_, status, _)) if status == "Down" => Ok(t0.elapsed()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    let whole = wait_for(
-        "the set to equal the rescheduled tasks",
-        CONVERGE,
-        || async {
-            let tasks = d.tasks(MONGO).await?;
-            if tasks.iter().any(|t| t.node == lost) {
-                return Err("a task is still listed on the lost node".into());
-            }
-            d.check_converged(3).await.map(|_| t0.elapsed())
-        },
-    )
-    .await;
+    let down = wait_down(&d, &hostname, t0).await;
+    let whole = wait_whole(&d, lost, t0).await;
     d.swarm.down().await;
     Run {
         primary_lost,
@@ -128,6 +224,8 @@ async fn one_run(store: Store) -> Run {
         write,
         down,
         whole,
+        store: None,
+        leader: None,
     }
 }
 
@@ -140,32 +238,59 @@ async fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("node_loss: {e}\nusage: cargo bench --bench node_loss -- [--runs N] [--store etcd|consul]");
+            eprintln!("node_loss: {e}\nusage: cargo bench --bench node_loss -- [--runs N] [--store etcd|consul] [--lose worker|manager]");
             std::process::exit(2);
         }
     };
     let mut runs = Vec::new();
     for i in 1..=args.runs {
         eprintln!("[node-loss] run {i}/{} ({:?})", args.runs, args.store);
-        runs.push(one_run(args.store).await);
+        runs.push(if args.manager {
+            manager_run().await
+        } else {
+            one_run(args.store).await
+        });
     }
-    println!(
-        "### Node loss ({:?}, {} runs, bridge TTL 15 s)\n",
-        args.store,
-        runs.len()
-    );
-    println!("| run | primary on the lost node | reconciler leader on the lost node | majority write after | node Down after | set whole after |");
-    println!("|---|---|---|---|---|---|");
-    for (i, r) in runs.iter().enumerate() {
+    if args.manager {
         println!(
-            "| {} | {} | {} | {} s | {} s | {} s |",
-            i + 1,
-            if r.primary_lost { "yes" } else { "no" },
-            if r.leader_lost { "yes" } else { "no" },
-            secs(r.write),
-            secs(r.down),
-            secs(r.whole)
+            "### Manager loss ({:?}, {} runs, 3 managers + 1 worker, bridge TTL 15 s)\n",
+            args.store,
+            runs.len()
         );
+        println!("| run | primary on the lost node | majority write after | store writes after | other reconciler leads after | node Down after | set whole after |");
+        println!("|---|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "### Node loss ({:?}, {} runs, bridge TTL 15 s)\n",
+            args.store,
+            runs.len()
+        );
+        println!("| run | primary on the lost node | reconciler leader on the lost node | majority write after | node Down after | set whole after |");
+        println!("|---|---|---|---|---|---|");
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        match (r.store, r.leader) {
+            (Some(store), Some(leader)) => println!(
+                "| {} | {} | {} s | {} s | {} s | {} s | {} s |",
+                i + 1,
+                yes(r.primary_lost),
+                secs(r.write),
+                secs(store),
+                secs(leader),
+                secs(r.down),
+                secs(r.whole)
+            ),
+            _ => println!(
+                "| {} | {} | {} | {} s | {} s | {} s |",
+                i + 1,
+                yes(r.primary_lost),
+                yes(r.leader_lost),
+                secs(r.write),
+                secs(r.down),
+                secs(r.whole)
+            ),
+        }
     }
     let max = |f: fn(&Run) -> Duration| runs.iter().map(f).max().unwrap_or_default();
     println!(

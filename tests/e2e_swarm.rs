@@ -1,23 +1,26 @@
 //! End to end: the whole system as swarm services, deployed from `compose/stack.yml` (etcd) and
-//! `compose/stack.consul.yml` (Consul) on a 3-node swarm (1 manager, 2 workers; Docker-in-Docker
-//! nodes from `scripts/swarm-nodes`), with the offline images of `scripts/images` (the
-//! replica-set simulator in place of mongod).
+//! `compose/stack.consul.yml` (Consul) on Docker-in-Docker nodes from `scripts/swarm-nodes`,
+//! with the offline images of `scripts/images` (the replica-set simulator in place of mongod).
+//! etcd: 3 managers (each holds one member of the 3-member etcd cluster) and 1 worker; Consul
+//! (one agent, pinned to the manager): 1 manager and 2 workers.
 //!
 //! One walk-through per store of what operators do and what goes wrong in production: scaling
 //! with `replset-reconciler scale`, a task removed by hand, the reconciler leader killed, the
-//! bridge service removed and re-deployed, and a worker node lost. After each step the replica
+//! bridge service removed and re-deployed, and a node lost: with etcd a manager, the one with
+//! a store member, the reconciler leader and (where it can be arranged) the primary; with
+//! Consul a worker, the primary's where it runs on one. After each step the replica
 //! set (as the leader reports it from the primary) equals the service's running tasks, the URI
 //! in the store lists exactly them, and a `w: "majority"` write made at the start is still
 //! readable through that URI from the example application's container on the overlay network.
 //!
-//! Heavy (2 to 3 minutes each): `scripts/test` runs them in their own pass, after
+//! Heavy (3 to 4 minutes each): `scripts/test` runs them in their own pass, after
 //! `scripts/images`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use test_support::dind::Swarm;
-use test_support::stack::{Deployment, StackOptions, Store, CONVERGE, MONGO};
+use test_support::stack::{Deployment, StackOptions, Store, CONVERGE, MONGO, RECONCILER};
 use test_support::wait_for;
 
 /// The reconciler's removal grace in this stack: short, so that scaling down is quick.
@@ -44,8 +47,12 @@ async fn assert_start_doc_readable(d: &Deployment, after: &str) {
 }
 
 async fn walk_through(store: Store) {
-    let swarm = Swarm::up(3).await;
-    // Up to 5 members on 3 nodes: several per node, a volume per slot.
+    let swarm = match store {
+        // a manager can be lost: the swarm keeps its raft quorum, etcd its own
+        Store::Etcd => Swarm::up_with_managers(4, 3).await,
+        Store::Consul => Swarm::up(3).await,
+    };
+    // Up to 5 members on 3 or 4 nodes: several per node, a volume per slot.
     let mut options = StackOptions::new(REMOVAL_GRACE);
     options.several_per_node = true;
     let d = Deployment::deploy_with(swarm, store, options).await;
@@ -206,6 +213,22 @@ async fn walk_through(store: Store) {
     assert_eq!(after, before, "the bridge flap changed the replica set");
     assert_start_doc_readable(&d, "bridge re-deployed").await;
 
+    match store {
+        Store::Etcd => lose_a_manager(&d).await,
+        Store::Consul => lose_a_worker(&d, store).await,
+    }
+
+    // --- after all of it, no secret is in any log, any service's spec, or the store.
+    let leaked = d
+        .secrets_found()
+        .await
+        .expect("read the logs, specs and store");
+    assert!(leaked.is_empty(), "secrets leaked: {leaked:?}");
+
+    d.swarm.down().await;
+}
+
+async fn lose_a_worker(d: &Deployment, store: Store) {
     // --- lose a worker node: the one with the primary where the primary is on a worker
     // A probe on the manager (never lost) writes through the URI, as a new client would.
     d.start_probe().await;
@@ -231,7 +254,7 @@ async fn walk_through(store: Store) {
         || {
             k += 1;
             let id = format!("after-loss-{k}");
-            let d = &d;
+
             async move { d.probe_write(&id).await.map(|()| lost_at.elapsed()) }
         },
     )
@@ -264,14 +287,145 @@ async fn walk_through(store: Store) {
         primary_back.as_secs_f64(),
         whole_after.as_secs_f64()
     );
-    assert_start_doc_readable(&d, "node lost").await;
+    assert_start_doc_readable(d, "node lost").await;
+}
 
-    // --- after all of it, no secret is in any log, any service's spec, or the store.
-    let leaked = d
-        .secrets_found()
+/// A manager lost (etcd, 3 managers + 1 worker): the one that holds a store member and the
+/// reconciler leader, and the primary where that could be arranged. The store keeps its quorum
+/// (every key readable and writable through the two members left), the other reconciler
+/// leads, the lost tasks run elsewhere, the set equals the tasks again, and every write
+/// acknowledged before and during the loss is still there.
+async fn lose_a_manager(d: &Deployment) {
+    let plan = d
+        .arrange_manager_loss(3)
         .await
-        .expect("read the logs, specs and store");
-    assert!(leaked.is_empty(), "secrets leaked: {leaked:?}");
+        .expect("a manager with the reconciler leader");
+    let lost = plan.node;
+    assert!(
+        !plan.store_members.is_empty(),
+        "dnode{lost} holds no store member: {plan:?}"
+    );
+    // The probe on a manager that stays, writing through the URI as a new client would.
+    let keeper = (1..=d.swarm.managers())
+        .find(|i| *i != lost)
+        .expect("another manager");
+    d.start_probe_on(keeper).await;
+    let mut acknowledged = Vec::new();
+    for k in 0..5 {
+        let id = format!("before-manager-loss-{k}");
+        wait_for("a write before the loss", Duration::from_secs(60), || {
+            d.probe_write(&id)
+        })
+        .await;
+        acknowledged.push(id);
+    }
+    let all_members = d
+        .check_store_quorum("e2e/quorum", "before")
+        .await
+        .expect("the store cluster before the loss");
+    assert_eq!(all_members.len(), 3, "3 store members: {all_members:?}");
+    let tasks = d.tasks(MONGO).await.expect("tasks");
+    let lost_slots: BTreeSet<i64> = tasks
+        .iter()
+        .filter(|t| t.node == lost)
+        .map(|t| t.slot)
+        .collect();
+    let before_loss = d
+        .check_converged(3)
+        .await
+        .expect("converged before the loss");
 
-    d.swarm.down().await;
+    d.swarm.kill_node(lost).await;
+    let lost_at = Instant::now();
+    eprintln!(
+        "[e2e Etcd] killed manager dnode{lost}: store members {:?}, reconciler leader {}, \
+         slots {lost_slots:?}, primary there: {}",
+        plan.store_members, plan.leader.container, plan.primary_there
+    );
+
+    // The store: 2 of 3 members are a quorum; a write through each is read through both.
+    let (members_left, store_at) = wait_for(
+        "the store to take writes through the members left",
+        CONVERGE,
+        || async {
+            let left = d.check_store_quorum("e2e/quorum", "after").await?;
+            Ok::<_, String>((left, lost_at.elapsed()))
+        },
+    )
+    .await;
+    assert_eq!(
+        members_left.len(),
+        2,
+        "the members on the live managers: {members_left:?}"
+    );
+    for member in &plan.store_members {
+        assert!(!members_left.contains(member), "{member} was lost");
+    }
+
+    // The other reconciler leads (the lost one's lease expires with its node).
+    let new_leader = wait_for("the other reconciler to lead", CONVERGE, || async {
+        let t = d.leader_task().await?;
+        if t.container == plan.leader.container || t.node == lost {
+            Err(format!("still {} on dnode{}", t.container, t.node))
+        } else {
+            Ok((t, lost_at.elapsed()))
+        }
+    })
+    .await;
+
+    let mut k = 0;
+    let primary_back = wait_for(
+        "a primary (a w: majority write through the URI)",
+        CONVERGE,
+        || {
+            k += 1;
+            let id = format!("after-manager-loss-{k}");
+            async move { d.probe_write(&id).await.map(|()| (id, lost_at.elapsed())) }
+        },
+    )
+    .await;
+    acknowledged.push(primary_back.0.clone());
+
+    // Every task of the stack that ran on the lost node runs elsewhere (the store member
+    // pinned there excepted), and the set equals the mongo tasks.
+    let whole = wait_for(
+        "the lost tasks to run elsewhere and the set to follow them",
+        CONVERGE,
+        || async {
+            for (service, want) in [(MONGO, 3), (RECONCILER, 2), ("e2e_app", 1)] {
+                let tasks = d.tasks(service).await?;
+                if let Some(t) = tasks.iter().find(|t| t.node == lost) {
+                    return Err(format!("{service}: task {} still on the lost node", t.id));
+                }
+                if tasks.len() != want {
+                    return Err(format!("{service}: {} running tasks", tasks.len()));
+                }
+            }
+            d.check_converged(3).await
+        },
+    )
+    .await;
+    let whole_after = lost_at.elapsed();
+    for slot in &lost_slots {
+        assert_ne!(
+            whole.members.get(slot),
+            before_loss.members.get(slot),
+            "slot {slot} was on the lost node and must have moved to a new host"
+        );
+    }
+    eprintln!(
+        "[e2e Etcd] manager loss: the store took writes after {:.1}s; {} leads after {:.1}s; a \
+         primary took writes after {:.1}s; the set equalled the tasks again after {:.1}s",
+        store_at.as_secs_f64(),
+        new_leader.0.container,
+        new_leader.1.as_secs_f64(),
+        primary_back.1.as_secs_f64(),
+        whole_after.as_secs_f64()
+    );
+    assert_start_doc_readable(d, "manager lost").await;
+    let missing = d.unreadable(&acknowledged).await;
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes lost with the manager: {missing:?}"
+    );
 }

@@ -15,6 +15,11 @@
 //! let on_2 = swarm.node(2).docker(&["ps", "-q"]).await.expect("docker ps");
 //! swarm.kill_node(3).await; // a node lost (its container is killed)
 //! swarm.down().await; // or let Drop do it
+//!
+//! // 3 managers (dnode1..3) and a worker: a manager can be lost and the swarm keeps its quorum
+//! let ha = Swarm::up_with_managers(4, 3).await;
+//! ha.kill_node(1).await; // from now on `ha.manager()` is dnode2
+//! ha.repair().await; // dnode1 made anew and joined as a manager again
 //! # let _ = on_2;
 //! # }
 //! ```
@@ -40,8 +45,10 @@
 //! accessed on a registry" and each node uses its local copy, so load images before deploying.
 //! busybox-static's `wget` crashes here; use `nc` for HTTP checks inside busybox containers.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The script that makes, loads and removes the nodes.
@@ -59,10 +66,14 @@ const UP_TIMEOUT: Duration = Duration::from_secs(900);
 pub struct Swarm {
     name: String,
     nodes: usize,
+    /// Nodes 1..=managers are managers.
+    managers: usize,
+    /// Nodes killed by [`Swarm::kill_node`] and not yet repaired.
+    lost: Mutex<BTreeSet<usize>>,
     down: bool,
 }
 
-/// One node of a [`Swarm`]: node 1 is the manager.
+/// One node of a [`Swarm`]: nodes 1 to [`Swarm::managers`] are managers.
 #[derive(Debug, Clone)]
 pub struct Node {
     index: usize,
@@ -74,20 +85,30 @@ impl Swarm {
     /// Makes a swarm of `nodes` nodes (1 manager and `nodes - 1` workers) and waits until every
     /// node is Ready. Panics with the script's output if it cannot.
     pub async fn up(nodes: usize) -> Swarm {
+        Swarm::up_with_managers(nodes, 1).await
+    }
+
+    /// Makes a swarm of `nodes` nodes of which the first `managers` are managers (an odd
+    /// number, so that losing fewer than half of them keeps the swarm's raft quorum: 3 managers
+    /// survive the loss of one), and waits until every node is Ready.
+    pub async fn up_with_managers(nodes: usize, managers: usize) -> Swarm {
         assert!((1..=9).contains(&nodes), "Swarm::up({nodes}): 1 to 9 nodes");
+        assert!(
+            (1..=nodes).contains(&managers),
+            "Swarm::up_with_managers({nodes}, {managers}): 1 to {nodes} managers"
+        );
         let name = format!("sr{:08x}", rand::random::<u32>());
         let swarm = Swarm {
             name,
             nodes,
+            managers,
+            lost: Mutex::new(BTreeSet::new()),
             down: false,
         };
         let started = Instant::now();
-        match swarm
-            .run_script(&["up", "--nodes", &nodes.to_string()])
-            .await
-        {
+        match swarm.run_script(&swarm.up_args()).await {
             Ok(out) => eprintln!(
-                "[dind] swarm {} with {nodes} nodes up in {:.1}s\n{out}",
+                "[dind] swarm {} with {nodes} nodes ({managers} managers) up in {:.1}s\n{out}",
                 swarm.name,
                 started.elapsed().as_secs_f64()
             ),
@@ -110,12 +131,37 @@ impl Swarm {
         self.nodes
     }
 
+    /// The number of managers: nodes 1 to this are managers, the others workers.
+    pub fn managers(&self) -> usize {
+        self.managers
+    }
+
+    /// Whether node `i` is a manager.
+    pub fn is_manager(&self, i: usize) -> bool {
+        (1..=self.managers).contains(&i)
+    }
+
+    /// The nodes killed by [`Swarm::kill_node`] since the last [`Swarm::repair`].
+    pub fn lost(&self) -> BTreeSet<usize> {
+        self.lost.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn up_args(&self) -> Vec<String> {
+        vec![
+            "up".into(),
+            "--nodes".into(),
+            self.nodes.to_string(),
+            "--managers".into(),
+            self.managers.to_string(),
+        ]
+    }
+
     /// Always false: a swarm has at least one node.
     pub fn is_empty(&self) -> bool {
         self.nodes == 0
     }
 
-    /// Node `i`, counted from 1 (node 1 is the manager).
+    /// Node `i`, counted from 1 (node 1 is the first manager).
     pub fn node(&self, i: usize) -> Node {
         assert!(
             (1..=self.nodes).contains(&i),
@@ -133,9 +179,13 @@ impl Swarm {
         }
     }
 
-    /// The manager (node 1): `docker service`, `docker stack deploy`, `docker node ls` go here.
+    /// A manager for `docker service`, `docker stack deploy`, `docker node ls`: the first one
+    /// not lost ([`Swarm::kill_node`]), node 1 unless it was killed. With every manager lost,
+    /// node 1 (whose commands then fail).
     pub fn manager(&self) -> Node {
-        self.node(1)
+        let lost = self.lost();
+        let i = (1..=self.managers).find(|i| !lost.contains(i)).unwrap_or(1);
+        self.node(i)
     }
 
     /// All nodes, manager first.
@@ -146,8 +196,8 @@ impl Swarm {
     /// Copies images of the host engine (or every `docker save` tar in a directory) into every
     /// running node; a node that has the same image id already is skipped. Panics on failure.
     pub async fn load_images(&self, images: &[&str]) {
-        let mut args = vec!["load"];
-        args.extend_from_slice(images);
+        let mut args = vec!["load".to_string()];
+        args.extend(images.iter().map(|i| i.to_string()));
         let started = Instant::now();
         if let Err(e) = self.run_script(&args).await {
             panic!("loading {images:?} into swarm {}: {e}", self.name);
@@ -160,11 +210,15 @@ impl Swarm {
     }
 
     /// Kills node `i`'s container (`docker kill`): the node is lost with everything on it.
-    /// The manager sees it `Down` 10 to 17 s later (see [`Swarm::node_states`]).
+    /// The manager sees it `Down` 10 to 17 s later (see [`Swarm::node_states`]). A manager
+    /// killed is no longer [`Swarm::manager`]: the next live one is.
     pub async fn kill_node(&self, i: usize) {
         let node = self.node(i);
         if let Err(e) = host_docker(&["kill", &node.container]).await {
             panic!("docker kill {} (node {i}): {e}", node.container);
+        }
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.insert(i);
         }
     }
 
@@ -192,19 +246,21 @@ impl Swarm {
         }
     }
 
-    /// Runs `up` again: makes killed nodes anew (empty) and joins them to the swarm, removes
-    /// the manager's entries of the lost ones (`docker node rm --force`), and waits until all
-    /// nodes are Ready. Load images again afterwards (the new nodes have none). A lost manager
-    /// means a new, empty swarm that the workers rejoin.
+    /// Runs `up` again: makes killed nodes anew (empty) and joins them to the swarm (a lost
+    /// manager as a manager, through one still alive), removes the swarm's entries of the lost
+    /// ones (a manager demoted first, then `docker node rm --force`), and waits until all
+    /// nodes are Ready. Load images again afterwards (the new nodes have none), and give a
+    /// re-made node its labels again. With a single manager, a lost manager means a new,
+    /// empty swarm that the workers rejoin; with 3, the swarm (services, secrets) lives on.
     pub async fn repair(&self) {
-        if let Err(e) = self
-            .run_script(&["up", "--nodes", &self.nodes.to_string()])
-            .await
-        {
+        if let Err(e) = self.run_script(&self.up_args()).await {
             panic!(
                 "scripts/swarm-nodes up (repair) of swarm {}: {e}",
                 self.name
             );
+        }
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.clear();
         }
     }
 
@@ -236,12 +292,12 @@ impl Swarm {
     /// Removes the nodes, their network and state (also done on drop).
     pub async fn down(mut self) {
         self.down = true;
-        if let Err(e) = self.run_script(&["down"]).await {
+        if let Err(e) = self.run_script(&["down".to_string()]).await {
             panic!("scripts/swarm-nodes down of swarm {}: {e}", self.name);
         }
     }
 
-    async fn run_script(&self, args: &[&str]) -> Result<String, String> {
+    async fn run_script(&self, args: &[String]) -> Result<String, String> {
         let mut cmd = tokio::process::Command::new(script());
         cmd.args(["--name", &self.name])
             .args(args)
@@ -301,7 +357,7 @@ impl Drop for Swarm {
 }
 
 impl Node {
-    /// 1-based number of the node; 1 is the manager.
+    /// 1-based number of the node; 1 is the first manager.
     pub fn index(&self) -> usize {
         self.index
     }

@@ -36,6 +36,8 @@ pub const STACK: &str = "e2e";
 pub const MONGO: &str = "e2e_mongo";
 /// The stack's overlay network.
 pub const NETWORK: &str = "e2e_replset";
+/// The leader-elected reconciler service of the stack.
+pub const RECONCILER: &str = "e2e_reconciler";
 /// How long one step may take to converge; generous, as the machine is shared.
 pub const CONVERGE: Duration = Duration::from_secs(240);
 /// How long `replset-reconciler scale` may take (each step waits for the set to converge).
@@ -70,15 +72,26 @@ impl Store {
     /// The backend URI as the stack's services write it.
     pub fn backend(self) -> &'static str {
         match self {
-            Store::Etcd => "etcd://etcd:2379/registrator",
+            Store::Etcd => "etcd://etcd1:2379,etcd2:2379,etcd3:2379/registrator",
             Store::Consul => "consul://consul:8500/registrator",
         }
     }
 
-    fn service(self) -> &'static str {
+    /// The store's services, one per member for etcd (each pinned by the node label
+    /// `registrator.<member>=true`, see [`Store::member_label`]).
+    pub fn services(self) -> &'static [&'static str] {
         match self {
-            Store::Etcd => "e2e_etcd",
-            Store::Consul => "e2e_consul",
+            Store::Etcd => &["e2e_etcd1", "e2e_etcd2", "e2e_etcd3"],
+            Store::Consul => &["e2e_consul"],
+        }
+    }
+
+    /// The node label that places the store's member `k` (1-based), if members are placed by
+    /// labels: `registrator.etcd<k>`.
+    pub fn member_label(self, k: usize) -> Option<String> {
+        match self {
+            Store::Etcd => Some(format!("registrator.etcd{k}")),
+            Store::Consul => None,
         }
     }
 
@@ -119,6 +132,19 @@ pub struct SetState {
     pub primary: String,
 }
 
+/// The manager a manager-loss test kills ([`Deployment::arrange_manager_loss`]).
+#[derive(Debug, Clone)]
+pub struct ManagerLoss {
+    /// The node's index.
+    pub node: usize,
+    /// The reconciler task that leads, on that node.
+    pub leader: Task,
+    /// Whether the primary runs there too.
+    pub primary_there: bool,
+    /// The store's member services on that node (e.g. `e2e_etcd2`).
+    pub store_members: Vec<String>,
+}
+
 /// How to deploy the stack.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -151,8 +177,11 @@ pub struct Deployment {
     options: StackOptions,
     /// The image of the mongo service in the stack file (a re-deploy keeps what an update set).
     mongo_image: std::sync::Mutex<String>,
-    /// Node id (as the swarm knows it) to node index (1 = manager).
-    node_index: BTreeMap<String, usize>,
+    /// Node id (as the swarm knows it) to node index (1 = the first manager); read again
+    /// after a repair (a node made anew has a new id).
+    node_index: std::sync::Mutex<BTreeMap<String, usize>>,
+    /// The node of the probe container ([`Deployment::start_probe_on`]).
+    probe_node: std::sync::atomic::AtomicUsize,
     /// The stack's secrets (`scripts/stack-secrets`), removed on drop.
     secrets: Secrets,
 }
@@ -218,33 +247,75 @@ impl Deployment {
             }
         }
         swarm.load_images(&store.images()).await;
-        let mut d = Deployment {
+        let d = Deployment {
             swarm,
             store,
             options,
             mongo_image: std::sync::Mutex::new(MONGO_IMAGE.to_string()),
-            node_index: BTreeMap::new(),
+            node_index: std::sync::Mutex::new(BTreeMap::new()),
+            probe_node: std::sync::atomic::AtomicUsize::new(1),
             secrets: Secrets::make(),
         };
-        let nodes = d
-            .manager()
-            .docker(&["node", "ls", "--format", "{{.ID}} {{.Hostname}}"])
-            .await
-            .expect("docker node ls");
-        for line in nodes.lines() {
-            let (id, host) = line.split_once(' ').expect("node ls line");
-            let index = host
-                .trim_start_matches("dnode")
-                .parse()
-                .expect("node hostnames are dnode<i>");
-            d.node_index.insert(id.to_string(), index);
-        }
+        d.read_nodes().await.expect("docker node ls");
+        d.label_store_nodes().await;
         d.stack_deploy().await;
         d
     }
 
+    /// A live manager ([`Swarm::manager`]).
     pub fn manager(&self) -> Node {
         self.swarm.manager()
+    }
+
+    /// Reads the swarm's node ids again (after [`Swarm::repair`]: a node made anew has a new
+    /// id).
+    pub async fn read_nodes(&self) -> Result<(), String> {
+        let nodes = self
+            .manager()
+            .docker(&["node", "ls", "--format", "{{.ID}} {{.Hostname}}"])
+            .await?;
+        let mut index = BTreeMap::new();
+        for line in nodes.lines() {
+            let (id, host) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("node ls line {line:?}"))?;
+            let i = host
+                .trim_start_matches("dnode")
+                .parse()
+                .map_err(|_| format!("node hostname {host:?} is not dnode<i>"))?;
+            index.insert(id.to_string(), i);
+        }
+        if let Ok(mut known) = self.node_index.lock() {
+            *known = index;
+        }
+        Ok(())
+    }
+
+    /// The node that member `k` (1-based) of the store is placed on: the managers in turn
+    /// (3 managers: one member each; 1 manager: all three on it, as on the demo's one node).
+    pub fn store_member_home(&self, k: usize) -> usize {
+        (k - 1) % self.swarm.managers() + 1
+    }
+
+    /// Puts the store's placement labels (`registrator.etcd<k>=true`) on the managers, as an
+    /// operator does before deploying (compose/stack.yml). Run again after a repair.
+    pub async fn label_store_nodes(&self) {
+        for k in 1..=self.store.services().len() {
+            let Some(label) = self.store.member_label(k) else {
+                continue;
+            };
+            let host = self.swarm.node(self.store_member_home(k)).hostname();
+            self.manager()
+                .docker(&[
+                    "node",
+                    "update",
+                    "--label-add",
+                    &format!("{label}=true"),
+                    &host,
+                ])
+                .await
+                .unwrap_or_else(|e| panic!("docker node update --label-add {label}: {e}"));
+        }
     }
 
     /// `docker stack deploy` of the stack file with the offline images (also re-deploys).
@@ -355,9 +426,11 @@ impl Deployment {
             running.push(Task {
                 id: t["ID"].as_str().unwrap_or_default().to_string(),
                 slot: t["Slot"].as_i64().unwrap_or(0),
-                node: *self
+                node: self
                     .node_index
-                    .get(node)
+                    .lock()
+                    .ok()
+                    .and_then(|known| known.get(node).copied())
                     .ok_or_else(|| format!("task on unknown node {node}"))?,
                 container: t["Status"]["ContainerStatus"]["ContainerID"]
                     .as_str()
@@ -370,31 +443,109 @@ impl Deployment {
     }
 
     /// Runs a command in the container of a running task of `service`, on that task's node.
+    /// Tasks on a node killed by the test are skipped (the manager lists them as running
+    /// until it sees the node down).
     pub async fn exec(&self, service: &str, cmd: &[&str]) -> Result<String, String> {
         let tasks = self.tasks(service).await?;
+        let lost = self.swarm.lost();
         let task = tasks
             .iter()
-            .find(|t| !t.container.is_empty())
-            .ok_or_else(|| format!("no running task of {service}"))?;
+            .find(|t| !t.container.is_empty() && !lost.contains(&t.node))
+            .ok_or_else(|| format!("no running task of {service} on a live node"))?;
         let mut args = vec!["exec", task.container.as_str()];
         args.extend(cmd);
         self.swarm.node(task.node).docker(&args).await
+    }
+
+    /// Runs a command in a member of the store (etcdctl, consul): the first that answers. Its
+    /// own client talks to its own member (etcdctl's default endpoint is 127.0.0.1:2379), and
+    /// etcd's reads are linearizable: an answer means that member's cluster has a quorum.
+    async fn store_exec(&self, cmd: &[&str]) -> Result<String, String> {
+        let mut errors = Vec::new();
+        for service in self.store.services() {
+            match self.exec(service, cmd).await {
+                Ok(out) => return Ok(out),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("no store member answered: {}", errors.join("; ")))
+    }
+
+    /// The nodes that run a member of the store: service name to node index.
+    pub async fn store_member_nodes(&self) -> Result<BTreeMap<String, usize>, String> {
+        let mut out = BTreeMap::new();
+        for service in self.store.services() {
+            if let Some(t) = self.tasks(service).await?.first() {
+                out.insert(service.to_string(), t.node);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Through every store member that runs on a live node, one by one: writes `key` = `value`
+    /// with that member's own client, then reads the key back through every such member. Ok
+    /// with the members that answered, once all of them did: the store has a quorum and every
+    /// live member serves it. (etcd only: Consul's single agent has no members to compare.)
+    pub async fn check_store_quorum(&self, key: &str, value: &str) -> Result<Vec<String>, String> {
+        let lost = self.swarm.lost();
+        let mut live = Vec::new();
+        for service in self.store.services() {
+            let tasks = self.tasks(service).await?;
+            if let Some(t) = tasks
+                .iter()
+                .find(|t| !t.container.is_empty() && !lost.contains(&t.node))
+            {
+                live.push((service.to_string(), t.clone()));
+            }
+        }
+        if live.is_empty() {
+            return Err("no store member on a live node".into());
+        }
+        for (i, (writer, task)) in live.iter().enumerate() {
+            let v = format!("{value}-{i}");
+            let put: Vec<&str> = match self.store {
+                Store::Etcd => vec!["exec", &task.container, "etcdctl", "put", key, &v],
+                Store::Consul => vec!["exec", &task.container, "consul", "kv", "put", key, &v],
+            };
+            self.swarm
+                .node(task.node)
+                .docker(&put)
+                .await
+                .map_err(|e| format!("put through {writer}: {e}"))?;
+            for (reader, t) in &live {
+                let get: Vec<&str> = match self.store {
+                    Store::Etcd => vec![
+                        "exec",
+                        &t.container,
+                        "etcdctl",
+                        "get",
+                        key,
+                        "--print-value-only",
+                    ],
+                    Store::Consul => vec!["exec", &t.container, "consul", "kv", "get", key],
+                };
+                let got = self
+                    .swarm
+                    .node(t.node)
+                    .docker(&get)
+                    .await
+                    .map_err(|e| format!("get through {reader}: {e}"))?;
+                if got.trim() != v {
+                    return Err(format!("{reader} read {got:?} after {writer} wrote {v:?}"));
+                }
+            }
+        }
+        Ok(live.into_iter().map(|(s, _)| s).collect())
     }
 
     /// A key's value, read inside the store's container.
     pub async fn store_get(&self, key: &str) -> Result<String, String> {
         match self.store {
             Store::Etcd => {
-                self.exec(
-                    self.store.service(),
-                    &["etcdctl", "get", key, "--print-value-only"],
-                )
-                .await
-            }
-            Store::Consul => {
-                self.exec(self.store.service(), &["consul", "kv", "get", key])
+                self.store_exec(&["etcdctl", "get", key, "--print-value-only"])
                     .await
             }
+            Store::Consul => self.store_exec(&["consul", "kv", "get", key]).await,
         }
     }
 
@@ -403,18 +554,12 @@ impl Deployment {
         let prefix = format!("registrator/services/{MONGO}/");
         let keys = match self.store {
             Store::Etcd => {
-                self.exec(
-                    self.store.service(),
-                    &["etcdctl", "get", "--prefix", "--keys-only", &prefix],
-                )
-                .await?
+                self.store_exec(&["etcdctl", "get", "--prefix", "--keys-only", &prefix])
+                    .await?
             }
             Store::Consul => {
-                self.exec(
-                    self.store.service(),
-                    &["consul", "kv", "get", "-keys", &prefix],
-                )
-                .await?
+                self.store_exec(&["consul", "kv", "get", "-keys", &prefix])
+                    .await?
             }
         };
         Ok(keys.lines().filter(|l| !l.trim().is_empty()).count())
@@ -425,34 +570,28 @@ impl Deployment {
     pub async fn leader(&self) -> Result<String, String> {
         let v = match self.store {
             Store::Etcd => {
-                self.exec(
-                    self.store.service(),
-                    &[
-                        "etcdctl",
-                        "get",
-                        "--prefix",
-                        "--sort-by=CREATE",
-                        "--order=ASCEND",
-                        "--limit=1",
-                        "--print-value-only",
-                        "registrator/replsets/rs0/leader/",
-                    ],
-                )
+                self.store_exec(&[
+                    "etcdctl",
+                    "get",
+                    "--prefix",
+                    "--sort-by=CREATE",
+                    "--order=ASCEND",
+                    "--limit=1",
+                    "--print-value-only",
+                    "registrator/replsets/rs0/leader/",
+                ])
                 .await?
             }
             Store::Consul => {
                 // -detailed shows the session that holds the lock: no session, no leader
                 let out = self
-                    .exec(
-                        self.store.service(),
-                        &[
-                            "consul",
-                            "kv",
-                            "get",
-                            "-detailed",
-                            "registrator/replsets/rs0/leader",
-                        ],
-                    )
+                    .store_exec(&[
+                        "consul",
+                        "kv",
+                        "get",
+                        "-detailed",
+                        "registrator/replsets/rs0/leader",
+                    ])
                     .await?;
                 let field = |name: &str| {
                     out.lines()
@@ -619,15 +758,28 @@ impl Deployment {
     }
 
     /// Starts a probe client, the example application's image as a plain container on the
-    /// manager (which tests never lose), for [`Deployment::probe_write`].
+    /// manager (a node the test does not lose), for [`Deployment::probe_write`].
     pub async fn start_probe(&self) {
+        self.start_probe_on(self.manager().index()).await;
+    }
+
+    /// [`Deployment::start_probe`] on node `i` (one the test will not lose).
+    pub async fn start_probe_on(&self, i: usize) {
+        self.probe_node
+            .store(i, std::sync::atomic::Ordering::SeqCst);
         self.run_probe().await.expect("start the probe container");
+    }
+
+    /// The node of the probe container.
+    fn probe(&self) -> Node {
+        self.swarm
+            .node(self.probe_node.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// The probe logs in as the application's user, its password copied in from the stack's
     /// secrets (root in the container, as the file is the owner's only).
     async fn run_probe(&self) -> Result<String, String> {
-        let manager = self.manager();
+        let manager = self.probe();
         manager
             .docker(&[
                 "create",
@@ -715,21 +867,15 @@ impl Deployment {
             let inspect = manager.docker(&["service", "inspect", service]).await?;
             places.push((format!("docker service inspect {service}"), inspect));
         }
-        if let Ok(logs) = manager.docker_output(&["logs", PROBE]).await {
+        if let Ok(logs) = self.probe().docker_output(&["logs", PROBE]).await {
             places.push((
                 "the probe's logs".into(),
                 format!("{}\n{}", logs.stdout, logs.stderr),
             ));
         }
         let dump = match self.store {
-            Store::Etcd => {
-                self.exec(self.store.service(), &["etcdctl", "get", "--prefix", ""])
-                    .await?
-            }
-            Store::Consul => {
-                self.exec(self.store.service(), &["consul", "kv", "export", ""])
-                    .await?
-            }
+            Store::Etcd => self.store_exec(&["etcdctl", "get", "--prefix", ""]).await?,
+            Store::Consul => self.store_exec(&["consul", "kv", "export", ""]).await?,
         };
         places.push(("the store".into(), dump));
         let mut found = Vec::new();
@@ -747,7 +893,7 @@ impl Deployment {
     /// with it): retried until the swarm's network can be joined again.
     pub async fn restart_probe(&self) {
         wait_for("the probe container again", CONVERGE, || async {
-            let _ = self.manager().docker(&["rm", "-f", PROBE]).await;
+            let _ = self.probe().docker(&["rm", "-f", PROBE]).await;
             self.run_probe().await
         })
         .await;
@@ -766,7 +912,7 @@ impl Deployment {
             "--wait",
             "5",
         ];
-        match tokio::time::timeout(Duration::from_secs(15), self.manager().docker(&cmd)).await {
+        match tokio::time::timeout(Duration::from_secs(15), self.probe().docker(&cmd)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("the write timed out".into()),
@@ -791,6 +937,107 @@ impl Deployment {
             .or_else(|| on_workers.first())
             .ok_or("no mongo task on a worker")?;
         Ok((victim.node, victim.ip == primary_ip))
+    }
+
+    /// The reconciler task that leads (its container's hostname is the election's value).
+    pub async fn leader_task(&self) -> Result<Task, String> {
+        let leader = self.leader().await?;
+        let tasks = self.tasks(RECONCILER).await?;
+        tasks
+            .iter()
+            .find(|t| !t.container.is_empty() && t.container.starts_with(&leader))
+            .cloned()
+            .ok_or_else(|| format!("leader {leader} is none of the reconciler tasks {tasks:?}"))
+    }
+
+    /// The node of the mongo task that the leader reports as the primary.
+    pub async fn primary_node(&self) -> Result<usize, String> {
+        let status = self.status().await?;
+        let primary = status.primary.ok_or("no primary in the status")?;
+        let ip = primary
+            .rsplit_once(':')
+            .map(|(ip, _)| ip)
+            .unwrap_or_default();
+        self.tasks(MONGO)
+            .await?
+            .into_iter()
+            .find(|t| t.ip == ip)
+            .map(|t| t.node)
+            .ok_or_else(|| format!("the primary {primary} is no running mongo task"))
+    }
+
+    /// Readies a manager-loss test and names the manager to lose: the node of the reconciler
+    /// leader, which must be a manager (each manager holds a store member), and where that can
+    /// be had one with the primary, or at least with a mongo task. While the leader runs on a
+    /// worker, or the other reconciler replica runs on a manager that is a better choice, the
+    /// leader's task is removed (`docker rm -f`) so that the other replica leads; at most
+    /// `tries` times. Returns the plan.
+    pub async fn arrange_manager_loss(&self, tries: usize) -> Result<ManagerLoss, String> {
+        for _ in 0..=tries {
+            let leading = wait_for("a reconciler leader", Duration::from_secs(60), || {
+                self.leader_task()
+            })
+            .await;
+            let primary = self.primary_node().await?;
+            let mongo_nodes: BTreeSet<usize> =
+                self.tasks(MONGO).await?.iter().map(|t| t.node).collect();
+            // a manager with the primary first, then one with a mongo task
+            let worth =
+                |n: usize| 2 * usize::from(n == primary) + usize::from(mongo_nodes.contains(&n));
+            let others: Vec<usize> = self
+                .tasks(RECONCILER)
+                .await?
+                .into_iter()
+                .filter(|t| t.id != leading.id)
+                .map(|t| t.node)
+                .collect();
+            let on_manager = self.swarm.is_manager(leading.node);
+            let better = others
+                .iter()
+                .any(|&n| self.swarm.is_manager(n) && worth(n) > worth(leading.node));
+            if on_manager && !better {
+                let node = leading.node;
+                let store_members = self
+                    .store_member_nodes()
+                    .await?
+                    .into_iter()
+                    .filter(|(_, n)| *n == node)
+                    .map(|(s, _)| s)
+                    .collect();
+                return Ok(ManagerLoss {
+                    node,
+                    leader: leading,
+                    primary_there: primary == node,
+                    store_members,
+                });
+            }
+            eprintln!(
+                "[stack] the leader {} runs on dnode{} (primary on dnode{primary}): removing it so \
+                 that the other replica leads",
+                leading.container, leading.node
+            );
+            self.swarm
+                .node(leading.node)
+                .docker(&["rm", "-f", &leading.container])
+                .await?;
+            let old = leading.container.clone();
+            wait_for(
+                "another reconciler to lead",
+                Duration::from_secs(120),
+                || async {
+                    let t = self.leader_task().await?;
+                    if t.container == old {
+                        Err(format!("still {}", t.container))
+                    } else {
+                        Ok(())
+                    }
+                },
+            )
+            .await;
+        }
+        Err(format!(
+            "no reconciler leader on a manager after {tries} moves"
+        ))
     }
 
     // ------------------------------------------------------------ updates, volumes, placement
@@ -941,12 +1188,11 @@ impl Deployment {
     /// Reads `id` with read concern majority through the URI, from the probe container.
     pub async fn probe_read(&self, id: &str) -> Result<Value, String> {
         let cmd = ["exec", PROBE, "replset-demo-app", "read", id, "--wait", "5"];
-        let out = match tokio::time::timeout(Duration::from_secs(30), self.manager().docker(&cmd))
-            .await
-        {
-            Ok(r) => r?,
-            Err(_) => return Err(format!("reading {id} timed out")),
-        };
+        let out =
+            match tokio::time::timeout(Duration::from_secs(30), self.probe().docker(&cmd)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(format!("reading {id} timed out")),
+            };
         serde_json::from_str(&out).map_err(|e| format!("read printed {out:?}: {e}"))
     }
 
