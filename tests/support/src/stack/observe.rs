@@ -27,6 +27,10 @@ const WRITE_PAUSE: Duration = Duration::from_millis(700);
 /// `docker exec` per task, all at once).
 const POLL_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long [`Deployment::observe`] goes on writing after its step, until a write is
+/// acknowledged again.
+const AFTER_STEP: Duration = Duration::from_secs(120);
+
 /// One `w: "majority"` write of the writer.
 #[derive(Debug, Clone)]
 pub struct WriteSeen {
@@ -315,10 +319,23 @@ impl Deployment {
             done.set(true);
             v
         };
+        // The writer goes on after the step until one write is acknowledged again (or
+        // AFTER_STEP has passed): a step ends when the set takes writes, not only when its
+        // members are back, and the step's own checks may pass before the writer's client has
+        // found the new primary.
+        let finished = Cell::new(false);
         let writer = async {
-            let mut writes = Vec::new();
+            let mut writes: Vec<WriteSeen> = Vec::new();
             let mut n = 0;
-            while !done.get() {
+            let mut done_at = None;
+            loop {
+                if done.get() {
+                    let at = *done_at.get_or_insert_with(|| start.elapsed());
+                    let acked_after = writes.iter().any(|w| w.ok && w.at >= at);
+                    if acked_after || start.elapsed() >= at + AFTER_STEP {
+                        break;
+                    }
+                }
                 n += 1;
                 let id = format!("{label}-{n}");
                 let r = self.probe_write(&id).await;
@@ -330,12 +347,13 @@ impl Deployment {
                 });
                 tokio::time::sleep(WRITE_PAUSE).await;
             }
+            finished.set(true);
             writes
         };
         let poller = async {
             let mut rounds = Vec::new();
             let mut configs = BTreeMap::new();
-            while !done.get() {
+            while !finished.get() {
                 let at = start.elapsed();
                 if let Ok(tasks) = self.tasks_in(MONGO, &["starting", "running"]).await {
                     let answers =
