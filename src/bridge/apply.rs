@@ -67,6 +67,9 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 if self.config.deregister == Deregister::OnSuccess
                     && event.exit_code.is_some_and(|c| c != 0)
                 {
+                    if self.retained.contains_key(&event.container_id) {
+                        return;
+                    }
                     if let Some(records) = self.published.get(&event.container_id) {
                         self.retained
                             .insert(event.container_id.clone(), records.clone());
@@ -85,10 +88,15 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                     self.retained.remove(&c.id);
                     self.records_of(&c)
                 }
-                Ok(Some(c)) => match self.retained.get(&c.id) {
-                    Some(kept) => kept.clone(),
-                    None => Vec::new(),
-                },
+                Ok(Some(c)) => {
+                    // The engine may report the exit (a network `disconnect`, a `kill`)
+                    // before its `die` event: keep a failed container's records already.
+                    self.keep_if_failed(&c);
+                    match self.retained.get(&c.id) {
+                        Some(kept) => kept.clone(),
+                        None => Vec::new(),
+                    }
+                }
                 Ok(None) => {
                     self.retained.remove(&event.container_id);
                     Vec::new()
@@ -243,6 +251,26 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         .emit(&self.metrics);
     }
 
+    /// Under `--deregister on-success`, keeps the published records of a container that has
+    /// stopped with a failure, whichever report of its exit comes first.
+    fn keep_if_failed(&mut self, c: &ContainerInfo) {
+        if self.config.deregister != Deregister::OnSuccess
+            || c.running
+            || c.exit_code.is_none_or(|code| code == 0)
+            || self.retained.contains_key(&c.id)
+        {
+            return;
+        }
+        if let Some(records) = self.published.get(&c.id) {
+            self.retained.insert(c.id.clone(), records.clone());
+            FailedContainerKept {
+                container_id: &c.id,
+                exit_code: c.exit_code,
+            }
+            .emit(&self.metrics);
+        }
+    }
+
     /// Lists the engine and the store and makes this node's records equal to the engine.
     pub(super) async fn full_sync(&mut self, put_all: bool) -> Result<(), SyncError> {
         let started = Instant::now();
@@ -271,18 +299,8 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 .cloned()
                 .collect();
             for id in stopped {
-                let Ok(Some(c)) = self.engine.inspect(&id).await else {
-                    continue;
-                };
-                if !c.running && c.exit_code.is_some_and(|code| code != 0) {
-                    if let Some(records) = self.published.get(&id) {
-                        self.retained.insert(id.clone(), records.clone());
-                    }
-                    FailedContainerKept {
-                        container_id: &id,
-                        exit_code: c.exit_code,
-                    }
-                    .emit(&self.metrics);
+                if let Ok(Some(c)) = self.engine.inspect(&id).await {
+                    self.keep_if_failed(&c);
                 }
             }
         }

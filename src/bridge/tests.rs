@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::container::ContainerInfo;
 use crate::engine::fake::{web_container, FakeEngine};
+use crate::engine::EventKind;
 use crate::metrics::{CauseLabel, ResultLabel};
 
 const TTL: Duration = Duration::from_secs(15);
@@ -383,6 +384,27 @@ async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_resyn
     r.engine.die(&failing.id, 3);
     tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
     assert!(r.has_record(&failing.id), "and so does the late event");
+    r.remove(&failing.id).await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_disconnect() {
+    let failing = web_container("web1", [172, 17, 0, 5]);
+    let r = Running::with(&[&failing], config(Deregister::OnSuccess)).await;
+    assert!(r.has_record(&failing.id));
+    // The engine takes the exited container off its networks before it reports `die`.
+    r.engine.exit_quietly(&failing.id, 3);
+    r.engine
+        .send(&failing.id, "disconnect", EventKind::Refresh, None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        r.has_record(&failing.id),
+        "an event that finds the container failed keeps its records"
+    );
+    r.engine.die(&failing.id, 3);
+    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
+    assert!(r.has_record(&failing.id), "and so does the late die event");
     r.remove(&failing.id).await;
     r.stop().await;
 }

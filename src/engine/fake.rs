@@ -70,7 +70,13 @@ impl FakeEngine {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send(&self, container_id: &str, action: &str, kind: EventKind, exit_code: Option<i64>) {
+    pub(crate) fn send(
+        &self,
+        container_id: &str,
+        action: &str,
+        kind: EventKind,
+        exit_code: Option<i64>,
+    ) {
         let time_nano = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
