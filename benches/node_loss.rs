@@ -15,9 +15,9 @@
 //! - `whole`: every slot runs on a live node and the replica set equals those tasks again
 //!   (records expired, tasks rescheduled, members moved to their new hosts, votes back).
 //!
-//! `--lose manager` (etcd only: its 3 members run on 3 managers): a swarm of 3 managers and 1
-//! worker; the manager killed is the one with the reconciler leader (each manager holds a store
-//! member), and the primary's where that can be arranged (see
+//! `--lose manager`: a swarm of 3 managers and 1 worker (each manager holds one of the store's
+//! 3 members: an etcd member or a Consul server); the manager killed is the one with the
+//! reconciler leader, and the primary's where that can be arranged (see
 //! `Deployment::arrange_manager_loss`); the probe runs on another manager. It also reports
 //! `store`, the first write through each of the two members left that both read back (the
 //! store's quorum, kept or regained), and `leader`, the other reconciler leading.
@@ -72,9 +72,6 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if args.manager && args.store != Store::Etcd {
-        return Err("--lose manager needs --store etcd (the Consul stack has one agent)".into());
-    }
     Ok(args)
 }
 
@@ -90,9 +87,9 @@ struct Run {
 }
 
 /// A manager lost: the one with the reconciler leader and a store member.
-async fn manager_run() -> Run {
+async fn manager_run(store: Store) -> Run {
     let swarm = Swarm::up_with_managers(4, 3).await;
-    let d = Deployment::deploy(swarm, Store::Etcd, "30s").await;
+    let d = Deployment::deploy(swarm, store, "30s").await;
     d.wait_converged(3, "deploy").await;
     let plan = d
         .arrange_manager_loss(3)
@@ -246,7 +243,7 @@ async fn main() {
     for i in 1..=args.runs {
         eprintln!("[node-loss] run {i}/{} ({:?})", args.runs, args.store);
         runs.push(if args.manager {
-            manager_run().await
+            manager_run(args.store).await
         } else {
             one_run(args.store).await
         });

@@ -1,14 +1,13 @@
 //! End to end: the whole system as swarm services, deployed from `compose/stack.yml` (etcd) and
 //! `compose/stack.consul.yml` (Consul) on Docker-in-Docker nodes from `scripts/swarm-nodes`,
 //! with the offline images of `scripts/images` (the replica-set simulator in place of mongod).
-//! etcd: 3 managers (each holds one member of the 3-member etcd cluster) and 1 worker; Consul
-//! (one agent, pinned to the manager): 1 manager and 2 workers.
+//! Both on 3 managers (each holds one member of the store's cluster: an etcd member, or a
+//! Consul server beside the Consul agent that every node runs) and 1 worker.
 //!
 //! One walk-through per store of what operators do and what goes wrong in production: scaling
 //! with `replset-reconciler scale`, a task removed by hand, the reconciler leader killed, the
-//! bridge service removed and re-deployed, and a node lost: with etcd a manager, the one with
-//! a store member, the reconciler leader and (where it can be arranged) the primary; with
-//! Consul a worker, the primary's where it runs on one. After each step the replica
+//! bridge service removed and re-deployed, and a manager lost: the one with a store member,
+//! the reconciler leader and (where it can be arranged) the primary. After each step the replica
 //! set (as the leader reports it from the primary) equals the service's running tasks, the URI
 //! in the store lists exactly them, and a `w: "majority"` write made at the start is still
 //! readable through that URI from the example application's container on the overlay network.
@@ -47,11 +46,8 @@ async fn assert_start_doc_readable(d: &Deployment, after: &str) {
 }
 
 async fn walk_through(store: Store) {
-    let swarm = match store {
-        // a manager can be lost: the swarm keeps its raft quorum, etcd its own
-        Store::Etcd => Swarm::up_with_managers(4, 3).await,
-        Store::Consul => Swarm::up(3).await,
-    };
+    // a manager can be lost: the swarm keeps its raft quorum, the store its own
+    let swarm = Swarm::up_with_managers(4, 3).await;
     // Up to 5 members on 3 or 4 nodes: several per node, a volume per slot.
     let mut options = StackOptions::new(REMOVAL_GRACE);
     options.several_per_node = true;
@@ -75,6 +71,27 @@ async fn walk_through(store: Store) {
         "the bridge mounts the socket: {mounts}"
     );
     let initial = d.wait_converged(3, "deploy").await;
+    if store == Store::Consul {
+        // Each bridge registers its node's tasks with its own node's agent.
+        wait_for(
+            "each mongo task in the catalog under its own node",
+            Duration::from_secs(60),
+            || async {
+                let tasks = d.tasks(MONGO).await?;
+                let want: BTreeSet<String> = tasks
+                    .iter()
+                    .map(|t| d.swarm.node(t.node).hostname())
+                    .collect();
+                let got = d.catalog_nodes(MONGO).await?;
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("catalog nodes {got:?}, task nodes {want:?}"))
+                }
+            },
+        )
+        .await;
+    }
     wait_for(
         "a w: majority write through the URI",
         Duration::from_secs(90),
@@ -213,10 +230,7 @@ async fn walk_through(store: Store) {
     assert_eq!(after, before, "the bridge flap changed the replica set");
     assert_start_doc_readable(&d, "bridge re-deployed").await;
 
-    match store {
-        Store::Etcd => lose_a_manager(&d).await,
-        Store::Consul => lose_a_worker(&d, store).await,
-    }
+    lose_a_manager(&d).await;
 
     // --- after all of it, no secret is in any log, any service's spec, or the store.
     let leaked = d
@@ -228,69 +242,7 @@ async fn walk_through(store: Store) {
     d.swarm.down().await;
 }
 
-async fn lose_a_worker(d: &Deployment, store: Store) {
-    // --- lose a worker node: the one with the primary where the primary is on a worker
-    // A probe on the manager (never lost) writes through the URI, as a new client would.
-    d.start_probe().await;
-    let tasks = d.tasks(MONGO).await.expect("tasks");
-    let (lost, had_primary) = d.worker_to_lose().await.expect("a worker to lose");
-    let lost_slots: BTreeSet<i64> = tasks
-        .iter()
-        .filter(|t| t.node == lost)
-        .map(|t| t.slot)
-        .collect();
-    let before_loss = d
-        .check_converged(3)
-        .await
-        .expect("converged before the loss");
-    d.swarm.kill_node(lost).await;
-    let lost_at = Instant::now();
-    eprintln!("[e2e {store:?}] killed node dnode{lost} (slots {lost_slots:?}, primary there: {had_primary})");
-
-    let mut k = 0;
-    let primary_back = wait_for(
-        "a primary (a w: majority write through the URI)",
-        CONVERGE,
-        || {
-            k += 1;
-            let id = format!("after-loss-{k}");
-
-            async move { d.probe_write(&id).await.map(|()| lost_at.elapsed()) }
-        },
-    )
-    .await;
-    // Until the manager sees the node down, it still lists the lost tasks as running: wait for
-    // every slot to run on a live node, and for the set to equal those tasks.
-    let whole = wait_for(
-        "the lost slots to run elsewhere and the set to follow them",
-        CONVERGE,
-        || async {
-            let tasks = d.tasks(MONGO).await?;
-            if let Some(t) = tasks.iter().find(|t| t.node == lost) {
-                return Err(format!("task {} still on the lost node", t.id));
-            }
-            d.check_converged(3).await
-        },
-    )
-    .await;
-    let whole_after = lost_at.elapsed();
-    for slot in &lost_slots {
-        assert_ne!(
-            whole.members.get(slot),
-            before_loss.members.get(slot),
-            "slot {slot} was on the lost node and must have moved to a new host"
-        );
-    }
-    eprintln!(
-        "[e2e {store:?}] node loss: a primary took writes after {:.1}s; the set equalled the tasks again \
-         after {:.1}s",
-        primary_back.as_secs_f64(),
-        whole_after.as_secs_f64()
-    );
-    assert_start_doc_readable(d, "node lost").await;
-}
-
-/// A manager lost (etcd, 3 managers + 1 worker): the one that holds a store member and the
+/// A manager lost (3 managers + 1 worker): the one that holds a store member and the
 /// reconciler leader, and the primary where that could be arranged. The store keeps its quorum
 /// (every key readable and writable through the two members left), the other reconciler
 /// leads, the lost tasks run elsewhere, the set equals the tasks again, and every write
@@ -338,9 +290,9 @@ async fn lose_a_manager(d: &Deployment) {
     d.swarm.kill_node(lost).await;
     let lost_at = Instant::now();
     eprintln!(
-        "[e2e Etcd] killed manager dnode{lost}: store members {:?}, reconciler leader {}, \
+        "[e2e {:?}] killed manager dnode{lost}: store members {:?}, reconciler leader {}, \
          slots {lost_slots:?}, primary there: {}",
-        plan.store_members, plan.leader.container, plan.primary_there
+        d.store, plan.store_members, plan.leader.container, plan.primary_there
     );
 
     // The store: 2 of 3 members are a quorum; a write through each is read through both.
@@ -414,8 +366,9 @@ async fn lose_a_manager(d: &Deployment) {
         );
     }
     eprintln!(
-        "[e2e Etcd] manager loss: the store took writes after {:.1}s; {} leads after {:.1}s; a \
+        "[e2e {:?}] manager loss: the store took writes after {:.1}s; {} leads after {:.1}s; a \
          primary took writes after {:.1}s; the set equalled the tasks again after {:.1}s",
+        d.store,
         store_at.as_secs_f64(),
         new_leader.0.container,
         new_leader.1.as_secs_f64(),

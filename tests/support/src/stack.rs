@@ -36,6 +36,9 @@ pub const STACK: &str = "e2e";
 pub const MONGO: &str = "e2e_mongo";
 /// The stack's overlay network.
 pub const NETWORK: &str = "e2e_replset";
+/// What one-off containers get, as the stack's services do: the name of their node, where the
+/// Consul stack's agent listens (`consul://host.docker.internal:8500/...`).
+const NODE_HOST: &str = "host.docker.internal:host-gateway";
 /// The leader-elected reconciler service of the stack.
 pub const RECONCILER: &str = "e2e_reconciler";
 /// How long one step may take to converge; generous, as the machine is shared.
@@ -73,25 +76,26 @@ impl Store {
     pub fn backend(self) -> &'static str {
         match self {
             Store::Etcd => "etcd://etcd1:2379,etcd2:2379,etcd3:2379/registrator",
-            Store::Consul => "consul://consul:8500/registrator",
+            Store::Consul => "consul://host.docker.internal:8500/registrator",
         }
     }
 
-    /// The store's services, one per member for etcd (each pinned by the node label
-    /// `registrator.<member>=true`, see [`Store::member_label`]).
+    /// The store's members, one service each (each pinned by the node label
+    /// `registrator.<member>=true`, see [`Store::member_label`]): etcd's members, Consul's
+    /// servers (the Consul agent on every node is the service `e2e_consul-agent`).
     pub fn services(self) -> &'static [&'static str] {
         match self {
             Store::Etcd => &["e2e_etcd1", "e2e_etcd2", "e2e_etcd3"],
-            Store::Consul => &["e2e_consul"],
+            Store::Consul => &["e2e_consul1", "e2e_consul2", "e2e_consul3"],
         }
     }
 
-    /// The node label that places the store's member `k` (1-based), if members are placed by
-    /// labels: `registrator.etcd<k>`.
-    pub fn member_label(self, k: usize) -> Option<String> {
+    /// The node label that places the store's member `k` (1-based): `registrator.etcd<k>`
+    /// or `registrator.consul<k>`.
+    pub fn member_label(self, k: usize) -> String {
         match self {
-            Store::Etcd => Some(format!("registrator.etcd{k}")),
-            Store::Consul => None,
+            Store::Etcd => format!("registrator.etcd{k}"),
+            Store::Consul => format!("registrator.consul{k}"),
         }
     }
 
@@ -301,9 +305,7 @@ impl Deployment {
     /// operator does before deploying (compose/stack.yml). Run again after a repair.
     pub async fn label_store_nodes(&self) {
         for k in 1..=self.store.services().len() {
-            let Some(label) = self.store.member_label(k) else {
-                continue;
-            };
+            let label = self.store.member_label(k);
             let host = self.swarm.node(self.store_member_home(k)).hostname();
             self.manager()
                 .docker(&[
@@ -485,7 +487,7 @@ impl Deployment {
     /// Through every store member that runs on a live node, one by one: writes `key` = `value`
     /// with that member's own client, then reads the key back through every such member. Ok
     /// with the members that answered, once all of them did: the store has a quorum and every
-    /// live member serves it. (etcd only: Consul's single agent has no members to compare.)
+    /// live member serves it.
     pub async fn check_store_quorum(&self, key: &str, value: &str) -> Result<Vec<String>, String> {
         let lost = self.swarm.lost();
         let mut live = Vec::new();
@@ -547,6 +549,21 @@ impl Deployment {
             }
             Store::Consul => self.store_exec(&["consul", "kv", "get", key]).await,
         }
+    }
+
+    /// Consul: the nodes whose agents hold the catalog services of `service` (the stack names
+    /// each agent after its swarm node's hostname).
+    pub async fn catalog_nodes(&self, service: &str) -> Result<BTreeSet<String>, String> {
+        let out = self
+            .store_exec(&["consul", "catalog", "nodes", "-service", service])
+            .await?;
+        // a header line (Node ID Address DC), then one line per node
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect())
     }
 
     /// How many records of the mongo service the store holds.
@@ -714,6 +731,8 @@ impl Deployment {
                 "0",
                 "--network",
                 NETWORK,
+                "--add-host",
+                NODE_HOST,
                 "-v",
                 "/var/run/docker.sock:/var/run/docker.sock",
                 "local/replset-reconciler",
@@ -789,6 +808,8 @@ impl Deployment {
                 "0",
                 "--network",
                 NETWORK,
+                "--add-host",
+                NODE_HOST,
                 "--env",
                 &format!("DEMO_BACKEND={}", self.store.backend()),
                 "--env",
@@ -820,6 +841,8 @@ impl Deployment {
                 "--rm",
                 "--network",
                 NETWORK,
+                "--add-host",
+                NODE_HOST,
                 "local/replset-demo-app",
                 self.store.backend(),
                 "--database",
