@@ -2,11 +2,10 @@
 //! `--force-after`, debounce, leadership loss and fencing. The store is backend-memory's
 //! in-memory store (sessions, watches and elections on tokio's clock); the MongoDB side is
 //! [`FakeSet`], a small fake of the reconciler's [`ReplSetClient`] that answers from a config
-//! and a set of members
-//! that are down and installs whatever step it is given. What the real server does with a step
-//! is the scenarios' business (tests/scenarios, against the simulator); here only *when* the
-//! controller acts is tested. Assertions are on the controller's metrics and on the steps the
-//! fake received, never on log lines.
+//! and a set of members that are down and installs whatever step it is given. What the real
+//! server does with a step is the scenarios' business (tests/scenarios, against the
+//! simulator); here only *when* the controller acts is tested. Assertions are on the
+//! controller's metrics and on the steps the fake received, never on log lines.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
