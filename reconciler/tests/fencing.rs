@@ -21,9 +21,9 @@
 //! machine; the paused tests (tests/paused.rs) show each alone: a step withheld when the
 //! lease has too little time left, a write refused by the store after the lease expired.
 //!
-//! `cargo test -p replset-reconciler --test fencing`: about 12 s for etcd and 25 s for Consul
-//! (run in parallel), most of it the TTL and, for Consul, the up to 2 x TTL the server takes
-//! to end a session.
+//! `cargo test -p replset-reconciler --test fencing`: 12 to 16 s for etcd and 21 to 25 s for
+//! Consul (run in parallel), most of it the TTL and, for Consul, the up to 2 x TTL the server
+//! takes to end a session.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
