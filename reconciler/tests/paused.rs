@@ -1,18 +1,22 @@
 //! The controller's timing, with paused time (`tokio::time::pause`): removal grace,
-//! `--force-after`, debounce and leadership loss. The store is backend-memory's in-memory store
-//! (sessions, watches and elections on tokio's clock); the MongoDB side is [`FakeSet`], a small
-//! fake of the reconciler's [`ReplSetClient`] that answers from a config and a set of members
-//! that are down and installs whatever step it is given. What the real server does with a step
-//! is the scenarios' business (tests/scenarios, against the simulator); here only *when* the
-//! controller acts is tested. Assertions are on the controller's metrics and on the steps the
-//! fake received, never on log lines.
+//! `--force-after`, debounce, leadership loss and fencing. The store is backend-memory's
+//! in-memory store (sessions, watches and elections on tokio's clock); the MongoDB side is
+//! [`FakeSet`], a small fake of the reconciler's [`ReplSetClient`] that answers from a config
+//! and a set of members that are down and installs whatever step it is given. What the real
+//! server does with a step is the scenarios' business (tests/scenarios, against the
+//! simulator); here only *when* the controller acts is tested. Assertions are on the
+//! controller's metrics and on the steps the fake received, never on log lines.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backend_core::{KeyLayout, Publisher, ReplSetStatus, ServiceKey};
+use backend_core::{
+    Coordinator, Fence, FenceToken, KeyLayout, LeaseDeadline, Publisher, ReplSetStatus, ServiceKey,
+    Watcher, LEASE_SAFETY_MARGIN,
+};
 use backend_memory::{MemoryCluster, MemoryStore};
+use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use replset_reconciler::metrics::{Metrics, ReasonLabels, SetLabels, StepLabels};
@@ -20,7 +24,8 @@ use replset_reconciler::model::{majority, MemberState};
 use replset_reconciler::mongo::{MongoError, Observed, ReplSetClient};
 use replset_reconciler::records::Selector;
 use replset_reconciler::{
-    Change, ConfigView, Controller, ControllerConfig, MemberConfig, MemberStatus, Observation, Step,
+    reconcile, Change, ConfigView, Context, Controller, ControllerConfig, MemberConfig,
+    MemberStatus, Observation, ReconcileError, Records, SetState, Step,
 };
 use test_support::contract::mongo_task_record;
 use tokio_util::sync::CancellationToken;
@@ -473,4 +478,190 @@ async fn shutdown_resigns_and_stops_everything_the_controller_started() {
     // Resigned at once (not left to the TTL), and the ops server is closed.
     assert_eq!(cluster.holder_of(&key), None);
     assert!(tokio::net::TcpStream::connect(ops).await.is_err());
+}
+
+/// The leader's lease TTL in the fencing tests (the binary's default).
+const FENCE_TTL: Duration = Duration::from_secs(15);
+
+/// The records of members `ids` (slot = id), as the watch would deliver them.
+fn records_of(layout: &KeyLayout, ids: impl IntoIterator<Item = i64>) -> Records {
+    let entries = ids
+        .into_iter()
+        .map(|id| {
+            let r = mongo_task_record(id as u64, &host(id)).expect("record");
+            (layout.service_key(&r.service, &r.id), r.to_json())
+        })
+        .collect();
+    Records {
+        entries,
+        trusted: true,
+        generation: 1,
+    }
+}
+
+fn of_set(family: &Family<SetLabels, Counter>) -> u64 {
+    family.get_or_create(&SetLabels { set: SET.into() }).get()
+}
+
+/// Fencing (safety rule 12), the time side: with the leader key still held, but less time
+/// surely left on the lease than one step can take (no renewal got through, say the process
+/// was paused), the step is withheld; once the lease is renewed, the same step is sent.
+#[tokio::test(start_paused = true)]
+async fn a_step_is_withheld_while_the_lease_has_less_time_left_than_a_step_can_take() {
+    let layout = KeyLayout::new("paused-withheld");
+    let cluster = MemoryCluster::new();
+    let store = Arc::new(cluster.client(layout.clone()));
+    let key = layout.replset_leader_key(SET);
+    let leadership = store
+        .campaign(key.clone(), "a".into(), FENCE_TTL)
+        .await
+        .expect("a leads");
+    // The lease as this process knows it, granted now and not renewed since (the store's
+    // session is renewed meanwhile: the key stays held, only the time runs out).
+    let deadline = LeaseDeadline::new(tokio::time::Instant::now(), FENCE_TTL);
+    let fence = Fence {
+        deadline: deadline.clone(),
+        ..leadership.fence().clone()
+    };
+    let set = FakeSet::voting(3);
+    let config = config(&layout, "a", None);
+    let metrics = config.metrics.clone();
+    let ctx = Context {
+        store,
+        members: set.clone(),
+        config,
+    };
+    // Member 4 has a record: the plan is to add it.
+    let records = records_of(&layout, 1..=4);
+    let mut state = SetState::new(SET);
+
+    // A millisecond less left than a step can take.
+    let step_timeout = set.step_timeout();
+    tokio::time::sleep(FENCE_TTL - LEASE_SAFETY_MARGIN - step_timeout + Duration::from_millis(1))
+        .await;
+    assert!(fence.valid_for() < step_timeout, "{:?}", fence.valid_for());
+    reconcile(&mut state, &records, &ctx, &fence)
+        .await
+        .expect("a reconcile that withholds its step is not an error");
+    assert_eq!(of_set(&metrics.steps_withheld), 1);
+    assert!(set.applied().is_empty(), "sent: {:?}", set.applied());
+    assert_eq!(applied(&metrics, "add"), 0);
+    assert_eq!(holder(&cluster, &key), store_session(&leadership));
+
+    // Renewed: a whole TTL ahead, the same step goes out.
+    deadline.renewed(tokio::time::Instant::now());
+    reconcile(&mut state, &records, &ctx, &fence)
+        .await
+        .expect("the step is sent");
+    assert_eq!(applied(&metrics, "add"), 1);
+    assert_eq!(set.applied().len(), 1, "{:?}", set.applied());
+    assert_eq!(of_set(&metrics.steps_withheld), 1);
+    assert_eq!(of_set(&metrics.writes_fenced), 0);
+    leadership.resign().await;
+}
+
+/// The session in a leadership's fence (the in-memory store's token).
+fn store_session(leadership: &backend_core::Leadership) -> Option<String> {
+    match &leadership.fence().token {
+        FenceToken::Session(id) => Some(id.clone()),
+        FenceToken::CreateRevision(_) => None,
+    }
+}
+
+/// The session that holds `key` now.
+fn holder(cluster: &MemoryCluster, key: &str) -> Option<String> {
+    cluster.holder_of(key).map(|id| id.to_string())
+}
+
+/// Fencing, the store side: a leader whose lease expired while it was not running (paused,
+/// SIGSTOP) and that has not noticed yet writes as leader; the store refuses each write (the
+/// leader key is another's now), the reconcile says so ([`ReconcileError::Fenced`]: stop
+/// acting), no step is sent, and nothing under the set's keys changes: the new leader's
+/// connection string and status stay.
+#[tokio::test(start_paused = true)]
+async fn a_write_after_the_lease_expired_is_fenced_and_leaves_the_store_unchanged() {
+    let layout = KeyLayout::new("paused-fenced");
+    let cluster = MemoryCluster::new();
+    let key = layout.replset_leader_key(SET);
+    let store_a = Arc::new(cluster.client(layout.clone()));
+    let leadership_a = store_a
+        .campaign(key.clone(), "a".into(), FENCE_TTL)
+        .await
+        .expect("a leads");
+    // a stops: nothing renews its session (its renewal task is gone; its fence is all that is
+    // left), and the store ends the session after the TTL.
+    let fence_a = leadership_a.fence().clone();
+    drop(leadership_a);
+    tokio::time::sleep(FENCE_TTL + Duration::from_secs(1)).await;
+    assert_eq!(holder(&cluster, &key), None, "a's session expired");
+
+    // b leads and publishes the set's outputs.
+    let set = FakeSet::voting(3);
+    let store_b = Arc::new(cluster.client(layout.clone()));
+    let leadership_b = store_b
+        .campaign(key.clone(), "b".into(), FENCE_TTL)
+        .await
+        .expect("b leads");
+    let config_b = config(&layout, "b", None);
+    let ctx_b = Context {
+        store: store_b.clone(),
+        members: set.clone(),
+        config: config_b,
+    };
+    reconcile(
+        &mut SetState::new(SET),
+        &records_of(&layout, 1..=3),
+        &ctx_b,
+        leadership_b.fence(),
+    )
+    .await
+    .expect("b publishes");
+    let outputs = [
+        layout.replset_uri_key(SET),
+        layout.replset_status_key(SET),
+        layout.replset_identity_key(SET),
+    ];
+    let before: Vec<Option<Vec<u8>>> = outputs.iter().map(|k| cluster.get(k)).collect();
+    assert!(before[0].is_some() && before[1].is_some(), "b published");
+
+    // Every write from now on, even one of the same bytes.
+    let mut writes = store_b.watch_prefix(format!("{}/replsets/{SET}/", layout.prefix()));
+    assert!(matches!(
+        writes.next().await,
+        Some(Ok(backend_core::WatchEvent::Restarted(_)))
+    ));
+
+    // a runs again with what it knew: its records (member 4 published since, it thinks) and
+    // its old fence.
+    let config_a = config(&layout, "a", None);
+    let metrics_a = config_a.metrics.clone();
+    let ctx_a = Context {
+        store: store_a,
+        members: set.clone(),
+        config: config_a,
+    };
+    let outcome = reconcile(
+        &mut SetState::new(SET),
+        &records_of(&layout, 1..=4),
+        &ctx_a,
+        &fence_a,
+    )
+    .await;
+    assert!(
+        matches!(outcome, Err(ReconcileError::Fenced { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(of_set(&metrics_a.writes_fenced), 1);
+    assert_eq!(
+        of_set(&metrics_a.steps_withheld),
+        1,
+        "its lease had no time left"
+    );
+    assert!(set.applied().is_empty(), "sent: {:?}", set.applied());
+    let after: Vec<Option<Vec<u8>>> = outputs.iter().map(|k| cluster.get(k)).collect();
+    assert_eq!(after, before);
+    let written = tokio::time::timeout(Duration::from_secs(1), writes.next()).await;
+    assert!(written.is_err(), "a wrote: {written:?}");
+    assert_eq!(holder(&cluster, &key), store_session(&leadership_b));
+    leadership_b.resign().await;
 }
