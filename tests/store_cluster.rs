@@ -643,6 +643,7 @@ async fn the_set_keeps_serving_while_the_store_is_down_and_both_resume_after() {
     s.scale(3).await;
     s.converged("3 members after a change made once the store is back")
         .await;
+    eprintln!("--- bridge log ---\n{}", tail(&bridge.log_text()));
 }
 
 /// The last lines of a log, for the test's output.
