@@ -53,14 +53,12 @@ const OUTAGE: Duration = Duration::from_secs(20);
 /// The two tests share one engine and two cores: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Where the reconciler's log goes (one file per test process; both tests write to it).
+/// Where the reconciler's log goes: one file in cargo's scratch directory for integration
+/// tests (`target/tmp`), made anew by each run; both tests write to it, one after the other.
 fn reconciler_log() -> &'static PathBuf {
     static LOG: OnceLock<PathBuf> = OnceLock::new();
     LOG.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!(
-            "swarm-registrator-store-cluster-{}-reconciler.log",
-            std::process::id()
-        ));
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("store_cluster-reconciler.log");
         let file = std::fs::File::create(&path).expect("the reconciler's log file");
         let filter = tracing_subscriber::EnvFilter::new("info,replset_reconciler=debug");
         let _ = tracing_subscriber::fmt()
