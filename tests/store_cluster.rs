@@ -16,6 +16,11 @@
 //!   the bridge publishes again, the reconciler adds that member, then applies a change made
 //!   after.
 //!
+//! The reconciler runs in the test process (the library's `Controller`, which is all the
+//! binary's `run` does after parsing its flags): a root-crate test has no `CARGO_BIN_EXE_` for
+//! another package's binary, and building it from here rebuilds shared dependencies with other
+//! features on every run.
+//!
 //! Needs the shared Docker engine in swarm mode (`scripts/services up`), the `local/mongo-sim`
 //! image (`scripts/images`) and `etcd` (`ETCD_BIN`). docs/operations.md ("When the store is
 //! down") describes what these tests show.
