@@ -535,6 +535,27 @@ impl PrivateEtcdCluster {
         self.wait_answers(i).await;
     }
 
+    /// Kills every member (SIGKILL): the whole store down.
+    pub async fn kill_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i).await;
+        }
+    }
+
+    /// Starts every member that is not running again, on its ports and data, and waits until
+    /// each answers with a leader (after [`PrivateEtcdCluster::kill_all`]: members started one
+    /// at a time could not elect a leader before a majority runs).
+    pub async fn restart_all(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.spawn(i);
+            }
+        }
+        for i in 0..self.members.len() {
+            self.wait_answers(i).await;
+        }
+    }
+
     /// The index of the member that leads now, as the members that answer see it (the
     /// maintenance status API); waits until one is known (an election may be under way).
     pub async fn leader(&self) -> usize {
