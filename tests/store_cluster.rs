@@ -55,7 +55,8 @@ const HANG: Duration = Duration::from_secs(15);
 /// reconciler's leader TTL (10 s), so that both lose what they held.
 const OUTAGE: Duration = Duration::from_secs(20);
 
-/// The two tests share one engine and two cores: one at a time.
+/// The two tests share one engine and two cores: one at a time (under `cargo test`; `cargo
+/// nextest` runs each test in its own process, and .config/nextest.toml groups them).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where the reconciler's log goes: one file in cargo's scratch directory for integration
