@@ -285,10 +285,11 @@ pub enum SessionRenewal<'a> {
     Lost {
         store: &'static str,
     },
-    /// The renewal failed (the store is unreachable); retried at the next tick.
+    /// The renewal failed (the store is unreachable); retried after `retry_in`.
     Failed {
         store: &'static str,
         error: &'a dyn std::error::Error,
+        retry_in: std::time::Duration,
     },
 }
 
@@ -303,9 +304,13 @@ impl InternalEvent for SessionRenewal<'_> {
                 );
                 "lost"
             }
-            SessionRenewal::Failed { store, error } => {
+            SessionRenewal::Failed {
+                store,
+                error,
+                retry_in,
+            } => {
                 metrics.backend_error("renew");
-                tracing::warn!(store, error = %error, "session renewal failed; retrying at the next tick");
+                tracing::warn!(store, error = %error, retry_in_ms = retry_in.as_millis() as u64, "session renewal failed; retrying soon");
                 "error"
             }
         };

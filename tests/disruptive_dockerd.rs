@@ -129,7 +129,10 @@ esac
     assert_ne!(before.trim(), after.trim(), "dockerd was restarted");
     assert!(said.contains("restarted by systemd"), "{said}");
     let calls = std::fs::read_to_string(&calls).expect("the stand-in was called");
-    assert!(calls.lines().any(|l| l == "restart docker.service"), "{calls}");
+    assert!(
+        calls.lines().any(|l| l == "restart docker.service"),
+        "{calls}"
+    );
     let info = tokio::process::Command::new("docker")
         .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])
         .output()

@@ -4,7 +4,8 @@
 //!
 //! * a Docker event: inspect that one container and write the difference;
 //! * the renewal tick (TTL/3): renew the lease; if it is lost, open a new one and write every
-//!   record again;
+//!   record again; a failed renewal is tried again after 1 s, and the first one that succeeds
+//!   after it (the store is back) runs a pending repair at once instead of after its backoff;
 //! * the resync tick (`--resync`), and a repair after any failed write: list the engine and the
 //!   store and make the store equal to the engine, deleting this node's records that no
 //!   container backs;
@@ -25,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use backend_core::keepalive::RETRY_AFTER_FAILURE;
 use backend_core::{BackendError, Backoff, NodeRecord, Publisher, ServiceRecord};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -266,6 +268,8 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         let mut repair_at: Option<tokio::time::Instant> = None;
         // Whether the next sync must write every record (a new session).
         let mut put_all = true;
+        // Whether the last renewal failed (the store did not answer).
+        let mut renew_failed = false;
 
         loop {
             tokio::select! {
@@ -325,13 +329,31 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                         Ok(()) => {
                             SessionRenewal::Renewed.emit(&self.metrics);
                             self.health.set_session(true);
+                            if renew_failed {
+                                renew_failed = false;
+                                renew.reset();
+                                // The store answers again: a repair waiting out its backoff
+                                // (up to 15 s) runs now.
+                                if repair_at.is_some() {
+                                    repair_at = Some(tokio::time::Instant::now());
+                                }
+                            }
                         }
                         Err(BackendError::SessionLost { .. } | BackendError::NoSession { .. }) => {
                             SessionRenewal::Lost { store }.emit(&self.metrics);
                             self.health.set_session(false);
+                            renew_failed = false;
                             self.reopen_session(&mut put_all, &mut repair_at).await;
                         }
-                        Err(e) => SessionRenewal::Failed { store, error: &e }.emit(&self.metrics),
+                        Err(e) => {
+                            SessionRenewal::Failed { store, error: &e, retry_in: RETRY_AFTER_FAILURE }
+                                .emit(&self.metrics);
+                            // As the stores' own keep-alives do (Patroni's rule): a failed
+                            // renewal is tried again soon, not a whole TTL/3 later, so that an
+                            // outage or a failover shorter than the TTL keeps the session.
+                            renew_failed = true;
+                            renew.reset_after(RETRY_AFTER_FAILURE);
+                        }
                     }
                 }
 

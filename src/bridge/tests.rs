@@ -432,3 +432,46 @@ async fn a_graceful_stop_leaves_the_records_to_the_ttl_unless_cleanup() {
         }
     }
 }
+
+/// A store outage (or a failover) shorter than the TTL: a failed renewal is tried again after a
+/// second, not a whole TTL/3 later, and once the store answers, the repair that was waiting out
+/// its backoff runs at once, so the node's records are back within a second of the store.
+#[tokio::test(start_paused = true)]
+async fn the_store_back_renews_at_once_and_repairs_without_waiting_out_the_backoff() {
+    const LONG_TTL: Duration = Duration::from_secs(60);
+    let r = Running::with(
+        &[],
+        BridgeConfig {
+            ttl: LONG_TTL,
+            ..config(Deregister::Always)
+        },
+    )
+    .await;
+    // The first renewal (TTL/3 = 20 s) succeeds; then the store goes away for 19.5 s.
+    until("the first renewal", LONG_TTL, || r.renewals("ok") == 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.store.set_unavailable(true);
+    let web = web_container("web1", [172, 17, 0, 5]);
+    r.engine.start(web.clone());
+    until("a renewal fails", LONG_TTL, || r.renewals("error") >= 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!r.has_record(&web.id));
+    let repairs = r.metrics.repairs.get();
+    assert!(repairs >= 4, "repairs backed off meanwhile: {repairs}");
+
+    r.store.set_unavailable(false);
+    until(
+        "a renewal after the outage",
+        Duration::from_millis(1100),
+        || r.renewals("ok") == 2,
+    )
+    .await;
+    r.until_held(
+        "the record, once the store is back",
+        &web.id,
+        Duration::from_millis(1100),
+    )
+    .await;
+    assert_eq!(r.metrics.sessions_opened.get(), 1, "the session was kept");
+    r.stop().await;
+}
