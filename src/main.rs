@@ -272,10 +272,13 @@ async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
     let (node, _) = engine.identity().await?;
     let scanned = scan_engine(&engine, &build_options(cli), &node).await?;
     let mut out = String::new();
-    for (c, records) in scanned {
-        match records {
-            Ok(records) => {
-                for r in records {
+    for (c, built) in scanned {
+        match built {
+            Ok(built) => {
+                for bad in &built.bad_checks {
+                    tracing::warn!(container = %c.name, problem = %bad, "publishing container without its check");
+                }
+                for r in built.records {
                     let key = cli.backend.layout().service_key(&r.service, &r.id);
                     let json = serde_json::to_string(&r)?;
                     out.push_str(&format!("{key} {json}\n"));

@@ -19,7 +19,7 @@ use backend_core::layout::valid_segment;
 use backend_core::ServiceRecord;
 
 use crate::container::ContainerInfo;
-use crate::metadata::Metadata;
+use crate::metadata::{BadCheck, Metadata};
 use plain::plain_records;
 pub use task::parse_port_list;
 use task::task_records;
@@ -93,19 +93,48 @@ pub enum SkipReason {
     },
 }
 
+/// The records of one container, and what of its metadata could not be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Built {
+    pub records: Vec<ServiceRecord>,
+    /// Checks left out of the records (the records are published without them).
+    pub bad_checks: Vec<BadCheck>,
+}
+
 /// The records that publish `c`; empty when it is not running, is paused, or is ignored.
 pub fn build_records(
     c: &ContainerInfo,
     opts: &BuildOptions,
     node: &NodeIdentity,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
+    build(c, opts, node).map(|b| b.records)
+}
+
+/// [`build_records`], with the values that were left out.
+pub fn build(
+    c: &ContainerInfo,
+    opts: &BuildOptions,
+    node: &NodeIdentity,
+) -> Result<Built, SkipReason> {
+    let mut built = Built::default();
     if !c.running || c.paused {
-        return Ok(Vec::new());
+        return Ok(built);
     }
-    if c.label(LABEL_TASK_ID).is_some() {
-        task_records(c, opts, node)
+    built.records = if c.label(LABEL_TASK_ID).is_some() {
+        task_records(c, opts, node, &mut built.bad_checks)?
     } else {
-        plain_records(c, opts, node)
+        plain_records(c, opts, node, &mut built.bad_checks)?
+    };
+    built.bad_checks.dedup();
+    Ok(built)
+}
+
+/// Sets the check of `r` from `meta` (on the record's address and port); a bad one is left
+/// out and noted.
+fn set_check(r: &mut ServiceRecord, meta: &Metadata, bad: &mut Vec<BadCheck>) {
+    match meta.check(r.ip, r.port) {
+        Ok(check) => r.check = check,
+        Err(e) => bad.push(e),
     }
 }
 

@@ -7,9 +7,11 @@ use backend_core::{Protocol, ServiceRecord};
 
 use super::task::choose_network;
 use super::{
-    base_record, check_segments, metadata, BuildOptions, NodeIdentity, SkipReason, LABEL_NETWORK,
+    base_record, check_segments, metadata, set_check, BuildOptions, NodeIdentity, SkipReason,
+    LABEL_NETWORK,
 };
 use crate::container::{ContainerInfo, PortSpec};
+use crate::metadata::BadCheck;
 
 /// One port of a plain container, as Registrator sees it.
 struct PlainPort {
@@ -22,6 +24,7 @@ pub(super) fn plain_records(
     c: &ContainerInfo,
     opts: &BuildOptions,
     node: &NodeIdentity,
+    bad_checks: &mut Vec<BadCheck>,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
     let host_ip = opts
         .host_ip
@@ -99,6 +102,7 @@ pub(super) fn plain_records(
         r.protocol = p.spec.protocol;
         r.tags = tags;
         r.attrs = meta.attrs();
+        set_check(&mut r, &meta, bad_checks);
         records.push(check_segments(r, c)?);
     }
     Ok(records)

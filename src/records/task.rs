@@ -5,16 +5,18 @@ use std::net::IpAddr;
 use backend_core::{Protocol, ServiceRecord};
 
 use super::{
-    base_record, check_segments, metadata, BuildOptions, NodeIdentity, SkipReason, INGRESS,
-    LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_STACK,
-    LABEL_TASK_ID, LABEL_TASK_NAME,
+    base_record, check_segments, metadata, set_check, BuildOptions, NodeIdentity, SkipReason,
+    INGRESS, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID, LABEL_SERVICE_NAME,
+    LABEL_STACK, LABEL_TASK_ID, LABEL_TASK_NAME,
 };
 use crate::container::{ContainerInfo, NetworkAttachment, PortSpec};
+use crate::metadata::BadCheck;
 
 pub(super) fn task_records(
     c: &ContainerInfo,
     opts: &BuildOptions,
     node: &NodeIdentity,
+    bad_checks: &mut Vec<BadCheck>,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
     let task_id = c.label(LABEL_TASK_ID).unwrap_or_default();
     let swarm_service = c.label(LABEL_SERVICE_NAME).unwrap_or_default();
@@ -74,6 +76,7 @@ pub(super) fn task_records(
         r.protocol = spec.protocol;
         r.tags = meta.tags();
         r.attrs = meta.attrs();
+        set_check(&mut r, &meta, bad_checks);
         r.task_id = Some(task_id.to_string());
         r.task_slot = slot;
         r.service_id = c.label(LABEL_SERVICE_ID).map(str::to_string);

@@ -305,3 +305,48 @@ fn image_names() {
     assert_eq!(image_base_name("registry:5000/a/redis:7"), "redis");
     assert_eq!(image_base_name("redis@sha256:abc"), "redis");
 }
+
+#[test]
+fn check_keys_become_the_check_on_the_published_address_not_attributes() {
+    let mut c = plain();
+    c.env = vec![
+        "SERVICE_CHECK_HTTP=/health".into(),
+        "SERVICE_CHECK_INTERVAL=2s".into(),
+        "SERVICE_REGION=eu".into(),
+    ];
+    let r = only_record(&c, &BuildOptions::default());
+    let check = r.check.expect("a check");
+    // The host port on the node's address: what the agent on the host can reach.
+    assert_eq!(check.http.as_deref(), Some("http://192.0.2.10:8080/health"));
+    assert_eq!(check.interval.as_deref(), Some("2s"));
+    assert_eq!(r.attrs, BTreeMap::from([("region".into(), "eu".into())]));
+
+    let internal = BuildOptions {
+        internal: true,
+        ..Default::default()
+    };
+    let r = only_record(&c, &internal);
+    let check = r.check.expect("a check");
+    assert_eq!(check.http.as_deref(), Some("http://172.17.0.2:80/health"));
+
+    let t = task(&[("SERVICE_27017_CHECK_TCP", "true")]);
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(
+        r.check.and_then(|c| c.tcp).as_deref(),
+        Some("10.0.1.7:27017")
+    );
+}
+
+#[test]
+fn a_bad_check_value_leaves_the_check_out_and_is_reported() {
+    let mut c = plain();
+    c.labels = BTreeMap::from([
+        ("SERVICE_CHECK_HTTP".into(), "/health".into()),
+        ("SERVICE_CHECK_INTERVAL".into(), "10 seconds".into()),
+    ]);
+    let built = build(&c, &BuildOptions::default(), &node()).expect("builds");
+    assert_eq!(built.records.len(), 1, "the service is still published");
+    assert_eq!(built.records[0].check, None);
+    assert_eq!(built.bad_checks.len(), 1);
+    assert_eq!(built.bad_checks[0].key, "SERVICE_CHECK_INTERVAL");
+}
