@@ -62,6 +62,8 @@ pub struct ContainerInfo {
     /// Without Docker's leading `/`.
     pub name: String,
     pub image: String,
+    /// The container's own hostname (`Config.Hostname`).
+    pub hostname: String,
     pub running: bool,
     pub paused: bool,
     pub labels: BTreeMap<String, String>,
@@ -164,6 +166,7 @@ impl ContainerInfo {
                 .trim_start_matches('/')
                 .to_string(),
             image: config.image.unwrap_or_default(),
+            hostname: config.hostname.unwrap_or_default(),
             running: state.running.unwrap_or(false),
             paused: state.paused.unwrap_or(false),
             labels: config.labels.unwrap_or_default().into_iter().collect(),

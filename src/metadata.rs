@@ -257,6 +257,87 @@ pub fn go_duration(s: &str) -> bool {
     true
 }
 
+/// One tag of `--tags`: text with Registrator's Go-template placeholders, filled in from each
+/// container. The placeholders understood are the ones Registrator's users write in tags:
+/// `{{.ID}}`, `{{.Name}}` (Docker's name, with its leading `/`), `{{.Config.Image}}`,
+/// `{{.Config.Hostname}}` and `{{index .Config.Labels "<label>"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTemplate(Vec<TagPart>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TagPart {
+    Text(String),
+    Id,
+    Name,
+    Image,
+    Hostname,
+    Label(String),
+}
+
+/// A `--tags` placeholder this program does not fill in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported placeholder {{{{{0}}}}} in --tags; use {{{{.ID}}}}, {{{{.Name}}}}, {{{{.Config.Image}}}}, {{{{.Config.Hostname}}}} or {{{{index .Config.Labels \"<label>\"}}}}")]
+pub struct TagTemplateError(pub String);
+
+impl TagTemplate {
+    pub fn parse(s: &str) -> Result<TagTemplate, TagTemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(TagPart::Text(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find("}}")
+                .ok_or_else(|| TagTemplateError(after.to_string()))?;
+            let action = after[..end].trim();
+            let words: Vec<&str> = action.split_whitespace().collect();
+            parts.push(match words.as_slice() {
+                [".ID"] => TagPart::Id,
+                [".Name"] => TagPart::Name,
+                [".Config.Image"] => TagPart::Image,
+                [".Config.Hostname"] => TagPart::Hostname,
+                ["index", ".Config.Labels", key]
+                    if key.len() >= 2 && key.starts_with('"') && key.ends_with('"') =>
+                {
+                    TagPart::Label(key[1..key.len() - 1].to_string())
+                }
+                _ => return Err(TagTemplateError(action.to_string())),
+            });
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(TagPart::Text(rest.to_string()));
+        }
+        Ok(TagTemplate(parts))
+    }
+
+    /// The tag for one container (its id, Docker name, image, hostname and labels).
+    pub fn render(&self, c: &crate::container::ContainerInfo) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                TagPart::Text(t) => t.clone(),
+                TagPart::Id => c.id.clone(),
+                TagPart::Name => format!("/{}", c.name),
+                TagPart::Image => c.image.clone(),
+                TagPart::Hostname => c.hostname.clone(),
+                TagPart::Label(k) => c.label(k).unwrap_or_default().to_string(),
+            })
+            .collect()
+    }
+}
+
+/// `--tags`: comma-separated, blanks dropped, each a [`TagTemplate`].
+pub fn parse_tags(s: &str) -> Result<Vec<TagTemplate>, TagTemplateError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(TagTemplate::parse)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +550,43 @@ mod tests {
             "", "10", "s", "-1s", "1d", "1.2.3s", "10 s", "5sec", "1m-1s", ".s",
         ] {
             assert!(!go_duration(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tag_templates_fill_in_registrators_placeholders() {
+        let c = crate::container::ContainerInfo {
+            id: "c0ffee".into(),
+            name: "web-1".into(),
+            image: "nginx:1.25".into(),
+            hostname: "a1b2".into(),
+            labels: BTreeMap::from([("team".into(), "blue".into())]),
+            ..Default::default()
+        };
+        let tags = parse_tags(
+            r#"edge, id-{{.ID}},{{ .Name }},{{.Config.Image}}@{{.Config.Hostname}},t={{index .Config.Labels "team"}},x={{index .Config.Labels "none"}}"#,
+        )
+        .expect("valid");
+        let rendered: Vec<String> = tags.iter().map(|t| t.render(&c)).collect();
+        assert_eq!(
+            rendered,
+            vec![
+                "edge",
+                "id-c0ffee",
+                "/web-1",
+                "nginx:1.25@a1b2",
+                "t=blue",
+                "x="
+            ]
+        );
+        for bad in [
+            "{{.Node.Hostname}}",
+            "{{.ID",
+            "{{index .Config.Labels team}}",
+            "{{printf \"x\"}}",
+        ] {
+            let err = parse_tags(bad).expect_err(bad);
+            assert!(err.to_string().contains("--tags"), "{err}");
         }
     }
 }

@@ -175,3 +175,95 @@ async fn a_malformed_check_value_is_warned_about_once_and_the_service_still_regi
         Ok(1.0)
     );
 }
+
+/// The record lines of `--dry-run` for the container `name`: `<key> <json>` per record.
+fn dry_run_records(stdout: &str, name: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter(|r| r["container_name"] == name)
+        .collect()
+}
+
+/// Runs `swarm-registrator <uri> --dry-run <args>` with `env`; its standard output.
+async fn dry_run(uri: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_swarm-registrator"))
+        .arg(uri)
+        .arg("--dry-run")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("the bridge runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn tags_and_use_ip_from_label_in_registrator_spelling_and_as_variables() {
+    let (names, mut cleanup) = names_and_cleanup(Backend::Consul, "tagsip");
+    let web = names.name("web");
+    let svc = names.name("websvc");
+    plain_container(
+        &mut cleanup,
+        &web,
+        &svc,
+        &[
+            "-p",
+            "127.0.0.1::8080",
+            "-e",
+            "SERVICE_TAGS=own",
+            "--label",
+            "team=blue",
+            "--label",
+            "com.example.ip=198.51.100.7/24",
+        ],
+        &["sleep", "86400"],
+    )
+    .await;
+    let uri = Backend::Consul.uri(&names);
+    let tags = r#"edge,team-{{index .Config.Labels "team"}}"#;
+    // Registrator's own spelling, one dash.
+    let out = dry_run(
+        &uri,
+        &["-tags", tags, "-useIpFromLabel", "com.example.ip"],
+        &[],
+    )
+    .await;
+    let records = dry_run_records(&out, &web);
+    assert_eq!(records.len(), 1, "{out}");
+    assert_eq!(
+        records[0]["tags"],
+        serde_json::json!(["own", "edge", "team-blue"])
+    );
+    assert_eq!(records[0]["ip"], "198.51.100.7");
+    // The variables.
+    let out = dry_run(
+        &uri,
+        &[],
+        &[
+            ("REGISTRATOR_TAGS", "v2"),
+            ("REGISTRATOR_USE_IP_FROM_LABEL", "no.such.label"),
+        ],
+    )
+    .await;
+    let records = dry_run_records(&out, &web);
+    assert_eq!(records.len(), 1, "{out}");
+    assert_eq!(records[0]["tags"], serde_json::json!(["own", "v2"]));
+    assert_eq!(
+        records[0]["ip"], "127.0.0.1",
+        "without the label: the binding's address"
+    );
+    // A placeholder this program does not fill in is refused at start.
+    let (code, stderr) =
+        run_bridge(&[uri.as_str(), "--dry-run", "--tags", "{{.Node.ID}}"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("unsupported placeholder"), "{stderr}");
+}

@@ -19,7 +19,7 @@ use backend_core::layout::valid_segment;
 use backend_core::ServiceRecord;
 
 use crate::container::ContainerInfo;
-use crate::metadata::{BadCheck, Metadata};
+use crate::metadata::{BadCheck, Metadata, TagTemplate};
 use plain::plain_records;
 pub use task::parse_port_list;
 use task::task_records;
@@ -50,6 +50,11 @@ pub struct BuildOptions {
     pub network: Option<String>,
     /// Publish only containers that set `SERVICE_NAME` (`--explicit`).
     pub explicit: bool,
+    /// Tags added after every record's own (`--tags`).
+    pub tags: Vec<TagTemplate>,
+    /// The container label whose address to publish when a container sets it
+    /// (`--use-ip-from-label`).
+    pub ip_label: Option<String>,
 }
 
 /// The node the bridge runs on.
@@ -86,6 +91,12 @@ pub enum SkipReason {
     BadName { container: String, name: String },
     #[error("container {container}: instance id {id:?} cannot be used as a key segment (no '/', no control characters); fix SERVICE_ID")]
     BadId { container: String, id: String },
+    #[error("container {container}: label {label}={value:?} (--use-ip-from-label) is not an IP address; write it like 10.0.0.5 or 10.0.0.5/24")]
+    BadIpLabel {
+        container: String,
+        label: String,
+        value: String,
+    },
     #[error("container {container}: task name {task_name:?} does not have the form <service>.<slot>.<task-id>")]
     BadTaskName {
         container: String,
@@ -144,6 +155,39 @@ fn metadata(c: &ContainerInfo, port: &str) -> Metadata {
         c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         port,
     )
+}
+
+/// The address in the container's `--use-ip-from-label` label (Registrator's rule: a `/prefix`
+/// after it is dropped); `None` when the flag or the label is not set.
+fn ip_from_label(c: &ContainerInfo, opts: &BuildOptions) -> Result<Option<IpAddr>, SkipReason> {
+    let Some(label) = opts.ip_label.as_deref() else {
+        return Ok(None);
+    };
+    let Some(value) = c.label(label).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let address = value.rsplit_once('/').map_or(value, |(a, _)| a);
+    address
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| SkipReason::BadIpLabel {
+            container: c.name.clone(),
+            label: label.to_string(),
+            value: value.to_string(),
+        })
+}
+
+/// The record's tags: its own (`SERVICE_TAGS`), then `--tags` filled in for `c`.
+fn tags(c: &ContainerInfo, meta: &Metadata, opts: &BuildOptions) -> Vec<String> {
+    let mut tags = meta.tags();
+    tags.extend(
+        opts.tags
+            .iter()
+            .map(|t| t.render(c))
+            .filter(|t| !t.is_empty()),
+    );
+    tags
 }
 
 /// Labels copied into records: all but Docker's own swarm and stack labels.

@@ -7,8 +7,8 @@ use backend_core::{Protocol, ServiceRecord};
 
 use super::task::choose_network;
 use super::{
-    base_record, check_segments, metadata, set_check, BuildOptions, NodeIdentity, SkipReason,
-    LABEL_NETWORK,
+    base_record, check_segments, ip_from_label, metadata, set_check, tags, BuildOptions,
+    NodeIdentity, SkipReason, LABEL_NETWORK,
 };
 use crate::container::{ContainerInfo, PortSpec};
 use crate::metadata::BadCheck;
@@ -68,6 +68,7 @@ pub(super) fn plain_records(
         }
     }
 
+    let label_ip = ip_from_label(c, opts)?;
     let default_name = image_base_name(&c.image);
     let several = ports.len() > 1;
     let mut records = Vec::with_capacity(ports.len());
@@ -85,7 +86,7 @@ pub(super) fn plain_records(
         if several && !meta.from_port("name") {
             service = format!("{service}-{exposed}");
         }
-        let mut tags = meta.tags();
+        let mut tags = tags(c, &meta, opts);
         let mut id = format!("{}:{}:{}", node.hostname, c.name, exposed);
         if p.spec.protocol != Protocol::Tcp {
             id = format!("{id}:{}", p.spec.protocol);
@@ -97,7 +98,7 @@ pub(super) fn plain_records(
         let mut r = base_record(c, node);
         r.service = service;
         r.id = id;
-        r.ip = p.ip;
+        r.ip = label_ip.unwrap_or(p.ip);
         r.port = p.port;
         r.protocol = p.spec.protocol;
         r.tags = tags;

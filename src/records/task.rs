@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use backend_core::{Protocol, ServiceRecord};
 
 use super::{
-    base_record, check_segments, metadata, set_check, BuildOptions, NodeIdentity, SkipReason,
-    INGRESS, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID, LABEL_SERVICE_NAME,
-    LABEL_STACK, LABEL_TASK_ID, LABEL_TASK_NAME,
+    base_record, check_segments, ip_from_label, metadata, set_check, tags, BuildOptions,
+    NodeIdentity, SkipReason, INGRESS, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID,
+    LABEL_SERVICE_NAME, LABEL_STACK, LABEL_TASK_ID, LABEL_TASK_NAME,
 };
 use crate::container::{ContainerInfo, NetworkAttachment, PortSpec};
 use crate::metadata::BadCheck;
@@ -48,7 +48,10 @@ pub(super) fn task_records(
     }
 
     let stack = c.label(LABEL_STACK).map(str::to_string);
-    let ip = task_address(c, opts, stack.as_deref())?;
+    let ip = match ip_from_label(c, opts)? {
+        Some(ip) => ip,
+        None => task_address(c, opts, stack.as_deref())?,
+    };
     let slot = task_slot(c, swarm_service, task_id, &node.node_id)?;
 
     let several = ports.len() > 1;
@@ -74,7 +77,7 @@ pub(super) fn task_records(
         r.ip = ip;
         r.port = spec.port;
         r.protocol = spec.protocol;
-        r.tags = meta.tags();
+        r.tags = tags(c, &meta, opts);
         r.attrs = meta.attrs();
         set_check(&mut r, &meta, bad_checks);
         r.task_id = Some(task_id.to_string());

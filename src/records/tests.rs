@@ -350,3 +350,56 @@ fn a_bad_check_value_leaves_the_check_out_and_is_reported() {
     assert_eq!(built.bad_checks.len(), 1);
     assert_eq!(built.bad_checks[0].key, "SERVICE_CHECK_INTERVAL");
 }
+
+#[test]
+fn forced_tags_follow_the_containers_own_and_come_before_udp() {
+    let mut c = plain();
+    c.env = vec!["SERVICE_TAGS=own".into()];
+    c.labels = BTreeMap::from([("team".into(), "blue".into())]);
+    let opts = BuildOptions {
+        tags: crate::metadata::parse_tags(r#"edge,team-{{index .Config.Labels "team"}}"#)
+            .expect("valid"),
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&c, &opts).tags,
+        vec!["own", "edge", "team-blue"]
+    );
+    c.published[0].container = PortSpec::parse("53/udp").expect("port");
+    c.exposed = vec![PortSpec::parse("53/udp").expect("port")];
+    assert_eq!(
+        only_record(&c, &opts).tags,
+        vec!["own", "edge", "team-blue", "udp"]
+    );
+    let r = only_record(&task(&[]), &opts);
+    assert_eq!(r.tags, vec!["edge", "team-"]);
+}
+
+#[test]
+fn the_ip_label_gives_the_address_when_the_container_sets_it() {
+    let opts = BuildOptions {
+        ip_label: Some("com.example.ip".into()),
+        ..Default::default()
+    };
+    let mut c = plain();
+    assert_eq!(
+        only_record(&c, &opts).ip,
+        "192.0.2.10".parse::<IpAddr>().expect("ip"),
+        "without the label: the host address"
+    );
+    c.labels
+        .insert("com.example.ip".into(), "198.51.100.7/24".into());
+    let r = only_record(&c, &opts);
+    assert_eq!(r.ip, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+    assert_eq!(r.port, 8080, "the port is still the published one");
+    let t = task(&[("com.example.ip", "fd00::7")]);
+    assert_eq!(
+        only_record(&t, &opts).ip,
+        "fd00::7".parse::<IpAddr>().expect("ip")
+    );
+    c.labels.insert("com.example.ip".into(), "not-an-ip".into());
+    assert!(matches!(
+        build_records(&c, &opts, &node()),
+        Err(SkipReason::BadIpLabel { .. })
+    ));
+}
