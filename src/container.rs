@@ -49,9 +49,19 @@ pub struct NetworkAttachment {
 impl NetworkAttachment {
     /// The address to publish: IPv4 where there is one, else the global IPv6 address.
     pub fn address(&self) -> Option<IpAddr> {
-        self.ipv4
-            .map(IpAddr::V4)
-            .or_else(|| self.ipv6.map(IpAddr::V6))
+        self.address_preferring(false)
+    }
+
+    /// The address to publish, with `ipv6` the global IPv6 address where there is one (a
+    /// dual-stack network), else IPv4 first.
+    pub fn address_preferring(&self, ipv6: bool) -> Option<IpAddr> {
+        let v4 = self.ipv4.map(IpAddr::V4);
+        let v6 = self.ipv6.map(IpAddr::V6);
+        if ipv6 {
+            v6.or(v4)
+        } else {
+            v4.or(v6)
+        }
     }
 }
 
@@ -250,5 +260,27 @@ mod tests {
             .all(|p| p.host_ip.is_none() && p.host_port == 8080));
         assert_eq!(c.networks[0].address(), "172.17.0.2".parse().ok());
         assert_eq!(c.networks[1].address(), "fd00::2".parse().ok());
+    }
+
+    #[test]
+    fn a_dual_stack_network_gives_ipv6_only_when_asked() {
+        let json = serde_json::json!({
+            "Id": "abc",
+            "Name": "/web-1",
+            "State": {"Running": true},
+            "NetworkSettings": {"Networks": {
+                "dual": {"IPAddress": "172.30.0.2", "GlobalIPv6Address": "fd00:c0de:1::2"}
+            }}
+        });
+        let inspect: ContainerInspectResponse = serde_json::from_value(json).expect("parses");
+        let c = ContainerInfo::from_inspect(inspect);
+        let dual = &c.networks[0];
+        assert_eq!(dual.address(), "172.30.0.2".parse().ok());
+        assert_eq!(dual.address_preferring(true), "fd00:c0de:1::2".parse().ok());
+        let v4_only = NetworkAttachment {
+            ipv6: None,
+            ..dual.clone()
+        };
+        assert_eq!(v4_only.address_preferring(true), "172.30.0.2".parse().ok());
     }
 }

@@ -39,6 +39,11 @@ struct Cli {
     #[arg(long, env = "REGISTRATOR_IP")]
     ip: Option<IpAddr>,
 
+    /// Publish a container's IPv6 address (GlobalIPv6Address) on a network that has one,
+    /// instead of its IPv4 address.
+    #[arg(long, env = "REGISTRATOR_IPV6")]
+    ipv6: bool,
+
     /// The network whose address to publish; a container's registrator.network label beats it.
     #[arg(long, env = "REGISTRATOR_NETWORK")]
     network: Option<String>,
@@ -258,6 +263,7 @@ fn build_options(cli: &Cli) -> BuildOptions {
         host_ip: cli.ip,
         network: cli.network.clone(),
         explicit: cli.explicit,
+        ipv6: cli.ipv6,
         tags: cli.tags.clone().map(|t| t.0).unwrap_or_default(),
         ip_label: cli.use_ip_from_label.clone(),
     }

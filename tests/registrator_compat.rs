@@ -206,59 +206,57 @@ async fn dry_run(uri: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A plain container `<names>-web` that sleeps, with the `docker run` options `extra`; its name.
+async fn sleeping_web(names: &Names, cleanup: &mut Cleanup, extra: &[&str]) -> String {
+    let web = names.name("web");
+    let svc = names.name("websvc");
+    plain_container(cleanup, &web, &svc, extra, &["sleep", "86400"]).await;
+    web
+}
+
+/// The one record of the container `name` that `--dry-run <args>` prints.
+async fn dry_run_record(
+    uri: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    name: &str,
+) -> serde_json::Value {
+    let out = dry_run(uri, args, env).await;
+    let mut records = dry_run_records(&out, name);
+    assert_eq!(records.len(), 1, "{out}");
+    records.remove(0)
+}
+
 #[tokio::test]
 async fn tags_and_use_ip_from_label_in_registrator_spelling_and_as_variables() {
     let (names, mut cleanup) = names_and_cleanup(Backend::Consul, "tagsip");
-    let web = names.name("web");
-    let svc = names.name("websvc");
-    plain_container(
-        &mut cleanup,
-        &web,
-        &svc,
-        &[
-            "-p",
-            "127.0.0.1::8080",
-            "-e",
-            "SERVICE_TAGS=own",
-            "--label",
-            "team=blue",
-            "--label",
-            "com.example.ip=198.51.100.7/24",
-        ],
-        &["sleep", "86400"],
-    )
-    .await;
+    let labels = [
+        "-p",
+        "127.0.0.1::8080",
+        "-e",
+        "SERVICE_TAGS=own",
+        "--label",
+        "team=blue",
+        "--label",
+        "com.example.ip=198.51.100.7/24",
+    ];
+    let web = sleeping_web(&names, &mut cleanup, &labels).await;
     let uri = Backend::Consul.uri(&names);
     let tags = r#"edge,team-{{index .Config.Labels "team"}}"#;
     // Registrator's own spelling, one dash.
-    let out = dry_run(
-        &uri,
-        &["-tags", tags, "-useIpFromLabel", "com.example.ip"],
-        &[],
-    )
-    .await;
-    let records = dry_run_records(&out, &web);
-    assert_eq!(records.len(), 1, "{out}");
-    assert_eq!(
-        records[0]["tags"],
-        serde_json::json!(["own", "edge", "team-blue"])
-    );
-    assert_eq!(records[0]["ip"], "198.51.100.7");
+    let registrator = ["-tags", tags, "-useIpFromLabel", "com.example.ip"];
+    let r = dry_run_record(&uri, &registrator, &[], &web).await;
+    assert_eq!(r["tags"], serde_json::json!(["own", "edge", "team-blue"]));
+    assert_eq!(r["ip"], "198.51.100.7");
     // The variables.
-    let out = dry_run(
-        &uri,
-        &[],
-        &[
-            ("REGISTRATOR_TAGS", "v2"),
-            ("REGISTRATOR_USE_IP_FROM_LABEL", "no.such.label"),
-        ],
-    )
-    .await;
-    let records = dry_run_records(&out, &web);
-    assert_eq!(records.len(), 1, "{out}");
-    assert_eq!(records[0]["tags"], serde_json::json!(["own", "v2"]));
+    let env = [
+        ("REGISTRATOR_TAGS", "v2"),
+        ("REGISTRATOR_USE_IP_FROM_LABEL", "no.such.label"),
+    ];
+    let r = dry_run_record(&uri, &[], &env, &web).await;
+    assert_eq!(r["tags"], serde_json::json!(["own", "v2"]));
     assert_eq!(
-        records[0]["ip"], "127.0.0.1",
+        r["ip"], "127.0.0.1",
         "without the label: the binding's address"
     );
     // A placeholder this program does not fill in is refused at start.
@@ -266,4 +264,33 @@ async fn tags_and_use_ip_from_label_in_registrator_spelling_and_as_variables() {
         run_bridge(&[uri.as_str(), "--dry-run", "--tags", "{{.Node.ID}}"], &[]).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("unsupported placeholder"), "{stderr}");
+}
+
+#[tokio::test]
+async fn ipv6_publishes_the_global_ipv6_address_of_a_dual_stack_network() {
+    let (names, mut cleanup) = names_and_cleanup(Backend::Consul, "ipv6");
+    let net = names.name("v6");
+    // A unique-local /64 per test run.
+    let n: u16 = rand::random();
+    let subnet = format!("fd00:{n:x}:5eed::/64");
+    docker(&["network", "create", "--ipv6", "--subnet", &subnet, &net]).await;
+    cleanup.network(&net);
+    let web = sleeping_web(&names, &mut cleanup, &["--network", &net]).await;
+    let format = format!(
+        "{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}} {{{{(index .NetworkSettings.Networks \"{net}\").GlobalIPv6Address}}}}"
+    );
+    let addresses = docker(&["inspect", "--format", &format, &web]).await;
+    let (v4, v6) = addresses.split_once(' ').expect("two addresses");
+    assert!(!v6.is_empty(), "the network is dual-stack: {addresses}");
+    let uri = Backend::Consul.uri(&names);
+    let internal = ["--internal", "--network", net.as_str()];
+    let r = dry_run_record(&uri, &internal, &[], &web).await;
+    assert_eq!(r["ip"], v4, "IPv4 by default");
+    let with_v6 = ["--internal", "--network", net.as_str(), "--ipv6"];
+    let r = dry_run_record(&uri, &with_v6, &[], &web).await;
+    let ip: std::net::IpAddr = r["ip"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("an address");
+    assert_eq!(ip, v6.parse::<std::net::IpAddr>().expect("ipv6"));
 }

@@ -50,6 +50,8 @@ pub struct BuildOptions {
     pub network: Option<String>,
     /// Publish only containers that set `SERVICE_NAME` (`--explicit`).
     pub explicit: bool,
+    /// Publish a container's IPv6 address on a network that has one (`--ipv6`).
+    pub ipv6: bool,
     /// Tags added after every record's own (`--tags`).
     pub tags: Vec<TagTemplate>,
     /// The container label whose address to publish when a container sets it

@@ -47,7 +47,7 @@ pub(super) fn plain_records(
         specs.dedup();
         if !specs.is_empty() {
             let wanted = c.label(LABEL_NETWORK).or(opts.network.as_deref());
-            let ip = choose_network(c, wanted, None)?;
+            let ip = choose_network(c, wanted, None, opts.ipv6)?;
             ports.extend(specs.into_iter().map(|spec| PlainPort {
                 spec,
                 ip,

@@ -131,15 +131,17 @@ fn task_address(
     stack: Option<&str>,
 ) -> Result<IpAddr, SkipReason> {
     let wanted = c.label(LABEL_NETWORK).or(opts.network.as_deref());
-    choose_network(c, wanted, stack)
+    choose_network(c, wanted, stack, opts.ipv6)
 }
 
 pub(super) fn choose_network(
     c: &ContainerInfo,
     wanted: Option<&str>,
     stack: Option<&str>,
+    ipv6: bool,
 ) -> Result<IpAddr, SkipReason> {
     let usable = |n: &&NetworkAttachment| n.name != INGRESS && n.address().is_some();
+    let address = |n: &NetworkAttachment| n.address_preferring(ipv6);
     match wanted {
         Some(w) => {
             // A stack's networks are named <stack>_<name>; accept the short name too.
@@ -148,7 +150,7 @@ pub(super) fn choose_network(
                 .iter()
                 .filter(usable)
                 .find(|n| n.name == w || Some(&n.name) == stacked.as_ref())
-                .and_then(NetworkAttachment::address)
+                .and_then(address)
                 .ok_or_else(|| SkipReason::NetworkNotFound {
                     container: c.name.clone(),
                     wanted: w.to_string(),
@@ -164,7 +166,7 @@ pub(super) fn choose_network(
             .networks
             .iter()
             .find(usable)
-            .and_then(NetworkAttachment::address)
+            .and_then(address)
             .ok_or_else(|| SkipReason::NoAddress {
                 container: c.name.clone(),
             }),

@@ -403,3 +403,40 @@ fn the_ip_label_gives_the_address_when_the_container_sets_it() {
         Err(SkipReason::BadIpLabel { .. })
     ));
 }
+
+#[test]
+fn ipv6_is_published_on_a_dual_stack_network_when_asked() {
+    let mut t = task(&[]);
+    t.networks[1].ipv6 = Some("fd00::7".parse().expect("ip"));
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(
+        r.ip,
+        "10.0.1.7".parse::<IpAddr>().expect("ip"),
+        "IPv4 by default"
+    );
+    let v6 = BuildOptions {
+        ipv6: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&t, &v6).ip,
+        "fd00::7".parse::<IpAddr>().expect("ip")
+    );
+    // A network without IPv6 still gives its IPv4 address.
+    assert_eq!(
+        only_record(&task(&[]), &v6).ip,
+        "10.0.1.7".parse::<IpAddr>().expect("ip")
+    );
+    // Plain containers with --internal, too.
+    let mut c = plain();
+    c.networks[0].ipv6 = Some("fd00::2".parse().expect("ip"));
+    let internal_v6 = BuildOptions {
+        internal: true,
+        ipv6: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&c, &internal_v6).ip,
+        "fd00::2".parse::<IpAddr>().expect("ip")
+    );
+}
