@@ -38,12 +38,22 @@ pub struct PublishedPort {
     pub host_port: u16,
 }
 
+/// The swarm's default routing-mesh network. Another name can be the ingress network too
+/// (`docker network create --ingress`): the network's own `Ingress` flag says.
+pub const DEFAULT_INGRESS: &str = "ingress";
+
 /// The container's address on one network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkAttachment {
     pub name: String,
+    /// The network's id (empty when the engine did not say).
+    pub network_id: String,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
+    /// Whether it is the swarm's routing-mesh network, never a task's own address.
+    /// [`ContainerInfo::from_inspect`] can only guess from the name ([`DEFAULT_INGRESS`]); the
+    /// engine sets it from the network's `Ingress` flag ([`ContainerInfo::set_ingress`]).
+    pub ingress: bool,
 }
 
 impl NetworkAttachment {
@@ -147,7 +157,9 @@ impl ContainerInfo {
             .unwrap_or_default()
             .into_iter()
             .map(|(name, ep)| NetworkAttachment {
+                ingress: name == DEFAULT_INGRESS,
                 name,
+                network_id: ep.network_id.clone().unwrap_or_default(),
                 ipv4: ep.ip_address.as_deref().and_then(|s| s.parse().ok()),
                 ipv6: ep
                     .global_ipv6_address
@@ -193,6 +205,17 @@ impl ContainerInfo {
 
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels.get(key).map(String::as_str)
+    }
+
+    /// Sets which networks are the ingress network from what the engine says of each network
+    /// id (`GET /networks/{id}`'s `Ingress`); a network it says nothing of keeps the guess
+    /// from its name.
+    pub fn set_ingress(&mut self, is_ingress: impl Fn(&str) -> Option<bool>) {
+        for n in &mut self.networks {
+            if let Some(flag) = is_ingress(&n.network_id) {
+                n.ingress = flag;
+            }
+        }
     }
 }
 
@@ -260,6 +283,40 @@ mod tests {
             .all(|p| p.host_ip.is_none() && p.host_port == 8080));
         assert_eq!(c.networks[0].address(), "172.17.0.2".parse().ok());
         assert_eq!(c.networks[1].address(), "fd00::2".parse().ok());
+    }
+
+    #[test]
+    fn the_ingress_flag_not_the_name_marks_the_ingress_network() {
+        let json = serde_json::json!({
+            "Id": "abc",
+            "Name": "/web.1.t1",
+            "State": {"Running": true},
+            "NetworkSettings": {"Networks": {
+                "mesh": {"NetworkID": "n-mesh", "IPAddress": "10.0.0.5"},
+                "ingress": {"NetworkID": "n-user", "IPAddress": "10.9.0.5"},
+                "backend": {"NetworkID": "n-back", "IPAddress": "10.0.1.7"}
+            }}
+        });
+        let inspect: ContainerInspectResponse = serde_json::from_value(json).expect("parses");
+        let mut c = ContainerInfo::from_inspect(inspect);
+        let ingress = |c: &ContainerInfo| -> Vec<String> {
+            c.networks
+                .iter()
+                .filter(|n| n.ingress)
+                .map(|n| n.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            ingress(&c),
+            vec!["ingress"],
+            "before the engine says: the name"
+        );
+        c.set_ingress(|id| match id {
+            "n-mesh" => Some(true),
+            "n-user" => Some(false),
+            _ => None,
+        });
+        assert_eq!(ingress(&c), vec!["mesh"]);
     }
 
     #[test]

@@ -35,9 +35,6 @@ pub const LABEL_PORT: &str = "registrator.port";
 /// The network whose address to publish.
 pub const LABEL_NETWORK: &str = "registrator.network";
 
-/// The swarm's routing-mesh network: never a task's own address.
-const INGRESS: &str = "ingress";
-
 /// The bridge's settings that shape records.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {

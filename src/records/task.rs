@@ -6,7 +6,7 @@ use backend_core::{Protocol, ServiceRecord};
 
 use super::{
     base_record, check_segments, ip_from_label, metadata, set_check, tags, BuildOptions,
-    NodeIdentity, SkipReason, INGRESS, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID,
+    NodeIdentity, SkipReason, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID,
     LABEL_SERVICE_NAME, LABEL_STACK, LABEL_TASK_ID, LABEL_TASK_NAME,
 };
 use crate::container::{ContainerInfo, NetworkAttachment, PortSpec};
@@ -140,7 +140,7 @@ pub(super) fn choose_network(
     stack: Option<&str>,
     ipv6: bool,
 ) -> Result<IpAddr, SkipReason> {
-    let usable = |n: &&NetworkAttachment| n.name != INGRESS && n.address().is_some();
+    let usable = |n: &&NetworkAttachment| !n.ingress && n.address().is_some();
     let address = |n: &NetworkAttachment| n.address_preferring(ipv6);
     match wanted {
         Some(w) => {

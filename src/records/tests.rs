@@ -36,11 +36,15 @@ fn task(labels: &[(&str, &str)]) -> ContainerInfo {
         networks: vec![
             NetworkAttachment {
                 name: "ingress".into(),
+                network_id: String::new(),
+                ingress: true,
                 ipv4: Some("10.0.0.5".parse().expect("ip")),
                 ipv6: None,
             },
             NetworkAttachment {
                 name: "mongo-net".into(),
+                network_id: String::new(),
+                ingress: false,
                 ipv4: Some("10.0.1.7".parse().expect("ip")),
                 ipv6: None,
             },
@@ -63,6 +67,8 @@ fn plain() -> ContainerInfo {
         }],
         networks: vec![NetworkAttachment {
             name: "bridge".into(),
+            network_id: String::new(),
+            ingress: false,
             ipv4: Some("172.17.0.2".parse().expect("ip")),
             ipv6: None,
         }],
@@ -96,6 +102,8 @@ fn the_network_label_beats_the_flag_and_stack_names_are_understood() {
     let mut c = task(&[(LABEL_STACK, "prod"), (LABEL_NETWORK, "backend")]);
     c.networks.push(NetworkAttachment {
         name: "prod_backend".into(),
+        network_id: String::new(),
+        ingress: false,
         ipv4: None,
         ipv6: Some("fd00::9".parse().expect("ip")),
     });
@@ -439,4 +447,33 @@ fn ipv6_is_published_on_a_dual_stack_network_when_asked() {
         only_record(&c, &internal_v6).ip,
         "fd00::2".parse::<IpAddr>().expect("ip")
     );
+}
+
+#[test]
+fn a_custom_ingress_network_is_never_the_tasks_address() {
+    let mut t = task(&[]);
+    // `docker network create --ingress mesh`: the first network by name, and not "ingress".
+    t.networks = vec![
+        NetworkAttachment {
+            name: "a-mesh".into(),
+            network_id: "n1".into(),
+            ipv4: Some("10.255.0.9".parse().expect("ip")),
+            ipv6: None,
+            ingress: true,
+        },
+        NetworkAttachment {
+            name: "mongo-net".into(),
+            network_id: "n2".into(),
+            ipv4: Some("10.0.1.7".parse().expect("ip")),
+            ipv6: None,
+            ingress: false,
+        },
+    ];
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(r.ip, "10.0.1.7".parse::<IpAddr>().expect("ip"));
+    t.networks.truncate(1);
+    assert!(matches!(
+        build_records(&t, &BuildOptions::default(), &node()),
+        Err(SkipReason::NoAddress { .. })
+    ));
 }
