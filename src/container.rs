@@ -38,20 +38,40 @@ pub struct PublishedPort {
     pub host_port: u16,
 }
 
+/// The swarm's default routing-mesh network. Another name can be the ingress network too
+/// (`docker network create --ingress`): the network's own `Ingress` flag says.
+pub const DEFAULT_INGRESS: &str = "ingress";
+
 /// The container's address on one network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkAttachment {
     pub name: String,
+    /// The network's id (empty when the engine did not say).
+    pub network_id: String,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
+    /// Whether it is the swarm's routing-mesh network, never a task's own address.
+    /// [`ContainerInfo::from_inspect`] can only guess from the name ([`DEFAULT_INGRESS`]); the
+    /// engine sets it from the network's `Ingress` flag ([`ContainerInfo::set_ingress`]).
+    pub ingress: bool,
 }
 
 impl NetworkAttachment {
     /// The address to publish: IPv4 where there is one, else the global IPv6 address.
     pub fn address(&self) -> Option<IpAddr> {
-        self.ipv4
-            .map(IpAddr::V4)
-            .or_else(|| self.ipv6.map(IpAddr::V6))
+        self.address_preferring(false)
+    }
+
+    /// The address to publish, with `ipv6` the global IPv6 address where there is one (a
+    /// dual-stack network), else IPv4 first.
+    pub fn address_preferring(&self, ipv6: bool) -> Option<IpAddr> {
+        let v4 = self.ipv4.map(IpAddr::V4);
+        let v6 = self.ipv6.map(IpAddr::V6);
+        if ipv6 {
+            v6.or(v4)
+        } else {
+            v4.or(v6)
+        }
     }
 }
 
@@ -62,6 +82,8 @@ pub struct ContainerInfo {
     /// Without Docker's leading `/`.
     pub name: String,
     pub image: String,
+    /// The container's own hostname (`Config.Hostname`).
+    pub hostname: String,
     pub running: bool,
     pub paused: bool,
     pub labels: BTreeMap<String, String>,
@@ -135,7 +157,9 @@ impl ContainerInfo {
             .unwrap_or_default()
             .into_iter()
             .map(|(name, ep)| NetworkAttachment {
+                ingress: name == DEFAULT_INGRESS,
                 name,
+                network_id: ep.network_id.clone().unwrap_or_default(),
                 ipv4: ep.ip_address.as_deref().and_then(|s| s.parse().ok()),
                 ipv6: ep
                     .global_ipv6_address
@@ -164,6 +188,7 @@ impl ContainerInfo {
                 .trim_start_matches('/')
                 .to_string(),
             image: config.image.unwrap_or_default(),
+            hostname: config.hostname.unwrap_or_default(),
             running: state.running.unwrap_or(false),
             paused: state.paused.unwrap_or(false),
             labels: config.labels.unwrap_or_default().into_iter().collect(),
@@ -180,6 +205,17 @@ impl ContainerInfo {
 
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels.get(key).map(String::as_str)
+    }
+
+    /// Sets which networks are the ingress network from what the engine says of each network
+    /// id (`GET /networks/{id}`'s `Ingress`); a network it says nothing of keeps the guess
+    /// from its name.
+    pub fn set_ingress(&mut self, is_ingress: impl Fn(&str) -> Option<bool>) {
+        for n in &mut self.networks {
+            if let Some(flag) = is_ingress(&n.network_id) {
+                n.ingress = flag;
+            }
+        }
     }
 }
 
@@ -247,5 +283,61 @@ mod tests {
             .all(|p| p.host_ip.is_none() && p.host_port == 8080));
         assert_eq!(c.networks[0].address(), "172.17.0.2".parse().ok());
         assert_eq!(c.networks[1].address(), "fd00::2".parse().ok());
+    }
+
+    #[test]
+    fn the_ingress_flag_not_the_name_marks_the_ingress_network() {
+        let json = serde_json::json!({
+            "Id": "abc",
+            "Name": "/web.1.t1",
+            "State": {"Running": true},
+            "NetworkSettings": {"Networks": {
+                "mesh": {"NetworkID": "n-mesh", "IPAddress": "10.0.0.5"},
+                "ingress": {"NetworkID": "n-user", "IPAddress": "10.9.0.5"},
+                "backend": {"NetworkID": "n-back", "IPAddress": "10.0.1.7"}
+            }}
+        });
+        let inspect: ContainerInspectResponse = serde_json::from_value(json).expect("parses");
+        let mut c = ContainerInfo::from_inspect(inspect);
+        let ingress = |c: &ContainerInfo| -> Vec<String> {
+            c.networks
+                .iter()
+                .filter(|n| n.ingress)
+                .map(|n| n.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            ingress(&c),
+            vec!["ingress"],
+            "before the engine says: the name"
+        );
+        c.set_ingress(|id| match id {
+            "n-mesh" => Some(true),
+            "n-user" => Some(false),
+            _ => None,
+        });
+        assert_eq!(ingress(&c), vec!["mesh"]);
+    }
+
+    #[test]
+    fn a_dual_stack_network_gives_ipv6_only_when_asked() {
+        let json = serde_json::json!({
+            "Id": "abc",
+            "Name": "/web-1",
+            "State": {"Running": true},
+            "NetworkSettings": {"Networks": {
+                "dual": {"IPAddress": "172.30.0.2", "GlobalIPv6Address": "fd00:c0de:1::2"}
+            }}
+        });
+        let inspect: ContainerInspectResponse = serde_json::from_value(json).expect("parses");
+        let c = ContainerInfo::from_inspect(inspect);
+        let dual = &c.networks[0];
+        assert_eq!(dual.address(), "172.30.0.2".parse().ok());
+        assert_eq!(dual.address_preferring(true), "fd00:c0de:1::2".parse().ok());
+        let v4_only = NetworkAttachment {
+            ipv6: None,
+            ..dual.clone()
+        };
+        assert_eq!(v4_only.address_preferring(true), "172.30.0.2".parse().ok());
     }
 }

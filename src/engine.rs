@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
@@ -104,6 +105,9 @@ pub trait Engine: Send + Sync + 'static {
 pub struct DockerEngine {
     docker: Docker,
     host: String,
+    /// Whether each network id seen is the swarm's ingress network (its `Ingress` flag,
+    /// which never changes for a network id).
+    ingress: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 impl DockerEngine {
@@ -118,7 +122,39 @@ impl DockerEngine {
         };
         let docker = Docker::connect_with_defaults().map_err(connect_err)?;
         let docker = docker.negotiate_version().await.map_err(connect_err)?;
-        Ok(DockerEngine { docker, host })
+        Ok(DockerEngine {
+            docker,
+            host,
+            ingress: Arc::default(),
+        })
+    }
+
+    /// Marks the container's ingress networks by their `Ingress` flag, asking the engine
+    /// (`GET /networks/{id}`, which works on workers too) once per network id. A network the
+    /// engine cannot tell about keeps the guess from its name.
+    async fn mark_ingress(&self, c: &mut ContainerInfo) {
+        for n in &c.networks {
+            let known = self.known_ingress(&n.network_id).is_some();
+            if n.network_id.is_empty() || known {
+                continue;
+            }
+            match self.docker.inspect_network(&n.network_id, None).await {
+                Ok(net) => {
+                    let flag = net.ingress.unwrap_or(false);
+                    if let Ok(mut map) = self.ingress.lock() {
+                        map.insert(n.network_id.clone(), flag);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(network = %n.name, error = %e, "cannot inspect network; judging ingress by its name")
+                }
+            }
+        }
+        c.set_ingress(|id| self.known_ingress(id));
+    }
+
+    fn known_ingress(&self, network_id: &str) -> Option<bool> {
+        self.ingress.lock().ok()?.get(network_id).copied()
     }
 }
 
@@ -171,7 +207,11 @@ impl Engine for DockerEngine {
 
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
         match self.docker.inspect_container(id, None).await {
-            Ok(c) => Ok(Some(ContainerInfo::from_inspect(c))),
+            Ok(c) => {
+                let mut c = ContainerInfo::from_inspect(c);
+                self.mark_ingress(&mut c).await;
+                Ok(Some(c))
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(None),

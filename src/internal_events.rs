@@ -103,6 +103,20 @@ impl InternalEvent for ContainerSkipped<'_> {
     }
 }
 
+/// A `SERVICE_CHECK_*` value that cannot make a check: the container is published without it.
+#[derive(Debug)]
+pub struct CheckLeftOut<'a> {
+    pub container: &'a str,
+    pub problem: &'a str,
+}
+
+impl InternalEvent for CheckLeftOut<'_> {
+    fn emit(self, metrics: &Metrics) {
+        metrics.checks_left_out.inc();
+        tracing::warn!(container = %self.container, problem = %self.problem, "publishing container without its check");
+    }
+}
+
 /// A container that failed under `--deregister on-success`: its records stay.
 #[derive(Debug)]
 pub struct FailedContainerKept<'a> {

@@ -1,5 +1,6 @@
 //! The `swarm-registrator` command.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use daemon::LogFormat;
 use prometheus_client::registry::Registry;
 use swarm_registrator::bridge::{connect_engine, scan_engine, Bridge, BridgeConfig, Deregister};
 use swarm_registrator::engine::{DockerEngine, Engine};
+use swarm_registrator::metadata::{parse_tags, TagTemplate};
 use swarm_registrator::metrics::{Health, Metrics};
 use swarm_registrator::records::BuildOptions;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +38,11 @@ struct Cli {
     /// The address to publish for host ports (default: the swarm's advertised address).
     #[arg(long, env = "REGISTRATOR_IP")]
     ip: Option<IpAddr>,
+
+    /// Publish a container's IPv6 address (GlobalIPv6Address) on a network that has one,
+    /// instead of its IPv4 address.
+    #[arg(long, env = "REGISTRATOR_IPV6")]
+    ipv6: bool,
 
     /// The network whose address to publish; a container's registrator.network label beats it.
     #[arg(long, env = "REGISTRATOR_NETWORK")]
@@ -69,6 +76,18 @@ struct Cli {
     /// Only publish containers that set SERVICE_NAME.
     #[arg(long, env = "REGISTRATOR_EXPLICIT")]
     explicit: bool,
+
+    /// Tags added to every record, comma-separated, after the container's own SERVICE_TAGS
+    /// (Registrator's -tags). Placeholders: {{.ID}}, {{.Name}}, {{.Config.Image}},
+    /// {{.Config.Hostname}}, {{index .Config.Labels "<label>"}}.
+    #[arg(long, env = "REGISTRATOR_TAGS", value_parser = parse_forced_tags)]
+    tags: Option<ForcedTags>,
+
+    /// Publish the address held in this container label, when a container sets it (a
+    /// `/prefix` after it is dropped), in place of the one the bridge would choose
+    /// (Registrator's -useIpFromLabel).
+    #[arg(long, alias = "useIpFromLabel", env = "REGISTRATOR_USE_IP_FROM_LABEL")]
+    use_ip_from_label: Option<String>,
 
     /// On a graceful stop, remove this node's records at once (revoke the lease) instead of
     /// leaving them for the next bridge on this node.
@@ -105,6 +124,56 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// The parsed `--tags`.
+#[derive(Debug, Clone)]
+struct ForcedTags(Vec<TagTemplate>);
+
+fn parse_forced_tags(s: &str) -> Result<ForcedTags, String> {
+    parse_tags(s).map(ForcedTags).map_err(|e| e.to_string())
+}
+
+/// Registrator's options as its users write them, with one dash (`-tags a,b`,
+/// `-useIpFromLabel=l`), in this program's spelling (`--tags`); everything after `--` is left
+/// as it is. Only Registrator's options that mean the same here are rewritten (not `-cleanup`,
+/// which is something else in Registrator).
+fn registrator_spelling(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    const NAMES: [&str; 10] = [
+        "tags",
+        "useIpFromLabel",
+        "internal",
+        "ip",
+        "explicit",
+        "resync",
+        "ttl",
+        "deregister",
+        "retry-attempts",
+        "retry-interval",
+    ];
+    let mut rest_is_positional = false;
+    args.into_iter()
+        .map(|arg| {
+            if rest_is_positional || arg == "--" {
+                rest_is_positional = true;
+                return arg;
+            }
+            let Some(text) = arg.to_str() else {
+                return arg;
+            };
+            match text.strip_prefix('-') {
+                Some(name) if !name.starts_with('-') => {
+                    let bare = name.split('=').next().unwrap_or(name);
+                    if NAMES.contains(&bare) {
+                        OsString::from(format!("-{text}"))
+                    } else {
+                        arg
+                    }
+                }
+                _ => arg,
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DeregisterArg {
     Always,
@@ -135,7 +204,7 @@ fn parse_deregister_after(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(registrator_spelling(std::env::args_os()));
     if let Err(e) = check_combinations(&cli) {
         e.exit();
     }
@@ -194,6 +263,9 @@ fn build_options(cli: &Cli) -> BuildOptions {
         host_ip: cli.ip,
         network: cli.network.clone(),
         explicit: cli.explicit,
+        ipv6: cli.ipv6,
+        tags: cli.tags.clone().map(|t| t.0).unwrap_or_default(),
+        ip_label: cli.use_ip_from_label.clone(),
     }
 }
 
@@ -272,10 +344,13 @@ async fn dry_run(cli: &Cli) -> anyhow::Result<()> {
     let (node, _) = engine.identity().await?;
     let scanned = scan_engine(&engine, &build_options(cli), &node).await?;
     let mut out = String::new();
-    for (c, records) in scanned {
-        match records {
-            Ok(records) => {
-                for r in records {
+    for (c, built) in scanned {
+        match built {
+            Ok(built) => {
+                for bad in &built.bad_checks {
+                    tracing::warn!(container = %c.name, problem = %bad, "publishing container without its check");
+                }
+                for r in built.records {
                     let key = cli.backend.layout().service_key(&r.service, &r.id);
                     let json = serde_json::to_string(&r)?;
                     out.push_str(&format!("{key} {json}\n"));

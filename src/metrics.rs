@@ -45,6 +45,8 @@ pub struct Metrics {
     pub records: Gauge,
     /// Containers skipped because of bad labels or no address; see the log for which.
     pub containers_skipped: Counter,
+    /// `SERVICE_CHECK_*` checks left out of records because of a malformed value.
+    pub checks_left_out: Counter,
     /// Failed containers whose records are kept (`--deregister on-success`).
     pub containers_kept: Counter,
     /// Failed store operations, by operation.
@@ -89,6 +91,7 @@ impl Metrics {
             records_removed: Counter::default(),
             records: Gauge::default(),
             containers_skipped: Counter::default(),
+            checks_left_out: Counter::default(),
             containers_kept: Counter::default(),
             backend_errors: Family::default(),
             engine_errors: Family::default(),
@@ -131,6 +134,11 @@ impl Metrics {
             "containers_skipped",
             "Containers not published because of malformed labels or no usable address",
             self.containers_skipped.clone(),
+        );
+        r.register(
+            "checks_left_out",
+            "SERVICE_CHECK_* checks left out of records because of a malformed value",
+            self.checks_left_out.clone(),
         );
         r.register(
             "containers_kept",

@@ -408,6 +408,7 @@ mod tests {
             stack: None,
             health: None,
             started_at: None,
+            check: None,
         }
     }
 

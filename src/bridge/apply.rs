@@ -10,10 +10,11 @@ use super::{Bridge, Deregister};
 use crate::container::ContainerInfo;
 use crate::engine::{Engine, EngineError, EngineEvent, EventKind};
 use crate::internal_events::{
-    ContainerSkipped, DockerEventReceived, FailedContainerKept, ForeignValueLeft, InspectFailed,
-    InternalEvent, RecordsPublished, RecordsRemoved, StoreWriteFailed, SyncFailed, Synced,
+    CheckLeftOut, ContainerSkipped, DockerEventReceived, FailedContainerKept, ForeignValueLeft,
+    InspectFailed, InternalEvent, RecordsPublished, RecordsRemoved, StoreWriteFailed, SyncFailed,
+    Synced,
 };
-use crate::records::{build_records, BuildOptions, NodeIdentity};
+use crate::records::{build, BuildOptions, Built, NodeIdentity};
 use crate::sync::plan_sync;
 
 /// How many containers are inspected at once during a full sync.
@@ -23,15 +24,9 @@ const INSPECT_CONCURRENCY: usize = 32;
 /// be published are returned with the reason.
 pub async fn scan_engine<E: Engine>(
     engine: &E,
-    build: &BuildOptions,
+    options: &BuildOptions,
     node: &NodeIdentity,
-) -> Result<
-    Vec<(
-        ContainerInfo,
-        Result<Vec<ServiceRecord>, crate::records::SkipReason>,
-    )>,
-    EngineError,
-> {
+) -> Result<Vec<(ContainerInfo, Result<Built, crate::records::SkipReason>)>, EngineError> {
     let ids = engine.running_container_ids().await?;
     let inspected: Vec<Result<Option<ContainerInfo>, EngineError>> = futures::stream::iter(ids)
         .map(|id| async move { engine.inspect(&id).await })
@@ -42,8 +37,8 @@ pub async fn scan_engine<E: Engine>(
     for c in inspected {
         // A container removed between list and inspect is simply gone.
         let Some(c) = c? else { continue };
-        let records = build_records(&c, build, node);
-        out.push((c, records));
+        let built = build(&c, options, node);
+        out.push((c, built));
     }
     out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
     Ok(out)
@@ -140,10 +135,11 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
 
     /// Builds a container's records, logging a skip once per container and reason.
     fn records_of(&mut self, c: &ContainerInfo) -> Vec<ServiceRecord> {
-        match build_records(c, &self.config.build, &self.node) {
-            Ok(records) => {
+        match build(c, &self.config.build, &self.node) {
+            Ok(built) => {
                 self.skipped.remove(&c.id);
-                records
+                self.note_bad_checks(c, &built);
+                built.records
             }
             Err(reason) => {
                 let text = reason.to_string();
@@ -158,6 +154,26 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 Vec::new()
             }
         }
+    }
+
+    /// Logs each check left out of a container's records once, until its labels change.
+    fn note_bad_checks(&mut self, c: &ContainerInfo, built: &Built) {
+        if built.bad_checks.is_empty() {
+            self.bad_checks.remove(&c.id);
+            return;
+        }
+        let texts: Vec<String> = built.bad_checks.iter().map(|b| b.to_string()).collect();
+        let known = self.bad_checks.get(&c.id);
+        for text in &texts {
+            if !known.is_some_and(|k| k.contains(text)) {
+                CheckLeftOut {
+                    container: &c.name,
+                    problem: text,
+                }
+                .emit(&self.metrics);
+            }
+        }
+        self.bad_checks.insert(c.id.clone(), texts);
     }
 
     /// Makes the store hold `desired` for one container. Returns whether anything was written.
@@ -313,9 +329,10 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
         }
         for (c, result) in scanned {
             let records = match result {
-                Ok(r) => {
+                Ok(built) => {
                     self.skipped.remove(&c.id);
-                    r
+                    self.note_bad_checks(&c, &built);
+                    built.records
                 }
                 Err(_) => self.records_of(&c),
             };

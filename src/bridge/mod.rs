@@ -156,6 +156,8 @@ pub struct Bridge<P: Publisher, E: Engine = DockerEngine> {
     published: HashMap<String, Vec<ServiceRecord>>,
     /// Containers skipped for a reason already logged, so each is warned about once.
     skipped: HashMap<String, String>,
+    /// The checks left out of each container's records, already logged.
+    bad_checks: HashMap<String, Vec<String>>,
     /// Set when a write failed: the store may differ from `published`.
     needs_repair: bool,
     /// Containers that exited with a failure under `--deregister on-success`: their records
@@ -247,6 +249,7 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             health,
             published: HashMap::new(),
             skipped: HashMap::new(),
+            bad_checks: HashMap::new(),
             needs_repair: false,
             retained: HashMap::new(),
         }))

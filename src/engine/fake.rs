@@ -56,6 +56,8 @@ pub(crate) fn web_container(name: &str, ip: [u8; 4]) -> ContainerInfo {
         exposed: vec![PortSpec::parse("80/tcp").expect("a port")],
         networks: vec![NetworkAttachment {
             name: "bridge".into(),
+            network_id: String::new(),
+            ingress: false,
             ipv4: Some(Ipv4Addr::from(ip)),
             ipv6: None,
         }],

@@ -19,7 +19,7 @@ use backend_core::layout::valid_segment;
 use backend_core::ServiceRecord;
 
 use crate::container::ContainerInfo;
-use crate::metadata::Metadata;
+use crate::metadata::{BadCheck, Metadata, TagTemplate};
 use plain::plain_records;
 pub use task::parse_port_list;
 use task::task_records;
@@ -35,9 +35,6 @@ pub const LABEL_PORT: &str = "registrator.port";
 /// The network whose address to publish.
 pub const LABEL_NETWORK: &str = "registrator.network";
 
-/// The swarm's routing-mesh network: never a task's own address.
-const INGRESS: &str = "ingress";
-
 /// The bridge's settings that shape records.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -50,6 +47,13 @@ pub struct BuildOptions {
     pub network: Option<String>,
     /// Publish only containers that set `SERVICE_NAME` (`--explicit`).
     pub explicit: bool,
+    /// Publish a container's IPv6 address on a network that has one (`--ipv6`).
+    pub ipv6: bool,
+    /// Tags added after every record's own (`--tags`).
+    pub tags: Vec<TagTemplate>,
+    /// The container label whose address to publish when a container sets it
+    /// (`--use-ip-from-label`).
+    pub ip_label: Option<String>,
 }
 
 /// The node the bridge runs on.
@@ -86,11 +90,25 @@ pub enum SkipReason {
     BadName { container: String, name: String },
     #[error("container {container}: instance id {id:?} cannot be used as a key segment (no '/', no control characters); fix SERVICE_ID")]
     BadId { container: String, id: String },
+    #[error("container {container}: label {label}={value:?} (--use-ip-from-label) is not an IP address; write it like 10.0.0.5 or 10.0.0.5/24")]
+    BadIpLabel {
+        container: String,
+        label: String,
+        value: String,
+    },
     #[error("container {container}: task name {task_name:?} does not have the form <service>.<slot>.<task-id>")]
     BadTaskName {
         container: String,
         task_name: String,
     },
+}
+
+/// The records of one container, and what of its metadata could not be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Built {
+    pub records: Vec<ServiceRecord>,
+    /// Checks left out of the records (the records are published without them).
+    pub bad_checks: Vec<BadCheck>,
 }
 
 /// The records that publish `c`; empty when it is not running, is paused, or is ignored.
@@ -99,13 +117,34 @@ pub fn build_records(
     opts: &BuildOptions,
     node: &NodeIdentity,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
+    build(c, opts, node).map(|b| b.records)
+}
+
+/// [`build_records`], with the values that were left out.
+pub fn build(
+    c: &ContainerInfo,
+    opts: &BuildOptions,
+    node: &NodeIdentity,
+) -> Result<Built, SkipReason> {
+    let mut built = Built::default();
     if !c.running || c.paused {
-        return Ok(Vec::new());
+        return Ok(built);
     }
-    if c.label(LABEL_TASK_ID).is_some() {
-        task_records(c, opts, node)
+    built.records = if c.label(LABEL_TASK_ID).is_some() {
+        task_records(c, opts, node, &mut built.bad_checks)?
     } else {
-        plain_records(c, opts, node)
+        plain_records(c, opts, node, &mut built.bad_checks)?
+    };
+    built.bad_checks.dedup();
+    Ok(built)
+}
+
+/// Sets the check of `r` from `meta` (on the record's address and port); a bad one is left
+/// out and noted.
+fn set_check(r: &mut ServiceRecord, meta: &Metadata, bad: &mut Vec<BadCheck>) {
+    match meta.check(r.ip, r.port) {
+        Ok(check) => r.check = check,
+        Err(e) => bad.push(e),
     }
 }
 
@@ -115,6 +154,39 @@ fn metadata(c: &ContainerInfo, port: &str) -> Metadata {
         c.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         port,
     )
+}
+
+/// The address in the container's `--use-ip-from-label` label (Registrator's rule: a `/prefix`
+/// after it is dropped); `None` when the flag or the label is not set.
+fn ip_from_label(c: &ContainerInfo, opts: &BuildOptions) -> Result<Option<IpAddr>, SkipReason> {
+    let Some(label) = opts.ip_label.as_deref() else {
+        return Ok(None);
+    };
+    let Some(value) = c.label(label).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let address = value.rsplit_once('/').map_or(value, |(a, _)| a);
+    address
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| SkipReason::BadIpLabel {
+            container: c.name.clone(),
+            label: label.to_string(),
+            value: value.to_string(),
+        })
+}
+
+/// The record's tags: its own (`SERVICE_TAGS`), then `--tags` filled in for `c`.
+fn tags(c: &ContainerInfo, meta: &Metadata, opts: &BuildOptions) -> Vec<String> {
+    let mut tags = meta.tags();
+    tags.extend(
+        opts.tags
+            .iter()
+            .map(|t| t.render(c))
+            .filter(|t| !t.is_empty()),
+    );
+    tags
 }
 
 /// Labels copied into records: all but Docker's own swarm and stack labels.

@@ -7,9 +7,11 @@ use backend_core::{Protocol, ServiceRecord};
 
 use super::task::choose_network;
 use super::{
-    base_record, check_segments, metadata, BuildOptions, NodeIdentity, SkipReason, LABEL_NETWORK,
+    base_record, check_segments, ip_from_label, metadata, set_check, tags, BuildOptions,
+    NodeIdentity, SkipReason, LABEL_NETWORK,
 };
 use crate::container::{ContainerInfo, PortSpec};
+use crate::metadata::BadCheck;
 
 /// One port of a plain container, as Registrator sees it.
 struct PlainPort {
@@ -22,6 +24,7 @@ pub(super) fn plain_records(
     c: &ContainerInfo,
     opts: &BuildOptions,
     node: &NodeIdentity,
+    bad_checks: &mut Vec<BadCheck>,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
     let host_ip = opts
         .host_ip
@@ -44,7 +47,7 @@ pub(super) fn plain_records(
         specs.dedup();
         if !specs.is_empty() {
             let wanted = c.label(LABEL_NETWORK).or(opts.network.as_deref());
-            let ip = choose_network(c, wanted, None)?;
+            let ip = choose_network(c, wanted, None, opts.ipv6)?;
             ports.extend(specs.into_iter().map(|spec| PlainPort {
                 spec,
                 ip,
@@ -65,6 +68,7 @@ pub(super) fn plain_records(
         }
     }
 
+    let label_ip = ip_from_label(c, opts)?;
     let default_name = image_base_name(&c.image);
     let several = ports.len() > 1;
     let mut records = Vec::with_capacity(ports.len());
@@ -82,7 +86,7 @@ pub(super) fn plain_records(
         if several && !meta.from_port("name") {
             service = format!("{service}-{exposed}");
         }
-        let mut tags = meta.tags();
+        let mut tags = tags(c, &meta, opts);
         let mut id = format!("{}:{}:{}", node.hostname, c.name, exposed);
         if p.spec.protocol != Protocol::Tcp {
             id = format!("{id}:{}", p.spec.protocol);
@@ -94,11 +98,12 @@ pub(super) fn plain_records(
         let mut r = base_record(c, node);
         r.service = service;
         r.id = id;
-        r.ip = p.ip;
+        r.ip = label_ip.unwrap_or(p.ip);
         r.port = p.port;
         r.protocol = p.spec.protocol;
         r.tags = tags;
         r.attrs = meta.attrs();
+        set_check(&mut r, &meta, bad_checks);
         records.push(check_segments(r, c)?);
     }
     Ok(records)

@@ -5,16 +5,18 @@ use std::net::IpAddr;
 use backend_core::{Protocol, ServiceRecord};
 
 use super::{
-    base_record, check_segments, metadata, BuildOptions, NodeIdentity, SkipReason, INGRESS,
-    LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_STACK,
-    LABEL_TASK_ID, LABEL_TASK_NAME,
+    base_record, check_segments, ip_from_label, metadata, set_check, tags, BuildOptions,
+    NodeIdentity, SkipReason, LABEL_NETWORK, LABEL_NODE_ID, LABEL_PORT, LABEL_SERVICE_ID,
+    LABEL_SERVICE_NAME, LABEL_STACK, LABEL_TASK_ID, LABEL_TASK_NAME,
 };
 use crate::container::{ContainerInfo, NetworkAttachment, PortSpec};
+use crate::metadata::BadCheck;
 
 pub(super) fn task_records(
     c: &ContainerInfo,
     opts: &BuildOptions,
     node: &NodeIdentity,
+    bad_checks: &mut Vec<BadCheck>,
 ) -> Result<Vec<ServiceRecord>, SkipReason> {
     let task_id = c.label(LABEL_TASK_ID).unwrap_or_default();
     let swarm_service = c.label(LABEL_SERVICE_NAME).unwrap_or_default();
@@ -46,7 +48,10 @@ pub(super) fn task_records(
     }
 
     let stack = c.label(LABEL_STACK).map(str::to_string);
-    let ip = task_address(c, opts, stack.as_deref())?;
+    let ip = match ip_from_label(c, opts)? {
+        Some(ip) => ip,
+        None => task_address(c, opts, stack.as_deref())?,
+    };
     let slot = task_slot(c, swarm_service, task_id, &node.node_id)?;
 
     let several = ports.len() > 1;
@@ -72,8 +77,9 @@ pub(super) fn task_records(
         r.ip = ip;
         r.port = spec.port;
         r.protocol = spec.protocol;
-        r.tags = meta.tags();
+        r.tags = tags(c, &meta, opts);
         r.attrs = meta.attrs();
+        set_check(&mut r, &meta, bad_checks);
         r.task_id = Some(task_id.to_string());
         r.task_slot = slot;
         r.service_id = c.label(LABEL_SERVICE_ID).map(str::to_string);
@@ -125,15 +131,17 @@ fn task_address(
     stack: Option<&str>,
 ) -> Result<IpAddr, SkipReason> {
     let wanted = c.label(LABEL_NETWORK).or(opts.network.as_deref());
-    choose_network(c, wanted, stack)
+    choose_network(c, wanted, stack, opts.ipv6)
 }
 
 pub(super) fn choose_network(
     c: &ContainerInfo,
     wanted: Option<&str>,
     stack: Option<&str>,
+    ipv6: bool,
 ) -> Result<IpAddr, SkipReason> {
-    let usable = |n: &&NetworkAttachment| n.name != INGRESS && n.address().is_some();
+    let usable = |n: &&NetworkAttachment| !n.ingress && n.address().is_some();
+    let address = |n: &NetworkAttachment| n.address_preferring(ipv6);
     match wanted {
         Some(w) => {
             // A stack's networks are named <stack>_<name>; accept the short name too.
@@ -142,7 +150,7 @@ pub(super) fn choose_network(
                 .iter()
                 .filter(usable)
                 .find(|n| n.name == w || Some(&n.name) == stacked.as_ref())
-                .and_then(NetworkAttachment::address)
+                .and_then(address)
                 .ok_or_else(|| SkipReason::NetworkNotFound {
                     container: c.name.clone(),
                     wanted: w.to_string(),
@@ -158,7 +166,7 @@ pub(super) fn choose_network(
             .networks
             .iter()
             .find(usable)
-            .and_then(NetworkAttachment::address)
+            .and_then(address)
             .ok_or_else(|| SkipReason::NoAddress {
                 container: c.name.clone(),
             }),

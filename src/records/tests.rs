@@ -36,11 +36,15 @@ fn task(labels: &[(&str, &str)]) -> ContainerInfo {
         networks: vec![
             NetworkAttachment {
                 name: "ingress".into(),
+                network_id: String::new(),
+                ingress: true,
                 ipv4: Some("10.0.0.5".parse().expect("ip")),
                 ipv6: None,
             },
             NetworkAttachment {
                 name: "mongo-net".into(),
+                network_id: String::new(),
+                ingress: false,
                 ipv4: Some("10.0.1.7".parse().expect("ip")),
                 ipv6: None,
             },
@@ -63,6 +67,8 @@ fn plain() -> ContainerInfo {
         }],
         networks: vec![NetworkAttachment {
             name: "bridge".into(),
+            network_id: String::new(),
+            ingress: false,
             ipv4: Some("172.17.0.2".parse().expect("ip")),
             ipv6: None,
         }],
@@ -96,6 +102,8 @@ fn the_network_label_beats_the_flag_and_stack_names_are_understood() {
     let mut c = task(&[(LABEL_STACK, "prod"), (LABEL_NETWORK, "backend")]);
     c.networks.push(NetworkAttachment {
         name: "prod_backend".into(),
+        network_id: String::new(),
+        ingress: false,
         ipv4: None,
         ipv6: Some("fd00::9".parse().expect("ip")),
     });
@@ -304,4 +312,168 @@ fn image_names() {
     assert_eq!(image_base_name("redis:7"), "redis");
     assert_eq!(image_base_name("registry:5000/a/redis:7"), "redis");
     assert_eq!(image_base_name("redis@sha256:abc"), "redis");
+}
+
+#[test]
+fn check_keys_become_the_check_on_the_published_address_not_attributes() {
+    let mut c = plain();
+    c.env = vec![
+        "SERVICE_CHECK_HTTP=/health".into(),
+        "SERVICE_CHECK_INTERVAL=2s".into(),
+        "SERVICE_REGION=eu".into(),
+    ];
+    let r = only_record(&c, &BuildOptions::default());
+    let check = r.check.expect("a check");
+    // The host port on the node's address: what the agent on the host can reach.
+    assert_eq!(check.http.as_deref(), Some("http://192.0.2.10:8080/health"));
+    assert_eq!(check.interval.as_deref(), Some("2s"));
+    assert_eq!(r.attrs, BTreeMap::from([("region".into(), "eu".into())]));
+
+    let internal = BuildOptions {
+        internal: true,
+        ..Default::default()
+    };
+    let r = only_record(&c, &internal);
+    let check = r.check.expect("a check");
+    assert_eq!(check.http.as_deref(), Some("http://172.17.0.2:80/health"));
+
+    let t = task(&[("SERVICE_27017_CHECK_TCP", "true")]);
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(
+        r.check.and_then(|c| c.tcp).as_deref(),
+        Some("10.0.1.7:27017")
+    );
+}
+
+#[test]
+fn a_bad_check_value_leaves_the_check_out_and_is_reported() {
+    let mut c = plain();
+    c.labels = BTreeMap::from([
+        ("SERVICE_CHECK_HTTP".into(), "/health".into()),
+        ("SERVICE_CHECK_INTERVAL".into(), "10 seconds".into()),
+    ]);
+    let built = build(&c, &BuildOptions::default(), &node()).expect("builds");
+    assert_eq!(built.records.len(), 1, "the service is still published");
+    assert_eq!(built.records[0].check, None);
+    assert_eq!(built.bad_checks.len(), 1);
+    assert_eq!(built.bad_checks[0].key, "SERVICE_CHECK_INTERVAL");
+}
+
+#[test]
+fn forced_tags_follow_the_containers_own_and_come_before_udp() {
+    let mut c = plain();
+    c.env = vec!["SERVICE_TAGS=own".into()];
+    c.labels = BTreeMap::from([("team".into(), "blue".into())]);
+    let opts = BuildOptions {
+        tags: crate::metadata::parse_tags(r#"edge,team-{{index .Config.Labels "team"}}"#)
+            .expect("valid"),
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&c, &opts).tags,
+        vec!["own", "edge", "team-blue"]
+    );
+    c.published[0].container = PortSpec::parse("53/udp").expect("port");
+    c.exposed = vec![PortSpec::parse("53/udp").expect("port")];
+    assert_eq!(
+        only_record(&c, &opts).tags,
+        vec!["own", "edge", "team-blue", "udp"]
+    );
+    let r = only_record(&task(&[]), &opts);
+    assert_eq!(r.tags, vec!["edge", "team-"]);
+}
+
+#[test]
+fn the_ip_label_gives_the_address_when_the_container_sets_it() {
+    let opts = BuildOptions {
+        ip_label: Some("com.example.ip".into()),
+        ..Default::default()
+    };
+    let mut c = plain();
+    assert_eq!(
+        only_record(&c, &opts).ip,
+        "192.0.2.10".parse::<IpAddr>().expect("ip"),
+        "without the label: the host address"
+    );
+    c.labels
+        .insert("com.example.ip".into(), "198.51.100.7/24".into());
+    let r = only_record(&c, &opts);
+    assert_eq!(r.ip, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+    assert_eq!(r.port, 8080, "the port is still the published one");
+    let t = task(&[("com.example.ip", "fd00::7")]);
+    assert_eq!(
+        only_record(&t, &opts).ip,
+        "fd00::7".parse::<IpAddr>().expect("ip")
+    );
+    c.labels.insert("com.example.ip".into(), "not-an-ip".into());
+    assert!(matches!(
+        build_records(&c, &opts, &node()),
+        Err(SkipReason::BadIpLabel { .. })
+    ));
+}
+
+#[test]
+fn ipv6_is_published_on_a_dual_stack_network_when_asked() {
+    let mut t = task(&[]);
+    t.networks[1].ipv6 = Some("fd00::7".parse().expect("ip"));
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(
+        r.ip,
+        "10.0.1.7".parse::<IpAddr>().expect("ip"),
+        "IPv4 by default"
+    );
+    let v6 = BuildOptions {
+        ipv6: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&t, &v6).ip,
+        "fd00::7".parse::<IpAddr>().expect("ip")
+    );
+    // A network without IPv6 still gives its IPv4 address.
+    assert_eq!(
+        only_record(&task(&[]), &v6).ip,
+        "10.0.1.7".parse::<IpAddr>().expect("ip")
+    );
+    // Plain containers with --internal, too.
+    let mut c = plain();
+    c.networks[0].ipv6 = Some("fd00::2".parse().expect("ip"));
+    let internal_v6 = BuildOptions {
+        internal: true,
+        ipv6: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        only_record(&c, &internal_v6).ip,
+        "fd00::2".parse::<IpAddr>().expect("ip")
+    );
+}
+
+#[test]
+fn a_custom_ingress_network_is_never_the_tasks_address() {
+    let mut t = task(&[]);
+    // `docker network create --ingress mesh`: the first network by name, and not "ingress".
+    t.networks = vec![
+        NetworkAttachment {
+            name: "a-mesh".into(),
+            network_id: "n1".into(),
+            ipv4: Some("10.255.0.9".parse().expect("ip")),
+            ipv6: None,
+            ingress: true,
+        },
+        NetworkAttachment {
+            name: "mongo-net".into(),
+            network_id: "n2".into(),
+            ipv4: Some("10.0.1.7".parse().expect("ip")),
+            ipv6: None,
+            ingress: false,
+        },
+    ];
+    let r = only_record(&t, &BuildOptions::default());
+    assert_eq!(r.ip, "10.0.1.7".parse::<IpAddr>().expect("ip"));
+    t.networks.truncate(1);
+    assert!(matches!(
+        build_records(&t, &BuildOptions::default(), &node()),
+        Err(SkipReason::NoAddress { .. })
+    ));
 }

@@ -1,10 +1,10 @@
-//! The Consul catalog: each record as an agent service with a TTL check, and the rules of
-//! service meta.
+//! The Consul catalog: each record as an agent service with a TTL check (and the check its
+//! container asks for with Registrator's `SERVICE_CHECK_*`), and the rules of service meta.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backend_core::{BackendError, Health, Result, ServiceRecord};
+use backend_core::{BackendError, Health, Result, ServiceCheck, ServiceRecord};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -96,30 +96,27 @@ impl Client {
         Ok((self.decode(resp, "catalog read").await?, index))
     }
 
-    /// Registers one record as an agent service with a TTL check.
+    /// Registers one record as an agent service with a TTL check, and the record's own check
+    /// when it has one. Should the agent refuse the registration with that check (a script
+    /// check on an agent without `enable_script_checks`, say), the service is registered
+    /// without it, so that it is not lost for its check.
     pub(crate) async fn register(&self, r: &ServiceRecord, check: &TtlCheck) -> Result<()> {
-        let (status, output) = check_status(r.health);
-        let body = json!({
-            "ID": r.id,
-            "Name": r.service,
-            "Address": r.ip.to_string(),
-            "Port": r.port,
-            "Tags": r.tags,
-            "Meta": catalog_meta(r, &check.prefix),
-            "Check": {
-                "CheckID": check_id(&r.id),
-                "Name": "swarm-registrator TTL",
-                "TTL": format!("{}s", check.ttl.as_secs()),
-                "Status": status,
-                "Notes": output,
-                "DeregisterCriticalServiceAfter":
-                    format!("{}s", check.deregister_after.as_secs()),
-            },
-        });
+        let with_own = self.put_registration(&registration(r, check, true)).await;
+        match (with_own, &r.check) {
+            (Err(BackendError::Rejected { detail, .. }), Some(own)) => {
+                tracing::warn!(store = STORE, id = %r.id, check = %own.source, answer = %detail,
+                    "the agent refused the service's check; registering the service without it");
+                self.put_registration(&registration(r, check, false)).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn put_registration(&self, body: &serde_json::Value) -> Result<()> {
         let resp = self
             .send(
                 self.request(Method::PUT, "/v1/agent/service/register")
-                    .json(&body),
+                    .json(body),
                 "register service",
             )
             .await?;
@@ -161,6 +158,60 @@ impl Client {
 /// The TTL check of a registration.
 fn check_id(service_id: &str) -> String {
     format!("service:{service_id}")
+}
+
+/// The check a registration's container asks for (`SERVICE_CHECK_*`).
+fn own_check_id(service_id: &str) -> String {
+    format!("service:{service_id}:check")
+}
+
+/// The body of `/v1/agent/service/register` for `r`: the bridge's TTL check, which carries
+/// Docker's health, and with `own` the record's own check, both in `Checks`.
+fn registration(r: &ServiceRecord, check: &TtlCheck, own: bool) -> serde_json::Value {
+    let (status, output) = check_status(r.health);
+    let mut checks = vec![json!({
+        "CheckID": check_id(&r.id),
+        "Name": "swarm-registrator TTL",
+        "TTL": format!("{}s", check.ttl.as_secs()),
+        "Status": status,
+        "Notes": output,
+        "DeregisterCriticalServiceAfter": format!("{}s", check.deregister_after.as_secs()),
+    })];
+    if let Some(c) = r.check.as_ref().filter(|_| own) {
+        checks.push(agent_check(&r.id, c));
+    }
+    json!({
+        "ID": r.id,
+        "Name": r.service,
+        "Address": r.ip.to_string(),
+        "Port": r.port,
+        "Tags": r.tags,
+        "Meta": catalog_meta(r, &check.prefix),
+        "Checks": checks,
+    })
+}
+
+/// A record's own check as the agent's check definition. A script runs as `/bin/sh -c`.
+pub fn agent_check(service_id: &str, c: &ServiceCheck) -> serde_json::Value {
+    let mut def = serde_json::Map::new();
+    def.insert("CheckID".into(), json!(own_check_id(service_id)));
+    def.insert("Name".into(), json!(c.source));
+    let mut put = |k: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            def.insert(k.into(), json!(v));
+        }
+    };
+    put("HTTP", &c.http);
+    put("TCP", &c.tcp);
+    put("TTL", &c.ttl);
+    put("Interval", &c.interval);
+    put("Timeout", &c.timeout);
+    put("Status", &c.initial_status);
+    put("DeregisterCriticalServiceAfter", &c.deregister_after);
+    if let Some(script) = &c.script {
+        def.insert("Args".into(), json!(["/bin/sh", "-c", script]));
+    }
+    serde_json::Value::Object(def)
 }
 
 /// Docker's health as a Consul check status: unhealthy is critical, starting is warning.
@@ -265,4 +316,77 @@ pub fn record_from_agent(s: &AgentService, prefix: &str) -> Option<ServiceRecord
         stack: meta.get("stack").cloned(),
         ..ServiceRecord::new(&s.service, &s.id, s.address.parse().ok()?, s.port)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ttl() -> TtlCheck {
+        TtlCheck {
+            ttl: Duration::from_secs(15),
+            deregister_after: Duration::from_secs(60),
+            prefix: "registrator".into(),
+        }
+    }
+
+    #[test]
+    fn a_record_without_a_check_gets_the_ttl_check_only() {
+        let r = ServiceRecord::new("web", "h:web:80", "127.0.0.1".parse().expect("ip"), 8080);
+        let body = registration(&r, &ttl(), true);
+        let checks = body["Checks"].as_array().expect("Checks");
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0]["CheckID"], json!("service:h:web:80"));
+        assert_eq!(checks[0]["TTL"], json!("15s"));
+        assert!(body.get("Check").is_none());
+    }
+
+    #[test]
+    fn the_records_check_is_registered_beside_the_ttl_check() {
+        let mut r = ServiceRecord::new("web", "h:web:80", "127.0.0.1".parse().expect("ip"), 8080);
+        r.attrs.insert("region".into(), "eu".into());
+        r.check = Some(ServiceCheck {
+            http: Some("http://127.0.0.1:8080/health".into()),
+            interval: Some("2s".into()),
+            timeout: Some("1s".into()),
+            initial_status: Some("critical".into()),
+            deregister_after: Some("5m".into()),
+            source: "SERVICE_CHECK_HTTP".into(),
+            ..ServiceCheck::default()
+        });
+        let body = registration(&r, &ttl(), true);
+        let checks = body["Checks"].as_array().expect("Checks");
+        assert_eq!(checks.len(), 2);
+        assert_eq!(
+            checks[1],
+            json!({
+                "CheckID": "service:h:web:80:check",
+                "Name": "SERVICE_CHECK_HTTP",
+                "HTTP": "http://127.0.0.1:8080/health",
+                "Interval": "2s",
+                "Timeout": "1s",
+                "Status": "critical",
+                "DeregisterCriticalServiceAfter": "5m",
+            })
+        );
+        let meta = body["Meta"].as_object().expect("Meta");
+        assert!(meta.keys().all(|k| !k.starts_with("check")), "{meta:?}");
+        assert_eq!(
+            registration(&r, &ttl(), false)["Checks"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+
+        let script = ServiceCheck {
+            script: Some("nc -z 10.0.0.3 6379".into()),
+            interval: Some("10s".into()),
+            source: "SERVICE_CHECK_SCRIPT".into(),
+            ..ServiceCheck::default()
+        };
+        assert_eq!(
+            agent_check("x", &script)["Args"],
+            json!(["/bin/sh", "-c", "nc -z 10.0.0.3 6379"])
+        );
+    }
 }

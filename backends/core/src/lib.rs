@@ -33,7 +33,9 @@ pub use identity::{
     config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,
 };
 pub use layout::{check_set_name, KeyLayout, ServiceKey, SetNameError};
-pub use record::{DecodeError, Health, NodeRecord, Protocol, ServiceRecord, SCHEMA_VERSION};
+pub use record::{
+    DecodeError, Health, NodeRecord, Protocol, ServiceCheck, ServiceRecord, SCHEMA_VERSION,
+};
 pub use secret::Secret;
 pub use status::{
     NextKind, NextStep, ReplSetStatus, StatusDecodeError, StatusMember, STATUS_SCHEMA_VERSION,

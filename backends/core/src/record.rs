@@ -88,7 +88,8 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Registrator's attributes: every `SERVICE_<KEY>` / `SERVICE_<port>_<KEY>` of the
-    /// container other than NAME, ID, TAGS, IGNORE and PORT, with the key lower-cased.
+    /// container other than NAME, ID, TAGS, IGNORE, PORT and the `CHECK_*` keys (those are
+    /// in `check`), with the key lower-cased.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attrs: BTreeMap<String, String>,
     pub container_id: String,
@@ -113,6 +114,44 @@ pub struct ServiceRecord {
     /// `2026-11-26T19:04:30.757991713Z`). Tells the newer of two tasks that claim one slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// The health check a Consul agent runs for this instance, from Registrator's
+    /// `SERVICE_CHECK_*` keys; absent when the container sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<ServiceCheck>,
+}
+
+/// A health check of one instance, as Registrator's `SERVICE_CHECK_*` keys describe it: exactly
+/// one of `http`, `tcp`, `script` and `ttl` is set. Durations are Go durations (`10s`,
+/// `1m30s`), as Consul reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCheck {
+    /// The URL the agent GETs (`http://` or `https://`): passing on a 2xx answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// The `host:port` the agent connects to: passing when the connection opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// A shell command the agent runs (`sh -c`) on its own host: exit 0 passing, 1 warning,
+    /// anything else critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// A TTL check that the service itself must pass within this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// How often the agent runs an HTTP, TCP or script check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// `passing`, `warning` or `critical`: the status before the first run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_status: Option<String>,
+    /// How long the check may stay critical before the agent removes the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregister_after: Option<String>,
+    /// The key that asked for this check, as the container wrote it
+    /// (`SERVICE_CHECK_HTTP`, `SERVICE_8080_CHECK_TCP`): the check's name in Consul.
+    pub source: String,
 }
 
 /// Why a value in the store is not a record this crate understands.
@@ -155,6 +194,7 @@ impl ServiceRecord {
             stack: None,
             health: None,
             started_at: None,
+            check: None,
         }
     }
 
