@@ -24,6 +24,7 @@ pub const BRIDGE_RULES: &[&str] = &[
     "GET /info",
     "GET /containers/json?all,limit,size,filters",
     "GET /containers/{id}/json?size",
+    "GET /networks/{id}?verbose,scope",
     "GET /events?since,until,filters",
 ];
 
@@ -281,6 +282,8 @@ mod tests {
             "/v1.53/containers/json",
             "/v1.41/containers/0123abcdef/json?size=false",
             "/containers/my-app.1_x/json",
+            "/v1.41/networks/9vzbyfzkmp0f4mfgyo0fpxguh",
+            "/networks/ingress?verbose=false",
             "/v1.41/events?since=1700000000.000000000&filters=%7B%22type%22%3A%5B%22container%22%5D%7D",
             "/v1/info",
         ] {

@@ -9,8 +9,8 @@ use docker_socket_proxy::{AllowList, ListenAddr, Listener, Proxy, Rule};
 use tokio_util::task::TaskTracker;
 
 /// Forwards to the Docker engine only the reads swarm-registrator makes (GET /_ping,
-/// /version, /info, /containers/json, /containers/{id}/json, /events); every other request,
-/// and any connection upgrade, is answered 403.
+/// /version, /info, /containers/json, /containers/{id}/json, /networks/{id}, /events);
+/// every other request, and any connection upgrade, is answered 403.
 ///
 /// Run it next to the engine's socket, and point the bridge at the socket it creates
 /// (DOCKER_HOST=unix:///run/docker-socket-proxy/docker.sock). Every option can also be given
