@@ -139,4 +139,17 @@ esac
         .await
         .expect("docker info");
     assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "active");
+    // The new dockerd is a grandchild of the script: it must not hold the script's lock, or
+    // every later `scripts/services up` or `down` waits for it in vain.
+    let lock = root.join(".services/lock");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", after.trim())).expect("dockerd's fds");
+    let held: Vec<_> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| *target == lock)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "the restarted dockerd holds {}",
+        lock.display()
+    );
 }
