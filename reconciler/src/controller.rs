@@ -30,7 +30,8 @@ use crate::records::{desired_sets, Selector, SlotHolders};
 
 /// The first delay after a failed campaign, doubling up to [`CAMPAIGN_BACKOFF_MAX`].
 pub const CAMPAIGN_BACKOFF_INITIAL: Duration = Duration::from_millis(800);
-pub const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Short: a failed campaign costs one request, and the set has no leader until one succeeds.
+pub const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How long a leader that lost its leadership waits for the store to take its resignation.
 const RESIGN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -269,6 +270,16 @@ async fn run_set<S: Coordinator, M: ReplSetClient>(
     shutdown: CancellationToken,
 ) {
     let config = &ctx.config;
+    if config.dry_run {
+        // Never a campaign: a dry run must not take the leadership from the reconciler that
+        // acts (it would win some elections and stop that one for as long as it leads).
+        tracing::info!(set = %set, "dry run: not campaigning; logging what a leader would do");
+        tokio::select! {
+            _ = reconcile_loop(&ctx, &set, &mut records, None) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        return;
+    }
     let key = config.layout.replset_leader_key(&set);
     let mut backoff = Backoff::new(CAMPAIGN_BACKOFF_INITIAL, CAMPAIGN_BACKOFF_MAX);
     loop {
@@ -306,7 +317,7 @@ async fn run_set<S: Coordinator, M: ReplSetClient>(
         let fence = leadership.fence().clone();
         let lost = tokio::select! {
             reason = leadership.lost() => Some(reason),
-            reason = reconcile_while_leading(&ctx, &set, &mut records, &fence) => Some(reason),
+            reason = reconcile_loop(&ctx, &set, &mut records, Some(&fence)) => Some(reason),
             _ = shutdown.cancelled() => None,
         };
         match lost {
@@ -329,13 +340,14 @@ async fn run_set<S: Coordinator, M: ReplSetClient>(
     }
 }
 
-/// The loop of one set while this process leads: debounce, reconcile, requeue. Returns, with
-/// the reason, only when the store refused a write as leader (this process no longer leads).
-async fn reconcile_while_leading<S: Coordinator, M: ReplSetClient>(
+/// The loop of one set while this process leads (with the leadership's `fence`), or of a dry
+/// run (without one): debounce, reconcile, requeue. Returns, with the reason, only when the
+/// store refused a write as leader (this process no longer leads).
+async fn reconcile_loop<S: Coordinator, M: ReplSetClient>(
     ctx: &Context<S, M>,
     set: &str,
     records: &mut watch::Receiver<Records>,
-    fence: &backend_core::Fence,
+    fence: Option<&backend_core::Fence>,
 ) -> String {
     let mut state = SetState::new(set);
     loop {

@@ -172,17 +172,17 @@ fn read_pem(
 /// One etcd client over every endpoint and, when etcd has authentication enabled, the login
 /// it needs before its first request. Cheap to clone (the channels and the tokens are shared).
 ///
-/// Besides the client balanced over every endpoint (`get`), it holds one client per endpoint
-/// and the one in use (`pinned`): the publishing and watching paths use that one, and move on
-/// to the next endpoint when a request through it fails for want of the member
-/// ([`Conn::failed`]). The balanced client picks an endpoint at random for each request, so a
-/// hung member would go on receiving a share of them until a keepalive closes its connection,
-/// and a new one to it (the kernel accepts a connection to a stopped process) hangs again.
+/// Every request goes through one client per endpoint, the one in use (`pinned`), and moves
+/// on to the next endpoint when a request through it fails for want of the member
+/// ([`Conn::failed`]). The client balanced over every endpoint is only for
+/// [`EtcdStore::client`]: it picks an endpoint at random for each request, so a hung member
+/// would go on receiving a share of them until a keepalive closes its connection (and a new one
+/// to it, which the kernel accepts for a stopped process, hangs again); and after the members
+/// come back it can go on failing with `tcp connect error` for several requests.
 #[derive(Clone)]
 struct Conn {
     client: Client,
     pinned: Arc<Pinned>,
-    endpoints: Arc<str>,
     login: Option<Arc<Login>>,
 }
 
@@ -197,22 +197,9 @@ struct Pinned {
 struct Login {
     user: String,
     password: Secret,
-    done: tokio::sync::OnceCell<()>,
 }
 
 impl Conn {
-    /// The client balanced over every endpoint, logged in. A failed login is not remembered:
-    /// the next call tries again.
-    async fn get(&self) -> Result<Client, BackendError> {
-        if let Some(login) = &self.login {
-            login
-                .done
-                .get_or_try_init(|| log_in(&self.client, login, &self.endpoints))
-                .await?;
-        }
-        Ok(self.client.clone())
-    }
-
     /// The client of the endpoint in use, logged in, and its index for [`Conn::failed`].
     async fn pinned(&self) -> Result<(usize, Client), BackendError> {
         use std::sync::atomic::Ordering;
@@ -235,9 +222,16 @@ impl Conn {
     /// be at fault (unreachable, hung, without a leader), the next request goes to the next
     /// endpoint. Only once for concurrent failures through the same endpoint.
     fn failed(&self, used: usize, err: &BackendError) {
+        if matches!(err, BackendError::Unavailable { .. }) {
+            self.move_on(used, err);
+        }
+    }
+
+    /// The endpoint of index `used` did not answer: the next request goes to the next one.
+    fn move_on(&self, used: usize, err: &dyn std::fmt::Display) {
         use std::sync::atomic::Ordering;
         let n = self.pinned.clients.len();
-        if n < 2 || !matches!(err, BackendError::Unavailable { .. }) {
+        if n < 2 {
             return;
         }
         let next = (used + 1) % n;
@@ -380,13 +374,11 @@ impl EtcdStore {
                     Arc::new(Login {
                         user: user.clone(),
                         password: password.clone(),
-                        done: tokio::sync::OnceCell::new(),
                     })
                 });
                 Ok::<Conn, ConfigError>(Conn {
                     client,
                     pinned,
-                    endpoints: joined.into(),
                     login,
                 })
             }
@@ -400,8 +392,8 @@ impl EtcdStore {
         })
     }
 
-    /// The client, for callers that need more of etcd than the traits offer (tests, tools).
-    /// With a user, it is logged in only once a call of the store's own has been made.
+    /// A client balanced over every endpoint, for callers that need more of etcd than the
+    /// traits offer (tests, tools). It is not logged in: for a store without users.
     pub fn client(&self) -> Client {
         self.client.client.clone()
     }
@@ -960,12 +952,18 @@ impl Coordinator for EtcdStore {
     /// etcd's election API: a lease, kept alive by a task, and a campaign on `key` with it.
     async fn campaign(&self, key: String, holder: String, ttl: Duration) -> Result<Leadership> {
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        let mut client = self.long_client.get().await?;
+        // One member's client for the whole campaign, the next one after a failure: the
+        // client balanced over every member can go on failing with `tcp connect error` for
+        // several requests after the members are back, and a campaign retried with backoff
+        // makes few requests.
+        let (used, mut client) = self.long_client.pinned().await?;
+        let endpoint = self.long_client.endpoint(used).to_string();
         let granted_at = tokio::time::Instant::now();
         let lease = client
             .lease_grant(secs, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, "grant a lease", e))?
+            .map_err(|e| map_error(&endpoint, "grant a lease", e))
+            .inspect_err(|e| self.long_client.failed(used, e))?
             .id();
         // The lease lives `secs` from when etcd granted it, never before the request started.
         let deadline =
@@ -973,7 +971,7 @@ impl Coordinator for EtcdStore {
         let (lost_tx, lost_rx) = futures::channel::oneshot::channel();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
         let renewal = LeaseRenewal {
-            client: self.client.get().await?,
+            conn: self.client.clone(),
             lease,
             pair: None,
         };
@@ -992,7 +990,9 @@ impl Coordinator for EtcdStore {
                 let _ = stop_tx.send(());
                 let _ = client.lease_revoke(lease).await;
                 let what = format!("campaign for {key} (an election key under {key}/)");
-                return Err(map_error(&self.endpoints, &what, e));
+                let err = map_error(&endpoint, &what, e);
+                self.long_client.failed(used, &err);
+                return Err(err);
             }
         };
         let Some(leader) = resp.leader().cloned() else {
@@ -1053,11 +1053,18 @@ impl Coordinator for EtcdStore {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, None)]);
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
         let resp = client
             .txn(txn)
             .await
-            .map_err(|e| map_error(&self.endpoints, &format!("put {key} as leader"), e))?;
+            .map_err(|e| {
+                map_error(
+                    self.client.endpoint(used),
+                    &format!("put {key} as leader"),
+                    e,
+                )
+            })
+            .inspect_err(|e| self.client.failed(used, e))?;
         if resp.succeeded() {
             Ok(())
         } else {
@@ -1070,29 +1077,32 @@ impl Coordinator for EtcdStore {
     }
 
     async fn put_value(&self, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
         client
             .put(key, value, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, &format!("put {key}"), e))?;
+            .map_err(|e| map_error(self.client.endpoint(used), &format!("put {key}"), e))
+            .inspect_err(|e| self.client.failed(used, e))?;
         Ok(())
     }
 
     async fn delete_value(&self, key: &str) -> Result<(), BackendError> {
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
         client
             .delete(key, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, &format!("delete {key}"), e))?;
+            .map_err(|e| map_error(self.client.endpoint(used), &format!("delete {key}"), e))
+            .inspect_err(|e| self.client.failed(used, e))?;
         Ok(())
     }
 
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        let mut client = self.client.get().await?;
+        let (used, mut client) = self.client.pinned().await?;
         let resp = client
             .get(key, None)
             .await
-            .map_err(|e| map_error(&self.endpoints, &format!("get {key}"), e))?;
+            .map_err(|e| map_error(self.client.endpoint(used), &format!("get {key}"), e))
+            .inspect_err(|e| self.client.failed(used, e))?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 }
@@ -1100,19 +1110,24 @@ impl Coordinator for EtcdStore {
 /// The renewal of a campaign's lease, for [`keep_alive`]: the lease is lost when etcd answers
 /// with a TTL of 0 (it expired).
 struct LeaseRenewal {
-    client: Client,
+    conn: Conn,
     lease: i64,
-    /// The keep-alive stream, opened again after a failure.
-    pair: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// The keep-alive stream and the index of the endpoint it goes to, opened again (through
+    /// the next endpoint) after a failure.
+    pair: Option<(usize, (LeaseKeeper, LeaseKeepAliveStream))>,
 }
 
 impl Renew for LeaseRenewal {
     async fn renew(&mut self) -> Renewal {
         if self.pair.is_none() {
-            let mut c = self.client.clone();
-            self.pair = c.lease_keep_alive(self.lease).await.ok();
+            if let Ok((used, mut c)) = self.conn.pinned().await {
+                match c.lease_keep_alive(self.lease).await {
+                    Ok(pair) => self.pair = Some((used, pair)),
+                    Err(e) => self.conn.move_on(used, &e),
+                }
+            }
         }
-        let answer = match self.pair.as_mut() {
+        let answer = match self.pair.as_mut().map(|(_, pair)| pair) {
             Some((keeper, stream)) => {
                 let exchange = async {
                     keeper.keep_alive().await?;
@@ -1126,7 +1141,10 @@ impl Renew for LeaseRenewal {
             Some(Ok(Some(resp))) if resp.ttl() > 0 => Renewal::Renewed,
             Some(Ok(Some(_))) => Renewal::Ended(format!("lease {:x} expired", self.lease)),
             _ => {
-                self.pair = None;
+                if let Some((used, _)) = self.pair.take() {
+                    self.conn
+                        .move_on(used, &"the keep-alive of a campaign's lease failed");
+                }
                 Renewal::Failed
             }
         }
