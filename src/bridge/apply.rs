@@ -295,8 +295,13 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
             .map_err(SyncError::Engine)?;
         let mut by_container: HashMap<String, Vec<ServiceRecord>> = HashMap::new();
         let mut desired = Vec::new();
-        let running: std::collections::HashSet<String> =
-            scanned.iter().map(|(c, _)| c.id.clone()).collect();
+        // What runs by its inspection: a container can exit between the list and its
+        // inspection, and is then treated as any stopped one below.
+        let running: std::collections::HashSet<String> = scanned
+            .iter()
+            .filter(|(c, _)| c.running)
+            .map(|(c, _)| c.id.clone())
+            .collect();
         // Forget kept records of containers removed meanwhile.
         let kept: Vec<String> = self.retained.keys().cloned().collect();
         for id in kept {
@@ -315,8 +320,25 @@ impl<P: Publisher, E: Engine> Bridge<P, E> {
                 .cloned()
                 .collect();
             for id in stopped {
-                if let Ok(Some(c)) = self.engine.inspect(&id).await {
-                    self.keep_if_failed(&c);
+                let seen = scanned.iter().find(|(c, _)| c.id == id).map(|(c, _)| c);
+                match seen {
+                    Some(c) => self.keep_if_failed(c),
+                    None => match self.engine.inspect(&id).await {
+                        Ok(Some(c)) => self.keep_if_failed(&c),
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Unknown yet: its records stay until an inspection tells.
+                            InspectFailed {
+                                container_id: &id,
+                                error: &e,
+                            }
+                            .emit(&self.metrics);
+                            if let Some(records) = self.published.get(&id) {
+                                desired.extend(records.iter().cloned());
+                                by_container.insert(id.clone(), records.clone());
+                            }
+                        }
+                    },
                 }
             }
         }

@@ -389,6 +389,30 @@ async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_resyn
 }
 
 #[tokio::test(start_paused = true)]
+async fn on_success_keeps_a_failed_container_that_exits_while_a_resync_lists() {
+    let failing = web_container("web1", [172, 17, 0, 5]);
+    let r = Running::with(&[&failing], config(Deregister::OnSuccess)).await;
+    assert!(r.has_record(&failing.id));
+    // The resync's list still names it running; its inspection finds it failed.
+    r.engine.exit_after_next_list(&failing.id, 3);
+    let lists = r.engine.lists();
+    // The second list after it comes once the first resync is done.
+    until("two resyncs", 2 * RESYNC + Duration::from_secs(1), || {
+        r.engine.lists() > lists + 1
+    })
+    .await;
+    assert!(
+        r.has_record(&failing.id),
+        "a resync that sees the exit between its list and its inspection keeps the records"
+    );
+    r.engine.die(&failing.id, 3);
+    tokio::time::sleep(RESYNC + Duration::from_secs(1)).await;
+    assert!(r.has_record(&failing.id), "and so does the late die event");
+    r.remove(&failing.id).await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn on_success_keeps_a_failed_container_whose_die_event_comes_after_a_disconnect() {
     let failing = web_container("web1", [172, 17, 0, 5]);
     let r = Running::with(&[&failing], config(Deregister::OnSuccess)).await;

@@ -25,6 +25,8 @@ struct State {
     down: bool,
     /// Calls of `running_container_ids`: one per full sync.
     lists: usize,
+    /// Containers that exit, with this code, right after the next list has named them.
+    exit_after_list: Vec<(String, i64)>,
 }
 
 /// The engine of one node, in memory. Clones share the same engine.
@@ -123,6 +125,12 @@ impl FakeEngine {
         }
     }
 
+    /// The container exits with `code` between the next list and the inspect that follows it
+    /// (the list names it running, its inspection finds it stopped); no event.
+    pub(crate) fn exit_after_next_list(&self, id: &str, code: i64) {
+        self.state().exit_after_list.push((id.into(), code));
+    }
+
     /// The container is removed: a `destroy` event.
     pub(crate) fn remove(&self, id: &str) {
         self.state().containers.remove(id);
@@ -184,12 +192,19 @@ impl Engine for FakeEngine {
             return Err(down("GET /containers/json"));
         }
         state.lists += 1;
-        Ok(state
+        let ids = state
             .containers
             .values()
             .filter(|c| c.running)
             .map(|c| c.id.clone())
-            .collect())
+            .collect();
+        for (id, code) in std::mem::take(&mut state.exit_after_list) {
+            if let Some(c) = state.containers.get_mut(&id) {
+                c.running = false;
+                c.exit_code = Some(code);
+            }
+        }
+        Ok(ids)
     }
 
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInfo>, EngineError> {
