@@ -238,8 +238,29 @@ pub struct WouldApply<'a> {
 }
 
 impl InternalEvent for WouldApply<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(set = %self.set, step = %self.step.describe(), kind = self.step.kind(), "would apply (dry run)");
+        metrics
+            .steps_dry_run
+            .get_or_create(&StepLabels {
+                set: self.set.to_string(),
+                step: self.step.kind(),
+            })
+            .inc();
+    }
+}
+
+/// `--dry-run`: the connection string the leader would publish, once per change.
+#[derive(Debug)]
+pub struct WouldPublish<'a> {
+    pub set: &'a str,
+    pub uri: &'a str,
+    pub converged: bool,
+}
+
+impl InternalEvent for WouldPublish<'_> {
     fn emit(self, _metrics: &Metrics) {
-        tracing::info!(set = %self.set, step = %self.step.describe(), "would apply (dry run)");
+        tracing::info!(set = %self.set, uri = %self.uri, converged = self.converged, "would publish (dry run)");
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub steps_applied: Family<StepLabels, Counter>,
     /// Steps refused by the server (by code) or left without an answer.
     pub steps_refused: Family<RefusedLabels, Counter>,
+    /// `--dry-run`: steps that would have been applied, by kind (as `steps_applied`).
+    pub steps_dry_run: Family<StepLabels, Counter>,
     /// From the first step after a converged state to converged again.
     pub converge_seconds: Histogram,
     /// Reconciles that waited, by reason (`no_primary`, `catching_up`, `removal_grace`,
@@ -98,6 +100,7 @@ impl Default for Metrics {
         Metrics {
             steps_applied: Family::default(),
             steps_refused: Family::default(),
+            steps_dry_run: Family::default(),
             // 100 ms to about 30 min.
             converge_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 15)),
             waits: Family::default(),
@@ -126,6 +129,11 @@ impl Metrics {
             "steps_applied",
             "Steps the server accepted",
             self.steps_applied.clone(),
+        );
+        r.register(
+            "steps_dry_run",
+            "Steps a --dry-run instance would have applied",
+            self.steps_dry_run.clone(),
         );
         r.register(
             "steps_refused",

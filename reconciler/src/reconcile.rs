@@ -18,7 +18,7 @@ use crate::controller::{ControllerConfig, Records};
 use crate::events::{
     AccessRefused, BlockedOnOperator, Forcing, IdentityRecorded, IdentityUnreadable, InternalEvent,
     MemberRecordDisagree, PublishFailed, Readdressing, RecordIgnored, SetConverged, StepApplied,
-    StepRefused, StepWithheld, UriPublished, Waiting, WouldApply, WriteFenced,
+    StepRefused, StepWithheld, UriPublished, Waiting, WouldApply, WouldPublish, WriteFenced,
 };
 use crate::model::Desired;
 use crate::mongo::{MongoError, Observed, ReplSetClient};
@@ -322,11 +322,14 @@ async fn observe<M: ReplSetClient>(members: &M, set: &str, desired: &Desired) ->
 /// Fencing (safety rule 12): a step is sent only while `fence` says the leadership is surely
 /// valid for longer than a step can take ([`ReplSetClient::step_timeout`]); every write to the
 /// store is conditional on still leading, and a refused one is [`ReconcileError::Fenced`].
+///
+/// Without a fence (`--dry-run`, which never campaigns) nothing is sent and nothing written:
+/// the step and the connection string that a leader would apply and publish are logged.
 pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
     set: &mut SetState,
     records: &Records,
     ctx: &Context<S, M>,
-    fence: &Fence,
+    fence: Option<&Fence>,
 ) -> Result<Action, ReconcileError> {
     let config = &ctx.config;
     let metrics = &config.metrics;
@@ -390,7 +393,7 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             set.last_error = format!("{}: {blocked}", blocked.reason());
             Ok(Action::requeue(requeue::WHILE_BLOCKED))
         }
-        step if config.dry_run => {
+        step if fence.is_none() => {
             WouldApply {
                 set: &set.set,
                 step,
@@ -398,11 +401,11 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             .emit(metrics);
             Ok(Action::requeue(config.resync))
         }
-        step if fence.valid_for() <= ctx.members.step_timeout() => {
+        step if fence.is_some_and(|f| f.valid_for() <= ctx.members.step_timeout()) => {
             StepWithheld {
                 set: &set.set,
                 step,
-                valid_for: fence.valid_for(),
+                valid_for: fence.map_or(Duration::ZERO, Fence::valid_for),
                 step_timeout: ctx.members.step_timeout(),
             }
             .emit(metrics);
@@ -453,10 +456,53 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             }
         }
     };
-    if let Err(source) = publish_outputs(set, ctx, fence, &observed, &plan).await {
-        return Err(ReconcileError::Fenced { source });
+    match fence {
+        Some(fence) => {
+            if let Err(source) = publish_outputs(set, ctx, fence, &observed, &plan).await {
+                return Err(ReconcileError::Fenced { source });
+            }
+        }
+        None => would_publish(set, ctx, &observed, &plan),
     }
     outcome
+}
+
+/// `--dry-run`: logs the connection string a leader would publish, when it changes.
+fn would_publish<S, M: ReplSetClient>(
+    set: &mut SetState,
+    ctx: &Context<S, M>,
+    observed: &Observed,
+    plan: &Plan,
+) {
+    let Some(cfg) = &observed.observation.config else {
+        return;
+    };
+    let uri = uri_of(&set.set, ctx, cfg);
+    if set.published_uri.as_ref() != Some(&uri) {
+        WouldPublish {
+            set: &set.set,
+            uri: &uri,
+            converged: matches!(plan.step, Step::Converged),
+        }
+        .emit(&ctx.config.metrics);
+        set.published_uri = Some(uri);
+    }
+}
+
+/// The connection string of a set with config `cfg`: its members' hosts and the options
+/// clients need ([`ReplSetClient::uri_options`]).
+fn uri_of<S, M: ReplSetClient>(
+    set: &str,
+    ctx: &Context<S, M>,
+    cfg: &crate::model::ConfigView,
+) -> String {
+    let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
+    format!(
+        "mongodb://{}/?replicaSet={}{}",
+        hosts.join(","),
+        set,
+        ctx.members.uri_options()
+    )
 }
 
 /// What a failed reconcile means: observe again after [`requeue::AFTER_ERROR`]. (A refused
@@ -598,13 +644,7 @@ async fn publish_uri<S: Coordinator, M: ReplSetClient>(
     cfg: &crate::model::ConfigView,
 ) -> Result<(), BackendError> {
     let config = &ctx.config;
-    let hosts: Vec<&str> = cfg.members.iter().map(|m| m.host.as_str()).collect();
-    let uri = format!(
-        "mongodb://{}/?replicaSet={}{}",
-        hosts.join(","),
-        set.set,
-        ctx.members.uri_options()
-    );
+    let uri = uri_of(&set.set, ctx, cfg);
     if set.published_uri.as_ref() != Some(&uri) {
         match ctx
             .store

@@ -540,7 +540,7 @@ async fn a_step_is_withheld_while_the_lease_has_less_time_left_than_a_step_can_t
     tokio::time::sleep(FENCE_TTL - LEASE_SAFETY_MARGIN - step_timeout + Duration::from_millis(1))
         .await;
     assert!(fence.valid_for() < step_timeout, "{:?}", fence.valid_for());
-    reconcile(&mut state, &records, &ctx, &fence)
+    reconcile(&mut state, &records, &ctx, Some(&fence))
         .await
         .expect("a reconcile that withholds its step is not an error");
     assert_eq!(of_set(&metrics.steps_withheld), 1);
@@ -550,7 +550,7 @@ async fn a_step_is_withheld_while_the_lease_has_less_time_left_than_a_step_can_t
 
     // Renewed: a whole TTL ahead, the same step goes out.
     deadline.renewed(tokio::time::Instant::now());
-    reconcile(&mut state, &records, &ctx, &fence)
+    reconcile(&mut state, &records, &ctx, Some(&fence))
         .await
         .expect("the step is sent");
     assert_eq!(applied(&metrics, "add"), 1);
@@ -612,7 +612,7 @@ async fn a_write_after_the_lease_expired_is_fenced_and_leaves_the_store_unchange
         &mut SetState::new(SET),
         &records_of(&layout, 1..=3),
         &ctx_b,
-        leadership_b.fence(),
+        Some(leadership_b.fence()),
     )
     .await
     .expect("b publishes");
@@ -644,7 +644,7 @@ async fn a_write_after_the_lease_expired_is_fenced_and_leaves_the_store_unchange
         &mut SetState::new(SET),
         &records_of(&layout, 1..=4),
         &ctx_a,
-        &fence_a,
+        Some(&fence_a),
     )
     .await;
     assert!(
@@ -664,4 +664,56 @@ async fn a_write_after_the_lease_expired_is_fenced_and_leaves_the_store_unchange
     assert!(written.is_err(), "a wrote: {written:?}");
     assert_eq!(holder(&cluster, &key), store_session(&leadership_b));
     leadership_b.resign().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dry_run_never_campaigns_writes_or_applies_and_leaves_the_set_to_the_leader() {
+    let set = FakeSet::voting(3);
+    let layout = KeyLayout::new("paused");
+    let cluster = MemoryCluster::new();
+    let bridge = bridge_of_three(&cluster, &layout).await;
+    // A fourth task: a leader would add it.
+    publish(&bridge, 4).await;
+    let dry = ControllerConfig {
+        dry_run: true,
+        ..config(&layout, "dry", None)
+    };
+    let metrics_dry = dry.metrics.clone();
+    let (shutdown_dry, stopped_dry) = start(&cluster, &layout, set.clone(), dry);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let would_add = StepLabels {
+        set: SET.into(),
+        step: "add",
+    };
+    assert!(
+        metrics_dry.steps_dry_run.get_or_create(&would_add).get() > 0,
+        "the dry run decides (and logs) the step a leader would take"
+    );
+    assert!(set.observations() > 0);
+    assert_eq!(set.applied(), Vec::<Step>::new(), "and applies nothing");
+    assert_eq!(
+        cluster.list(&format!("{}/replsets/", layout.prefix())),
+        Vec::new(),
+        "no leader key, URI, status or identity is written"
+    );
+
+    // The reconciler that acts is not kept from leading by it.
+    let (shutdown, stopped) = start(&cluster, &layout, set.clone(), config(&layout, "a", None));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(removals(&set), Vec::<i64>::new());
+    assert!(
+        set.applied().iter().any(|s| matches!(
+            s,
+            Step::Reconfig {
+                change: Change::Add { .. },
+                ..
+            }
+        )),
+        "the leader adds the fourth member: {:?}",
+        set.applied()
+    );
+    for (shutdown, stopped) in [(shutdown_dry, stopped_dry), (shutdown, stopped)] {
+        shutdown.cancel();
+        stopped.await.expect("stopped");
+    }
 }
