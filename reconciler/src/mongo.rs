@@ -90,10 +90,50 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// One client per member host, created on first use.
+/// How long a member's client is kept without being used: a long-running reconciler sees many
+/// addresses come and go (every rescheduled task has a new one), and each client holds a
+/// monitor and a pool of connections.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(600);
+
+/// Values by host, each dropped once unused for [`CLIENT_IDLE`] (checked when one is added).
+#[derive(Debug)]
+struct ByHost<C> {
+    entries: HashMap<String, (C, std::time::Instant)>,
+}
+
+impl<C> Default for ByHost<C> {
+    fn default() -> Self {
+        ByHost {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<C: Clone> ByHost<C> {
+    /// The value of `host`, marked used at `now`.
+    fn get(&mut self, host: &str, now: std::time::Instant) -> Option<C> {
+        let (c, used) = self.entries.get_mut(host)?;
+        *used = now;
+        Some(c.clone())
+    }
+
+    /// Adds the value of `host`, dropping those unused since `now - CLIENT_IDLE`.
+    fn insert(&mut self, host: &str, c: C, now: std::time::Instant) {
+        self.entries
+            .retain(|_, (_, used)| now.saturating_duration_since(*used) < CLIENT_IDLE);
+        self.entries.insert(host.to_string(), (c, now));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// One client per member host, created on first use and dropped after [`CLIENT_IDLE`] unused.
 #[derive(Debug, Default)]
 pub struct Members {
-    clients: Mutex<HashMap<String, Client>>,
+    clients: Mutex<ByHost<Client>>,
     credentials: Option<Credentials>,
     tls: Option<MongoTls>,
 }
@@ -127,7 +167,7 @@ pub struct Observed {
 impl Members {
     pub fn new(credentials: Option<Credentials>) -> Members {
         Members {
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(ByHost::default()),
             credentials,
             tls: None,
         }
@@ -145,8 +185,13 @@ impl Members {
     }
 
     async fn client(&self, host: &str) -> Result<Client, MongoError> {
-        if let Some(c) = self.clients.lock().await.get(host) {
-            return Ok(c.clone());
+        if let Some(c) = self
+            .clients
+            .lock()
+            .await
+            .get(host, std::time::Instant::now())
+        {
+            return Ok(c);
         }
         let no_answer = |detail: String| MongoError::NoAnswer {
             host: host.to_string(),
@@ -179,7 +224,7 @@ impl Members {
         self.clients
             .lock()
             .await
-            .insert(host.to_string(), client.clone());
+            .insert(host, client.clone(), std::time::Instant::now());
         Ok(client)
     }
 
@@ -717,6 +762,23 @@ pub fn apply_to_document(raw: &Document, change: &Change, version: i64) -> Docum
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_hosts_client_is_dropped_once_unused_for_the_idle_time() {
+        let t0 = std::time::Instant::now();
+        let mut cache = super::ByHost::default();
+        cache.insert("10.0.0.1:27017", 1, t0);
+        cache.insert("10.0.0.2:27017", 2, t0);
+        let later = t0 + super::CLIENT_IDLE / 2;
+        assert_eq!(cache.get("10.0.0.1:27017", later), Some(1));
+        // A new address after the idle time: the one unused since t0 goes, the one used since
+        // stays.
+        let after = t0 + super::CLIENT_IDLE + std::time::Duration::from_secs(1);
+        cache.insert("10.0.0.3:27017", 3, after);
+        assert_eq!(cache.get("10.0.0.2:27017", after), None);
+        assert_eq!(cache.get("10.0.0.1:27017", after), Some(1));
+        assert_eq!(cache.len(), 2);
+    }
+
     use super::*;
 
     #[test]
