@@ -1,9 +1,10 @@
 //! The one-shot commands of `replset-reconciler`: `plan`, `status`, `scale` and
 //! `forget-set`. The binary parses their arguments; what they do is here.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backend_core::{Coordinator, KeyLayout, SetIdentity};
+use backend_core::{unix_seconds, Coordinator, KeyLayout, SetIdentity};
 
 use crate::controller::{ControllerConfig, Records};
 use crate::engine_api::{Engine, EngineApiError};
@@ -40,10 +41,19 @@ pub async fn plan<S: Coordinator, M: ReplSetClient>(
                 KnownSet::Unknown
             }
         };
+        let record_gone_for = match status::read(store, &config.layout, &set).await {
+            Ok(leader_status) => {
+                gone_for(&observed, &desired, leader_status.as_ref(), unix_seconds())
+            }
+            Err(e) => {
+                println!("{set}: {e}; counting the removal grace from now");
+                gone_for(&observed, &desired, None, unix_seconds())
+            }
+        };
         let ctx = PlanContext {
             set_name: set.clone(),
             records_trusted: true,
-            record_gone_for: Default::default(),
+            record_gone_for,
             removal_grace: config.removal_grace,
             // `plan` shows what would be done if the loss lasts: a force with --allow-force.
             force_after: config.force_after,
@@ -58,6 +68,32 @@ pub async fn plan<S: Coordinator, M: ReplSetClient>(
     }
 }
 
+/// How long each member of the observed config has had no record: since the leader's status
+/// says (its `records_gone`, by the leader's clock), or from `now` for one it does not list
+/// (the leader has not seen it gone yet).
+fn gone_for(
+    observed: &crate::mongo::Observed,
+    desired: &crate::model::Desired,
+    leader_status: Option<&backend_core::ReplSetStatus>,
+    now: u64,
+) -> BTreeMap<i64, Duration> {
+    let Some(cfg) = &observed.observation.config else {
+        return BTreeMap::new();
+    };
+    cfg.members
+        .iter()
+        .filter(|m| !desired.members.contains_key(&m.id))
+        .map(|m| {
+            let since = leader_status
+                .into_iter()
+                .flat_map(|s| &s.records_gone)
+                .find(|g| g.id == m.id && g.host == m.host)
+                .map_or(now, |g| g.since);
+            (m.id, Duration::from_secs(now.saturating_sub(since)))
+        })
+        .collect()
+}
+
 /// How `status` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusFormat {
@@ -69,21 +105,30 @@ pub enum StatusFormat {
 
 /// `status [--wait-converged N]`: prints the status of each set; with `wait_converged`, first
 /// waits (up to `timeout`) until each has converged with that many members. `Ok(false)` when a
-/// set has no status yet.
+/// set has no status yet, or one that is stale (observed more than `max_age` ago) or says the
+/// last reconcile could not observe the set.
 pub async fn status<S: Coordinator>(
     store: &S,
     layout: &KeyLayout,
     sets: &[String],
     wait_converged: Option<usize>,
     timeout: Duration,
+    max_age: Duration,
     format: StatusFormat,
 ) -> Result<bool, StatusError> {
     let mut all = true;
     for set in sets {
         let found = match wait_converged {
-            Some(n) => Some(status::wait_converged(store, layout, set, n, timeout).await?),
+            Some(n) => Some(status::wait_converged(store, layout, set, n, timeout, max_age).await?),
             None => status::read(store, layout, set).await?,
         };
+        if let Some(problem) = found
+            .as_ref()
+            .and_then(|s| s.problem(backend_core::unix_seconds(), max_age))
+        {
+            all = false;
+            eprintln!("{set}: {problem}");
+        }
         match (found, format) {
             (Some(s), StatusFormat::Json) => {
                 println!("{}", String::from_utf8_lossy(&s.to_json()))
@@ -189,8 +234,19 @@ pub async fn scale<S: Coordinator>(
     set: &str,
     want: i64,
     step_timeout: Duration,
+    max_age: Duration,
 ) -> Result<(), ScaleError> {
     let engine = Engine::from_env()?;
+    // A status that is stale or says the set could not be observed tells nothing of the set
+    // now: no step is taken on it.
+    if let Some(s) = status::read(store, layout, set).await? {
+        if let Some(problem) = s.problem(backend_core::unix_seconds(), max_age) {
+            return Err(ScaleError::Status(StatusError::Untrusted {
+                set: set.to_string(),
+                problem,
+            }));
+        }
+    }
     loop {
         let current =
             engine
@@ -225,7 +281,59 @@ pub async fn scale<S: Coordinator>(
                 source,
             })?;
         let members = usize::try_from(next).unwrap_or(0);
-        let s = status::wait_converged(store, layout, set, members, step_timeout).await?;
+        let s = status::wait_converged(store, layout, set, members, step_timeout, max_age).await?;
         println!("{set}: converged with {} members", s.members.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigView, Desired, MemberConfig};
+    use crate::mongo::Observed;
+
+    fn host(id: i64) -> String {
+        format!("10.0.0.{id}:27017")
+    }
+
+    #[test]
+    fn plan_counts_the_grace_from_when_the_leader_saw_a_record_go() {
+        let mut observed = Observed::default();
+        observed.observation.config = Some(ConfigView {
+            set_name: "rs0".into(),
+            version: 3,
+            term: 1,
+            replica_set_id: None,
+            members: (1..=4)
+                .map(|id| MemberConfig::new_non_voter(id, &host(id)))
+                .collect(),
+        });
+        let desired = Desired {
+            members: [(1, host(1)), (2, host(2))].into_iter().collect(),
+        };
+        let mut status: backend_core::ReplSetStatus = serde_json::from_value(serde_json::json!({
+            "schema_version": 2, "set": "rs0", "config_version": 3, "primary": null,
+            "members": [], "converged": false,
+            "next": {"kind": "wait", "reason": "removal_grace", "detail": ""},
+        }))
+        .expect("a status");
+        // The leader saw 3's record go 20 s ago; 4's it has not seen go yet. A record of
+        // another host under 3's id (an older task) does not count.
+        status.records_gone = vec![backend_core::RecordGone {
+            id: 3,
+            host: host(3),
+            since: 1_000,
+        }];
+        let gone = gone_for(&observed, &desired, Some(&status), 1_020);
+        assert_eq!(
+            gone,
+            [(3, Duration::from_secs(20)), (4, Duration::ZERO)]
+                .into_iter()
+                .collect()
+        );
+        status.records_gone[0].host = host(9);
+        let gone = gone_for(&observed, &desired, Some(&status), 1_020);
+        assert_eq!(gone.get(&3), Some(&Duration::ZERO));
+        assert_eq!(gone_for(&observed, &desired, None, 1_020).len(), 2);
     }
 }

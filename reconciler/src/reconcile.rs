@@ -185,6 +185,26 @@ impl SetState {
         }
     }
 
+    /// The members of `cfg` without a record, and since when (seconds since the epoch, from
+    /// `now`), for the status.
+    fn records_gone(
+        &self,
+        cfg: &crate::model::ConfigView,
+        now: u64,
+    ) -> Vec<backend_core::RecordGone> {
+        cfg.members
+            .iter()
+            .filter_map(|m| {
+                let since = self.gone_since.get(&m.id)?;
+                Some(backend_core::RecordGone {
+                    id: m.id,
+                    host: m.host.clone(),
+                    since: now.saturating_sub(since.elapsed().as_secs()),
+                })
+            })
+            .collect()
+    }
+
     /// Reports each member that refused the reconciler's login or a command, once per error;
     /// forgets those that accept it again.
     fn report_access(&mut self, observed: &Observed, config: &ControllerConfig) {
@@ -553,17 +573,45 @@ async fn publish_outputs<S: Coordinator, M: ReplSetClient>(
     plan: &Plan,
 ) -> Result<(), BackendError> {
     let config = &ctx.config;
+    let now = backend_core::unix_seconds();
     record_identity(set, ctx, fence, observed).await?;
-    if let Some(cfg) = &observed.observation.config {
+    let status = if let Some(cfg) = &observed.observation.config {
         publish_uri(set, ctx, fence, cfg).await?;
-    } else if !matches!(plan.step, Step::Blocked(_)) && observed.access_refused.is_empty() {
-        // Without a config the reconciler saw nothing of the set (no member answered, or the
-        // records are gone and it did not look): the last status stays. A refusal (by the
-        // planner, or by members of the reconciler's login) is written.
-        return Ok(());
-    }
-    let status = crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);
-    if set.published_status.as_ref() != Some(&status) {
+        let mut status =
+            crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error);
+        status.observed_at = Some(now);
+        status.records_gone = set.records_gone(cfg, now);
+        status
+    } else if matches!(plan.step, Step::Blocked(_)) || !observed.access_refused.is_empty() {
+        // A refusal (by the planner, or by members of the reconciler's login) is the news.
+        crate::status::build(&set.set, observed, plan, &set.last_step, &set.last_error)
+    } else {
+        // Nothing of the set could be seen (no member answered, or no record names one): the
+        // last status stays, as what was last seen, marked failed and not converged, so that
+        // monitoring and `scale` do not take it for the set's state now.
+        let last = match &set.published_status {
+            Some(last) => Some(last.clone()),
+            None => crate::status::read(&*ctx.store, &config.layout, &set.set)
+                .await
+                .ok()
+                .flatten(),
+        };
+        let Some(last) = last else { return Ok(()) };
+        crate::status::failed(last, plan)
+    };
+    let due = match &set.published_status {
+        None => true,
+        // Rewritten when it changed, and at least every resync so that its `observed_at`
+        // tells readers it is current.
+        Some(published) => {
+            !published.same_but_observed_at(&status)
+                || status
+                    .observed_at
+                    .zip(published.observed_at)
+                    .is_some_and(|(new, old)| new.saturating_sub(old) >= config.resync.as_secs())
+        }
+    };
+    if due {
         match ctx
             .store
             .put_value_fenced(

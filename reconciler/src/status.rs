@@ -82,6 +82,27 @@ pub fn build(
         next,
         last_step: last_step.to_string(),
         last_error: refused.unwrap_or_else(|| last_error.to_string()),
+        observed_at: None,
+        error: String::new(),
+        records_gone: Vec::new(),
+    }
+}
+
+/// `last`, the status last written, once a reconcile could see nothing of the set: what was
+/// last seen (members, config, `observed_at`), not converged, with what failed and the next
+/// step (waiting for the members).
+pub fn failed(last: ReplSetStatus, plan: &Plan) -> ReplSetStatus {
+    let next = next_step(&plan.step);
+    let error: String = format!("no config could be read: {}", next.detail)
+        .chars()
+        .take(DETAIL_MAX)
+        .collect();
+    ReplSetStatus {
+        schema_version: STATUS_SCHEMA_VERSION,
+        converged: false,
+        next,
+        error,
+        ..last
     }
 }
 
@@ -119,6 +140,11 @@ pub enum StatusError {
         #[source]
         source: backend_core::StatusDecodeError,
     },
+    #[error("{set}'s status cannot be trusted now: {problem}")]
+    Untrusted {
+        set: String,
+        problem: backend_core::StatusProblem,
+    },
     #[error("{set} did not converge with {members} members within {timeout:?} (status: {last}); is a replset-reconciler running for it?")]
     NotConverged {
         set: String,
@@ -154,20 +180,25 @@ pub async fn read<S: Coordinator>(
 pub const POLL: Duration = Duration::from_millis(500);
 
 /// Reads the status of `set` until it has converged with `members` members
-/// ([`ReplSetStatus::converged_with`]), for at most `timeout` (at least one read). Errors of
-/// the store and undecodable values count as "not yet" until the timeout.
+/// ([`ReplSetStatus::converged_with`]) in an observation at most `max_age` old that did not
+/// fail ([`ReplSetStatus::problem`]), for at most `timeout` (at least one read). Errors of the
+/// store and undecodable values count as "not yet" until the timeout.
 pub async fn wait_converged<S: Coordinator>(
     store: &S,
     layout: &KeyLayout,
     set: &str,
     members: usize,
     timeout: Duration,
+    max_age: Duration,
 ) -> Result<ReplSetStatus, StatusError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let last = match read(store, layout, set).await {
-            Ok(Some(s)) if s.converged_with(members) => return Ok(s),
-            Ok(Some(s)) => summary(&s),
+            Ok(Some(s)) => match s.problem(backend_core::unix_seconds(), max_age) {
+                None if s.converged_with(members) => return Ok(s),
+                None => summary(&s),
+                Some(problem) => format!("{}; {problem}", summary(&s)),
+            },
             Ok(None) => "none".to_string(),
             Err(e) => e.to_string(),
         };
@@ -237,6 +268,19 @@ pub fn render(s: &ReplSetStatus) -> String {
     }
     if !s.last_error.is_empty() {
         out.push_str(&format!("\n  last error: {}", s.last_error));
+    }
+    for gone in &s.records_gone {
+        out.push_str(&format!(
+            "\n  record gone: _id {} ({}) since {} (unix seconds)",
+            gone.id, gone.host, gone.since
+        ));
+    }
+    if let Some(at) = s.observed_at {
+        let age = backend_core::unix_seconds().saturating_sub(at);
+        out.push_str(&format!("\n  observed: {age} s ago"));
+    }
+    if !s.error.is_empty() {
+        out.push_str(&format!("\n  error: {}", s.error));
     }
     out
 }

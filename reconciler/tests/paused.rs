@@ -47,6 +47,8 @@ struct FakeSet {
 struct FakeState {
     config: ConfigView,
     down: BTreeSet<i64>,
+    /// No member answers at all: the observation has no config.
+    unreachable: bool,
     applied: Vec<Step>,
     observations: usize,
 }
@@ -71,6 +73,7 @@ impl FakeSet {
                     members,
                 },
                 down: BTreeSet::new(),
+                unreachable: false,
                 applied: Vec::new(),
                 observations: 0,
             }),
@@ -83,6 +86,10 @@ impl FakeSet {
 
     fn stop(&self, id: i64) {
         self.lock().down.insert(id);
+    }
+
+    fn set_unreachable(&self, unreachable: bool) {
+        self.lock().unreachable = unreachable;
     }
 
     fn applied(&self) -> Vec<Step> {
@@ -98,6 +105,9 @@ impl ReplSetClient for FakeSet {
     async fn observe(&self, set_name: &str, _hosts: &[String], desired: &[String]) -> Observed {
         let mut s = self.lock();
         s.observations += 1;
+        if s.unreachable {
+            return Observed::default();
+        }
         let up = |id: i64| !s.down.contains(&id);
         let voters: Vec<i64> = s.config.voters().map(|m| m.id).collect();
         let healthy_voters = voters.iter().filter(|&&id| up(id)).count();
@@ -716,4 +726,48 @@ async fn a_dry_run_never_campaigns_writes_or_applies_and_leaves_the_set_to_the_l
         shutdown.cancel();
         stopped.await.expect("stopped");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_status_says_when_it_was_observed_what_failed_and_which_records_are_gone() {
+    let rig = Rig::converged(None).await;
+    let seen = rig.status().expect("a status");
+    let observed_at = seen.observed_at.expect("observed_at");
+    assert!(
+        seen.error.is_empty() && seen.records_gone.is_empty(),
+        "{seen:?}"
+    );
+
+    // Member 3's record goes: the status names it, and since when.
+    rig.unpublish(3).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let gone = rig.status().expect("a status").records_gone;
+    assert_eq!(
+        gone.iter()
+            .map(|g| (g.id, g.host.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(3, host(3).as_str())]
+    );
+    assert!(gone[0].since >= observed_at, "{gone:?}");
+    rig.publish(3).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(rig.status().expect("a status").records_gone, Vec::new());
+
+    // No member answers: the last status stays as what was last seen, not converged, with
+    // what failed, and its observed_at does not move.
+    let before = rig.status().expect("a status");
+    rig.set.set_unreachable(true);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let failed = rig.status().expect("a status");
+    assert!(!failed.converged, "{failed:?}");
+    assert!(!failed.converged_with(3));
+    assert!(!failed.error.is_empty(), "{failed:?}");
+    assert_eq!(failed.observed_at, before.observed_at);
+    assert_eq!(failed.members, before.members);
+
+    // Once the set answers again, the status is current again.
+    rig.set.set_unreachable(false);
+    rig.converged_with(3).await;
+    assert!(rig.status().expect("a status").error.is_empty());
+    rig.stop().await;
 }

@@ -33,6 +33,9 @@ fn status(converged: bool, healthy: &[bool]) -> ReplSetStatus {
         next: NextStep::new(NextKind::Converged, "", "nothing to do"),
         last_step: String::new(),
         last_error: String::new(),
+        observed_at: Some(backend_core::unix_seconds()),
+        error: String::new(),
+        records_gone: Vec::new(),
     }
 }
 
@@ -98,6 +101,39 @@ async fn status_prints_the_document_and_waits_for_convergence() {
     )
     .await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // Observed two minutes ago (no leader has rewritten it): stale, so not converged.
+    let mut old = status(true, &[true, true, true]);
+    old.observed_at = old.observed_at.map(|t| t - 120);
+    etcd.put(key.clone(), old.to_json(), None)
+        .await
+        .expect("put");
+    let out = run(
+        layout.prefix(),
+        &["--wait-converged", "3", "--timeout", "0s"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("more than 60 s"),
+        "{out:?}"
+    );
+    let out = run(layout.prefix(), &["--max-status-age", "5m"]).await;
+    assert!(
+        out.status.success(),
+        "a longer --max-status-age takes it: {out:?}"
+    );
+
+    // The last reconcile could not observe the set: the status says so, and is not converged.
+    let mut failed = status(false, &[true, true, true]);
+    failed.error = "no config could be read: no member answered".into();
+    etcd.put(key.clone(), failed.to_json(), None)
+        .await
+        .expect("put");
+    let out = run(layout.prefix(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("error: no config could be read"), "{text}");
 
     etcd.delete(
         format!("{}/", layout.prefix()),

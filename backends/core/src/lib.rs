@@ -38,6 +38,7 @@ pub use record::{
 };
 pub use secret::Secret;
 pub use status::{
-    NextKind, NextStep, ReplSetStatus, StatusDecodeError, StatusMember, STATUS_SCHEMA_VERSION,
+    unix_seconds, NextKind, NextStep, RecordGone, ReplSetStatus, StatusDecodeError, StatusMember,
+    StatusProblem, STATUS_SCHEMA_VERSION,
 };
 pub use uri::{BackendUri, ConsulUri, EtcdUri, StoreKind, UriError};

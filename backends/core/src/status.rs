@@ -42,6 +42,61 @@ pub struct ReplSetStatus {
     /// The last error (a refused step with the server's code, or a reason to stop), or empty.
     #[serde(default)]
     pub last_error: String,
+    /// When the config and members above were observed, in seconds since the Unix epoch
+    /// (absent in documents of earlier releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<u64>,
+    /// Why the last reconcile could not observe the set (no member answered), or empty: the
+    /// fields above are then what was last seen, at `observed_at`, and `converged` is false.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// Members of the config whose record is gone, and since when by the leader's clock: a
+    /// removal follows once the grace has passed (`plan` shows the time left).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records_gone: Vec<RecordGone>,
+}
+
+/// A member of the config whose record is gone ([`ReplSetStatus::records_gone`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordGone {
+    #[serde(rename = "_id")]
+    pub id: i64,
+    pub host: String,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// Why a status cannot be taken as the set's state now ([`ReplSetStatus::problem`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusProblem {
+    /// The last reconcile could not observe the set.
+    Failed { error: String },
+    /// The last observation is older than the reader accepts.
+    Stale { age_secs: u64, max_age_secs: u64 },
+}
+
+impl std::fmt::Display for StatusProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusProblem::Failed { error } => {
+                write!(f, "the reconciler could not observe the set: {error}")
+            }
+            StatusProblem::Stale {
+                age_secs,
+                max_age_secs,
+            } => write!(
+                f,
+                "observed {age_secs} s ago, more than {max_age_secs} s: is a replset-reconciler leading?"
+            ),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, now (0 before it).
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// One member as the status shows it.
@@ -209,6 +264,29 @@ impl ReplSetStatus {
         self.members.iter().filter(|m| m.votes > 0).count()
     }
 
+    /// Why this status is not the set's state at `now` (seconds since the epoch): the last
+    /// reconcile failed to observe it, or its observation is older than `max_age`. A document
+    /// of an earlier release, without `observed_at`, cannot be judged stale.
+    pub fn problem(&self, now: u64, max_age: std::time::Duration) -> Option<StatusProblem> {
+        if !self.error.is_empty() {
+            return Some(StatusProblem::Failed {
+                error: self.error.clone(),
+            });
+        }
+        let age = now.saturating_sub(self.observed_at?);
+        (age > max_age.as_secs()).then_some(StatusProblem::Stale {
+            age_secs: age,
+            max_age_secs: max_age.as_secs(),
+        })
+    }
+
+    /// Equal but for when it was observed.
+    pub fn same_but_observed_at(&self, other: &ReplSetStatus) -> bool {
+        let mut a = self.clone();
+        a.observed_at = other.observed_at;
+        &a == other
+    }
+
     /// The one meaning of "the set has converged with `n` members": the planner has nothing to
     /// do, there is a primary, the config has exactly `n` members and every one of them is
     /// healthy. (Converged implies the voters the planner wants: every member up to 7, an odd
@@ -247,7 +325,65 @@ mod tests {
             next: NextStep::new(NextKind::Converged, "", "converged"),
             last_step: String::new(),
             last_error: String::new(),
+            observed_at: Some(1_000),
+            error: String::new(),
+            records_gone: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_failed_or_old_observation_is_a_problem() {
+        let s = status(vec![member(1, Some(true))]);
+        let max = std::time::Duration::from_secs(60);
+        assert_eq!(s.problem(1_060, max), None);
+        assert_eq!(
+            s.problem(1_061, max),
+            Some(StatusProblem::Stale {
+                age_secs: 61,
+                max_age_secs: 60
+            })
+        );
+        let failed = ReplSetStatus {
+            error: "no member answered".into(),
+            converged: false,
+            ..s.clone()
+        };
+        assert!(matches!(
+            failed.problem(1_000, max),
+            Some(StatusProblem::Failed { .. })
+        ));
+        let legacy = ReplSetStatus {
+            observed_at: None,
+            ..s.clone()
+        };
+        assert_eq!(legacy.problem(u64::MAX, max), None);
+        let later = ReplSetStatus {
+            observed_at: Some(2_000),
+            ..s.clone()
+        };
+        assert!(later.same_but_observed_at(&s));
+        assert!(!failed.same_but_observed_at(&s));
+    }
+
+    #[test]
+    fn the_optional_fields_round_trip_and_are_left_out_when_empty() {
+        let mut s = status(vec![member(1, Some(true))]);
+        s.observed_at = None;
+        let v: serde_json::Value = serde_json::from_slice(&s.to_json()).expect("json");
+        for field in ["observed_at", "error", "records_gone"] {
+            assert!(v.get(field).is_none(), "{field} in {v}");
+        }
+        s.observed_at = Some(7);
+        s.error = "x".into();
+        s.records_gone = vec![RecordGone {
+            id: 3,
+            host: "10.0.0.3:27017".into(),
+            since: 5,
+        }];
+        let back = ReplSetStatus::from_json(&s.to_json()).expect("decodes");
+        assert_eq!(back, s);
+        let v: serde_json::Value = serde_json::from_slice(&s.to_json()).expect("json");
+        assert_eq!(v["records_gone"][0]["_id"], 3);
     }
 
     #[test]

@@ -67,9 +67,15 @@ struct Cli {
     #[arg(long, env = "RECONCILER_FORCE_AFTER", default_value = "5m", value_parser = parse_duration, global = true)]
     force_after: Duration,
 
-    /// Decide and log, but change nothing.
+    /// Decide and log, but change nothing: never campaign for leadership, never write to the
+    /// store or the replica set.
     #[arg(long, env = "RECONCILER_DRY_RUN", global = true)]
     dry_run: bool,
+
+    /// status and scale: a status observed longer ago than this is stale (the leader rewrites
+    /// it at least every --resync; keep this above the leader's).
+    #[arg(long, env = "RECONCILER_MAX_STATUS_AGE", default_value = "60s", value_parser = parse_duration, global = true)]
+    max_status_age: Duration,
 
     /// Serve /metrics and /healthz on this address, e.g. 0.0.0.0:9101.
     #[arg(long, env = "RECONCILER_METRICS_ADDR", global = true)]
@@ -221,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         command: cli.command,
         replsets: cli.replset,
         metrics_addr: cli.metrics_addr,
+        max_status_age: cli.max_status_age,
     };
     if let Err(e) = cli.store.check(&backend) {
         usage_error(&e.to_string());
@@ -234,6 +241,7 @@ struct Invocation {
     command: Option<Command>,
     replsets: Vec<String>,
     metrics_addr: Option<std::net::SocketAddr>,
+    max_status_age: Duration,
 }
 
 async fn drive<S: Watcher + Coordinator>(
@@ -259,6 +267,7 @@ async fn drive<S: Watcher + Coordinator>(
                 &invocation.replsets,
                 wait_converged,
                 timeout,
+                invocation.max_status_age,
                 format,
             )
             .await?;
@@ -298,7 +307,17 @@ async fn drive<S: Watcher + Coordinator>(
                 .unwrap_or_else(|| {
                     usage_error("scale: give --service <svc> --replset <set> for this service")
                 });
-            commands::scale(&*store, &config.layout, service, &set, want, step_timeout).await?;
+            let max_age = invocation.max_status_age;
+            commands::scale(
+                &*store,
+                &config.layout,
+                service,
+                &set,
+                want,
+                step_timeout,
+                max_age,
+            )
+            .await?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Plan) | None => {}
