@@ -101,6 +101,13 @@ pub enum SkipReason {
         container: String,
         task_name: String,
     },
+    #[error("container {container}: its record for {key} would take {bytes} bytes, more than the {max} a record may; its labels and SERVICE_* values are copied into it: make them smaller (large data belongs in a volume or a config, not a label)")]
+    TooLarge {
+        container: String,
+        key: String,
+        bytes: usize,
+        max: usize,
+    },
 }
 
 /// The records of one container, and what of its metadata could not be used.
@@ -136,6 +143,19 @@ pub fn build(
         plain_records(c, opts, node, &mut built.bad_checks)?
     };
     built.bad_checks.dedup();
+    if let Some((r, bytes)) = built
+        .records
+        .iter()
+        .map(|r| (r, r.to_json().len()))
+        .find(|(_, bytes)| *bytes > backend_core::RECORD_MAX_BYTES)
+    {
+        return Err(SkipReason::TooLarge {
+            container: c.name.clone(),
+            key: format!("{}/{}", r.service, r.id),
+            bytes,
+            max: backend_core::RECORD_MAX_BYTES,
+        });
+    }
     Ok(built)
 }
 

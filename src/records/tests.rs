@@ -477,3 +477,24 @@ fn a_custom_ingress_network_is_never_the_tasks_address() {
         Err(SkipReason::NoAddress { .. })
     ));
 }
+
+#[test]
+fn a_record_over_the_size_cap_is_refused_naming_its_container() {
+    let mut c = plain();
+    c.labels
+        .insert("blob".into(), "x".repeat(backend_core::RECORD_MAX_BYTES));
+    let options = BuildOptions {
+        internal: true,
+        ..Default::default()
+    };
+    match build(&c, &options, &node()) {
+        Err(e @ SkipReason::TooLarge { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("web-1") && text.contains("65536"), "{text}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    // Just under the cap it is published.
+    c.labels.insert("blob".into(), "x".repeat(1000));
+    assert_eq!(only_record(&c, &options).labels["blob"].len(), 1000);
+}

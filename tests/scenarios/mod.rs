@@ -23,7 +23,8 @@ macro_rules! suite {
             a_store_outage_longer_than_the_ttl_is_repaired_without_a_restart,
             an_unreachable_store_at_start_is_retried_then_reported,
             the_docker_health_status_is_published_and_follows_the_healthcheck,
-            deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed);
+            deregister_on_success_keeps_a_failed_containers_record_until_it_is_removed,
+            an_oversized_record_is_refused_alone_and_the_others_of_its_batch_are_written);
     };
 }
 pub(crate) use suite;
@@ -247,6 +248,77 @@ pub async fn malformed_labels_skip_one_container_with_a_warning_and_foreign_reco
         store.get(&foreign_key).await.as_deref(),
         Some(&b"10.9.9.9:27017"[..]),
         "a value the bridge did not write is left alone"
+    );
+}
+
+/// A container whose labels would make a record of 2.4 MiB (over etcd's 1.5 MiB request limit
+/// and Consul's 512 KiB value limit) beside three ordinary ones, all running before the bridge
+/// starts, so that its first sync writes them in one batch.
+pub async fn an_oversized_record_is_refused_alone_and_the_others_of_its_batch_are_written(
+    b: Backend,
+) {
+    let (names, mut cleanup) = names_and_cleanup(b, "oversized");
+    let big = names.name("big");
+    let svc_big = names.name("svc-big");
+    let svc_small = names.name("svc-small");
+    let store = b.store().await;
+    let layout = names.layout();
+    // 40 labels of 60 KiB: each line under the CLI's 64 KiB line limit of --label-file.
+    let dir = test_support::TempDir::new("oversized");
+    let labels = dir.path().join("labels");
+    let line = "x".repeat(60 * 1024);
+    let text: String = (0..40).map(|i| format!("blob{i:02}={line}\n")).collect();
+    std::fs::write(&labels, text).expect("label file");
+    let label_file = labels.to_string_lossy().to_string();
+    plain_container(
+        &mut cleanup,
+        &big,
+        &svc_big,
+        &["--label-file", &label_file],
+        &["sleep", "86400"],
+    )
+    .await;
+    for i in 0..3 {
+        let name = names.name(&format!("small{i}"));
+        plain_container(&mut cleanup, &name, &svc_small, &[], &["sleep", "86400"]).await;
+    }
+    let bridge = BridgeProcess::start(&b.uri(&names), &["--internal", "--resync", "1"]).await;
+    wait_for("the three ordinary records", CONVERGE, || async {
+        let n = store.records(&layout, &svc_small).await?.len();
+        if n == 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} records"))
+        }
+    })
+    .await;
+    bridge
+        .wait_for_log("not publishing container", CONVERGE)
+        .await;
+    bridge.wait_synced(3, CONVERGE).await;
+    let log = bridge.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not publishing container") && l.contains(&big))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning, naming the container: {warnings:?}"
+    );
+    assert!(warnings[0].contains("65536"), "{}", warnings[0]);
+    assert!(store
+        .records(&layout, &svc_big)
+        .await
+        .expect("decodes")
+        .is_empty());
+    assert!(
+        !log.contains("sync failed"),
+        "no batch failed: {}",
+        log.lines()
+            .filter(|l| l.contains("sync failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

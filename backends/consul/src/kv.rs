@@ -238,15 +238,24 @@ pub fn lock_ops(key: &str, value: &[u8], session: &str) -> Vec<serde_json::Value
     ]
 }
 
-/// Groups the operations of several keys into transactions of at most [`MAX_TXN_OPS`], never
-/// splitting the operations of one key.
+/// The most JSON one transaction of this program carries: Consul refuses a request over
+/// `txn_max_req_len` (512 KiB by default); values are base64 in it, a third larger.
+pub const MAX_TXN_BYTES: usize = 384 * 1024;
+
+/// Groups the operations of several keys into transactions of at most [`MAX_TXN_OPS`] and
+/// [`MAX_TXN_BYTES`], never splitting the operations of one key.
 pub fn txn_batches(per_key: Vec<Vec<serde_json::Value>>) -> Vec<Vec<serde_json::Value>> {
     let mut batches = Vec::new();
     let mut batch: Vec<serde_json::Value> = Vec::new();
+    let mut bytes = 0;
     for ops in per_key {
-        if !batch.is_empty() && batch.len() + ops.len() > MAX_TXN_OPS {
+        let n: usize = ops.iter().map(|op| op.to_string().len()).sum();
+        if !batch.is_empty() && (batch.len() + ops.len() > MAX_TXN_OPS || bytes + n > MAX_TXN_BYTES)
+        {
             batches.push(std::mem::take(&mut batch));
+            bytes = 0;
         }
+        bytes += n;
         batch.extend(ops);
     }
     if !batch.is_empty() {

@@ -433,6 +433,22 @@ mod tests {
     }
 
     #[test]
+    fn transactions_stay_under_the_request_limit() {
+        let value = vec![b'x'; 60 * 1024];
+        let per_key: Vec<Vec<serde_json::Value>> = (0..10)
+            .map(|i| lock_ops(&format!("k{i}"), &value, "s"))
+            .collect();
+        let batches = txn_batches(per_key);
+        assert!(batches.len() > 1, "{} batches", batches.len());
+        for batch in &batches {
+            let bytes: usize = batch.iter().map(|op| op.to_string().len()).sum();
+            assert!(bytes <= kv::MAX_TXN_BYTES, "{bytes} bytes");
+            assert_eq!(batch.len() % 2, 0, "a key's two operations stay together");
+        }
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 20);
+    }
+
+    #[test]
     fn keys_are_encoded_for_paths() {
         assert_eq!(
             encode_key("p/services/web/vm:web-1:80"),

@@ -34,7 +34,8 @@ pub use identity::{
 };
 pub use layout::{check_set_name, KeyLayout, ServiceKey, SetNameError};
 pub use record::{
-    DecodeError, Health, NodeRecord, Protocol, ServiceCheck, ServiceRecord, SCHEMA_VERSION,
+    batches, DecodeError, Health, NodeRecord, Protocol, ServiceCheck, ServiceRecord,
+    RECORD_MAX_BYTES, SCHEMA_VERSION,
 };
 pub use secret::Secret;
 pub use status::{

@@ -11,6 +11,38 @@ use serde::{Deserialize, Serialize};
 /// The version of the record schema written in every record's `schema_version`.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The most one record's JSON may take. The stores' own limits are larger but apply to a
+/// whole write (etcd's request limit, 1.5 MiB by default, and its clients' 4 MiB answer limit;
+/// Consul's 512 KiB per value and per transaction), so a publisher batches records by size
+/// too, and a record over this cap is refused by the bridge alone, naming its container.
+pub const RECORD_MAX_BYTES: usize = 64 * 1024;
+
+/// Splits `items` into batches of at most `max_items` and, as far as one item allows, at most
+/// `max_bytes` by `size`, in order: a publisher's writes of many records. An item larger than
+/// `max_bytes` goes alone.
+pub fn batches<T>(
+    items: impl IntoIterator<Item = T>,
+    max_items: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    for item in items {
+        let n = size(&item);
+        if !batch.is_empty() && (batch.len() >= max_items || bytes + n > max_bytes) {
+            out.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += n;
+        batch.push(item);
+    }
+    if !batch.is_empty() {
+        out.push(batch);
+    }
+    out
+}
+
 /// The transport protocol of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -239,6 +271,17 @@ impl NodeRecord {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn batches_keep_the_order_and_both_limits() {
+        let sizes = [4, 4, 4, 10, 1, 1, 1];
+        let got = super::batches(sizes, 2, 8, |n| *n);
+        assert_eq!(
+            got,
+            vec![vec![4, 4], vec![4], vec![10], vec![1, 1], vec![1]]
+        );
+        assert!(super::batches(Vec::<usize>::new(), 2, 8, |n| *n).is_empty());
+    }
+
     use super::*;
 
     fn task_record() -> ServiceRecord {

@@ -49,6 +49,11 @@ pub const MAX_TXN_OPS: usize = 128;
 /// How many keys one range request reads when listing.
 const LIST_PAGE: i64 = 1000;
 
+/// The most keys and values one transaction of this program carries: under etcd's request
+/// limit (`--max-request-bytes`, 1.5 MiB by default), and small enough that the watch event
+/// of one transaction stays under the client's 4 MiB answer limit.
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
 /// How long one request may take before the member it went to is considered unreachable, and
 /// the next one tried. A request that goes through takes milliseconds, even one that waits for
 /// a quorum; 3 s leaves room for a slow disk's fsync and still lets a client leave a hung
@@ -419,12 +424,15 @@ impl EtcdStore {
             .ok_or(BackendError::NoSession { store: STORE })
     }
 
-    /// Puts key/value pairs with the lease, in transactions of at most [`MAX_TXN_OPS`].
+    /// Puts key/value pairs with the lease, in transactions of at most [`MAX_TXN_OPS`] and
+    /// [`MAX_TXN_BYTES`].
     async fn put_with_lease(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<(), BackendError> {
         let lease = self.lease_id().await?;
         let (used, mut client) = self.client.pinned().await?;
         let endpoint = self.client.endpoint(used);
-        for chunk in kvs.chunks(MAX_TXN_OPS) {
+        let chunks =
+            backend_core::batches(kvs, MAX_TXN_OPS, MAX_TXN_BYTES, |(k, v)| k.len() + v.len());
+        for chunk in &chunks {
             let what = puts(chunk.iter().map(|(k, _)| k.as_str()), chunk.len());
             let ops: Vec<TxnOp> = chunk
                 .iter()
@@ -477,17 +485,25 @@ async fn list_prefix_through(
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     let mut entries = Vec::new();
+    let mut limit = LIST_PAGE;
     loop {
-        let mut options = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
         if revision != 0 {
             options = options.with_revision(revision);
         }
-        let resp = client
-            .get(from.clone(), Some(options))
-            .await
-            .map_err(|e| map_error(endpoints, &what, e))?;
+        let resp = match client.get(from.clone(), Some(options)).await {
+            Ok(resp) => resp,
+            // A page over the client's 4 MiB answer limit (large values someone else wrote):
+            // the same page again, in smaller ones.
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.code() == tonic::Code::OutOfRange && limit > 1 =>
+            {
+                limit = (limit / 4).max(1);
+                tracing::warn!(store = STORE, %prefix, limit, "a page of the listing was too large; reading smaller pages");
+                continue;
+            }
+            Err(e) => return Err(map_error(endpoints, &what, e)),
+        };
         if revision == 0 {
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
