@@ -225,7 +225,10 @@ async fn no_consul_kv_and_no_consul_catalog_each_leave_out_one_of_the_two() {
     assert_eq!(r.service, svc);
     let syncs = bridge.syncs().await;
     bridge.wait_synced(syncs + 2, CONVERGE).await;
-    assert_eq!(catalog(&endpoint, &svc).await.expect("catalog"), Vec::<Value>::new());
+    assert_eq!(
+        catalog(&endpoint, &svc).await.expect("catalog"),
+        Vec::<Value>::new()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,18 +284,22 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     }
 
     // Rescheduled tasks: same slot, new host. Only once the old mongod is seen down: a live
-    // member is never cut off (two tasks of one slot can overlap during an update).
+    // member is never cut off (two tasks of one slot can overlap during an update). A new host
+    // still held by another member waits, but lets the removals below go first: the member
+    // holding it may be one whose record is gone, and removing it frees the host.
+    let mut host_in_use: Option<Wait> = None;
     for (&id, host) in &desired.members {
         let Some(m) = config.member(id) else { continue };
         if &m.host == host || obs.is_up(id) {
             continue;
         }
         if let Some(other) = config.members.iter().find(|o| &o.host == host) {
-            return Step::Wait(Wait::HostInUse {
+            host_in_use.get_or_insert(Wait::HostInUse {
                 id,
                 host: host.clone(),
                 by: other.id,
             });
+            continue;
         }
         // A task that comes back with the set's recent data (its volume, holding the current
         // config) keeps its vote: it is the same member, catching up from where it stopped.
@@ -328,8 +332,15 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
         if !ctx.records_trusted {
             return Step::Wait(Wait::RecordsNotTrusted);
         }
-        if healthy(m.id) || m.id == primary {
-            continue; // kept, with a note
+        // A member that answers is kept (with a note), unless the mongod answering at its host
+        // is another slot's task: a record of another slot names that host (the address was
+        // reused after a reschedule), so the health seen there is not this member's.
+        let host_claimed = desired
+            .members
+            .iter()
+            .any(|(&id, h)| id != m.id && h == &m.host);
+        if m.id == primary || (healthy(m.id) && !host_claimed) {
+            continue;
         }
         let gone = ctx.record_gone_for.get(&m.id).copied().unwrap_or_default();
         if gone < ctx.removal_grace {
@@ -341,10 +352,13 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
         }
         if m.is_voter() {
             let voters = config.voter_count();
-            let healthy_voters = config.voters().filter(|v| healthy(v.id)).count();
-            // The voters left must be a majority of the current voters, and the healthy ones a
-            // majority of the new config, or the reconfig could never commit.
-            if voters - 1 < majority(voters) || healthy_voters < majority(voters - 1) {
+            let healthy_left = config
+                .voters()
+                .filter(|v| v.id != m.id && healthy(v.id))
+                .count();
+            // The voters left must be a majority of the current voters, and the healthy ones
+            // left a majority of the new config, or the reconfig could never commit.
+            if voters - 1 < majority(voters) || healthy_left < majority(voters - 1) {
                 return Step::Blocked(Blocked::RemovalWouldLoseMajority { id: m.id });
             }
         }
@@ -355,6 +369,11 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
                 host: m.host.clone(),
             },
         );
+    }
+
+    // A move that waits for its host comes before any addition or vote.
+    if let Some(wait) = host_in_use {
+        return Step::Wait(wait);
     }
 
     // New members: no vote, priority 0.

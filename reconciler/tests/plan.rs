@@ -417,6 +417,61 @@ fn a_rescheduled_slot_moves_its_host_once_the_old_one_is_down() {
 }
 
 #[test]
+fn an_address_reused_by_another_slot_is_freed_by_the_removal_first() {
+    // Slot 5's task is gone (its record too); slot 2's was rescheduled onto slot 5's old
+    // address. The mongod answering there is slot 2's, so member 5 looks healthy.
+    let mut obs = observed(config(vec![
+        voter(1),
+        voter(2),
+        voter(3),
+        voter(4),
+        voter(5),
+    ]));
+    down(&mut obs, 2);
+    let mut want = desired([1, 3, 4]);
+    want.members.insert(2, host(5));
+    let mut c = ctx();
+    c.record_gone_for.insert(5, Duration::from_secs(10));
+    // Within the grace: the move waits for its host, and nothing else happens first.
+    assert_eq!(
+        plan_next_step(&obs, &want, &c).step,
+        Step::Wait(Wait::HostInUse {
+            id: 2,
+            host: host(5),
+            by: 5
+        })
+    );
+    // Once the grace has passed: member 5 is removed, which frees its host...
+    c.record_gone_for.insert(5, GRACE);
+    let step = plan_next_step(&obs, &want, &c).step;
+    let old = stored(obs.config.as_ref().expect("config"));
+    let running = [host(1), host(3), host(4), host(5)].into_iter().collect();
+    accept_reconfig(&old, &step, &host(1), &running).expect("the server accepts the removal");
+    let (change, next) = reconfig_of(step);
+    assert_eq!(
+        change,
+        Change::Remove {
+            id: 5,
+            host: host(5)
+        }
+    );
+    // ...and then slot 2 moves there.
+    let mut obs = observed(next);
+    down(&mut obs, 2);
+    let c = ctx();
+    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &c).step);
+    assert_eq!(
+        change,
+        Change::MoveHost {
+            id: 2,
+            from: host(2),
+            to: host(5),
+            revoke_vote: true
+        }
+    );
+}
+
+#[test]
 fn removal_needs_the_grace_period_and_a_down_member() {
     let mut obs = observed(config(vec![
         voter(1),
