@@ -73,7 +73,7 @@ struct Cli {
     dry_run: bool,
 
     /// status and scale: a status observed longer ago than this is stale (the leader rewrites
-    /// it at least every --resync; keep this above the leader's).
+    /// it at least every 15 s).
     #[arg(long, env = "RECONCILER_MAX_STATUS_AGE", default_value = "60s", value_parser = parse_duration, global = true)]
     max_status_age: Duration,
 
