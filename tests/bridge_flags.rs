@@ -174,6 +174,18 @@ async fn catalog(endpoint: &str, service: &str) -> Result<Vec<Value>, String> {
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
+/// Waits (up to `within`) until the catalog of the agent at `endpoint` has `n` instances of
+/// `service`.
+async fn await_instances(what: &str, endpoint: &str, service: &str, n: usize, within: Duration) {
+    wait_for(what, within, || async {
+        match catalog(endpoint, service).await?.len() {
+            got if got == n => Ok(()),
+            got => Err(format!("{got} instances")),
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_consul_kv_and_no_consul_catalog_each_leave_out_one_of_the_two() {
     let consul = Backend::Consul.private().await;
@@ -191,13 +203,7 @@ async fn no_consul_kv_and_no_consul_catalog_each_leave_out_one_of_the_two() {
         &["--no-consul-kv", "--resync", "1", "--cleanup"],
     )
     .await;
-    wait_for("the instance in the catalog", CONVERGE, || async {
-        match catalog(&endpoint, &svc).await?.len() {
-            1 => Ok(()),
-            n => Err(format!("{n} instances")),
-        }
-    })
-    .await;
+    await_instances("the instance in the catalog", &endpoint, &svc, 1, CONVERGE).await;
     let syncs = bridge.syncs().await;
     bridge.wait_synced(syncs + 2, CONVERGE).await;
     assert_eq!(
@@ -205,12 +211,13 @@ async fn no_consul_kv_and_no_consul_catalog_each_leave_out_one_of_the_two() {
         Vec::<String>::new()
     );
     bridge.signal("TERM").await;
-    wait_for("the catalog emptied by --cleanup", CONVERGE, || async {
-        match catalog(&endpoint, &svc).await?.len() {
-            0 => Ok(()),
-            n => Err(format!("{n} instances")),
-        }
-    })
+    await_instances(
+        "the catalog emptied by --cleanup",
+        &endpoint,
+        &svc,
+        0,
+        CONVERGE,
+    )
     .await;
     drop(bridge);
 
@@ -245,13 +252,7 @@ async fn a_dead_bridges_services_leave_the_catalog_after_consul_deregister_after
         &["--ttl", "10", "--consul-deregister-after", "1m"],
     )
     .await;
-    wait_for("the instance in the catalog", CONVERGE, || async {
-        match catalog(&endpoint, &svc).await?.len() {
-            1 => Ok(()),
-            n => Err(format!("{n} instances")),
-        }
-    })
-    .await;
+    await_instances("the instance in the catalog", &endpoint, &svc, 1, CONVERGE).await;
     // Killed: nothing deregisters the service but the agent, once its TTL check has been
     // critical for a minute (the agent reaps every 30 s).
     bridge.signal("KILL").await;
@@ -269,15 +270,12 @@ async fn a_dead_bridges_services_leave_the_catalog_after_consul_deregister_after
         }
     })
     .await;
-    wait_for(
+    await_instances(
         "the instance gone from the catalog",
+        &endpoint,
+        &svc,
+        0,
         Duration::from_secs(150),
-        || async {
-            match catalog(&endpoint, &svc).await?.len() {
-                0 => Ok(()),
-                n => Err(format!("{n} instances")),
-            }
-        },
     )
     .await;
     let took = killed.elapsed();
