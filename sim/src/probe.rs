@@ -122,8 +122,17 @@ pub async fn probe(
     tls: Option<&TlsClient>,
     timeout: Duration,
 ) -> Result<Health, ProbeError> {
-    let reply = command(port, tls, doc! {"hello": 1, "$db": "admin"}, timeout).await?;
-    Ok(Health::from_hello(&reply))
+    Ok(Health::from_hello(&hello(port, tls, timeout).await?))
+}
+
+/// The member's whole answer to `hello`: what [`probe`] reads, for a test that records more
+/// than the health (`electionId`, which names the term of a primary; `me`; `setVersion`).
+pub async fn hello(
+    port: u16,
+    tls: Option<&TlsClient>,
+    timeout: Duration,
+) -> Result<Document, ProbeError> {
+    command(port, tls, doc! {"hello": 1, "$db": "admin"}, timeout).await
 }
 
 /// The member's current replica set config (`replSetGetConfig`), or `None` when it has none

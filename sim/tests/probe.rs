@@ -63,12 +63,32 @@ async fn probe_until(port: u16, says: &str, within: Duration) -> Result<(bool, S
 }
 
 /// Relaxed extended JSON back into BSON (the driver's own parser of it).
-fn config_from_json(line: &str) -> Option<bson::Document> {
-    let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
-    match Bson::try_from(value).ok()? {
-        Bson::Document(d) => Some(d),
-        _ => None,
-    }
+/// The documents `--sim-probe-config` printed, one per line of stdout.
+fn documents(stdout: &str) -> Vec<bson::Document> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+            match Bson::try_from(value).ok()? {
+                Bson::Document(d) => Some(d),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The config among them (the document with `members`).
+fn config_from_json(stdout: &str) -> Option<bson::Document> {
+    documents(stdout)
+        .into_iter()
+        .find(|d| d.contains_key("members"))
+}
+
+/// The `hello` answer among them (the document with `isWritablePrimary`).
+fn hello_from_json(stdout: &str) -> Option<bson::Document> {
+    documents(stdout)
+        .into_iter()
+        .find(|d| d.contains_key("isWritablePrimary"))
 }
 
 async fn direct(port: u16) -> Result<Client, BoxError> {
@@ -158,7 +178,8 @@ async fn probe_passes_only_for_primary_and_secondary() -> TestResult {
         added.elapsed()
     );
 
-    // --sim-probe-config: the member's config as one line of JSON on stdout.
+    // --sim-probe-config: the member's config, then its `hello` answer, each as one line of
+    // JSON on stdout.
     let out = Command::new(env!("CARGO_BIN_EXE_replset-sim"))
         .args([
             "--sim-probe",
@@ -174,6 +195,9 @@ async fn probe_passes_only_for_primary_and_secondary() -> TestResult {
     assert_eq!(shown.get_str("_id")?, "rsprobe", "{line}");
     assert_eq!(shown.get_array("members")?.len(), 2, "{line}");
     assert!(shown.get_i32("version")? > version, "{line}");
+    let hello = hello_from_json(&line).ok_or(format!("no hello answer in {line:?}"))?;
+    assert!(!hello.get_bool("isWritablePrimary")?, "{line}");
+    assert!(hello.get_bool("secondary")?, "{line}");
     Ok(())
 }
 
@@ -226,9 +250,17 @@ async fn probe_config_logs_in_with_the_key_file() -> TestResult {
     let line = String::from_utf8(out.stdout)?;
     let shown = config_from_json(&line).ok_or(format!("not a JSON document: {line:?}"))?;
     assert_eq!(shown.get_str("_id")?, "rsprobe", "{line}");
+    // A primary's answer names its term in electionId (OID::fromTerm: 0x7fffffff, the term).
+    let hello = hello_from_json(&line).ok_or(format!("no hello answer in {line:?}"))?;
+    assert!(hello.get_bool("isWritablePrimary")?, "{line}");
+    let election = hello.get_object_id("electionId")?.bytes();
+    assert_eq!(election[..4], [0x7f, 0xff, 0xff, 0xff], "{line}");
+    assert!(i64::from_be_bytes(election[4..].try_into()?) >= 1, "{line}");
     let out = run(false).await?;
     assert!(out.status.success(), "hello needs no login");
-    assert!(config_from_json(&String::from_utf8(out.stdout)?).is_none());
+    let stdout = String::from_utf8(out.stdout)?;
+    assert!(config_from_json(&stdout).is_none());
+    assert!(hello_from_json(&stdout).is_some(), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

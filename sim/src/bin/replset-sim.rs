@@ -12,8 +12,10 @@
 //! `--sim-probe` is the image's healthcheck (see `replset_sim::probe`): it asks the member on
 //! 127.0.0.1:PORT `hello`, prints its state on one line to stderr and exits 0 only if it is
 //! PRIMARY or SECONDARY, 1 otherwise. With `--sim-probe-config` it also prints the member's
-//! current config (`replSetGetConfig`) as one line of JSON on stdout, if it has one: tests
-//! record every config a set goes through this way.
+//! current config (`replSetGetConfig`) as one line of JSON on stdout, if it has one, then its
+//! whole `hello` answer as another (the config has `members`, the answer `isWritablePrimary`;
+//! a primary's `electionId` names its term): tests record every config a set goes through,
+//! and every primary with its term, this way.
 //!
 //! Without a bind flag it listens on 127.0.0.1 only, as mongod does. As the official mongo
 //! image's entrypoint does, `MONGO_INITDB_ROOT_USERNAME` with `MONGO_INITDB_ROOT_PASSWORD`
@@ -31,6 +33,7 @@ use replset_sim::auth::initdb::{self, InitUser};
 use replset_sim::auth::{KeyFile, Security};
 use replset_sim::disk::DataDir;
 use replset_sim::node::InitialSyncPace;
+use replset_sim::probe::Health;
 use replset_sim::tls::{Tls, TlsMode, TlsOptions};
 use replset_sim::{DurableState, History, Network, Node, NodeOptions};
 
@@ -109,7 +112,8 @@ struct Args {
     /// PRIMARY or SECONDARY (the image's healthcheck). Not a mongod flag.
     #[arg(long = "sim-probe")]
     probe: bool,
-    /// With --sim-probe: also print the member's config as one line of JSON on stdout.
+    /// With --sim-probe: also print the member's config and its `hello` answer, each as one
+    /// line of JSON on stdout.
     #[arg(long = "sim-probe-config", requires = "probe")]
     probe_config: bool,
     /// How long --sim-probe waits for the answer. Not a mongod flag.
@@ -161,8 +165,15 @@ async fn run_probe(args: &Args) -> std::process::ExitCode {
             Err(e) => eprintln!("port {}: no config: {e}", args.port),
         }
     }
-    match replset_sim::probe::probe(args.port, tls, timeout).await {
-        Ok(health) => {
+    match replset_sim::probe::hello(args.port, tls, timeout).await {
+        Ok(reply) => {
+            if args.probe_config {
+                println!(
+                    "{}",
+                    bson::Bson::Document(reply.clone()).into_relaxed_extjson()
+                );
+            }
+            let health = Health::from_hello(&reply);
             eprintln!("port {}: {}", args.port, health.describe());
             if health.is_healthy() {
                 std::process::ExitCode::SUCCESS

@@ -798,38 +798,51 @@ impl Deployment {
     /// The probe logs in as the application's user, its password copied in from the stack's
     /// secrets (root in the container, as the file is the owner's only).
     async fn run_probe(&self) -> Result<String, String> {
-        let manager = self.probe();
-        manager
-            .docker(&[
-                "create",
-                "--name",
-                PROBE,
-                "--user",
-                "0",
-                "--network",
-                NETWORK,
-                "--add-host",
-                NODE_HOST,
-                "--env",
-                &format!("DEMO_BACKEND={}", self.store.backend()),
-                "--env",
-                "DEMO_DATABASE=app",
-                "--env",
-                &format!("DEMO_USERNAME={APP_USER}"),
-                "--env",
-                &format!("DEMO_PASSWORD_FILE={PROBE_PASSWORD}"),
-                "local/replset-demo-app",
-                "serve",
-                "--interval",
-                "3600",
-            ])
-            .await?;
+        self.run_app(&self.probe(), PROBE, &["serve", "--interval", "3600"])
+            .await
+    }
+
+    /// Starts the example application's image as the container `name` on node `node`, logged
+    /// in as the application's user, with `args` (a subcommand and its flags, e.g. the
+    /// `workload` of a fault-injection run). Its output is in `docker logs <name>` on that node.
+    pub async fn start_app_container(
+        &self,
+        node: usize,
+        name: &str,
+        args: &[&str],
+    ) -> Result<String, String> {
+        self.run_app(&self.swarm.node(node), name, args).await
+    }
+
+    async fn run_app(&self, node: &Node, name: &str, args: &[&str]) -> Result<String, String> {
+        let mut create = vec![
+            "create".to_string(),
+            "--name".into(),
+            name.into(),
+            "--user".into(),
+            "0".into(),
+            "--network".into(),
+            NETWORK.into(),
+            "--add-host".into(),
+            NODE_HOST.into(),
+            "--env".into(),
+            format!("DEMO_BACKEND={}", self.store.backend()),
+            "--env".into(),
+            "DEMO_DATABASE=app".into(),
+            "--env".into(),
+            format!("DEMO_USERNAME={APP_USER}"),
+            "--env".into(),
+            format!("DEMO_PASSWORD_FILE={PROBE_PASSWORD}"),
+            "local/replset-demo-app".into(),
+        ];
+        create.extend(args.iter().map(|a| a.to_string()));
+        let create: Vec<&str> = create.iter().map(String::as_str).collect();
+        node.docker(&create).await?;
         let password = self.secrets.0.join("mongo_app_password");
         let password = password.to_str().expect("utf-8 path");
-        manager
-            .docker(&["cp", password, &format!("{PROBE}:{PROBE_PASSWORD}")])
+        node.docker(&["cp", password, &format!("{name}:{PROBE_PASSWORD}")])
             .await?;
-        manager.docker(&["start", PROBE]).await
+        node.docker(&["start", name]).await
     }
 
     /// A read of `id` by a client that does not log in, through the published URI, from a

@@ -11,7 +11,7 @@
 //! no primary, how many members were not ready at once.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,8 @@ pub struct MemberSeen {
     /// `ip:27017`
     pub host: String,
     pub health: MemberHealth,
+    /// The term of a primary (from its `electionId`), when it is one.
+    pub primary_term: Option<i64>,
 }
 
 /// One round of the poller.
@@ -281,6 +283,27 @@ impl Observed {
             .collect()
     }
 
+    /// The terms in which more than one member was seen PRIMARY (by the term in its
+    /// `electionId`), each with the hosts and the first round that showed the second one.
+    /// Empty when the rule held: never two primaries in one term.
+    pub fn primaries_sharing_a_term(&self) -> Vec<(i64, BTreeSet<String>, Duration)> {
+        let mut by_term: BTreeMap<i64, (BTreeSet<String>, Option<Duration>)> = BTreeMap::new();
+        for r in &self.rounds {
+            for m in &r.members {
+                if let (MemberHealth::Primary, Some(term)) = (&m.health, m.primary_term) {
+                    let (hosts, second) = by_term.entry(term).or_default();
+                    if hosts.insert(m.host.clone()) && hosts.len() == 2 {
+                        *second = Some(r.at);
+                    }
+                }
+            }
+        }
+        by_term
+            .into_iter()
+            .filter_map(|(term, (hosts, second))| second.map(|at| (term, hosts, at)))
+            .collect()
+    }
+
     /// The configs the poller missed (versions between two seen ones), for the log.
     pub fn versions_missed(&self) -> i64 {
         self.config_steps()
@@ -350,27 +373,7 @@ impl Deployment {
             finished.set(true);
             writes
         };
-        let poller = async {
-            let mut rounds = Vec::new();
-            let mut configs = BTreeMap::new();
-            while !finished.get() {
-                let at = start.elapsed();
-                if let Ok(tasks) = self.tasks_in(MONGO, &["starting", "running"]).await {
-                    let answers =
-                        futures::future::join_all(tasks.iter().map(|t| self.ask_member(t))).await;
-                    let mut members = Vec::new();
-                    for (seen, config) in answers {
-                        if let Some(c) = config.and_then(|v| ConfigSeen::from_json(&v, at)) {
-                            configs.entry((c.version, c.term)).or_insert(c);
-                        }
-                        members.push(seen);
-                    }
-                    rounds.push(Round { at, members });
-                }
-                tokio::time::sleep(POLL_PAUSE).await;
-            }
-            (rounds, configs)
-        };
+        let poller = self.poll_members(start, &finished);
         let (value, writes, (rounds, configs)) = tokio::join!(step, writer, poller);
         let observed = Observed {
             took: start.elapsed(),
@@ -380,6 +383,56 @@ impl Deployment {
         };
         eprintln!("[stack] {label}: {}", observed.summary());
         (value, observed)
+    }
+
+    /// Runs `step` while polling the members (no writer: the caller brings its own clients);
+    /// the step's result and what the poller saw ([`Observed::writes`] stays empty).
+    pub async fn poll_while<T, F>(&self, step: F) -> (T, Observed)
+    where
+        F: Future<Output = T>,
+    {
+        let start = Instant::now();
+        let done = Cell::new(false);
+        let step = async {
+            let v = step.await;
+            done.set(true);
+            v
+        };
+        let (value, (rounds, configs)) = tokio::join!(step, self.poll_members(start, &done));
+        let observed = Observed {
+            took: start.elapsed(),
+            writes: Vec::new(),
+            rounds,
+            configs,
+        };
+        (value, observed)
+    }
+
+    /// The poller: rounds until `stop`, each asking every started mongo task at once.
+    async fn poll_members(
+        &self,
+        start: Instant,
+        stop: &Cell<bool>,
+    ) -> (Vec<Round>, BTreeMap<(i64, i64), ConfigSeen>) {
+        let mut rounds = Vec::new();
+        let mut configs = BTreeMap::new();
+        while !stop.get() {
+            let at = start.elapsed();
+            if let Ok(tasks) = self.tasks_in(MONGO, &["starting", "running"]).await {
+                let answers =
+                    futures::future::join_all(tasks.iter().map(|t| self.ask_member(t))).await;
+                let mut members = Vec::new();
+                for (seen, config) in answers {
+                    if let Some(c) = config.and_then(|v| ConfigSeen::from_json(&v, at)) {
+                        configs.entry((c.version, c.term)).or_insert(c);
+                    }
+                    members.push(seen);
+                }
+                rounds.push(Round { at, members });
+            }
+            tokio::time::sleep(POLL_PAUSE).await;
+        }
+        (rounds, configs)
     }
 
     /// The probe of the image's healthcheck, in the task's container: its state, and its
@@ -400,8 +453,8 @@ impl Deployment {
                 "27017",
             ])
             .await;
-        let (health, config) = match out {
-            Err(e) => (MemberHealth::Unreachable(e), None),
+        let (health, config, primary_term) = match out {
+            Err(e) => (MemberHealth::Unreachable(e), None, None),
             Ok(o) => {
                 // The probe's line: "port 27017: PRIMARY: healthy", "port 27017: SECONDARY: ...".
                 let line = o.stderr.lines().last().unwrap_or_default().to_string();
@@ -418,11 +471,18 @@ impl Deployment {
                 } else {
                     MemberHealth::Secondary
                 };
-                let config = o
+                // Two lines of JSON: the config (with `members`), the `hello` answer.
+                let lines: Vec<Value> = o
                     .stdout
                     .lines()
-                    .find_map(|l| serde_json::from_str::<Value>(l).ok());
-                (health, config)
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .collect();
+                let config = lines.iter().find(|v| v.get("members").is_some()).cloned();
+                let primary_term = lines
+                    .iter()
+                    .find(|v| v["isWritablePrimary"] == true)
+                    .and_then(|v| term_of_election_id(&v["electionId"]));
+                (health, config, primary_term)
             }
         };
         (
@@ -432,8 +492,80 @@ impl Deployment {
                 task_id: t.id.clone(),
                 host: format!("{}:27017", t.ip),
                 health,
+                primary_term,
             },
             config,
         )
+    }
+}
+
+/// The term in a primary's `electionId` (`OID::fromTerm`: 0x7fffffff, then the term as 8
+/// big-endian bytes), as relaxed extended JSON (`{"$oid": "7fffffff..."}`).
+pub fn term_of_election_id(v: &Value) -> Option<i64> {
+    let hex = v["$oid"].as_str()?;
+    if hex.len() != 24 || !hex.starts_with("7fffffff") {
+        return None;
+    }
+    i64::from_str_radix(&hex[8..], 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_term_is_read_from_an_election_id() {
+        let id = serde_json::json!({"$oid": "7fffffff000000000000002a"});
+        assert_eq!(term_of_election_id(&id), Some(42));
+        // Not OID::fromTerm (an ObjectId of another kind), or not an ObjectId at all.
+        let other = serde_json::json!({"$oid": "5f1d7a2b000000000000002a"});
+        assert_eq!(term_of_election_id(&other), None);
+        assert_eq!(term_of_election_id(&serde_json::json!(null)), None);
+    }
+
+    fn seen(host: &str, health: MemberHealth, primary_term: Option<i64>) -> MemberSeen {
+        MemberSeen {
+            slot: 1,
+            node: 1,
+            task_id: String::new(),
+            host: host.into(),
+            health,
+            primary_term,
+        }
+    }
+
+    #[test]
+    fn two_primaries_are_blamed_only_when_they_share_a_term() {
+        let round = |secs, members| Round {
+            at: Duration::from_secs(secs),
+            members,
+        };
+        let mut o = Observed {
+            rounds: vec![
+                round(1, vec![seen("a:27017", MemberHealth::Primary, Some(1))]),
+                // A deposed primary that has not stepped down yet, beside the new one: two
+                // terms, which MongoDB allows (the old one cannot commit a majority write).
+                round(
+                    2,
+                    vec![
+                        seen("a:27017", MemberHealth::Primary, Some(1)),
+                        seen("b:27017", MemberHealth::Primary, Some(2)),
+                    ],
+                ),
+            ],
+            ..Observed::default()
+        };
+        assert!(o.primaries_sharing_a_term().is_empty());
+        o.rounds.push(round(
+            3,
+            vec![
+                seen("b:27017", MemberHealth::Primary, Some(2)),
+                seen("c:27017", MemberHealth::Primary, Some(2)),
+            ],
+        ));
+        let blamed = o.primaries_sharing_a_term();
+        assert_eq!(blamed.len(), 1, "{blamed:?}");
+        assert_eq!(blamed[0].0, 2);
+        assert_eq!(blamed[0].2, Duration::from_secs(3));
     }
 }
