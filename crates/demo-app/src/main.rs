@@ -5,11 +5,28 @@
 //! and lets the driver find the primary. `serve` writes and reads in a loop and logs one line per
 //! round; `write` and `read` are one-shots for checks (`docker exec <app> replset-demo-app read
 //! marker:...`).
+//!
+//! `workload` and `dump` are for a Jepsen-style fault-injection run, whose runner parses their
+//! stdout (one JSON object a line; logs go to stderr):
+//! * `workload --clients C --for DURATION [--pause-ms P] --run-id R` runs C logical clients,
+//!   each with its own driver client on the URI from the store (re-read every 5 s and after a
+//!   failed operation), for DURATION: majority inserts of `{_id: "R-c<k>-<n>", v, c: k}` (2/3
+//!   of the operations) and majority reads of ids the client wrote, P ms apart. It prints one
+//!   `{"type":"op",...}` line per operation with its outcome (`ok`, `fail`: certainly not
+//!   applied, `info`: indeterminate), then one `{"type":"done","client":k,"ops":N}` per client,
+//!   and exits 0. The driver's write retries are off unless `--retry-writes`.
+//! * `dump --prefix R` prints `{"type":"final","id":...,"value":...}` for every document whose
+//!   `_id` starts with R (read concern majority, primary), then `{"type":"final_done","count":N}`;
+//!   it exits 1 if it cannot read them.
+//!
+//! workload.rs has the details and the outcome rules.
 
 mod db;
 mod store;
+mod workload;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -18,8 +35,13 @@ use clap::{Parser, Subcommand};
 use daemon::duration::{self, seconds_or_duration};
 use daemon::LogFormat;
 
-use crate::db::{Access, Db, DbError, Login, MongoTls};
+use crate::db::{Access, Db, DbError, Login, MongoTls, WriteRetries};
 use crate::store::Store;
+use crate::workload::{History, Plan};
+
+/// The longest `dump` waits for its answer (the driver gives up on finding a primary after
+/// 10 s; this bounds a member that accepted the query and then stopped answering).
+const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Uses a MongoDB replica set through the connection string that replset-reconciler publishes.
 ///
@@ -51,7 +73,8 @@ struct Cli {
     collection: String,
 
     /// How long to wait for the connection string to appear (`30s`, `2m`; a bare number is
-    /// seconds; default: for ever with serve, 60s for write and read).
+    /// seconds; default: for ever with serve, 60s for write, read and dump; workload waits
+    /// within its --for).
     #[arg(long, env = "DEMO_WAIT", global = true, value_parser = seconds_or_duration)]
     wait: Option<Duration>,
 
@@ -101,6 +124,57 @@ enum Command {
     /// Print the document `<id>` (read concern majority) as one line of JSON; exit 1 if it is
     /// not there.
     Read { id: String },
+    /// Run a fault-injection workload and print its history on stdout, one JSON line per
+    /// operation: `{"type":"op","client":k,"op":"write"|"read","id","value","start_ms",
+    /// "end_ms","outcome":"ok"|"fail"|"info","error"}`, then `{"type":"done","client":k,
+    /// "ops":N}` per client; exit 0.
+    ///
+    /// Each of the clients has its own driver client on the URI from the store (re-read every
+    /// 5 s and after a failed operation; store and connect failures are retried, never fatal).
+    /// It writes (2/3 of the time) `{_id: "<run-id>-c<k>-<n>", v: "<id>-<8 hex>", c: k}` with
+    /// w: majority (wtimeout 10s) or reads (read concern majority, primary) an id it wrote.
+    /// Operations time out after 15s. "fail" means certainly not applied (no server selected,
+    /// authentication failed, NotWritablePrimary, NotPrimaryNoSecondaryOk), "info" maybe
+    /// applied (everything else); a failed read is "fail".
+    Workload {
+        /// How many concurrent logical clients.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        clients: u32,
+        /// How long to start operations (`30s`, `5m`; a bare number is seconds), 1s to 24h.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_run_length)]
+        run_for: Duration,
+        /// The pause of each client between its operations, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        pause_ms: u64,
+        /// The run's id: the prefix of every `_id` written (and dump's --prefix).
+        #[arg(long, value_parser = parse_run_id)]
+        run_id: String,
+        /// Let the driver retry a write once (retryWrites). Off by default, so that an error
+        /// answers the one attempt made; with retries NotWritablePrimary may answer the retry
+        /// of an attempt that was applied, and is then reported as "info".
+        #[arg(long)]
+        retry_writes: bool,
+    },
+    /// Print every document whose `_id` starts with --prefix (read concern majority, primary),
+    /// one JSON line each: `{"type":"final","id","value"}`, then `{"type":"final_done",
+    /// "count":N}`. Exit 1 (no final line printed) if they cannot be read; retry then.
+    Dump {
+        /// The beginning of the ids (the workload's --run-id).
+        #[arg(long)]
+        prefix: String,
+    },
+}
+
+fn parse_run_length(s: &str) -> Result<Duration, String> {
+    let d = seconds_or_duration(s).map_err(|e| e.to_string())?;
+    duration::within(d, Duration::from_secs(1), Duration::from_secs(24 * 3600))
+}
+
+fn parse_run_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.chars().any(char::is_control) {
+        return Err("the run id must be nonempty, without control characters".into());
+    }
+    Ok(s.to_string())
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -216,6 +290,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Workload {
+            clients,
+            run_for,
+            pause_ms,
+            run_id,
+            retry_writes,
+        } => {
+            let plan = Plan {
+                clients,
+                duration: run_for,
+                pause: Duration::from_millis(pause_ms),
+                run_id,
+                retries: if retry_writes {
+                    WriteRetries::Driver
+                } else {
+                    WriteRetries::Off
+                },
+            };
+            tracing::info!(?plan, %key, "workload starting");
+            // SIGTERM ends the run early, with the done lines.
+            let stop = daemon::shutdown_on_signals();
+            let history = Arc::new(History::new(std::io::stdout()));
+            workload::run(plan, Arc::new(store), key, access, history, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dump { prefix } => {
+            let uri = store.wait_for_text(&key, one_shot_wait).await?;
+            let db = Db::connect(&uri, &access).await?;
+            let docs = tokio::time::timeout(DUMP_TIMEOUT, db.values_with_prefix(&prefix))
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {DUMP_TIMEOUT:?}"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .with_context(|| {
+                    format!("cannot read the documents {prefix:?}* through {uri}; retry when the set has a primary")
+                })?;
+            workload::print_dump(&History::new(std::io::stdout()), &docs)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
