@@ -161,6 +161,10 @@ pub struct StackOptions {
     /// MONGO_MAX_PER_NODE=0 and a volume per slot (MONGO_VOLUME_SUFFIX). Off: the stack's
     /// default, one member per node and a volume per node.
     pub several_per_node: bool,
+    /// The nodes that may run a member (labelled `registrator.mongo=true`, and the stack's
+    /// MONGO_NODES constraint set to that label): as many as members keep each member on its
+    /// node's data. Empty: any node (the stack's default).
+    pub mongo_nodes: Vec<usize>,
 }
 
 impl StackOptions {
@@ -169,6 +173,7 @@ impl StackOptions {
             removal_grace: removal_grace.to_string(),
             mongo_extra_args: String::new(),
             several_per_node: false,
+            mongo_nodes: Vec::new(),
         }
     }
 }
@@ -188,6 +193,9 @@ pub struct Deployment {
     probe_node: std::sync::atomic::AtomicUsize,
     /// The stack's secrets (`scripts/stack-secrets`), removed on drop.
     secrets: Secrets,
+    /// The nodes labelled `registrator.mongo=true` ([`StackOptions::mongo_nodes`], then
+    /// [`Deployment::set_mongo_label`]).
+    mongo_labelled: std::sync::Mutex<BTreeSet<usize>>,
 }
 
 /// The directory of the stack's secrets, made by `scripts/stack-secrets`; removed on drop.
@@ -251,6 +259,7 @@ impl Deployment {
             }
         }
         swarm.load_images(&store.images()).await;
+        let mongo_labelled = options.mongo_nodes.iter().copied().collect();
         let d = Deployment {
             swarm,
             store,
@@ -259,9 +268,11 @@ impl Deployment {
             node_index: std::sync::Mutex::new(BTreeMap::new()),
             probe_node: std::sync::atomic::AtomicUsize::new(1),
             secrets: Secrets::make(),
+            mongo_labelled: std::sync::Mutex::new(mongo_labelled),
         };
         d.read_nodes().await.expect("docker node ls");
         d.label_store_nodes().await;
+        d.label_mongo_nodes().await;
         d.stack_deploy().await;
         d
     }
@@ -320,6 +331,52 @@ impl Deployment {
         }
     }
 
+    /// Puts the label `registrator.mongo=true` on the nodes that carry it
+    /// ([`StackOptions::mongo_nodes`], changed by [`Deployment::set_mongo_label`]). Run again
+    /// after a repair (a node made anew has no labels).
+    pub async fn label_mongo_nodes(&self) {
+        let nodes: Vec<usize> = self
+            .mongo_labelled
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        for i in nodes {
+            self.set_mongo_label(i, true)
+                .await
+                .unwrap_or_else(|e| panic!("labelling dnode{i} registrator.mongo=true: {e}"));
+        }
+    }
+
+    /// Adds (`on`) or removes the label `registrator.mongo=true` of node `i`: with
+    /// [`StackOptions::mongo_nodes`], where a member may run.
+    pub async fn set_mongo_label(&self, i: usize, on: bool) -> Result<(), String> {
+        let host = self.swarm.node(i).hostname();
+        let args: [&str; 4] = if on {
+            ["update", "--label-add", "registrator.mongo=true", &host]
+        } else {
+            ["update", "--label-rm", "registrator.mongo", &host]
+        };
+        self.manager()
+            .docker(&["node", args[0], args[1], args[2], args[3]])
+            .await?;
+        if let Ok(mut l) = self.mongo_labelled.lock() {
+            if on {
+                l.insert(i);
+            } else {
+                l.remove(&i);
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes labelled `registrator.mongo=true` by this deployment.
+    pub fn mongo_labelled(&self) -> BTreeSet<usize> {
+        self.mongo_labelled
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
     /// `docker stack deploy` of the stack file with the offline images (also re-deploys).
     pub async fn stack_deploy(&self) {
         let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -351,6 +408,14 @@ impl Deployment {
                     "0"
                 } else {
                     "1"
+                },
+            ),
+            (
+                "MONGO_NODES",
+                if self.options.mongo_nodes.is_empty() {
+                    "node.platform.os == linux"
+                } else {
+                    "node.labels.registrator.mongo == true"
                 },
             ),
             (
