@@ -96,7 +96,7 @@ const RESUMES: usize = 3;
 /// killed it) makes swarm pause the update (the stack's `failure_action: pause`); it is then
 /// resumed as docs/operations.md tells operators to, with `docker service update`.
 async fn rolling_update(d: &Deployment) -> Injected {
-    let n = live_tasks(d, MONGO).await?.len();
+    let n = replicas(d).await?;
     let before = d.mongo_task_ids().await?;
     d.update_mongo(&["--force"]).await;
     let deadline = Instant::now() + SERVICE_STEP;
@@ -141,7 +141,7 @@ async fn rolling_update(d: &Deployment) -> Injected {
 /// nodes, a node is labelled first, as an operator does before scaling up, and afterwards
 /// the label is taken from the labelled node left without a member.
 async fn scale_up_down(d: &Deployment) -> Injected {
-    let n = live_tasks(d, MONGO).await?.len().max(3);
+    let n = replicas(d).await?;
     let pinned = !d.mongo_labelled().is_empty();
     let mut added = None;
     if pinned {
@@ -175,6 +175,24 @@ async fn scale_up_down(d: &Deployment) -> Injected {
         }
     }
     Ok(format!("{n} -> {} -> {n}{note}", n + 1))
+}
+
+/// The mongo service's replicas as its spec says (not its running tasks: some may be down
+/// under another fault).
+pub async fn replicas(d: &Deployment) -> Result<usize, String> {
+    let out = d
+        .manager()
+        .docker(&[
+            "service",
+            "inspect",
+            "-f",
+            "{{.Spec.Mode.Replicated.Replicas}}",
+            MONGO,
+        ])
+        .await?;
+    out.trim()
+        .parse()
+        .map_err(|e| format!("the replicas of {MONGO} ({out:?}): {e}"))
 }
 
 /// The running tasks of `service` on nodes that are not lost.
