@@ -85,18 +85,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let length = Duration::from_secs(cli.minutes * 60);
     let plan = schedule::schedule(cli.seed, length);
-    println!(
-        "seed {}: {} faults in {} min (re-run: replset-chaos --seed {} --minutes {})",
+    let mut head = format!(
+        "seed {}: {} faults in {} min (re-run: {})\n",
         cli.seed,
         plan.len(),
         cli.minutes,
-        cli.seed,
-        cli.minutes
+        rerun(&cli)
     );
     for p in &plan {
-        println!("  at {:>6.1}s  {}", p.at.as_secs_f64(), p.fault);
+        head.push_str(&format!("  at {:>6.1}s  {}\n", p.at.as_secs_f64(), p.fault));
     }
-    if cli.schedule_only {
+    if !say(&head) || cli.schedule_only {
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -111,12 +110,40 @@ fn main() -> ExitCode {
         }
     };
     let report = runtime.block_on(run(&cli, plan));
-    println!("{}", report.render());
+    say(&format!("{}\n", report.render()));
     if report.clean() {
         ExitCode::SUCCESS
     } else {
+        eprintln!(
+            "replset-chaos: violations found; re-run with: {}",
+            rerun(&cli)
+        );
         ExitCode::FAILURE
     }
+}
+
+/// The command that runs the same schedule on the same kind of deployment.
+fn rerun(cli: &Cli) -> String {
+    let mut cmd = format!(
+        "scripts/chaos --seed {} --minutes {} --nodes {} --clients {}",
+        cli.seed, cli.minutes, cli.nodes, cli.clients
+    );
+    if let StoreArg::Consul = cli.store {
+        cmd.push_str(" --store consul");
+    }
+    if cli.any_node {
+        cmd.push_str(" --any-node");
+    }
+    cmd
+}
+
+/// Writes to stdout; false when it is closed (`| head`): the reader has seen enough.
+fn say(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
 }
 
 fn unix_ms() -> u64 {

@@ -157,24 +157,52 @@ async fn scale_up_down(d: &Deployment) -> Injected {
     d.scale(n).await;
     let mut note = String::new();
     if let Some(free) = added {
-        let with_member: BTreeSet<usize> = started_tasks(d, MONGO)
-            .await?
-            .into_iter()
-            .map(|t| t.node)
-            .collect();
-        match d
-            .mongo_labelled()
-            .into_iter()
-            .find(|i| !with_member.contains(i))
-        {
-            Some(empty) => {
-                d.set_mongo_label(empty, false).await?;
-                note = format!(" (labelled dnode{free}, then unlabelled dnode{empty})");
+        // Only a labelled node that no task of the service is assigned to, in any state
+        // (running, starting, restarting): a label taken from a node with a member makes
+        // swarm stop that member and start it elsewhere, away from its data.
+        match task_hosts(d).await? {
+            None => {
+                note = format!(" (labelled dnode{free}; a task is not placed yet, labels kept)")
             }
-            None => note = format!(" (labelled dnode{free}; every labelled node has a member)"),
+            Some(hosts) => {
+                let empty = std::iter::once(free)
+                    .chain(d.mongo_labelled())
+                    .find(|i| !hosts.contains(&d.swarm.node(*i).hostname()));
+                match empty {
+                    Some(empty) => {
+                        d.set_mongo_label(empty, false).await?;
+                        note = format!(" (labelled dnode{free}, then unlabelled dnode{empty})");
+                    }
+                    None => {
+                        note = format!(" (labelled dnode{free}; every labelled node has a task)")
+                    }
+                }
+            }
         }
     }
     Ok(format!("{n} -> {} -> {n}{note}", n + 1))
+}
+
+/// The nodes (hostnames) of every task of the mongo service that swarm wants running, in
+/// whatever state; `None` while one is not placed on a node yet.
+async fn task_hosts(d: &Deployment) -> Result<Option<BTreeSet<String>>, String> {
+    let out = d
+        .manager()
+        .docker(&[
+            "service",
+            "ps",
+            MONGO,
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Node}}",
+        ])
+        .await?;
+    let hosts: Vec<&str> = out.lines().map(str::trim).collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Ok(None);
+    }
+    Ok(Some(hosts.into_iter().map(str::to_string).collect()))
 }
 
 /// The mongo service's replicas as its spec says (not its running tasks: some may be down

@@ -178,7 +178,7 @@ impl Report {
             let rec = match recoveries.last() {
                 Some(max) => format!(
                     "; majority writes again after median {:.1}s, max {:.1}s",
-                    recoveries[recoveries.len() / 2] as f64 / 1000.0,
+                    recoveries[(recoveries.len() - 1) / 2] as f64 / 1000.0,
                     *max as f64 / 1000.0
                 ),
                 None => String::new(),
