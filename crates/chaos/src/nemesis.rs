@@ -165,10 +165,11 @@ async fn scale_up_down(d: &Deployment) -> Injected {
                 note = format!(" (labelled dnode{free}; a task is not placed yet, labels kept)")
             }
             Some(hosts) => {
-                let empty = std::iter::once(free)
+                let labelled: Vec<(usize, String)> = std::iter::once(free)
                     .chain(d.mongo_labelled())
-                    .find(|i| !hosts.contains(&d.swarm.node(*i).hostname()));
-                match empty {
+                    .map(|i| (i, d.swarm.node(i).hostname()))
+                    .collect();
+                match label_to_take(&labelled, &hosts) {
                     Some(empty) => {
                         d.set_mongo_label(empty, false).await?;
                         note = format!(" (labelled dnode{free}, then unlabelled dnode{empty})");
@@ -203,6 +204,16 @@ async fn task_hosts(d: &Deployment) -> Result<Option<BTreeSet<String>>, String> 
         return Ok(None);
     }
     Ok(Some(hosts.into_iter().map(str::to_string).collect()))
+}
+
+/// Which labelled node (index, hostname; in the order given) to take the member label from
+/// after a scale down: the first that no task of the service is assigned to (`hosts`, in any
+/// state). `None` when each has one.
+fn label_to_take(labelled: &[(usize, String)], hosts: &BTreeSet<String>) -> Option<usize> {
+    labelled
+        .iter()
+        .find(|(_, hostname)| !hosts.contains(hostname))
+        .map(|(i, _)| *i)
 }
 
 /// The mongo service's replicas as its spec says (not its running tasks: some may be down
@@ -360,4 +371,38 @@ pub async fn heal_everything(d: &Deployment) -> Vec<String> {
         }
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(list: &[(usize, &str)]) -> Vec<(usize, String)> {
+        list.iter().map(|(i, h)| (*i, h.to_string())).collect()
+    }
+
+    fn hosts(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|h| h.to_string()).collect()
+    }
+
+    /// Seed 11's finding: after a scale down, the member of dnode4 was restarting (assigned,
+    /// not running) and its label was taken, so swarm moved it away from its data. A node with
+    /// a task in any state keeps its label.
+    #[test]
+    fn the_label_is_taken_only_from_a_node_without_a_task() {
+        let labelled = nodes(&[(1, "dnode1"), (2, "dnode2"), (3, "dnode3"), (4, "dnode4")]);
+        // dnode1 (labelled for the extra member) still has it; dnode4's member is restarting.
+        let assigned = hosts(&["dnode1", "dnode2", "dnode3", "dnode4"]);
+        assert_eq!(label_to_take(&labelled, &assigned), None);
+        // The extra member went away from dnode1.
+        assert_eq!(
+            label_to_take(&labelled, &hosts(&["dnode2", "dnode3", "dnode4"])),
+            Some(1)
+        );
+        // Swarm placed the extra member on dnode1 and removed dnode3's task instead.
+        assert_eq!(
+            label_to_take(&labelled, &hosts(&["dnode1", "dnode2", "dnode4"])),
+            Some(3)
+        );
+    }
 }

@@ -223,11 +223,51 @@ pub async fn destroy_consul_sessions(http: &reqwest::Client, base: &str) {
     }
 }
 
+/// A port on 127.0.0.1 that nothing listens on now, for a process a test starts.
+///
+/// It is picked at random below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), never from it: a port the kernel hands out
+/// for `bind(0)` is also one it may give the next outgoing connection as its local port, and
+/// with hundreds of connections a second under a parallel test run, one did take an etcd
+/// member's port before the member bound it. No port is handed out twice by one process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let (low, _) = ephemeral_range();
+    let floor = 10_000u16;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    if low > floor + 1_000 {
+        for _ in 0..1_000 {
+            let port = rand::random_range(floor..low);
+            if given.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    // No room below the range (a tuned kernel): the kernel's pick, as a last resort.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("a free port")
+        .expect("a free port");
+    given.insert(port);
+    port
+}
+
+/// The kernel's ephemeral port range, `(first, last)`; Linux's default when it cannot be read.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// Fetches `http://addr/path` and returns status and body.
@@ -406,6 +446,28 @@ impl PrivateEtcdCluster {
     /// Starts `n` members (3 or 5 make sense) and waits until the cluster answers a
     /// linearizable read through every member.
     pub async fn start(n: usize) -> PrivateEtcdCluster {
+        // A member that cannot bind its ports (another process took one between the pick and
+        // the bind) exits at once; the cluster is then started anew on other ports.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut cluster = PrivateEtcdCluster::spawn_all(n);
+            let mut started = true;
+            for i in 0..n {
+                if let Err(e) = cluster.answers(i).await {
+                    last = e;
+                    started = false;
+                    break;
+                }
+            }
+            if started {
+                return cluster;
+            }
+            cluster.kill_all().await;
+        }
+        panic!("an etcd cluster of {n} did not start three times; last: {last}");
+    }
+
+    fn spawn_all(n: usize) -> PrivateEtcdCluster {
         let members: Vec<ClusterMember> = (0..n)
             .map(|i| ClusterMember {
                 name: format!("m{i}"),
@@ -426,9 +488,6 @@ impl PrivateEtcdCluster {
         };
         for i in 0..n {
             cluster.spawn(i);
-        }
-        for i in 0..n {
-            cluster.wait_answers(i).await;
         }
         cluster
     }
@@ -487,18 +546,54 @@ impl PrivateEtcdCluster {
         self.members[i].child = Some(child);
     }
 
-    /// Waits until member `i` answers a linearizable read (so it has a leader).
-    async fn wait_answers(&self, i: usize) {
+    /// Waits until member `i` answers a linearizable read (so it has a leader); panics after
+    /// 60 s, or as soon as the member has exited, with its log.
+    async fn wait_answers(&mut self, i: usize) {
+        if let Err(e) = self.answers(i).await {
+            panic!("{e}");
+        }
+    }
+
+    /// [`PrivateEtcdCluster::wait_answers`], with the failure returned.
+    async fn answers(&mut self, i: usize) -> Result<(), String> {
         let endpoint = self.endpoint(i);
-        wait_for(
-            &format!("etcd member {i} to answer with a leader"),
-            Duration::from_secs(60),
-            || {
-                let endpoint = endpoint.clone();
-                async move { probe(&endpoint).await }
-            },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = match probe(&endpoint).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let exited = match self.members[i].child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                Some(Err(e)) => Some(e.to_string()),
+                Some(Ok(None)) | None => None,
+            };
+            if let Some(status) = exited {
+                return Err(format!(
+                    "etcd member {i} exited ({status}) before it answered; its log:\n{}",
+                    self.log_tail(i)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "timed out after 60s waiting for etcd member {i} to answer with a leader; \
+                     last seen: {last}; its log:\n{}",
+                    self.log_tail(i)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of member `i`'s log.
+    fn log_tail(&self, i: usize) -> String {
+        let log = self
+            .dir
+            .path()
+            .join(format!("{}.log", self.members[i].name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Kills member `i` (SIGKILL): a member lost.
@@ -620,4 +715,23 @@ async fn probe(endpoint: &str) -> Result<(), String> {
     tokio::time::timeout(Duration::from_secs(3), read)
         .await
         .map_err(|_| format!("no answer from {endpoint} within 3 s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_port_is_never_one_the_kernel_may_give_an_outgoing_connection() {
+        let (low, high) = ephemeral_range();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let port = free_port();
+            assert!(
+                !(low..=high).contains(&port),
+                "port {port} is in the ephemeral range {low}-{high}"
+            );
+            assert!(seen.insert(port), "port {port} handed out twice");
+        }
+    }
 }
