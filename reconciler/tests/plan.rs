@@ -391,6 +391,37 @@ fn four_members_keep_three_voters_and_eight_keep_seven() {
     );
 }
 
+/// The fault-injection run's finding 4 (docs/reliability.md): a set of three that lost a
+/// member past the grace was taken to one voter of two, so one disk held the only
+/// majority-committed copy, and that node's loss took the set down for good. Two members keep
+/// both votes: every majority write is on both.
+#[test]
+fn a_set_of_three_that_lost_a_member_keeps_two_voters() {
+    let mut obs = observed(config(vec![voter(1), voter(2), voter(3)]));
+    down(&mut obs, 3);
+    let mut c = ctx();
+    c.record_gone_for.insert(3, GRACE);
+    let want = desired([1, 2]);
+    let (change, next) = reconfig_of(plan_next_step(&obs, &want, &c).step);
+    assert_eq!(
+        change,
+        Change::Remove {
+            id: 3,
+            host: host(3)
+        }
+    );
+    let obs = observed(next);
+    assert_eq!(obs.config.as_ref().map(|c| c.voter_count()), Some(2));
+    assert_eq!(plan_next_step(&obs, &want, &c).step, Step::Converged);
+    // Two members that came as two (a set scaled to 2) vote both too, from a non-voter.
+    let obs = observed(config(vec![
+        voter(1),
+        MemberConfig::new_non_voter(2, &host(2)),
+    ]));
+    let (change, _) = reconfig_of(plan_next_step(&obs, &want, &c).step);
+    assert_eq!(change, Change::GrantVote { id: 2 });
+}
+
 #[test]
 fn a_rescheduled_slot_moves_its_host_once_the_old_one_is_down() {
     let mut obs = observed(config(vec![voter(1), voter(2), voter(3)]));
@@ -906,7 +937,7 @@ proptest! {
     /// From any world where the desired members run (a rescheduled slot's old mongod is gone),
     /// the planner's steps, each accepted by the server and then in force (members that run
     /// become SECONDARY), reach exactly the desired members with the target number of voters,
-    /// odd and at most 7, in a bounded number of steps.
+    /// odd (or two of two) and at most 7, in a bounded number of steps.
     #[test]
     fn repeated_steps_converge(w in world()) {
         let mut w = w;
@@ -944,13 +975,13 @@ proptest! {
                             "dead member {} left in", m.id
                         );
                     }
-                    // As many voters as can vote, at most 7, odd.
+                    // As many voters as can vote, at most 7, odd (two keep both votes).
                     let voters = cfg.voters().count();
                     let could_vote = voters + cfg.members.iter()
                         .filter(|m| !m.is_voter() && w.desired.contains_key(&m.id))
                         .count();
                     prop_assert_eq!(voters, target_voters(could_vote), "voters of {:?}", cfg);
-                    prop_assert!(voters % 2 == 1 && voters <= 7, "voters of {:?}", cfg);
+                    prop_assert!((voters % 2 == 1 || voters == 2) && voters <= 7, "voters of {:?}", cfg);
                     let running = cfg.members.iter().filter(|m| w.running.contains(&m.host)).count();
                     prop_assert!(running >= voters);
                     return Ok(());
