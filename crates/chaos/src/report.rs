@@ -38,6 +38,8 @@ pub struct Report {
     /// Configs that changed hosts only (a forced re-addressing), counted apart.
     pub readdressed: usize,
     pub configs_seen: usize,
+    /// Each config seen, in order: version, term, when first seen, voters and the others.
+    pub config_lines: Vec<String>,
     pub versions_missed: i64,
     pub two_primaries: Vec<(i64, BTreeSet<String>, Duration)>,
     pub longest_without_primary: Duration,
@@ -58,6 +60,7 @@ impl Report {
             unsafe_configs: Vec::new(),
             readdressed: 0,
             configs_seen: 0,
+            config_lines: Vec::new(),
             versions_missed: 0,
             two_primaries: Vec::new(),
             longest_without_primary: Duration::ZERO,
@@ -78,6 +81,27 @@ impl Report {
             .filter(|s| !s.hosts_only)
             .collect();
         self.configs_seen = o.configs.len();
+        self.config_lines = o
+            .configs
+            .values()
+            .map(|c| {
+                let ids = |voting: bool| -> Vec<i64> {
+                    c.members
+                        .iter()
+                        .filter(|(_, (_, votes))| (*votes > 0) == voting)
+                        .map(|(id, _)| *id)
+                        .collect()
+                };
+                format!(
+                    "  version {} term {} at {:.1}s: voters {:?}, others {:?}",
+                    c.version,
+                    c.term,
+                    c.first_seen.as_secs_f64(),
+                    ids(true),
+                    ids(false)
+                )
+            })
+            .collect();
         self.versions_missed = o.versions_missed();
         self.two_primaries = o.primaries_sharing_a_term();
         self.longest_without_primary = o.longest_without_primary();
@@ -245,6 +269,9 @@ impl Report {
             "configs seen: {} ({} versions missed by the poller), {} re-addressings (hosts only)",
             self.configs_seen, self.versions_missed, self.readdressed
         );
+        for line in &self.config_lines {
+            let _ = writeln!(s, "{line}");
+        }
         for step in &self.unsafe_configs {
             let _ = writeln!(
                 s,
