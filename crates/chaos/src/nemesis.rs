@@ -153,8 +153,10 @@ async fn scale_up_down(d: &Deployment) -> Injected {
         d.set_mongo_label(free, true).await?;
         added = Some(free);
     }
-    d.scale(n + 1).await;
-    d.scale(n).await;
+    // Back to n whatever became of the scale up (refused under another fault, or cut short):
+    // a service left one member up, or a label left on, would change the rest of the run.
+    let up = d.try_scale(n + 1).await;
+    let down = d.try_scale(n).await;
     let mut note = String::new();
     if let Some(free) = added {
         // Only a labelled node that no task of the service is assigned to, in any state
@@ -181,7 +183,11 @@ async fn scale_up_down(d: &Deployment) -> Injected {
             }
         }
     }
-    Ok(format!("{n} -> {} -> {n}{note}", n + 1))
+    match (up, down) {
+        (Ok(_), Ok(_)) => Ok(format!("{n} -> {} -> {n}{note}", n + 1)),
+        (Err(e), Ok(_)) => Err(format!("the scale up failed, back to {n}{note}: {e}")),
+        (_, Err(e)) => Err(format!("the scale back to {n} failed{note}: {e}")),
+    }
 }
 
 /// The nodes (hostnames) of every task of the mongo service that swarm wants running, in

@@ -778,8 +778,14 @@ impl Deployment {
     }
 
     /// `replset-reconciler scale` as operators run it: a one-off container on the manager, on
-    /// the stack's network, with the manager's Docker API. Returns how long it took.
+    /// the stack's network, with the manager's Docker API. Returns how long it took; panics
+    /// when it fails.
     pub async fn scale(&self, n: usize) -> Duration {
+        self.try_scale(n).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Deployment::scale`], with a failure (the command's exit code and log) returned.
+    pub async fn try_scale(&self, n: usize) -> Result<Duration, String> {
         let started = Instant::now();
         let to = format!("{MONGO}={n}");
         let name = format!("e2e-scale-{n}");
@@ -810,35 +816,49 @@ impl Deployment {
                 &to,
             ])
             .await
-            .unwrap_or_else(|e| panic!("replset-reconciler scale {to}: {e}"));
-        let code = wait_for(
-            &format!("replset-reconciler scale {to} to finish"),
-            SCALE,
-            || async {
-                let state = manager
-                    .docker(&[
-                        "inspect",
-                        "-f",
-                        "{{.State.Status}} {{.State.ExitCode}}",
-                        &name,
-                    ])
-                    .await?;
-                match state.split_once(' ') {
-                    Some(("exited", code)) => Ok(code.to_string()),
-                    _ => Err(state),
-                }
-            },
-        )
-        .await;
-        let log = manager.docker(&["logs", &name]).await.unwrap_or_else(|e| e);
+            .map_err(|e| format!("replset-reconciler scale {to}: {e}"))?;
+        let deadline = Instant::now() + SCALE;
+        let code = loop {
+            let state = manager
+                .docker(&[
+                    "inspect",
+                    "-f",
+                    "{{.State.Status}} {{.State.ExitCode}}",
+                    &name,
+                ])
+                .await;
+            let last = match state {
+                Ok(state) => match state.split_once(' ') {
+                    Some(("exited", code)) => break Ok(code.to_string()),
+                    _ => state,
+                },
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                break Err(format!(
+                    "replset-reconciler scale {to} did not finish within {SCALE:?}: {last}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        // Both streams: the command's refusals and errors are logged on stderr.
+        let log = match manager.docker_output(&["logs", &name]).await {
+            Ok(out) => format!("{}\n{}", out.stdout, out.stderr),
+            Err(e) => e,
+        };
         let _ = manager.docker(&["rm", "-f", &name]).await;
-        assert_eq!(code, "0", "replset-reconciler scale {to} failed:\n{log}");
+        let code = code.map_err(|e| format!("{e}\n{log}"))?;
+        if code != "0" {
+            return Err(format!(
+                "replset-reconciler scale {to} failed (exit {code}):\n{log}"
+            ));
+        }
         let took = started.elapsed();
         eprintln!(
             "[stack] replset-reconciler scale {to}: {:.1}s",
             took.as_secs_f64()
         );
-        took
+        Ok(took)
     }
 
     /// Starts a probe client, the example application's image as a plain container on the
