@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use test_support::stack::{ConfigStep, Observed};
+use test_support::stack::{ConfigSeen, ConfigStep, Observed};
 
 use crate::history::{self, Checked, Kind, Op, Outcome};
 use crate::schedule::{Planned, KINDS};
@@ -37,9 +37,8 @@ pub struct Report {
     pub unsafe_configs: Vec<ConfigStep>,
     /// Configs that changed hosts only (a forced re-addressing), counted apart.
     pub readdressed: usize,
-    pub configs_seen: usize,
-    /// Each config seen, in order: version, term, when first seen, voters and the others.
-    pub config_lines: Vec<String>,
+    /// Each config seen, in (version, term) order.
+    pub configs: Vec<ConfigSeen>,
     pub versions_missed: i64,
     pub two_primaries: Vec<(i64, BTreeSet<String>, Duration)>,
     pub longest_without_primary: Duration,
@@ -59,8 +58,7 @@ impl Report {
             checked: None,
             unsafe_configs: Vec::new(),
             readdressed: 0,
-            configs_seen: 0,
-            config_lines: Vec::new(),
+            configs: Vec::new(),
             versions_missed: 0,
             two_primaries: Vec::new(),
             longest_without_primary: Duration::ZERO,
@@ -80,28 +78,7 @@ impl Report {
             .into_iter()
             .filter(|s| !s.hosts_only)
             .collect();
-        self.configs_seen = o.configs.len();
-        self.config_lines = o
-            .configs
-            .values()
-            .map(|c| {
-                let ids = |voting: bool| -> Vec<i64> {
-                    c.members
-                        .iter()
-                        .filter(|(_, (_, votes))| (*votes > 0) == voting)
-                        .map(|(id, _)| *id)
-                        .collect()
-                };
-                format!(
-                    "  version {} term {} at {:.1}s: voters {:?}, others {:?}",
-                    c.version,
-                    c.term,
-                    c.first_seen.as_secs_f64(),
-                    ids(true),
-                    ids(false)
-                )
-            })
-            .collect();
+        self.configs = o.configs.values().cloned().collect();
         self.versions_missed = o.versions_missed();
         self.two_primaries = o.primaries_sharing_a_term();
         self.longest_without_primary = o.longest_without_primary();
@@ -267,10 +244,27 @@ impl Report {
         let _ = writeln!(
             s,
             "configs seen: {} ({} versions missed by the poller), {} re-addressings (hosts only)",
-            self.configs_seen, self.versions_missed, self.readdressed
+            self.configs.len(),
+            self.versions_missed,
+            self.readdressed
         );
-        for line in &self.config_lines {
-            let _ = writeln!(s, "{line}");
+        for c in &self.configs {
+            let ids = |voting: bool| -> Vec<i64> {
+                c.members
+                    .iter()
+                    .filter(|(_, (_, votes))| (*votes > 0) == voting)
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            let _ = writeln!(
+                s,
+                "  version {} term {} at {:.1}s: voters {:?}, others {:?}",
+                c.version,
+                c.term,
+                c.first_seen.as_secs_f64(),
+                ids(true),
+                ids(false)
+            );
         }
         for step in &self.unsafe_configs {
             let _ = writeln!(
