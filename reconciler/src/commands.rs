@@ -224,6 +224,10 @@ pub enum ScaleError {
     Status(#[from] StatusError),
 }
 
+/// How long `scale` retries a store that fails its first read (a member restarting, a leader
+/// election) before it gives up.
+const STORE_RETRY: Duration = Duration::from_secs(30);
+
 /// `scale <service>=<want>`: one replica at a time, each step waited for until the set's
 /// status says converged with that many members ([`backend_core::ReplSetStatus::converged_with`]).
 /// Only the replica count of the service's spec changes (see [`crate::engine_api`]).
@@ -239,7 +243,7 @@ pub async fn scale<S: Coordinator>(
     let engine = Engine::from_env()?;
     // A status that is stale or says the set could not be observed tells nothing of the set
     // now: no step is taken on it.
-    if let Some(s) = status::read(store, layout, set).await? {
+    if let Some(s) = status::read_within(store, layout, set, STORE_RETRY).await? {
         if let Some(problem) = s.problem(backend_core::unix_seconds(), max_age) {
             return Err(ScaleError::Status(StatusError::Untrusted {
                 set: set.to_string(),
