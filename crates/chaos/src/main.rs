@@ -278,12 +278,17 @@ async fn run_schedule(d: &Arc<Deployment>, plan: Vec<Planned>) -> Vec<FaultRun> 
     out
 }
 
-/// Waits until the set equals the tasks and the URI the set; the last reason if not.
+/// Waits until the set equals the tasks (as many as the service's spec says: a scale back
+/// refused under a fault leaves one more) and the URI the set; the last reason if not.
 async fn wait_converged(d: &Deployment) -> Result<Duration, String> {
     let started = Instant::now();
     let mut last = String::new();
     while started.elapsed() < CONVERGE {
-        match d.check_converged(3).await {
+        let converged = match nemesis::replicas(d).await {
+            Ok(n) => d.check_converged(n).await,
+            Err(e) => Err(e),
+        };
+        match converged {
             Ok(_) => return Ok(started.elapsed()),
             Err(e) => last = e,
         }
