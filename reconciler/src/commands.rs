@@ -58,6 +58,10 @@ pub async fn plan<S: Coordinator, M: ReplSetClient>(
             // `plan` shows what would be done if the loss lasts: a force with --allow-force.
             force_after: config.force_after,
             majority_lost_for: Duration::MAX,
+            committed: match &known_set {
+                KnownSet::Known(identity) => crate::model::Committed::of_identity(identity),
+                _ => None,
+            },
             known_set,
         };
         let plan = plan_next_step(&observed.observation, &desired, &ctx);

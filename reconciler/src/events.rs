@@ -343,17 +343,25 @@ impl InternalEvent for Readdressing<'_> {
 pub struct IdentityRecorded<'a> {
     pub set: &'a str,
     pub identity: &'a backend_core::SetIdentity,
+    /// Only the commit point advanced (logged at debug level: it does at every write).
+    pub commit_point_only: bool,
 }
 
 impl InternalEvent for IdentityRecorded<'_> {
     fn emit(self, metrics: &Metrics) {
-        tracing::info!(
-            set = %self.set,
-            replica_set_id = %self.identity.replica_set_id,
-            config_version = self.identity.config_version,
-            config_term = self.identity.config_term,
-            "recorded the set's identity"
-        );
+        let commit_point = self.identity.commit_point.map(|c| (c.term, c.ts, c.inc));
+        if self.commit_point_only {
+            tracing::debug!(set = %self.set, ?commit_point, "recorded the set's commit point");
+        } else {
+            tracing::info!(
+                set = %self.set,
+                replica_set_id = %self.identity.replica_set_id,
+                config_version = self.identity.config_version,
+                config_term = self.identity.config_term,
+                ?commit_point,
+                "recorded the set's identity"
+            );
+        }
         metrics
             .identity_recorded
             .get_or_create(&set_labels(self.set))

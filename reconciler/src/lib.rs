@@ -22,7 +22,8 @@ pub mod status;
 
 pub use controller::{Controller, ControllerConfig, Records};
 pub use model::{
-    ConfigView, Desired, MemberConfig, MemberState, MemberStatus, Observation, OpTime, Persisted,
+    Committed, ConfigView, Desired, MemberConfig, MemberState, MemberStatus, Observation, OpTime,
+    Persisted,
 };
 pub use plan::{plan_next_step, Blocked, Change, KnownSet, Note, Plan, PlanContext, Step, Wait};
 pub use reconcile::{error_policy, reconcile, Action, Context, ReconcileError, SetState};

@@ -84,6 +84,56 @@ pub struct OpTime {
     pub ts: (u32, u32),
 }
 
+impl From<backend_core::CommitPoint> for OpTime {
+    fn from(c: backend_core::CommitPoint) -> OpTime {
+        OpTime {
+            term: c.term,
+            ts: (c.ts, c.inc),
+        }
+    }
+}
+
+impl From<OpTime> for backend_core::CommitPoint {
+    fn from(o: OpTime) -> backend_core::CommitPoint {
+        backend_core::CommitPoint {
+            term: o.term,
+            ts: o.ts.0,
+            inc: o.ts.1,
+        }
+    }
+}
+
+/// The newest majority commit point seen of one replica set (by its `settings.replicaSetId`):
+/// every write up to `optime` was acknowledged with `w: "majority"`, so a majority of the
+/// voters held it. A member whose data stops short of it may lack acknowledged writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub replica_set_id: String,
+    pub optime: OpTime,
+}
+
+impl Committed {
+    /// The newer of two commit points of the same set; a commit point of another set (a new
+    /// one, after `forget-set`) replaces the old.
+    pub fn newest(old: Option<Committed>, new: Option<Committed>) -> Option<Committed> {
+        match (old, new) {
+            (Some(o), Some(n)) if o.replica_set_id == n.replica_set_id && o.optime > n.optime => {
+                Some(o)
+            }
+            (o, None) => o,
+            (_, n) => n,
+        }
+    }
+
+    /// What the store's identity remembers, if anything.
+    pub fn of_identity(identity: &backend_core::SetIdentity) -> Option<Committed> {
+        identity.commit_point.map(|c| Committed {
+            replica_set_id: identity.replica_set_id.clone(),
+            optime: c.into(),
+        })
+    }
+}
+
 /// What a member that answered with a config of its own holds, read while the set has no
 /// primary: the config it has kept (it may not find itself in it: REMOVED) and its newest
 /// oplog entry.
@@ -158,6 +208,9 @@ pub struct Observation {
     /// Health by member `_id`, from `replSetGetStatus` (of the primary, or of any member when
     /// there is no primary).
     pub status: BTreeMap<i64, MemberStatus>,
+    /// The primary's majority commit point (`replSetGetStatus`'s
+    /// `optimes.lastCommittedOpTime`), when there is a primary.
+    pub commit_point: Option<OpTime>,
     /// For each desired host that holds a config of its own, that config and its last optime:
     /// every such host while there is no primary (for re-addressing, safety rule 11), else
     /// those outside the set (a replaced task that came back with its data).

@@ -329,6 +329,11 @@ impl Members {
             if let Ok(status) = status {
                 observed.observation.status = member_status(&status);
                 if primary.is_some() {
+                    observed.observation.commit_point = status
+                        .get_document("optimes")
+                        .and_then(|o| o.get_document("lastCommittedOpTime"))
+                        .ok()
+                        .and_then(optime_of);
                     observed.observation.primary = status
                         .get_array("members")
                         .ok()
@@ -426,15 +431,7 @@ impl Members {
                     })
                 }
             };
-        Ok(entry.and_then(|e| {
-            let Some(Bson::Timestamp(ts)) = e.get("ts") else {
-                return None;
-            };
-            Some(OpTime {
-                term: int(&e, "t").unwrap_or(-1),
-                ts: (ts.time, ts.increment),
-            })
-        }))
+        Ok(entry.as_ref().and_then(optime_of))
     }
 
     /// Applies a step. `Ok` means the server accepted it; for a reconfig, that the new config
@@ -684,6 +681,17 @@ pub fn config_view(raw: &Document) -> ConfigView {
         replica_set_id,
         members,
     }
+}
+
+/// An optime as MongoDB writes one, `{ts: Timestamp, t: term}` (an oplog entry has both too).
+fn optime_of(doc: &Document) -> Option<OpTime> {
+    let Some(Bson::Timestamp(ts)) = doc.get("ts") else {
+        return None;
+    };
+    Some(OpTime {
+        term: int(doc, "t").unwrap_or(-1),
+        ts: (ts.time, ts.increment),
+    })
 }
 
 fn member_status(status: &Document) -> BTreeMap<i64, MemberStatus> {

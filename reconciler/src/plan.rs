@@ -14,7 +14,10 @@
 //! 8. never initiate a set the store remembers (rule 10 of the docs): refuse and say so;
 //! 9. when the members of the last config are back with their data under new addresses and no
 //!    primary can exist, re-address them with force, only with a majority of its voters
-//!    present (rule 11 of the docs): see [`readdress`].
+//!    present (rule 11 of the docs), and only when the newest of them reaches the last commit
+//!    point seen: see [`readdress`];
+//! 10. a voter moved onto data that stops short of the set's commit point (an empty volume,
+//!     or one an earlier task left) loses its vote until it is SECONDARY again.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -27,8 +30,8 @@ mod recovery;
 use recovery::{initiate_or_wait, readdress};
 
 use crate::model::{
-    majority, target_voters, ConfigView, Desired, MemberConfig, MemberState, MemberStatus,
-    Observation, MAX_MEMBERS,
+    majority, target_voters, Committed, ConfigView, Desired, MemberConfig, MemberState,
+    MemberStatus, Observation, OpTime, MAX_MEMBERS,
 };
 
 /// What the store remembers of the set (safety rule 10): whether a new set may be initiated.
@@ -60,6 +63,10 @@ pub struct PlanContext {
     pub majority_lost_for: Duration,
     /// What the store remembers of the set.
     pub known_set: KnownSet,
+    /// The newest majority commit point seen of the set before this observation: by this
+    /// leader, or by an earlier one (the store's identity). A member's data that stops short
+    /// of it gets no vote and does not stand for the majority when re-addressing.
+    pub committed: Option<Committed>,
 }
 
 /// One change to the config, applied to the primary's current config by a reconfig.
@@ -152,6 +159,15 @@ pub enum Blocked {
     ReaddressOlderThanKnown {
         found_version: i64,
         known_version: i64,
+    },
+    /// The members present hold the last config, but none of them reaches the commit point
+    /// seen before (they hold volumes an earlier task left, or lagged), or those behind are a
+    /// majority at the config's own addresses: re-addressing could elect one of them and lose
+    /// acknowledged writes. The members that hold them are missing.
+    ReaddressBehindCommitted {
+        /// The present voters whose data stops short of it.
+        behind: Vec<i64>,
+        committed: OpTime,
     },
 }
 
@@ -305,11 +321,17 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
         // config) keeps its vote: it is the same member, catching up from where it stopped.
         // An empty one, or one with an older config (a volume left long ago), loses it until
         // it has synced, so that a set never counts on a member that may hold too little.
+        // The current config is not enough: a volume left on a node by an earlier task holds
+        // it too when the config has not changed since, without the writes that came after.
+        // Only data that reaches the set's commit point is sure to hold every write this
+        // member may have acknowledged (docs/reliability.md, finding 9).
+        let committed = commit_point(obs, ctx, config.replica_set_id.as_deref());
         let with_data = config.replica_set_id.is_some()
             && obs.persisted.get(host).is_some_and(|p| {
                 p.config.set_name == config.set_name
                     && p.config.replica_set_id == config.replica_set_id
                     && !config.is_newer_than(&p.config)
+                    && reaches(p.last_optime, committed)
             });
         let revoke_vote = m.is_voter() && config.voter_count() > 1 && id != primary && !with_data;
         return reconfig(
@@ -446,6 +468,30 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
     match grace_wait {
         Some(w) => Step::Wait(w),
         None => Step::Converged,
+    }
+}
+
+/// The newest majority commit point known of the set with `replica_set_id`: the primary's
+/// now, or the one seen before ([`PlanContext::committed`]) when it is of the same set.
+pub(crate) fn commit_point(
+    obs: &Observation,
+    ctx: &PlanContext,
+    replica_set_id: Option<&str>,
+) -> Option<OpTime> {
+    let seen = ctx
+        .committed
+        .as_ref()
+        .filter(|c| Some(c.replica_set_id.as_str()) == replica_set_id)
+        .map(|c| c.optime);
+    obs.commit_point.max(seen)
+}
+
+/// Whether data whose newest entry is `last` holds every write up to `committed`. Unknown
+/// data reaches nothing, except when nothing is known to be committed.
+pub(crate) fn reaches(last: Option<OpTime>, committed: Option<OpTime>) -> bool {
+    match committed {
+        None => true,
+        Some(c) => last.is_some_and(|l| l >= c),
     }
 }
 

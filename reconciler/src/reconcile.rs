@@ -20,7 +20,7 @@ use crate::events::{
     MemberRecordDisagree, PublishFailed, Readdressing, RecordIgnored, SetConverged, StepApplied,
     StepRefused, StepWithheld, UriPublished, Waiting, WouldApply, WouldPublish, WriteFenced,
 };
-use crate::model::Desired;
+use crate::model::{Committed, Desired};
 use crate::mongo::{MongoError, Observed, ReplSetClient};
 use crate::plan::{plan_next_step, Blocked, KnownSet, Plan, PlanContext, Step};
 use crate::records::{desired_sets, Skipped, SlotHolders};
@@ -165,7 +165,17 @@ pub struct SetState {
     known: KnownSet,
     /// The members that refused the reconciler's login or a command, and the error reported.
     access_reported: BTreeMap<String, String>,
+    /// The newest majority commit point a primary reported, by this leader.
+    committed: Option<Committed>,
+    /// When the identity was last written (a commit point that only advanced is written again
+    /// at most every [`COMMIT_POINT_EVERY`]).
+    identity_written_at: Option<Instant>,
 }
+
+/// How often the identity is written again when only its commit point advanced: a new leader
+/// starts from it, so re-addressing never trusts data older than what was acknowledged more
+/// than this long before the last leader stopped.
+pub const COMMIT_POINT_EVERY: Duration = Duration::from_secs(2);
 
 impl SetState {
     pub fn new(set: &str) -> SetState {
@@ -182,6 +192,8 @@ impl SetState {
             published_status: None,
             known: KnownSet::Unknown,
             access_reported: BTreeMap::new(),
+            committed: None,
+            identity_written_at: None,
         }
     }
 
@@ -241,6 +253,29 @@ impl SetState {
 
     pub fn set(&self) -> &str {
         &self.set
+    }
+
+    /// The newest commit point seen of the set: by this leader, or remembered by the store.
+    fn committed_seen(&self) -> Option<Committed> {
+        let stored = match &self.known {
+            KnownSet::Known(identity) => Committed::of_identity(identity),
+            _ => None,
+        };
+        Committed::newest(stored, self.committed.clone())
+    }
+
+    /// Remembers the commit point of a primary in this observation.
+    fn saw_commit_point(&mut self, obs: &crate::model::Observation) {
+        let seen = obs
+            .config
+            .as_ref()
+            .and_then(|c| c.replica_set_id.clone())
+            .zip(obs.primary.and(obs.commit_point))
+            .map(|(replica_set_id, optime)| Committed {
+                replica_set_id,
+                optime,
+            });
+        self.committed = Committed::newest(self.committed.take(), seen);
     }
 
     /// The desired members of this set with the members `self.holders` sees up, and the
@@ -370,8 +405,10 @@ pub async fn reconcile<S: Coordinator, M: ReplSetClient>(
             .majority_lost_since
             .map_or(Duration::ZERO, |t| t.elapsed()),
         known_set: set.known.clone(),
+        committed: set.committed_seen(),
     };
     let plan = plan_next_step(&observed.observation, &desired, &plan_ctx);
+    set.saw_commit_point(&observed.observation);
     match &plan.step {
         Step::Blocked(Blocked::LostMajority { .. }) | Step::ForceReconfig { .. } => {
             set.majority_lost_since.get_or_insert_with(Instant::now);
@@ -661,9 +698,29 @@ async fn record_identity<S: Coordinator, M>(
                 voter: m.is_voter(),
             })
             .collect(),
+        commit_point: set
+            .committed_seen()
+            .filter(|c| &c.replica_set_id == replica_set_id)
+            .map(|c| c.optime.into()),
     };
-    if set.known == KnownSet::Known(identity.clone()) {
-        return Ok(());
+    let same_config = match &set.known {
+        KnownSet::Known(known) => {
+            SetIdentity {
+                commit_point: known.commit_point,
+                ..identity.clone()
+            } == *known
+        }
+        _ => false,
+    };
+    if same_config {
+        let unchanged =
+            matches!(&set.known, KnownSet::Known(k) if k.commit_point == identity.commit_point);
+        let recently = set
+            .identity_written_at
+            .is_some_and(|t| t.elapsed() < COMMIT_POINT_EVERY);
+        if unchanged || recently {
+            return Ok(());
+        }
     }
     let key = ctx.config.layout.replset_identity_key(&set.set);
     match ctx
@@ -675,9 +732,11 @@ async fn record_identity<S: Coordinator, M>(
             IdentityRecorded {
                 set: &set.set,
                 identity: &identity,
+                commit_point_only: same_config,
             }
             .emit(&ctx.config.metrics);
             set.known = KnownSet::Known(identity);
+            set.identity_written_at = Some(Instant::now());
         }
         Err(error) => write_failed(&set.set, "identity", error, &ctx.config)?,
     }

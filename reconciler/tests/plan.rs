@@ -44,6 +44,7 @@ fn ctx() -> PlanContext {
         force_after: None,
         majority_lost_for: Duration::ZERO,
         known_set: KnownSet::New,
+        committed: None,
     }
 }
 
@@ -1022,6 +1023,7 @@ fn identity_of(view: &ConfigView, replica_set_id: &str) -> backend_core::SetIden
                 voter: m.is_voter(),
             })
             .collect(),
+        commit_point: None,
     }
 }
 
@@ -1151,6 +1153,83 @@ fn members_back_under_new_addresses_are_readdressed_on_the_newest() {
     let installed = server_reconfig(&stored, &sent, true, host, &running)
         .expect("the server accepts the forced config");
     assert_eq!(installed.members.len(), 3);
+}
+
+/// `(term 1, ts)`, as [`restarted`] gives the members' optimes.
+fn optime(ts: u32) -> replset_reconciler::OpTime {
+    replset_reconciler::OpTime {
+        term: 1,
+        ts: (1_700_000_000, ts),
+    }
+}
+
+/// Finding 9: a task that swarm placed on a node whose volume an earlier task left holds the
+/// last config (it had not changed since) and older data. Counted as the member it now runs
+/// as, it could stand for the majority without the writes that member acknowledged. With a
+/// commit point seen before, re-addressing waits for members whose data reaches it.
+#[test]
+fn members_whose_data_stops_short_of_the_commit_point_are_not_readdressed() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let (obs, stored, desired) = restarted(&cfg, &[(2, 7), (3, 8)]);
+    let Some(replica_set_id) = config_view(&raw(&stored)).replica_set_id else {
+        panic!("a stored config has an id");
+    };
+    let seen = |ts| PlanContext {
+        known_set: known(&stored),
+        committed: Some(replset_reconciler::Committed {
+            replica_set_id: replica_set_id.clone(),
+            optime: optime(ts),
+        }),
+        ..ctx()
+    };
+    // Both present stop short of ts 9: the member that holds it (1) is missing.
+    assert_eq!(
+        plan_next_step(&obs, &desired, &seen(9)).step,
+        Step::Blocked(Blocked::ReaddressBehindCommitted {
+            behind: vec![2, 3],
+            committed: optime(9),
+        })
+    );
+    // Member 3 reaches ts 8, and member 2 alone (behind) cannot elect itself: re-addressed on 3.
+    let step = plan_next_step(&obs, &desired, &seen(8)).step;
+    assert!(
+        matches!(&step, Step::Readdress { host, .. } if host == &new_host(3)),
+        "{step:?}"
+    );
+    // Two of three present behind could elect one of theirs without the third: only the
+    // newer of them is moved beside member 3, the other stays outside until a primary moves
+    // it (without its vote).
+    let mut obs3 = obs.clone();
+    let mut one = obs.persisted[&new_host(2)].clone();
+    one.last_optime = Some(optime(6));
+    obs3.hello.insert(new_host(1), None);
+    obs3.persisted.insert(new_host(1), one);
+    if let Some(p) = obs3.persisted.get_mut(&new_host(3)) {
+        p.last_optime = Some(optime(9));
+    }
+    let step = plan_next_step(&obs3, &desired, &seen(9)).step;
+    let Step::Readdress {
+        host: on, moved, ..
+    } = &step
+    else {
+        panic!("expected re-addressing, got {step:?}");
+    };
+    assert_eq!(on, &new_host(3));
+    let ids: Vec<i64> = moved.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids, vec![2, 3], "member 1 (the oldest) stays outside");
+    // A commit point of another set (the store's identity before a `forget-set`) is not this
+    // set's.
+    let other = PlanContext {
+        committed: Some(replset_reconciler::Committed {
+            replica_set_id: "65a1c0ffee00000000000009".into(),
+            optime: optime(99),
+        }),
+        ..seen(0)
+    };
+    assert!(matches!(
+        plan_next_step(&obs, &desired, &other).step,
+        Step::Readdress { .. }
+    ));
 }
 
 #[test]
@@ -1321,6 +1400,38 @@ fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
     let running = [host(1), host(3), new_host(2)].into_iter().collect();
     let step = plan_next_step(&obs, &want, &ctx()).step;
     accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
+    // Finding 9: a volume an earlier task left on the node holds the same config when it has
+    // not changed since, but not the writes after it. Data short of the primary's commit
+    // point (or of the one seen before) loses the vote; data that reaches it keeps it.
+    let with_optime = |ts: Option<u32>, commit: u32, seen: Option<u32>| {
+        let mut obs = obs.clone();
+        if let Some(p) = obs.persisted.get_mut(&new_host(2)) {
+            p.last_optime = ts.map(optime);
+        }
+        obs.commit_point = Some(optime(commit));
+        let c = PlanContext {
+            committed: seen.map(|ts| replset_reconciler::Committed {
+                replica_set_id: "65a1c0ffee00000000000001".into(),
+                optime: optime(ts),
+            }),
+            ..ctx()
+        };
+        match reconfig_of(plan_next_step(&obs, &want, &c).step).0 {
+            Change::MoveHost { revoke_vote, .. } => revoke_vote,
+            other => panic!("expected a move, got {other:?}"),
+        }
+    };
+    assert!(
+        with_optime(Some(7), 9, None),
+        "behind the primary's commit point"
+    );
+    assert!(with_optime(None, 9, None), "its data unknown");
+    assert!(
+        with_optime(Some(9), 8, Some(10)),
+        "behind the one seen before"
+    );
+    assert!(!with_optime(Some(9), 9, None), "reaches it");
+    assert!(!with_optime(Some(12), 9, Some(10)), "past both");
     // A volume with an older config of the set may be far behind, and another set's data is
     // no data of this one: the vote goes until it has synced.
     let older = |c: &mut ConfigView| c.version -= 1;

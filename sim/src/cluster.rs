@@ -304,8 +304,29 @@ impl Cluster {
         i: usize,
         keep_data: bool,
     ) -> Result<(), ClusterError> {
+        let (_, durable) = self.stop_for_restart(i, keep_data)?;
+        self.start_elsewhere(i, durable).await
+    }
+
+    /// Kills member `i` and starts it on a new free port with `data`: a task that swarm placed
+    /// on another node, whose volume holds what an earlier task left there (a copy taken with
+    /// [`Node::durable`]).
+    pub async fn restart_elsewhere_with(
+        &mut self,
+        i: usize,
+        data: DurableState,
+    ) -> Result<(), ClusterError> {
+        self.stop_for_restart(i, false)?;
+        self.start_elsewhere(i, data).await
+    }
+
+    async fn start_elsewhere(
+        &mut self,
+        i: usize,
+        durable: DurableState,
+    ) -> Result<(), ClusterError> {
         let (net, history) = (self.net.clone(), self.history.clone());
-        let (slot, durable) = self.stop_for_restart(i, keep_data)?;
+        let slot = self.slots.get_mut(i).ok_or(ClusterError::NoSuchMember(i))?;
         let mut opts = slot.opts.clone();
         opts.port = 0;
         opts.advertised_host = None;

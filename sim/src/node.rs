@@ -458,6 +458,12 @@ impl Node {
         self.inner.port
     }
 
+    /// A copy of what this member's data directory holds now, as a copy of its volume would:
+    /// its config, oplog, data, term and vote.
+    pub fn durable(&self) -> DurableState {
+        self.lock().durable.clone()
+    }
+
     /// Stops serving at once, like `kill -9`: the port closes, every connection drops, and
     /// the durable state is returned for a restart.
     pub fn kill(&self) -> DurableState {

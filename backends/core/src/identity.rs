@@ -30,6 +30,22 @@ pub struct SetIdentity {
     pub config_term: i64,
     /// The members of that config: `_id` and host, and whether it votes.
     pub members: Vec<IdentityMember>,
+    /// The newest majority commit point a primary of the set reported to the reconciler
+    /// (`optimes.lastCommittedOpTime`): every write up to it was acknowledged by a majority.
+    /// Re-addressing waits for a member whose data reaches it. Absent in documents of earlier
+    /// releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_point: Option<CommitPoint>,
+}
+
+/// A position in a replica set's oplog, as MongoDB orders them: by term, then timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CommitPoint {
+    /// The term (`t`).
+    pub term: i64,
+    /// The timestamp (`ts`): seconds since the Unix epoch, then the increment.
+    pub ts: u32,
+    pub inc: u32,
 }
 
 /// One member of the remembered config.
@@ -102,6 +118,11 @@ mod tests {
                 host: "10.0.0.5:27017".into(),
                 voter: true,
             }],
+            commit_point: Some(CommitPoint {
+                term: 3,
+                ts: 1_700_000_000,
+                inc: 2,
+            }),
         }
     }
 
@@ -109,6 +130,15 @@ mod tests {
     fn round_trips_through_json() {
         let id = identity();
         assert_eq!(SetIdentity::from_json(&id.to_json()).ok(), Some(id));
+    }
+
+    #[test]
+    fn a_document_of_an_earlier_release_has_no_commit_point() {
+        let mut id = identity();
+        id.commit_point = None;
+        let json = String::from_utf8(id.to_json()).expect("utf-8");
+        assert!(!json.contains("commit_point"), "{json}");
+        assert_eq!(SetIdentity::from_json(json.as_bytes()).ok(), Some(id));
     }
 
     #[test]

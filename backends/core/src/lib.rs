@@ -30,7 +30,8 @@ pub use backend::{
 };
 pub use error::{error_chain, is_tls_failure, require_ttl, BackendError, Cause, Result};
 pub use identity::{
-    config_order, IdentityDecodeError, IdentityMember, SetIdentity, IDENTITY_SCHEMA_VERSION,
+    config_order, CommitPoint, IdentityDecodeError, IdentityMember, SetIdentity,
+    IDENTITY_SCHEMA_VERSION,
 };
 pub use layout::{check_set_name, KeyLayout, ServiceKey, SetNameError};
 pub use record::{

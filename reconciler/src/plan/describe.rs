@@ -49,6 +49,16 @@ impl std::fmt::Display for Blocked {
                  without data: {}",
                 empty.join(", ")
             ),
+            Blocked::ReaddressBehindCommitted { behind, committed } => write!(
+                f,
+                "the members came back under new addresses, but the data of voters {behind:?} \
+                 stops short of the last commit point seen (term {}, timestamp {}:{}) and none \
+                 present reaches it: they hold volumes an earlier task left, or lagged, and \
+                 re-addressing could elect one of them and lose acknowledged writes. Start the \
+                 missing tasks on the nodes that hold their latest volumes (docker volume ls on \
+                 each node)",
+                committed.term, committed.ts.0, committed.ts.1
+            ),
             Blocked::ReaddressNeedsMajority { present, voters } => write!(
                 f,
                 "the members came back under new addresses, but only {} of the {voters} voters \
@@ -144,6 +154,7 @@ impl Blocked {
             Blocked::KnownSetWithoutData { .. } => "known_set_without_data",
             Blocked::ReaddressNeedsMajority { .. } => "readdress_needs_majority",
             Blocked::ReaddressOlderThanKnown { .. } => "readdress_older_than_known",
+            Blocked::ReaddressBehindCommitted { .. } => "readdress_behind_committed",
         }
     }
 }

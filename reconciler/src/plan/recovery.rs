@@ -2,7 +2,7 @@
 //! to refuse (a set the store remembers), or to re-address members that came back under new
 //! addresses (safety rules 7, 10 and 11 of docs/reconciler.md).
 
-use super::{Blocked, KnownSet, PlanContext, Step, Wait};
+use super::{commit_point, reaches, Blocked, KnownSet, PlanContext, Step, Wait};
 use crate::model::{majority, ConfigView, Desired, MemberConfig, Observation};
 
 /// Re-addressing (safety rule 11), while there is no primary: when the members of the last
@@ -13,7 +13,11 @@ use crate::model::{majority, ConfigView, Desired, MemberConfig, Observation};
 ///
 /// Only with a majority of the config's voters present with their data, the rule an election
 /// uses: every majority-committed write is on a majority of the voters, so on at least one
-/// member present, and the newest present voter has it. The other members learn the config
+/// member present, and the newest present voter has it. That holds only while each voter's
+/// data is its own: a task that swarm placed on a node whose volume an earlier task left holds
+/// the config and older data. So when a commit point was seen before, one present voter must
+/// reach it, and those that do not must be fewer than a majority (or they could elect one of
+/// their own); else the reconciler waits for the members that hold the writes. The other members learn the config
 /// by heartbeats, as from any newer config, and elect a primary; a later election can only
 /// choose a member that has every committed write, as always.
 ///
@@ -94,6 +98,33 @@ pub(super) fn readdress(obs: &Observation, desired: &Desired, ctx: &PlanContext)
         if newest.is_none_or(|(_, best)| optime > best) {
             newest = Some((host, optime));
         }
+    }
+    // Every write acknowledged up to the commit point seen before is on the member elected
+    // next only if one present holds it and those that do not cannot elect one of their own:
+    // of the members behind, only as many are moved as an election needs beside those that
+    // hold the writes (the newest first). The others stay outside (REMOVED) until a primary
+    // moves them, without their vote (check 5).
+    if let Some(committed) = commit_point(obs, ctx, base.replica_set_id.as_deref()) {
+        let optime_at = |host: &String| obs.persisted.get(host).and_then(|p| p.last_optime);
+        let (fresh, behind): (Vec<_>, Vec<_>) = present
+            .iter()
+            .partition(|(_, host)| reaches(optime_at(host), Some(committed)));
+        let behind_at_old = behind.iter().filter(|(m, host)| *host == &m.host).count();
+        if fresh.is_empty() || behind_at_old >= majority(voters) {
+            return Some(Step::Blocked(Blocked::ReaddressBehindCommitted {
+                behind: behind.iter().map(|(m, _)| m.id).collect(),
+                committed,
+            }));
+        }
+        let room = majority(voters).saturating_sub(fresh.len() + behind_at_old);
+        let mut movers: Vec<(&MemberConfig, &String)> = behind
+            .iter()
+            .filter(|(m, host)| *host != &m.host)
+            .copied()
+            .collect();
+        movers.sort_by_key(|(m, host)| (std::cmp::Reverse(optime_at(host)), m.id));
+        let left_out: Vec<i64> = movers.iter().skip(room).map(|(m, _)| m.id).collect();
+        moved.retain(|(m, _)| !left_out.contains(&m.id));
     }
     let (target, _) = newest?;
     let mut config = base.clone();

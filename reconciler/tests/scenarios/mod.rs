@@ -20,13 +20,20 @@ macro_rules! suite {
             a_whole_restart_under_new_addresses_keeps_the_set_and_its_data,
             members_that_lost_their_data_are_not_initiated_again,
             a_refused_login_is_reported_as_such_and_the_right_one_initiates,
-            a_newer_record_never_takes_the_slot_of_a_live_member);
+            a_newer_record_never_takes_the_slot_of_a_live_member,
+            a_member_moved_onto_an_older_volume_gets_no_vote_and_no_write_is_lost,
+            a_whole_restart_onto_older_volumes_waits_for_the_member_with_the_writes);
     };
 }
 pub(crate) use suite;
 
 mod slots;
+mod volumes;
 pub use slots::a_newer_record_never_takes_the_slot_of_a_live_member;
+pub use volumes::{
+    a_member_moved_onto_an_older_volume_gets_no_vote_and_no_write_is_lost,
+    a_whole_restart_onto_older_volumes_waits_for_the_member_with_the_writes,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
