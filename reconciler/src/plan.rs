@@ -345,6 +345,23 @@ fn decide(obs: &Observation, desired: &Desired, ctx: &PlanContext, notes: &mut V
         );
     }
 
+    // A voter in initial sync has no data of its own yet: its task came back empty at the
+    // address it had (swarm reused it). MongoDB lets it vote, and with an empty oplog it votes
+    // for any candidate, so its vote goes until it is SECONDARY again (rule 14).
+    if let Some(m) = config
+        .voters()
+        .find(|m| m.id != primary && state(m.id) == Some(MemberState::Startup2) && !m.arbiter_only)
+    {
+        let voters = config.voter_count();
+        let healthy_after = config
+            .voters()
+            .filter(|v| v.id != m.id && healthy(v.id))
+            .count();
+        if voters > 1 && healthy_after >= majority(voters - 1) {
+            return reconfig(config, Change::RevokeVote { id: m.id });
+        }
+    }
+
     // Members whose record is gone.
     let mut grace_wait: Option<Wait> = None;
     for m in &config.members {

@@ -1368,6 +1368,48 @@ fn a_majority_still_at_its_addresses_elects_instead_of_being_readdressed() {
     assert_eq!(ids, vec![2, 3]);
 }
 
+/// A task that came back empty at the address it had (swarm reused it) is in initial sync
+/// (STARTUP2): MongoDB lets it vote with an empty oplog, so the reconciler takes its vote
+/// until it is SECONDARY, and gives it back then.
+#[test]
+fn a_voter_in_initial_sync_loses_its_vote_until_it_is_secondary() {
+    let cfg = config(vec![voter(1), voter(2), voter(3)]);
+    let mut obs = observed(cfg.clone());
+    up(&mut obs, 3, MemberState::Startup2);
+    let want = desired([1, 2, 3]);
+    let (change, next) = reconfig_of(plan_next_step(&obs, &want, &ctx()).step);
+    assert_eq!(change, Change::RevokeVote { id: 3 });
+    let old = stored(&cfg);
+    let running = (1..=3).map(host).collect();
+    let step = plan_next_step(&obs, &want, &ctx()).step;
+    accept_reconfig(&old, &step, &host(1), &running).expect("accepted");
+    // Still syncing: nothing more to do until it is SECONDARY.
+    let mut syncing = observed(next.clone());
+    up(&mut syncing, 3, MemberState::Startup2);
+    assert!(matches!(
+        plan_next_step(&syncing, &want, &ctx()).step,
+        Step::Wait(Wait::CatchingUp { .. })
+    ));
+    // SECONDARY: the vote comes back.
+    let (change, _) = reconfig_of(plan_next_step(&observed(next), &want, &ctx()).step);
+    assert_eq!(change, Change::GrantVote { id: 3 });
+    // Never when taking it would leave the healthy voters short of a majority.
+    let mut obs = observed(cfg);
+    up(&mut obs, 3, MemberState::Startup2);
+    down(&mut obs, 2);
+    let step = plan_next_step(&obs, &want, &ctx()).step;
+    assert!(
+        !matches!(
+            step,
+            Step::Reconfig {
+                change: Change::RevokeVote { .. },
+                ..
+            }
+        ),
+        "{step:?}"
+    );
+}
+
 #[test]
 fn a_replaced_task_that_kept_its_volume_keeps_its_vote() {
     let mut cfg = config(vec![voter(1), voter(2), voter(3)]);

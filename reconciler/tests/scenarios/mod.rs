@@ -22,7 +22,8 @@ macro_rules! suite {
             a_refused_login_is_reported_as_such_and_the_right_one_initiates,
             a_newer_record_never_takes_the_slot_of_a_live_member,
             a_member_moved_onto_an_older_volume_gets_no_vote_and_no_write_is_lost,
-            a_whole_restart_onto_older_volumes_waits_for_the_member_with_the_writes);
+            a_whole_restart_onto_older_volumes_waits_for_the_member_with_the_writes,
+            a_member_back_empty_at_its_address_has_no_vote_while_it_syncs);
     };
 }
 pub(crate) use suite;
@@ -31,6 +32,7 @@ mod slots;
 mod volumes;
 pub use slots::a_newer_record_never_takes_the_slot_of_a_live_member;
 pub use volumes::{
+    a_member_back_empty_at_its_address_has_no_vote_while_it_syncs,
     a_member_moved_onto_an_older_volume_gets_no_vote_and_no_write_is_lost,
     a_whole_restart_onto_older_volumes_waits_for_the_member_with_the_writes,
 };

@@ -2,10 +2,12 @@
 //! on a node whose volume an earlier task left there.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use backend_core::NextKind;
 use mongodb::options::{Acknowledgment, ReadConcern, WriteConcern};
-use replset_sim::Cluster;
+use replset_sim::node::InitialSyncPace;
+use replset_sim::{Cluster, MemberState, NodeOptions};
 use test_support::wait_for;
 
 use super::{
@@ -225,6 +227,11 @@ async fn write_more(cluster: &Cluster) {
 /// Every document written before and after is there, read with read concern majority
 /// through the members' addresses now.
 async fn assert_all_there(cluster: &Cluster) {
+    assert_all_there_of(cluster, BEFORE + AFTER).await;
+}
+
+/// The `n` documents written are there, read with read concern majority.
+async fn assert_all_there_of(cluster: &Cluster, n: i32) {
     let client = mongodb::Client::with_uri_str(cluster.uri())
         .await
         .expect("client");
@@ -235,9 +242,48 @@ async fn assert_all_there(cluster: &Cluster) {
         .read_concern(ReadConcern::majority())
         .await
         .expect("count");
-    assert_eq!(
-        found,
-        (BEFORE + AFTER) as u64,
-        "every acknowledged write is still there"
-    );
+    assert_eq!(found, n as u64, "every acknowledged write is still there");
+}
+
+/// A member's task comes back empty at the very address it had (swarm reused the address): it
+/// initial-syncs (STARTUP2), and MongoDB lets it vote meanwhile, for any candidate, since its
+/// oplog is empty. The reconciler takes its vote while it syncs and gives it back once it is
+/// SECONDARY, one voter per config.
+pub async fn a_member_back_empty_at_its_address_has_no_vote_while_it_syncs(b: Backend) {
+    let template = NodeOptions {
+        initial_sync: InitialSyncPace {
+            floor: Duration::from_secs(5),
+            per_mb: Duration::from_millis(50),
+        },
+        ..NodeOptions::default()
+    };
+    let mut cluster = Cluster::start_with(3, template)
+        .await
+        .expect("simulated members");
+    let set = cluster.set_name().to_string();
+    let h = Harness::start(b, &set).await;
+    set_of_three_with_data(&cluster, &h, BEFORE).await;
+    let primary = cluster.wait_for_stable(CONVERGE).await.expect("a primary");
+    let empty = (0..3).find(|&i| i != primary).expect("a secondary");
+    let id = empty as i64 + 1;
+    cluster.restart(empty, false).await.expect("restart empty");
+    wait_for("its vote taken while it syncs", CONVERGE, || async {
+        let state = cluster.node(empty).map(|n| n.state()).ok();
+        match installed(&cluster).pop() {
+            Some(c) if !c.voters.contains(&id) && state == Some(MemberState::Startup2) => Ok(()),
+            other => Err(format!("{state:?}, voters {:?}", other.map(|c| c.voters))),
+        }
+    })
+    .await;
+    let ids: BTreeSet<i64> = (1..=3).collect();
+    wait_for("its vote back once synced", CONVERGE, || async {
+        let s = converged_status(&h, &cluster, &set, &ids).await?;
+        match installed(&cluster).pop() {
+            Some(c) if c.voters.len() == 3 => Ok(s),
+            other => Err(format!("voters {:?}", other.map(|c| c.voters))),
+        }
+    })
+    .await;
+    super::assert_one_voter_at_a_time(&cluster);
+    assert_all_there_of(&cluster, BEFORE).await;
 }
