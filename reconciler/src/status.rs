@@ -154,6 +154,14 @@ pub enum StatusError {
     },
 }
 
+impl StatusError {
+    /// Whether reading again can succeed: the store could not be reached. A refusal, an
+    /// undecodable value and a verdict on the status are not healed by waiting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StatusError::Store { source, .. } if source.is_transient())
+    }
+}
+
 /// The status of `set` as the store holds it now; `None` when there is none yet.
 pub async fn read<S: Coordinator>(
     store: &S,
@@ -176,10 +184,13 @@ pub async fn read<S: Coordinator>(
         .map_err(|source| StatusError::Decode { key, source })
 }
 
-/// [`read`], with the store's failures retried every [`POLL`] for at most `timeout` (at least
-/// one read): a one-shot command must not fail because one member of a store cluster is
-/// restarting (the next request goes to the next member). An undecodable value is returned at
-/// once; after `timeout` the last failure of the store.
+/// [`read`], with the store's transient failures ([`BackendError::is_transient`]) retried
+/// every [`POLL`] for at most `timeout` (at least one read): a one-shot command must not fail
+/// because one member of a store cluster is restarting (the next request goes to the next
+/// member). A refusal (a permission the store's user lacks) and an undecodable value are
+/// returned at once, as retrying heals neither; after `timeout` the last failure of the store.
+///
+/// [`BackendError::is_transient`]: backend_core::BackendError::is_transient
 pub async fn read_within<S: Coordinator>(
     store: &S,
     layout: &KeyLayout,
@@ -189,9 +200,7 @@ pub async fn read_within<S: Coordinator>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match read(store, layout, set).await {
-            Err(e @ StatusError::Store { .. })
-                if tokio::time::Instant::now() + POLL <= deadline =>
-            {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + POLL <= deadline => {
                 tracing::warn!(set, error = %e, "cannot read the status; trying again");
             }
             result => return result,
@@ -205,8 +214,10 @@ pub const POLL: Duration = Duration::from_millis(500);
 
 /// Reads the status of `set` until it has converged with `members` members
 /// ([`ReplSetStatus::converged_with`]) in an observation at most `max_age` old that did not
-/// fail ([`ReplSetStatus::problem`]), for at most `timeout` (at least one read). Errors of the
-/// store and undecodable values count as "not yet" until the timeout.
+/// fail ([`ReplSetStatus::problem`]), for at most `timeout` (at least one read). Transient
+/// errors of the store and undecodable values count as "not yet" until the timeout (a value
+/// may be half-way through an upgrade of the writer); a refusal of the store is returned at
+/// once.
 pub async fn wait_converged<S: Coordinator>(
     store: &S,
     layout: &KeyLayout,
@@ -224,6 +235,7 @@ pub async fn wait_converged<S: Coordinator>(
                 Some(problem) => format!("{}; {problem}", summary(&s)),
             },
             Ok(None) => "none".to_string(),
+            Err(e @ StatusError::Store { .. }) if !e.is_transient() => return Err(e),
             Err(e) => e.to_string(),
         };
         if tokio::time::Instant::now() + POLL > deadline {
@@ -323,10 +335,8 @@ mod tests {
         .expect("a status")
     }
 
-    /// Seed 11's 30-minute run: `scale` back to 3 failed on its first read, which met an
-    /// etcd member being restarted, and left the service one member up.
-    #[tokio::test(start_paused = true)]
-    async fn a_read_that_meets_a_failing_store_is_tried_again() {
+    /// A store holding [`a_status`] for `rs0`.
+    async fn a_store_with_a_status() -> (MemoryCluster, backend_memory::MemoryStore, KeyLayout) {
         let layout = KeyLayout::new("t");
         let cluster = MemoryCluster::new();
         let store = cluster.client(layout.clone());
@@ -334,6 +344,14 @@ mod tests {
             .put_value(&layout.replset_status_key("rs0"), a_status().to_json())
             .await
             .expect("put the status");
+        (cluster, store, layout)
+    }
+
+    /// Seed 11's 30-minute run: `scale` back to 3 failed on its first read, which met an
+    /// etcd member being restarted, and left the service one member up.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_that_meets_a_failing_store_is_tried_again() {
+        let (cluster, store, layout) = a_store_with_a_status().await;
         cluster.fail_next(2);
         let read = read_within(&store, &layout, "rs0", Duration::from_secs(30))
             .await
@@ -352,5 +370,47 @@ mod tests {
         assert!(matches!(read, Err(StatusError::Store { .. })), "{read:?}");
         assert!(started.elapsed() <= Duration::from_secs(30));
         assert!(started.elapsed() >= Duration::from_secs(29));
+    }
+
+    fn is_refusal<T>(r: &Result<T, StatusError>) -> bool {
+        matches!(
+            r,
+            Err(StatusError::Store {
+                source: backend_core::BackendError::Rejected { .. },
+                ..
+            })
+        )
+    }
+
+    /// A user without read permission on the status key learns it at once, not after the
+    /// timeout: the store answered, and asking again gets the same answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_read_is_returned_at_once() {
+        let (cluster, store, layout) = a_store_with_a_status().await;
+        cluster.reject_next(1);
+        let started = tokio::time::Instant::now();
+        let read = read_within(&store, &layout, "rs0", Duration::from_secs(30)).await;
+        assert!(is_refusal(&read), "{read:?}");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_convergence_stops_at_a_refusal() {
+        let layout = KeyLayout::new("t");
+        let cluster = MemoryCluster::new();
+        let store = cluster.client(layout.clone());
+        cluster.reject_next(1);
+        let started = tokio::time::Instant::now();
+        let waited = wait_converged(
+            &store,
+            &layout,
+            "rs0",
+            3,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(is_refusal(&waited), "{waited:?}");
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

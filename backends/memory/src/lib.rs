@@ -134,6 +134,13 @@ impl MemoryCluster {
         self.lock().fail_next = n;
     }
 
+    /// Makes the next `n` calls of the traits' methods fail as refused
+    /// ([`BackendError::Rejected`], as for a permission the store's user lacks): an error that
+    /// retrying does not heal. Counted like [`MemoryCluster::fail_next`], after it.
+    pub fn reject_next(&self, n: usize) {
+        self.lock().reject_next = n;
+    }
+
     /// Takes the store down (every call, background ones included, fails as unavailable, and
     /// every watch breaks) or brings it back. Sessions are not renewed while it is down, so
     /// they end when their TTL runs out, as a real store's would.

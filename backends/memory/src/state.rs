@@ -52,6 +52,8 @@ pub(crate) struct State {
     watches: Vec<Registration>,
     /// How many of the next direct calls fail as unavailable.
     pub(crate) fail_next: usize,
+    /// How many of the next direct calls the store refuses (after the unavailable ones).
+    pub(crate) reject_next: usize,
     /// Every call fails as unavailable, watches included, until cleared.
     pub(crate) unavailable: bool,
     /// Bumped at every change, for waiters (a campaign waiting for a free key).
@@ -67,6 +69,7 @@ impl State {
             next_session: 1,
             watches: Vec::new(),
             fail_next: 0,
+            reject_next: 0,
             unavailable: false,
             revision: watch::Sender::new(0),
         }
@@ -82,7 +85,7 @@ impl State {
     }
 
     /// Whether a call the code under test makes itself may go ahead: not during an outage,
-    /// and not while failures were asked for (each call uses one).
+    /// and not while failures or refusals were asked for (each call uses one).
     pub(crate) fn admit(&mut self, what: &str) -> Result<(), BackendError> {
         if self.unavailable {
             return Err(self.unreachable(&format!("{what}: the store is down")));
@@ -90,6 +93,14 @@ impl State {
         if self.fail_next > 0 {
             self.fail_next -= 1;
             return Err(self.unreachable(&format!("{what}: an injected failure")));
+        }
+        if self.reject_next > 0 {
+            self.reject_next -= 1;
+            return Err(BackendError::Rejected {
+                store: STORE,
+                detail: format!("{what}: an injected refusal"),
+                source: None,
+            });
         }
         Ok(())
     }
