@@ -805,6 +805,18 @@ pub async fn allow_force_reconfigures_to_the_members_that_are_up(b: Backend) {
         .await
         .expect("a primary again");
     assert_eq!(p, survivor);
+    // A write after the force, then the members come back with their data (the old term's):
+    // the set grows back to three voters and keeps the write. The commit point remembered from
+    // before the force (which the survivor may stop short of) must not keep them out.
+    let coll = majority_write(&cluster, "after the force").await;
+    for i in (0..3).filter(|&i| i != survivor) {
+        cluster
+            .restart(i, true)
+            .await
+            .expect("restart with its data");
+    }
+    wait_latest(&cluster, "all three voting again after the force", 3, 3).await;
+    assert_written(&coll, "after the force").await;
 }
 
 /// Inserts `{_id: 1, item}` into `app.orders` with `w: "majority"` through the set's URI and
