@@ -1,7 +1,7 @@
 //! Smoke test of the multi-node swarm harness (`test_support::dind`, `scripts/swarm-nodes`):
 //! three Docker-in-Docker nodes form a swarm, an overlay network spans them, tasks on
 //! different nodes reach each other by overlay IP, and a killed worker is seen Down and its
-//! task rescheduled.
+//! task rescheduled; and a repair (a node made anew) while raft has no leader keeps the swarm.
 //!
 //! Heavy (about 20 s waiting for the swarm to notice a lost node, plus a one-time node image
 //! build of about 90 s). Its binary and its test are named `dind`: run only it with
@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use test_support::dind::{Node, Swarm};
+use test_support::dind::{host_docker, Node, Swarm};
 use test_support::wait_for;
 
 const IMAGE: &str = "local/busybox";
@@ -259,6 +259,98 @@ async fn dind_three_nodes_overlay_and_a_lost_worker() {
         tasks_up.as_secs_f64(),
         detected.as_secs_f64(),
         rescheduled.as_secs_f64(),
+    );
+    swarm.down().await;
+}
+
+/// The cluster id of the swarm node `node` is in (a new swarm has a new one).
+async fn cluster_id(node: &Node) -> Result<String, String> {
+    node.docker(&["info", "--format", "{{.Swarm.Cluster.ID}}"])
+        .await
+}
+
+/// Pauses (`STOP`) or continues (`CONT`) the dockerd of `node`: its swarm state stays, it
+/// just does not answer, as an engine in the middle of a restart.
+async fn signal_dockerd(node: &Node, signal: &str) {
+    host_docker(&["exec", node.container(), "pkill", signal, "-x", "dockerd"])
+        .await
+        .unwrap_or_else(|e| panic!("pkill {signal} dockerd on {}: {e}", node.hostname()));
+}
+
+/// Seed 12's 30-minute run (Consul): a lost worker was made anew while another fault had just
+/// restarted a manager's dockerd, so no manager answered with a quorum for a moment, and the
+/// repair took that for a swarm that was gone: it made a new, empty one, and every service
+/// and secret of the stack went with the old. With a majority of the managers still holding
+/// the swarm, the repair waits for raft to elect a leader and keeps the swarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dind_a_repair_while_raft_has_no_leader_keeps_the_swarm() {
+    let swarm = Swarm::up_with_managers(4, 3).await;
+    swarm.load_images(&[IMAGE]).await;
+    let mgr = swarm.manager();
+    mgr.docker(&[
+        "service", "create", "-d", "--name", "keeper", IMAGE, "sleep", "86400",
+    ])
+    .await
+    .expect("service create keeper");
+    let before = cluster_id(&mgr).await.expect("the swarm's cluster id");
+    swarm.kill_node(4).await;
+
+    // Two of three managers stop answering: node 1 loses its quorum and its leader.
+    let (n2, n3) = (swarm.node(2), swarm.node(3));
+    signal_dockerd(&n2, "-STOP").await;
+    signal_dockerd(&n3, "-STOP").await;
+    wait_for(
+        "node 1 to have no raft leader",
+        Duration::from_secs(60),
+        || async {
+            match mgr.docker(&["node", "ls", "-q"]).await {
+                Ok(out) => Err(format!("node ls still answers: {out}")),
+                Err(e) => Ok(e),
+            }
+        },
+    )
+    .await;
+
+    // The repair makes node 4 anew, then looks for a manager with a quorum while there is
+    // none; the managers answer again as soon as node 4's engine is up.
+    let node4 = swarm.node(4);
+    let resume = async {
+        wait_for(
+            "the new node 4's dockerd to answer",
+            Duration::from_secs(120),
+            || async {
+                node4
+                    .docker(&["version", "--format", "{{.Server.Version}}"])
+                    .await
+            },
+        )
+        .await;
+        signal_dockerd(&n2, "-CONT").await;
+        signal_dockerd(&n3, "-CONT").await;
+    };
+    tokio::join!(swarm.repair(), resume);
+
+    let mgr = swarm.manager();
+    assert_eq!(
+        cluster_id(&mgr)
+            .await
+            .expect("the cluster id after the repair"),
+        before,
+        "the repair kept the swarm"
+    );
+    let services = mgr
+        .docker(&["service", "ls", "--format", "{{.Name}}"])
+        .await
+        .expect("service ls");
+    assert_eq!(
+        services.trim(),
+        "keeper",
+        "the swarm's services are still there"
+    );
+    let states = swarm.node_states().await.expect("docker node ls");
+    assert!(
+        states.iter().any(|(h, s, _)| h == "dnode4" && s == "Ready"),
+        "the node made anew is in the swarm: {states:?}"
     );
     swarm.down().await;
 }
