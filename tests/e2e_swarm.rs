@@ -71,6 +71,40 @@ async fn walk_through(store: Store) {
         "the bridge mounts the socket: {mounts}"
     );
     let initial = d.wait_converged(3, "deploy").await;
+    // The proxies are on no overlay network: a node whose engine cannot join one (Docker's
+    // "error creating vxlan interface: file exists" after a dockerd restart) keeps its proxy,
+    // so its bridge still sees its tasks.
+    let proxies = d
+        .manager()
+        .docker(&[
+            "service",
+            "ps",
+            "e2e_docker-proxy",
+            "--filter",
+            "desired-state=running",
+            "-q",
+        ])
+        .await
+        .expect("list the proxies' tasks");
+    let mut args = vec![
+        "inspect",
+        "--format",
+        "{{range .NetworksAttachments}}{{.Network.Spec.Name}}/{{.Network.DriverState.Name}} {{end}}",
+    ];
+    args.extend(proxies.split_whitespace());
+    let networks = d
+        .manager()
+        .docker(&args)
+        .await
+        .expect("inspect the proxies' tasks");
+    assert_eq!(
+        networks.lines().count(),
+        4,
+        "one proxy per node: {networks}"
+    );
+    for task in networks.lines() {
+        assert_eq!(task.trim(), "host/host", "a proxy's networks: {networks}");
+    }
     if store == Store::Consul {
         // Each bridge registers its node's tasks with its own node's agent.
         wait_for(

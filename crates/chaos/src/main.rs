@@ -294,8 +294,14 @@ async fn wait_converged(d: &Deployment) -> Result<Duration, String> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let stuck = match d.tasks_not_running().await {
+        Ok(t) if t.is_empty() => "none".to_string(),
+        Ok(t) => t.join("; "),
+        Err(e) => format!("unknown ({e})"),
+    };
     Err(format!(
-        "the set did not equal the tasks within {}s of the heal: {last}",
+        "the set did not equal the tasks within {}s of the heal: {last}; \
+         tasks swarm wants running that are not: {stuck}",
         CONVERGE.as_secs()
     ))
 }

@@ -521,6 +521,24 @@ impl Deployment {
         Ok(running)
     }
 
+    /// The stack's tasks that swarm wants running but that are not running (or not yet
+    /// healthy), one line each: name, node, state and the newest error of that task's slot
+    /// (e.g. a node whose engine cannot join a network rejects each new try).
+    pub async fn tasks_not_running(&self) -> Result<Vec<String>, String> {
+        let out = self
+            .manager()
+            .docker(&[
+                "stack",
+                "ps",
+                STACK,
+                "--no-trunc",
+                "--format",
+                "{{.Name}}|{{.Node}}|{{.DesiredState}}|{{.CurrentState}}|{{.Error}}",
+            ])
+            .await?;
+        Ok(not_running(&out))
+    }
+
     /// Runs a command in the container of a running task of `service`, on that task's node.
     /// Tasks on a node killed by the test are skipped (the manager lists them as running
     /// until it sees the node down).
@@ -1353,9 +1371,45 @@ impl Deployment {
     }
 }
 
+/// The lines of `docker stack ps --format '{{.Name}}|{{.Node}}|{{.DesiredState}}|
+/// {{.CurrentState}}|{{.Error}}'` whose task is wanted but not running, with the newest error
+/// of its slot ([`Deployment::tasks_not_running`]).
+fn not_running(out: &str) -> Vec<String> {
+    // Each slot's tasks come newest first: the first is the one swarm works on now.
+    let mut slots: Vec<(&str, Vec<Vec<&str>>)> = Vec::new();
+    for fields in out
+        .lines()
+        .map(|l| l.trim().splitn(5, '|').collect::<Vec<_>>())
+    {
+        if fields.len() < 5 {
+            continue;
+        }
+        match slots.last_mut() {
+            Some((name, tries)) if *name == fields[0] => tries.push(fields),
+            _ => slots.push((fields[0], vec![fields])),
+        }
+    }
+    slots
+        .into_iter()
+        .filter_map(|(name, tries)| {
+            let now = &tries[0];
+            if now[2] == "Shutdown" || now[3].starts_with("Running") {
+                return None;
+            }
+            let error = tries.iter().map(|t| t[4]).find(|e| !e.is_empty());
+            Some(format!(
+                "{name} on {}: {} (last error: {})",
+                now[1],
+                now[3],
+                error.unwrap_or("none")
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::voters_of;
+    use super::{not_running, voters_of};
 
     /// Seed 11's 30-minute run ended with four members, three voting, as the reconciler
     /// wants: the check waited for four voters that would never come.
@@ -1363,5 +1417,22 @@ mod tests {
     fn a_converged_set_of_four_has_three_voters() {
         let voters: Vec<usize> = (1..=9).map(voters_of).collect();
         assert_eq!(voters, [1, 2, 3, 3, 5, 5, 7, 7, 7]);
+    }
+
+    #[test]
+    fn a_task_that_keeps_being_rejected_is_named_with_its_error() {
+        let out = "e2e_app.1|dnode1|Running|Running 11 minutes ago|\n\
+            e2e_mongo.2|dnode4|Running|Starting 8 minutes ago|\n\
+            e2e_mongo.2|dnode4|Shutdown|Failed 9 minutes ago|\"No such container: x\"\n\
+            e2e_docker-proxy.w5z|dnode4|Ready|Preparing 1 second ago|\n\
+            e2e_docker-proxy.w5z|dnode4|Shutdown|Rejected 6 seconds ago|\"vxlan: file exists\"\n\
+            e2e_mongo.4|dnode3|Shutdown|Shutdown 2 minutes ago|\n";
+        assert_eq!(
+            not_running(out),
+            [
+                "e2e_mongo.2 on dnode4: Starting 8 minutes ago (last error: \"No such container: x\")",
+                "e2e_docker-proxy.w5z on dnode4: Preparing 1 second ago (last error: \"vxlan: file exists\")",
+            ]
+        );
     }
 }
