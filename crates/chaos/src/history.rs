@@ -15,79 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Write,
-    Read,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    /// Acknowledged (a read: answered).
-    Ok,
-    /// Certainly not applied.
-    Fail,
-    /// Indeterminate: may or may not have been applied.
-    Info,
-}
-
-/// One call of a client.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Op {
-    pub client: u32,
-    pub op: Kind,
-    pub id: String,
-    /// A write: the value sent. A read: the value found (none: not found).
-    pub value: Option<String>,
-    pub start_ms: u64,
-    pub end_ms: u64,
-    pub outcome: Outcome,
-    pub error: Option<String>,
-}
-
-impl std::fmt::Display for Op {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "client {} {:?} {} = {} [{}..{} ms] {:?}",
-            self.client,
-            self.op,
-            self.id,
-            self.value.as_deref().unwrap_or("(none)"),
-            self.start_ms,
-            self.end_ms,
-            self.outcome
-        )?;
-        if let Some(e) = &self.error {
-            write!(f, " ({e})")?;
-        }
-        Ok(())
-    }
-}
-
-/// One line of the client's output.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Line {
-    Op(Op),
-    Done {
-        #[allow(dead_code)]
-        client: u32,
-        #[allow(dead_code)]
-        ops: u64,
-    },
-    Final {
-        id: String,
-        value: Option<String>,
-    },
-    FinalDone {
-        count: usize,
-    },
-}
+pub use op_history::{Op, OpKind, Outcome, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -113,8 +41,8 @@ pub fn parse_ops(text: &str) -> Result<Vec<Op>, ParseError> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        match serde_json::from_str::<Line>(l) {
-            Ok(Line::Op(op)) => ops.push(op),
+        match serde_json::from_str::<Record>(l) {
+            Ok(Record::Op(op)) => ops.push(op),
             Ok(_) => {}
             Err(source) => {
                 return Err(ParseError::Line {
@@ -136,12 +64,12 @@ pub fn parse_final(text: &str) -> Result<BTreeMap<String, Option<String>>, Parse
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        match serde_json::from_str::<Line>(l) {
-            Ok(Line::Final { id, value }) => {
+        match serde_json::from_str::<Record>(l) {
+            Ok(Record::Final { id, value }) => {
                 docs.insert(id, value);
             }
-            Ok(Line::FinalDone { count }) if count == docs.len() => return Ok(docs),
-            Ok(Line::FinalDone { count }) => {
+            Ok(Record::FinalDone { count }) if count == docs.len() => return Ok(docs),
+            Ok(Record::FinalDone { count }) => {
                 return Err(ParseError::Count {
                     said: count,
                     printed: docs.len(),
@@ -260,7 +188,7 @@ pub fn check(ops: &[Op], final_state: &BTreeMap<String, Option<String>>) -> Chec
     let mut out = Checked::default();
     let writes: BTreeMap<&str, &Op> = ops
         .iter()
-        .filter(|o| o.op == Kind::Write)
+        .filter(|o| o.op == OpKind::Write)
         .map(|o| (o.id.as_str(), o))
         .collect();
     // The last sequence number each client recorded: a write in flight when the clients were
@@ -321,7 +249,7 @@ pub fn check(ops: &[Op], final_state: &BTreeMap<String, Option<String>>) -> Chec
     let mut found_by: BTreeMap<(u32, &str), &Op> = BTreeMap::new();
     let mut reads: Vec<&Op> = ops
         .iter()
-        .filter(|o| o.op == Kind::Read && o.outcome == Outcome::Ok)
+        .filter(|o| o.op == OpKind::Read && o.outcome == Outcome::Ok)
         .collect();
     reads.sort_by_key(|o| (o.client, o.start_ms));
     for r in reads {
@@ -371,7 +299,7 @@ mod tests {
     fn write(client: u32, n: u64, outcome: Outcome, t: (u64, u64)) -> Op {
         Op {
             client,
-            op: Kind::Write,
+            op: OpKind::Write,
             id: format!("r1-c{client}-{n}"),
             value: Some(format!("r1-c{client}-{n}-v")),
             start_ms: t.0,
@@ -384,7 +312,7 @@ mod tests {
     fn read(client: u32, id: &str, value: Option<&str>, t: (u64, u64)) -> Op {
         Op {
             client,
-            op: Kind::Read,
+            op: OpKind::Read,
             id: id.into(),
             value: value.map(str::to_string),
             start_ms: t.0,

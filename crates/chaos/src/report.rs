@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use test_support::stack::{ConfigSeen, ConfigStep, Observed};
 
-use crate::history::{self, Checked, Kind, Op, Outcome};
+use crate::history::{self, Checked, Op, OpKind, Outcome};
 use crate::schedule::{Planned, KINDS};
 
 /// One fault as it ran.
@@ -96,7 +96,7 @@ impl Report {
     /// The writes by outcome, from the history alone.
     fn write_counts(&self) -> history::WriteCounts {
         let mut w = history::WriteCounts::default();
-        for o in self.ops.iter().filter(|o| o.op == Kind::Write) {
+        for o in self.ops.iter().filter(|o| o.op == OpKind::Write) {
             match o.outcome {
                 Outcome::Ok => w.acknowledged += 1,
                 Outcome::Fail => w.failed += 1,
@@ -129,7 +129,7 @@ impl Report {
         let mut acks: Vec<u64> = self
             .ops
             .iter()
-            .filter(|o| o.op == Kind::Write && o.outcome == Outcome::Ok)
+            .filter(|o| o.op == OpKind::Write && o.outcome == Outcome::Ok)
             .map(|o| o.end_ms)
             .collect();
         acks.sort_unstable();
@@ -146,7 +146,7 @@ impl Report {
     fn recovery(&self, at: u64) -> Option<u64> {
         self.ops
             .iter()
-            .filter(|o| o.op == Kind::Write && o.outcome == Outcome::Ok && o.start_ms >= at)
+            .filter(|o| o.op == OpKind::Write && o.outcome == Outcome::Ok && o.start_ms >= at)
             .map(|o| o.end_ms - at)
             .min()
     }
@@ -231,7 +231,7 @@ impl Report {
             w.acknowledged,
             w.failed,
             w.indeterminate,
-            self.ops.iter().filter(|o| o.op == Kind::Read).count()
+            self.ops.iter().filter(|o| o.op == OpKind::Read).count()
         );
         if let Some((gap, _)) = self.longest_without_ack() {
             let _ = writeln!(

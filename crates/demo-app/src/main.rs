@@ -19,7 +19,8 @@
 //!   `_id` starts with R (read concern majority, primary), then `{"type":"final_done","count":N}`;
 //!   it exits 1 if it cannot read them.
 //!
-//! workload.rs has the details and the outcome rules.
+//! workload.rs has the details and the outcome rules; the lines themselves are the records of
+//! the `op-history` crate, which the runner reads with.
 
 mod db;
 mod store;

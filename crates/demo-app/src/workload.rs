@@ -47,7 +47,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backend_core::Backoff;
 use mongodb::error::{ErrorKind, WriteFailure};
 use rand::seq::IndexedRandom;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{Access, Db, DbError, WriteRetries};
@@ -93,49 +92,7 @@ pub struct Plan {
     pub retries: WriteRetries,
 }
 
-/// The kind of an operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OpKind {
-    Write,
-    Read,
-}
-
-/// What an operation did, as far as the client can know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Acknowledged (a write with w: majority; a read answered, found or not).
-    Ok,
-    /// Certainly not applied.
-    Fail,
-    /// Indeterminate: may or may not have been applied.
-    Info,
-}
-
-/// One operation of the history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OpRecord {
-    pub client: u32,
-    pub op: OpKind,
-    pub id: String,
-    /// The value sent (write), or the value found (read; `None` if not found or not answered).
-    pub value: Option<String>,
-    pub start_ms: u64,
-    pub end_ms: u64,
-    pub outcome: Outcome,
-    pub error: Option<String>,
-}
-
-/// One line of stdout: `{"type": "op" | "done" | "final" | "final_done", ...}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Record {
-    Op(OpRecord),
-    Done { client: u32, ops: u64 },
-    Final { id: String, value: Option<String> },
-    FinalDone { count: usize },
-}
+pub use op_history::{Op, OpKind, Outcome, Record};
 
 /// Where the lines go (stdout; a buffer in tests): each is written whole under one lock and
 /// flushed at once, so that the lines of concurrent clients never interleave and a runner that
@@ -453,7 +410,7 @@ impl<W: Write> LogicalClient<W> {
 
     /// One operation: a write with probability 2/3 (always while nothing is written), else a
     /// read of a random id written before.
-    async fn operate(&mut self, db: &Db) -> OpRecord {
+    async fn operate(&mut self, db: &Db) -> Op {
         let read_id = if rand::random_range(0..3u8) < 2 {
             None
         } else {
@@ -465,7 +422,7 @@ impl<W: Write> LogicalClient<W> {
         }
     }
 
-    async fn write(&mut self, db: &Db) -> OpRecord {
+    async fn write(&mut self, db: &Db) -> Op {
         let n = self.written.len() as u64 + 1;
         let id = write_id(&self.plan.run_id, self.k, n);
         let value = write_value(&id, rand::random::<u32>());
@@ -484,7 +441,7 @@ impl<W: Write> LogicalClient<W> {
                 Some(client_timeout()),
             ),
         };
-        OpRecord {
+        Op {
             client: self.k,
             op: OpKind::Write,
             id,
@@ -496,7 +453,7 @@ impl<W: Write> LogicalClient<W> {
         }
     }
 
-    async fn read(&mut self, db: &Db, id: String) -> OpRecord {
+    async fn read(&mut self, db: &Db, id: String) -> Op {
         let start_ms = unix_ms();
         let result = tokio::time::timeout(OP_TIMEOUT, db.read_value(&id)).await;
         let end_ms = unix_ms();
@@ -509,7 +466,7 @@ impl<W: Write> LogicalClient<W> {
                 Some(client_timeout()),
             ),
         };
-        OpRecord {
+        Op {
             client: self.k,
             op: OpKind::Read,
             id,
@@ -696,7 +653,7 @@ mod tests {
     #[test]
     fn records_are_one_line_of_json_each_in_the_runner_s_format() {
         let history = History::new(Vec::new());
-        let op = OpRecord {
+        let op = Op {
             client: 2,
             op: OpKind::Write,
             id: "r-c2-1".into(),
@@ -708,7 +665,7 @@ mod tests {
         };
         history.record(&Record::Op(op)).expect("written");
         history
-            .record(&Record::Op(OpRecord {
+            .record(&Record::Op(Op {
                 client: 1,
                 op: OpKind::Read,
                 id: "r-c1-1".into(),
