@@ -70,6 +70,10 @@ struct Cli {
     /// Print the schedule of the seed and exit.
     #[arg(long)]
     schedule_only: bool,
+    /// Where a run that finds a violation keeps the logs of the stack's services (one file
+    /// each, in a directory named after the seed), before the swarm is removed.
+    #[arg(long, default_value = "target/chaos")]
+    logs: std::path::PathBuf,
 }
 
 /// The clients' container (on node 1) and the one-off that reads the final state.
@@ -217,6 +221,13 @@ async fn run(cli: &Cli, plan: Vec<Planned>) -> Report {
         Ok(state) => report.check(&state),
         Err(e) => report.problems.push(e),
     }
+    if !report.clean() {
+        keep_logs(
+            &d,
+            &cli.logs.join(format!("seed-{}-{}", cli.seed, unix_ms())),
+        )
+        .await;
+    }
     // SWARM_NODES_KEEP=1 keeps the swarm for a look (its drop says how to reach it).
     if std::env::var_os("SWARM_NODES_KEEP").is_none_or(|v| v != "1") {
         if let Ok(d) = Arc::try_unwrap(d) {
@@ -224,6 +235,56 @@ async fn run(cli: &Cli, plan: Vec<Planned>) -> Report {
         }
     }
     report
+}
+
+/// The services whose logs a failed run keeps, and how many of the reconciler's last lines it
+/// prints (where a CI log is all there is).
+const LOGGED: [&str; 4] = ["reconciler", "registrator", "mongo", "docker-proxy"];
+const RECONCILER_TAIL: usize = 30;
+
+/// Writes each service's logs (every task's, those of nodes still up) to `dir`, and prints the
+/// reconciler's last decisions (info and above, in time order) on stderr.
+async fn keep_logs(d: &Deployment, dir: &std::path::Path) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!(
+            "[chaos] cannot keep the stack's logs in {}: {e}",
+            dir.display()
+        );
+        return;
+    }
+    for name in LOGGED {
+        let service = format!("e2e_{name}");
+        let out = match d
+            .manager()
+            .docker_output(&["service", "logs", "--raw", "--no-trunc", &service])
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("[chaos] docker service logs {service}: {e}");
+                continue;
+            }
+        };
+        // Each task's lines in turn: sorted, they read as one story (each starts with its time).
+        let mut lines: Vec<&str> = out.stdout.lines().chain(out.stderr.lines()).collect();
+        lines.sort_unstable();
+        let path = dir.join(format!("{name}.log"));
+        if let Err(e) = std::fs::write(&path, lines.join("\n")) {
+            eprintln!("[chaos] cannot write {}: {e}", path.display());
+            continue;
+        }
+        if name == "reconciler" {
+            let decisions: Vec<&&str> = lines
+                .iter()
+                .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+                .collect();
+            eprintln!("[chaos] the reconciler's last decisions:");
+            for l in &decisions[decisions.len().saturating_sub(RECONCILER_TAIL)..] {
+                eprintln!("  {l}");
+            }
+        }
+    }
+    eprintln!("[chaos] the stack's logs: {}", dir.display());
 }
 
 /// Runs every planned fault at its time, each in a task of its own; faults of one class
