@@ -1121,8 +1121,9 @@ impl Deployment {
     /// leader, which must be a manager (each manager holds a store member), and where that can
     /// be had one with the primary, or at least with a mongo task. While the leader runs on a
     /// worker, or the other reconciler replica runs on a manager that is a better choice, the
-    /// leader's task is removed (`docker rm -f`) so that the other replica leads; at most
-    /// `tries` times. Returns the plan.
+    /// leader is moved: paused until the other replica leads (when that one runs on a
+    /// manager), else its task removed (`docker rm -f`); at most `tries` times. Returns the
+    /// plan.
     pub async fn arrange_manager_loss(&self, tries: usize) -> Result<ManagerLoss, String> {
         for _ in 0..=tries {
             let leading = wait_for("a reconciler leader", Duration::from_secs(60), || {
@@ -1162,15 +1163,26 @@ impl Deployment {
                     store_members,
                 });
             }
+            // With the other replica on a manager, the leader is paused (SIGSTOP) until that
+            // one leads: a removed leader's replacement could start on the same node and win
+            // the election again (Consul's lock goes to whoever asks first after its lock-delay,
+            // and swarm favours the node with the fewest tasks). Else it is removed, so that
+            // swarm starts its replacement elsewhere.
+            let pause = others.iter().any(|&n| self.swarm.is_manager(n));
             eprintln!(
-                "[stack] the leader {} runs on dnode{} (primary on dnode{primary}): removing it so \
+                "[stack] the leader {} runs on dnode{} (primary on dnode{primary}): {} it so \
                  that the other replica leads",
-                leading.container, leading.node
+                leading.container,
+                leading.node,
+                if pause { "pausing" } else { "removing" }
             );
-            self.swarm
-                .node(leading.node)
-                .docker(&["rm", "-f", &leading.container])
-                .await?;
+            let node = self.swarm.node(leading.node);
+            let stop: &[&str] = if pause {
+                &["kill", "--signal", "STOP", &leading.container]
+            } else {
+                &["rm", "-f", &leading.container]
+            };
+            node.docker(stop).await?;
             let old = leading.container.clone();
             wait_for(
                 "another reconciler to lead",
@@ -1185,6 +1197,10 @@ impl Deployment {
                 },
             )
             .await;
+            if pause {
+                node.docker(&["kill", "--signal", "CONT", &leading.container])
+                    .await?;
+            }
         }
         Err(format!(
             "no reconciler leader on a manager after {tries} moves"
