@@ -253,11 +253,17 @@ impl Swarm {
     /// re-made node its labels again. With a single manager, a lost manager means a new,
     /// empty swarm that the workers rejoin; with 3, the swarm (services, secrets) lives on.
     pub async fn repair(&self) {
-        if let Err(e) = self.run_script(&self.up_args()).await {
-            panic!(
+        let started = Instant::now();
+        match self.run_script(&self.up_args()).await {
+            Ok(out) => eprintln!(
+                "[dind] swarm {} repaired in {:.1}s\n{out}",
+                self.name,
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => panic!(
                 "scripts/swarm-nodes up (repair) of swarm {}: {e}",
                 self.name
-            );
+            ),
         }
         if let Ok(mut lost) = self.lost.lock() {
             lost.clear();

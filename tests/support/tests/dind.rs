@@ -1,7 +1,8 @@
 //! Smoke test of the multi-node swarm harness (`test_support::dind`, `scripts/swarm-nodes`):
 //! three Docker-in-Docker nodes form a swarm, an overlay network spans them, tasks on
 //! different nodes reach each other by overlay IP, and a killed worker is seen Down and its
-//! task rescheduled; and a repair (a node made anew) while raft has no leader keeps the swarm.
+//! task rescheduled; a repair (a node made anew) while raft has no leader keeps the swarm; and a
+//! node that a failed join left in `error` joins again.
 //!
 //! Heavy (about 20 s waiting for the swarm to notice a lost node, plus a one-time node image
 //! build of about 90 s). Its binary and its test are named `dind`: run only it with
@@ -351,6 +352,73 @@ async fn dind_a_repair_while_raft_has_no_leader_keeps_the_swarm() {
     assert!(
         states.iter().any(|(h, s, _)| h == "dnode4" && s == "Ready"),
         "the node made anew is in the swarm: {states:?}"
+    );
+    swarm.down().await;
+}
+
+/// CI at c417286: a join whose manager did not answer timed out and left the node pending;
+/// Docker gave the background attempt up ("error", DeadlineExceeded) and never tried again,
+/// and every later join said "This node is already part of a swarm" until the repair's
+/// deadline. A node in that state now leaves and joins again. Here the node joins through a
+/// manager whose engine is paused, so the same happens every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dind_a_node_a_failed_join_left_in_error_joins_again() {
+    let swarm = Swarm::up_with_managers(4, 3).await;
+    let mgr = swarm.manager();
+    let (n2, n4) = (swarm.node(2), swarm.node(4));
+    let token = mgr
+        .docker(&["swarm", "join-token", "-q", "worker"])
+        .await
+        .expect("worker join token");
+    n4.docker(&["swarm", "leave", "--force"])
+        .await
+        .expect("node 4 leaves the swarm");
+    mgr.docker(&["node", "rm", "--force", "dnode4"])
+        .await
+        .expect("node rm dnode4");
+
+    let (ip2, ip4) = (
+        n2.ip().await.expect("node 2's IP"),
+        n4.ip().await.expect("node 4's IP"),
+    );
+    signal_dockerd(&n2, "-STOP").await;
+    let joined = n4
+        .docker(&[
+            "swarm",
+            "join",
+            "--advertise-addr",
+            &ip4,
+            "--token",
+            &token,
+            &format!("{ip2}:2377"),
+        ])
+        .await;
+    assert!(
+        joined.is_err(),
+        "a join through a paused manager cannot succeed: {joined:?}"
+    );
+    wait_for(
+        "node 4's join to give up (swarm state error)",
+        Duration::from_secs(120),
+        || async {
+            let state = n4
+                .docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"])
+                .await?;
+            if state.trim() == "error" {
+                Ok(())
+            } else {
+                Err(format!("node 4's swarm state: {state}"))
+            }
+        },
+    )
+    .await;
+    signal_dockerd(&n2, "-CONT").await;
+
+    swarm.repair().await;
+    let states = swarm.node_states().await.expect("docker node ls");
+    assert!(
+        states.iter().any(|(h, s, _)| h == "dnode4" && s == "Ready"),
+        "node 4 joined again: {states:?}"
     );
     swarm.down().await;
 }
