@@ -19,7 +19,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use test_support::dind::Swarm;
-use test_support::stack::{Deployment, StackOptions, Store, CONVERGE, MONGO, RECONCILER};
+use test_support::stack::{
+    Deployment, StackOptions, Store, APP, BRIDGE, CONVERGE, MONGO, PROXY, RECONCILER,
+};
 use test_support::wait_for;
 
 /// The reconciler's removal grace in this stack: short, so that scaling down is quick.
@@ -60,7 +62,7 @@ async fn walk_through(store: Store) {
         .docker(&[
             "service",
             "inspect",
-            "e2e_registrator",
+            BRIDGE,
             "--format",
             "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
         ])
@@ -79,7 +81,7 @@ async fn walk_through(store: Store) {
         .docker(&[
             "service",
             "ps",
-            "e2e_docker-proxy",
+            PROXY,
             "--filter",
             "desired-state=running",
             "-q",
@@ -199,7 +201,7 @@ async fn walk_through(store: Store) {
         d.leader()
     })
     .await;
-    let reconcilers = d.tasks("e2e_reconciler").await.expect("reconciler tasks");
+    let reconcilers = d.tasks(RECONCILER).await.expect("reconciler tasks");
     let leading = reconcilers
         .iter()
         .find(|t| t.container.starts_with(&leader))
@@ -233,7 +235,7 @@ async fn walk_through(store: Store) {
     let before = d.wait_converged(3, "reconciler leader killed").await;
     assert_start_doc_readable(&d, "reconciler leader killed").await;
     d.manager()
-        .docker(&["service", "rm", "e2e_registrator"])
+        .docker(&["service", "rm", BRIDGE])
         .await
         .expect("docker service rm");
     wait_for(
@@ -378,7 +380,7 @@ async fn lose_a_manager(d: &Deployment) {
         "the lost tasks to run elsewhere and the set to follow them",
         CONVERGE,
         || async {
-            for (service, want) in [(MONGO, 3), (RECONCILER, 2), ("e2e_app", 1)] {
+            for (service, want) in [(MONGO, 3), (RECONCILER, 2), (APP, 1)] {
                 let tasks = d.tasks(service).await?;
                 if let Some(t) = tasks.iter().find(|t| t.node == lost) {
                     return Err(format!("{service}: task {} still on the lost node", t.id));

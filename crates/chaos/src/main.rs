@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use test_support::dind::Swarm;
-use test_support::stack::{Deployment, StackOptions, Store};
+use test_support::stack::{Deployment, StackOptions, Store, BRIDGE, MONGO, PROXY, RECONCILER};
 
 use crate::report::{FaultRun, Report};
 use crate::schedule::{Class, Planned};
@@ -239,7 +239,7 @@ async fn run(cli: &Cli, plan: Vec<Planned>) -> Report {
 
 /// The services whose logs a failed run keeps, and how many of the reconciler's last lines it
 /// prints (where a CI log is all there is).
-const LOGGED: [&str; 4] = ["reconciler", "registrator", "mongo", "docker-proxy"];
+const LOGGED: [&str; 4] = [RECONCILER, BRIDGE, MONGO, PROXY];
 const RECONCILER_TAIL: usize = 30;
 
 /// Writes each service's logs (every task's, those of nodes still up) to `dir`, and prints the
@@ -252,11 +252,10 @@ async fn keep_logs(d: &Deployment, dir: &std::path::Path) {
         );
         return;
     }
-    for name in LOGGED {
-        let service = format!("e2e_{name}");
+    for service in LOGGED {
         let out = match d
             .manager()
-            .docker_output(&["service", "logs", "--raw", "--no-trunc", &service])
+            .docker_output(&["service", "logs", "--raw", "--no-trunc", service])
             .await
         {
             Ok(out) => out,
@@ -268,12 +267,12 @@ async fn keep_logs(d: &Deployment, dir: &std::path::Path) {
         // Each task's lines in turn: sorted, they read as one story (each starts with its time).
         let mut lines: Vec<&str> = out.stdout.lines().chain(out.stderr.lines()).collect();
         lines.sort_unstable();
-        let path = dir.join(format!("{name}.log"));
+        let path = dir.join(format!("{service}.log"));
         if let Err(e) = std::fs::write(&path, lines.join("\n")) {
             eprintln!("[chaos] cannot write {}: {e}", path.display());
             continue;
         }
-        if name == "reconciler" {
+        if service == RECONCILER {
             let decisions: Vec<&&str> = lines
                 .iter()
                 .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))

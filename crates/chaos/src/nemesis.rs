@@ -10,12 +10,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use test_support::dind::host_docker;
-use test_support::stack::{Deployment, MONGO, RECONCILER};
+use test_support::stack::{Deployment, BRIDGE, MONGO, RECONCILER};
 
 use crate::schedule::Fault;
 
-/// The bridge service of the stack.
-const BRIDGE: &str = "e2e_registrator";
 /// How long a rolling update may take under faults: more than twice the longest seen in the
 /// long runs (134 s for three members, one pause resumed); one that takes longer has stalled.
 const SERVICE_STEP: Duration = Duration::from_secs(300);

@@ -41,6 +41,12 @@ pub const NETWORK: &str = "e2e_replset";
 const NODE_HOST: &str = "host.docker.internal:host-gateway";
 /// The leader-elected reconciler service of the stack.
 pub const RECONCILER: &str = "e2e_reconciler";
+/// The global bridge service of the stack.
+pub const BRIDGE: &str = "e2e_registrator";
+/// The global Docker API proxy the bridges read their engines through.
+pub const PROXY: &str = "e2e_docker-proxy";
+/// The example application's service.
+pub const APP: &str = "e2e_app";
 /// How long one step may take to converge; generous, as the machine is shared.
 pub const CONVERGE: Duration = Duration::from_secs(240);
 /// How long `replset-reconciler scale` may take (each step waits for the set to converge).
@@ -792,17 +798,14 @@ impl Deployment {
     /// Writes `{_id: id, value}` with `w: "majority"` through the URI, from the example
     /// application's container.
     pub async fn app_write(&self, id: &str, value: &str) -> Result<String, String> {
-        self.exec(
-            "e2e_app",
-            &["replset-demo-app", "write", id, "--value", value],
-        )
-        .await
+        self.exec(APP, &["replset-demo-app", "write", id, "--value", value])
+            .await
     }
 
     /// Reads `id` (read concern majority) through the URI from the application's container.
     pub async fn app_read(&self, id: &str) -> Result<Value, String> {
         let out = self
-            .exec("e2e_app", &["replset-demo-app", "read", id, "--wait", "30"])
+            .exec(APP, &["replset-demo-app", "read", id, "--wait", "30"])
             .await?;
         serde_json::from_str(&out).map_err(|e| format!("read printed {out:?}: {e}"))
     }
